@@ -1,0 +1,401 @@
+//! `config.yaml` and `.env`: raw serde structures, then validated [`Settings`]; key discovery lives in [`env`].
+//!
+//! Every setting is optional; a missing default `config.yaml` means all defaults. Unknown keys are errors that
+//! name the file and line, so a typo never silently falls back to a default.
+
+pub mod env;
+pub mod tuning;
+
+use crate::clock::UnixMs;
+use crate::duration::serde_human;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+pub use tuning::{Selection, Tuning, TuningPatch};
+
+/// One problem found while loading: where it is, what is wrong and how to fix it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    pub fn new(file: Option<&Path>, message: impl Into<String>) -> Self {
+        Self { file: file.map(Path::to_path_buf), line: None, message: message.into(), hint: None }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// A YAML syntax or schema error, with its line when the parser knows it.
+    pub fn yaml(file: &Path, err: &serde_yaml::Error) -> Self {
+        let message = err.to_string();
+        // The parser appends " at line L column C"; the line is reported in its own field.
+        let message = match message.find(" at line ") {
+            Some(at) => message[..at].to_string(),
+            None => message,
+        };
+        let hint = if message.contains("unknown field") {
+            Some("check the spelling; the README lists every setting".to_string())
+        } else {
+            None
+        };
+        Self { file: Some(file.to_path_buf()), line: err.location().map(|l| l.line()), message, hint }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            _ => {}
+        }
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, " ({hint})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one load; nothing is applied unless this is empty.
+#[derive(Debug)]
+pub struct LoadErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadErrors {}
+
+/// Parses a YAML document, treating a file with nothing but comments as empty (all defaults).
+pub fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let has_content = text
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.trim() != "---");
+    if !has_content {
+        return Ok(T::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| ConfigError::yaml(file, &e))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDailyReset {
+    time: Option<String>,
+    time_zone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPause {
+    enabled: Option<bool>,
+    keys: Option<u32>,
+    #[serde(default, with = "serde_human::option")]
+    window: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    path: Option<PathBuf>,
+    #[serde(default, with = "serde_human::option")]
+    flush_interval: Option<Duration>,
+}
+
+/// `config.yaml` exactly as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    #[serde(default, with = "serde_human::option")]
+    request_timeout: Option<Duration>,
+    max_body_size: Option<ByteSize>,
+    selection: Option<Selection>,
+    concurrency: Option<tuning::ConcurrencyPatch>,
+    cooldowns: Option<tuning::CooldownsPatch>,
+    retries: Option<tuning::RetriesPatch>,
+    daily_reset: Option<RawDailyReset>,
+    provider_pause: Option<RawPause>,
+    usage: Option<RawUsage>,
+    providers_dir: Option<PathBuf>,
+    plugins_dir: Option<PathBuf>,
+    #[serde(default, with = "serde_human::option")]
+    models_refresh: Option<Duration>,
+    #[serde(default, with = "serde_human::option")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    providers: BTreeMap<String, TuningPatch>,
+}
+
+/// A size in bytes, written as a number or with a unit (`512KB`, `20MiB`).
+#[derive(Clone, Copy, Debug)]
+struct ByteSize(usize);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        let bytes = match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Some(n),
+            Raw::Text(text) => {
+                let text = text.trim();
+                let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+                let number: Option<u64> = text[..split].parse().ok();
+                let factor = match text[split..].trim().to_ascii_lowercase().as_str() {
+                    "" | "b" => Some(1),
+                    "kb" | "k" => Some(1000),
+                    "kib" => Some(1024),
+                    "mb" | "m" => Some(1_000_000),
+                    "mib" => Some(1 << 20),
+                    "gb" | "g" => Some(1_000_000_000),
+                    "gib" => Some(1 << 30),
+                    _ => None,
+                };
+                number.zip(factor).and_then(|(n, f)| n.checked_mul(f))
+            }
+        };
+        bytes
+            .and_then(|b| usize::try_from(b).ok())
+            .map(ByteSize)
+            .ok_or_else(|| serde::de::Error::custom("expected a size such as 20MiB, 512KB or a number of bytes"))
+    }
+}
+
+/// When daily counters reset: a wall-clock time in a time zone.
+#[derive(Clone, Debug)]
+pub struct DailyReset {
+    pub hour: i8,
+    pub minute: i8,
+    pub time_zone: jiff::tz::TimeZone,
+    /// As written, for messages (`03:00 UTC`).
+    pub label: String,
+}
+
+impl DailyReset {
+    /// The first reset strictly after `now`.
+    pub fn next_after(&self, now: UnixMs) -> UnixMs {
+        let last = self.last_at_or_before(now);
+        let zoned = jiff::Timestamp::from_millisecond(last)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .to_zoned_datetime(self.time_zone.clone());
+        let next_day = zoned.date().tomorrow().unwrap_or(zoned.date());
+        self.at(next_day).unwrap_or(last + 86_400_000)
+    }
+
+    /// The latest reset at or before `now`.
+    pub fn last_at_or_before(&self, now: UnixMs) -> UnixMs {
+        let zoned = jiff::Timestamp::from_millisecond(now)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .to_zoned_datetime(self.time_zone.clone());
+        let today = zoned.date();
+        match self.at(today) {
+            Some(t) if t <= now => t,
+            _ => today
+                .yesterday()
+                .ok()
+                .and_then(|d| self.at(d))
+                .unwrap_or(now - 86_400_000),
+        }
+    }
+
+    fn at(&self, date: jiff::civil::Date) -> Option<UnixMs> {
+        let zoned = date.at(self.hour, self.minute, 0, 0).to_zoned_datetime(self.time_zone.clone()).ok()?;
+        Some(zoned.timestamp().as_millisecond())
+    }
+
+    pub fn parse(time: &str, zone: &str) -> Result<Self, String> {
+        let (h, m) = time
+            .split_once(':')
+            .and_then(|(h, m)| Some((h.trim().parse::<i8>().ok()?, m.trim().parse::<i8>().ok()?)))
+            .filter(|(h, m)| (0..24).contains(h) && (0..60).contains(m))
+            .ok_or_else(|| format!("daily_reset.time {time:?} is not a time of day such as \"03:00\""))?;
+        let time_zone = if zone.eq_ignore_ascii_case("utc") {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(zone).map_err(|_| {
+                format!("daily_reset.time_zone {zone:?} is not a known IANA time zone such as \"Europe/Paris\"")
+            })?
+        };
+        Ok(Self { hour: h, minute: m, time_zone, label: format!("{time} {zone}") })
+    }
+}
+
+/// Pause a whole provider when this many of its keys hit a rate limit within the window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PauseRule {
+    pub keys: u32,
+    pub window: Duration,
+}
+
+/// Validated engine settings from `config.yaml`, with command-line overrides applied.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    /// One deadline per request covering waits, retries and backoff.
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Global tuning; each provider's is resolved from it.
+    pub tuning: Tuning,
+    /// Per-provider tuning from `config.yaml`, applied over the provider file.
+    pub provider_tuning: BTreeMap<String, TuningPatch>,
+    pub daily_reset: DailyReset,
+    pub provider_pause: Option<PauseRule>,
+    pub usage_path: PathBuf,
+    pub usage_flush: Duration,
+    pub providers_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub models_refresh: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Reads `config.yaml` (or defaults when `path` is absent and `required` is false). Relative paths in it are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path, required: bool) -> Result<Self, Vec<ConfigError>> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let raw: RawConfig = match std::fs::read_to_string(path) {
+            Ok(text) => parse_yaml(path, &text).map_err(|e| vec![e])?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => RawConfig::default(),
+            Err(e) => {
+                return Err(vec![
+                    ConfigError::new(Some(path), format!("cannot read: {e}"))
+                        .hint("pass --config with the path of an existing file"),
+                ]);
+            }
+        };
+        Self::from_raw(raw, &base, path)
+    }
+
+    /// All defaults, with relative paths resolved against `base`.
+    pub fn defaults(base: &Path) -> Self {
+        Self::from_raw(RawConfig::default(), base, Path::new("config.yaml")).expect("defaults are valid")
+    }
+
+    fn from_raw(raw: RawConfig, base: &Path, file: &Path) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut err = |message: String| errors.push(ConfigError::new(Some(file), message));
+        let tuning = Tuning::default().patched(&TuningPatch {
+            selection: raw.selection,
+            concurrency: raw.concurrency,
+            cooldowns: raw.cooldowns,
+            retries: raw.retries,
+        });
+        tuning.problems().into_iter().for_each(&mut err);
+        let reset = raw.daily_reset.unwrap_or_default();
+        let daily_reset = DailyReset::parse(
+            reset.time.as_deref().unwrap_or("03:00"),
+            reset.time_zone.as_deref().unwrap_or("UTC"),
+        )
+        .unwrap_or_else(|e| {
+            err(e);
+            DailyReset::parse("03:00", "UTC").expect("default reset parses")
+        });
+        let pause = raw.provider_pause.unwrap_or_default();
+        let provider_pause = pause.enabled.unwrap_or(false).then(|| PauseRule {
+            keys: pause.keys.unwrap_or(3),
+            window: pause.window.unwrap_or(Duration::from_secs(10)),
+        });
+        if provider_pause.is_some_and(|p| p.keys < 2) {
+            err("provider_pause.keys must be at least 2".into());
+        }
+        let request_timeout = raw.request_timeout.unwrap_or(Duration::from_secs(30));
+        if request_timeout.is_zero() {
+            err("request_timeout must be greater than zero".into());
+        }
+        let usage = raw.usage.unwrap_or_default();
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let settings = Settings {
+            host: raw.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: raw.port.unwrap_or(8000),
+            request_timeout,
+            max_body_bytes: raw.max_body_size.map_or(20 << 20, |b| b.0),
+            tuning,
+            provider_tuning: raw.providers,
+            daily_reset,
+            provider_pause,
+            usage_path: resolve(usage.path.unwrap_or_else(|| "key_usage.json".into())),
+            usage_flush: usage.flush_interval.unwrap_or(Duration::from_secs(1)),
+            providers_dir: resolve(raw.providers_dir.unwrap_or_else(|| "providers".into())),
+            plugins_dir: resolve(raw.plugins_dir.unwrap_or_else(|| "plugins".into())),
+            models_refresh: raw.models_refresh.unwrap_or(Duration::from_secs(600)),
+            shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(10)),
+        };
+        if errors.is_empty() { Ok(settings) } else { Err(errors) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, Vec<ConfigError>> {
+        let path = Path::new("/etc/keyrelay/config.yaml");
+        let raw: RawConfig = parse_yaml(path, text).map_err(|e| vec![e])?;
+        Settings::from_raw(raw, Path::new("/etc/keyrelay"), path)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = parse("# nothing\n").unwrap();
+        assert_eq!(s.request_timeout, Duration::from_secs(30));
+        assert_eq!(s.tuning.per_key_model, 1);
+        assert_eq!(s.usage_path, Path::new("/etc/keyrelay/key_usage.json"));
+        let s = parse("request_timeout: 5s\nmax_body_size: 1MiB\nconcurrency:\n  per_key: 3\n").unwrap();
+        assert_eq!(s.request_timeout, Duration::from_secs(5));
+        assert_eq!(s.max_body_bytes, 1 << 20);
+        assert_eq!(s.tuning.per_key, 3);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let errors = parse("port: 8000\nrequest_timout: 5s\n").unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(2));
+        let text = errors[0].to_string();
+        assert!(text.starts_with("/etc/keyrelay/config.yaml:2: unknown field `request_timout`"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_reported_together() {
+        let errors = parse("daily_reset: {time: \"25:00\", time_zone: Mars/Olympus}\nretries: {attempts: 0}\n")
+            .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    #[test]
+    fn daily_reset_boundaries() {
+        let reset = DailyReset::parse("03:00", "UTC").unwrap();
+        // 2026-01-10T02:59:00Z
+        let before = jiff::Timestamp::from_second(1_768_013_940).unwrap().as_millisecond();
+        assert_eq!(reset.next_after(before), before + 60_000);
+        assert_eq!(reset.last_at_or_before(before), before + 60_000 - 86_400_000);
+        assert_eq!(reset.next_after(before + 60_000), before + 60_000 + 86_400_000);
+        let paris = DailyReset::parse("00:00", "Europe/Paris").unwrap();
+        // Midnight in Paris in January is 23:00 UTC the day before.
+        let next = paris.next_after(before);
+        assert_eq!(next, jiff::Timestamp::from_second(1_768_086_000).unwrap().as_millisecond());
+    }
+}

@@ -1,0 +1,246 @@
+//! The inbound HTTP API: routes, proxy-key authentication, body limits, and rendering replies and errors.
+//!
+//! Middleware, outermost first: the proxy-key check on `/v1/*` (liveness at `/` stays open), then the handlers,
+//! which read the body themselves so that an oversized or malformed one gets an OpenAI-shaped 413 or 400.
+
+mod error;
+
+use crate::relay::{Endpoint, Relay, Reply, Served};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+pub use error::ApiError;
+use serde_json::{Map, Value, json};
+use std::time::Instant;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub relay: Relay,
+    pub started: Instant,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/chat/completions", post(chat))
+        .route("/embeddings", post(embeddings))
+        .route("/models", get(models))
+        .route("/models/{*id}", get(model))
+        .route("/providers", get(providers))
+        .route("/token-count", post(token_count))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/", get(liveness))
+        .nest("/v1", api)
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
+    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(headers, "x-keyrelay-provider", &served.provider);
+    set(headers, "x-keyrelay-attempts", &served.attempts.to_string());
+    if let Some(key) = &served.key {
+        set(headers, "x-keyrelay-key", key);
+    }
+}
+
+/// Requires the proxy key (as `Authorization: Bearer` or `x-api-key`) when one is configured.
+async fn authenticate(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let snapshot = app.relay.snapshot();
+    let Some(expected) = &snapshot.proxy_key else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    match bearer.or(api_key) {
+        None => ApiError::unauthorized(
+            "missing proxy key: send it as `Authorization: Bearer <PROXY_API_KEY>` or `x-api-key: <PROXY_API_KEY>`",
+        )
+        .into_response(),
+        Some(given) if expected.matches(given) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("the proxy key is wrong").into_response(),
+    }
+}
+
+/// Reads the body up to the configured limit and parses it as a JSON object.
+async fn json_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+    let limit = app.relay.snapshot().settings.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body exceeds the limit of {limit} bytes (max_body_size in config.yaml)"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = s.source();
+        }
+        ApiError::bad_request("body_read_failed", format!("cannot read the request body: {e}"))
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request("invalid_json", "the request body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}"))),
+    }
+}
+
+fn render(reply: Reply) -> Response {
+    let (mut response, served) = match reply {
+        Reply::Json { body, served } => {
+            let mut r = (StatusCode::OK, body).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            (r, served)
+        }
+        Reply::Stream { body, served } => {
+            let mut r = Response::new(Body::from_stream(body));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+            (r, served)
+        }
+    };
+    served_headers(response.headers_mut(), &served);
+    response
+}
+
+async fn relay_endpoint(app: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let body = match json_body(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match app.relay.send(endpoint, body).await {
+        Ok(reply) => render(reply),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    relay_endpoint(app, Endpoint::Chat, headers, body).await
+}
+
+async fn embeddings(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    relay_endpoint(app, Endpoint::Embeddings, headers, body).await
+}
+
+async fn liveness(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    axum::Json(json!({
+        "status": "ok",
+        "service": "keyrelay",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "providers": snapshot.serving().count(),
+    }))
+    .into_response()
+}
+
+async fn models(State(app): State<AppState>) -> Response {
+    let data = app.relay.models().await;
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn model(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    let id = id.trim_start_matches('/');
+    let found = app.relay.models().await.into_iter().find(|m| m.get("id").and_then(Value::as_str) == Some(id));
+    match found {
+        Some(m) => axum::Json(m).into_response(),
+        None => ApiError::not_found("model_not_found", format!("model {id:?} is not listed; GET /v1/models lists them"))
+            .into_response(),
+    }
+}
+
+async fn providers(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let now = crate::clock::Clock::system().now();
+    let data: Vec<Value> = snapshot
+        .providers
+        .values()
+        .map(|p| {
+            let report = app.relay.store().report(&p.name, &p.keys);
+            let cooling = report
+                .iter()
+                .filter(|k| k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty())
+                .count();
+            json!({
+                "name": p.name,
+                "keys": p.keys.len(),
+                "keys_in_flight": report.iter().map(|k| k.in_flight).sum::<u32>(),
+                "keys_cooling": cooling,
+                "base_url": public_url(&p.base_url),
+                "selection": p.tuning.selection,
+                "static_models": p.static_models.len(),
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// A base URL without user info or query, which could carry credentials.
+fn public_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string().trim_end_matches('/').to_string()
+        }
+        Err(_) => String::new(),
+    }
+}
+
+async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let body = match json_body(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    let Some(messages) = body.get("messages") else {
+        return ApiError::bad_request("invalid_request", "`messages` is required").into_response();
+    };
+    match crate::tokens::count_messages(model, messages) {
+        Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
+        Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
+    }
+}
+
+async fn unknown_route(request: Request) -> Response {
+    ApiError::not_found("unknown_route", format!("no route for {} {}", request.method(), request.uri().path()))
+        .into_response()
+}
+
+async fn wrong_method(request: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+    )
+    .into_response()
+}

@@ -1,0 +1,556 @@
+//! The in-process key store: all key state under one mutex, with a wakeup per provider.
+//!
+//! A `std::sync::Mutex` is right here: every critical section is a short scan of one provider's keys with no
+//! `.await` inside, far cheaper than an async lock. Waiters are woken through a `Notify` per provider, so a
+//! release wakes only requests that could use the key.
+
+use super::{Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable, cooldown_until};
+use crate::clock::{Clock, UnixMs};
+use crate::config::{Selection, Tuning};
+use crate::secret::{ApiKey, KeyId};
+use crate::spec::{ErrorClass, Scope};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+/// Request and token counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A key (or key and model) out of rotation until `until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cooldown {
+    pub until: UnixMs,
+    pub reason: ErrorClass,
+}
+
+/// One key's state for one model.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelState {
+    #[serde(skip)]
+    pub in_flight: u32,
+    pub today: Counters,
+    pub lifetime: Counters,
+    pub last_used: Option<UnixMs>,
+    pub cooldown: Option<Cooldown>,
+    /// Consecutive cooling failures (rate limit, quota) for this model; a success resets it.
+    pub streak: u32,
+}
+
+/// One key's state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeyState {
+    pub provider: String,
+    /// The masked form, so the usage file is readable by a person; never the key.
+    pub masked: String,
+    #[serde(skip)]
+    pub in_flight: u32,
+    /// A whole-key cooldown (auth, forbidden).
+    pub cooldown: Option<Cooldown>,
+    /// Consecutive whole-key failures; a success resets it.
+    pub streak: u32,
+    pub last_error: Option<Cooldown>,
+    pub models: BTreeMap<String, ModelState>,
+}
+
+impl KeyState {
+    fn cooling_until(&self, model: Option<&ModelState>, now: UnixMs) -> Option<UnixMs> {
+        let key = self.cooldown.filter(|c| c.until > now).map(|c| c.until);
+        let model = model.and_then(|m| m.cooldown).filter(|c| c.until > now).map(|c| c.until);
+        key.max(model)
+    }
+}
+
+/// Per-provider state that is not about one key.
+#[derive(Debug, Default)]
+struct ProviderState {
+    /// Sequential selection: the key each model is staying on.
+    cursor: HashMap<String, KeyId>,
+    /// Recent rate limits (time, key), for the provider-wide pause.
+    recent_limits: VecDeque<(UnixMs, KeyId)>,
+    paused_until: UnixMs,
+}
+
+/// Everything persisted, plus what is not.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    /// The daily reset that started the current day.
+    pub day_start: UnixMs,
+    pub keys: BTreeMap<KeyId, KeyState>,
+    #[serde(skip)]
+    next_reset: UnixMs,
+    #[serde(skip)]
+    providers: HashMap<String, ProviderState>,
+}
+
+impl State {
+    /// Starts a new day when a reset time has passed: today's counters go to zero and streaks whose cooldown has
+    /// ended are forgotten. Lifetime totals stay.
+    fn roll(&mut self, now: UnixMs, policy: &StorePolicy) {
+        if now < self.next_reset {
+            return;
+        }
+        let day_start = policy.daily_reset.last_at_or_before(now);
+        if self.day_start < day_start {
+            for key in self.keys.values_mut() {
+                if key.cooldown.is_none_or(|c| c.until <= now) {
+                    key.streak = 0;
+                }
+                for model in key.models.values_mut() {
+                    model.today = Counters::default();
+                    if model.cooldown.is_none_or(|c| c.until <= now) {
+                        model.streak = 0;
+                    }
+                }
+            }
+            self.day_start = day_start;
+        }
+        self.next_reset = policy.daily_reset.next_after(now);
+    }
+}
+
+/// Where one key stands for one request.
+#[derive(Clone, Copy)]
+enum Standing {
+    Excluded,
+    Cooling(UnixMs),
+    Busy,
+    Free(u64),
+}
+
+pub struct MemoryStore {
+    clock: Clock,
+    state: Mutex<State>,
+    policy: Mutex<StorePolicy>,
+    wakeups: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Signalled on every change, for the usage file writer.
+    changed: Notify,
+}
+
+impl MemoryStore {
+    pub fn new(clock: Clock, policy: StorePolicy) -> Self {
+        Self::with_state(clock, policy, State::default())
+    }
+
+    pub fn with_state(clock: Clock, policy: StorePolicy, state: State) -> Self {
+        Self {
+            clock,
+            state: Mutex::new(state),
+            policy: Mutex::new(policy),
+            wakeups: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Signalled after any change to the state (for persistence).
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// Serialises the persistent part of the state.
+    pub fn export(&self, write: impl FnOnce(&State) -> Vec<u8>) -> Vec<u8> {
+        write(&self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written in a way that matters more than
+        // refusing all further requests would: keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn policy(&self) -> StorePolicy {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a lease now or says why not; the synchronous core of [`KeyStore::acquire`].
+    pub fn try_acquire(&self, ask: Ask<'_>) -> Result<Grant, Unavailable> {
+        let now = self.clock.now();
+        let policy = self.policy();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.roll(now, &policy);
+        let provider = state.providers.entry(ask.provider.to_string()).or_default();
+        if provider.paused_until > now {
+            return Err(Unavailable {
+                cooling: ask.keys.len(),
+                ready_at: Some(provider.paused_until),
+                ..Unavailable::default()
+            });
+        }
+        let standings: Vec<Standing> = ask
+            .keys
+            .iter()
+            .map(|key| {
+                if ask.exclude.contains(&key.id) {
+                    return Standing::Excluded;
+                }
+                let Some(ks) = state.keys.get(&key.id) else { return Standing::Free(0) };
+                let ms = ks.models.get(ask.model);
+                if let Some(until) = ks.cooling_until(ms, now) {
+                    return Standing::Cooling(until);
+                }
+                let model_in_flight = ms.map_or(0, |m| m.in_flight);
+                let full = |limit: u32, used: u32| limit > 0 && used >= limit;
+                if full(ask.tuning.per_key, ks.in_flight) || full(ask.tuning.per_key_model, model_in_flight) {
+                    return Standing::Busy;
+                }
+                Standing::Free(ms.map_or(0, |m| m.today.requests))
+            })
+            .collect();
+
+        let chosen = match ask.tuning.selection {
+            Selection::Balanced => pick_balanced(&standings),
+            Selection::Sequential => {
+                let cursor = provider.cursor.get(ask.model).and_then(|id| ask.keys.iter().position(|k| &k.id == id));
+                let start = cursor.unwrap_or(0);
+                let chosen = (0..standings.len())
+                    .map(|offset| (start + offset) % standings.len())
+                    .find(|&i| matches!(standings[i], Standing::Free(_)));
+                // Stay on the current key while it is merely busy; move on once it cools or was given up on.
+                if let Some(i) = chosen
+                    && !matches!(cursor.map(|c| standings[c]), Some(Standing::Busy | Standing::Free(_)))
+                {
+                    provider.cursor.insert(ask.model.to_string(), ask.keys[i].id.clone());
+                }
+                chosen
+            }
+        };
+
+        let Some(index) = chosen else {
+            let mut why = Unavailable::default();
+            for standing in &standings {
+                match *standing {
+                    Standing::Excluded => why.excluded += 1,
+                    Standing::Busy => why.busy += 1,
+                    Standing::Cooling(until) => {
+                        why.cooling += 1;
+                        why.ready_at = Some(why.ready_at.map_or(until, |r| r.min(until)));
+                    }
+                    Standing::Free(_) => {}
+                }
+            }
+            return Err(why);
+        };
+
+        let key = &ask.keys[index];
+        let ks = state.keys.entry(key.id.clone()).or_insert_with(|| KeyState {
+            provider: ask.provider.to_string(),
+            masked: key.masked.to_string(),
+            ..KeyState::default()
+        });
+        ks.in_flight += 1;
+        let ms = ks.models.entry(ask.model.to_string()).or_default();
+        ms.in_flight += 1;
+        ms.today.requests += 1;
+        ms.lifetime.requests += 1;
+        ms.last_used = Some(now);
+        drop(guard);
+        self.changed.notify_one();
+        Ok(Grant { provider: ask.provider.into(), model: ask.model.into(), key: key.clone() })
+    }
+
+    fn record(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
+        let now = self.clock.now();
+        let policy = self.policy();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.roll(now, &policy);
+        let next_reset = state.next_reset;
+        let Some(ks) = state.keys.get_mut(&grant.key.id) else { return };
+        ks.in_flight = ks.in_flight.saturating_sub(1);
+        let ms = ks.models.entry(grant.model.to_string()).or_default();
+        ms.in_flight = ms.in_flight.saturating_sub(1);
+        match outcome {
+            Outcome::Cancelled => {}
+            Outcome::Success { prompt_tokens, completion_tokens } => {
+                for c in [&mut ms.today, &mut ms.lifetime] {
+                    c.successes += 1;
+                    c.prompt_tokens += prompt_tokens;
+                    c.completion_tokens += completion_tokens;
+                }
+                ms.streak = 0;
+                ks.streak = 0;
+            }
+            Outcome::Failure { class, scope, retry_after } => {
+                ms.today.failures += 1;
+                ms.lifetime.failures += 1;
+                ks.last_error = Some(Cooldown { until: now, reason: class });
+                let streak = match scope {
+                    Scope::Model => &mut ms.streak,
+                    Scope::Key => &mut ks.streak,
+                };
+                if let Some(until) = cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset) {
+                    *streak += 1;
+                    let cooldown = Some(Cooldown { until, reason: class });
+                    match scope {
+                        Scope::Model => ms.cooldown = cooldown,
+                        Scope::Key => ks.cooldown = cooldown,
+                    }
+                    if class == ErrorClass::RateLimit
+                        && let Some(rule) = policy.pause
+                    {
+                        let provider = state.providers.entry(grant.provider.to_string()).or_default();
+                        let window = rule.window.as_millis() as i64;
+                        provider.recent_limits.retain(|(at, _)| now - at < window);
+                        provider.recent_limits.push_back((now, grant.key.id.clone()));
+                        let mut keys: Vec<&KeyId> = provider.recent_limits.iter().map(|(_, k)| k).collect();
+                        keys.sort();
+                        keys.dedup();
+                        if keys.len() as u32 >= rule.keys {
+                            provider.paused_until = provider.paused_until.max(until);
+                            tracing::warn!(
+                                provider = %grant.provider,
+                                keys = keys.len(),
+                                pause_ms = until - now,
+                                "several keys rate-limited at once: pausing the provider"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        drop(guard);
+        self.changed.notify_one();
+        self.wakeup(&grant.provider).notify_waiters();
+    }
+}
+
+/// The free key with the fewest requests today, ties broken uniformly at random.
+fn pick_balanced(standings: &[Standing]) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    let mut ties = 0u32;
+    for (i, standing) in standings.iter().enumerate() {
+        let Standing::Free(used) = *standing else { continue };
+        match best {
+            Some((_, b)) if used > b => {}
+            Some((_, b)) if used == b => {
+                ties += 1;
+                if fastrand::u32(0..ties) == 0 {
+                    best = Some((i, used));
+                }
+            }
+            _ => {
+                best = Some((i, used));
+                ties = 1;
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+impl KeyStore for MemoryStore {
+    fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
+        Box::pin(std::future::ready(self.try_acquire(ask)))
+    }
+
+    fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
+        self.record(grant, outcome, tuning);
+    }
+
+    fn wakeup(&self, provider: &str) -> Arc<Notify> {
+        let mut map = self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get(provider) {
+            return n.clone();
+        }
+        map.entry(provider.to_string()).or_default().clone()
+    }
+
+    fn configure(&self, policy: StorePolicy) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+        self.lock().next_reset = 0;
+    }
+
+    fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus> {
+        let now = self.clock.now();
+        let state = self.lock();
+        let paused = state.providers.get(provider).map_or(0, |p| p.paused_until);
+        keys.iter()
+            .map(|key| {
+                let ks = state.keys.get(&key.id);
+                let key_cooldown = ks.and_then(|k| k.cooldown).filter(|c| c.until > now);
+                let mut status = KeyStatus {
+                    key: key.masked.to_string(),
+                    id: key.id.to_string(),
+                    in_flight: ks.map_or(0, |k| k.in_flight),
+                    cooling_until: key_cooldown.map(|c| c.until),
+                    cooling_reason: key_cooldown.map(|c| c.reason),
+                    model_cooldowns: Vec::new(),
+                    requests_today: 0,
+                    requests_total: 0,
+                };
+                if paused > now && status.cooling_until.is_none_or(|u| u < paused) {
+                    status.cooling_until = Some(paused);
+                    status.cooling_reason = Some(ErrorClass::RateLimit);
+                }
+                for (model, ms) in ks.map(|k| &k.models).into_iter().flatten() {
+                    status.requests_today += ms.today.requests;
+                    status.requests_total += ms.lifetime.requests;
+                    if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
+                        status.model_cooldowns.push((model.clone(), c.until, c.reason));
+                    }
+                }
+                status
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DailyReset;
+    use std::time::Duration;
+
+    fn policy() -> StorePolicy {
+        StorePolicy { daily_reset: DailyReset::parse("03:00", "UTC").unwrap(), pause: None }
+    }
+
+    fn keys(n: usize) -> Vec<ApiKey> {
+        (0..n).map(|i| ApiKey::new("p", &format!("key-number-{i:04}"))).collect()
+    }
+
+    fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning, exclude: &'a [KeyId]) -> Ask<'a> {
+        Ask { provider: "p", model: "m", keys, exclude, tuning }
+    }
+
+    fn fail(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
+        Outcome::Failure { class, scope: class.default_scope(), retry_after }
+    }
+
+    // 2026-01-10T02:59:00Z
+    const START: UnixMs = 1_768_013_940_000;
+
+    #[tokio::test(start_paused = true)]
+    async fn balanced_spreads_and_limits_concurrency() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(4);
+        let tuning = Tuning::default();
+        let grants: Vec<Grant> = (0..4).map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap()).collect();
+        let mut ids: Vec<_> = grants.iter().map(|g| g.key.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "one request per key and model");
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!(why, Unavailable { busy: 4, ..Default::default() });
+        // A different model may use the same keys at once.
+        let other = Ask { model: "other", ..ask(&keys, &tuning, &[]) };
+        assert!(store.try_acquire(other).is_ok());
+        store.release(&grants[2], Outcome::Success { prompt_tokens: 1, completion_tokens: 2 }, &tuning);
+        assert_eq!(store.try_acquire(ask(&keys, &tuning, &[])).unwrap().key.id, grants[2].key.id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_cools_for_stated_time_then_escalates() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning::default();
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::RateLimit, Some(Duration::from_secs(2))), &tuning);
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!(why.ready_at, Some(START + 2000));
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(store.try_acquire(ask(&keys, &tuning, &[])).is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        // Second consecutive rate limit without a stated wait: the schedule's second step, 30 s.
+        store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!(why.ready_at, Some(START + 2000 + 30_000));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, Outcome::Success { prompt_tokens: 0, completion_tokens: 0 }, &tuning);
+        // A success resets the streak: the next rate limit is back to 10 s.
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
+        let now = store.clock().now();
+        assert_eq!(store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err().ready_at, Some(now + 10_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auth_benches_the_key_for_every_model() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning::default();
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::Auth, None), &tuning);
+        let other = Ask { model: "other", ..ask(&keys, &tuning, &[]) };
+        assert_eq!(store.try_acquire(other).unwrap_err().ready_at, Some(START + 300_000));
+        let report = store.report("p", &keys);
+        assert_eq!(report[0].cooling_reason, Some(ErrorClass::Auth));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quota_lasts_until_the_daily_reset_which_clears_today() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(2);
+        let tuning = Tuning::default();
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::Quota, None), &tuning);
+        // The reset is at 03:00, one minute after START.
+        let other = keys.iter().find(|k| k.id != g.key.id).unwrap().id.clone();
+        let why = store.try_acquire(ask(&keys, &tuning, &[other])).unwrap_err();
+        assert_eq!(why.ready_at, Some(START + 60_000));
+        assert_eq!(store.report("p", &keys).iter().map(|k| k.requests_today).sum::<u64>(), 1);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let g2 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        let report = store.report("p", &keys);
+        assert_eq!(report.iter().map(|k| k.requests_today).sum::<u64>(), 1, "today restarted at the reset");
+        assert_eq!(report.iter().map(|k| k.requests_total).sum::<u64>(), 2, "lifetime kept");
+        drop(g2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sequential_stays_then_moves_on() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(3);
+        let tuning = Tuning { selection: Selection::Sequential, ..Tuning::default() };
+        let ok = Outcome::Success { prompt_tokens: 0, completion_tokens: 0 };
+        for _ in 0..3 {
+            let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+            assert_eq!(g.key.id, keys[0].id);
+            store.release(&g, ok.clone(), &tuning);
+        }
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
+        for _ in 0..2 {
+            let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+            assert_eq!(g.key.id, keys[1].id);
+            store.release(&g, ok.clone(), &tuning);
+        }
+        // Still on key 1 after key 0 recovers.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        assert_eq!(g.key.id, keys[1].id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn provider_pause_after_several_keys_limit() {
+        let mut p = policy();
+        p.pause = Some(crate::config::PauseRule { keys: 2, window: Duration::from_secs(10) });
+        let store = MemoryStore::new(Clock::starting_at(START), p);
+        let keys = keys(3);
+        let tuning = Tuning::default();
+        for _ in 0..2 {
+            let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+            store.release(&g, fail(ErrorClass::RateLimit, Some(Duration::from_secs(5))), &tuning);
+        }
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!(why.ready_at, Some(START + 5000), "the third key is spared");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(store.try_acquire(ask(&keys, &tuning, &[])).is_ok());
+    }
+}

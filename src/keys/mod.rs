@@ -1,0 +1,112 @@
+//! Key state: which key serves a request, who holds it, and what its failures cost it.
+//!
+//! Everything the engine knows about keys at run time (usage, in-flight leases, cooldowns, failure streaks) sits
+//! behind the narrow [`KeyStore`] trait, so that one process or many (sharing a store) apply the same rules.
+//! [`MemoryStore`] is the in-process store and the default. The engine holds a key through a [`Lease`], which
+//! gives it back when dropped: on success, error, client disconnect and panic alike.
+
+mod cooldown;
+mod lease;
+mod memory;
+mod persist;
+
+use crate::clock::UnixMs;
+use crate::config::{DailyReset, PauseRule, Tuning};
+use crate::secret::{ApiKey, KeyId};
+use crate::spec::{ErrorClass, Scope};
+pub use cooldown::cooldown_until;
+pub use lease::Lease;
+pub use memory::MemoryStore;
+pub use persist::{Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage};
+use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A request for a key.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    pub provider: &'a str,
+    pub model: &'a str,
+    /// The provider's keys in configured order.
+    pub keys: &'a [ApiKey],
+    /// Keys this request already tried and gave up on.
+    pub exclude: &'a [KeyId],
+    pub tuning: &'a Tuning,
+}
+
+/// A key handed to one request, until released.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub key: ApiKey,
+}
+
+/// Why no key was granted, and when that may change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unavailable {
+    /// Usable keys at their concurrency limit (a release may free one).
+    pub busy: usize,
+    /// Keys cooling down for this model, or the whole provider paused.
+    pub cooling: usize,
+    /// Keys this request already gave up on.
+    pub excluded: usize,
+    /// The earliest time a cooling key returns.
+    pub ready_at: Option<UnixMs>,
+}
+
+/// How a lease ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Success { prompt_tokens: u64, completion_tokens: u64 },
+    Failure { class: ErrorClass, scope: Scope, retry_after: Option<Duration> },
+    /// The client went away or the request was abandoned: no verdict on the key.
+    Cancelled,
+}
+
+/// Rules the store applies on its own: when the day turns, and when a provider pauses.
+#[derive(Clone, Debug)]
+pub struct StorePolicy {
+    pub daily_reset: DailyReset,
+    pub pause: Option<PauseRule>,
+}
+
+/// One key's state as reported to operators.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct KeyStatus {
+    pub key: String,
+    pub id: String,
+    pub in_flight: u32,
+    /// Whole-key cooldown end (auth, forbidden), when cooling.
+    pub cooling_until: Option<UnixMs>,
+    pub cooling_reason: Option<ErrorClass>,
+    /// Models this key is cooling for, with the end time and reason.
+    pub model_cooldowns: Vec<(String, UnixMs, ErrorClass)>,
+    pub requests_today: u64,
+    pub requests_total: u64,
+}
+
+/// Where key state lives. The in-process [`MemoryStore`] is the default; a shared store (Redis) implements the
+/// same contract so that several instances agree on usage, leases and cooldowns.
+pub trait KeyStore: Send + Sync + 'static {
+    /// Takes a lease on the best usable key for `ask`, or says why none is free.
+    fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>>;
+
+    /// Gives a key back and records how its use ended. Must not block: a remote store sends it in the
+    /// background.
+    fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning);
+
+    /// Notified whenever a key of `provider` is released or its state changes.
+    fn wakeup(&self, provider: &str) -> Arc<Notify>;
+
+    /// Replaces the store-wide rules (on start and on reload).
+    fn configure(&self, policy: StorePolicy);
+
+    /// The state of `keys` of `provider`, for operators.
+    fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus>;
+}

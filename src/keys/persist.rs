@@ -1,0 +1,111 @@
+//! The usage file: key state written atomically (temporary file, fsync, rename) at most one flush interval after
+//! a change, and once more on shutdown. Keys appear by hash and masked form only.
+
+use super::memory::{MemoryStore, State};
+use crate::clock::UnixMs;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bumped on any incompatible change to the file's layout.
+pub const USAGE_FILE_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+struct FileOut<'a> {
+    version: u32,
+    saved_at: UnixMs,
+    #[serde(flatten)]
+    state: &'a State,
+}
+
+#[derive(Deserialize)]
+struct FileIn {
+    version: u32,
+    #[serde(flatten)]
+    state: State,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageFileError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a keyrelay usage file ({reason})")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: usage file version {found} is not supported (this keyrelay writes version {USAGE_FILE_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// Reads the usage file; a missing file is an empty state.
+pub fn load(path: &Path) -> Result<State, UsageFileError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(source) => return Err(UsageFileError::Read { path: path.into(), source }),
+    };
+    let file: FileIn = serde_json::from_slice(&bytes)
+        .map_err(|e| UsageFileError::Invalid { path: path.into(), reason: e.to_string() })?;
+    if file.version != USAGE_FILE_VERSION {
+        return Err(UsageFileError::Version { path: path.into(), found: file.version });
+    }
+    Ok(file.state)
+}
+
+/// Writes `bytes` to `path` so that a reader (or a crash at any moment) sees either the old file or the new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key_usage.json");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes the store's state to the usage file after changes.
+pub struct Persister {
+    store: Arc<MemoryStore>,
+    path: PathBuf,
+}
+
+impl Persister {
+    pub fn new(store: Arc<MemoryStore>, path: PathBuf) -> Self {
+        Self { store, path }
+    }
+
+    /// Writes the current state now.
+    pub async fn flush(&self) -> std::io::Result<()> {
+        let saved_at = self.store.clock().now();
+        let bytes = self.store.export(|state| {
+            serde_json::to_vec_pretty(&FileOut { version: USAGE_FILE_VERSION, saved_at, state })
+                .unwrap_or_default()
+        });
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// Runs until dropped: waits for a change, lets changes gather for `interval`, then writes once.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            self.store.changed().notified().await;
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.flush().await {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot write the usage file");
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! keyrelay: a self-hosted, OpenAI-compatible proxy that pools many API keys per LLM provider and rotates them,
+//! so that clients never see a rate limit, a dead key or a flaky upstream while any usable key remains.
+//!
+//! # Layout
+//!
+//! A request walks down this list, one call at a time, never back up:
+//!
+//! - [`http`]: the inbound API only — routes, proxy-key authentication, body limits, OpenAI-shaped errors.
+//! - [`relay`]: one request's journey — pick a key, call the upstream, classify the answer, retry with backoff,
+//!   rotate, wait for a free or cooled key, all inside one deadline. Also the `/v1/models` catalog.
+//! - [`stream`]: SSE parsing and the client-facing stream, which owns the upstream response and the key's lease.
+//! - [`keys`]: key state behind the [`keys::KeyStore`] trait — selection (balanced or sequential), concurrency
+//!   leases, the cooldown schedule, daily resets, usage counters and the usage file.
+//! - [`spec`]: provider files as data — base URL, auth, paths, models, and the error classification rules.
+//! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
+//! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, key discovery.
+//! - [`app`] and [`cli`]: wiring, graceful shutdown, and the command line.
+//!
+//! The engine never names a provider: everything provider-specific is in `providers/*.yaml`.
+//!
+//! # Using the engine without the HTTP server
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use keyrelay::{Relay, Reply, Snapshot, config::Settings, config::env::Env, relay::Endpoint};
+//! use std::sync::Arc;
+//!
+//! // A stand-in upstream on loopback that answers every chat request.
+//! let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let base = format!("http://{}/v1", upstream.local_addr().unwrap());
+//! let app = axum::Router::new().route(
+//!     "/v1/chat/completions",
+//!     axum::routing::post(|| async {
+//!         axum::Json(serde_json::json!({"choices": [{"message": {"role": "assistant", "content": "hi"}}]}))
+//!     }),
+//! );
+//! tokio::spawn(async move { axum::serve(upstream, app).await });
+//!
+//! // Configuration: defaults, plus one OpenAI-compatible provider defined by its base URL and two keys.
+//! let dir = tempfile::tempdir().unwrap();
+//! let env = Env::from_pairs([
+//!     ("LOCAL_API_BASE", base.as_str()),
+//!     ("LOCAL_API_KEY_1", "first-key-0001"),
+//!     ("LOCAL_API_KEY_2", "second-key-0002"),
+//! ]);
+//! let snapshot = Snapshot::build(Settings::defaults(dir.path()), &env).unwrap();
+//! let relay = Relay::in_memory(snapshot);
+//!
+//! let body = serde_json::json!({"model": "local/any-model", "messages": [{"role": "user", "content": "hello"}]});
+//! let reply = relay.send(Endpoint::Chat, body.as_object().unwrap().clone()).await.unwrap();
+//! let Reply::Json { body, served } = reply else { panic!("not streaming") };
+//! assert!(String::from_utf8_lossy(&body).contains("hi"));
+//! assert_eq!(served.attempts, 1);
+//! # }
+//! ```
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod duration;
+pub mod glob;
+pub mod http;
+pub mod keys;
+pub mod relay;
+pub mod secret;
+pub mod snapshot;
+pub mod spec;
+pub mod stream;
+pub mod tokens;
+
+pub use relay::{Relay, Reply};
+pub use snapshot::Snapshot;

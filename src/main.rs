@@ -1,0 +1,99 @@
+//! The `keyrelay` binary: parse the command line, then serve or check.
+
+use clap::Parser;
+use keyrelay::cli::{Cli, Command, ServeArgs, summary};
+use keyrelay::clock::Clock;
+use keyrelay::snapshot::Snapshot;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyrelay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Check(files)) => check(&files),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        None => runtime.block_on(serve(cli.serve)),
+    }
+}
+
+fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
+    let opts = files.load_options();
+    match Snapshot::load(&opts) {
+        Ok(snapshot) => {
+            print!("{}", summary(&snapshot, &opts));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("keyrelay check: {} problem{} found", errors.0.len(), if errors.0.len() == 1 { "" } else { "s" });
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    init_logging();
+    let opts = args.load_options();
+    let snapshot = match Snapshot::load(&opts) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("keyrelay: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let warnings = snapshot.warnings.clone();
+    let open = snapshot.proxy_key.is_none();
+    let providers: Vec<(String, usize)> = snapshot.providers.values().map(|p| (p.name.clone(), p.keys.len())).collect();
+    let running = match keyrelay::app::start(snapshot, Clock::system()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("keyrelay {} listening on http://{}", env!("CARGO_PKG_VERSION"), running.addr);
+    let (serving, idle): (Vec<_>, Vec<_>) = providers.iter().partition(|(_, keys)| *keys > 0);
+    for (name, keys) in &serving {
+        println!("  provider {name}: {keys} key{}", if *keys == 1 { "" } else { "s" });
+    }
+    if serving.is_empty() {
+        println!("warning: no provider has keys; set <PROVIDER>_API_KEY in .env (see .env.example)");
+    }
+    if !idle.is_empty() {
+        let names: Vec<&str> = idle.iter().map(|(n, _)| n.as_str()).collect();
+        println!("  providers without keys: {}", names.join(", "));
+    }
+    if open {
+        println!("warning: PROXY_API_KEY is not set: any local process can use this proxy without a key");
+    }
+    if args.enable_request_logging {
+        println!("warning: --enable-request-logging is not implemented in this version; nothing is written to logs/");
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    let stopper = running.stopper();
+    tokio::spawn(async move {
+        keyrelay::app::shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        stopper.cancel();
+    });
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}

@@ -1,0 +1,90 @@
+//! What can go wrong with a relayed request, and what the engine tried before giving up.
+
+use super::Served;
+use crate::keys::Unavailable;
+use crate::spec::ErrorClass;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+/// The record of one request's attempts, for error messages and the `x-keyrelay-*` headers. Never holds a key.
+#[derive(Clone, Debug, Default)]
+pub struct Tried {
+    pub provider: String,
+    pub model: String,
+    pub attempts: u32,
+    /// Distinct keys leased.
+    pub keys: u32,
+    pub classes: BTreeMap<ErrorClass, u32>,
+    /// Why the last lease attempt found no key.
+    pub waiting: Unavailable,
+    /// The last failure was a 2xx answer that could not be used.
+    pub unusable: bool,
+}
+
+impl Tried {
+    pub fn new(provider: &str, model: &str) -> Self {
+        Self { provider: provider.into(), model: model.into(), ..Self::default() }
+    }
+
+    pub fn note(&mut self, class: ErrorClass) {
+        *self.classes.entry(class).or_default() += 1;
+    }
+
+    pub fn served(&self, key: Option<String>) -> Served {
+        Served { provider: self.provider.clone(), attempts: self.attempts, key }
+    }
+
+    /// "3 attempts on 2 keys (rate_limit x1, server x2); 1 key cooling"
+    pub fn summary(&self) -> String {
+        let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        let mut out = format!("{} on {}", plural(self.attempts, "attempt"), plural(self.keys, "key"));
+        if !self.classes.is_empty() {
+            let classes: Vec<String> = self.classes.iter().map(|(c, n)| format!("{} x{n}", c.as_str())).collect();
+            let _ = write!(out, " ({})", classes.join(", "));
+        }
+        let w = &self.waiting;
+        if w.cooling > 0 {
+            let _ = write!(out, "; {} cooling down", plural(w.cooling as u32, "key"));
+        }
+        if w.busy > 0 {
+            let _ = write!(out, "; {} busy", plural(w.busy as u32, "key"));
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown provider {0:?}; GET /v1/providers lists the configured ones")]
+    UnknownProvider(String),
+    #[error("provider {0:?} has no keys; set {upper}_API_KEY or {upper}_API_KEY_1", upper = .0.to_ascii_uppercase())]
+    NoKeys(String),
+    #[error("model {0:?} is not served by this proxy (excluded by the provider's model filters)")]
+    ModelDenied(String),
+    #[error("provider {provider:?} does not offer {endpoint}")]
+    EndpointMissing { provider: String, endpoint: &'static str },
+    /// The upstream refused the request itself; no other key would do better.
+    #[error("the upstream rejected the request ({})", class.as_str())]
+    Upstream { status: u16, body: Bytes, class: ErrorClass, served: Served },
+    #[error("every key of {}/{} is cooling down for another {}s: {}", .tried.provider, .tried.model, retry_after.as_secs().max(1), .tried.summary())]
+    AllCooling { retry_after: Duration, tried: Tried },
+    #[error("no key of {}/{} could serve the request: {}", .0.provider, .0.model, .0.summary())]
+    Exhausted(Tried),
+    #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
+    Deadline(Tried),
+}
+
+impl RelayError {
+    /// The `x-keyrelay-*` facts, where there are any.
+    pub fn served(&self) -> Option<Served> {
+        match self {
+            Self::Upstream { served, .. } => Some(served.clone()),
+            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => Some(tried.served(None)),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! One request's journey: find the provider, borrow a key, call the upstream, judge the answer, and retry, rotate
+//! or give up — all inside one deadline.
+//!
+//! The retry policy reads top to bottom in [`Relay::run`]: transient faults (server, connection, timeout) are
+//! retried on the same key with backoff; rate limits, quota and auth failures cool the key and rotate at once;
+//! client errors are answered at once. Waiting for a busy or cooling key happens in [`Relay::lease`].
+
+mod attempt;
+mod error;
+pub mod models;
+
+use crate::clock::Clock;
+use crate::keys::{Ask, KeyStore, Lease, Unavailable};
+use crate::secret::KeyId;
+use crate::snapshot::Snapshot;
+use crate::spec::{ErrorClass, Provider};
+use crate::stream::Forward;
+use arc_swap::ArcSwap;
+use attempt::{Attempt, Success};
+use bytes::Bytes;
+pub use error::{RelayError, Tried};
+use futures_util::Stream;
+use serde_json::{Map, Value};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Which OpenAI endpoint a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self, provider: &Provider) -> Option<&str> {
+        match self {
+            Self::Chat => provider.paths.chat.as_deref(),
+            Self::Embeddings => provider.paths.embeddings.as_deref(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// Who served a reply: what the `x-keyrelay-*` headers report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    pub provider: String,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// The masked key that served it, if one did.
+    pub key: Option<String>,
+}
+
+pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
+
+/// A successful reply.
+pub enum Reply {
+    /// A JSON body, as the upstream sent it.
+    Json { body: Bytes, served: Served },
+    /// An SSE stream of OpenAI chunks ending in `data: [DONE]` (or an in-band error).
+    Stream { body: SseBody, served: Served },
+}
+
+impl Reply {
+    pub fn served(&self) -> &Served {
+        match self {
+            Self::Json { served, .. } | Self::Stream { served, .. } => served,
+        }
+    }
+}
+
+/// Everything fixed about one request before the first attempt.
+struct Job {
+    provider: Arc<Provider>,
+    model: String,
+    path: String,
+    payload: Bytes,
+    stream: bool,
+    wants_usage: bool,
+    deadline: Instant,
+}
+
+/// The engine. Cheap to clone; usable without the HTTP server.
+#[derive(Clone)]
+pub struct Relay {
+    config: Arc<ArcSwap<Snapshot>>,
+    store: Arc<dyn KeyStore>,
+    http: reqwest::Client,
+    clock: Clock,
+    catalog: Arc<models::Catalog>,
+}
+
+impl Relay {
+    pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn KeyStore>, clock: Clock) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("keyrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Self { config, store, http, clock, catalog: Arc::new(models::Catalog::default()) }
+    }
+
+    /// A relay with an in-process key store and no usage file: the simplest way to use the engine as a library.
+    pub fn in_memory(snapshot: Snapshot) -> Self {
+        let policy = crate::keys::StorePolicy {
+            daily_reset: snapshot.settings.daily_reset.clone(),
+            pause: snapshot.settings.provider_pause,
+        };
+        let clock = Clock::system();
+        let store = Arc::new(crate::keys::MemoryStore::new(clock, policy));
+        Self::new(Arc::new(ArcSwap::from_pointee(snapshot)), store, clock)
+    }
+
+    /// The configuration snapshot new requests use.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.load_full()
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Sends an OpenAI-shaped request body (`model` is `provider/model`) to the right provider.
+    pub async fn send(&self, endpoint: Endpoint, mut body: Map<String, Value>) -> Result<Reply, RelayError> {
+        let snapshot = self.snapshot();
+        let (provider, model) = resolve_model(&snapshot, body.get("model"))?;
+        let Some(path) = endpoint.path(&provider) else {
+            return Err(RelayError::EndpointMissing { provider: provider.name.clone(), endpoint: endpoint.name() });
+        };
+        let stream = endpoint == Endpoint::Chat && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let wants_usage = stream
+            && body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        body.insert("model".into(), Value::String(model.clone()));
+        if stream && provider.stream_usage && !wants_usage {
+            let options = body.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(options) = options {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        let payload = serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?.into();
+        let job = Job {
+            path: path.to_string(),
+            provider,
+            model,
+            payload,
+            stream,
+            wants_usage,
+            deadline: Instant::now() + snapshot.settings.request_timeout,
+        };
+        self.run(job).await
+    }
+
+    /// Attempts, retries and rotation until a reply, a client error, or the deadline.
+    async fn run(&self, job: Job) -> Result<Reply, RelayError> {
+        let mut tried = Tried::new(&job.provider.name, &job.model);
+        let mut given_up: Vec<KeyId> = Vec::new();
+        loop {
+            let mut lease = self.lease(&job, &given_up, &mut tried).await?;
+            let tuning = &job.provider.tuning;
+            let mut on_this_key = 0;
+            let failure = loop {
+                on_this_key += 1;
+                tried.attempts += 1;
+                let attempt = Attempt { http: &self.http, clock: &self.clock, provider: &job.provider };
+                let result = tokio::time::timeout_at(job.deadline, attempt.send(&job.path, &job.payload, lease.key(), job.stream)).await;
+                let failure = match result {
+                    Err(_) => {
+                        tried.note(ErrorClass::Timeout);
+                        return Err(RelayError::Deadline(tried));
+                    }
+                    Ok(Ok(success)) => return Ok(self.reply(success, lease, &job, &tried)),
+                    Ok(Err(failure)) => failure,
+                };
+                tried.note(failure.verdict.class);
+                if failure.verdict.class.is_client_error() {
+                    lease.fail(&failure.verdict);
+                    return Err(RelayError::Upstream {
+                        status: failure.status,
+                        body: failure.body,
+                        class: failure.verdict.class,
+                        served: tried.served(Some(lease.key().masked.to_string())),
+                    });
+                }
+                if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {
+                    let pause = tuning.backoff_after(on_this_key);
+                    if Instant::now() + pause >= job.deadline {
+                        lease.fail(&failure.verdict);
+                        return Err(RelayError::Deadline(tried));
+                    }
+                    tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                break failure;
+            };
+            tracing::info!(
+                provider = %job.provider.name,
+                model = %job.model,
+                key = %lease.key().masked,
+                class = failure.verdict.class.as_str(),
+                retry_after = ?failure.verdict.retry_after,
+                "rotating away from a failing key"
+            );
+            tried.unusable = failure.unusable;
+            lease.fail(&failure.verdict);
+            given_up.push(lease.key().id.clone());
+        }
+    }
+
+    /// A lease on a usable key, waiting (woken by releases, never polling) while keys are busy or cooling and the
+    /// deadline allows.
+    async fn lease(&self, job: &Job, given_up: &[KeyId], tried: &mut Tried) -> Result<Lease, RelayError> {
+        let provider = &job.provider;
+        let wake = self.store.wakeup(&provider.name);
+        loop {
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ask = Ask {
+                provider: &provider.name,
+                model: &job.model,
+                keys: &provider.keys,
+                exclude: given_up,
+                tuning: &provider.tuning,
+            };
+            let why: Unavailable = match self.store.acquire(ask).await {
+                Ok(grant) => {
+                    tried.keys += 1;
+                    return Ok(Lease::new(self.store.clone(), provider.clone(), grant));
+                }
+                Err(why) => why,
+            };
+            tried.waiting = why.clone();
+            if why.busy == 0 && why.cooling == 0 {
+                return Err(RelayError::Exhausted(std::mem::take(tried)));
+            }
+            let deadline_wall = self.clock.wall_at(job.deadline);
+            if why.busy == 0
+                && let Some(ready_at) = why.ready_at
+                && ready_at >= deadline_wall
+            {
+                let wait = Duration::from_millis((ready_at - self.clock.now()).max(0) as u64);
+                return Err(RelayError::AllCooling { retry_after: wait, tried: std::mem::take(tried) });
+            }
+            let wake_at = why.ready_at.map_or(job.deadline, |r| self.clock.instant_at(r).min(job.deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            if Instant::now() >= job.deadline {
+                return Err(RelayError::Deadline(std::mem::take(tried)));
+            }
+        }
+    }
+
+    fn reply(&self, success: Success, mut lease: Lease, job: &Job, tried: &Tried) -> Reply {
+        let served = tried.served(Some(lease.key().masked.to_string()));
+        match success {
+            Success::Json { body, usage } => {
+                lease.succeed(usage.prompt_tokens, usage.completion_tokens);
+                Reply::Json { body, served }
+            }
+            Success::Stream { events, first } => {
+                let label = format!("{}/{}", job.provider.name, job.model);
+                let forward = Forward::new(events, first, lease, job.wants_usage, label);
+                Reply::Stream { body: Box::pin(forward.into_stream()), served }
+            }
+        }
+    }
+
+    /// The merged model list of every provider with keys, as OpenAI model objects.
+    pub async fn models(&self) -> Vec<Value> {
+        let snapshot = self.snapshot();
+        self.catalog.list(&snapshot, &self.http, snapshot.settings.models_refresh).await
+    }
+}
+
+/// Splits `provider/model` and checks that the provider can serve the model.
+fn resolve_model(snapshot: &Snapshot, model: Option<&Value>) -> Result<(Arc<Provider>, String), RelayError> {
+    let model = match model {
+        None => return Err(RelayError::BadRequest("`model` is required, e.g. \"openai/gpt-4o-mini\"".into())),
+        Some(Value::String(m)) => m,
+        Some(_) => return Err(RelayError::BadRequest("`model` must be a string such as \"openai/gpt-4o-mini\"".into())),
+    };
+    let Some((provider, name)) = model.split_once('/').filter(|(p, m)| !p.is_empty() && !m.is_empty()) else {
+        return Err(RelayError::BadRequest(format!(
+            "`model` {model:?} must be written provider/model, e.g. \"openai/gpt-4o-mini\""
+        )));
+    };
+    let Some(p) = snapshot.providers.get(provider) else {
+        return Err(RelayError::UnknownProvider(provider.to_string()));
+    };
+    if p.keys.is_empty() {
+        return Err(RelayError::NoKeys(provider.to_string()));
+    }
+    if !p.filter.permits(name) {
+        return Err(RelayError::ModelDenied(model.clone()));
+    }
+    Ok((p.clone(), name.to_string()))
+}
+
+/// A reqwest error in words, without the URL (which may carry a key in its query string).
+pub fn describe_reqwest(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "the response body broke off"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
+}

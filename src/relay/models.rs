@@ -1,0 +1,135 @@
+//! `/v1/models`: each provider's static list merged with its upstream list. Upstream lists are cached; a stale
+//! list is served while a background refresh runs, and the last good list is kept when a refresh fails.
+
+use crate::snapshot::Snapshot;
+use crate::spec::{ListSource, Provider};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long the first, blocking fetch of a provider's list may take before the static list is served alone.
+const FIRST_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Cached {
+    /// The upstream's model objects, as it sent them.
+    models: Arc<Vec<Value>>,
+    fetched: Instant,
+    /// The base URL it came from; a changed URL makes the entry stale.
+    base_url: String,
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    cache: Mutex<HashMap<String, Cached>>,
+    refreshing: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Catalog {
+    fn cached(&self, provider: &Provider) -> Option<Cached> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&provider.name).filter(|c| c.base_url == provider.base_url).cloned()
+    }
+
+    fn store(&self, provider: &Provider, models: Vec<Value>) {
+        let entry = Cached { models: Arc::new(models), fetched: Instant::now(), base_url: provider.base_url.clone() };
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(provider.name.clone(), entry);
+    }
+
+    /// The merged list, as OpenAI model objects with `provider/model` ids, for every provider with keys.
+    pub async fn list(self: &Arc<Self>, snapshot: &Snapshot, http: &reqwest::Client, max_age: Duration) -> Vec<Value> {
+        let fetches = snapshot.serving().map(|p| self.upstream_models(p.clone(), http, max_age));
+        let upstream = futures_util::future::join_all(fetches).await;
+        let mut out = Vec::new();
+        for (provider, upstream) in snapshot.serving().zip(upstream) {
+            let mut seen = std::collections::HashSet::new();
+            let statics = provider.static_models.iter().map(|id| json!({"id": id}));
+            let all = statics.chain(upstream.iter().cloned());
+            for mut model in all {
+                let Some(id) = model.get("id").and_then(Value::as_str).map(str::to_string) else { continue };
+                if !provider.filter.permits(&id) || !seen.insert(id.clone()) {
+                    continue;
+                }
+                let owned_by = model.get("owned_by").cloned().unwrap_or_else(|| json!(provider.name));
+                let created = model.get("created").cloned().filter(Value::is_i64).unwrap_or(json!(0));
+                if let Value::Object(m) = &mut model {
+                    m.insert("id".into(), json!(format!("{}/{id}", provider.name)));
+                    m.insert("object".into(), json!("model"));
+                    m.insert("created".into(), created);
+                    m.insert("owned_by".into(), owned_by);
+                }
+                out.push(model);
+            }
+        }
+        out
+    }
+
+    /// The provider's upstream list: cached, refreshed in the background once stale, fetched (briefly) the first
+    /// time. Empty when the provider lists statically or the upstream never answered.
+    async fn upstream_models(self: &Arc<Self>, provider: Arc<Provider>, http: &reqwest::Client, max_age: Duration) -> Arc<Vec<Value>> {
+        if provider.list == ListSource::Static {
+            return Arc::default();
+        }
+        match self.cached(&provider) {
+            Some(c) if c.fetched.elapsed() < max_age => c.models,
+            Some(c) => {
+                let fresh = self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(provider.name.clone());
+                if fresh {
+                    let me = self.clone();
+                    let http = http.clone();
+                    tokio::spawn(async move {
+                        me.refresh(&provider, &http).await;
+                        me.refreshing.lock().unwrap_or_else(|e| e.into_inner()).remove(&provider.name);
+                    });
+                }
+                c.models
+            }
+            None => {
+                let _ = tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, http)).await;
+                self.cached(&provider).map(|c| c.models).unwrap_or_default()
+            }
+        }
+    }
+
+    async fn refresh(&self, provider: &Provider, http: &reqwest::Client) {
+        match fetch(provider, http).await {
+            Ok(models) => self.store(provider, models),
+            Err(why) => tracing::warn!(provider = %provider.name, error = %why, "cannot refresh the upstream model list; keeping the last good one"),
+        }
+    }
+}
+
+/// Fetches the upstream list with the provider's keys in turn (at most two).
+async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>, String> {
+    let path = provider.paths.models.as_deref().ok_or("no models path")?;
+    let mut last = String::from("no keys");
+    for key in provider.keys.iter().take(2) {
+        let Ok(request) = provider.request(http, reqwest::Method::GET, path, key) else { continue };
+        let request = request.timeout(Duration::from_secs(15));
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last = super::describe_reqwest(&e);
+                continue;
+            }
+        };
+        if !response.status().is_success() {
+            last = format!("status {}", response.status().as_u16());
+            continue;
+        }
+        let bytes = response.bytes().await.map_err(|e| super::describe_reqwest(&e))?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;
+        let items = match body {
+            Value::Array(items) => items,
+            Value::Object(mut o) => match o.remove("data") {
+                Some(Value::Array(items)) => items,
+                _ => return Err("the model list has no data array".into()),
+            },
+            _ => return Err("the model list is not a JSON list".into()),
+        };
+        return Ok(items.into_iter().filter(|m| m.get("id").is_some_and(Value::is_string)).collect());
+    }
+    Err(last)
+}

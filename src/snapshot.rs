@@ -1,0 +1,153 @@
+//! The immutable configuration snapshot: settings, providers with their keys, and the proxy key, built and
+//! validated in one pass from files on disk. Requests hold an `Arc<Snapshot>` for their whole life, so a newer
+//! snapshot can be published at any time without disturbing them.
+
+use crate::config::env::Env;
+use crate::config::{ConfigError, LoadErrors, Settings};
+use crate::secret::{ApiKey, ProxyKey};
+use crate::spec::{self, Provider};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where to load from, and what the command line overrides.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub config: PathBuf,
+    /// `false` when `config` is the default path, whose absence means all defaults.
+    pub config_required: bool,
+    pub env_file: PathBuf,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl LoadOptions {
+    /// `config.yaml` and `.env` in the current directory, as `keyrelay` with no options.
+    pub fn defaults() -> Self {
+        Self {
+            config: "config.yaml".into(),
+            config_required: false,
+            env_file: ".env".into(),
+            host: None,
+            port: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub settings: Settings,
+    /// Every configured provider by name, with or without keys.
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub proxy_key: Option<ProxyKey>,
+    /// Things worth telling the user that do not stop the load.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Reads and validates everything; returns every problem found, or a snapshot.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadErrors> {
+        let mut settings = Settings::load(&opts.config, opts.config_required).map_err(LoadErrors)?;
+        if let Some(host) = &opts.host {
+            settings.host = host.clone();
+        }
+        if let Some(port) = opts.port {
+            settings.port = port;
+        }
+        let env = Env::load(&opts.env_file).map_err(|e| LoadErrors(vec![e]))?;
+        Self::build(settings, &env)
+    }
+
+    /// Loads the provider files named by `settings` and combines them with `env`.
+    pub fn build(settings: Settings, env: &Env) -> Result<Self, LoadErrors> {
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let mut providers: BTreeMap<String, Provider> = BTreeMap::new();
+
+        let dir = &settings.providers_dir;
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                let mut files: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                    .collect();
+                files.sort();
+                for file in files {
+                    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                    match spec::load_file(&file, &settings.tuning, settings.provider_tuning.get(&name)) {
+                        Ok(p) if providers.contains_key(&p.name) => errors.push(
+                            ConfigError::new(Some(&file), format!("provider {:?} is defined twice", p.name))
+                                .hint("keep one of name.yaml and name.yml"),
+                        ),
+                        Ok(p) => {
+                            providers.insert(p.name.clone(), p);
+                        }
+                        Err(e) => errors.extend(e),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
+                "the providers directory {} does not exist; only providers defined by <NAME>_API_BASE are served",
+                dir.display()
+            )),
+            Err(e) => errors.push(ConfigError::new(Some(dir), format!("cannot read the providers directory: {e}"))),
+        }
+
+        for name in env.api_base_names() {
+            if !providers.contains_key(&name) {
+                if !spec::valid_name(&name) {
+                    errors.push(ConfigError::new(None, format!("{}_API_BASE: {name:?} is not a valid provider name", name.to_ascii_uppercase())));
+                    continue;
+                }
+                let p = spec::openai_compatible(&name, &settings.tuning, settings.provider_tuning.get(&name));
+                providers.insert(name, p);
+            }
+        }
+
+        for (name, p) in providers.iter_mut() {
+            if let Some(base) = env.api_base(name) {
+                let base = base.trim_end_matches('/');
+                if base.starts_with("http://") || base.starts_with("https://") {
+                    p.base_url = base.to_string();
+                } else {
+                    errors.push(ConfigError::new(None, format!(
+                        "{}_API_BASE {base:?} must be an http:// or https:// URL",
+                        name.to_ascii_uppercase()
+                    )));
+                }
+            }
+            if let Some(allow) = env.model_globs("WHITELIST", name) {
+                p.filter.allow = allow;
+            }
+            if let Some(deny) = env.model_globs("IGNORE", name) {
+                p.filter.deny = deny;
+            }
+            p.keys = env.provider_keys(name).iter().map(|k| ApiKey::new(name, k)).collect();
+        }
+
+        for unknown in settings.provider_tuning.keys().filter(|n| !providers.contains_key(*n)) {
+            errors.push(
+                ConfigError::new(None, format!("config.yaml: providers.{unknown} names no configured provider"))
+                    .hint("add providers/<name>.yaml or fix the name"),
+            );
+        }
+        for orphan in env.orphan_key_names(&|p| providers.contains_key(p)) {
+            warnings.push(format!("{orphan} is set in the env file but no provider of that name is configured"));
+        }
+
+        if !errors.is_empty() {
+            return Err(LoadErrors(errors));
+        }
+        Ok(Self {
+            settings,
+            providers: providers.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            proxy_key: env.proxy_key().map(ProxyKey::new),
+            warnings,
+        })
+    }
+
+    /// Providers that can serve: those with at least one key.
+    pub fn serving(&self) -> impl Iterator<Item = &Arc<Provider>> {
+        self.providers.values().filter(|p| !p.keys.is_empty())
+    }
+}

@@ -1,0 +1,455 @@
+//! Provider files (`providers/<name>.yaml`): the schema as written, and the resolved [`Provider`] the engine uses.
+//!
+//! Everything that differs between OpenAI-compatible upstreams lives here as data: base URL, how the key is
+//! sent, paths, models, classification rules. The engine reads a `Provider`, never a provider's name.
+
+pub mod classify;
+
+use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
+use crate::glob::ModelFilter;
+use crate::secret::ApiKey;
+pub use classify::{Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict};
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    header: Option<String>,
+    value: Option<String>,
+    query: Option<String>,
+}
+
+/// `Some(None)` when written as `null` (endpoint disabled), `None` when absent (default).
+fn nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    #[serde(default, deserialize_with = "nullable")]
+    chat: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    embeddings: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    models: Option<Option<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListSource {
+    Static,
+    Upstream,
+    Both,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModels {
+    list: Option<ListSource>,
+    #[serde(default, rename = "static")]
+    static_list: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawStatus {
+    One(u16),
+    Many(Vec<u16>),
+    Pattern(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetrySource {
+    header: Option<String>,
+    body: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    status: Option<RawStatus>,
+    body: Option<String>,
+    body_regex: Option<String>,
+    header: Option<String>,
+    class: ErrorClass,
+    scope: Option<Scope>,
+    retry_after: Option<Vec<RawRetrySource>>,
+}
+
+/// A provider file exactly as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    base_url: Option<String>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    paths: RawPaths,
+    #[serde(default)]
+    models: RawModels,
+    #[serde(default)]
+    stream_usage: bool,
+    retry_after: Option<Vec<RawRetrySource>>,
+    #[serde(default)]
+    errors: Vec<RawRule>,
+    selection: Option<crate::config::Selection>,
+    concurrency: Option<crate::config::tuning::ConcurrencyPatch>,
+    cooldowns: Option<crate::config::tuning::CooldownsPatch>,
+    retries: Option<crate::config::tuning::RetriesPatch>,
+}
+
+/// How the key reaches the upstream.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// A header whose value is `prefix + key + suffix` (from a template such as `Bearer {key}`).
+    Header { name: HeaderName, prefix: String, suffix: String },
+    /// A query parameter.
+    Query { param: String },
+}
+
+/// Endpoint paths relative to the base URL; `None` means the upstream does not offer it.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub chat: Option<String>,
+    pub embeddings: Option<String>,
+    pub models: Option<String>,
+}
+
+/// A provider ready for the engine: its file, overrides from the environment and `config.yaml`, and its keys.
+#[derive(Clone, Debug)]
+pub struct Provider {
+    pub name: String,
+    /// The file it came from; `None` for a provider defined only by `<NAME>_API_BASE`.
+    pub source: Option<PathBuf>,
+    /// Without a trailing slash.
+    pub base_url: String,
+    pub auth: Auth,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub paths: Paths,
+    pub list: ListSource,
+    pub static_models: Vec<String>,
+    pub filter: ModelFilter,
+    /// The upstream honours `stream_options.include_usage`.
+    pub stream_usage: bool,
+    pub classifier: Classifier,
+    pub tuning: Tuning,
+    pub keys: Vec<ApiKey>,
+}
+
+impl Provider {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// A request to `path` carrying `key` the way this provider expects, with its static headers.
+    pub fn request(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        key: &ApiKey,
+    ) -> Result<reqwest::RequestBuilder, String> {
+        let url = self.url(path);
+        let mut builder = match &self.auth {
+            Auth::Query { param } => {
+                let mut url = reqwest::Url::parse(&url).map_err(|e| format!("invalid upstream URL: {e}"))?;
+                url.query_pairs_mut().append_pair(param, key.expose());
+                http.request(method, url)
+            }
+            Auth::Header { name, prefix, suffix } => {
+                let mut value = HeaderValue::try_from(format!("{prefix}{}{suffix}", key.expose()))
+                    .map_err(|_| "the key holds characters that an HTTP header cannot carry".to_string())?;
+                value.set_sensitive(true);
+                http.request(method, url).header(name, value)
+            }
+        };
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value);
+        }
+        Ok(builder)
+    }
+}
+
+/// Provider names are file stems: lower-case letters, digits and `_`, so that `<NAME>_API_KEY` is a valid
+/// variable name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// Reads and validates one provider file. `global` is the tuning from `config.yaml`; `user` the provider's entry
+/// under `providers:` there.
+pub fn load_file(path: &Path, global: &Tuning, user: Option<&TuningPatch>) -> Result<Provider, Vec<ConfigError>> {
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    if !valid_name(&name) {
+        return Err(vec![
+            ConfigError::new(Some(path), format!("{name:?} is not a valid provider name"))
+                .hint("name the file with lower-case letters, digits and _, e.g. my_provider.yaml"),
+        ]);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
+    let raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    resolve(name, Some(path), raw, global, user)
+}
+
+/// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
+pub fn openai_compatible(name: &str, global: &Tuning, user: Option<&TuningPatch>) -> Provider {
+    let raw = RawProvider { base_url: Some("http://unset".into()), ..RawProvider::default() };
+    resolve(name.to_string(), None, raw, global, user).expect("defaults are valid")
+}
+
+fn resolve(
+    name: String,
+    source: Option<&Path>,
+    raw: RawProvider,
+    global: &Tuning,
+    user: Option<&TuningPatch>,
+) -> Result<Provider, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut err = |message: String, hint: &str| {
+        let e = ConfigError::new(source, message);
+        errors.push(if hint.is_empty() { e } else { e.hint(hint) });
+    };
+
+    let base_url = raw.base_url.unwrap_or_default().trim_end_matches('/').to_string();
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        err(format!("base_url {base_url:?} must be an http:// or https:// URL"), "e.g. base_url: https://api.example.com/v1");
+    }
+
+    let auth = match (raw.auth.query, raw.auth.header, raw.auth.value) {
+        (Some(param), None, None) => Auth::Query { param },
+        (Some(_), _, _) => {
+            err("auth: use either query or header/value, not both".into(), "");
+            Auth::Query { param: "key".into() }
+        }
+        (None, header, value) => {
+            let header = header.unwrap_or_else(|| "Authorization".into());
+            let value = value.unwrap_or_else(|| "Bearer {key}".into());
+            let name = HeaderName::try_from(header.as_str()).unwrap_or_else(|_| {
+                err(format!("auth.header {header:?} is not a valid header name"), "");
+                HeaderName::from_static("authorization")
+            });
+            match value.split_once("{key}") {
+                Some((prefix, suffix)) => {
+                    Auth::Header { name, prefix: prefix.to_string(), suffix: suffix.to_string() }
+                }
+                None => {
+                    err(format!("auth.value {value:?} must contain {{key}}"), "e.g. value: \"Bearer {key}\"");
+                    Auth::Header { name, prefix: String::new(), suffix: String::new() }
+                }
+            }
+        }
+    };
+
+    let mut headers = Vec::new();
+    for (k, v) in raw.headers {
+        match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+            (Ok(k), Ok(v)) => headers.push((k, v)),
+            _ => err(format!("headers: {k:?} is not a valid header"), ""),
+        }
+    }
+
+    let path_or = |p: Option<Option<String>>, default: &str| -> Option<String> {
+        p.unwrap_or_else(|| Some(default.to_string())).map(|p| {
+            if p.starts_with('/') { p } else { format!("/{p}") }
+        })
+    };
+    let paths = Paths {
+        chat: path_or(raw.paths.chat, "/chat/completions"),
+        embeddings: path_or(raw.paths.embeddings, "/embeddings"),
+        models: path_or(raw.paths.models, "/models"),
+    };
+    let list = raw.models.list.unwrap_or(if paths.models.is_some() {
+        if raw.models.static_list.is_empty() { ListSource::Upstream } else { ListSource::Both }
+    } else {
+        ListSource::Static
+    });
+    if list != ListSource::Static && paths.models.is_none() {
+        err("models.list asks for the upstream list but paths.models is null".into(), "set paths.models or use list: static");
+    }
+
+    let retry_sources = |raw: Vec<RawRetrySource>, at: &str, err: &mut dyn FnMut(String, &str)| {
+        raw.into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| match (s.header, s.body) {
+                (Some(h), None) => match HeaderName::try_from(h.as_str()) {
+                    Ok(h) => Some(RetryAfterSource::Header(h)),
+                    Err(_) => {
+                        err(format!("{at}[{i}].header {h:?} is not a valid header name"), "");
+                        None
+                    }
+                },
+                (None, Some(re)) => match regex_lite::Regex::new(&re) {
+                    Ok(re) if re.captures_len() > 1 => Some(RetryAfterSource::Body(re)),
+                    Ok(_) => {
+                        err(format!("{at}[{i}].body needs a capture group around the value"), "e.g. '\"retryDelay\"\\s*:\\s*\"([^\"]+)\"'");
+                        None
+                    }
+                    Err(e) => {
+                        err(format!("{at}[{i}].body is not a valid regex: {e}"), "");
+                        None
+                    }
+                },
+                _ => {
+                    err(format!("{at}[{i}] must have exactly one of header or body"), "");
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let retry_after = match raw.retry_after {
+        Some(list) => retry_sources(list, "retry_after", &mut err),
+        None => Classifier::default_retry_after(),
+    };
+
+    let mut rules = Vec::new();
+    for (i, r) in raw.errors.into_iter().enumerate() {
+        let status = match r.status {
+            None => None,
+            Some(RawStatus::One(code)) => Some(StatusMatch::Codes(vec![code])),
+            Some(RawStatus::Many(codes)) => Some(StatusMatch::Codes(codes)),
+            Some(RawStatus::Pattern(p)) => match p.to_ascii_lowercase().as_str() {
+                "4xx" => Some(StatusMatch::Hundreds(4)),
+                "5xx" => Some(StatusMatch::Hundreds(5)),
+                _ => {
+                    err(format!("errors[{i}].status {p:?} must be a code, a list of codes, 4xx or 5xx"), "");
+                    None
+                }
+            },
+        };
+        let body_regex = r.body_regex.and_then(|re| {
+            regex_lite::Regex::new(&re)
+                .map_err(|e| err(format!("errors[{i}].body_regex is not a valid regex: {e}"), ""))
+                .ok()
+        });
+        let header = r.header.and_then(|h| {
+            HeaderName::try_from(h.as_str())
+                .map_err(|_| err(format!("errors[{i}].header {h:?} is not a valid header name"), ""))
+                .ok()
+        });
+        let rule_retry = r.retry_after.map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
+        rules.push(ErrorRule {
+            status,
+            body: r.body.map(|b| b.to_lowercase()),
+            body_regex,
+            header,
+            class: r.class,
+            scope: r.scope,
+            retry_after: rule_retry,
+        });
+    }
+
+    let file_patch = TuningPatch {
+        selection: raw.selection,
+        concurrency: raw.concurrency,
+        cooldowns: raw.cooldowns,
+        retries: raw.retries,
+    };
+    let mut tuning = global.patched(&file_patch);
+    if let Some(user) = user {
+        tuning = tuning.patched(user);
+    }
+    for problem in tuning.problems() {
+        err(problem, "");
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Provider {
+        name,
+        source: source.map(Path::to_path_buf),
+        base_url,
+        auth,
+        headers,
+        paths,
+        list,
+        static_models: raw.models.static_list,
+        filter: ModelFilter { allow: raw.models.allow, deny: raw.models.deny },
+        stream_usage: raw.stream_usage,
+        classifier: Classifier { rules, retry_after },
+        tuning,
+        keys: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(text: &str) -> Result<Provider, Vec<ConfigError>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acme.yaml");
+        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+        load_file(&path, &Tuning::default(), None)
+    }
+
+    #[test]
+    fn minimal_file_gets_openai_defaults() {
+        let p = load("base_url: https://api.acme.test/v1/\n").unwrap();
+        assert_eq!(p.name, "acme");
+        assert_eq!(p.url(p.paths.chat.as_deref().unwrap()), "https://api.acme.test/v1/chat/completions");
+        assert_eq!(p.list, ListSource::Upstream);
+        assert!(matches!(&p.auth, Auth::Header { name, prefix, .. } if name == "authorization" && prefix == "Bearer "));
+        assert_eq!(p.classifier.retry_after.len(), 2);
+    }
+
+    #[test]
+    fn full_file() {
+        let p = load(
+            r#"
+base_url: https://api.acme.test
+auth: { header: x-api-key, value: "{key}" }
+headers: { acme-version: "2024-01-01" }
+paths: { embeddings: null, models: v2/models }
+models: { list: both, static: [m1], deny: ["*-old"] }
+stream_usage: true
+errors:
+  - status: 429
+    body: Insufficient_Quota
+    class: quota
+  - status: 5xx
+    body_regex: "overload(ed)?"
+    class: rate_limit
+    retry_after: [{ body: 'wait (\d+)s' }]
+concurrency: { per_key_model: 3 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.paths.embeddings, None);
+        assert_eq!(p.paths.models.as_deref(), Some("/v2/models"));
+        assert_eq!(p.classifier.rules.len(), 2);
+        assert_eq!(p.classifier.rules[0].body.as_deref(), Some("insufficient_quota"));
+        assert_eq!(p.tuning.per_key_model, 3);
+        assert!(!p.filter.permits("m-old"));
+        let v = p.classifier.classify(503, &Default::default(), "overloaded, wait 12s", 0);
+        assert_eq!(v.class, ErrorClass::RateLimit);
+        assert_eq!(v.retry_after, Some(std::time::Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let errors = load("base_url: https://x\nmodles: {}\n").unwrap_err();
+        assert_eq!(errors[0].line, Some(2));
+        assert!(errors[0].message.contains("unknown field `modles`"));
+        let errors = load("base_url: ftp://x\nauth: {value: Bearer}\nerrors: [{status: 6xx, class: server}]\n")
+            .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        let errors = load("base_url: https://x\nerrors: [{status: 400, class: teapot}]\n").unwrap_err();
+        assert!(errors[0].message.contains("unknown variant `teapot`"), "{errors:?}");
+    }
+}
