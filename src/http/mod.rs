@@ -44,7 +44,8 @@ pub fn router(state: AppState) -> Router {
 
 pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
+        // Masked keys start with `…`: sent as UTF-8 (HTTP's obs-text), as a terminal shows it.
+        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
             headers.insert(HeaderName::from_static(name), v);
         }
     };

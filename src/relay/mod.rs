@@ -100,6 +100,8 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn KeyStore>, clock: Clock) -> Self {
+        // TLS uses ring; install it once per process (a second call finds it installed, which is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
