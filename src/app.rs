@@ -18,14 +18,18 @@ pub enum StartError {
     )]
     OpenWithoutKey(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Usage(#[from] crate::keys::UsageFileError),
 }
 
 /// Whether `host` only accepts connections from this machine.
 pub fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A server running in the background.
@@ -61,14 +65,22 @@ pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartErr
     if snapshot.proxy_key.is_none() && !is_loopback(&settings.host) {
         return Err(StartError::OpenWithoutKey(addr));
     }
-    let policy = StorePolicy { daily_reset: settings.daily_reset.clone(), pause: settings.provider_pause };
+    let policy = StorePolicy {
+        daily_reset: settings.daily_reset.clone(),
+        pause: settings.provider_pause,
+    };
     let state = match crate::keys::load_usage(&settings.usage_path) {
         Ok(state) => state,
         Err(e @ crate::keys::UsageFileError::Invalid { .. }) => {
-            let aside = settings.usage_path.with_extension(format!("corrupt-{}", clock.now() / 1000));
+            let aside = settings
+                .usage_path
+                .with_extension(format!("corrupt-{}", clock.now() / 1000));
             tracing::warn!(error = %e, moved_to = %aside.display(), "starting with empty usage");
             std::fs::rename(&settings.usage_path, &aside).map_err(|source| {
-                crate::keys::UsageFileError::Read { path: settings.usage_path.clone(), source }
+                crate::keys::UsageFileError::Read {
+                    path: settings.usage_path.clone(),
+                    source,
+                }
             })?;
             Default::default()
         }
@@ -80,19 +92,28 @@ pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartErr
 
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
     let relay = Relay::new(config, store as Arc<dyn KeyStore>, clock);
-    let app = router(AppState { relay: relay.clone(), started: std::time::Instant::now() });
+    let app = router(AppState {
+        relay: relay.clone(),
+        started: std::time::Instant::now(),
+    });
     let stop = CancellationToken::new();
     let writer = tokio::spawn(persister.clone().run(settings.usage_flush));
 
     let task = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+            let server =
+                axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
             let grace = async {
                 stop.cancelled().await;
                 tokio::time::sleep(settings.shutdown_grace).await;
@@ -114,7 +135,12 @@ pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartErr
             }
         })
     };
-    Ok(Running { addr: local, relay, stop, task })
+    Ok(Running {
+        addr: local,
+        relay,
+        stop,
+        task,
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -122,13 +148,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

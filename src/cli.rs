@@ -5,7 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "keyrelay", version, about = "An OpenAI-compatible proxy that pools and rotates provider API keys")]
+#[command(
+    name = "keyrelay",
+    version,
+    about = "An OpenAI-compatible proxy that pools and rotates provider API keys"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -61,7 +65,11 @@ impl FileArgs {
 
 impl ServeArgs {
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { host: self.host.clone(), port: self.port, ..self.files.load_options() }
+        LoadOptions {
+            host: self.host.clone(),
+            port: self.port,
+            ..self.files.load_options()
+        }
     }
 }
 
@@ -70,19 +78,33 @@ pub fn summary(snapshot: &Snapshot, opts: &LoadOptions) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let s = &snapshot.settings;
-    let config = if opts.config.exists() { opts.config.display().to_string() } else { "none (all defaults)".into() };
+    let config = if opts.config.exists() {
+        opts.config.display().to_string()
+    } else {
+        "none (all defaults)".into()
+    };
     let _ = writeln!(out, "configuration is valid");
     let _ = writeln!(out, "  config:    {config}");
     let _ = writeln!(out, "  providers: {}", s.providers_dir.display());
     let _ = writeln!(out, "  listen:    {}:{}", s.host, s.port);
-    let _ = writeln!(out, "  proxy key: {}", if snapshot.proxy_key.is_some() { "set" } else { "not set (loopback only)" });
+    let _ = writeln!(
+        out,
+        "  proxy key: {}",
+        if snapshot.proxy_key.is_some() {
+            "set"
+        } else {
+            "not set (loopback only)"
+        }
+    );
     let _ = writeln!(out, "providers:");
     for p in snapshot.providers.values() {
         let keys: Vec<&str> = p.keys.iter().map(|k| &*k.masked).collect();
         let models = match p.list {
             crate::spec::ListSource::Static => format!("{} static models", p.static_models.len()),
             crate::spec::ListSource::Upstream => "models listed by the upstream".into(),
-            crate::spec::ListSource::Both => format!("{} static models + upstream list", p.static_models.len()),
+            crate::spec::ListSource::Both => {
+                format!("{} static models + upstream list", p.static_models.len())
+            }
         };
         let mut filters = String::new();
         if !p.filter.allow.is_empty() {
@@ -100,7 +122,11 @@ pub fn summary(snapshot: &Snapshot, opts: &LoadOptions) -> String {
             crate::config::Selection::Balanced => "balanced",
             crate::config::Selection::Sequential => "sequential",
         };
-        let _ = writeln!(out, "  {:<12} {keys}; {models}{filters}; {selection} selection", p.name);
+        let _ = writeln!(
+            out,
+            "  {:<12} {keys}; {models}{filters}; {selection} selection",
+            p.name
+        );
     }
     for w in &snapshot.warnings {
         let _ = writeln!(out, "warning: {w}");

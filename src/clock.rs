@@ -28,7 +28,10 @@ impl Clock {
 
     /// A clock whose wall time reads `wall` now and advances with tokio's clock (tests pause and advance it).
     pub fn starting_at(wall: UnixMs) -> Self {
-        Self { wall_at_origin: wall, origin: Instant::now() }
+        Self {
+            wall_at_origin: wall,
+            origin: Instant::now(),
+        }
     }
 
     pub fn now(&self) -> UnixMs {

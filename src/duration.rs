@@ -42,7 +42,7 @@ pub fn parse(text: &str) -> Option<Duration> {
 }
 
 fn seconds(secs: f64) -> Option<Duration> {
-    (secs.is_finite() && secs >= 0.0 && secs < 1e12).then(|| Duration::from_secs_f64(secs))
+    (secs.is_finite() && (0.0..1e12).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
 /// Serde adapter: a duration written as a string (`"30s"`) or a number of seconds.
@@ -80,7 +80,9 @@ pub mod serde_human {
         use serde::{Deserialize, Deserializer};
         use std::time::Duration;
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<Duration>>, D::Error> {
             #[derive(Deserialize)]
             struct Wrap(#[serde(with = "super")] Duration);
             Ok(Option::<Vec<Wrap>>::deserialize(d)?.map(|v| v.into_iter().map(|w| w.0).collect()))

@@ -57,7 +57,10 @@ mod tests {
 
     #[test]
     fn filter() {
-        let f = ModelFilter { allow: vec!["gpt-*".into()], deny: vec!["*-audio*".into()] };
+        let f = ModelFilter {
+            allow: vec!["gpt-*".into()],
+            deny: vec!["*-audio*".into()],
+        };
         assert!(f.permits("gpt-4o"));
         assert!(!f.permits("gpt-4o-audio-preview"));
         assert!(!f.permits("claude"));

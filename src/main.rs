@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyrelay: cannot start the async runtime: {e}");
@@ -30,7 +33,11 @@ fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            eprintln!("keyrelay check: {} problem{} found", errors.0.len(), if errors.0.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "keyrelay check: {} problem{} found",
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
@@ -53,7 +60,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let warnings = snapshot.warnings.clone();
     let open = snapshot.proxy_key.is_none();
-    let providers: Vec<(String, usize)> = snapshot.providers.values().map(|p| (p.name.clone(), p.keys.len())).collect();
+    let providers: Vec<(String, usize)> = snapshot
+        .providers
+        .values()
+        .map(|p| (p.name.clone(), p.keys.len()))
+        .collect();
     let running = match keyrelay::app::start(snapshot, Clock::system()).await {
         Ok(r) => r,
         Err(e) => {
@@ -61,23 +72,36 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("keyrelay {} listening on http://{}", env!("CARGO_PKG_VERSION"), running.addr);
+    println!(
+        "keyrelay {} listening on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        running.addr
+    );
     let (serving, idle): (Vec<_>, Vec<_>) = providers.iter().partition(|(_, keys)| *keys > 0);
     for (name, keys) in &serving {
-        println!("  provider {name}: {keys} key{}", if *keys == 1 { "" } else { "s" });
+        println!(
+            "  provider {name}: {keys} key{}",
+            if *keys == 1 { "" } else { "s" }
+        );
     }
     if serving.is_empty() {
-        println!("warning: no provider has keys; set <PROVIDER>_API_KEY in .env (see .env.example)");
+        println!(
+            "warning: no provider has keys; set <PROVIDER>_API_KEY in .env (see .env.example)"
+        );
     }
     if !idle.is_empty() {
         let names: Vec<&str> = idle.iter().map(|(n, _)| n.as_str()).collect();
         println!("  providers without keys: {}", names.join(", "));
     }
     if open {
-        println!("warning: PROXY_API_KEY is not set: any local process can use this proxy without a key");
+        println!(
+            "warning: PROXY_API_KEY is not set: any local process can use this proxy without a key"
+        );
     }
     if args.enable_request_logging {
-        println!("warning: --enable-request-logging is not implemented in this version; nothing is written to logs/");
+        println!(
+            "warning: --enable-request-logging is not implemented in this version; nothing is written to logs/"
+        );
     }
     for w in &warnings {
         println!("warning: {w}");
@@ -95,5 +119,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }

@@ -47,7 +47,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads and validates everything; returns every problem found, or a snapshot.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadErrors> {
-        let mut settings = Settings::load(&opts.config, opts.config_required).map_err(LoadErrors)?;
+        let mut settings =
+            Settings::load(&opts.config, opts.config_required).map_err(LoadErrors)?;
         if let Some(host) = &opts.host {
             settings.host = host.clone();
         }
@@ -94,13 +95,22 @@ impl Snapshot {
         }
 
         for name in env.api_base_names() {
-            if !providers.contains_key(&name) {
-                if !spec::valid_name(&name) {
-                    errors.push(ConfigError::new(None, format!("{}_API_BASE: {name:?} is not a valid provider name", name.to_ascii_uppercase())));
+            if let std::collections::btree_map::Entry::Vacant(slot) = providers.entry(name) {
+                let name = slot.key();
+                if !spec::valid_name(name) {
+                    let var = format!("{}_API_BASE", name.to_ascii_uppercase());
+                    errors.push(ConfigError::new(
+                        None,
+                        format!("{var}: {name:?} is not a valid provider name"),
+                    ));
                     continue;
                 }
-                let p = spec::openai_compatible(&name, &settings.tuning, settings.provider_tuning.get(&name));
-                providers.insert(name, p);
+                let p = spec::openai_compatible(
+                    name,
+                    &settings.tuning,
+                    settings.provider_tuning.get(name),
+                );
+                slot.insert(p);
             }
         }
 
@@ -110,10 +120,13 @@ impl Snapshot {
                 if base.starts_with("http://") || base.starts_with("https://") {
                     p.base_url = base.to_string();
                 } else {
-                    errors.push(ConfigError::new(None, format!(
-                        "{}_API_BASE {base:?} must be an http:// or https:// URL",
-                        name.to_ascii_uppercase()
-                    )));
+                    errors.push(ConfigError::new(
+                        None,
+                        format!(
+                            "{}_API_BASE {base:?} must be an http:// or https:// URL",
+                            name.to_ascii_uppercase()
+                        ),
+                    ));
                 }
             }
             if let Some(allow) = env.model_globs("WHITELIST", name) {
@@ -122,17 +135,30 @@ impl Snapshot {
             if let Some(deny) = env.model_globs("IGNORE", name) {
                 p.filter.deny = deny;
             }
-            p.keys = env.provider_keys(name).iter().map(|k| ApiKey::new(name, k)).collect();
+            p.keys = env
+                .provider_keys(name)
+                .iter()
+                .map(|k| ApiKey::new(name, k))
+                .collect();
         }
 
-        for unknown in settings.provider_tuning.keys().filter(|n| !providers.contains_key(*n)) {
+        for unknown in settings
+            .provider_tuning
+            .keys()
+            .filter(|n| !providers.contains_key(*n))
+        {
             errors.push(
-                ConfigError::new(None, format!("config.yaml: providers.{unknown} names no configured provider"))
-                    .hint("add providers/<name>.yaml or fix the name"),
+                ConfigError::new(
+                    None,
+                    format!("config.yaml: providers.{unknown} names no configured provider"),
+                )
+                .hint("add providers/<name>.yaml or fix the name"),
             );
         }
         for orphan in env.orphan_key_names(&|p| providers.contains_key(p)) {
-            warnings.push(format!("{orphan} is set in the env file but no provider of that name is configured"));
+            warnings.push(format!(
+                "{orphan} is set in the env file but no provider of that name is configured"
+            ));
         }
 
         if !errors.is_empty() {
@@ -140,7 +166,10 @@ impl Snapshot {
         }
         Ok(Self {
             settings,
-            providers: providers.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            providers: providers
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
             proxy_key: env.proxy_key().map(ProxyKey::new),
             warnings,
         })

@@ -14,8 +14,14 @@ const REPLY_PRIMING: usize = 3;
 /// The encoding for a model id (with or without its provider prefix).
 fn encoding_for(model: &str) -> &'static CoreBPE {
     let name = model.rsplit('/').next().unwrap_or(model);
-    let legacy = ["gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada"];
-    if name == "gpt-4" || legacy.iter().any(|p| name.starts_with(p)) && !name.starts_with("gpt-4o") {
+    let legacy = [
+        "gpt-4-",
+        "gpt-3.5",
+        "text-embedding-3",
+        "text-embedding-ada",
+    ];
+    if name == "gpt-4" || legacy.iter().any(|p| name.starts_with(p)) && !name.starts_with("gpt-4o")
+    {
         tiktoken_rs::cl100k_base_singleton()
     } else {
         tiktoken_rs::o200k_base_singleton()
@@ -44,7 +50,9 @@ pub fn count_messages(model: &str, messages: &Value) -> Result<usize, String> {
     let mut total = REPLY_PRIMING;
     for (i, message) in messages.iter().enumerate() {
         let Value::Object(m) = message else {
-            return Err(format!("messages[{i}] must be an object with a role and content"));
+            return Err(format!(
+                "messages[{i}] must be an object with a role and content"
+            ));
         };
         total += PER_MESSAGE;
         for (field, value) in m {
@@ -74,7 +82,11 @@ mod tests {
     #[test]
     fn counts_like_openai_accounting() {
         // "Hello" is one token in o200k_base; role "user" is one token.
-        let n = count_messages("openai/gpt-4o", &json!([{"role": "user", "content": "Hello"}])).unwrap();
+        let n = count_messages(
+            "openai/gpt-4o",
+            &json!([{"role": "user", "content": "Hello"}]),
+        )
+        .unwrap();
         assert_eq!(n, 3 + 3 + 1 + 1);
         let parts = json!([{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "image_url"}]}]);
         assert_eq!(count_messages("x/y", &parts).unwrap(), n);

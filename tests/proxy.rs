@@ -14,18 +14,29 @@ async fn chat_non_stream_is_relayed_with_the_key_and_served_headers() {
     let body = json!({"model": "mock/gpt-test", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.3, "vendor_field": {"x": 1}});
     let (status, headers, reply) = send(proxy.post("/v1/chat/completions", &body)).await;
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply["choices"][0]["message"]["content"], "Hello from upstream");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "Hello from upstream"
+    );
     assert_eq!(reply["usage"]["total_tokens"], 18);
     assert_eq!(header(&headers, "x-keyrelay-provider"), "mock");
     assert_eq!(header(&headers, "x-keyrelay-attempts"), "1");
-    assert_eq!(header(&headers, "x-keyrelay-key"), "…mnop");
+    assert_eq!(header(&headers, "x-keyrelay-key"), masked(1));
 
     let seen = mock.chats();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].key, key(1), "the provider key is sent upstream");
-    assert_eq!(seen[0].model(), "gpt-test", "the provider prefix is removed");
+    assert_eq!(
+        seen[0].model(),
+        "gpt-test",
+        "the provider prefix is removed"
+    );
     assert_eq!(seen[0].body["temperature"], 0.3);
-    assert_eq!(seen[0].body["vendor_field"], json!({"x": 1}), "unknown fields pass through");
+    assert_eq!(
+        seen[0].body["vendor_field"],
+        json!({"x": 1}),
+        "unknown fields pass through"
+    );
     assert!(seen[0].headers.get("x-api-key").is_none());
 }
 
@@ -34,16 +45,26 @@ async fn chat_stream_reassembles_and_ends_with_done() {
     let mock = Mock::echo("one two three").await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "count"}]});
-    let response = proxy.post("/v1/chat/completions", &body).send().await.unwrap();
+    let response = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(header(response.headers(), "content-type"), "text/event-stream");
+    assert_eq!(
+        header(response.headers(), "content-type"),
+        "text/event-stream"
+    );
     assert_eq!(header(response.headers(), "x-keyrelay-attempts"), "1");
     let text = response.text().await.unwrap();
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "one two three");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     // The proxy asked the upstream for usage, but the client did not: the usage chunk is not forwarded.
-    assert_eq!(mock.chats()[0].body["stream_options"]["include_usage"], true);
+    assert_eq!(
+        mock.chats()[0].body["stream_options"]["include_usage"],
+        true
+    );
     assert!(!text.contains("\"usage\""), "{text}");
     insta::assert_snapshot!("stream_transcript_without_usage", text);
 }
@@ -53,7 +74,14 @@ async fn chat_stream_forwards_usage_when_the_client_asks() {
     let mock = Mock::echo("a b").await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let text = proxy.post("/v1/chat/completions", &body).send().await.unwrap().text().await.unwrap();
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let data = sse_data(&text);
     let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 2);
@@ -70,10 +98,20 @@ async fn a_stream_cut_after_it_started_ends_with_an_in_band_error_and_no_done() 
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "messages": []});
-    let text = proxy.post("/v1/chat/completions", &body).send().await.unwrap().text().await.unwrap();
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "partial answ");
-    assert!(!text.contains("[DONE]"), "a cut stream must not look complete: {text}");
+    assert!(
+        !text.contains("[DONE]"),
+        "a cut stream must not look complete: {text}"
+    );
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(error_code(&last), "stream_interrupted");
 }
@@ -91,7 +129,10 @@ async fn embeddings_accept_a_string_or_a_list() {
         assert_eq!(header(&headers, "x-keyrelay-provider"), "mock");
     }
     let seen = mock.seen();
-    assert!(seen.iter().all(|s| s.path == "/v1/embeddings" && s.model() == "embed-small"));
+    assert!(
+        seen.iter()
+            .all(|s| s.path == "/v1/embeddings" && s.model() == "embed-small")
+    );
     assert_eq!(seen[1].body["input"], json!(["a", "b", "c"]));
 }
 
@@ -99,14 +140,33 @@ async fn embeddings_accept_a_string_or_a_list() {
 async fn models_merge_static_and_upstream_lists_and_resolve_ids_with_slashes() {
     let mock = Mock::echo("").await;
     let setup = Setup::one(&mock, 2)
-        .provider("mock", provider_yaml(&mock.base_url, "").replace("static: [static-model]", "static: [static-model, org/nested-model]"))
+        .provider(
+            "mock",
+            provider_yaml(&mock.base_url, "").replace(
+                "static: [static-model]",
+                "static: [static-model, org/nested-model]",
+            ),
+        )
         .provider("idle", "base_url: http://127.0.0.1:9/v1\n".into());
     let proxy = Proxy::start(setup).await;
     let (status, _, list) = send(proxy.get("/v1/models")).await;
     assert_eq!(status, 200);
     assert_eq!(list["object"], "list");
-    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec!["mock/static-model", "mock/org/nested-model", "mock/mock-model"], "providers without keys are not listed");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            "mock/static-model",
+            "mock/org/nested-model",
+            "mock/mock-model"
+        ],
+        "providers without keys are not listed"
+    );
     assert_eq!(list["data"][2]["owned_by"], "mock");
     assert_eq!(list["data"][0]["object"], "model");
 
@@ -118,7 +178,13 @@ async fn models_merge_static_and_upstream_lists_and_resolve_ids_with_slashes() {
     assert_eq!(error_code(&missing), "model_not_found");
     // The upstream list is cached: a second listing does not ask again.
     send(proxy.get("/v1/models")).await;
-    assert_eq!(mock.seen().iter().filter(|s| s.path == "/v1/models").count(), 1);
+    assert_eq!(
+        mock.seen()
+            .iter()
+            .filter(|s| s.path == "/v1/models")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -141,20 +207,34 @@ async fn providers_report_key_counts_and_never_keys() {
 
 #[tokio::test]
 async fn token_count_is_offline_and_validates_input() {
-    let proxy = Proxy::start(Setup { config: String::new(), providers: vec![], env: vec![] }).await;
+    let proxy = Proxy::start(Setup {
+        config: String::new(),
+        providers: vec![],
+        env: vec![],
+    })
+    .await;
     let body = json!({"model": "openai/gpt-4o", "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}]});
     let (status, _, reply) = send(proxy.post("/v1/token-count", &body)).await;
     assert_eq!(status, 200, "{reply}");
     // 3 priming + 2 × 3 per message + "system" 1 + "You are terse." 4 + "user" 1 + "Hello" 1
     assert_eq!(reply, json!({"token_count": 16}));
-    let (status, _, reply) = send(proxy.post("/v1/token-count", &json!({"model": "x/y", "messages": "hi"}))).await;
+    let (status, _, reply) = send(proxy.post(
+        "/v1/token-count",
+        &json!({"model": "x/y", "messages": "hi"}),
+    ))
+    .await;
     assert_eq!(status, 400);
     assert_eq!(error_code(&reply), "invalid_request");
 }
 
 #[tokio::test]
 async fn liveness_needs_no_key_and_unknown_routes_are_openai_errors() {
-    let proxy = Proxy::start(Setup { config: String::new(), providers: vec![], env: vec![] }).await;
+    let proxy = Proxy::start(Setup {
+        config: String::new(),
+        providers: vec![],
+        env: vec![],
+    })
+    .await;
     let (status, _, body) = send(proxy.client.get(format!("{}/", proxy.url))).await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
@@ -175,39 +255,100 @@ async fn proxy_auth_is_required_and_accepts_both_headers() {
     let (status, _, reply) = send(proxy.client.post(&url).json_body(&body)).await;
     assert_eq!(status, 401);
     assert_eq!(error_code(&reply), "invalid_api_key");
-    assert!(reply["error"]["message"].as_str().unwrap().contains("missing"));
-    let (status, _, reply) = send(proxy.client.post(&url).bearer_auth("wrong-key").json_body(&body)).await;
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing")
+    );
+    let (status, _, reply) = send(
+        proxy
+            .client
+            .post(&url)
+            .bearer_auth("wrong-key")
+            .json_body(&body),
+    )
+    .await;
     assert_eq!(status, 401);
     assert!(!reply.to_string().contains(PROXY_KEY));
-    let (status, _, _) = send(proxy.client.post(&url).header("x-api-key", PROXY_KEY).json_body(&body)).await;
+    let (status, _, _) = send(
+        proxy
+            .client
+            .post(&url)
+            .header("x-api-key", PROXY_KEY)
+            .json_body(&body),
+    )
+    .await;
     assert_eq!(status, 200);
     let (status, _, _) = send(proxy.client.get(format!("{}/v1/models", proxy.url))).await;
     assert_eq!(status, 401);
-    assert_eq!(mock.chats().len(), 1, "rejected requests never reach the upstream");
+    assert_eq!(
+        mock.chats().len(),
+        1,
+        "rejected requests never reach the upstream"
+    );
 }
 
 #[tokio::test]
 async fn client_mistakes_get_their_status_and_an_openai_error() {
     let mock = Mock::echo("ok").await;
-    let proxy = Proxy::start(Setup::one(&mock, 1).config("max_body_size: 2KB\n").env("IGNORE_MODELS_MOCK", "secret-*")).await;
+    let proxy = Proxy::start(
+        Setup::one(&mock, 1)
+            .config("max_body_size: 2KB\n")
+            .env("IGNORE_MODELS_MOCK", "secret-*"),
+    )
+    .await;
     let url = format!("{}/v1/chat/completions", proxy.url);
-    let raw = |body: &str| proxy.client.post(&url).bearer_auth(PROXY_KEY).header("content-type", "application/json").body(body.to_string());
+    let raw = |body: &str| {
+        proxy
+            .client
+            .post(&url)
+            .bearer_auth(PROXY_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
 
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (raw("{\"model\": "), 400, "invalid_json"),
         (raw("[1, 2]"), 400, "invalid_json"),
         (raw(r#"{"messages": []}"#), 400, "invalid_model"),
-        (raw(r#"{"model": "no-provider-prefix", "messages": []}"#), 400, "invalid_model"),
-        (raw(r#"{"model": 42, "messages": []}"#), 400, "invalid_model"),
-        (raw(r#"{"model": "nobody/m", "messages": []}"#), 404, "unknown_provider"),
-        (raw(r#"{"model": "mock/secret-model", "messages": []}"#), 404, "model_not_found"),
-        (raw(&format!(r#"{{"model": "mock/m", "messages": [{{"role": "user", "content": "{}"}}]}}"#, "x".repeat(4000))), 413, "request_too_large"),
+        (
+            raw(r#"{"model": "no-provider-prefix", "messages": []}"#),
+            400,
+            "invalid_model",
+        ),
+        (
+            raw(r#"{"model": 42, "messages": []}"#),
+            400,
+            "invalid_model",
+        ),
+        (
+            raw(r#"{"model": "nobody/m", "messages": []}"#),
+            404,
+            "unknown_provider",
+        ),
+        (
+            raw(r#"{"model": "mock/secret-model", "messages": []}"#),
+            404,
+            "model_not_found",
+        ),
+        (
+            raw(&format!(
+                r#"{{"model": "mock/m", "messages": [{{"role": "user", "content": "{}"}}]}}"#,
+                "x".repeat(4000)
+            )),
+            413,
+            "request_too_large",
+        ),
     ];
     for (request, status, code) in cases {
         let (got, _, body) = send(request).await;
         assert_eq!((got, error_code(&body).as_str()), (status, code), "{body}");
     }
-    assert!(mock.chats().is_empty(), "no client mistake reaches the upstream");
+    assert!(
+        mock.chats().is_empty(),
+        "no client mistake reaches the upstream"
+    );
 }
 
 #[tokio::test]
@@ -217,17 +358,29 @@ async fn a_provider_without_keys_is_404() {
     let (status, _, body) = proxy.chat("mock/m", "hi").await;
     assert_eq!(status, 404);
     assert_eq!(error_code(&body), "provider_without_keys");
-    assert!(body["error"]["message"].as_str().unwrap().contains("MOCK_API_KEY"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MOCK_API_KEY")
+    );
 }
 
 #[tokio::test]
 async fn an_api_base_alone_defines_an_openai_compatible_provider() {
     let mock = Mock::echo("from env provider").await;
-    let setup = Setup { config: String::new(), providers: vec![], env: mock_keys("LOCAL_LLM", 1) }
-        .env("LOCAL_LLM_API_BASE", &mock.base_url);
+    let setup = Setup {
+        config: String::new(),
+        providers: vec![],
+        env: mock_keys("LOCAL_LLM", 1),
+    }
+    .env("LOCAL_LLM_API_BASE", &mock.base_url);
     let proxy = Proxy::start(setup).await;
     let (status, headers, body) = proxy.chat("local_llm/qwen", "hi").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], "from env provider");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "from env provider"
+    );
     assert_eq!(header(&headers, "x-keyrelay-provider"), "local_llm");
 }

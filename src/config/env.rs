@@ -22,8 +22,11 @@ impl Env {
             Ok(iter) => {
                 for item in iter {
                     let (name, value) = item.map_err(|e| {
-                        ConfigError::new(Some(path), format!("cannot parse: {}", redact_dotenv_error(&e)))
-                            .hint("each line must be NAME=value")
+                        ConfigError::new(
+                            Some(path),
+                            format!("cannot parse: {}", redact_dotenv_error(&e)),
+                        )
+                        .hint("each line must be NAME=value")
                     })?;
                     env.from_file.insert(name.clone());
                     env.vars.insert(name, value);
@@ -31,7 +34,10 @@ impl Env {
             }
             Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(ConfigError::new(Some(path), format!("cannot read: {}", redact_dotenv_error(&e))));
+                return Err(ConfigError::new(
+                    Some(path),
+                    format!("cannot read: {}", redact_dotenv_error(&e)),
+                ));
             }
         }
         for (name, value) in std::env::vars_os() {
@@ -44,12 +50,23 @@ impl Env {
     }
 
     /// An environment from explicit pairs (tests and library users).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), from_file: BTreeSet::new() }
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            from_file: BTreeSet::new(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.vars.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
     }
 
     pub fn proxy_key(&self) -> Option<&str> {
@@ -62,20 +79,29 @@ impl Env {
         let mut numbered: Vec<(u64, &str)> = Vec::new();
         let mut plain = None;
         for (name, value) in self.vars.range(prefix.clone()..) {
-            let Some(rest) = name.strip_prefix(&prefix) else { break };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                break;
+            };
             let value = value.trim();
             if value.is_empty() {
                 continue;
             }
             if rest.is_empty() {
                 plain = Some(value);
-            } else if let Some(n) = rest.strip_prefix('_').and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0) {
+            } else if let Some(n) = rest
+                .strip_prefix('_')
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n > 0)
+            {
                 numbered.push((n, value));
             }
         }
         numbered.sort_by_key(|(n, _)| *n);
         let mut out: Vec<String> = Vec::new();
-        for value in plain.into_iter().chain(numbered.into_iter().map(|(_, v)| v)) {
+        for value in plain
+            .into_iter()
+            .chain(numbered.into_iter().map(|(_, v)| v))
+        {
             if !out.iter().any(|v| v == value) {
                 out.push(value.to_string());
             }
@@ -101,16 +127,21 @@ impl Env {
     /// `WHITELIST_MODELS_<PROVIDER>` or `IGNORE_MODELS_<PROVIDER>` as a list of globs, when set.
     pub fn model_globs(&self, kind: &str, provider: &str) -> Option<Vec<String>> {
         let value = self.get(&format!("{kind}_MODELS_{}", provider.to_ascii_uppercase()))?;
-        Some(value.split(',').map(str::trim).filter(|g| !g.is_empty()).map(String::from).collect())
+        Some(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(String::from)
+                .collect(),
+        )
     }
 
     /// Provider-key variables from `.env` whose provider is not configured: almost always a typo.
     pub fn orphan_key_names(&self, known: &dyn Fn(&str) -> bool) -> Vec<String> {
         self.from_file
             .iter()
-            .filter(|name| {
-                provider_of_key_var(name).is_some_and(|p| !known(&p))
-            })
+            .filter(|name| provider_of_key_var(name).is_some_and(|p| !known(&p)))
             .cloned()
             .collect()
     }
@@ -120,13 +151,19 @@ impl Env {
 fn provider_of_key_var(name: &str) -> Option<String> {
     let at = name.rfind("_API_KEY")?;
     let rest = &name[at + "_API_KEY".len()..];
-    let numbered = rest.is_empty() || rest.strip_prefix('_').is_some_and(|n| n.parse::<u64>().is_ok());
+    let numbered = rest.is_empty()
+        || rest
+            .strip_prefix('_')
+            .is_some_and(|n| n.parse::<u64>().is_ok());
     let stem = &name[..at];
     (numbered && is_env_name(stem) && stem != "PROXY").then(|| stem.to_ascii_lowercase())
 }
 
 fn is_env_name(stem: &str) -> bool {
-    !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    !stem.is_empty()
+        && stem
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// dotenvy's parse errors quote the offending line, which may hold a key: keep only the position.
@@ -167,7 +204,13 @@ mod tests {
         ]);
         env.from_file = env.vars.keys().cloned().collect();
         assert_eq!(env.api_base_names(), vec!["local_llm"]);
-        assert_eq!(env.model_globs("IGNORE", "openai").unwrap(), vec!["gpt-3*", "*-audio-*"]);
-        assert_eq!(env.orphan_key_names(&|p| p == "openai"), vec!["OPENIA_API_KEY_1"]);
+        assert_eq!(
+            env.model_globs("IGNORE", "openai").unwrap(),
+            vec!["gpt-3*", "*-audio-*"]
+        );
+        assert_eq!(
+            env.orphan_key_names(&|p| p == "openai"),
+            vec!["OPENIA_API_KEY_1"]
+        );
     }
 }

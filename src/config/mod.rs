@@ -26,7 +26,12 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(file: Option<&Path>, message: impl Into<String>) -> Self {
-        Self { file: file.map(Path::to_path_buf), line: None, message: message.into(), hint: None }
+        Self {
+            file: file.map(Path::to_path_buf),
+            line: None,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -47,7 +52,12 @@ impl ConfigError {
         } else {
             None
         };
-        Self { file: Some(file.to_path_buf()), line: err.location().map(|l| l.line()), message, hint }
+        Self {
+            file: Some(file.to_path_buf()),
+            line: err.location().map(|l| l.line()),
+            message,
+            hint,
+        }
     }
 }
 
@@ -85,7 +95,10 @@ impl fmt::Display for LoadErrors {
 impl std::error::Error for LoadErrors {}
 
 /// Parses a YAML document, treating a file with nothing but comments as empty (all defaults).
-pub fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(file: &Path, text: &str) -> Result<T, ConfigError> {
+pub fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
     let has_content = text
         .lines()
         .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.trim() != "---");
@@ -161,7 +174,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Bytes(n) => Some(n),
             Raw::Text(text) => {
                 let text = text.trim();
-                let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+                let split = text
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(text.len());
                 let number: Option<u64> = text[..split].parse().ok();
                 let factor = match text[split..].trim().to_ascii_lowercase().as_str() {
                     "" | "b" => Some(1),
@@ -179,7 +194,11 @@ impl<'de> Deserialize<'de> for ByteSize {
         bytes
             .and_then(|b| usize::try_from(b).ok())
             .map(ByteSize)
-            .ok_or_else(|| serde::de::Error::custom("expected a size such as 20MiB, 512KB or a number of bytes"))
+            .ok_or_else(|| {
+                serde::de::Error::custom(
+                    "expected a size such as 20MiB, 512KB or a number of bytes",
+                )
+            })
     }
 }
 
@@ -221,7 +240,10 @@ impl DailyReset {
     }
 
     fn at(&self, date: jiff::civil::Date) -> Option<UnixMs> {
-        let zoned = date.at(self.hour, self.minute, 0, 0).to_zoned_datetime(self.time_zone.clone()).ok()?;
+        let zoned = date
+            .at(self.hour, self.minute, 0, 0)
+            .to_zoned_datetime(self.time_zone.clone())
+            .ok()?;
         Some(zoned.timestamp().as_millisecond())
     }
 
@@ -230,7 +252,9 @@ impl DailyReset {
             .split_once(':')
             .and_then(|(h, m)| Some((h.trim().parse::<i8>().ok()?, m.trim().parse::<i8>().ok()?)))
             .filter(|(h, m)| (0..24).contains(h) && (0..60).contains(m))
-            .ok_or_else(|| format!("daily_reset.time {time:?} is not a time of day such as \"03:00\""))?;
+            .ok_or_else(|| {
+                format!("daily_reset.time {time:?} is not a time of day such as \"03:00\"")
+            })?;
         let time_zone = if zone.eq_ignore_ascii_case("utc") {
             jiff::tz::TimeZone::UTC
         } else {
@@ -238,7 +262,12 @@ impl DailyReset {
                 format!("daily_reset.time_zone {zone:?} is not a known IANA time zone such as \"Europe/Paris\"")
             })?
         };
-        Ok(Self { hour: h, minute: m, time_zone, label: format!("{time} {zone}") })
+        Ok(Self {
+            hour: h,
+            minute: m,
+            time_zone,
+            label: format!("{time} {zone}"),
+        })
     }
 }
 
@@ -291,7 +320,8 @@ impl Settings {
 
     /// All defaults, with relative paths resolved against `base`.
     pub fn defaults(base: &Path) -> Self {
-        Self::from_raw(RawConfig::default(), base, Path::new("config.yaml")).expect("defaults are valid")
+        Self::from_raw(RawConfig::default(), base, Path::new("config.yaml"))
+            .expect("defaults are valid")
     }
 
     fn from_raw(raw: RawConfig, base: &Path, file: &Path) -> Result<Self, Vec<ConfigError>> {
@@ -343,7 +373,11 @@ impl Settings {
             models_refresh: raw.models_refresh.unwrap_or(Duration::from_secs(600)),
             shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(10)),
         };
-        if errors.is_empty() { Ok(settings) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -363,7 +397,8 @@ mod tests {
         assert_eq!(s.request_timeout, Duration::from_secs(30));
         assert_eq!(s.tuning.per_key_model, 1);
         assert_eq!(s.usage_path, Path::new("/etc/keyrelay/key_usage.json"));
-        let s = parse("request_timeout: 5s\nmax_body_size: 1MiB\nconcurrency:\n  per_key: 3\n").unwrap();
+        let s = parse("request_timeout: 5s\nmax_body_size: 1MiB\nconcurrency:\n  per_key: 3\n")
+            .unwrap();
         assert_eq!(s.request_timeout, Duration::from_secs(5));
         assert_eq!(s.max_body_bytes, 1 << 20);
         assert_eq!(s.tuning.per_key, 3);
@@ -375,13 +410,18 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].line, Some(2));
         let text = errors[0].to_string();
-        assert!(text.starts_with("/etc/keyrelay/config.yaml:2: unknown field `request_timout`"), "{text}");
+        assert!(
+            text.starts_with("/etc/keyrelay/config.yaml:2: unknown field `request_timout`"),
+            "{text}"
+        );
     }
 
     #[test]
     fn bad_values_are_reported_together() {
-        let errors = parse("daily_reset: {time: \"25:00\", time_zone: Mars/Olympus}\nretries: {attempts: 0}\n")
-            .unwrap_err();
+        let errors = parse(
+            "daily_reset: {time: \"25:00\", time_zone: Mars/Olympus}\nretries: {attempts: 0}\n",
+        )
+        .unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
@@ -389,13 +429,26 @@ mod tests {
     fn daily_reset_boundaries() {
         let reset = DailyReset::parse("03:00", "UTC").unwrap();
         // 2026-01-10T02:59:00Z
-        let before = jiff::Timestamp::from_second(1_768_013_940).unwrap().as_millisecond();
+        let before = jiff::Timestamp::from_second(1_768_013_940)
+            .unwrap()
+            .as_millisecond();
         assert_eq!(reset.next_after(before), before + 60_000);
-        assert_eq!(reset.last_at_or_before(before), before + 60_000 - 86_400_000);
-        assert_eq!(reset.next_after(before + 60_000), before + 60_000 + 86_400_000);
+        assert_eq!(
+            reset.last_at_or_before(before),
+            before + 60_000 - 86_400_000
+        );
+        assert_eq!(
+            reset.next_after(before + 60_000),
+            before + 60_000 + 86_400_000
+        );
         let paris = DailyReset::parse("00:00", "Europe/Paris").unwrap();
         // Midnight in Paris in January is 23:00 UTC the day before.
         let next = paris.next_after(before);
-        assert_eq!(next, jiff::Timestamp::from_second(1_768_086_000).unwrap().as_millisecond());
+        assert_eq!(
+            next,
+            jiff::Timestamp::from_second(1_768_086_000)
+                .unwrap()
+                .as_millisecond()
+        );
     }
 }

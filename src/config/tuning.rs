@@ -122,7 +122,10 @@ impl Tuning {
             out.push("cooldowns.auth must list at least one duration".to_string());
         }
         if self.attempts == 0 || self.attempts > 10 {
-            out.push(format!("retries.attempts is {}; it must be between 1 and 10", self.attempts));
+            out.push(format!(
+                "retries.attempts is {}; it must be between 1 and 10",
+                self.attempts
+            ));
         }
         if self.backoff > self.backoff_max {
             out.push("retries.backoff must not exceed retries.backoff_max".to_string());
@@ -147,12 +150,17 @@ mod tests {
 
     #[test]
     fn layers_override_in_order() {
-        let patch: TuningPatch =
-            serde_yaml::from_str("concurrency: {per_key_model: 4}\ncooldowns: {rate_limit: [1s, 2s]}").unwrap();
+        let patch: TuningPatch = serde_yaml::from_str(
+            "concurrency: {per_key_model: 4}\ncooldowns: {rate_limit: [1s, 2s]}",
+        )
+        .unwrap();
         let t = Tuning::default().patched(&patch);
         assert_eq!(t.per_key_model, 4);
         assert_eq!(t.per_key, 0);
-        assert_eq!(t.rate_limit_schedule, vec![Duration::from_secs(1), Duration::from_secs(2)]);
+        assert_eq!(
+            t.rate_limit_schedule,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
         assert_eq!(t.auth_schedule, Tuning::default().auth_schedule);
     }
 

@@ -20,20 +20,48 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, code, message: message.into(), retry_after: None, served: None, upstream_body: None }
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            retry_after: None,
+            served: None,
+            upstream_body: None,
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            message,
+        )
     }
 }
 
@@ -47,32 +75,56 @@ impl From<RelayError> for ApiError {
             RelayError::NoKeys(_) => Self::not_found("provider_without_keys", message),
             RelayError::ModelDenied(_) => Self::not_found("model_not_found", message),
             RelayError::EndpointMissing { .. } => Self::not_found("unsupported_endpoint", message),
-            RelayError::Upstream { status, body, class, .. } => {
+            RelayError::Upstream {
+                status,
+                body,
+                class,
+                ..
+            } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 let code = match class {
                     crate::spec::ErrorClass::ContextWindow => "context_length_exceeded",
                     _ => "upstream_invalid_request",
                 };
-                let mut err = Self::new(status, "invalid_request_error", code, upstream_message(&body));
+                let mut err = Self::new(
+                    status,
+                    "invalid_request_error",
+                    code,
+                    upstream_message(&body),
+                );
                 if is_openai_error(&body) {
                     err.upstream_body = Some(body);
                 }
                 err
             }
             RelayError::AllCooling { retry_after, .. } => {
-                let mut err = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "all_keys_cooling", message);
+                let mut err = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "all_keys_cooling",
+                    message,
+                );
                 err.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
                 err
             }
-            RelayError::Exhausted(tried) if tried.unusable => {
-                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", "bad_upstream_response", message)
-            }
-            RelayError::Exhausted(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "upstream_error", "no_key_available", message)
-            }
-            RelayError::Deadline(_) => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", "deadline_exceeded", message)
-            }
+            RelayError::Exhausted(tried) if tried.unusable => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "bad_upstream_response",
+                message,
+            ),
+            RelayError::Exhausted(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                "no_key_available",
+                message,
+            ),
+            RelayError::Deadline(_) => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                "deadline_exceeded",
+                message,
+            ),
         };
         out.served = served;
         out
@@ -80,8 +132,11 @@ impl From<RelayError> for ApiError {
 }
 
 fn is_openai_error(body: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(body)
-        .is_ok_and(|v| v.get("error").and_then(|e| e.get("message")).is_some_and(Value::is_string))
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v.get("error")
+            .and_then(|e| e.get("message"))
+            .is_some_and(Value::is_string)
+    })
 }
 
 /// The upstream's own message, from its JSON error or its text.
@@ -89,12 +144,19 @@ fn upstream_message(body: &[u8]) -> String {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let message = parsed.as_ref().and_then(|v| {
         let e = v.get("error")?;
-        e.get("message").and_then(Value::as_str).or(e.as_str()).map(str::to_string)
+        e.get("message")
+            .and_then(Value::as_str)
+            .or(e.as_str())
+            .map(str::to_string)
     });
     message.unwrap_or_else(|| {
         let text = String::from_utf8_lossy(body);
         let text = text.trim();
-        if text.is_empty() { "the upstream rejected the request".to_string() } else { text.chars().take(2000).collect() }
+        if text.is_empty() {
+            "the upstream rejected the request".to_string()
+        } else {
+            text.chars().take(2000).collect()
+        }
     })
 }
 
@@ -109,7 +171,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -66,9 +66,15 @@ async fn authenticate(State(app): State<AppState>, request: Request, next: Next)
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
-    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
     match bearer.or(api_key) {
         None => ApiError::unauthorized(
             "missing proxy key: send it as `Authorization: Bearer <PROXY_API_KEY>` or `x-api-key: <PROXY_API_KEY>`",
@@ -80,17 +86,25 @@ async fn authenticate(State(app): State<AppState>, request: Request, next: Next)
 }
 
 /// Reads the body up to the configured limit and parses it as a JSON object.
-async fn json_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+async fn json_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, ApiError> {
     let limit = app.relay.snapshot().settings.max_body_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "request_too_large",
-            format!("the request body exceeds the limit of {limit} bytes (max_body_size in config.yaml)"),
+            format!(
+                "the request body exceeds the limit of {limit} bytes (max_body_size in config.yaml)"
+            ),
         )
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -102,12 +116,21 @@ async fn json_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Ma
             }
             source = s.source();
         }
-        ApiError::bad_request("body_read_failed", format!("cannot read the request body: {e}"))
+        ApiError::bad_request(
+            "body_read_failed",
+            format!("cannot read the request body: {e}"),
+        )
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad_request("invalid_json", "the request body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}"))),
+        Ok(_) => Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )),
     }
 }
 
@@ -115,15 +138,24 @@ fn render(reply: Reply) -> Response {
     let (mut response, served) = match reply {
         Reply::Json { body, served } => {
             let mut r = (StatusCode::OK, body).into_response();
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             (r, served)
         }
         Reply::Stream { body, served } => {
             let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+            h.insert(
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            );
             (r, served)
         }
     };
@@ -131,7 +163,12 @@ fn render(reply: Reply) -> Response {
     response
 }
 
-async fn relay_endpoint(app: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+async fn relay_endpoint(
+    app: AppState,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let body = match json_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -169,11 +206,19 @@ async fn models(State(app): State<AppState>) -> Response {
 
 async fn model(State(app): State<AppState>, Path(id): Path<String>) -> Response {
     let id = id.trim_start_matches('/');
-    let found = app.relay.models().await.into_iter().find(|m| m.get("id").and_then(Value::as_str) == Some(id));
+    let found = app
+        .relay
+        .models()
+        .await
+        .into_iter()
+        .find(|m| m.get("id").and_then(Value::as_str) == Some(id));
     match found {
         Some(m) => axum::Json(m).into_response(),
-        None => ApiError::not_found("model_not_found", format!("model {id:?} is not listed; GET /v1/models lists them"))
-            .into_response(),
+        None => ApiError::not_found(
+            "model_not_found",
+            format!("model {id:?} is not listed; GET /v1/models lists them"),
+        )
+        .into_response(),
     }
 }
 
@@ -187,7 +232,9 @@ async fn providers(State(app): State<AppState>) -> Response {
             let report = app.relay.store().report(&p.name, &p.keys);
             let cooling = report
                 .iter()
-                .filter(|k| k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty())
+                .filter(|k| {
+                    k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty()
+                })
                 .count();
             json!({
                 "name": p.name,
@@ -232,8 +279,11 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
 }
 
 async fn unknown_route(request: Request) -> Response {
-    ApiError::not_found("unknown_route", format!("no route for {} {}", request.method(), request.uri().path()))
-        .into_response()
+    ApiError::not_found(
+        "unknown_route",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+    .into_response()
 }
 
 async fn wrong_method(request: Request) -> Response {
@@ -241,7 +291,11 @@ async fn wrong_method(request: Request) -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
         "method_not_allowed",
-        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
     )
     .into_response()
 }

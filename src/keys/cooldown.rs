@@ -8,6 +8,9 @@ use std::time::Duration;
 /// Upstream-stated waits are trusted up to this long; a misbehaving upstream cannot bench a key for a year.
 const MAX_STATED_WAIT: Duration = Duration::from_secs(24 * 3600);
 
+/// Every cooldown lasts at least this long, so that `Retry-After: 0` cannot turn rotation into a busy loop.
+const MIN_COOLDOWN: Duration = Duration::from_millis(250);
+
 /// When a key (or key and model) that just failed with `class` may be used again, or `None` if the failure does
 /// not cool it. `streak` counts consecutive failures including this one; `next_reset` is the next daily reset.
 ///
@@ -36,7 +39,7 @@ pub fn cooldown_until(
         ErrorClass::Auth | ErrorClass::Forbidden => step(&tuning.auth_schedule),
         _ => return None,
     };
-    Some(now + wait.min(MAX_STATED_WAIT).as_millis() as i64)
+    Some(now + wait.clamp(MIN_COOLDOWN, MAX_STATED_WAIT).as_millis() as i64)
 }
 
 #[cfg(test)]
@@ -50,21 +53,61 @@ mod tests {
             .map(|s| cooldown_until(ErrorClass::RateLimit, None, s, &t, 0, 0).unwrap() / 1000)
             .collect();
         assert_eq!(secs, vec![10, 30, 60, 120, 300, 300, 300]);
-        let stated = cooldown_until(ErrorClass::RateLimit, Some(Duration::from_secs(2)), 4, &t, 1000, 0);
+        let stated = cooldown_until(
+            ErrorClass::RateLimit,
+            Some(Duration::from_secs(2)),
+            4,
+            &t,
+            1000,
+            0,
+        );
         assert_eq!(stated, Some(3000));
     }
 
     #[test]
     fn quota_auth_and_the_rest() {
         let t = Tuning::default();
-        assert_eq!(cooldown_until(ErrorClass::Quota, None, 1, &t, 5, 777), Some(777));
-        assert_eq!(cooldown_until(ErrorClass::Quota, Some(Duration::from_secs(1)), 1, &t, 5, 777), Some(1005));
-        assert_eq!(cooldown_until(ErrorClass::Auth, None, 2, &t, 0, 0), Some(900_000));
-        assert_eq!(cooldown_until(ErrorClass::Forbidden, None, 1, &t, 0, 0), Some(300_000));
-        for class in [ErrorClass::Server, ErrorClass::InvalidRequest, ErrorClass::ContextWindow, ErrorClass::Timeout] {
+        assert_eq!(
+            cooldown_until(ErrorClass::Quota, None, 1, &t, 5, 777),
+            Some(777)
+        );
+        assert_eq!(
+            cooldown_until(
+                ErrorClass::Quota,
+                Some(Duration::from_secs(1)),
+                1,
+                &t,
+                5,
+                777
+            ),
+            Some(1005)
+        );
+        assert_eq!(
+            cooldown_until(ErrorClass::Auth, None, 2, &t, 0, 0),
+            Some(900_000)
+        );
+        assert_eq!(
+            cooldown_until(ErrorClass::Forbidden, None, 1, &t, 0, 0),
+            Some(300_000)
+        );
+        for class in [
+            ErrorClass::Server,
+            ErrorClass::InvalidRequest,
+            ErrorClass::ContextWindow,
+            ErrorClass::Timeout,
+        ] {
             assert_eq!(cooldown_until(class, None, 1, &t, 0, 0), None);
         }
-        let huge = cooldown_until(ErrorClass::RateLimit, Some(Duration::from_secs(10_000_000)), 1, &t, 0, 0);
+        let huge = cooldown_until(
+            ErrorClass::RateLimit,
+            Some(Duration::from_secs(10_000_000)),
+            1,
+            &t,
+            0,
+            0,
+        );
         assert_eq!(huge, Some(86_400_000));
+        let zero = cooldown_until(ErrorClass::RateLimit, Some(Duration::ZERO), 1, &t, 0, 0);
+        assert_eq!(zero, Some(250));
     }
 }

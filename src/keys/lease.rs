@@ -17,7 +17,12 @@ pub struct Lease {
 
 impl Lease {
     pub fn new(store: Arc<dyn KeyStore>, provider: Arc<Provider>, grant: Grant) -> Self {
-        Self { store, provider, grant, outcome: None }
+        Self {
+            store,
+            provider,
+            grant,
+            outcome: None,
+        }
     }
 
     pub fn key(&self) -> &ApiKey {
@@ -30,19 +35,26 @@ impl Lease {
 
     /// Records a success; the key is released when the lease drops.
     pub fn succeed(&mut self, prompt_tokens: u64, completion_tokens: u64) {
-        self.outcome = Some(Outcome::Success { prompt_tokens, completion_tokens });
+        self.outcome = Some(Outcome::Success {
+            prompt_tokens,
+            completion_tokens,
+        });
     }
 
     /// Records a failure; the key is released (and cooled as the verdict says) when the lease drops.
     pub fn fail(&mut self, verdict: &Verdict) {
-        self.outcome =
-            Some(Outcome::Failure { class: verdict.class, scope: verdict.scope, retry_after: verdict.retry_after });
+        self.outcome = Some(Outcome::Failure {
+            class: verdict.class,
+            scope: verdict.scope,
+            retry_after: verdict.retry_after,
+        });
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let outcome = self.outcome.take().unwrap_or(Outcome::Cancelled);
-        self.store.release(&self.grant, outcome, &self.provider.tuning);
+        self.store
+            .release(&self.grant, outcome, &self.provider.tuning);
     }
 }

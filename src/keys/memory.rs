@@ -4,7 +4,9 @@
 //! `.await` inside, far cheaper than an async lock. Waiters are woken through a `Notify` per provider, so a
 //! release wakes only requests that could use the key.
 
-use super::{Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable, cooldown_until};
+use super::{
+    Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable, cooldown_until,
+};
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
 use crate::secret::{ApiKey, KeyId};
@@ -66,7 +68,10 @@ pub struct KeyState {
 impl KeyState {
     fn cooling_until(&self, model: Option<&ModelState>, now: UnixMs) -> Option<UnixMs> {
         let key = self.cooldown.filter(|c| c.until > now).map(|c| c.until);
-        let model = model.and_then(|m| m.cooldown).filter(|c| c.until > now).map(|c| c.until);
+        let model = model
+            .and_then(|m| m.cooldown)
+            .filter(|c| c.until > now)
+            .map(|c| c.until);
         key.max(model)
     }
 }
@@ -173,7 +178,10 @@ impl MemoryStore {
     }
 
     fn policy(&self) -> StorePolicy {
-        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Takes a lease now or says why not; the synchronous core of [`KeyStore::acquire`].
@@ -198,14 +206,18 @@ impl MemoryStore {
                 if ask.exclude.contains(&key.id) {
                     return Standing::Excluded;
                 }
-                let Some(ks) = state.keys.get(&key.id) else { return Standing::Free(0) };
+                let Some(ks) = state.keys.get(&key.id) else {
+                    return Standing::Free(0);
+                };
                 let ms = ks.models.get(ask.model);
                 if let Some(until) = ks.cooling_until(ms, now) {
                     return Standing::Cooling(until);
                 }
                 let model_in_flight = ms.map_or(0, |m| m.in_flight);
                 let full = |limit: u32, used: u32| limit > 0 && used >= limit;
-                if full(ask.tuning.per_key, ks.in_flight) || full(ask.tuning.per_key_model, model_in_flight) {
+                if full(ask.tuning.per_key, ks.in_flight)
+                    || full(ask.tuning.per_key_model, model_in_flight)
+                {
                     return Standing::Busy;
                 }
                 Standing::Free(ms.map_or(0, |m| m.today.requests))
@@ -215,16 +227,24 @@ impl MemoryStore {
         let chosen = match ask.tuning.selection {
             Selection::Balanced => pick_balanced(&standings),
             Selection::Sequential => {
-                let cursor = provider.cursor.get(ask.model).and_then(|id| ask.keys.iter().position(|k| &k.id == id));
+                let cursor = provider
+                    .cursor
+                    .get(ask.model)
+                    .and_then(|id| ask.keys.iter().position(|k| &k.id == id));
                 let start = cursor.unwrap_or(0);
                 let chosen = (0..standings.len())
                     .map(|offset| (start + offset) % standings.len())
                     .find(|&i| matches!(standings[i], Standing::Free(_)));
                 // Stay on the current key while it is merely busy; move on once it cools or was given up on.
                 if let Some(i) = chosen
-                    && !matches!(cursor.map(|c| standings[c]), Some(Standing::Busy | Standing::Free(_)))
+                    && !matches!(
+                        cursor.map(|c| standings[c]),
+                        Some(Standing::Busy | Standing::Free(_))
+                    )
                 {
-                    provider.cursor.insert(ask.model.to_string(), ask.keys[i].id.clone());
+                    provider
+                        .cursor
+                        .insert(ask.model.to_string(), ask.keys[i].id.clone());
                 }
                 chosen
             }
@@ -247,11 +267,14 @@ impl MemoryStore {
         };
 
         let key = &ask.keys[index];
-        let ks = state.keys.entry(key.id.clone()).or_insert_with(|| KeyState {
-            provider: ask.provider.to_string(),
-            masked: key.masked.to_string(),
-            ..KeyState::default()
-        });
+        let ks = state
+            .keys
+            .entry(key.id.clone())
+            .or_insert_with(|| KeyState {
+                provider: ask.provider.to_string(),
+                masked: key.masked.to_string(),
+                ..KeyState::default()
+            });
         ks.in_flight += 1;
         let ms = ks.models.entry(ask.model.to_string()).or_default();
         ms.in_flight += 1;
@@ -260,7 +283,11 @@ impl MemoryStore {
         ms.last_used = Some(now);
         drop(guard);
         self.changed.notify_one();
-        Ok(Grant { provider: ask.provider.into(), model: ask.model.into(), key: key.clone() })
+        Ok(Grant {
+            provider: ask.provider.into(),
+            model: ask.model.into(),
+            key: key.clone(),
+        })
     }
 
     fn record(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
@@ -270,13 +297,18 @@ impl MemoryStore {
         let state = &mut *guard;
         state.roll(now, &policy);
         let next_reset = state.next_reset;
-        let Some(ks) = state.keys.get_mut(&grant.key.id) else { return };
+        let Some(ks) = state.keys.get_mut(&grant.key.id) else {
+            return;
+        };
         ks.in_flight = ks.in_flight.saturating_sub(1);
         let ms = ks.models.entry(grant.model.to_string()).or_default();
         ms.in_flight = ms.in_flight.saturating_sub(1);
         match outcome {
             Outcome::Cancelled => {}
-            Outcome::Success { prompt_tokens, completion_tokens } => {
+            Outcome::Success {
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 for c in [&mut ms.today, &mut ms.lifetime] {
                     c.successes += 1;
                     c.prompt_tokens += prompt_tokens;
@@ -285,17 +317,29 @@ impl MemoryStore {
                 ms.streak = 0;
                 ks.streak = 0;
             }
-            Outcome::Failure { class, scope, retry_after } => {
+            Outcome::Failure {
+                class,
+                scope,
+                retry_after,
+            } => {
                 ms.today.failures += 1;
                 ms.lifetime.failures += 1;
-                ks.last_error = Some(Cooldown { until: now, reason: class });
+                ks.last_error = Some(Cooldown {
+                    until: now,
+                    reason: class,
+                });
                 let streak = match scope {
                     Scope::Model => &mut ms.streak,
                     Scope::Key => &mut ks.streak,
                 };
-                if let Some(until) = cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset) {
+                if let Some(until) =
+                    cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset)
+                {
                     *streak += 1;
-                    let cooldown = Some(Cooldown { until, reason: class });
+                    let cooldown = Some(Cooldown {
+                        until,
+                        reason: class,
+                    });
                     match scope {
                         Scope::Model => ms.cooldown = cooldown,
                         Scope::Key => ks.cooldown = cooldown,
@@ -303,11 +347,17 @@ impl MemoryStore {
                     if class == ErrorClass::RateLimit
                         && let Some(rule) = policy.pause
                     {
-                        let provider = state.providers.entry(grant.provider.to_string()).or_default();
+                        let provider = state
+                            .providers
+                            .entry(grant.provider.to_string())
+                            .or_default();
                         let window = rule.window.as_millis() as i64;
                         provider.recent_limits.retain(|(at, _)| now - at < window);
-                        provider.recent_limits.push_back((now, grant.key.id.clone()));
-                        let mut keys: Vec<&KeyId> = provider.recent_limits.iter().map(|(_, k)| k).collect();
+                        provider
+                            .recent_limits
+                            .push_back((now, grant.key.id.clone()));
+                        let mut keys: Vec<&KeyId> =
+                            provider.recent_limits.iter().map(|(_, k)| k).collect();
                         keys.sort();
                         keys.dedup();
                         if keys.len() as u32 >= rule.keys {
@@ -334,7 +384,9 @@ fn pick_balanced(standings: &[Standing]) -> Option<usize> {
     let mut best: Option<(usize, u64)> = None;
     let mut ties = 0u32;
     for (i, standing) in standings.iter().enumerate() {
-        let Standing::Free(used) = *standing else { continue };
+        let Standing::Free(used) = *standing else {
+            continue;
+        };
         match best {
             Some((_, b)) if used > b => {}
             Some((_, b)) if used == b => {
@@ -400,7 +452,9 @@ impl KeyStore for MemoryStore {
                     status.requests_today += ms.today.requests;
                     status.requests_total += ms.lifetime.requests;
                     if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
-                        status.model_cooldowns.push((model.clone(), c.until, c.reason));
+                        status
+                            .model_cooldowns
+                            .push((model.clone(), c.until, c.reason));
                     }
                 }
                 status
@@ -416,19 +470,34 @@ mod tests {
     use std::time::Duration;
 
     fn policy() -> StorePolicy {
-        StorePolicy { daily_reset: DailyReset::parse("03:00", "UTC").unwrap(), pause: None }
+        StorePolicy {
+            daily_reset: DailyReset::parse("03:00", "UTC").unwrap(),
+            pause: None,
+        }
     }
 
     fn keys(n: usize) -> Vec<ApiKey> {
-        (0..n).map(|i| ApiKey::new("p", &format!("key-number-{i:04}"))).collect()
+        (0..n)
+            .map(|i| ApiKey::new("p", &format!("key-number-{i:04}")))
+            .collect()
     }
 
     fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning, exclude: &'a [KeyId]) -> Ask<'a> {
-        Ask { provider: "p", model: "m", keys, exclude, tuning }
+        Ask {
+            provider: "p",
+            model: "m",
+            keys,
+            exclude,
+            tuning,
+        }
     }
 
     fn fail(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
-        Outcome::Failure { class, scope: class.default_scope(), retry_after }
+        Outcome::Failure {
+            class,
+            scope: class.default_scope(),
+            retry_after,
+        }
     }
 
     // 2026-01-10T02:59:00Z
@@ -439,18 +508,39 @@ mod tests {
         let store = MemoryStore::new(Clock::starting_at(START), policy());
         let keys = keys(4);
         let tuning = Tuning::default();
-        let grants: Vec<Grant> = (0..4).map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap()).collect();
+        let grants: Vec<Grant> = (0..4)
+            .map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap())
+            .collect();
         let mut ids: Vec<_> = grants.iter().map(|g| g.key.id.clone()).collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 4, "one request per key and model");
         let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
-        assert_eq!(why, Unavailable { busy: 4, ..Default::default() });
+        assert_eq!(
+            why,
+            Unavailable {
+                busy: 4,
+                ..Default::default()
+            }
+        );
         // A different model may use the same keys at once.
-        let other = Ask { model: "other", ..ask(&keys, &tuning, &[]) };
+        let other = Ask {
+            model: "other",
+            ..ask(&keys, &tuning, &[])
+        };
         assert!(store.try_acquire(other).is_ok());
-        store.release(&grants[2], Outcome::Success { prompt_tokens: 1, completion_tokens: 2 }, &tuning);
-        assert_eq!(store.try_acquire(ask(&keys, &tuning, &[])).unwrap().key.id, grants[2].key.id);
+        store.release(
+            &grants[2],
+            Outcome::Success {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
+            &tuning,
+        );
+        assert_eq!(
+            store.try_acquire(ask(&keys, &tuning, &[])).unwrap().key.id,
+            grants[2].key.id
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -459,7 +549,11 @@ mod tests {
         let keys = keys(1);
         let tuning = Tuning::default();
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-        store.release(&g, fail(ErrorClass::RateLimit, Some(Duration::from_secs(2))), &tuning);
+        store.release(
+            &g,
+            fail(ErrorClass::RateLimit, Some(Duration::from_secs(2))),
+            &tuning,
+        );
         let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
         assert_eq!(why.ready_at, Some(START + 2000));
         tokio::time::advance(Duration::from_millis(1999)).await;
@@ -472,12 +566,25 @@ mod tests {
         assert_eq!(why.ready_at, Some(START + 2000 + 30_000));
         tokio::time::advance(Duration::from_secs(30)).await;
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-        store.release(&g, Outcome::Success { prompt_tokens: 0, completion_tokens: 0 }, &tuning);
+        store.release(
+            &g,
+            Outcome::Success {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+            &tuning,
+        );
         // A success resets the streak: the next rate limit is back to 10 s.
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
         let now = store.clock().now();
-        assert_eq!(store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err().ready_at, Some(now + 10_000));
+        assert_eq!(
+            store
+                .try_acquire(ask(&keys, &tuning, &[]))
+                .unwrap_err()
+                .ready_at,
+            Some(now + 10_000)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -487,8 +594,14 @@ mod tests {
         let tuning = Tuning::default();
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         store.release(&g, fail(ErrorClass::Auth, None), &tuning);
-        let other = Ask { model: "other", ..ask(&keys, &tuning, &[]) };
-        assert_eq!(store.try_acquire(other).unwrap_err().ready_at, Some(START + 300_000));
+        let other = Ask {
+            model: "other",
+            ..ask(&keys, &tuning, &[])
+        };
+        assert_eq!(
+            store.try_acquire(other).unwrap_err().ready_at,
+            Some(START + 300_000)
+        );
         let report = store.report("p", &keys);
         assert_eq!(report[0].cooling_reason, Some(ErrorClass::Auth));
     }
@@ -502,14 +615,31 @@ mod tests {
         store.release(&g, fail(ErrorClass::Quota, None), &tuning);
         // The reset is at 03:00, one minute after START.
         let other = keys.iter().find(|k| k.id != g.key.id).unwrap().id.clone();
-        let why = store.try_acquire(ask(&keys, &tuning, &[other])).unwrap_err();
+        let why = store
+            .try_acquire(ask(&keys, &tuning, &[other]))
+            .unwrap_err();
         assert_eq!(why.ready_at, Some(START + 60_000));
-        assert_eq!(store.report("p", &keys).iter().map(|k| k.requests_today).sum::<u64>(), 1);
+        assert_eq!(
+            store
+                .report("p", &keys)
+                .iter()
+                .map(|k| k.requests_today)
+                .sum::<u64>(),
+            1
+        );
         tokio::time::advance(Duration::from_secs(60)).await;
         let g2 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         let report = store.report("p", &keys);
-        assert_eq!(report.iter().map(|k| k.requests_today).sum::<u64>(), 1, "today restarted at the reset");
-        assert_eq!(report.iter().map(|k| k.requests_total).sum::<u64>(), 2, "lifetime kept");
+        assert_eq!(
+            report.iter().map(|k| k.requests_today).sum::<u64>(),
+            1,
+            "today restarted at the reset"
+        );
+        assert_eq!(
+            report.iter().map(|k| k.requests_total).sum::<u64>(),
+            2,
+            "lifetime kept"
+        );
         drop(g2);
     }
 
@@ -517,8 +647,14 @@ mod tests {
     async fn sequential_stays_then_moves_on() {
         let store = MemoryStore::new(Clock::starting_at(START), policy());
         let keys = keys(3);
-        let tuning = Tuning { selection: Selection::Sequential, ..Tuning::default() };
-        let ok = Outcome::Success { prompt_tokens: 0, completion_tokens: 0 };
+        let tuning = Tuning {
+            selection: Selection::Sequential,
+            ..Tuning::default()
+        };
+        let ok = Outcome::Success {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
         for _ in 0..3 {
             let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
             assert_eq!(g.key.id, keys[0].id);
@@ -540,13 +676,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn provider_pause_after_several_keys_limit() {
         let mut p = policy();
-        p.pause = Some(crate::config::PauseRule { keys: 2, window: Duration::from_secs(10) });
+        p.pause = Some(crate::config::PauseRule {
+            keys: 2,
+            window: Duration::from_secs(10),
+        });
         let store = MemoryStore::new(Clock::starting_at(START), p);
         let keys = keys(3);
         let tuning = Tuning::default();
         for _ in 0..2 {
             let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-            store.release(&g, fail(ErrorClass::RateLimit, Some(Duration::from_secs(5))), &tuning);
+            store.release(
+                &g,
+                fail(ErrorClass::RateLimit, Some(Duration::from_secs(5))),
+                &tuning,
+            );
         }
         let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
         assert_eq!(why.ready_at, Some(START + 5000), "the third key is spared");

@@ -63,8 +63,15 @@ pub struct Unavailable {
 /// How a lease ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    Success { prompt_tokens: u64, completion_tokens: u64 },
-    Failure { class: ErrorClass, scope: Scope, retry_after: Option<Duration> },
+    Success {
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    Failure {
+        class: ErrorClass,
+        scope: Scope,
+        retry_after: Option<Duration>,
+    },
     /// The client went away or the request was abandoned: no verdict on the key.
     Cancelled,
 }

@@ -30,10 +30,15 @@ struct FileIn {
 #[derive(Debug, thiserror::Error)]
 pub enum UsageFileError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a keyrelay usage file ({reason})")]
     Invalid { path: PathBuf, reason: String },
-    #[error("{path}: usage file version {found} is not supported (this keyrelay writes version {USAGE_FILE_VERSION})")]
+    #[error(
+        "{path}: usage file version {found} is not supported (this keyrelay writes version {USAGE_FILE_VERSION})"
+    )]
     Version { path: PathBuf, found: u32 },
 }
 
@@ -42,21 +47,37 @@ pub fn load(path: &Path) -> Result<State, UsageFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-        Err(source) => return Err(UsageFileError::Read { path: path.into(), source }),
+        Err(source) => {
+            return Err(UsageFileError::Read {
+                path: path.into(),
+                source,
+            });
+        }
     };
-    let file: FileIn = serde_json::from_slice(&bytes)
-        .map_err(|e| UsageFileError::Invalid { path: path.into(), reason: e.to_string() })?;
+    let file: FileIn = serde_json::from_slice(&bytes).map_err(|e| UsageFileError::Invalid {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     if file.version != USAGE_FILE_VERSION {
-        return Err(UsageFileError::Version { path: path.into(), found: file.version });
+        return Err(UsageFileError::Version {
+            path: path.into(),
+            found: file.version,
+        });
     }
     Ok(file.state)
 }
 
 /// Writes `bytes` to `path` so that a reader (or a crash at any moment) sees either the old file or the new one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key_usage.json");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("key_usage.json");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
@@ -89,8 +110,12 @@ impl Persister {
     pub async fn flush(&self) -> std::io::Result<()> {
         let saved_at = self.store.clock().now();
         let bytes = self.store.export(|state| {
-            serde_json::to_vec_pretty(&FileOut { version: USAGE_FILE_VERSION, saved_at, state })
-                .unwrap_or_default()
+            serde_json::to_vec_pretty(&FileOut {
+                version: USAGE_FILE_VERSION,
+                saved_at,
+                state,
+            })
+            .unwrap_or_default()
         });
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))

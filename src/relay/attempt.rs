@@ -21,9 +21,15 @@ pub struct Attempt<'a> {
 }
 
 pub enum Success {
-    Json { body: Bytes, usage: Usage },
+    Json {
+        body: Bytes,
+        usage: Usage,
+    },
     /// A stream whose first event has been read (and is not an error).
-    Stream { events: UpstreamEvents, first: SseEvent },
+    Stream {
+        events: UpstreamEvents,
+        first: SseEvent,
+    },
 }
 
 pub struct Failure {
@@ -37,11 +43,23 @@ pub struct Failure {
 
 impl Failure {
     fn transport(class: ErrorClass, why: String) -> Self {
-        Self { verdict: Verdict { class, scope: Scope::Model, retry_after: None }, status: 502, body: why.into(), unusable: false }
+        Self {
+            verdict: Verdict {
+                class,
+                scope: Scope::Model,
+                retry_after: None,
+            },
+            status: 502,
+            body: why.into(),
+            unusable: false,
+        }
     }
 
     fn unusable(why: &str) -> Self {
-        Self { unusable: true, ..Self::transport(ErrorClass::Server, why.to_string()) }
+        Self {
+            unusable: true,
+            ..Self::transport(ErrorClass::Server, why.to_string())
+        }
     }
 }
 
@@ -54,7 +72,13 @@ struct BodyPeek {
 }
 
 impl Attempt<'_> {
-    pub async fn send(&self, path: &str, payload: &Bytes, key: &ApiKey, stream: bool) -> Result<Success, Failure> {
+    pub async fn send(
+        &self,
+        path: &str,
+        payload: &Bytes,
+        key: &ApiKey,
+        stream: bool,
+    ) -> Result<Success, Failure> {
         let p = self.provider;
         let mut request = p
             .request(self.http, reqwest::Method::POST, path, key)
@@ -64,7 +88,11 @@ impl Attempt<'_> {
             request = request.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
         let response = request.body(payload.clone()).send().await.map_err(|e| {
-            let class = if e.is_timeout() { ErrorClass::Timeout } else { ErrorClass::Connection };
+            let class = if e.is_timeout() {
+                ErrorClass::Timeout
+            } else {
+                ErrorClass::Connection
+            };
             Failure::transport(class, super::describe_reqwest(&e))
         })?;
 
@@ -73,17 +101,35 @@ impl Attempt<'_> {
             let headers = response.headers().clone();
             let body = read_capped(response).await;
             let text = String::from_utf8_lossy(&body);
-            let verdict = p.classifier.classify(status.as_u16(), &headers, &text, self.clock.now());
-            return Err(Failure { verdict, status: status.as_u16(), body, unusable: false });
+            let verdict = p
+                .classifier
+                .classify(status.as_u16(), &headers, &text, self.clock.now());
+            return Err(Failure {
+                verdict,
+                status: status.as_u16(),
+                body,
+                unusable: false,
+            });
         }
 
         if stream {
             let mut events = UpstreamEvents::new(response);
             return match events.next().await {
-                Ok(Some(first)) if is_done(&first) => Err(Failure::unusable("the upstream stream ended before any content")),
+                Ok(Some(first)) if is_done(&first) => Err(Failure::unusable(
+                    "the upstream stream ended before any content",
+                )),
                 Ok(Some(first)) if is_error_event(&first) => {
-                    let verdict = p.classifier.classify(500, &Default::default(), &first.data, self.clock.now());
-                    let class = if verdict.class.is_client_error() { verdict.class } else { ErrorClass::Server };
+                    let verdict = p.classifier.classify(
+                        500,
+                        &Default::default(),
+                        &first.data,
+                        self.clock.now(),
+                    );
+                    let class = if verdict.class.is_client_error() {
+                        verdict.class
+                    } else {
+                        ErrorClass::Server
+                    };
                     Err(Failure {
                         verdict: Verdict { class, ..verdict },
                         status: if class.is_client_error() { 400 } else { 502 },
@@ -92,8 +138,13 @@ impl Attempt<'_> {
                     })
                 }
                 Ok(Some(first)) => Ok(Success::Stream { events, first }),
-                Ok(None) => Err(Failure::unusable("the upstream stream ended before any event")),
-                Err(fault) => Err(Failure::transport(ErrorClass::Connection, fault.to_string())),
+                Ok(None) => Err(Failure::unusable(
+                    "the upstream stream ended before any event",
+                )),
+                Err(fault) => Err(Failure::transport(
+                    ErrorClass::Connection,
+                    fault.to_string(),
+                )),
             };
         }
 
@@ -102,9 +153,16 @@ impl Attempt<'_> {
             .await
             .map_err(|e| Failure::transport(ErrorClass::Connection, super::describe_reqwest(&e)))?;
         match serde_json::from_slice::<BodyPeek>(&body) {
-            Ok(BodyPeek { error: None, usage }) => Ok(Success::Json { body, usage: usage.unwrap_or_default() }),
-            Ok(_) => Err(Failure::unusable("the upstream answered 200 with an error object")),
-            Err(_) => Err(Failure::unusable("the upstream answered 200 with a body that is not JSON")),
+            Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
+                body,
+                usage: usage.unwrap_or_default(),
+            }),
+            Ok(_) => Err(Failure::unusable(
+                "the upstream answered 200 with an error object",
+            )),
+            Err(_) => Err(Failure::unusable(
+                "the upstream answered 200 with a body that is not JSON",
+            )),
         }
     }
 }

@@ -16,6 +16,8 @@ pub struct Tried {
     pub attempts: u32,
     /// Distinct keys leased.
     pub keys: u32,
+    /// Their ids, to count each key once.
+    pub key_ids: Vec<crate::secret::KeyId>,
     pub classes: BTreeMap<ErrorClass, u32>,
     /// Why the last lease attempt found no key.
     pub waiting: Unavailable,
@@ -25,7 +27,11 @@ pub struct Tried {
 
 impl Tried {
     pub fn new(provider: &str, model: &str) -> Self {
-        Self { provider: provider.into(), model: model.into(), ..Self::default() }
+        Self {
+            provider: provider.into(),
+            model: model.into(),
+            ..Self::default()
+        }
     }
 
     pub fn note(&mut self, class: ErrorClass) {
@@ -33,15 +39,27 @@ impl Tried {
     }
 
     pub fn served(&self, key: Option<String>) -> Served {
-        Served { provider: self.provider.clone(), attempts: self.attempts, key }
+        Served {
+            provider: self.provider.clone(),
+            attempts: self.attempts,
+            key,
+        }
     }
 
     /// "3 attempts on 2 keys (rate_limit x1, server x2); 1 key cooling"
     pub fn summary(&self) -> String {
         let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
-        let mut out = format!("{} on {}", plural(self.attempts, "attempt"), plural(self.keys, "key"));
+        let mut out = format!(
+            "{} on {}",
+            plural(self.attempts, "attempt"),
+            plural(self.keys, "key")
+        );
         if !self.classes.is_empty() {
-            let classes: Vec<String> = self.classes.iter().map(|(c, n)| format!("{} x{n}", c.as_str())).collect();
+            let classes: Vec<String> = self
+                .classes
+                .iter()
+                .map(|(c, n)| format!("{} x{n}", c.as_str()))
+                .collect();
             let _ = write!(out, " ({})", classes.join(", "));
         }
         let w = &self.waiting;
@@ -66,16 +84,27 @@ pub enum RelayError {
     #[error("model {0:?} is not served by this proxy (excluded by the provider's model filters)")]
     ModelDenied(String),
     #[error("provider {provider:?} does not offer {endpoint}")]
-    EndpointMissing { provider: String, endpoint: &'static str },
+    EndpointMissing {
+        provider: String,
+        endpoint: &'static str,
+    },
     /// The upstream refused the request itself; no other key would do better.
     #[error("the upstream rejected the request ({})", class.as_str())]
-    Upstream { status: u16, body: Bytes, class: ErrorClass, served: Served },
+    Upstream {
+        status: u16,
+        body: Bytes,
+        class: ErrorClass,
+        served: Served,
+    },
     #[error("every key of {}/{} is cooling down for another {}s: {}", .tried.provider, .tried.model, retry_after.as_secs().max(1), .tried.summary())]
-    AllCooling { retry_after: Duration, tried: Tried },
+    AllCooling {
+        retry_after: Duration,
+        tried: Box<Tried>,
+    },
     #[error("no key of {}/{} could serve the request: {}", .0.provider, .0.model, .0.summary())]
-    Exhausted(Tried),
+    Exhausted(Box<Tried>),
     #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
-    Deadline(Tried),
+    Deadline(Box<Tried>),
 }
 
 impl RelayError {
@@ -83,7 +112,9 @@ impl RelayError {
     pub fn served(&self) -> Option<Served> {
         match self {
             Self::Upstream { served, .. } => Some(served.clone()),
-            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => Some(tried.served(None)),
+            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
+                Some(tried.served(None))
+            }
             _ => None,
         }
     }

@@ -108,7 +108,13 @@ impl Relay {
             .user_agent(concat!("keyrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("the HTTP client builds with static settings");
-        Self { config, store, http, clock, catalog: Arc::new(models::Catalog::default()) }
+        Self {
+            config,
+            store,
+            http,
+            clock,
+            catalog: Arc::new(models::Catalog::default()),
+        }
     }
 
     /// A relay with an in-process key store and no usage file: the simplest way to use the engine as a library.
@@ -132,13 +138,21 @@ impl Relay {
     }
 
     /// Sends an OpenAI-shaped request body (`model` is `provider/model`) to the right provider.
-    pub async fn send(&self, endpoint: Endpoint, mut body: Map<String, Value>) -> Result<Reply, RelayError> {
+    pub async fn send(
+        &self,
+        endpoint: Endpoint,
+        mut body: Map<String, Value>,
+    ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
         let (provider, model) = resolve_model(&snapshot, body.get("model"))?;
         let Some(path) = endpoint.path(&provider) else {
-            return Err(RelayError::EndpointMissing { provider: provider.name.clone(), endpoint: endpoint.name() });
+            return Err(RelayError::EndpointMissing {
+                provider: provider.name.clone(),
+                endpoint: endpoint.name(),
+            });
         };
-        let stream = endpoint == Endpoint::Chat && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream = endpoint == Endpoint::Chat
+            && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let wants_usage = stream
             && body
                 .get("stream_options")
@@ -147,12 +161,16 @@ impl Relay {
                 .unwrap_or(false);
         body.insert("model".into(), Value::String(model.clone()));
         if stream && provider.stream_usage && !wants_usage {
-            let options = body.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+            let options = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
             if let Value::Object(options) = options {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let payload = serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?.into();
+        let payload = serde_json::to_vec(&body)
+            .map_err(|e| RelayError::BadRequest(e.to_string()))?
+            .into();
         let job = Job {
             path: path.to_string(),
             provider,
@@ -176,12 +194,20 @@ impl Relay {
             let failure = loop {
                 on_this_key += 1;
                 tried.attempts += 1;
-                let attempt = Attempt { http: &self.http, clock: &self.clock, provider: &job.provider };
-                let result = tokio::time::timeout_at(job.deadline, attempt.send(&job.path, &job.payload, lease.key(), job.stream)).await;
+                let attempt = Attempt {
+                    http: &self.http,
+                    clock: &self.clock,
+                    provider: &job.provider,
+                };
+                let result = tokio::time::timeout_at(
+                    job.deadline,
+                    attempt.send(&job.path, &job.payload, lease.key(), job.stream),
+                )
+                .await;
                 let failure = match result {
                     Err(_) => {
                         tried.note(ErrorClass::Timeout);
-                        return Err(RelayError::Deadline(tried));
+                        return Err(RelayError::Deadline(Box::new(tried)));
                     }
                     Ok(Ok(success)) => return Ok(self.reply(success, lease, &job, &tried)),
                     Ok(Err(failure)) => failure,
@@ -200,7 +226,7 @@ impl Relay {
                     let pause = tuning.backoff_after(on_this_key);
                     if Instant::now() + pause >= job.deadline {
                         lease.fail(&failure.verdict);
-                        return Err(RelayError::Deadline(tried));
+                        return Err(RelayError::Deadline(Box::new(tried)));
                     }
                     tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
                     tokio::time::sleep(pause).await;
@@ -218,13 +244,23 @@ impl Relay {
             );
             tried.unusable = failure.unusable;
             lease.fail(&failure.verdict);
-            given_up.push(lease.key().id.clone());
+            // A key that failed transiently is not tried again by this request. A key cooled by its failure
+            // (rate limit, quota, auth) stays a candidate: the store keeps it out until its cooldown ends, and a
+            // short cooldown that ends before the deadline is worth waiting for.
+            if failure.verdict.class.is_transient() {
+                given_up.push(lease.key().id.clone());
+            }
         }
     }
 
     /// A lease on a usable key, waiting (woken by releases, never polling) while keys are busy or cooling and the
     /// deadline allows.
-    async fn lease(&self, job: &Job, given_up: &[KeyId], tried: &mut Tried) -> Result<Lease, RelayError> {
+    async fn lease(
+        &self,
+        job: &Job,
+        given_up: &[KeyId],
+        tried: &mut Tried,
+    ) -> Result<Lease, RelayError> {
         let provider = &job.provider;
         let wake = self.store.wakeup(&provider.name);
         loop {
@@ -240,14 +276,17 @@ impl Relay {
             };
             let why: Unavailable = match self.store.acquire(ask).await {
                 Ok(grant) => {
-                    tried.keys += 1;
+                    if !tried.key_ids.contains(&grant.key.id) {
+                        tried.key_ids.push(grant.key.id.clone());
+                        tried.keys += 1;
+                    }
                     return Ok(Lease::new(self.store.clone(), provider.clone(), grant));
                 }
                 Err(why) => why,
             };
             tried.waiting = why.clone();
             if why.busy == 0 && why.cooling == 0 {
-                return Err(RelayError::Exhausted(std::mem::take(tried)));
+                return Err(RelayError::Exhausted(Box::new(std::mem::take(tried))));
             }
             let deadline_wall = self.clock.wall_at(job.deadline);
             if why.busy == 0
@@ -255,15 +294,20 @@ impl Relay {
                 && ready_at >= deadline_wall
             {
                 let wait = Duration::from_millis((ready_at - self.clock.now()).max(0) as u64);
-                return Err(RelayError::AllCooling { retry_after: wait, tried: std::mem::take(tried) });
+                return Err(RelayError::AllCooling {
+                    retry_after: wait,
+                    tried: Box::new(std::mem::take(tried)),
+                });
             }
-            let wake_at = why.ready_at.map_or(job.deadline, |r| self.clock.instant_at(r).min(job.deadline));
+            let wake_at = why
+                .ready_at
+                .map_or(job.deadline, |r| self.clock.instant_at(r).min(job.deadline));
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
             if Instant::now() >= job.deadline {
-                return Err(RelayError::Deadline(std::mem::take(tried)));
+                return Err(RelayError::Deadline(Box::new(std::mem::take(tried))));
             }
         }
     }
@@ -278,7 +322,10 @@ impl Relay {
             Success::Stream { events, first } => {
                 let label = format!("{}/{}", job.provider.name, job.model);
                 let forward = Forward::new(events, first, lease, job.wants_usage, label);
-                Reply::Stream { body: Box::pin(forward.into_stream()), served }
+                Reply::Stream {
+                    body: Box::pin(forward.into_stream()),
+                    served,
+                }
             }
         }
     }
@@ -286,18 +333,34 @@ impl Relay {
     /// The merged model list of every provider with keys, as OpenAI model objects.
     pub async fn models(&self) -> Vec<Value> {
         let snapshot = self.snapshot();
-        self.catalog.list(&snapshot, &self.http, snapshot.settings.models_refresh).await
+        self.catalog
+            .list(&snapshot, &self.http, snapshot.settings.models_refresh)
+            .await
     }
 }
 
 /// Splits `provider/model` and checks that the provider can serve the model.
-fn resolve_model(snapshot: &Snapshot, model: Option<&Value>) -> Result<(Arc<Provider>, String), RelayError> {
+fn resolve_model(
+    snapshot: &Snapshot,
+    model: Option<&Value>,
+) -> Result<(Arc<Provider>, String), RelayError> {
     let model = match model {
-        None => return Err(RelayError::BadRequest("`model` is required, e.g. \"openai/gpt-4o-mini\"".into())),
+        None => {
+            return Err(RelayError::BadRequest(
+                "`model` is required, e.g. \"openai/gpt-4o-mini\"".into(),
+            ));
+        }
         Some(Value::String(m)) => m,
-        Some(_) => return Err(RelayError::BadRequest("`model` must be a string such as \"openai/gpt-4o-mini\"".into())),
+        Some(_) => {
+            return Err(RelayError::BadRequest(
+                "`model` must be a string such as \"openai/gpt-4o-mini\"".into(),
+            ));
+        }
     };
-    let Some((provider, name)) = model.split_once('/').filter(|(p, m)| !p.is_empty() && !m.is_empty()) else {
+    let Some((provider, name)) = model
+        .split_once('/')
+        .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+    else {
         return Err(RelayError::BadRequest(format!(
             "`model` {model:?} must be written provider/model, e.g. \"openai/gpt-4o-mini\""
         )));
@@ -331,5 +394,9 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
+    }
 }

@@ -30,17 +30,34 @@ pub struct Catalog {
 impl Catalog {
     fn cached(&self, provider: &Provider) -> Option<Cached> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(&provider.name).filter(|c| c.base_url == provider.base_url).cloned()
+        cache
+            .get(&provider.name)
+            .filter(|c| c.base_url == provider.base_url)
+            .cloned()
     }
 
     fn store(&self, provider: &Provider, models: Vec<Value>) {
-        let entry = Cached { models: Arc::new(models), fetched: Instant::now(), base_url: provider.base_url.clone() };
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(provider.name.clone(), entry);
+        let entry = Cached {
+            models: Arc::new(models),
+            fetched: Instant::now(),
+            base_url: provider.base_url.clone(),
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(provider.name.clone(), entry);
     }
 
     /// The merged list, as OpenAI model objects with `provider/model` ids, for every provider with keys.
-    pub async fn list(self: &Arc<Self>, snapshot: &Snapshot, http: &reqwest::Client, max_age: Duration) -> Vec<Value> {
-        let fetches = snapshot.serving().map(|p| self.upstream_models(p.clone(), http, max_age));
+    pub async fn list(
+        self: &Arc<Self>,
+        snapshot: &Snapshot,
+        http: &reqwest::Client,
+        max_age: Duration,
+    ) -> Vec<Value> {
+        let fetches = snapshot
+            .serving()
+            .map(|p| self.upstream_models(p.clone(), http, max_age));
         let upstream = futures_util::future::join_all(fetches).await;
         let mut out = Vec::new();
         for (provider, upstream) in snapshot.serving().zip(upstream) {
@@ -48,12 +65,21 @@ impl Catalog {
             let statics = provider.static_models.iter().map(|id| json!({"id": id}));
             let all = statics.chain(upstream.iter().cloned());
             for mut model in all {
-                let Some(id) = model.get("id").and_then(Value::as_str).map(str::to_string) else { continue };
+                let Some(id) = model.get("id").and_then(Value::as_str).map(str::to_string) else {
+                    continue;
+                };
                 if !provider.filter.permits(&id) || !seen.insert(id.clone()) {
                     continue;
                 }
-                let owned_by = model.get("owned_by").cloned().unwrap_or_else(|| json!(provider.name));
-                let created = model.get("created").cloned().filter(Value::is_i64).unwrap_or(json!(0));
+                let owned_by = model
+                    .get("owned_by")
+                    .cloned()
+                    .unwrap_or_else(|| json!(provider.name));
+                let created = model
+                    .get("created")
+                    .cloned()
+                    .filter(Value::is_i64)
+                    .unwrap_or(json!(0));
                 if let Value::Object(m) = &mut model {
                     m.insert("id".into(), json!(format!("{}/{id}", provider.name)));
                     m.insert("object".into(), json!("model"));
@@ -68,26 +94,39 @@ impl Catalog {
 
     /// The provider's upstream list: cached, refreshed in the background once stale, fetched (briefly) the first
     /// time. Empty when the provider lists statically or the upstream never answered.
-    async fn upstream_models(self: &Arc<Self>, provider: Arc<Provider>, http: &reqwest::Client, max_age: Duration) -> Arc<Vec<Value>> {
+    async fn upstream_models(
+        self: &Arc<Self>,
+        provider: Arc<Provider>,
+        http: &reqwest::Client,
+        max_age: Duration,
+    ) -> Arc<Vec<Value>> {
         if provider.list == ListSource::Static {
             return Arc::default();
         }
         match self.cached(&provider) {
             Some(c) if c.fetched.elapsed() < max_age => c.models,
             Some(c) => {
-                let fresh = self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(provider.name.clone());
+                let fresh = self
+                    .refreshing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(provider.name.clone());
                 if fresh {
                     let me = self.clone();
                     let http = http.clone();
                     tokio::spawn(async move {
                         me.refresh(&provider, &http).await;
-                        me.refreshing.lock().unwrap_or_else(|e| e.into_inner()).remove(&provider.name);
+                        me.refreshing
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&provider.name);
                     });
                 }
                 c.models
             }
             None => {
-                let _ = tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, http)).await;
+                let _ =
+                    tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, http)).await;
                 self.cached(&provider).map(|c| c.models).unwrap_or_default()
             }
         }
@@ -96,7 +135,9 @@ impl Catalog {
     async fn refresh(&self, provider: &Provider, http: &reqwest::Client) {
         match fetch(provider, http).await {
             Ok(models) => self.store(provider, models),
-            Err(why) => tracing::warn!(provider = %provider.name, error = %why, "cannot refresh the upstream model list; keeping the last good one"),
+            Err(why) => {
+                tracing::warn!(provider = %provider.name, error = %why, "cannot refresh the upstream model list; keeping the last good one")
+            }
         }
     }
 }
@@ -106,7 +147,9 @@ async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>
     let path = provider.paths.models.as_deref().ok_or("no models path")?;
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
-        let Ok(request) = provider.request(http, reqwest::Method::GET, path, key) else { continue };
+        let Ok(request) = provider.request(http, reqwest::Method::GET, path, key) else {
+            continue;
+        };
         let request = request.timeout(Duration::from_secs(15));
         let response = match request.send().await {
             Ok(r) => r,
@@ -119,8 +162,12 @@ async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>
             last = format!("status {}", response.status().as_u16());
             continue;
         }
-        let bytes = response.bytes().await.map_err(|e| super::describe_reqwest(&e))?;
-        let body: Value = serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| super::describe_reqwest(&e))?;
+        let body: Value =
+            serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;
         let items = match body {
             Value::Array(items) => items,
             Value::Object(mut o) => match o.remove("data") {
@@ -129,7 +176,10 @@ async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>
             },
             _ => return Err("the model list is not a JSON list".into()),
         };
-        return Ok(items.into_iter().filter(|m| m.get("id").is_some_and(Value::is_string)).collect());
+        return Ok(items
+            .into_iter()
+            .filter(|m| m.get("id").is_some_and(Value::is_string))
+            .collect());
     }
     Err(last)
 }

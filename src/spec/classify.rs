@@ -139,12 +139,17 @@ impl Classifier {
         let lowered = body.to_lowercase();
         let rule = self.rules.iter().find(|rule| {
             rule.status.as_ref().is_none_or(|s| s.covers(status))
-                && rule.body.as_ref().is_none_or(|needle| lowered.contains(needle.as_str()))
+                && rule
+                    .body
+                    .as_ref()
+                    .is_none_or(|needle| lowered.contains(needle.as_str()))
                 && rule.body_regex.as_ref().is_none_or(|re| re.is_match(body))
                 && rule.header.as_ref().is_none_or(|h| headers.contains_key(h))
         });
         let class = rule.map_or_else(|| default_class(status), |r| r.class);
-        let scope = rule.and_then(|r| r.scope).unwrap_or_else(|| class.default_scope());
+        let scope = rule
+            .and_then(|r| r.scope)
+            .unwrap_or_else(|| class.default_scope());
         let sources = rule
             .and_then(|r| r.retry_after.as_deref())
             .unwrap_or(&self.retry_after);
@@ -158,7 +163,11 @@ impl Classifier {
                 .and_then(|c| c.get(1))
                 .and_then(|m| parse_wait(m.as_str(), now)),
         });
-        Verdict { class, scope, retry_after }
+        Verdict {
+            class,
+            scope,
+            retry_after,
+        }
     }
 }
 
@@ -195,7 +204,9 @@ pub fn parse_wait(value: &str, now: UnixMs) -> Option<Duration> {
     if let Some(d) = crate::duration::parse(value) {
         return Some(d);
     }
-    let stamp = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(value).ok()?;
+    let stamp = jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(value)
+        .ok()?;
     until_ms(stamp.as_millisecond())
 }
 
@@ -212,10 +223,19 @@ mod tests {
         assert_eq!(parse_wait("6m0s", NOW), Some(Duration::from_secs(360)));
         assert_eq!(parse_wait("\"17s\"", NOW), Some(Duration::from_secs(17)));
         assert_eq!(parse_wait("1760000005", NOW), Some(Duration::from_secs(5)));
-        assert_eq!(parse_wait("1760000000250", NOW), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_wait("1760000000250", NOW),
+            Some(Duration::from_millis(250))
+        );
         // 2025-10-09T08:53:30Z is 10 s after NOW.
-        assert_eq!(parse_wait("Thu, 09 Oct 2025 08:53:30 GMT", NOW), Some(Duration::from_secs(10)));
-        assert_eq!(parse_wait("Thu, 01 Jan 2015 00:00:00 GMT", NOW), Some(Duration::ZERO));
+        assert_eq!(
+            parse_wait("Thu, 09 Oct 2025 08:53:30 GMT", NOW),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_wait("Thu, 01 Jan 2015 00:00:00 GMT", NOW),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_wait("soon", NOW), None);
     }
 
@@ -234,17 +254,32 @@ mod tests {
             retry_after: Classifier::default_retry_after(),
         };
         let mut headers = HeaderMap::new();
-        let quota = classifier.classify(429, &headers, r#"{"error":{"code":"INSUFFICIENT_QUOTA"}}"#, NOW);
+        let quota = classifier.classify(
+            429,
+            &headers,
+            r#"{"error":{"code":"INSUFFICIENT_QUOTA"}}"#,
+            NOW,
+        );
         assert_eq!(quota.class, ErrorClass::Quota);
         headers.insert("retry-after", HeaderValue::from_static("7"));
         let limited = classifier.classify(429, &headers, "slow down", NOW);
         assert_eq!(
             limited,
-            Verdict { class: ErrorClass::RateLimit, scope: Scope::Model, retry_after: Some(Duration::from_secs(7)) }
+            Verdict {
+                class: ErrorClass::RateLimit,
+                scope: Scope::Model,
+                retry_after: Some(Duration::from_secs(7))
+            }
         );
         let auth = classifier.classify(401, &HeaderMap::new(), "", NOW);
         assert_eq!((auth.class, auth.scope), (ErrorClass::Auth, Scope::Key));
-        assert_eq!(classifier.classify(503, &HeaderMap::new(), "", NOW).class, ErrorClass::Server);
-        assert_eq!(classifier.classify(422, &HeaderMap::new(), "", NOW).class, ErrorClass::InvalidRequest);
+        assert_eq!(
+            classifier.classify(503, &HeaderMap::new(), "", NOW).class,
+            ErrorClass::Server
+        );
+        assert_eq!(
+            classifier.classify(422, &HeaderMap::new(), "", NOW).class,
+            ErrorClass::InvalidRequest
+        );
     }
 }

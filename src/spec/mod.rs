@@ -8,7 +8,9 @@ pub mod classify;
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
 use crate::secret::ApiKey;
-pub use classify::{Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict};
+pub use classify::{
+    Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict,
+};
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -113,7 +115,11 @@ struct RawProvider {
 #[derive(Clone, Debug)]
 pub enum Auth {
     /// A header whose value is `prefix + key + suffix` (from a template such as `Bearer {key}`).
-    Header { name: HeaderName, prefix: String, suffix: String },
+    Header {
+        name: HeaderName,
+        prefix: String,
+        suffix: String,
+    },
     /// A query parameter.
     Query { param: String },
 }
@@ -163,13 +169,20 @@ impl Provider {
         let url = self.url(path);
         let mut builder = match &self.auth {
             Auth::Query { param } => {
-                let mut url = reqwest::Url::parse(&url).map_err(|e| format!("invalid upstream URL: {e}"))?;
+                let mut url =
+                    reqwest::Url::parse(&url).map_err(|e| format!("invalid upstream URL: {e}"))?;
                 url.query_pairs_mut().append_pair(param, key.expose());
                 http.request(method, url)
             }
-            Auth::Header { name, prefix, suffix } => {
+            Auth::Header {
+                name,
+                prefix,
+                suffix,
+            } => {
                 let mut value = HeaderValue::try_from(format!("{prefix}{}{suffix}", key.expose()))
-                    .map_err(|_| "the key holds characters that an HTTP header cannot carry".to_string())?;
+                    .map_err(|_| {
+                        "the key holds characters that an HTTP header cannot carry".to_string()
+                    })?;
                 value.set_sensitive(true);
                 http.request(method, url).header(name, value)
             }
@@ -185,14 +198,24 @@ impl Provider {
 /// variable name.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && name.as_bytes()[0].is_ascii_lowercase()
 }
 
 /// Reads and validates one provider file. `global` is the tuning from `config.yaml`; `user` the provider's entry
 /// under `providers:` there.
-pub fn load_file(path: &Path, global: &Tuning, user: Option<&TuningPatch>) -> Result<Provider, Vec<ConfigError>> {
-    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+pub fn load_file(
+    path: &Path,
+    global: &Tuning,
+    user: Option<&TuningPatch>,
+) -> Result<Provider, Vec<ConfigError>> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
     if !valid_name(&name) {
         return Err(vec![
             ConfigError::new(Some(path), format!("{name:?} is not a valid provider name"))
@@ -207,7 +230,10 @@ pub fn load_file(path: &Path, global: &Tuning, user: Option<&TuningPatch>) -> Re
 
 /// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
 pub fn openai_compatible(name: &str, global: &Tuning, user: Option<&TuningPatch>) -> Provider {
-    let raw = RawProvider { base_url: Some("http://unset".into()), ..RawProvider::default() };
+    let raw = RawProvider {
+        base_url: Some("http://unset".into()),
+        ..RawProvider::default()
+    };
     resolve(name.to_string(), None, raw, global, user).expect("defaults are valid")
 }
 
@@ -224,31 +250,55 @@ fn resolve(
         errors.push(if hint.is_empty() { e } else { e.hint(hint) });
     };
 
-    let base_url = raw.base_url.unwrap_or_default().trim_end_matches('/').to_string();
+    let base_url = raw
+        .base_url
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_string();
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        err(format!("base_url {base_url:?} must be an http:// or https:// URL"), "e.g. base_url: https://api.example.com/v1");
+        err(
+            format!("base_url {base_url:?} must be an http:// or https:// URL"),
+            "e.g. base_url: https://api.example.com/v1",
+        );
     }
 
     let auth = match (raw.auth.query, raw.auth.header, raw.auth.value) {
         (Some(param), None, None) => Auth::Query { param },
         (Some(_), _, _) => {
-            err("auth: use either query or header/value, not both".into(), "");
-            Auth::Query { param: "key".into() }
+            err(
+                "auth: use either query or header/value, not both".into(),
+                "",
+            );
+            Auth::Query {
+                param: "key".into(),
+            }
         }
         (None, header, value) => {
             let header = header.unwrap_or_else(|| "Authorization".into());
             let value = value.unwrap_or_else(|| "Bearer {key}".into());
             let name = HeaderName::try_from(header.as_str()).unwrap_or_else(|_| {
-                err(format!("auth.header {header:?} is not a valid header name"), "");
+                err(
+                    format!("auth.header {header:?} is not a valid header name"),
+                    "",
+                );
                 HeaderName::from_static("authorization")
             });
             match value.split_once("{key}") {
-                Some((prefix, suffix)) => {
-                    Auth::Header { name, prefix: prefix.to_string(), suffix: suffix.to_string() }
-                }
+                Some((prefix, suffix)) => Auth::Header {
+                    name,
+                    prefix: prefix.to_string(),
+                    suffix: suffix.to_string(),
+                },
                 None => {
-                    err(format!("auth.value {value:?} must contain {{key}}"), "e.g. value: \"Bearer {key}\"");
-                    Auth::Header { name, prefix: String::new(), suffix: String::new() }
+                    err(
+                        format!("auth.value {value:?} must contain {{key}}"),
+                        "e.g. value: \"Bearer {key}\"",
+                    );
+                    Auth::Header {
+                        name,
+                        prefix: String::new(),
+                        suffix: String::new(),
+                    }
                 }
             }
         }
@@ -256,7 +306,10 @@ fn resolve(
 
     let mut headers = Vec::new();
     for (k, v) in raw.headers {
-        match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+        match (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
             (Ok(k), Ok(v)) => headers.push((k, v)),
             _ => err(format!("headers: {k:?} is not a valid header"), ""),
         }
@@ -264,7 +317,11 @@ fn resolve(
 
     let path_or = |p: Option<Option<String>>, default: &str| -> Option<String> {
         p.unwrap_or_else(|| Some(default.to_string())).map(|p| {
-            if p.starts_with('/') { p } else { format!("/{p}") }
+            if p.starts_with('/') {
+                p
+            } else {
+                format!("/{p}")
+            }
         })
     };
     let paths = Paths {
@@ -273,12 +330,19 @@ fn resolve(
         models: path_or(raw.paths.models, "/models"),
     };
     let list = raw.models.list.unwrap_or(if paths.models.is_some() {
-        if raw.models.static_list.is_empty() { ListSource::Upstream } else { ListSource::Both }
+        if raw.models.static_list.is_empty() {
+            ListSource::Upstream
+        } else {
+            ListSource::Both
+        }
     } else {
         ListSource::Static
     });
     if list != ListSource::Static && paths.models.is_none() {
-        err("models.list asks for the upstream list but paths.models is null".into(), "set paths.models or use list: static");
+        err(
+            "models.list asks for the upstream list but paths.models is null".into(),
+            "set paths.models or use list: static",
+        );
     }
 
     let retry_sources = |raw: Vec<RawRetrySource>, at: &str, err: &mut dyn FnMut(String, &str)| {
@@ -288,14 +352,20 @@ fn resolve(
                 (Some(h), None) => match HeaderName::try_from(h.as_str()) {
                     Ok(h) => Some(RetryAfterSource::Header(h)),
                     Err(_) => {
-                        err(format!("{at}[{i}].header {h:?} is not a valid header name"), "");
+                        err(
+                            format!("{at}[{i}].header {h:?} is not a valid header name"),
+                            "",
+                        );
                         None
                     }
                 },
                 (None, Some(re)) => match regex_lite::Regex::new(&re) {
                     Ok(re) if re.captures_len() > 1 => Some(RetryAfterSource::Body(re)),
                     Ok(_) => {
-                        err(format!("{at}[{i}].body needs a capture group around the value"), "e.g. '\"retryDelay\"\\s*:\\s*\"([^\"]+)\"'");
+                        err(
+                            format!("{at}[{i}].body needs a capture group around the value"),
+                            "e.g. '\"retryDelay\"\\s*:\\s*\"([^\"]+)\"'",
+                        );
                         None
                     }
                     Err(e) => {
@@ -304,7 +374,10 @@ fn resolve(
                     }
                 },
                 _ => {
-                    err(format!("{at}[{i}] must have exactly one of header or body"), "");
+                    err(
+                        format!("{at}[{i}] must have exactly one of header or body"),
+                        "",
+                    );
                     None
                 }
             })
@@ -325,22 +398,39 @@ fn resolve(
                 "4xx" => Some(StatusMatch::Hundreds(4)),
                 "5xx" => Some(StatusMatch::Hundreds(5)),
                 _ => {
-                    err(format!("errors[{i}].status {p:?} must be a code, a list of codes, 4xx or 5xx"), "");
+                    err(
+                        format!(
+                            "errors[{i}].status {p:?} must be a code, a list of codes, 4xx or 5xx"
+                        ),
+                        "",
+                    );
                     None
                 }
             },
         };
         let body_regex = r.body_regex.and_then(|re| {
             regex_lite::Regex::new(&re)
-                .map_err(|e| err(format!("errors[{i}].body_regex is not a valid regex: {e}"), ""))
+                .map_err(|e| {
+                    err(
+                        format!("errors[{i}].body_regex is not a valid regex: {e}"),
+                        "",
+                    )
+                })
                 .ok()
         });
         let header = r.header.and_then(|h| {
             HeaderName::try_from(h.as_str())
-                .map_err(|_| err(format!("errors[{i}].header {h:?} is not a valid header name"), ""))
+                .map_err(|_| {
+                    err(
+                        format!("errors[{i}].header {h:?} is not a valid header name"),
+                        "",
+                    )
+                })
                 .ok()
         });
-        let rule_retry = r.retry_after.map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
+        let rule_retry = r
+            .retry_after
+            .map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
         rules.push(ErrorRule {
             status,
             body: r.body.map(|b| b.to_lowercase()),
@@ -378,7 +468,10 @@ fn resolve(
         paths,
         list,
         static_models: raw.models.static_list,
-        filter: ModelFilter { allow: raw.models.allow, deny: raw.models.deny },
+        filter: ModelFilter {
+            allow: raw.models.allow,
+            deny: raw.models.deny,
+        },
         stream_usage: raw.stream_usage,
         classifier: Classifier { rules, retry_after },
         tuning,
@@ -394,7 +487,10 @@ mod tests {
     fn load(text: &str) -> Result<Provider, Vec<ConfigError>> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("acme.yaml");
-        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         load_file(&path, &Tuning::default(), None)
     }
 
@@ -402,9 +498,14 @@ mod tests {
     fn minimal_file_gets_openai_defaults() {
         let p = load("base_url: https://api.acme.test/v1/\n").unwrap();
         assert_eq!(p.name, "acme");
-        assert_eq!(p.url(p.paths.chat.as_deref().unwrap()), "https://api.acme.test/v1/chat/completions");
+        assert_eq!(
+            p.url(p.paths.chat.as_deref().unwrap()),
+            "https://api.acme.test/v1/chat/completions"
+        );
         assert_eq!(p.list, ListSource::Upstream);
-        assert!(matches!(&p.auth, Auth::Header { name, prefix, .. } if name == "authorization" && prefix == "Bearer "));
+        assert!(
+            matches!(&p.auth, Auth::Header { name, prefix, .. } if name == "authorization" && prefix == "Bearer ")
+        );
         assert_eq!(p.classifier.retry_after.len(), 2);
     }
 
@@ -433,10 +534,15 @@ concurrency: { per_key_model: 3 }
         assert_eq!(p.paths.embeddings, None);
         assert_eq!(p.paths.models.as_deref(), Some("/v2/models"));
         assert_eq!(p.classifier.rules.len(), 2);
-        assert_eq!(p.classifier.rules[0].body.as_deref(), Some("insufficient_quota"));
+        assert_eq!(
+            p.classifier.rules[0].body.as_deref(),
+            Some("insufficient_quota")
+        );
         assert_eq!(p.tuning.per_key_model, 3);
         assert!(!p.filter.permits("m-old"));
-        let v = p.classifier.classify(503, &Default::default(), "overloaded, wait 12s", 0);
+        let v = p
+            .classifier
+            .classify(503, &Default::default(), "overloaded, wait 12s", 0);
         assert_eq!(v.class, ErrorClass::RateLimit);
         assert_eq!(v.retry_after, Some(std::time::Duration::from_secs(12)));
     }
@@ -446,10 +552,16 @@ concurrency: { per_key_model: 3 }
         let errors = load("base_url: https://x\nmodles: {}\n").unwrap_err();
         assert_eq!(errors[0].line, Some(2));
         assert!(errors[0].message.contains("unknown field `modles`"));
-        let errors = load("base_url: ftp://x\nauth: {value: Bearer}\nerrors: [{status: 6xx, class: server}]\n")
-            .unwrap_err();
+        let errors = load(
+            "base_url: ftp://x\nauth: {value: Bearer}\nerrors: [{status: 6xx, class: server}]\n",
+        )
+        .unwrap_err();
         assert_eq!(errors.len(), 3, "{errors:?}");
-        let errors = load("base_url: https://x\nerrors: [{status: 400, class: teapot}]\n").unwrap_err();
-        assert!(errors[0].message.contains("unknown variant `teapot`"), "{errors:?}");
+        let errors =
+            load("base_url: https://x\nerrors: [{status: 400, class: teapot}]\n").unwrap_err();
+        assert!(
+            errors[0].message.contains("unknown variant `teapot`"),
+            "{errors:?}"
+        );
     }
 }

@@ -34,7 +34,11 @@ pub struct UpstreamEvents {
 
 impl UpstreamEvents {
     pub fn new(response: reqwest::Response) -> Self {
-        Self { body: Box::pin(response.bytes_stream()), parser: SseParser::new(), ended: false }
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            parser: SseParser::new(),
+            ended: false,
+        }
     }
 
     /// The next event, `None` at the end of the stream.
@@ -47,8 +51,13 @@ impl UpstreamEvents {
                 return Ok(None);
             }
             match self.body.next().await {
-                Some(Ok(chunk)) => self.parser.push(&chunk).map_err(|_| StreamFault::Oversized)?,
-                Some(Err(e)) => return Err(StreamFault::Connection(crate::relay::describe_reqwest(&e))),
+                Some(Ok(chunk)) => self
+                    .parser
+                    .push(&chunk)
+                    .map_err(|_| StreamFault::Oversized)?,
+                Some(Err(e)) => {
+                    return Err(StreamFault::Connection(crate::relay::describe_reqwest(&e)));
+                }
                 None => {
                     self.ended = true;
                     return Ok(self.parser.finish());
@@ -104,7 +113,8 @@ pub fn frame(data: &str) -> Bytes {
 
 /// The in-band error that ends a stream which broke after it started: no `[DONE]` follows.
 pub fn error_frame(message: &str, code: &str) -> Bytes {
-    let body = serde_json::json!({"error": {"message": message, "type": "upstream_error", "code": code}});
+    let body =
+        serde_json::json!({"error": {"message": message, "type": "upstream_error", "code": code}});
     frame(&body.to_string())
 }
 
@@ -121,7 +131,13 @@ pub struct Forward {
 }
 
 impl Forward {
-    pub fn new(upstream: UpstreamEvents, first: SseEvent, lease: Lease, wants_usage: bool, label: String) -> Self {
+    pub fn new(
+        upstream: UpstreamEvents,
+        first: SseEvent,
+        lease: Lease,
+        wants_usage: bool,
+        label: String,
+    ) -> Self {
         Self {
             upstream,
             pending: Some(first),
@@ -158,7 +174,10 @@ impl Forward {
                     return Some(frame("[DONE]"));
                 }
                 Ok(None) => {
-                    return Some(self.cut(ErrorClass::Connection, "the upstream stream ended before the answer was complete"));
+                    return Some(self.cut(
+                        ErrorClass::Connection,
+                        "the upstream stream ended before the answer was complete",
+                    ));
                 }
                 Err(fault) => return Some(self.cut(ErrorClass::Connection, &fault.to_string())),
             };
@@ -175,7 +194,11 @@ impl Forward {
                 }
             };
             if peek.error.is_some() {
-                lease.fail(&Verdict { class: ErrorClass::Server, scope: Scope::Model, retry_after: None });
+                lease.fail(&Verdict {
+                    class: ErrorClass::Server,
+                    scope: Scope::Model,
+                    retry_after: None,
+                });
                 self.lease = None;
                 return Some(frame(&event.data));
             }
@@ -195,8 +218,15 @@ impl Forward {
     fn cut(&mut self, class: ErrorClass, why: &str) -> Bytes {
         tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
         if let Some(mut lease) = self.lease.take() {
-            lease.fail(&Verdict { class, scope: Scope::Model, retry_after: None });
+            lease.fail(&Verdict {
+                class,
+                scope: Scope::Model,
+                retry_after: None,
+            });
         }
-        error_frame(&format!("upstream stream interrupted: {why}"), "stream_interrupted")
+        error_frame(
+            &format!("upstream stream interrupted: {why}"),
+            "stream_interrupted",
+        )
     }
 }

@@ -126,7 +126,10 @@ impl SseParser {
             return None;
         }
         self.has_data = false;
-        Some(SseEvent { event: self.event.take(), data: std::mem::take(&mut self.data) })
+        Some(SseEvent {
+            event: self.event.take(),
+            data: std::mem::take(&mut self.data),
+        })
     }
 
     fn compact(&mut self) {
@@ -155,7 +158,10 @@ mod tests {
     }
 
     fn data(d: &str) -> SseEvent {
-        SseEvent { event: None, data: d.into() }
+        SseEvent {
+            event: None,
+            data: d.into(),
+        }
     }
 
     #[test]
@@ -166,7 +172,10 @@ mod tests {
             whole,
             vec![
                 data("{\"a\":1}"),
-                SseEvent { event: Some("message_start".into()), data: "x\ny".into() },
+                SseEvent {
+                    event: Some("message_start".into()),
+                    data: "x\ny".into()
+                },
                 data("[DONE]")
             ]
         );
@@ -176,7 +185,10 @@ mod tests {
 
     #[test]
     fn crlf_cr_and_unterminated_tail() {
-        assert_eq!(all(&[b"data: a\r\n\r\ndata:b\r", b"\r", b"data: [DONE]"]), vec![data("a"), data("b"), data("[DONE]")]);
+        assert_eq!(
+            all(&[b"data: a\r\n\r\ndata:b\r", b"\r", b"data: [DONE]"]),
+            vec![data("a"), data("b"), data("[DONE]")]
+        );
         assert_eq!(all(&[b"data: a\r", b"\n\r\n"]), vec![data("a")]);
         assert_eq!(all(&[b"event: ping\n\n"]), vec![]);
     }

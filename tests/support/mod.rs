@@ -32,9 +32,18 @@ impl Seen {
 
 /// How the mock answers one request.
 pub enum Reply {
-    Json { status: u16, headers: Vec<(&'static str, String)>, body: Value, delay: Duration },
+    Json {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Value,
+        delay: Duration,
+    },
     /// SSE `data:` payloads, sent `gap` apart, then the end.
-    Sse { events: Vec<String>, gap: Duration, end: End },
+    Sse {
+        events: Vec<String>,
+        gap: Duration,
+        end: End,
+    },
     /// Accept the request and never answer.
     Hang,
 }
@@ -50,11 +59,21 @@ pub enum End {
 
 impl Reply {
     pub fn ok(body: Value) -> Self {
-        Self::Json { status: 200, headers: vec![], body, delay: Duration::ZERO }
+        Self::Json {
+            status: 200,
+            headers: vec![],
+            body,
+            delay: Duration::ZERO,
+        }
     }
 
     pub fn status(status: u16, body: Value) -> Self {
-        Self::Json { status, headers: vec![], body, delay: Duration::ZERO }
+        Self::Json {
+            status,
+            headers: vec![],
+            body,
+            delay: Duration::ZERO,
+        }
     }
 
     pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
@@ -73,7 +92,10 @@ impl Reply {
 
     /// An OpenAI error body.
     pub fn error(status: u16, message: &str, kind: &str, code: &str) -> Self {
-        Self::status(status, json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))
+        Self::status(
+            status,
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+        )
     }
 }
 
@@ -98,8 +120,15 @@ pub fn chunks(model: &str, parts: &[&str], with_usage: bool) -> Vec<String> {
         })
         .to_string()
     };
-    let mut out = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-    out.extend(parts.iter().map(|p| chunk(json!({"content": p}), Value::Null)));
+    let mut out = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    out.extend(
+        parts
+            .iter()
+            .map(|p| chunk(json!({"content": p}), Value::Null)),
+    );
     out.push(chunk(json!({}), json!("stop")));
     if with_usage {
         out.push(
@@ -144,7 +173,11 @@ impl Mock {
             async move { serve(req, handler, tracking, closed).await }
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { base_url, tracking, closed_streams }
+        Self {
+            base_url,
+            tracking,
+            closed_streams,
+        }
     }
 
     /// A mock that answers every chat request with `content` and streams it in words.
@@ -177,12 +210,22 @@ impl Mock {
 
     /// Chat requests only.
     pub fn chats(&self) -> Vec<Seen> {
-        self.seen().into_iter().filter(|s| s.path.ends_with("/chat/completions")).collect()
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path.ends_with("/chat/completions"))
+            .collect()
     }
 
     /// The most requests ever in flight at once on one key for one model.
     pub fn max_in_flight(&self) -> usize {
-        self.tracking.lock().unwrap().max_in_flight.values().copied().max().unwrap_or(0)
+        self.tracking
+            .lock()
+            .unwrap()
+            .max_in_flight
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 
     /// Streams whose connection was closed (by the proxy or by finishing).
@@ -216,7 +259,9 @@ async fn serve(
     closed: Arc<AtomicUsize>,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let key = parts
         .headers
         .get("authorization")
@@ -243,11 +288,22 @@ async fn serve(
         *max = (*max).max(now);
         t.seen.len() - 1
     };
-    let mut leaving = Leaving { tracking, slot, closed: None };
+    let mut leaving = Leaving {
+        tracking,
+        slot,
+        closed: None,
+    };
     match handler(&seen, index) {
-        Reply::Json { status, headers, body, delay } => {
+        Reply::Json {
+            status,
+            headers,
+            body,
+            delay,
+        } => {
             tokio::time::sleep(delay).await;
-            let mut response = Response::builder().status(StatusCode::from_u16(status).unwrap()).header("content-type", "application/json");
+            let mut response = Response::builder()
+                .status(StatusCode::from_u16(status).unwrap())
+                .header("content-type", "application/json");
             for (k, v) in headers {
                 response = response.header(k, v);
             }
@@ -277,24 +333,36 @@ fn async_stream(
     end: End,
     leaving: Leaving,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let mut frames: Vec<Option<Bytes>> = events.into_iter().map(|e| Some(Bytes::from(format!("data: {e}\n\n")))).collect();
+    let mut frames: Vec<Option<Bytes>> = events
+        .into_iter()
+        .map(|e| Some(Bytes::from(format!("data: {e}\n\n"))))
+        .collect();
     match end {
         End::Done => frames.push(Some(Bytes::from_static(b"data: [DONE]\n\n"))),
         End::Cut => {}
         End::Stall => frames.push(None),
     }
-    futures_util::stream::unfold((frames.into_iter(), leaving, true), move |(mut it, leaving, first)| async move {
-        if !first && !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
-        match it.next()? {
-            Some(frame) => Some((Ok(frame), (it, leaving, false))),
-            None => {
-                std::future::pending::<()>().await;
-                None
+    futures_util::stream::unfold(
+        (frames.into_iter(), leaving, true),
+        move |(mut it, leaving, first)| async move {
+            if !first && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
             }
-        }
-    })
+            match it.next()? {
+                Some(frame) => Some((Ok(frame), (it, leaving, false))),
+                None => {
+                    std::future::pending::<()>().await;
+                    None
+                }
+            }
+        },
+    )
+}
+
+/// An HTTP client for tests (TLS needs a crypto provider even for plain HTTP clients).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 pub const PROXY_KEY: &str = "test-proxy-key-0123456789";
@@ -335,16 +403,25 @@ impl Setup {
 
 /// The key values `mock_keys` produces, by index from 1.
 pub fn key(i: usize) -> String {
-    format!("mock-key-{i}-abcdefghijklmnop")
+    format!("mock-key-abcdefghijkl-{i:04}")
+}
+
+/// The masked form of `key(i)`.
+pub fn masked(i: usize) -> String {
+    format!("…{i:04}")
 }
 
 pub fn mock_keys(prefix: &str, n: usize) -> Vec<(String, String)> {
-    (1..=n).map(|i| (format!("{prefix}_API_KEY_{i}"), key(i))).collect()
+    (1..=n)
+        .map(|i| (format!("{prefix}_API_KEY_{i}"), key(i)))
+        .collect()
 }
 
 /// A provider file for a mock, with extra YAML appended.
 pub fn provider_yaml(base_url: &str, extra: &str) -> String {
-    format!("base_url: {base_url}\nstream_usage: true\nmodels:\n  list: both\n  static: [static-model]\n{extra}")
+    format!(
+        "base_url: {base_url}\nstream_usage: true\nmodels:\n  list: both\n  static: [static-model]\n{extra}"
+    )
 }
 
 /// A keyrelay server on a loopback port.
@@ -381,22 +458,30 @@ impl Proxy {
             host: Some("127.0.0.1".into()),
             port: Some(0),
         };
-        let snapshot = keyrelay::Snapshot::load(&opts).unwrap_or_else(|e| panic!("config invalid: {e}"));
-        let running = keyrelay::app::start(snapshot, keyrelay::clock::Clock::system()).await.unwrap();
+        let snapshot =
+            keyrelay::Snapshot::load(&opts).unwrap_or_else(|e| panic!("config invalid: {e}"));
+        let running = keyrelay::app::start(snapshot, keyrelay::clock::Clock::system())
+            .await
+            .unwrap();
         Self {
             url: format!("http://{}", running.addr),
             dir,
-            client: reqwest::Client::builder().build().unwrap(),
+            client: http_client(),
             running: Some(running),
         }
     }
 
     pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.client.post(format!("{}{path}", self.url)).bearer_auth(PROXY_KEY).json_body(body)
+        self.client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(PROXY_KEY)
+            .json_body(body)
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(format!("{}{path}", self.url)).bearer_auth(PROXY_KEY)
+        self.client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(PROXY_KEY)
     }
 
     /// A non-streaming chat request; returns status, headers and JSON body.
@@ -421,7 +506,8 @@ pub trait JsonBody {
 
 impl JsonBody for reqwest::RequestBuilder {
     fn json_body(self, body: &Value) -> Self {
-        self.header("content-type", "application/json").body(body.to_string())
+        self.header("content-type", "application/json")
+            .body(body.to_string())
     }
 }
 
@@ -447,19 +533,36 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub fn reassemble(data: &[String]) -> String {
     data.iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| v.pointer("/choices/0/delta/content").and_then(Value::as_str).map(str::to_string))
+        .filter_map(|v| {
+            v.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .collect()
 }
 
 /// Asserts an OpenAI-shaped error and returns its code.
 pub fn error_code(body: &Value) -> String {
-    let e = body.get("error").unwrap_or_else(|| panic!("not an OpenAI error: {body}"));
-    assert!(e.get("message").and_then(Value::as_str).is_some_and(|m| !m.is_empty()), "{body}");
+    let e = body
+        .get("error")
+        .unwrap_or_else(|| panic!("not an OpenAI error: {body}"));
+    assert!(
+        e.get("message")
+            .and_then(Value::as_str)
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(e.get("type").and_then(Value::as_str).is_some(), "{body}");
-    e.get("code").and_then(Value::as_str).unwrap_or_default().to_string()
+    e.get("code")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A header as UTF-8 text (masked keys hold `…`), or "" when absent.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
-    headers.get(name).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()).unwrap_or("")
+    headers
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .unwrap_or("")
 }
