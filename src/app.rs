@@ -4,7 +4,8 @@ use crate::clock::Clock;
 use crate::http::{AppState, router};
 use crate::keys::{KeyStore, MemoryStore, Persister, StorePolicy};
 use crate::relay::Relay;
-use crate::snapshot::Snapshot;
+use crate::reload::{Reloader, spawn_watcher};
+use crate::snapshot::{LoadOptions, Snapshot};
 use arc_swap::ArcSwap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Usage(#[from] crate::keys::UsageFileError),
+    #[error("cannot watch the configuration files: {0}")]
+    Watch(notify::Error),
 }
 
 /// Whether `host` only accepts connections from this machine.
@@ -36,6 +39,7 @@ pub fn is_loopback(host: &str) -> bool {
 pub struct Running {
     pub addr: SocketAddr,
     pub relay: Relay,
+    pub reloader: Option<Arc<Reloader>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -58,8 +62,13 @@ impl Running {
     }
 }
 
-/// Starts serving `snapshot` on its host and port.
-pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartError> {
+/// Starts serving `snapshot` on its host and port. With `reload`, the files it names are watched and every
+/// valid change is applied live.
+pub async fn start(
+    snapshot: Snapshot,
+    reload: Option<LoadOptions>,
+    clock: Clock,
+) -> Result<Running, StartError> {
     let settings = snapshot.settings.clone();
     let addr = format!("{}:{}", settings.host, settings.port);
     if snapshot.proxy_key.is_none() && !is_loopback(&settings.host) {
@@ -101,13 +110,24 @@ pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartErr
         .map_err(|source| StartError::Bind { addr, source })?;
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
-    let relay = Relay::new(config, store as Arc<dyn KeyStore>, clock);
+    let store: Arc<dyn KeyStore> = store;
+    let relay = Relay::new(config.clone(), store.clone(), clock);
+    let stop = CancellationToken::new();
+    let reloader = match reload {
+        Some(opts) => {
+            let reloader = Arc::new(Reloader::new(opts, config, store, clock));
+            spawn_watcher(reloader.clone(), stop.clone()).map_err(StartError::Watch)?;
+            Some(reloader)
+        }
+        None => None,
+    };
     let app = router(AppState {
         relay: relay.clone(),
         started: std::time::Instant::now(),
+        reloader: reloader.clone(),
     });
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(persister.clone().run(settings.usage_flush));
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));
 
     let task = {
         let stop = stop.clone();
@@ -129,15 +149,15 @@ pub async fn start(snapshot: Snapshot, clock: Clock) -> Result<Running, StartErr
                     "in-flight requests did not finish in time; closing them"
                 ),
             }
-            writer.abort();
-            if let Err(e) = persister.flush().await {
-                tracing::error!(error = %e, "cannot write the usage file on shutdown");
-            }
+            // The writer finishes any write in progress, then writes the final state.
+            writer_stop.cancel();
+            let _ = writer.await;
         })
     };
     Ok(Running {
         addr: local,
         relay,
+        reloader,
         stop,
         task,
     })

@@ -13,6 +13,8 @@
 //!   leases, the cooldown schedule, daily resets, usage counters and the usage file.
 //! - [`spec`]: provider files as data — base URL, auth, paths, models, and the error classification rules.
 //! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
+//! - [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
+//!   validates and atomically swaps the snapshot.
 //! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, key discovery.
 //! - [`app`] and [`cli`]: wiring, graceful shutdown, and the command line.
 //!
@@ -64,6 +66,7 @@ pub mod glob;
 pub mod http;
 pub mod keys;
 pub mod relay;
+pub mod reload;
 pub mod secret;
 pub mod snapshot;
 pub mod spec;

@@ -65,7 +65,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         .values()
         .map(|p| (p.name.clone(), p.keys.len()))
         .collect();
-    let running = match keyrelay::app::start(snapshot, Clock::system()).await {
+    let running = match keyrelay::app::start(snapshot, Some(opts), Clock::system()).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyrelay: {e}");

@@ -82,7 +82,7 @@ pub fn mask(secret: &str) -> String {
 
 /// The proxy key, kept only as a hash; candidates are hashed and compared in constant time, so neither the
 /// content nor the length of the key leaks through timing.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProxyKey([u8; 32]);
 
 impl ProxyKey {

@@ -42,6 +42,10 @@ pub struct Snapshot {
     pub proxy_key: Option<ProxyKey>,
     /// Things worth telling the user that do not stop the load.
     pub warnings: Vec<String>,
+    /// Counts published snapshots: 1 for the one loaded at start, +1 per accepted reload.
+    pub generation: u64,
+    /// When this snapshot was built.
+    pub loaded_at: crate::clock::UnixMs,
 }
 
 impl Snapshot {
@@ -135,6 +139,13 @@ impl Snapshot {
             if let Some(deny) = env.model_globs("IGNORE", name) {
                 p.filter.deny = deny;
             }
+            p.fingerprint = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (p.fingerprint, &p.base_url, &p.filter.allow, &p.filter.deny).hash(&mut h);
+                format!("{:?}", p.tuning).hash(&mut h);
+                h.finish()
+            };
             p.keys = env
                 .provider_keys(name)
                 .iter()
@@ -171,6 +182,8 @@ impl Snapshot {
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
             proxy_key: env.proxy_key().map(ProxyKey::new),
+            generation: 1,
+            loaded_at: crate::clock::Clock::system().now(),
             warnings,
         })
     }

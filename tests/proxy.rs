@@ -384,3 +384,104 @@ async fn an_api_base_alone_defines_an_openai_compatible_provider() {
     );
     assert_eq!(header(&headers, "x-keyrelay-provider"), "local_llm");
 }
+
+#[tokio::test]
+async fn a_stalled_stream_is_cut_after_the_idle_timeout_and_frees_the_key() {
+    let mock = Mock::start(|seen, i| {
+        if i == 0 {
+            Reply::Sse {
+                events: chunks(seen.model(), &["half"], false)[..2].to_vec(),
+                gap: Duration::ZERO,
+                end: End::Stall,
+            }
+        } else {
+            Reply::ok(completion(seen.model(), "next"))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1).config("timeouts: {stream_idle: 300ms}\n")).await;
+    let body = json!({"model": "mock/m", "stream": true, "messages": []});
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(reassemble(&data), "half");
+    assert!(!text.contains("[DONE]"));
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error_code(&last), "stream_interrupted");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sent nothing for"),
+        "{last}"
+    );
+    let (status, _, _) = proxy.chat("mock/m", "again").await;
+    assert_eq!(status, 200, "the key was released");
+}
+
+#[tokio::test]
+async fn odd_but_valid_chunks_pass_through_and_mid_stream_errors_are_openai_shaped() {
+    let mock = Mock::start(|seen, _| {
+        let mut events = chunks(seen.model(), &["fine"], false)[..2].to_vec();
+        events.push(
+            json!({"id": "x", "choices": null, "usage": {"prompt_tokens": null}}).to_string(),
+        );
+        events.push("not json at all".into());
+        events.push(json!({"error": "upstream exploded"}).to_string());
+        Reply::Sse {
+            events,
+            gap: Duration::ZERO,
+            end: End::Cut,
+        }
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(reassemble(&data), "fine");
+    assert!(
+        data.iter().any(|d| d.contains("\"choices\":null")),
+        "an odd chunk is forwarded: {text}"
+    );
+    assert!(
+        !text.contains("not json at all"),
+        "malformed events are skipped"
+    );
+    assert!(!text.contains("[DONE]"));
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(
+        last["error"]["message"],
+        "upstream error: upstream exploded"
+    );
+    assert_eq!(error_code(&last), "upstream_error");
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let target = Mock::echo("elsewhere").await;
+    let location = format!("{}/chat/completions", target.base_url);
+    let mock =
+        Mock::start(move |_, _| Reply::status(307, json!({})).with_header("location", &location))
+            .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1).config("retries: {attempts: 1}\n")).await;
+    let (status, _, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        target.seen().is_empty(),
+        "the key and prompt went to the redirect target"
+    );
+}

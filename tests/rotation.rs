@@ -405,3 +405,24 @@ async fn sequential_selection_stays_on_the_first_key() {
     }
     assert!(mock.chats().iter().all(|s| s.key == key(1)));
 }
+
+#[tokio::test]
+async fn when_every_key_is_benched_for_auth_the_answer_is_503_not_a_wait() {
+    let mock = Mock::start(|_, _| {
+        Reply::error(
+            401,
+            "Incorrect API key provided",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 2)).await;
+    let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_code(&body), "no_key_available");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(auth x2)"), "{message}");
+    assert!(header(&headers, "retry-after").is_empty());
+    assert_eq!(mock.chats().len(), 2);
+}

@@ -22,6 +22,8 @@ use std::time::Instant;
 pub struct AppState {
     pub relay: Relay,
     pub started: Instant,
+    /// Present when the configuration is live-reloaded; `GET /` reports its status.
+    pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
 }
 
 /// The whole API.
@@ -189,12 +191,31 @@ async fn embeddings(State(app): State<AppState>, headers: HeaderMap, body: Body)
 
 async fn liveness(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
+    let status = match &app.reloader {
+        Some(r) => r.status(),
+        None => crate::reload::ReloadStatus {
+            generation: snapshot.generation,
+            loaded_at: snapshot.loaded_at,
+            ..Default::default()
+        },
+    };
+    let time = |ms: i64| {
+        jiff::Timestamp::from_millisecond(ms)
+            .map(|t| t.to_string())
+            .ok()
+    };
     axum::Json(json!({
         "status": "ok",
         "service": "keyrelay",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs(),
         "providers": snapshot.serving().count(),
+        "config": {
+            "generation": status.generation,
+            "loaded_at": time(status.loaded_at),
+            "last_reload_error": status.last_error,
+            "last_reload_error_at": status.last_error_at.and_then(time),
+        },
     }))
     .into_response()
 }

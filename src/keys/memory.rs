@@ -12,7 +12,7 @@ use crate::config::{Selection, Tuning};
 use crate::secret::{ApiKey, KeyId};
 use crate::spec::{ErrorClass, Scope};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -66,13 +66,14 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    fn cooling_until(&self, model: Option<&ModelState>, now: UnixMs) -> Option<UnixMs> {
-        let key = self.cooldown.filter(|c| c.until > now).map(|c| c.until);
-        let model = model
-            .and_then(|m| m.cooldown)
-            .filter(|c| c.until > now)
-            .map(|c| c.until);
-        key.max(model)
+    /// When the key is usable again for `model`, and why it rests, if it is cooling.
+    fn cooling(&self, model: Option<&ModelState>, now: UnixMs) -> Option<Cooldown> {
+        let key = self.cooldown.filter(|c| c.until > now);
+        let model = model.and_then(|m| m.cooldown).filter(|c| c.until > now);
+        match (key, model) {
+            (Some(k), Some(m)) => Some(if k.until >= m.until { k } else { m }),
+            (k, m) => k.or(m),
+        }
     }
 }
 
@@ -96,6 +97,9 @@ pub struct State {
     next_reset: UnixMs,
     #[serde(skip)]
     providers: HashMap<String, ProviderState>,
+    /// Keys removed from the configuration while in flight: dropped when their last lease ends.
+    #[serde(skip)]
+    retiring: HashSet<KeyId>,
 }
 
 impl State {
@@ -128,7 +132,7 @@ impl State {
 #[derive(Clone, Copy)]
 enum Standing {
     Excluded,
-    Cooling(UnixMs),
+    Cooling(Cooldown),
     Busy,
     Free(u64),
 }
@@ -210,8 +214,8 @@ impl MemoryStore {
                     return Standing::Free(0);
                 };
                 let ms = ks.models.get(ask.model);
-                if let Some(until) = ks.cooling_until(ms, now) {
-                    return Standing::Cooling(until);
+                if let Some(cooldown) = ks.cooling(ms, now) {
+                    return Standing::Cooling(cooldown);
                 }
                 let model_in_flight = ms.map_or(0, |m| m.in_flight);
                 let full = |limit: u32, used: u32| limit > 0 && used >= limit;
@@ -256,8 +260,11 @@ impl MemoryStore {
                 match *standing {
                     Standing::Excluded => why.excluded += 1,
                     Standing::Busy => why.busy += 1,
-                    Standing::Cooling(until) => {
+                    Standing::Cooling(Cooldown { until, reason }) => {
                         why.cooling += 1;
+                        if matches!(reason, ErrorClass::Auth | ErrorClass::Forbidden) {
+                            why.benched += 1;
+                        }
                         why.ready_at = Some(why.ready_at.map_or(until, |r| r.min(until)));
                     }
                     Standing::Free(_) => {}
@@ -303,6 +310,10 @@ impl MemoryStore {
         ks.in_flight = ks.in_flight.saturating_sub(1);
         let ms = ks.models.entry(grant.model.to_string()).or_default();
         ms.in_flight = ms.in_flight.saturating_sub(1);
+        let outcome_class = match &outcome {
+            Outcome::Failure { class, .. } => Some(*class),
+            _ => None,
+        };
         match outcome {
             Outcome::Cancelled => {}
             Outcome::Success {
@@ -311,8 +322,9 @@ impl MemoryStore {
             } => {
                 for c in [&mut ms.today, &mut ms.lifetime] {
                     c.successes += 1;
-                    c.prompt_tokens += prompt_tokens;
-                    c.completion_tokens += completion_tokens;
+                    // Counts come from the upstream: never let a silly one overflow.
+                    c.prompt_tokens = c.prompt_tokens.saturating_add(prompt_tokens);
+                    c.completion_tokens = c.completion_tokens.saturating_add(completion_tokens);
                 }
                 ms.streak = 0;
                 ks.streak = 0;
@@ -336,13 +348,16 @@ impl MemoryStore {
                     cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset)
                 {
                     *streak += 1;
-                    let cooldown = Some(Cooldown {
-                        until,
-                        reason: class,
-                    });
-                    match scope {
-                        Scope::Model => ms.cooldown = cooldown,
-                        Scope::Key => ks.cooldown = cooldown,
+                    let slot = match scope {
+                        Scope::Model => &mut ms.cooldown,
+                        Scope::Key => &mut ks.cooldown,
+                    };
+                    // Concurrent failures may report in any order: a short cooldown never cuts a longer one.
+                    if slot.is_none_or(|c| c.until < until) {
+                        *slot = Some(Cooldown {
+                            until,
+                            reason: class,
+                        });
                     }
                     if class == ErrorClass::RateLimit
                         && let Some(rule) = policy.pause
@@ -372,6 +387,15 @@ impl MemoryStore {
                     }
                 }
             }
+        }
+        // A model the upstream refused outright (an unknown name, say) leaves no trace: clients cannot grow
+        // the state with made-up model names.
+        let refused = matches!(outcome_class, Some(c) if c.is_client_error());
+        if refused && ms.in_flight == 0 && ms.lifetime.successes == 0 && ms.cooldown.is_none() {
+            ks.models.remove(&*grant.model);
+        }
+        if ks.in_flight == 0 && state.retiring.remove(&grant.key.id) {
+            state.keys.remove(&grant.key.id);
         }
         drop(guard);
         self.changed.notify_one();
@@ -424,6 +448,24 @@ impl KeyStore for MemoryStore {
     fn configure(&self, policy: StorePolicy) {
         *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
         self.lock().next_reset = 0;
+    }
+
+    fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
+        let mut state = self.lock();
+        state.retiring.retain(|id| !live.contains(id));
+        for id in removed.iter().filter(|id| !live.contains(*id)) {
+            match state.keys.get(id) {
+                Some(k) if k.in_flight > 0 => {
+                    state.retiring.insert(id.clone());
+                }
+                Some(_) => {
+                    state.keys.remove(id);
+                }
+                None => {}
+            }
+        }
+        drop(state);
+        self.changed.notify_one();
     }
 
     fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus> {
@@ -695,5 +737,108 @@ mod tests {
         assert_eq!(why.ready_at, Some(START + 5000), "the third key is spared");
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(store.try_acquire(ask(&keys, &tuning, &[])).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_key_limit_spans_models() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning {
+            per_key: 2,
+            per_key_model: 0,
+            ..Tuning::default()
+        };
+        let a = Ask {
+            model: "a",
+            ..ask(&keys, &tuning, &[])
+        };
+        let b = Ask {
+            model: "b",
+            ..ask(&keys, &tuning, &[])
+        };
+        let first = store.try_acquire(a).unwrap();
+        let _second = store.try_acquire(b).unwrap();
+        assert_eq!(store.try_acquire(a).unwrap_err().busy, 1);
+        store.release(&first, Outcome::Cancelled, &tuning);
+        assert!(store.try_acquire(a).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_cooldown_never_cuts_a_longer_one() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning {
+            per_key_model: 2,
+            ..Tuning::default()
+        };
+        let g1 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        let g2 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g1, fail(ErrorClass::Quota, None), &tuning);
+        store.release(
+            &g2,
+            fail(ErrorClass::RateLimit, Some(Duration::from_secs(1))),
+            &tuning,
+        );
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!(
+            why.ready_at,
+            Some(START + 60_000),
+            "still cooling until the daily reset"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_model_leaves_no_trace_and_retired_keys_go_when_idle() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(2);
+        let tuning = Tuning::default();
+        let made_up = Ask {
+            model: "made-up-model",
+            ..ask(&keys[..1], &tuning, &[])
+        };
+        let g = store.try_acquire(made_up).unwrap();
+        store.release(&g, fail(ErrorClass::InvalidRequest, None), &tuning);
+        let report = store.report("p", &keys[..1]);
+        assert_eq!(report[0].requests_total, 0, "{report:?}");
+
+        let busy = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        let idle = keys
+            .iter()
+            .find(|k| k.id != busy.key.id)
+            .unwrap()
+            .id
+            .clone();
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(
+            &g,
+            Outcome::Success {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+            &tuning,
+        );
+        let removed: HashSet<KeyId> = keys.iter().map(|k| k.id.clone()).collect();
+        store.retire(&removed, &HashSet::new());
+        assert!(
+            !store.lock().keys.contains_key(&idle),
+            "an idle removed key is forgotten at once"
+        );
+        assert!(
+            store.lock().keys.contains_key(&busy.key.id),
+            "a busy one stays until its request ends"
+        );
+        store.release(&busy, Outcome::Cancelled, &tuning);
+        assert!(!store.lock().keys.contains_key(&busy.key.id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn benched_keys_are_counted() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning::default();
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        store.release(&g, fail(ErrorClass::Forbidden, None), &tuning);
+        let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
+        assert_eq!((why.cooling, why.benched), (1, 1));
     }
 }

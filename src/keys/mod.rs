@@ -19,6 +19,7 @@ pub use lease::Lease;
 pub use memory::MemoryStore;
 pub use persist::{Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct Unavailable {
     pub busy: usize,
     /// Keys cooling down for this model, or the whole provider paused.
     pub cooling: usize,
+    /// Of those, keys benched for auth or forbidden errors (a wait rarely helps).
+    pub benched: usize,
     /// Keys this request already gave up on.
     pub excluded: usize,
     /// The earliest time a cooling key returns.
@@ -113,6 +116,12 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Replaces the store-wide rules (on start and on reload).
     fn configure(&self, policy: StorePolicy);
+
+    /// Forgets the keys a reload `removed` from the configuration: at once when idle, otherwise when their last
+    /// in-flight request ends. Keys in `live` (the configuration now) keep their usage, cooldowns and streaks,
+    /// even if an earlier reload had removed them. Keys the store knows but no configuration ever named (from a
+    /// usage file) are left alone.
+    fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>);
 
     /// The state of `keys` of `provider`, for operators.
     fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus>;

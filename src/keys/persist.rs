@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Bumped on any incompatible change to the file's layout.
 pub const USAGE_FILE_VERSION: u32 = 1;
@@ -78,7 +79,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("key_usage.json");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
@@ -99,15 +102,22 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct Persister {
     store: Arc<MemoryStore>,
     path: PathBuf,
+    /// One write at a time, so that the newest state is also the last one written.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl Persister {
     pub fn new(store: Arc<MemoryStore>, path: PathBuf) -> Self {
-        Self { store, path }
+        Self {
+            store,
+            path,
+            writing: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Writes the current state now.
     pub async fn flush(&self) -> std::io::Result<()> {
+        let _one_at_a_time = self.writing.lock().await;
         let saved_at = self.store.clock().now();
         let bytes = self.store.export(|state| {
             serde_json::to_vec_pretty(&FileOut {
@@ -118,19 +128,29 @@ impl Persister {
             .unwrap_or_default()
         });
         let path = self.path.clone();
+        // Awaited even if the caller is cancelled meanwhile: the guard is held until the blocking write ends.
         tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
-    /// Runs until dropped: waits for a change, lets changes gather for `interval`, then writes once.
-    pub async fn run(self: Arc<Self>, interval: Duration) {
+    /// Writes after each change, letting changes gather for `interval`, until `stop`; then writes once more.
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         loop {
-            self.store.changed().notified().await;
-            tokio::time::sleep(interval).await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.store.changed().notified() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
             if let Err(e) = self.flush().await {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot write the usage file");
             }
+        }
+        if let Err(e) = self.flush().await {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write the usage file on shutdown");
         }
     }
 }

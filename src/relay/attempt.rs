@@ -5,11 +5,11 @@ use crate::clock::Clock;
 use crate::secret::ApiKey;
 use crate::spec::{ErrorClass, Provider, Scope, Verdict};
 use crate::stream::sse::SseEvent;
-use crate::stream::{UpstreamEvents, Usage, is_done, is_error_event};
+use crate::stream::{UpstreamEvents, Usage, error_of, is_done};
 use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde_json::Value;
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
 const MAX_ERROR_BODY: usize = 64 << 10;
@@ -18,6 +18,8 @@ pub struct Attempt<'a> {
     pub http: &'a reqwest::Client,
     pub clock: &'a Clock,
     pub provider: &'a Provider,
+    /// The longest silence tolerated while waiting for stream events.
+    pub stream_idle: std::time::Duration,
 }
 
 pub enum Success {
@@ -63,12 +65,13 @@ impl Failure {
     }
 }
 
+/// What the proxy reads of a JSON reply; lenient, so an odd field never discards a paid answer.
 #[derive(Deserialize)]
 struct BodyPeek {
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<Value>,
     #[serde(default)]
-    error: Option<IgnoredAny>,
+    error: Option<Value>,
 }
 
 impl Attempt<'_> {
@@ -113,38 +116,32 @@ impl Attempt<'_> {
         }
 
         if stream {
-            let mut events = UpstreamEvents::new(response);
+            let mut events = UpstreamEvents::new(response, self.stream_idle);
             return match events.next().await {
                 Ok(Some(first)) if is_done(&first) => Err(Failure::unusable(
                     "the upstream stream ended before any content",
                 )),
-                Ok(Some(first)) if is_error_event(&first) => {
-                    let verdict = p.classifier.classify(
-                        500,
-                        &Default::default(),
-                        &first.data,
-                        self.clock.now(),
-                    );
-                    let class = if verdict.class.is_client_error() {
-                        verdict.class
-                    } else {
-                        ErrorClass::Server
-                    };
-                    Err(Failure {
-                        verdict: Verdict { class, ..verdict },
-                        status: if class.is_client_error() { 400 } else { 502 },
-                        body: first.data.into(),
-                        unusable: !class.is_client_error(),
-                    })
-                }
-                Ok(Some(first)) => Ok(Success::Stream { events, first }),
+                Ok(Some(first)) => match error_of(&first) {
+                    None => Ok(Success::Stream { events, first }),
+                    Some(_) => {
+                        // An error as the first event: judged by the provider's rules like an error status.
+                        let now = self.clock.now();
+                        let verdict =
+                            p.classifier
+                                .classify(500, &Default::default(), &first.data, now);
+                        let client = verdict.class.is_client_error();
+                        Err(Failure {
+                            status: if client { 400 } else { 502 },
+                            unusable: verdict.class == ErrorClass::Server,
+                            body: first.data.into(),
+                            verdict,
+                        })
+                    }
+                },
                 Ok(None) => Err(Failure::unusable(
                     "the upstream stream ended before any event",
                 )),
-                Err(fault) => Err(Failure::transport(
-                    ErrorClass::Connection,
-                    fault.to_string(),
-                )),
+                Err(fault) => Err(Failure::transport(fault.class(), fault.to_string())),
             };
         }
 
@@ -153,9 +150,12 @@ impl Attempt<'_> {
             .await
             .map_err(|e| Failure::transport(ErrorClass::Connection, super::describe_reqwest(&e)))?;
         match serde_json::from_slice::<BodyPeek>(&body) {
-            Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
+            Ok(BodyPeek {
+                error: None | Some(Value::Null),
+                usage,
+            }) => Ok(Success::Json {
                 body,
-                usage: usage.unwrap_or_default(),
+                usage: usage.as_ref().map(Usage::from_value).unwrap_or_default(),
             }),
             Ok(_) => Err(Failure::unusable(
                 "the upstream answered 200 with an error object",

@@ -86,6 +86,7 @@ struct Job {
     stream: bool,
     wants_usage: bool,
     deadline: Instant,
+    stream_idle: Duration,
 }
 
 /// The engine. Cheap to clone; usable without the HTTP server.
@@ -102,9 +103,14 @@ impl Relay {
     pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn KeyStore>, clock: Clock) -> Self {
         // TLS uses ring; install it once per process (a second call finds it installed, which is fine).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let connect_timeout = config.load().settings.connect_timeout;
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Never follow redirects: a redirect to another host would carry the key (in a custom header or
+            // the query) and the prompt to it.
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .user_agent(concat!("keyrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("the HTTP client builds with static settings");
@@ -179,6 +185,7 @@ impl Relay {
             stream,
             wants_usage,
             deadline: Instant::now() + snapshot.settings.request_timeout,
+            stream_idle: snapshot.settings.stream_idle_timeout,
         };
         self.run(job).await
     }
@@ -198,6 +205,7 @@ impl Relay {
                     http: &self.http,
                     clock: &self.clock,
                     provider: &job.provider,
+                    stream_idle: job.stream_idle,
                 };
                 let result = tokio::time::timeout_at(
                     job.deadline,
@@ -285,7 +293,9 @@ impl Relay {
                 Err(why) => why,
             };
             tried.waiting = why.clone();
-            if why.busy == 0 && why.cooling == 0 {
+            // Nothing to wait for: every key was given up on, or rests after auth failures that a short wait
+            // will not cure.
+            if why.busy == 0 && why.cooling == why.benched {
                 return Err(RelayError::Exhausted(Box::new(std::mem::take(tried))));
             }
             let deadline_wall = self.clock.wall_at(job.deadline);
@@ -321,7 +331,8 @@ impl Relay {
             }
             Success::Stream { events, first } => {
                 let label = format!("{}/{}", job.provider.name, job.model);
-                let forward = Forward::new(events, first, lease, job.wants_usage, label);
+                let forward =
+                    Forward::new(events, first, lease, self.clock, job.wants_usage, label);
                 Reply::Stream {
                     body: Box::pin(forward.into_stream()),
                     served,

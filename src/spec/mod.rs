@@ -151,6 +151,9 @@ pub struct Provider {
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,
+    /// Changes when anything about the provider but its keys changes (its file, base URL, filters); reloads
+    /// use it to report what changed.
+    pub fingerprint: u64,
 }
 
 impl Provider {
@@ -225,7 +228,14 @@ pub fn load_file(
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
     let raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
-    resolve(name, Some(path), raw, global, user)
+    let mut provider = resolve(name, Some(path), raw, global, user)?;
+    provider.fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        h.finish()
+    };
+    Ok(provider)
 }
 
 /// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
@@ -476,6 +486,7 @@ fn resolve(
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),
+        fingerprint: 0,
     })
 }
 

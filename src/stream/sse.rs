@@ -10,7 +10,7 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// A line this long without a line break is not an SSE stream we should keep buffering.
+/// A line (or an event's data) this long is not an SSE stream we should keep buffering.
 const MAX_PENDING: usize = 16 << 20;
 
 #[derive(Debug, Default)]
@@ -47,7 +47,7 @@ impl SseParser {
     }
 
     /// The next complete event, if the bytes so far hold one.
-    pub fn next_event(&mut self) -> Option<SseEvent> {
+    pub fn next_event(&mut self) -> Result<Option<SseEvent>, Oversized> {
         loop {
             if self.skip_lf && self.start < self.buf.len() {
                 if self.buf[self.start] == b'\n' {
@@ -58,7 +58,7 @@ impl SseParser {
             let rest = &self.buf[self.start..];
             let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
                 self.compact();
-                return None;
+                return Ok(None);
             };
             let line_end = self.start + end;
             let terminator = self.buf[line_end];
@@ -76,11 +76,14 @@ impl SseParser {
             self.start = next;
             if line_end == line_start {
                 if let Some(event) = self.dispatch() {
-                    return Some(event);
+                    return Ok(Some(event));
                 }
                 continue;
             }
             self.field(line_start, line_end);
+            if self.data.len() > MAX_PENDING {
+                return Err(Oversized);
+            }
         }
     }
 
@@ -149,7 +152,7 @@ mod tests {
         let mut out = Vec::new();
         for c in chunks {
             p.push(c).unwrap();
-            while let Some(e) = p.next_event() {
+            while let Some(e) = p.next_event().unwrap() {
                 out.push(e);
             }
         }
@@ -191,5 +194,22 @@ mod tests {
         );
         assert_eq!(all(&[b"data: a\r", b"\n\r\n"]), vec![data("a")]);
         assert_eq!(all(&[b"event: ping\n\n"]), vec![]);
+    }
+
+    #[test]
+    fn an_endless_event_is_refused() {
+        let mut p = SseParser::new();
+        let line = vec![b'x'; 1 << 20];
+        let mut refused = false;
+        for _ in 0..20 {
+            p.push(b"data: ").unwrap();
+            p.push(&line).unwrap();
+            p.push(b"\n").unwrap();
+            if p.next_event().is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
     }
 }

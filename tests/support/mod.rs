@@ -460,7 +460,7 @@ impl Proxy {
         };
         let snapshot =
             keyrelay::Snapshot::load(&opts).unwrap_or_else(|e| panic!("config invalid: {e}"));
-        let running = keyrelay::app::start(snapshot, keyrelay::clock::Clock::system())
+        let running = keyrelay::app::start(snapshot, Some(opts), keyrelay::clock::Clock::system())
             .await
             .unwrap();
         Self {

@@ -1,0 +1,320 @@
+//! Live configuration: rebuild, validate, swap — triggered by file changes or SIGHUP.
+//!
+//! The watcher only signals; [`Reloader::reload`] is the one path that does the work. It builds a complete new
+//! [`Snapshot`] with the same code as start-up and `keyrelay check`, and publishes it only when every file is
+//! valid. Requests already running keep the snapshot they started with. Key state lives in the store, keyed by
+//! key hash, so a key that stays configured keeps its usage, leases, cooldowns and streak.
+
+use crate::clock::{Clock, UnixMs};
+use crate::keys::{KeyStore, StorePolicy};
+use crate::snapshot::{LoadOptions, Snapshot};
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecursiveMode, Watcher};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Events closer together than this are one change (editors write a file in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What `GET /` reports about the configuration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReloadStatus {
+    pub generation: u64,
+    pub loaded_at: UnixMs,
+    /// Why the newest files were rejected, while the previous configuration keeps serving.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<UnixMs>,
+}
+
+pub struct Reloader {
+    opts: LoadOptions,
+    config: Arc<ArcSwap<Snapshot>>,
+    store: Arc<dyn KeyStore>,
+    clock: Clock,
+    status: Mutex<ReloadStatus>,
+    /// One reload at a time; a signal arriving meanwhile leads to one more afterwards.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        opts: LoadOptions,
+        config: Arc<ArcSwap<Snapshot>>,
+        store: Arc<dyn KeyStore>,
+        clock: Clock,
+    ) -> Self {
+        let current = config.load();
+        let status = ReloadStatus {
+            generation: current.generation,
+            loaded_at: current.loaded_at,
+            ..Default::default()
+        };
+        Self {
+            opts,
+            config,
+            store,
+            clock,
+            status: Mutex::new(status),
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the configuration from the files and publishes it if it is valid. Returns whether a new snapshot
+    /// was published.
+    pub async fn reload(&self) -> bool {
+        let _one_at_a_time = self.busy.lock().await;
+        let opts = self.opts.clone();
+        let built = tokio::task::spawn_blocking(move || Snapshot::load(&opts)).await;
+        let old = self.config.load_full();
+        let mut new = match built {
+            Ok(Ok(new)) => new,
+            Ok(Err(errors)) => {
+                self.reject(errors.to_string(), old.generation);
+                return false;
+            }
+            Err(panic) => {
+                self.reject(
+                    format!("the reload failed unexpectedly: {panic}"),
+                    old.generation,
+                );
+                return false;
+            }
+        };
+        let changes = describe_changes(&old, &new);
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.last_error = None;
+        status.last_error_at = None;
+        if changes.is_empty() {
+            tracing::debug!("configuration files touched but nothing changed");
+            return false;
+        }
+        if (new.settings.host.as_str(), new.settings.port)
+            != (old.settings.host.as_str(), old.settings.port)
+        {
+            tracing::warn!("host and port changes take effect after a restart");
+        }
+        new.generation = old.generation + 1;
+        new.loaded_at = self.clock.now();
+        self.store.configure(StorePolicy {
+            daily_reset: new.settings.daily_reset.clone(),
+            pause: new.settings.provider_pause,
+        });
+        let live = live_keys(&new);
+        let removed = live_keys(&old)
+            .into_iter()
+            .filter(|k| !live.contains(k))
+            .collect();
+        self.store.retire(&removed, &live);
+        status.generation = new.generation;
+        status.loaded_at = new.loaded_at;
+        for warning in new.warnings.iter().filter(|w| !old.warnings.contains(w)) {
+            tracing::warn!("{warning}");
+        }
+        tracing::info!(
+            generation = new.generation,
+            "configuration reloaded: {}",
+            changes.join("; ")
+        );
+        self.config.store(Arc::new(new));
+        true
+    }
+
+    fn reject(&self, error: String, serving: u64) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if status.last_error.as_deref() != Some(error.as_str()) {
+            tracing::error!(
+                serving_generation = serving,
+                "configuration rejected, the previous one keeps serving:\n{error}"
+            );
+        }
+        status.last_error = Some(error);
+        status.last_error_at = Some(self.clock.now());
+    }
+
+    /// The directories whose changes trigger a reload.
+    fn watched_dirs(&self) -> BTreeSet<PathBuf> {
+        let snapshot = self.config.load();
+        let dir_of = |file: &Path| match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        [
+            dir_of(&self.opts.config),
+            dir_of(&self.opts.env_file),
+            snapshot.settings.providers_dir.clone(),
+            snapshot.settings.plugins_dir.clone(),
+        ]
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect()
+    }
+
+    /// The usage file (and its temporary files) change all the time and are not configuration.
+    fn is_noise(&self, path: &Path) -> bool {
+        let snapshot = self.config.load();
+        let usage = &snapshot.settings.usage_path;
+        let usage_name = usage
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("key_usage.json");
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name == usage_name
+            || (name.starts_with(&format!(".{usage_name}.")) && name.ends_with(".tmp"))
+    }
+}
+
+/// Every key id in a snapshot.
+pub fn live_keys(snapshot: &Snapshot) -> HashSet<crate::secret::KeyId> {
+    snapshot
+        .providers
+        .values()
+        .flat_map(|p| p.keys.iter().map(|k| k.id.clone()))
+        .collect()
+}
+
+/// One line per kind of change, keys masked; empty when nothing changed.
+fn describe_changes(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let added: Vec<&str> = new
+        .providers
+        .keys()
+        .filter(|n| !old.providers.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    let removed: Vec<&str> = old
+        .providers
+        .keys()
+        .filter(|n| !new.providers.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    if !added.is_empty() {
+        out.push(format!("providers added: {}", added.join(", ")));
+    }
+    if !removed.is_empty() {
+        out.push(format!("providers removed: {}", removed.join(", ")));
+    }
+    for (name, p) in &new.providers {
+        let Some(before) = old.providers.get(name) else {
+            continue;
+        };
+        if before.fingerprint != p.fingerprint {
+            out.push(format!("provider {name} changed"));
+        }
+        let had: HashSet<_> = before.keys.iter().map(|k| &k.id).collect();
+        let has: HashSet<_> = p.keys.iter().map(|k| &k.id).collect();
+        let plus: Vec<&str> = p
+            .keys
+            .iter()
+            .filter(|k| !had.contains(&k.id))
+            .map(|k| &*k.masked)
+            .collect();
+        let minus: Vec<&str> = before
+            .keys
+            .iter()
+            .filter(|k| !has.contains(&k.id))
+            .map(|k| &*k.masked)
+            .collect();
+        if !plus.is_empty() {
+            out.push(format!("{name} keys added: {}", plus.join(" ")));
+        }
+        if !minus.is_empty() {
+            out.push(format!("{name} keys removed: {}", minus.join(" ")));
+        }
+    }
+    if format!("{:?}", old.settings) != format!("{:?}", new.settings) {
+        out.push("settings changed".into());
+    }
+    if old.proxy_key != new.proxy_key {
+        out.push("proxy key changed".into());
+    }
+    out
+}
+
+/// Watches the configuration directories and reloads on change or SIGHUP, until `stop`.
+pub fn spawn_watcher(
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) -> Result<(), notify::Error> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let noise_filter = reloader.clone();
+    let events = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        if event.paths.iter().all(|p| noise_filter.is_noise(p)) && !event.paths.is_empty() {
+            return;
+        }
+        let _ = events.send(());
+    })?;
+    let mut watching = BTreeSet::new();
+    rewatch(&mut watcher, &mut watching, reloader.watched_dirs());
+
+    #[cfg(unix)]
+    {
+        let stop = stop.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = hup.recv() => if got.is_none() || tx.send(()).is_err() { return },
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            reloader.reload().await;
+            // Directories may have been replaced (symlink swaps) or renamed in settings: watch what is there now.
+            rewatch(&mut watcher, &mut watching, reloader.watched_dirs());
+        }
+    });
+    Ok(())
+}
+
+fn rewatch(
+    watcher: &mut notify::RecommendedWatcher,
+    watching: &mut BTreeSet<PathBuf>,
+    wanted: BTreeSet<PathBuf>,
+) {
+    for dir in watching.iter() {
+        let _ = watcher.unwatch(dir);
+    }
+    watching.clear();
+    for dir in wanted {
+        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watching.insert(dir);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a configuration directory")
+            }
+        }
+    }
+}
