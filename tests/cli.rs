@@ -290,3 +290,68 @@ async fn kill_9_never_leaves_a_corrupt_usage_file() {
         assert_eq!(usage["version"], 1);
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_instead_of_killing_the_process() {
+    let first = Mock::echo("before").await;
+    let second = Mock::echo("after").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "providers/mock.yaml",
+        &provider_yaml(&first.base_url, ""),
+    );
+    write(
+        dir.path(),
+        ".env",
+        &format!("PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY={}\n", key(1)),
+    );
+    let (mut child, url) = serve(dir.path());
+    let client = http_client();
+    let ask = || async {
+        let body = serde_json::json!({"model": "mock/m", "messages": []});
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(PROXY_KEY)
+            .json_body(&body)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    assert_eq!(ask().await, "before");
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the process"
+    );
+    assert_eq!(ask().await, "before");
+    write(
+        dir.path(),
+        "providers/mock.yaml",
+        &provider_yaml(&second.base_url, ""),
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = ask().await;
+        if answer == "after" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer, "after");
+    terminate(&child);
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+}
