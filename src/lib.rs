@@ -67,6 +67,7 @@ pub mod http;
 pub mod keys;
 pub mod relay;
 pub mod reload;
+pub mod script;
 pub mod secret;
 pub mod snapshot;
 pub mod spec;

@@ -79,7 +79,7 @@ impl Snapshot {
                 files.sort();
                 for file in files {
                     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-                    match spec::load_file(&file, &settings.tuning, settings.provider_tuning.get(&name)) {
+                    match spec::load_file(&file, &settings.plugins_dir, &settings.tuning, settings.provider_tuning.get(&name)) {
                         Ok(p) if providers.contains_key(&p.name) => errors.push(
                             ConfigError::new(Some(&file), format!("provider {:?} is defined twice", p.name))
                                 .hint("keep one of name.yaml and name.yml"),

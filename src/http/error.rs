@@ -125,6 +125,12 @@ impl From<RelayError> for ApiError {
                 "deadline_exceeded",
                 message,
             ),
+            RelayError::Script(_) => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "script_error",
+                message,
+            ),
         };
         out.served = served;
         out

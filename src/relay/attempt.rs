@@ -1,15 +1,17 @@
-//! One upstream attempt with one key: build the request, send it, and sort the answer into a success to use or a
-//! classified failure.
+//! One upstream attempt with one key: send the call, and sort the answer into a success to use or a classified
+//! failure. For a stream, the first mapped event is read before anything reaches the client, so that a failure
+//! at the start can still be retried or rotated.
 
 use crate::clock::Clock;
+use crate::script::ScriptError;
 use crate::secret::ApiKey;
-use crate::spec::{ErrorClass, Provider, Scope, Verdict};
-use crate::stream::sse::SseEvent;
-use crate::stream::{UpstreamEvents, Usage, error_of, is_done};
+use crate::spec::{ErrorClass, Provider, Scope, UpstreamCall, Verdict};
+use crate::stream::{Mapper, Part, UpstreamEvents, Usage};
 use bytes::Bytes;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use reqwest::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::VecDeque;
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
 const MAX_ERROR_BODY: usize = 64 << 10;
@@ -23,15 +25,22 @@ pub struct Attempt<'a> {
 }
 
 pub enum Success {
-    Json {
-        body: Bytes,
-        usage: Usage,
-    },
-    /// A stream whose first event has been read (and is not an error).
+    /// The upstream's JSON body, not yet mapped.
+    Json { body: Bytes, usage: Usage },
+    /// A stream whose first mapped parts have been read (and are not an error).
     Stream {
         events: UpstreamEvents,
-        first: SseEvent,
+        mapper: Mapper,
+        pending: VecDeque<Part>,
     },
+}
+
+/// Why an attempt did not succeed.
+pub enum AttemptError {
+    /// The upstream (or the way to it) failed: judged, then retried, rotated or answered.
+    Upstream(Failure),
+    /// The provider's script failed: no key would do better.
+    Script(ScriptError),
 }
 
 pub struct Failure {
@@ -44,8 +53,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn transport(class: ErrorClass, why: String) -> Self {
-        Self {
+    fn transport(class: ErrorClass, why: String) -> AttemptError {
+        AttemptError::Upstream(Self {
             verdict: Verdict {
                 class,
                 scope: Scope::Model,
@@ -54,14 +63,23 @@ impl Failure {
             status: 502,
             body: why.into(),
             unusable: false,
-        }
+        })
     }
 
-    fn unusable(why: &str) -> Self {
-        Self {
-            unusable: true,
-            ..Self::transport(ErrorClass::Server, why.to_string())
+    fn unusable(why: &str) -> AttemptError {
+        match Self::transport(ErrorClass::Server, why.to_string()) {
+            AttemptError::Upstream(f) => AttemptError::Upstream(Self {
+                unusable: true,
+                ..f
+            }),
+            other => other,
         }
+    }
+}
+
+impl From<ScriptError> for AttemptError {
+    fn from(e: ScriptError) -> Self {
+        Self::Script(e)
     }
 }
 
@@ -77,20 +95,18 @@ struct BodyPeek {
 impl Attempt<'_> {
     pub async fn send(
         &self,
-        path: &str,
-        payload: &Bytes,
+        call: &UpstreamCall,
         key: &ApiKey,
-        stream: bool,
-    ) -> Result<Success, Failure> {
+        stream: Option<Mapper>,
+    ) -> Result<Success, AttemptError> {
         let p = self.provider;
         let mut request = p
-            .request(self.http, reqwest::Method::POST, path, key)
-            .map_err(|why| Failure::transport(ErrorClass::Auth, why))?
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if stream {
+            .request(self.http, call, key)
+            .map_err(|why| Failure::transport(ErrorClass::Auth, why))?;
+        if stream.is_some() {
             request = request.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
-        let response = request.body(payload.clone()).send().await.map_err(|e| {
+        let response = request.send().await.map_err(|e| {
             let class = if e.is_timeout() {
                 ErrorClass::Timeout
             } else {
@@ -104,45 +120,56 @@ impl Attempt<'_> {
             let headers = response.headers().clone();
             let body = read_capped(response).await;
             let text = String::from_utf8_lossy(&body);
-            let verdict = p
-                .classifier
-                .classify(status.as_u16(), &headers, &text, self.clock.now());
-            return Err(Failure {
+            let verdict = p.judge(status.as_u16(), &headers, &text, self.clock.now())?;
+            return Err(AttemptError::Upstream(Failure {
                 verdict,
                 status: status.as_u16(),
                 body,
                 unusable: false,
-            });
+            }));
         }
 
-        if stream {
+        if let Some(mut mapper) = stream {
             let mut events = UpstreamEvents::new(response, self.stream_idle);
-            return match events.next().await {
-                Ok(Some(first)) if is_done(&first) => Err(Failure::unusable(
-                    "the upstream stream ended before any content",
-                )),
-                Ok(Some(first)) => match error_of(&first) {
-                    None => Ok(Success::Stream { events, first }),
-                    Some(_) => {
-                        // An error as the first event: judged by the provider's rules like an error status.
-                        let now = self.clock.now();
-                        let verdict =
-                            p.classifier
-                                .classify(500, &Default::default(), &first.data, now);
+            loop {
+                let event = match events.next().await {
+                    Ok(Some(event)) => event,
+                    Ok(None) => {
+                        return Err(Failure::unusable(
+                            "the upstream stream ended before any content",
+                        ));
+                    }
+                    Err(fault) => return Err(Failure::transport(fault.class(), fault.to_string())),
+                };
+                let parts = mapper.map(&event)?;
+                match parts.first() {
+                    None => continue,
+                    Some(Part::Done) => {
+                        return Err(Failure::unusable(
+                            "the upstream stream ended before any content",
+                        ));
+                    }
+                    Some(Part::Error(error)) => {
+                        // An error as the first event: judged like an error status, so it can rotate.
+                        let body = error.to_string();
+                        let verdict = p.judge(500, &Default::default(), &body, self.clock.now())?;
                         let client = verdict.class.is_client_error();
-                        Err(Failure {
+                        return Err(AttemptError::Upstream(Failure {
                             status: if client { 400 } else { 502 },
                             unusable: verdict.class == ErrorClass::Server,
-                            body: first.data.into(),
+                            body: serde_json::json!({"error": error}).to_string().into(),
                             verdict,
-                        })
+                        }));
                     }
-                },
-                Ok(None) => Err(Failure::unusable(
-                    "the upstream stream ended before any event",
-                )),
-                Err(fault) => Err(Failure::transport(fault.class(), fault.to_string())),
-            };
+                    Some(Part::Chunk { .. }) => {
+                        return Ok(Success::Stream {
+                            events,
+                            mapper,
+                            pending: parts.into(),
+                        });
+                    }
+                }
+            }
         }
 
         let body = response
@@ -150,10 +177,7 @@ impl Attempt<'_> {
             .await
             .map_err(|e| Failure::transport(ErrorClass::Connection, super::describe_reqwest(&e)))?;
         match serde_json::from_slice::<BodyPeek>(&body) {
-            Ok(BodyPeek {
-                error: None | Some(Value::Null),
-                usage,
-            }) => Ok(Success::Json {
+            Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
                 body,
                 usage: usage.as_ref().map(Usage::from_value).unwrap_or_default(),
             }),

@@ -105,6 +105,9 @@ pub enum RelayError {
     Exhausted(Box<Tried>),
     #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
     Deadline(Box<Tried>),
+    /// The provider's script failed; the message names the script, function and line.
+    #[error("{0}")]
+    Script(#[from] crate::script::ScriptError),
 }
 
 impl RelayError {

@@ -11,12 +11,15 @@ pub mod models;
 
 use crate::clock::Clock;
 use crate::keys::{Ask, KeyStore, Lease, Unavailable};
+use crate::script::{Hook, MappedRequest};
 use crate::secret::KeyId;
 use crate::snapshot::Snapshot;
+use crate::spec::UpstreamCall;
 use crate::spec::{ErrorClass, Provider};
 use crate::stream::Forward;
+use crate::stream::{Mapper, Usage};
 use arc_swap::ArcSwap;
-use attempt::{Attempt, Success};
+use attempt::{Attempt, AttemptError, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
 use futures_util::Stream;
@@ -38,6 +41,14 @@ impl Endpoint {
         match self {
             Self::Chat => provider.paths.chat.as_deref(),
             Self::Embeddings => provider.paths.embeddings.as_deref(),
+        }
+    }
+
+    /// The endpoint's name as scripts see it (`ctx.endpoint`).
+    fn hook_name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Embeddings => "embeddings",
         }
     }
 
@@ -80,9 +91,9 @@ impl Reply {
 /// Everything fixed about one request before the first attempt.
 struct Job {
     provider: Arc<Provider>,
+    endpoint: Endpoint,
     model: String,
-    path: String,
-    payload: Bytes,
+    call: UpstreamCall,
     stream: bool,
     wants_usage: bool,
     deadline: Instant,
@@ -174,14 +185,23 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let payload = serde_json::to_vec(&body)
-            .map_err(|e| RelayError::BadRequest(e.to_string()))?
-            .into();
+        let call = match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
+            Some(script) => {
+                let body = Value::Object(body);
+                let mapped = script.map_request(endpoint.hook_name(), &model, stream, &body)?;
+                mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?
+            }
+            None => {
+                let payload =
+                    serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?;
+                UpstreamCall::post_json(path, payload.into())
+            }
+        };
         let job = Job {
-            path: path.to_string(),
+            call,
             provider,
+            endpoint,
             model,
-            payload,
             stream,
             wants_usage,
             deadline: Instant::now() + snapshot.settings.request_timeout,
@@ -207,9 +227,10 @@ impl Relay {
                     provider: &job.provider,
                     stream_idle: job.stream_idle,
                 };
+                let mapper = job.stream.then(|| self.mapper(&job));
                 let result = tokio::time::timeout_at(
                     job.deadline,
-                    attempt.send(&job.path, &job.payload, lease.key(), job.stream),
+                    attempt.send(&job.call, lease.key(), mapper),
                 )
                 .await;
                 let failure = match result {
@@ -217,8 +238,10 @@ impl Relay {
                         tried.note(ErrorClass::Timeout);
                         return Err(RelayError::Deadline(Box::new(tried)));
                     }
-                    Ok(Ok(success)) => return Ok(self.reply(success, lease, &job, &tried)),
-                    Ok(Err(failure)) => failure,
+                    Ok(Ok(success)) => return self.reply(success, lease, &job, &tried),
+                    // The script is at fault, not the key: release it without a verdict.
+                    Ok(Err(AttemptError::Script(e))) => return Err(e.into()),
+                    Ok(Err(AttemptError::Upstream(failure))) => failure,
                 };
                 tried.note(failure.verdict.class);
                 if failure.verdict.class.is_client_error() {
@@ -322,21 +345,72 @@ impl Relay {
         }
     }
 
-    fn reply(&self, success: Success, mut lease: Lease, job: &Job, tried: &Tried) -> Reply {
+    /// The stream mapper for a job: the provider's `stream_event` hook, or passthrough.
+    fn mapper(&self, job: &Job) -> Mapper {
+        match job
+            .provider
+            .script
+            .as_ref()
+            .filter(|s| s.has(Hook::StreamEvent))
+        {
+            Some(script) => Mapper::Script(script.stream(&job.model)),
+            None => Mapper::Passthrough {
+                label: format!("{}/{}", job.provider.name, job.model),
+            },
+        }
+    }
+
+    fn reply(
+        &self,
+        success: Success,
+        mut lease: Lease,
+        job: &Job,
+        tried: &Tried,
+    ) -> Result<Reply, RelayError> {
         let served = tried.served(Some(lease.key().masked.to_string()));
         match success {
             Success::Json { body, usage } => {
+                let script = job
+                    .provider
+                    .script
+                    .as_ref()
+                    .filter(|s| s.has(Hook::Response));
+                let (body, usage) = match script {
+                    None => (body, usage),
+                    Some(script) => {
+                        // The key did its job even if the mapping fails.
+                        lease.succeed(0, 0);
+                        let mapped =
+                            script.map_response(job.endpoint.hook_name(), &job.model, &body)?;
+                        let usage = mapped
+                            .get("usage")
+                            .map(Usage::from_value)
+                            .unwrap_or_default();
+                        (mapped.to_string().into(), usage)
+                    }
+                };
                 lease.succeed(usage.prompt_tokens, usage.completion_tokens);
-                Reply::Json { body, served }
+                Ok(Reply::Json { body, served })
             }
-            Success::Stream { events, first } => {
+            Success::Stream {
+                events,
+                mapper,
+                pending,
+            } => {
                 let label = format!("{}/{}", job.provider.name, job.model);
-                let forward =
-                    Forward::new(events, first, lease, self.clock, job.wants_usage, label);
-                Reply::Stream {
+                let forward = Forward::new(
+                    events,
+                    mapper,
+                    pending,
+                    lease,
+                    self.clock,
+                    job.wants_usage,
+                    label,
+                );
+                Ok(Reply::Stream {
                     body: Box::pin(forward.into_stream()),
                     served,
-                }
+                })
             }
         }
     }
@@ -348,6 +422,37 @@ impl Relay {
             .list(&snapshot, &self.http, snapshot.settings.models_refresh)
             .await
     }
+}
+
+/// The upstream call a request hook described.
+fn mapped_call(m: MappedRequest) -> Result<UpstreamCall, String> {
+    let method = reqwest::Method::from_bytes(m.method.as_bytes())
+        .map_err(|_| format!("invalid method {:?}", m.method))?;
+    let mut headers = Vec::with_capacity(m.headers.len() + 1);
+    for (k, v) in m.headers {
+        let name = reqwest::header::HeaderName::try_from(k.as_str())
+            .map_err(|_| format!("invalid header name {k:?}"))?;
+        let value = reqwest::header::HeaderValue::try_from(v.as_str())
+            .map_err(|_| format!("invalid value for header {k:?}"))?;
+        headers.push((name, value));
+    }
+    let body = match m.body {
+        Value::Null => bytes::Bytes::new(),
+        body => {
+            headers.push((
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static("application/json"),
+            ));
+            body.to_string().into()
+        }
+    };
+    Ok(UpstreamCall {
+        method,
+        path: m.path,
+        query: m.query,
+        headers,
+        body,
+    })
 }
 
 /// Splits `provider/model` and checks that the provider can serve the model.

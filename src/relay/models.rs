@@ -147,7 +147,7 @@ async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>
     let path = provider.paths.models.as_deref().ok_or("no models path")?;
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
-        let Ok(request) = provider.request(http, reqwest::Method::GET, path, key) else {
+        let Ok(request) = provider.request(http, &crate::spec::UpstreamCall::get(path), key) else {
             continue;
         };
         let request = request.timeout(Duration::from_secs(15));

@@ -108,6 +108,8 @@ pub struct ErrorRule {
     pub class: ErrorClass,
     pub scope: Option<Scope>,
     pub retry_after: Option<Vec<RetryAfterSource>>,
+    /// Cool until the next occurrence of this time of day, whatever the upstream states.
+    pub until: Option<crate::config::DailyReset>,
 }
 
 /// An upstream failure after classification.
@@ -153,6 +155,14 @@ impl Classifier {
         let sources = rule
             .and_then(|r| r.retry_after.as_deref())
             .unwrap_or(&self.retry_after);
+        if let Some(reset) = rule.and_then(|r| r.until.as_ref()) {
+            let wait = (reset.next_after(now) - now).max(0) as u64;
+            return Verdict {
+                class,
+                scope,
+                retry_after: Some(Duration::from_millis(wait)),
+            };
+        }
         let retry_after = sources.iter().find_map(|source| match source {
             RetryAfterSource::Header(name) => headers
                 .get(name)
@@ -250,6 +260,7 @@ mod tests {
                 class: ErrorClass::Quota,
                 scope: None,
                 retry_after: None,
+                until: None,
             }],
             retry_after: Classifier::default_retry_after(),
         };

@@ -7,6 +7,7 @@ pub mod classify;
 
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
+use crate::script::{Hook, ProviderScript, ScriptError};
 use crate::secret::ApiKey;
 pub use classify::{
     Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict,
@@ -15,6 +16,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +87,8 @@ struct RawRule {
     class: ErrorClass,
     scope: Option<Scope>,
     retry_after: Option<Vec<RawRetrySource>>,
+    /// `"HH:MM Zone"`: cool until the next such time (a quota that resets at a known hour).
+    cool_until: Option<String>,
 }
 
 /// A provider file exactly as written.
@@ -109,6 +113,12 @@ struct RawProvider {
     concurrency: Option<crate::config::tuning::ConcurrencyPatch>,
     cooldowns: Option<crate::config::tuning::CooldownsPatch>,
     retries: Option<crate::config::tuning::RetriesPatch>,
+    /// A Rhai script in the plugins directory.
+    script: Option<String>,
+    /// The hooks used; all hooks the script defines when absent.
+    hooks: Option<Vec<String>>,
+    /// Passed to every hook as `ctx.options`.
+    options: Option<serde_json::Value>,
 }
 
 /// How the key reaches the upstream.
@@ -151,6 +161,8 @@ pub struct Provider {
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,
+    /// The provider's script, when it has one.
+    pub script: Option<Arc<ProviderScript>>,
     /// Changes when anything about the provider but its keys changes (its file, base URL, filters); reloads
     /// use it to report what changed.
     pub fingerprint: u64,
@@ -161,39 +173,125 @@ impl Provider {
         format!("{}{}", self.base_url, path)
     }
 
-    /// A request to `path` carrying `key` the way this provider expects, with its static headers.
+    /// The HTTP request for `call` carrying `key` the way this provider expects, with its static headers.
     pub fn request(
         &self,
         http: &reqwest::Client,
-        method: reqwest::Method,
-        path: &str,
+        call: &UpstreamCall,
         key: &ApiKey,
     ) -> Result<reqwest::RequestBuilder, String> {
-        let url = self.url(path);
-        let mut builder = match &self.auth {
-            Auth::Query { param } => {
-                let mut url =
-                    reqwest::Url::parse(&url).map_err(|e| format!("invalid upstream URL: {e}"))?;
-                url.query_pairs_mut().append_pair(param, key.expose());
-                http.request(method, url)
+        let mut url = reqwest::Url::parse(&self.url(&call.path))
+            .map_err(|e| format!("invalid upstream URL: {e}"))?;
+        if !call.query.is_empty() || matches!(self.auth, Auth::Query { .. }) {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in &call.query {
+                pairs.append_pair(k, v);
             }
-            Auth::Header {
-                name,
-                prefix,
-                suffix,
-            } => {
-                let mut value = HeaderValue::try_from(format!("{prefix}{}{suffix}", key.expose()))
-                    .map_err(|_| {
-                        "the key holds characters that an HTTP header cannot carry".to_string()
-                    })?;
-                value.set_sensitive(true);
-                http.request(method, url).header(name, value)
+            if let Auth::Query { param } = &self.auth {
+                pairs.append_pair(param, key.expose());
             }
-        };
-        for (name, value) in &self.headers {
+        }
+        let mut builder = http.request(call.method.clone(), url);
+        for (name, value) in self.headers.iter().chain(&call.headers) {
             builder = builder.header(name, value);
         }
+        if let Auth::Header {
+            name,
+            prefix,
+            suffix,
+        } = &self.auth
+        {
+            let mut value = HeaderValue::try_from(format!("{prefix}{}{suffix}", key.expose()))
+                .map_err(|_| {
+                    "the key holds characters that an HTTP header cannot carry".to_string()
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(name, value);
+        }
+        if !call.body.is_empty() {
+            builder = builder.body(call.body.clone());
+        }
         Ok(builder)
+    }
+
+    /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers),
+    /// then the declared rules, then the defaults by status.
+    pub fn judge(
+        &self,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+        body: &str,
+        now: crate::clock::UnixMs,
+    ) -> Result<Verdict, ScriptError> {
+        if let Some(script) = self.script.as_ref().filter(|s| s.has(Hook::Classify)) {
+            let pairs: Vec<(String, String)> = headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            if let Some(c) = script.classify(status, &pairs, body)? {
+                let class: ErrorClass = serde_json::from_value(serde_json::Value::String(
+                    c.class.clone(),
+                ))
+                .map_err(|_| {
+                    script.hook_error(Hook::Classify, &format!("unknown class {:?}", c.class))
+                })?;
+                let scope = match c.scope.as_deref() {
+                    None => class.default_scope(),
+                    Some("model") => Scope::Model,
+                    Some("key") => Scope::Key,
+                    Some(other) => {
+                        return Err(
+                            script.hook_error(Hook::Classify, &format!("unknown scope {other:?}"))
+                        );
+                    }
+                };
+                let retry_after = c
+                    .retry_after
+                    .as_deref()
+                    .and_then(|w| classify::parse_wait(w, now));
+                return Ok(Verdict {
+                    class,
+                    scope,
+                    retry_after,
+                });
+            }
+        }
+        Ok(self.classifier.classify(status, headers, body, now))
+    }
+}
+
+/// One upstream HTTP call, before a key is added: what the request hook (or passthrough) decided.
+#[derive(Clone, Debug)]
+pub struct UpstreamCall {
+    pub method: reqwest::Method,
+    /// Relative to the base URL.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: bytes::Bytes,
+}
+
+impl UpstreamCall {
+    pub fn get(path: &str) -> Self {
+        Self {
+            method: reqwest::Method::GET,
+            path: path.to_string(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    pub fn post_json(path: &str, body: bytes::Bytes) -> Self {
+        Self {
+            method: reqwest::Method::POST,
+            headers: vec![(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+            ..Self::get(path)
+        }
     }
 }
 
@@ -211,6 +309,7 @@ pub fn valid_name(name: &str) -> bool {
 /// under `providers:` there.
 pub fn load_file(
     path: &Path,
+    plugins: &Path,
     global: &Tuning,
     user: Option<&TuningPatch>,
 ) -> Result<Provider, Vec<ConfigError>> {
@@ -227,14 +326,56 @@ pub fn load_file(
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
-    let raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
     let mut provider = resolve(name, Some(path), raw, global, user)?;
-    provider.fingerprint = {
+    let mut fingerprint = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         text.hash(&mut h);
         h.finish()
     };
+    match script {
+        Some(script) => {
+            let loaded = ProviderScript::load(
+                &plugins.join(&script),
+                hooks.as_deref(),
+                options.as_ref().unwrap_or(&serde_json::Value::Null),
+            )?;
+            if loaded.has(Hook::Request) {
+                // The one check only running the script can make: it maps an ordinary request.
+                let model = provider
+                    .static_models
+                    .first()
+                    .map_or("sample-model", String::as_str);
+                let sample = serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": "ping"}],
+                });
+                if let Err(e) = loaded.map_request("chat", model, false, &sample) {
+                    return Err(vec![
+                        ConfigError::new(
+                            Some(path),
+                            format!(
+                                "the script's request hook fails on a sample chat request: {e}"
+                            ),
+                        )
+                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
+                    ]);
+                }
+            }
+            fingerprint ^= loaded.fingerprint;
+            provider.script = Some(Arc::new(loaded));
+        }
+        None if hooks.is_some() || options.is_some() => {
+            return Err(vec![
+                ConfigError::new(Some(path), "`hooks` and `options` need a `script`")
+                    .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
+            ]);
+        }
+        None => {}
+    }
+    provider.fingerprint = fingerprint;
     Ok(provider)
 }
 
@@ -441,6 +582,22 @@ fn resolve(
         let rule_retry = r
             .retry_after
             .map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
+        let until = r.cool_until.and_then(|text| {
+            let parsed = text
+                .split_once(' ')
+                .ok_or_else(|| "expected \"HH:MM Zone\"".to_string())
+                .and_then(|(time, zone)| {
+                    crate::config::DailyReset::parse(time.trim(), zone.trim())
+                });
+            parsed
+                .map_err(|e| {
+                    err(
+                        format!("errors[{i}].cool_until {text:?}: {e}"),
+                        "e.g. cool_until: \"00:00 America/Los_Angeles\"",
+                    )
+                })
+                .ok()
+        });
         rules.push(ErrorRule {
             status,
             body: r.body.map(|b| b.to_lowercase()),
@@ -449,6 +606,7 @@ fn resolve(
             class: r.class,
             scope: r.scope,
             retry_after: rule_retry,
+            until,
         });
     }
 
@@ -486,6 +644,7 @@ fn resolve(
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),
+        script: None,
         fingerprint: 0,
     })
 }
@@ -502,7 +661,7 @@ mod tests {
             .unwrap()
             .write_all(text.as_bytes())
             .unwrap();
-        load_file(&path, &Tuning::default(), None)
+        load_file(&path, dir.path(), &Tuning::default(), None)
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod sse;
 
 use crate::clock::Clock;
 use crate::keys::Lease;
+pub use crate::script::Part;
+use crate::script::{ScriptError, ScriptStream};
 use crate::spec::{ErrorClass, Scope, Verdict};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -14,6 +16,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 use sse::{SseEvent, SseParser};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -101,6 +104,61 @@ struct ChunkPeek {
     error: Option<Value>,
 }
 
+/// Turns upstream events into OpenAI chunk parts: passthrough for OpenAI-compatible upstreams, or the
+/// provider's `stream_event` hook.
+pub enum Mapper {
+    Passthrough { label: String },
+    Script(ScriptStream),
+}
+
+impl Mapper {
+    pub fn map(&mut self, event: &SseEvent) -> Result<Vec<Part>, ScriptError> {
+        match self {
+            Self::Script(s) => s.map(event.event.as_deref(), &event.data),
+            Self::Passthrough { label } => Ok(passthrough(label, event)),
+        }
+    }
+}
+
+/// An OpenAI-compatible event as a part: `[DONE]`, an in-band error, or a chunk with what the proxy needs to
+/// know about it. Valid JSON of an unknown shape passes on untouched; events that are not JSON are skipped.
+fn passthrough(label: &str, event: &SseEvent) -> Vec<Part> {
+    if is_done(event) {
+        return vec![Part::Done];
+    }
+    match serde_json::from_str::<ChunkPeek>(&event.data) {
+        Ok(peek) => {
+            if let Some(error) = peek.error.filter(|e| !e.is_null()) {
+                return vec![Part::Error(error)];
+            }
+            let choices = peek.choices.unwrap_or_default();
+            let finish = choices
+                .iter()
+                .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()));
+            let usage = peek.usage.filter(Value::is_object);
+            let usage_only = usage.is_some() && choices.is_empty();
+            vec![Part::Chunk {
+                data: event.data.clone(),
+                finish,
+                usage,
+                usage_only,
+            }]
+        }
+        Err(_) if serde_json::from_str::<IgnoredAny>(&event.data).is_ok() => {
+            vec![Part::Chunk {
+                data: event.data.clone(),
+                finish: false,
+                usage: None,
+                usage_only: false,
+            }]
+        }
+        Err(e) => {
+            tracing::warn!(stream = %label, error = %e, "skipping a malformed upstream stream event");
+            Vec::new()
+        }
+    }
+}
+
 /// Token counts as OpenAI reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -121,14 +179,6 @@ impl Usage {
 
 pub fn is_done(event: &SseEvent) -> bool {
     event.data.trim() == "[DONE]"
-}
-
-/// The error object of an in-band error event (`{"error": …}`), if it is one.
-pub fn error_of(event: &SseEvent) -> Option<Value> {
-    serde_json::from_str::<ChunkPeek>(&event.data)
-        .ok()?
-        .error
-        .filter(|e| !e.is_null())
 }
 
 /// An SSE frame carrying `data`.
@@ -161,10 +211,11 @@ fn upstream_error_frame(error: &Value) -> Bytes {
     error_frame(&format!("upstream error: {message}"), &kind, &code)
 }
 
-/// Forwards an upstream stream to the client after its first event was seen.
+/// Forwards an upstream stream to the client after its first parts were seen.
 pub struct Forward {
     upstream: UpstreamEvents,
-    pending: Option<SseEvent>,
+    mapper: Mapper,
+    pending: VecDeque<Part>,
     lease: Option<Lease>,
     clock: Clock,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
@@ -177,7 +228,8 @@ pub struct Forward {
 impl Forward {
     pub fn new(
         upstream: UpstreamEvents,
-        first: SseEvent,
+        mapper: Mapper,
+        pending: VecDeque<Part>,
         lease: Lease,
         clock: Clock,
         wants_usage: bool,
@@ -185,7 +237,8 @@ impl Forward {
     ) -> Self {
         Self {
             upstream,
-            pending: Some(first),
+            mapper,
+            pending,
             lease: Some(lease),
             clock,
             wants_usage,
@@ -206,64 +259,49 @@ impl Forward {
     /// The next frame to send, `None` once the stream is over.
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            let lease = self.lease.as_mut()?;
-            let event = match self.pending.take() {
-                Some(e) => Ok(Some(e)),
-                None => self.upstream.next().await,
-            };
-            let event = match event {
-                Ok(Some(event)) => event,
-                Ok(None) if self.saw_finish => {
-                    // The answer is complete even though the upstream forgot `[DONE]`.
-                    return Some(self.complete());
+            self.lease.as_ref()?;
+            if let Some(part) = self.pending.pop_front() {
+                match part {
+                    Part::Done => return Some(self.complete()),
+                    Part::Error(error) => return Some(self.upstream_error(&error)),
+                    Part::Chunk {
+                        data,
+                        finish,
+                        usage,
+                        usage_only,
+                    } => {
+                        self.saw_finish |= finish;
+                        if let Some(usage) = usage {
+                            self.usage = Usage::from_value(&usage);
+                            if usage_only && !self.wants_usage {
+                                continue;
+                            }
+                        }
+                        return Some(frame(&data));
+                    }
                 }
+            }
+            let event = match self.upstream.next().await {
+                Ok(Some(event)) => event,
+                // The answer is complete even though the upstream did not say `[DONE]`.
+                Ok(None) if self.saw_finish => return Some(self.complete()),
                 Ok(None) => {
                     let why = "the upstream stream ended before the answer was complete";
-                    return Some(self.cut(ErrorClass::Connection, why));
+                    return Some(self.cut(ErrorClass::Connection, why, "stream_interrupted"));
                 }
-                Err(fault) => return Some(self.cut(fault.class(), &fault.to_string())),
+                Err(fault) => {
+                    return Some(self.cut(fault.class(), &fault.to_string(), "stream_interrupted"));
+                }
             };
-            if is_done(&event) {
-                return Some(self.complete());
-            }
-            let peek = match serde_json::from_str::<ChunkPeek>(&event.data) {
-                Ok(peek) => peek,
-                Err(_) if serde_json::from_str::<IgnoredAny>(&event.data).is_ok() => {
-                    // Valid JSON of a shape we do not know: not ours to judge, pass it on.
-                    return Some(frame(&event.data));
-                }
+            match self.mapper.map(&event) {
+                Ok(parts) => self.pending.extend(parts),
                 Err(e) => {
-                    tracing::warn!(stream = %self.label, error = %e, "skipping a malformed upstream stream event");
-                    continue;
-                }
-            };
-            if let Some(error) = peek.error.filter(|e| !e.is_null()) {
-                let provider = lease.provider().clone();
-                let verdict = provider.classifier.classify(
-                    500,
-                    &Default::default(),
-                    &event.data,
-                    self.clock.now(),
-                );
-                tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
-                lease.fail(&verdict);
-                self.lease = None;
-                return Some(upstream_error_frame(&error));
-            }
-            let choices = peek.choices.unwrap_or_default();
-            if choices
-                .iter()
-                .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
-            {
-                self.saw_finish = true;
-            }
-            if let Some(usage) = peek.usage.filter(Value::is_object) {
-                self.usage = Usage::from_value(&usage);
-                if choices.is_empty() && !self.wants_usage {
-                    continue;
+                    // Not the key's fault: release it without a verdict.
+                    self.lease = None;
+                    tracing::warn!(stream = %self.label, error = %e, "the stream mapping script failed");
+                    return Some(error_frame(&e.to_string(), "server_error", "script_error"));
                 }
             }
-            return Some(frame(&event.data));
         }
     }
 
@@ -274,7 +312,29 @@ impl Forward {
         frame("[DONE]")
     }
 
-    fn cut(&mut self, class: ErrorClass, why: &str) -> Bytes {
+    /// An error the upstream sent mid-stream: judged by the provider's rules, forwarded in OpenAI's shape.
+    fn upstream_error(&mut self, error: &Value) -> Bytes {
+        if let Some(mut lease) = self.lease.take() {
+            let provider = lease.provider().clone();
+            let verdict = provider
+                .judge(
+                    500,
+                    &Default::default(),
+                    &error.to_string(),
+                    self.clock.now(),
+                )
+                .unwrap_or(Verdict {
+                    class: ErrorClass::Server,
+                    scope: Scope::Model,
+                    retry_after: None,
+                });
+            tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
+            lease.fail(&verdict);
+        }
+        upstream_error_frame(error)
+    }
+
+    fn cut(&mut self, class: ErrorClass, why: &str, code: &str) -> Bytes {
         tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
         if let Some(mut lease) = self.lease.take() {
             lease.fail(&Verdict {
@@ -284,6 +344,6 @@ impl Forward {
             });
         }
         let message = format!("upstream stream interrupted: {why}");
-        error_frame(&message, "upstream_error", "stream_interrupted")
+        error_frame(&message, "upstream_error", code)
     }
 }

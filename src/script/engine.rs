@@ -1,0 +1,145 @@
+//! The one sandboxed Rhai engine shared by every script, and the helpers scripts may call.
+//!
+//! Scripts cannot reach files, the network, the environment or other modules (imports resolve nothing), cannot
+//! `eval`, and every call is bounded. `print` and `debug` go to the log.
+
+use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Operations one hook call may perform (an infinite loop stops here, in about a millisecond).
+pub const MAX_OPERATIONS: u64 = 500_000;
+/// Bodies up to the request size limit must fit (base64 images).
+pub const MAX_STRING: usize = 64 << 20;
+pub const MAX_ARRAY: usize = 100_000;
+pub const MAX_MAP: usize = 10_000;
+pub const MAX_CALL_LEVELS: usize = 48;
+
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(build)
+}
+
+fn build() -> Engine {
+    let mut e = Engine::new();
+    e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    e.disable_symbol("eval");
+    e.set_strict_variables(true);
+    e.set_max_operations(MAX_OPERATIONS);
+    e.set_max_call_levels(MAX_CALL_LEVELS);
+    e.set_max_expr_depths(64, 64);
+    e.set_max_string_size(MAX_STRING);
+    e.set_max_array_size(MAX_ARRAY);
+    e.set_max_map_size(MAX_MAP);
+    e.set_max_variables(1_000);
+    e.set_max_functions(1_000);
+    e.set_max_modules(0);
+    e.on_print(|text| tracing::info!(target: "keyrelay::script", "{text}"));
+    e.on_debug(|text, source, pos| tracing::debug!(target: "keyrelay::script", source, line = pos.line(), "{text}"));
+
+    e.register_fn(
+        "json_parse",
+        |text: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+            serde_json::from_str::<Dynamic>(text).map_err(|err| format!("json_parse: {err}").into())
+        },
+    );
+    e.register_fn("json_stringify", |value: Dynamic| -> String {
+        serde_json::to_string(&value).unwrap_or_else(|_| "null".into())
+    });
+    e.register_fn("unix_time", || -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    });
+    e.register_fn("unix_time_ms", || -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    });
+    e.register_fn("random_id", |len: i64| -> String {
+        let len = len.clamp(1, 64) as usize;
+        (0..len).map(|_| fastrand::alphanumeric()).collect()
+    });
+    e.register_fn("parse_data_url", |url: &str| -> Dynamic {
+        // data:<mime>;base64,<data>
+        let Some(rest) = url.strip_prefix("data:") else {
+            return Dynamic::UNIT;
+        };
+        let Some((meta, data)) = rest.split_once(',') else {
+            return Dynamic::UNIT;
+        };
+        let mime = meta.strip_suffix(";base64").unwrap_or(meta);
+        let mut map = Map::new();
+        map.insert("mime_type".into(), Dynamic::from(mime.to_string()));
+        map.insert("data".into(), Dynamic::from(data.to_string()));
+        map.insert("base64".into(), Dynamic::from(meta.ends_with(";base64")));
+        Dynamic::from_map(map)
+    });
+    // `map.get_path("a.0.b")`: a nested value or (), without a chain of checks.
+    e.register_fn(
+        "get_path",
+        |value: Dynamic, path: ImmutableString| -> Dynamic {
+            let mut current = value;
+            for step in path.split('.') {
+                let next = if let Some(map) = current.read_lock::<Map>() {
+                    map.get(step).cloned()
+                } else if let Some(array) = current.read_lock::<rhai::Array>() {
+                    step.parse::<usize>()
+                        .ok()
+                        .and_then(|i| array.get(i).cloned())
+                } else {
+                    None
+                };
+                match next {
+                    Some(v) => current = v,
+                    None => return Dynamic::UNIT,
+                }
+            }
+            current
+        },
+    );
+    e
+}
+
+/// A script that failed: which file, which function, which line, what happened.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("script {} failed in {function}{}: {message}", file.display(), line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+pub struct ScriptError {
+    pub file: PathBuf,
+    pub function: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl ScriptError {
+    pub fn from_eval(file: &std::path::Path, hook: &str, err: &EvalAltResult) -> Self {
+        // Errors raised inside helper functions are wrapped; report the innermost function and line.
+        let mut function = hook.to_string();
+        let mut current = err;
+        while let EvalAltResult::ErrorInFunctionCall(name, _, inner, _) = current {
+            function = name.clone();
+            current = inner;
+        }
+        let message = match current {
+            EvalAltResult::ErrorTooManyOperations(_) => {
+                "it ran too long (operation limit reached)".to_string()
+            }
+            EvalAltResult::ErrorDataTooLarge(what, _) => format!("{what} exceeds the size limit"),
+            EvalAltResult::ErrorModuleNotFound(name, _) => {
+                format!("module {name:?} cannot be imported (scripts cannot import)")
+            }
+            other => other
+                .to_string()
+                .split(" (line ")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        Self {
+            file: file.to_path_buf(),
+            function,
+            line: current.position().line(),
+            message,
+        }
+    }
+}
