@@ -207,12 +207,7 @@ async fn providers_report_key_counts_and_never_keys() {
 
 #[tokio::test]
 async fn token_count_is_offline_and_validates_input() {
-    let proxy = Proxy::start(Setup {
-        config: String::new(),
-        providers: vec![],
-        env: vec![],
-    })
-    .await;
+    let proxy = Proxy::start(Setup::empty()).await;
     let body = json!({"model": "openai/gpt-4o", "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}]});
     let (status, _, reply) = send(proxy.post("/v1/token-count", &body)).await;
     assert_eq!(status, 200, "{reply}");
@@ -229,12 +224,7 @@ async fn token_count_is_offline_and_validates_input() {
 
 #[tokio::test]
 async fn liveness_needs_no_key_and_unknown_routes_are_openai_errors() {
-    let proxy = Proxy::start(Setup {
-        config: String::new(),
-        providers: vec![],
-        env: vec![],
-    })
-    .await;
+    let proxy = Proxy::start(Setup::empty()).await;
     let (status, _, body) = send(proxy.client.get(format!("{}/", proxy.url))).await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
@@ -370,9 +360,8 @@ async fn a_provider_without_keys_is_404() {
 async fn an_api_base_alone_defines_an_openai_compatible_provider() {
     let mock = Mock::echo("from env provider").await;
     let setup = Setup {
-        config: String::new(),
-        providers: vec![],
         env: mock_keys("LOCAL_LLM", 1),
+        ..Setup::empty()
     }
     .env("LOCAL_LLM_API_BASE", &mock.base_url);
     let proxy = Proxy::start(setup).await;

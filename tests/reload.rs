@@ -47,9 +47,8 @@ async fn a_dropped_provider_serves_a_deleted_one_404s_and_an_edited_url_moves_tr
     let first = Mock::echo("first upstream").await;
     let second = Mock::echo("second upstream").await;
     let setup = Setup {
-        config: String::new(),
-        providers: vec![],
         env: mock_keys("MOCK", 1),
+        ..Setup::empty()
     };
     let proxy = Proxy::start(setup).await;
     assert_eq!(proxy.chat("mock/m", "hi").await.0, 404);
@@ -168,9 +167,8 @@ async fn a_kubernetes_style_directory_swap_is_picked_up() {
     std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/providers", root.join("providers")).unwrap();
     let setup = Setup {
-        config: String::new(),
-        providers: vec![],
         env: mock_keys("MOCK", 1),
+        ..Setup::empty()
     };
     let proxy = Proxy::start_in(setup, dir).await;
     assert_eq!(

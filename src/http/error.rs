@@ -79,6 +79,7 @@ impl From<RelayError> for ApiError {
                 status,
                 body,
                 class,
+                openai_wire,
                 ..
             } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
@@ -92,7 +93,7 @@ impl From<RelayError> for ApiError {
                     code,
                     upstream_message(&body),
                 );
-                if is_openai_error(&body) {
+                if openai_wire && is_openai_error(&body) {
                     err.upstream_body = Some(body);
                 }
                 err

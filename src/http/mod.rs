@@ -265,6 +265,8 @@ async fn providers(State(app): State<AppState>) -> Response {
                 "base_url": public_url(&p.base_url),
                 "selection": p.tuning.selection,
                 "static_models": p.static_models.len(),
+                "script": p.script.as_ref().map(|s| s.file.display().to_string()),
+                "script_errors": p.script.as_ref().map_or(0, |s| s.error_count()),
             })
         })
         .collect();

@@ -95,6 +95,8 @@ pub enum RelayError {
         body: Bytes,
         class: ErrorClass,
         served: Served,
+        /// The upstream speaks OpenAI's wire format, so its error body can go to the client as it came.
+        openai_wire: bool,
     },
     #[error("every key of {}/{} is cooling down for another {}s: {}", .tried.provider, .tried.model, retry_after.as_secs().max(1), .tried.summary())]
     AllCooling {

@@ -251,6 +251,7 @@ impl Relay {
                         body: failure.body,
                         class: failure.verdict.class,
                         served: tried.served(Some(lease.key().masked.to_string())),
+                        openai_wire: job.provider.script.is_none(),
                     });
                 }
                 if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {

@@ -103,16 +103,47 @@ fn build() -> Engine {
 
 /// A script that failed: which file, which function, which line, what happened.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("script {} failed in {function}{}: {message}", file.display(), line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+#[error("script {} failed in {function}{}: {message}", file.display(), where_(*line, *line_is_definition))]
 pub struct ScriptError {
     pub file: PathBuf,
     pub function: String,
     pub line: Option<usize>,
+    /// Rhai does not know where a limit was hit: `line` is then where the function is defined.
+    pub line_is_definition: bool,
     pub message: String,
 }
 
+fn where_(line: Option<usize>, definition: bool) -> String {
+    match (line, definition) {
+        (Some(l), false) => format!(" at line {l}"),
+        (Some(l), true) => format!(" (defined at line {l})"),
+        (None, _) => String::new(),
+    }
+}
+
+/// The line where each function of a script is defined, for errors Rhai cannot place.
+pub fn function_lines(source: &str) -> Vec<(String, usize)> {
+    source
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let rest = line
+                .trim_start()
+                .strip_prefix("private ")
+                .unwrap_or(line.trim_start());
+            let name = rest.strip_prefix("fn ")?.split('(').next()?.trim();
+            Some((name.to_string(), i + 1))
+        })
+        .collect()
+}
+
 impl ScriptError {
-    pub fn from_eval(file: &std::path::Path, hook: &str, err: &EvalAltResult) -> Self {
+    pub fn from_eval(
+        file: &std::path::Path,
+        hook: &str,
+        err: &EvalAltResult,
+        lines: &[(String, usize)],
+    ) -> Self {
         // Errors raised inside helper functions are wrapped; report the innermost function and line.
         let mut function = hook.to_string();
         let mut current = err;
@@ -128,6 +159,7 @@ impl ScriptError {
             EvalAltResult::ErrorModuleNotFound(name, _) => {
                 format!("module {name:?} cannot be imported (scripts cannot import)")
             }
+            EvalAltResult::ErrorTooManyModules(_) => "scripts cannot import modules".to_string(),
             other => other
                 .to_string()
                 .split(" (line ")
@@ -135,10 +167,16 @@ impl ScriptError {
                 .unwrap_or_default()
                 .to_string(),
         };
+        let exact = current.position().line();
+        let definition = lines
+            .iter()
+            .find(|(name, _)| *name == function)
+            .map(|(_, line)| *line);
         Self {
             file: file.to_path_buf(),
+            line: exact.or(definition),
+            line_is_definition: exact.is_none() && definition.is_some(),
             function,
-            line: current.position().line(),
             message,
         }
     }

@@ -74,6 +74,8 @@ pub struct ProviderScript {
     errors: AtomicU64,
     /// A hash of the source, so that reloads can tell an edited script.
     pub fingerprint: u64,
+    /// Where each function is defined, for errors Rhai cannot place on a line.
+    fn_lines: Vec<(String, usize)>,
 }
 
 /// What the request hook decided: the upstream call, before the key is added.
@@ -172,6 +174,7 @@ impl ProviderScript {
             options,
             errors: AtomicU64::new(0),
             fingerprint,
+            fn_lines: engine::function_lines(&text),
         })
     }
 
@@ -199,7 +202,7 @@ impl ProviderScript {
             .call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, hook.fn_name(), (arg,))
             .map_err(|e| {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e);
+                let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e, &self.fn_lines);
                 tracing::warn!(error = %err, "provider script failed");
                 err
             })
@@ -357,10 +360,16 @@ impl ProviderScript {
 
     pub fn hook_error(&self, hook: Hook, what: &str) -> ScriptError {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        let line = self
+            .fn_lines
+            .iter()
+            .find(|(n, _)| n == hook.fn_name())
+            .map(|(_, l)| *l);
         ScriptError {
             file: self.file.clone(),
             function: hook.fn_name().into(),
-            line: None,
+            line,
+            line_is_definition: line.is_some(),
             message: what.into(),
         }
     }

@@ -18,7 +18,9 @@ pub struct Seen {
     pub at: Instant,
     pub method: String,
     pub path: String,
-    /// The key, from `Authorization: Bearer <key>`.
+    /// The raw query string ("" when none).
+    pub query: String,
+    /// The key, from `Authorization: Bearer <key>`, `x-api-key` or `x-goog-api-key`.
     pub key: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -46,6 +48,12 @@ pub enum Reply {
     },
     /// Accept the request and never answer.
     Hang,
+    /// A body sent exactly as given (a native SSE transcript, say).
+    Raw {
+        status: u16,
+        content_type: &'static str,
+        body: String,
+    },
 }
 
 pub enum End {
@@ -262,17 +270,23 @@ async fn serve(
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
-    let key = parts
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_string();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let key = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::to_string))
+        .or_else(|| header("x-api-key"))
+        .or_else(|| header("x-goog-api-key"))
+        .unwrap_or_default();
     let seen = Seen {
         at: Instant::now(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
         key,
         headers: parts.headers.clone(),
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
@@ -309,6 +323,18 @@ async fn serve(
             }
             drop(leaving);
             response.body(Body::from(body.to_string())).unwrap()
+        }
+        Reply::Raw {
+            status,
+            content_type,
+            body,
+        } => {
+            drop(leaving);
+            Response::builder()
+                .status(StatusCode::from_u16(status).unwrap())
+                .header("content-type", content_type)
+                .body(Body::from(body))
+                .unwrap()
         }
         Reply::Hang => {
             let _leaving = leaving;
@@ -372,6 +398,8 @@ pub struct Setup {
     pub config: String,
     pub providers: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
+    /// Scripts written into `plugins/`.
+    pub plugins: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -381,6 +409,7 @@ impl Setup {
             config: String::new(),
             providers: vec![("mock".into(), provider_yaml(&mock.base_url, ""))],
             env: mock_keys("MOCK", keys),
+            plugins: Vec::new(),
         }
     }
 
@@ -393,6 +422,32 @@ impl Setup {
         self.providers.retain(|(n, _)| n != name);
         self.providers.push((name.into(), yaml));
         self
+    }
+
+    /// Nothing configured.
+    pub fn empty() -> Self {
+        Self {
+            config: String::new(),
+            providers: vec![],
+            env: vec![],
+            plugins: vec![],
+        }
+    }
+
+    pub fn plugin(mut self, name: &str, text: &str) -> Self {
+        self.plugins.push((name.into(), text.into()));
+        self
+    }
+
+    /// A shipped script from `plugins/`.
+    pub fn shipped_plugin(self, name: &str) -> Self {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("plugins")
+                .join(name),
+        )
+        .unwrap();
+        self.plugin(name, &text)
     }
 
     pub fn env(mut self, name: &str, value: &str) -> Self {
@@ -415,6 +470,32 @@ pub fn mock_keys(prefix: &str, n: usize) -> Vec<(String, String)> {
     (1..=n)
         .map(|i| (format!("{prefix}_API_KEY_{i}"), key(i)))
         .collect()
+}
+
+/// A wire-format fixture from `tests/fixtures`.
+pub fn fixture(path: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap()
+}
+
+/// A shipped provider file with its base URL pointed at `base_url`, and its script copied next to it.
+pub fn shipped_provider(name: &str, base_url: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join(format!("providers/{name}.yaml"))).unwrap();
+    let mut out = String::new();
+    for line in yaml.lines() {
+        if line.starts_with("base_url:") {
+            out.push_str(&format!("base_url: {base_url}\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// A provider file for a mock, with extra YAML appended.
@@ -446,6 +527,10 @@ impl Proxy {
         for (name, yaml) in &setup.providers {
             std::fs::write(root.join("providers").join(format!("{name}.yaml")), yaml).unwrap();
         }
+        std::fs::create_dir_all(root.join("plugins")).unwrap();
+        for (name, text) in &setup.plugins {
+            std::fs::write(root.join("plugins").join(name), text).unwrap();
+        }
         let mut env = format!("PROXY_API_KEY={PROXY_KEY}\n");
         for (k, v) in &setup.env {
             env.push_str(&format!("{k}={v}\n"));
@@ -469,6 +554,14 @@ impl Proxy {
             client: http_client(),
             running: Some(running),
         }
+    }
+
+    /// The store's view of `provider`'s keys (cooldowns, usage), from the running server.
+    pub fn key_status(&self, provider: &str) -> Vec<keyrelay::keys::KeyStatus> {
+        let relay = &self.running.as_ref().unwrap().relay;
+        let snapshot = relay.snapshot();
+        let p = snapshot.providers.get(provider).unwrap();
+        relay.store().report(provider, &p.keys)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {

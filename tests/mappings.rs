@@ -1,0 +1,353 @@
+//! Snapshot tests of the shipped provider scripts: OpenAI requests mapped to each upstream's native request, and
+//! the upstream's native responses and stream transcripts (fixtures in its real wire format) mapped back.
+
+use keyrelay::config::Tuning;
+use keyrelay::script::{Part, ProviderScript};
+use keyrelay::stream::sse::SseParser;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+
+fn script(provider: &str) -> Arc<ProviderScript> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = keyrelay::spec::load_file(
+        &root.join(format!("providers/{provider}.yaml")),
+        &root.join("plugins"),
+        &Tuning::default(),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    p.script.expect("the provider has a script")
+}
+
+fn fixture(path: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap()
+}
+
+fn json_fixture(path: &str) -> Value {
+    serde_json::from_str(&fixture(path)).unwrap()
+}
+
+fn mapped_request(provider: &str, endpoint: &str, model: &str, body: &str) -> Value {
+    let body = json_fixture(body);
+    let stream = body["stream"] == json!(true);
+    let m = script(provider)
+        .map_request(endpoint, model, stream, &body)
+        .unwrap();
+    json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
+}
+
+fn mapped_response(provider: &str, endpoint: &str, model: &str, fixture_path: &str) -> Value {
+    script(provider)
+        .map_response(endpoint, model, fixture(fixture_path).as_bytes())
+        .unwrap()
+}
+
+/// The chunks (and markers) a whole upstream transcript maps to.
+fn mapped_stream(provider: &str, model: &str, fixture_path: &str) -> Vec<Value> {
+    let script = script(provider);
+    let mut mapper = script.stream(model);
+    let mut parser = SseParser::new();
+    parser.push(fixture(fixture_path).as_bytes()).unwrap();
+    let mut events = Vec::new();
+    while let Some(e) = parser.next_event().unwrap() {
+        events.push(e);
+    }
+    events.extend(parser.finish());
+    let mut out = Vec::new();
+    for event in events {
+        for part in mapper.map(event.event.as_deref(), &event.data).unwrap() {
+            out.push(match part {
+                Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
+                Part::Error(e) => json!({"in_band_error": e}),
+                Part::Done => json!("[DONE]"),
+            });
+        }
+    }
+    out
+}
+
+macro_rules! snapshot {
+    ($name:expr, $value:expr) => {
+        insta::assert_json_snapshot!($name, $value, {
+            ".created" => "[created]",
+            "[].created" => "[created]",
+            ".choices[].message.tool_calls[].id" => "[call id]",
+            "[].choices[].delta.tool_calls[].id" => "[call id]",
+            "[].id" => "[id]",
+            ".id" => "[id]",
+        })
+    };
+}
+
+// ------------------------------------------------------------------------------------------------- Gemini
+
+#[test]
+fn gemini_requests() {
+    snapshot!(
+        "gemini_request_basic",
+        mapped_request(
+            "gemini",
+            "chat",
+            "gemini-2.5-flash",
+            "openai/chat_basic.json"
+        )
+    );
+    snapshot!(
+        "gemini_request_tools",
+        mapped_request(
+            "gemini",
+            "chat",
+            "gemini-2.5-flash",
+            "openai/chat_tools.json"
+        )
+    );
+    snapshot!(
+        "gemini_request_image_json_stream",
+        mapped_request(
+            "gemini",
+            "chat",
+            "gemini-2.5-pro",
+            "openai/chat_image_json.json"
+        )
+    );
+    snapshot!(
+        "gemini_request_embeddings",
+        mapped_request(
+            "gemini",
+            "embeddings",
+            "gemini-embedding-001",
+            "openai/embeddings.json"
+        )
+    );
+}
+
+#[test]
+fn gemini_responses() {
+    for name in [
+        "text",
+        "tool_call",
+        "max_tokens",
+        "safety",
+        "prompt_blocked",
+        "max_tokens_no_parts",
+    ] {
+        let mapped = mapped_response(
+            "gemini",
+            "chat",
+            "gemini-2.5-flash",
+            &format!("gemini/generate_response_{name}.json"),
+        );
+        snapshot!(format!("gemini_response_{name}"), mapped);
+    }
+    let text = mapped_response(
+        "gemini",
+        "chat",
+        "gemini-2.5-flash",
+        "gemini/generate_response_text.json",
+    );
+    let usage = &json_fixture("gemini/generate_response_text.json")["usageMetadata"];
+    assert_eq!(text["usage"]["prompt_tokens"], usage["promptTokenCount"]);
+    assert_eq!(text["usage"]["total_tokens"], usage["totalTokenCount"]);
+    let tools = mapped_response(
+        "gemini",
+        "chat",
+        "gemini-2.5-flash",
+        "gemini/generate_response_tool_call.json",
+    );
+    assert_eq!(tools["choices"][0]["finish_reason"], "tool_calls");
+    let args: Value = serde_json::from_str(
+        tools["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(args.is_object());
+    snapshot!(
+        "gemini_response_embeddings",
+        mapped_response(
+            "gemini",
+            "embeddings",
+            "gemini-embedding-001",
+            "gemini/embed_batch_response.json"
+        )
+    );
+}
+
+#[test]
+fn gemini_streams() {
+    let text = mapped_stream("gemini", "gemini-2.5-flash", "gemini/stream_text.sse");
+    let content: String = text
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/content")?.as_str())
+        .collect();
+    assert!(!content.is_empty());
+    assert_eq!(
+        text.iter()
+            .filter(|c| c
+                .pointer("/choices/0/finish_reason")
+                .is_some_and(|f| !f.is_null()))
+            .count(),
+        1
+    );
+    assert!(
+        text.last().unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "usage comes last"
+    );
+    snapshot!("gemini_stream_text", text);
+    let tools = mapped_stream("gemini", "gemini-2.5-flash", "gemini/stream_tool_call.sse");
+    let indexes: Vec<u64> = tools
+        .iter()
+        .flat_map(|c| {
+            c.pointer("/choices/0/delta/tool_calls")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| t["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, vec![0, 1], "two parallel calls, numbered");
+    snapshot!("gemini_stream_tool_call", tools);
+}
+
+#[test]
+fn gemini_models() {
+    let models = script("gemini")
+        .map_models(fixture("gemini/models_list.json").as_bytes())
+        .unwrap();
+    let ids: Vec<&str> = models.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(ids.iter().all(|id| !id.starts_with("models/")), "{ids:?}");
+    snapshot!("gemini_models", models);
+}
+
+// ---------------------------------------------------------------------------------------------- Anthropic
+
+#[test]
+fn anthropic_requests() {
+    let basic = mapped_request(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "openai/chat_basic.json",
+    );
+    assert_eq!(basic["body"]["max_tokens"], 64);
+    assert!(
+        basic["body"].get("top_p").is_none(),
+        "temperature wins over top_p"
+    );
+    snapshot!("anthropic_request_basic", basic);
+    let tools = mapped_request(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "openai/chat_tools.json",
+    );
+    let messages = tools["body"]["messages"].as_array().unwrap();
+    assert_eq!(
+        messages.last().unwrap()["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "tool results travel together"
+    );
+    snapshot!("anthropic_request_tools", tools);
+    let image = mapped_request(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "openai/chat_image_json.json",
+    );
+    assert_eq!(image["body"]["max_tokens"], 4096, "the configured default");
+    snapshot!("anthropic_request_image_stream", image);
+}
+
+#[test]
+fn anthropic_responses() {
+    let text = mapped_response(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "anthropic/message_response_text.json",
+    );
+    let usage = &json_fixture("anthropic/message_response_text.json")["usage"];
+    let expected_prompt = [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .iter()
+    .map(|k| usage[k].as_u64().unwrap_or(0))
+    .sum::<u64>();
+    assert_eq!(text["usage"]["prompt_tokens"], expected_prompt);
+    assert_eq!(
+        text["usage"]["prompt_tokens_details"]["cached_tokens"],
+        usage["cache_read_input_tokens"]
+    );
+    snapshot!("anthropic_response_text", text);
+    let tools = mapped_response(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "anthropic/message_response_tool_use.json",
+    );
+    assert_eq!(tools["choices"][0]["finish_reason"], "tool_calls");
+    snapshot!("anthropic_response_tool_use", tools);
+}
+
+#[test]
+fn anthropic_streams() {
+    let text = mapped_stream(
+        "anthropic",
+        "claude-sonnet-4-5",
+        "anthropic/stream_text.sse",
+    );
+    assert_eq!(text.last().unwrap(), "[DONE]");
+    snapshot!("anthropic_stream_text", text);
+    let tools = mapped_stream(
+        "anthropic",
+        "claude-sonnet-4-5",
+        "anthropic/stream_tool_use.sse",
+    );
+    let arguments: String = tools
+        .iter()
+        .flat_map(|c| {
+            c.pointer("/choices/0/delta/tool_calls")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|t| {
+            t.pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    let parsed: Value =
+        serde_json::from_str(&arguments).unwrap_or_else(|e| panic!("{arguments:?}: {e}"));
+    assert!(parsed.is_object());
+    snapshot!("anthropic_stream_tool_use", tools);
+    let error = mapped_stream(
+        "anthropic",
+        "claude-sonnet-4-5",
+        "anthropic/stream_error.sse",
+    );
+    assert!(error.last().unwrap().get("in_band_error").is_some());
+    snapshot!("anthropic_stream_error", error);
+}
+
+#[test]
+fn anthropic_models() {
+    let models = script("anthropic")
+        .map_models(fixture("anthropic/models_list.json").as_bytes())
+        .unwrap();
+    snapshot!("anthropic_models", models);
+}
