@@ -2,22 +2,26 @@
 //! the upstream's native responses and stream transcripts (fixtures in its real wire format) mapped back.
 
 use keyrelay::config::Tuning;
-use keyrelay::script::{Part, ProviderScript};
+use keyrelay::script::ProviderScript;
 use keyrelay::stream::sse::SseParser;
+use keyrelay::stream::{ChunkWriter, Mapper, Part};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 
-fn script(provider: &str) -> Arc<ProviderScript> {
+fn provider(name: &str) -> keyrelay::spec::Provider {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let p = keyrelay::spec::load_file(
-        &root.join(format!("providers/{provider}.yaml")),
+    keyrelay::spec::load_file(
+        &root.join(format!("providers/{name}.yaml")),
         &root.join("plugins"),
         &Tuning::default(),
         None,
     )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    p.script.expect("the provider has a script")
+    .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn script(name: &str) -> Arc<ProviderScript> {
+    provider(name).script.expect("the provider has a script")
 }
 
 fn fixture(path: &str) -> String {
@@ -48,10 +52,15 @@ fn mapped_response(provider: &str, endpoint: &str, model: &str, fixture_path: &s
         .unwrap()
 }
 
-/// The chunks (and markers) a whole upstream transcript maps to.
-fn mapped_stream(provider: &str, model: &str, fixture_path: &str) -> Vec<Value> {
-    let script = script(provider);
-    let mut mapper = script.stream(model);
+/// The chunks (and markers) a whole upstream transcript maps to, through the provider's declared rules and
+/// its script, as a live stream is.
+fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
+    let p = provider(name);
+    let mut mapper = Mapper::Scripted {
+        rules: p.stream_rules.clone(),
+        script: p.script.unwrap().stream(),
+        writer: ChunkWriter::new(model),
+    };
     let mut parser = SseParser::new();
     parser.push(fixture(fixture_path).as_bytes()).unwrap();
     let mut events = Vec::new();
@@ -61,7 +70,7 @@ fn mapped_stream(provider: &str, model: &str, fixture_path: &str) -> Vec<Value> 
     events.extend(parser.finish());
     let mut out = Vec::new();
     for event in events {
-        for part in mapper.map(event.event.as_deref(), &event.data).unwrap() {
+        for part in mapper.map(&event).unwrap() {
             out.push(match part {
                 Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
                 Part::Error(e) => json!({"in_band_error": e}),

@@ -28,11 +28,14 @@ pub enum Success {
     /// The upstream's JSON body, not yet mapped.
     Json { body: Bytes, usage: Usage },
     /// A stream whose first mapped parts have been read (and are not an error).
-    Stream {
-        events: UpstreamEvents,
-        mapper: Mapper,
-        pending: VecDeque<Part>,
-    },
+    Stream(Box<StreamStart>),
+}
+
+/// A stream that has started: the rest of its events, how to map them, and the parts already mapped.
+pub struct StreamStart {
+    pub events: UpstreamEvents,
+    pub mapper: Mapper,
+    pub pending: VecDeque<Part>,
 }
 
 /// Why an attempt did not succeed.
@@ -162,11 +165,11 @@ impl Attempt<'_> {
                         }));
                     }
                     Some(Part::Chunk { .. }) => {
-                        return Ok(Success::Stream {
+                        return Ok(Success::Stream(Box::new(StreamStart {
                             events,
                             mapper,
                             pending: parts.into(),
-                        });
+                        })));
                     }
                 }
             }

@@ -354,7 +354,11 @@ impl Relay {
             .as_ref()
             .filter(|s| s.has(Hook::StreamEvent))
         {
-            Some(script) => Mapper::Script(script.stream(&job.model)),
+            Some(script) => Mapper::Scripted {
+                rules: job.provider.stream_rules.clone(),
+                script: script.stream(),
+                writer: crate::stream::ChunkWriter::new(&job.model),
+            },
             None => Mapper::Passthrough {
                 label: format!("{}/{}", job.provider.name, job.model),
             },
@@ -393,11 +397,12 @@ impl Relay {
                 lease.succeed(usage.prompt_tokens, usage.completion_tokens);
                 Ok(Reply::Json { body, served })
             }
-            Success::Stream {
-                events,
-                mapper,
-                pending,
-            } => {
+            Success::Stream(start) => {
+                let attempt::StreamStart {
+                    events,
+                    mapper,
+                    pending,
+                } = *start;
                 let label = format!("{}/{}", job.provider.name, job.model);
                 let forward = Forward::new(
                     events,

@@ -4,6 +4,7 @@
 //! sent, paths, models, classification rules. The engine reads a `Provider`, never a provider's name.
 
 pub mod classify;
+pub mod stream_rules;
 
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
@@ -119,6 +120,8 @@ struct RawProvider {
     hooks: Option<Vec<String>>,
     /// Passed to every hook as `ctx.options`.
     options: Option<serde_json::Value>,
+    /// Stream events mapped in Rust without calling the script.
+    stream: Option<stream_rules::RawStream>,
 }
 
 /// How the key reaches the upstream.
@@ -163,6 +166,8 @@ pub struct Provider {
     pub keys: Vec<ApiKey>,
     /// The provider's script, when it has one.
     pub script: Option<Arc<ProviderScript>>,
+    /// Stream events mapped by declared rules before the script is asked.
+    pub stream_rules: Arc<[stream_rules::StreamRule]>,
     /// Changes when anything about the provider but its keys changes (its file, base URL, filters); reloads
     /// use it to report what changed.
     pub fingerprint: u64,
@@ -328,6 +333,7 @@ pub fn load_file(
         .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
     let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
     let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
+    let stream = raw.stream.take();
     let mut provider = resolve(name, Some(path), raw, global, user)?;
     let mut fingerprint = {
         use std::hash::{Hash, Hasher};
@@ -365,12 +371,24 @@ pub fn load_file(
                 }
             }
             fingerprint ^= loaded.fingerprint;
+            if let Some(stream) = stream {
+                if !loaded.has(Hook::StreamEvent) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`stream.fast` rules need a script with a stream_event hook",
+                    )]);
+                }
+                provider.stream_rules = stream_rules::resolve(stream, Some(path))?.into();
+            }
             provider.script = Some(Arc::new(loaded));
         }
-        None if hooks.is_some() || options.is_some() => {
+        None if hooks.is_some() || options.is_some() || stream.is_some() => {
             return Err(vec![
-                ConfigError::new(Some(path), "`hooks` and `options` need a `script`")
-                    .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
+                ConfigError::new(
+                    Some(path),
+                    "`hooks`, `options` and `stream` need a `script`",
+                )
+                .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
             ]);
         }
         None => {}
@@ -645,6 +663,7 @@ fn resolve(
         tuning,
         keys: Vec::new(),
         script: None,
+        stream_rules: Arc::from(Vec::new()),
         fingerprint: 0,
     })
 }

@@ -3,14 +3,16 @@
 //! The client stream owns the upstream response and the key's lease. When the client disconnects, the body is
 //! dropped, which drops the upstream connection and releases the key at once; no task is left pumping.
 
+pub mod chunk;
 pub mod sse;
 
 use crate::clock::Clock;
 use crate::keys::Lease;
-pub use crate::script::Part;
 use crate::script::{ScriptError, ScriptStream};
+use crate::spec::stream_rules::{self, Emitted, StreamRule};
 use crate::spec::{ErrorClass, Scope, Verdict};
 use bytes::Bytes;
+pub use chunk::{ChunkWriter, Part};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -18,6 +20,7 @@ use serde_json::Value;
 use sse::{SseEvent, SseParser};
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
@@ -104,18 +107,45 @@ struct ChunkPeek {
     error: Option<Value>,
 }
 
-/// Turns upstream events into OpenAI chunk parts: passthrough for OpenAI-compatible upstreams, or the
-/// provider's `stream_event` hook.
+/// Turns upstream events into OpenAI chunk parts: passthrough for OpenAI-compatible upstreams; for others, the
+/// provider's declared rules first and its `stream_event` hook for the rest.
 pub enum Mapper {
-    Passthrough { label: String },
-    Script(ScriptStream),
+    Passthrough {
+        label: String,
+    },
+    Scripted {
+        rules: Arc<[StreamRule]>,
+        script: ScriptStream,
+        writer: ChunkWriter,
+    },
 }
 
 impl Mapper {
     pub fn map(&mut self, event: &SseEvent) -> Result<Vec<Part>, ScriptError> {
         match self {
-            Self::Script(s) => s.map(event.event.as_deref(), &event.data),
             Self::Passthrough { label } => Ok(passthrough(label, event)),
+            Self::Scripted {
+                rules,
+                script,
+                writer,
+            } => {
+                let parsed = serde_json::from_str::<Value>(&event.data);
+                if let Ok(data) = &parsed {
+                    match stream_rules::first_match(rules, event.event.as_deref(), data) {
+                        Some(Emitted::Skip) => return Ok(Vec::new()),
+                        Some(Emitted::Content(text)) => {
+                            return Ok(vec![writer.text("content", text)]);
+                        }
+                        Some(Emitted::Reasoning(text)) => {
+                            return Ok(vec![writer.text("reasoning_content", text)]);
+                        }
+                        None => {}
+                    }
+                }
+                let data = parsed.map_err(|_| event.data.as_str());
+                let parts = script.map(event.event.as_deref(), data)?;
+                Ok(parts.into_iter().flat_map(|p| writer.part(p)).collect())
+            }
         }
     }
 }

@@ -1,0 +1,236 @@
+//! Declared stream mappings: the simple, frequent events of a non-OpenAI stream (a text delta, a keep-alive)
+//! mapped in Rust from rules in the provider file, so that the provider's script runs only for the events that
+//! need it (starts, tool calls, finishes). This is what keeps per-event cost low without naming a provider.
+//!
+//! ```yaml
+//! stream:
+//!   fast:
+//!     - event: content_block_delta          # SSE event name (optional)
+//!       if: {delta.type: text_delta}        # paths into the event's JSON that must equal these values
+//!       present: [delta.text]               # paths that must hold a non-null value
+//!       absent: [delta.partial_json]        # paths that must be missing or null
+//!       content: delta.text                 # emit this string as content (or `reasoning:`, or `skip: true`)
+//! ```
+
+use crate::config::ConfigError;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStream {
+    #[serde(default)]
+    fast: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    event: Option<String>,
+    #[serde(default, rename = "if")]
+    equals: BTreeMap<String, Value>,
+    #[serde(default)]
+    present: Vec<String>,
+    #[serde(default)]
+    absent: Vec<String>,
+    content: Option<String>,
+    reasoning: Option<String>,
+    #[serde(default)]
+    skip: bool,
+}
+
+/// A dotted path into a JSON document; numeric steps index arrays (`candidates.0.content`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonPath(Vec<Step>);
+
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+impl JsonPath {
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.is_empty() {
+            return None;
+        }
+        let steps = text
+            .split('.')
+            .map(|s| match s.parse::<usize>() {
+                Ok(i) => Some(Step::Index(i)),
+                Err(_) if !s.is_empty() => Some(Step::Key(s.to_string())),
+                Err(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self(steps))
+    }
+
+    /// The value at this path, unless it is missing or null.
+    pub fn get<'a>(&self, root: &'a Value) -> Option<&'a Value> {
+        let mut at = root;
+        for step in &self.0 {
+            at = match step {
+                Step::Key(k) => at.get(k.as_str())?,
+                Step::Index(i) => at.get(*i)?,
+            };
+        }
+        (!at.is_null()).then_some(at)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Emit {
+    Skip,
+    Content(JsonPath),
+    Reasoning(JsonPath),
+}
+
+/// What a matching rule produced.
+#[derive(Debug, PartialEq)]
+pub enum Emitted<'a> {
+    Skip,
+    Content(&'a str),
+    Reasoning(&'a str),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamRule {
+    event: Option<String>,
+    equals: Vec<(JsonPath, Value)>,
+    present: Vec<JsonPath>,
+    absent: Vec<JsonPath>,
+    emit: Emit,
+}
+
+impl StreamRule {
+    fn apply<'a>(&self, event: Option<&str>, data: &'a Value) -> Option<Emitted<'a>> {
+        if self.event.as_deref().is_some_and(|e| Some(e) != event) {
+            return None;
+        }
+        let holds = self.equals.iter().all(|(p, v)| p.get(data) == Some(v))
+            && self.present.iter().all(|p| p.get(data).is_some())
+            && self.absent.iter().all(|p| p.get(data).is_none());
+        if !holds {
+            return None;
+        }
+        match &self.emit {
+            Emit::Skip => Some(Emitted::Skip),
+            Emit::Content(p) => p.get(data)?.as_str().map(Emitted::Content),
+            Emit::Reasoning(p) => p.get(data)?.as_str().map(Emitted::Reasoning),
+        }
+    }
+}
+
+/// The first rule that maps this event, if any.
+pub fn first_match<'a>(
+    rules: &[StreamRule],
+    event: Option<&str>,
+    data: &'a Value,
+) -> Option<Emitted<'a>> {
+    rules.iter().find_map(|r| r.apply(event, data))
+}
+
+pub(super) fn resolve(
+    raw: RawStream,
+    file: Option<&Path>,
+) -> Result<Vec<StreamRule>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut rules = Vec::new();
+    for (i, r) in raw.fast.into_iter().enumerate() {
+        let mut path = |text: &str| {
+            JsonPath::parse(text).or_else(|| {
+                errors.push(ConfigError::new(
+                    file,
+                    format!("stream.fast[{i}]: {text:?} is not a path like delta.text"),
+                ));
+                None
+            })
+        };
+        let equals = r
+            .equals
+            .iter()
+            .filter_map(|(k, v)| Some((path(k)?, v.clone())))
+            .collect();
+        let present = r.present.iter().filter_map(|p| path(p)).collect();
+        let absent = r.absent.iter().filter_map(|p| path(p)).collect();
+        let emit = match (r.content, r.reasoning, r.skip) {
+            (Some(p), None, false) => path(&p).map(Emit::Content),
+            (None, Some(p), false) => path(&p).map(Emit::Reasoning),
+            (None, None, true) => Some(Emit::Skip),
+            _ => {
+                errors.push(
+                    ConfigError::new(
+                        file,
+                        format!(
+                            "stream.fast[{i}] must have exactly one of content, reasoning or skip"
+                        ),
+                    )
+                    .hint("e.g. content: delta.text"),
+                );
+                None
+            }
+        };
+        if let Some(emit) = emit {
+            rules.push(StreamRule {
+                event: r.event,
+                equals,
+                present,
+                absent,
+                emit,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(yaml: &str) -> Vec<StreamRule> {
+        resolve(serde_yaml::from_str(yaml).unwrap(), None).unwrap()
+    }
+
+    #[test]
+    fn rules_match_by_event_values_presence_and_absence() {
+        let r = rules(
+            "fast:\n  - event: content_block_delta\n    if: {delta.type: text_delta}\n    content: delta.text\n  - event: ping\n    skip: true\n  - absent: [c.0.done]\n    present: [c.0.parts.0.text]\n    reasoning: c.0.parts.0.text\n",
+        );
+        let delta =
+            json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hi"}});
+        assert_eq!(
+            first_match(&r, Some("content_block_delta"), &delta),
+            Some(Emitted::Content("hi"))
+        );
+        assert_eq!(first_match(&r, Some("other"), &delta), None);
+        let tool = json!({"delta": {"type": "input_json_delta", "partial_json": "{"}});
+        assert_eq!(first_match(&r, Some("content_block_delta"), &tool), None);
+        assert_eq!(
+            first_match(&r, Some("ping"), &json!({})),
+            Some(Emitted::Skip)
+        );
+        let gemini_like = json!({"c": [{"parts": [{"text": "t"}], "done": null}]});
+        assert_eq!(
+            first_match(&r, None, &gemini_like),
+            Some(Emitted::Reasoning("t"))
+        );
+        let finished = json!({"c": [{"parts": [{"text": "t"}], "done": "yes"}]});
+        assert_eq!(first_match(&r, None, &finished), None);
+    }
+
+    #[test]
+    fn bad_rules_are_reported() {
+        let raw: RawStream = serde_yaml::from_str(
+            "fast:\n  - content: a\n    skip: true\n  - present: ['a..b']\n    skip: true\n",
+        )
+        .unwrap();
+        assert_eq!(resolve(raw, None).unwrap_err().len(), 2);
+    }
+}
