@@ -218,11 +218,12 @@ fn native_anthropic_response(body: &[u8]) -> Value {
 
 fn benches(c: &mut Criterion) {
     let request: Value = serde_json::from_str(&fixture("openai/chat_basic.json")).unwrap();
-    for provider in ["gemini", "anthropic"] {
-        let s = script(provider);
-        c.bench_function(&format!("{provider}/request/script"), |b| {
+    for name in ["gemini", "anthropic"] {
+        let p = provider(name);
+        let s = p.script.clone().unwrap();
+        c.bench_function(&format!("{name}/request/script"), |b| {
             b.iter(|| {
-                s.map_request("chat", "m", false, black_box(&request))
+                p.map_request(&s, "chat", "m", false, black_box(&request))
                     .unwrap()
             })
         });

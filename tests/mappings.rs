@@ -40,8 +40,9 @@ fn json_fixture(path: &str) -> Value {
 fn mapped_request(provider: &str, endpoint: &str, model: &str, body: &str) -> Value {
     let body = json_fixture(body);
     let stream = body["stream"] == json!(true);
-    let m = script(provider)
-        .map_request(endpoint, model, stream, &body)
+    let p = self::provider(provider);
+    let m = p
+        .map_request(p.script.as_ref().unwrap(), endpoint, model, stream, &body)
         .unwrap();
     json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
 }

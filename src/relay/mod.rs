@@ -188,7 +188,8 @@ impl Relay {
         let call = match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
             Some(script) => {
                 let body = Value::Object(body);
-                let mapped = script.map_request(endpoint.hook_name(), &model, stream, &body)?;
+                let mapped =
+                    provider.map_request(script, endpoint.hook_name(), &model, stream, &body)?;
                 mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?
             }
             None => {

@@ -22,7 +22,6 @@ pub fn engine() -> &'static Engine {
 
 fn build() -> Engine {
     let mut e = Engine::new();
-    super::json::register(&mut e);
     e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     e.disable_symbol("eval");
     e.set_strict_variables(true);
@@ -45,7 +44,7 @@ fn build() -> Engine {
         },
     );
     e.register_fn("json_stringify", |value: Dynamic| -> String {
-        super::json::to_value(&value).to_string()
+        serde_json::to_string(&value).unwrap_or_else(|_| "null".into())
     });
     e.register_fn("unix_time", || -> i64 {
         std::time::SystemTime::now()

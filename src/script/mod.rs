@@ -9,8 +9,7 @@
 //! | `request(ctx)` | `#{endpoint, model, stream, body, options}` | `#{method, path, query, headers, body}` |
 //! | `response(ctx)` | `#{endpoint, model, body, options}` | the OpenAI response object |
 //! | `stream_event(event)` | `#{event, data}`, with `this` = per-stream state (a map) | `()`, a chunk part, or an array of them |
-//!
-//! Documents crossing into a hook (bodies, events) are read-only views (see `json`), so reading them is cheap.
+
 //! | `classify(ctx)` | `#{status, headers, body}` | `()` (use the YAML rules) or `#{class, retry_after, scope}` |
 //! | `models(body)` | the upstream's model list (parsed JSON) | an array of ids or model objects |
 //!
@@ -18,7 +17,6 @@
 //! run). Every call is bounded in operations, call depth, and string, array and map sizes.
 
 mod engine;
-mod json;
 mod stream;
 
 use crate::config::ConfigError;
@@ -232,7 +230,7 @@ impl ProviderScript {
             ("endpoint", Dynamic::from(endpoint.to_string())),
             ("model", Dynamic::from(model.to_string())),
             ("stream", Dynamic::from(stream)),
-            ("body", json::view(body.clone())),
+            ("body", to_dynamic(body)),
         ]);
         let out = self.call(Hook::Request, None, ctx)?;
         let fail = |what: &str| self.hook_error(Hook::Request, what);
@@ -276,14 +274,12 @@ impl ProviderScript {
         model: &str,
         body: &[u8],
     ) -> Result<Value, ScriptError> {
-        let parsed = serde_json::from_slice::<Value>(body)
-            .map(json::view)
-            .map_err(|e| {
-                self.hook_error(
-                    Hook::Response,
-                    &format!("the upstream body is not JSON: {e}"),
-                )
-            })?;
+        let parsed = serde_json::from_slice::<Dynamic>(body).map_err(|e| {
+            self.hook_error(
+                Hook::Response,
+                &format!("the upstream body is not JSON: {e}"),
+            )
+        })?;
         let ctx = self.ctx([
             ("endpoint", Dynamic::from(endpoint.to_string())),
             ("model", Dynamic::from(model.to_string())),
@@ -307,8 +303,7 @@ impl ProviderScript {
             .iter()
             .map(|(k, v)| (k.as_str().into(), Dynamic::from(v.clone())))
             .collect();
-        let parsed = serde_json::from_str::<Value>(body)
-            .map(json::view)
+        let parsed = serde_json::from_str::<Dynamic>(body)
             .unwrap_or_else(|_| Dynamic::from(body.to_string()));
         let ctx = self.ctx([
             ("status", Dynamic::from(status as i64)),
@@ -337,11 +332,9 @@ impl ProviderScript {
 
     /// Runs the models hook on the upstream's list; returns OpenAI-style model objects (at least an `id`).
     pub fn map_models(&self, body: &[u8]) -> Result<Vec<Value>, ScriptError> {
-        let parsed = serde_json::from_slice::<Value>(body)
-            .map(json::view)
-            .map_err(|e| {
-                self.hook_error(Hook::Models, &format!("the model list is not JSON: {e}"))
-            })?;
+        let parsed = serde_json::from_slice::<Dynamic>(body).map_err(|e| {
+            self.hook_error(Hook::Models, &format!("the model list is not JSON: {e}"))
+        })?;
         let out = self.call(Hook::Models, None, parsed)?;
         let Some(items) = out.try_cast::<rhai::Array>() else {
             return Err(
@@ -383,7 +376,12 @@ impl ProviderScript {
     }
 }
 
+/// JSON to a script value.
+pub fn to_dynamic(value: &Value) -> Dynamic {
+    rhai::serde::to_dynamic(value).unwrap_or(Dynamic::UNIT)
+}
+
 /// A script value to JSON (`()` is `null`).
 pub fn from_dynamic(value: &Dynamic) -> Value {
-    json::to_value(value)
+    serde_json::to_value(value).unwrap_or(Value::Null)
 }

@@ -5,7 +5,7 @@
 //! `model`, `error` (an in-band error) or `done: true`; the stream module builds OpenAI chunks from parts. A map
 //! that has `choices` is a complete chunk already.
 
-use super::{Hook, ProviderScript, ScriptError, from_dynamic, json};
+use super::{Hook, ProviderScript, ScriptError, from_dynamic, to_dynamic};
 use rhai::{Dynamic, Map};
 use serde_json::{Map as JsonMap, Value};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ impl ScriptStream {
         data: Result<Value, &str>,
     ) -> Result<Vec<JsonMap<String, Value>>, ScriptError> {
         let data = match data {
-            Ok(value) => json::view(value),
+            Ok(value) => to_dynamic(&value),
             Err(text) => Dynamic::from(text.to_string()),
         };
         let mut arg = Map::new();

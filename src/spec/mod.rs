@@ -4,6 +4,7 @@
 //! sent, paths, models, classification rules. The engine reads a `Provider`, never a provider's name.
 
 pub mod classify;
+pub mod json_path;
 pub mod stream_rules;
 
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
@@ -122,6 +123,16 @@ struct RawProvider {
     options: Option<serde_json::Value>,
     /// Stream events mapped in Rust without calling the script.
     stream: Option<stream_rules::RawStream>,
+    /// Request fields moved in Rust after the script's request hook.
+    request: Option<RawRequest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    /// Client body path -> upstream body path.
+    #[serde(default)]
+    copy: BTreeMap<String, String>,
 }
 
 /// How the key reaches the upstream.
@@ -168,6 +179,9 @@ pub struct Provider {
     pub script: Option<Arc<ProviderScript>>,
     /// Stream events mapped by declared rules before the script is asked.
     pub stream_rules: Arc<[stream_rules::StreamRule]>,
+    /// Fields copied from the client's body into the upstream body after the request hook (client path,
+    /// upstream path): simple moves done in Rust instead of in the script.
+    pub request_copies: Vec<(json_path::JsonPath, json_path::JsonPath)>,
     /// Changes when anything about the provider but its keys changes (its file, base URL, filters); reloads
     /// use it to report what changed.
     pub fingerprint: u64,
@@ -217,6 +231,27 @@ impl Provider {
             builder = builder.body(call.body.clone());
         }
         Ok(builder)
+    }
+
+    /// Runs the request hook, then the declared copies from the client's body into the upstream body (a value
+    /// the script set itself is left alone).
+    pub fn map_request(
+        &self,
+        script: &ProviderScript,
+        endpoint: &str,
+        model: &str,
+        stream: bool,
+        body: &serde_json::Value,
+    ) -> Result<crate::script::MappedRequest, ScriptError> {
+        let mut mapped = script.map_request(endpoint, model, stream, body)?;
+        for (from, to) in &self.request_copies {
+            if let Some(value) = from.get(body)
+                && to.get(&mapped.body).is_none()
+            {
+                to.set(&mut mapped.body, value.clone());
+            }
+        }
+        Ok(mapped)
     }
 
     /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers),
@@ -334,6 +369,7 @@ pub fn load_file(
     let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
     let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
     let stream = raw.stream.take();
+    let request = raw.request.take();
     let mut provider = resolve(name, Some(path), raw, global, user)?;
     let mut fingerprint = {
         use std::hash::{Hash, Hasher};
@@ -380,9 +416,18 @@ pub fn load_file(
                 }
                 provider.stream_rules = stream_rules::resolve(stream, Some(path))?.into();
             }
+            if let Some(request) = request {
+                if !loaded.has(Hook::Request) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`request.copy` needs a script with a request hook",
+                    )]);
+                }
+                provider.request_copies = request_copies(request, path)?;
+            }
             provider.script = Some(Arc::new(loaded));
         }
-        None if hooks.is_some() || options.is_some() || stream.is_some() => {
+        None if hooks.is_some() || options.is_some() || stream.is_some() || request.is_some() => {
             return Err(vec![
                 ConfigError::new(
                     Some(path),
@@ -395,6 +440,34 @@ pub fn load_file(
     }
     provider.fingerprint = fingerprint;
     Ok(provider)
+}
+
+fn request_copies(
+    raw: RawRequest,
+    file: &Path,
+) -> Result<Vec<(json_path::JsonPath, json_path::JsonPath)>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (from, to) in raw.copy {
+        match (
+            json_path::JsonPath::parse(&from),
+            json_path::JsonPath::parse(&to),
+        ) {
+            (Some(f), Some(t)) if t.is_keys_only() => out.push((f, t)),
+            _ => errors.push(
+                ConfigError::new(
+                    Some(file),
+                    format!("request.copy: {from:?} -> {to:?} is not a pair of paths"),
+                )
+                .hint("e.g. top_p: generationConfig.topP (the target cannot index arrays)"),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
@@ -664,6 +737,7 @@ fn resolve(
         keys: Vec::new(),
         script: None,
         stream_rules: Arc::from(Vec::new()),
+        request_copies: Vec::new(),
         fingerprint: 0,
     })
 }

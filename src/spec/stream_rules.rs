@@ -12,6 +12,7 @@
 //!       content: delta.text                 # emit this string as content (or `reasoning:`, or `skip: true`)
 //! ```
 
+use super::json_path::JsonPath;
 use crate::config::ConfigError;
 use serde::Deserialize;
 use serde_json::Value;
@@ -39,45 +40,6 @@ struct RawRule {
     reasoning: Option<String>,
     #[serde(default)]
     skip: bool,
-}
-
-/// A dotted path into a JSON document; numeric steps index arrays (`candidates.0.content`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct JsonPath(Vec<Step>);
-
-#[derive(Clone, Debug, PartialEq)]
-enum Step {
-    Key(String),
-    Index(usize),
-}
-
-impl JsonPath {
-    pub fn parse(text: &str) -> Option<Self> {
-        if text.is_empty() {
-            return None;
-        }
-        let steps = text
-            .split('.')
-            .map(|s| match s.parse::<usize>() {
-                Ok(i) => Some(Step::Index(i)),
-                Err(_) if !s.is_empty() => Some(Step::Key(s.to_string())),
-                Err(_) => None,
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Self(steps))
-    }
-
-    /// The value at this path, unless it is missing or null.
-    pub fn get<'a>(&self, root: &'a Value) -> Option<&'a Value> {
-        let mut at = root;
-        for step in &self.0 {
-            at = match step {
-                Step::Key(k) => at.get(k.as_str())?,
-                Step::Index(i) => at.get(*i)?,
-            };
-        }
-        (!at.is_null()).then_some(at)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
