@@ -369,3 +369,86 @@ async fn fifty_reloads_under_load_fail_no_request_and_cut_no_stream() {
     }
     assert!(total > 50, "{total}");
 }
+
+#[tokio::test]
+async fn broken_or_missing_scripts_are_rejected_until_fixed() {
+    let mock = Mock::start(|_, _| Reply::ok(json!({"text": "scripted"}))).await;
+    let good = "fn request(ctx) { #{ path: \"/go\", body: #{ q: 1 } } }\nfn response(ctx) { #{ id: \"x\", object: \"chat.completion\", created: 0, model: ctx.model, choices: [#{ index: 0, message: #{ role: \"assistant\", content: ctx.body.text }, finish_reason: \"stop\" }] } }\n";
+    let setup = Setup {
+        env: mock_keys("SCRIPTED", 1),
+        ..Setup::empty()
+    }
+    .provider(
+        "scripted",
+        format!("base_url: {}\nscript: s.rhai\n", mock.base_url),
+    )
+    .plugin("s.rhai", good);
+    let proxy = Proxy::start(setup).await;
+    assert_eq!(
+        proxy.chat("scripted/m", "hi").await.2["choices"][0]["message"]["content"],
+        "scripted"
+    );
+    let plugin = proxy.dir.path().join("plugins/s.rhai");
+    let provider = providers_dir(&proxy).join("scripted.yaml");
+
+    std::fs::write(&plugin, "fn request(ctx) {\n  let x = ;\n}\n").unwrap();
+    eventually("a syntax error is reported with file and line", || async {
+        status(&proxy).await["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("s.rhai:2") && e.contains("does not compile"))
+    })
+    .await;
+    assert_eq!(
+        proxy.chat("scripted/m", "hi").await.0,
+        200,
+        "the old script keeps serving"
+    );
+
+    std::fs::write(&plugin, "fn request(ctx) { undefined_variable }\n").unwrap();
+    eventually("an undefined variable is a load error", || async {
+        status(&proxy).await["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("undefined_variable"))
+    })
+    .await;
+
+    std::fs::write(&plugin, good).unwrap();
+    std::fs::write(
+        &provider,
+        format!("base_url: {}\nscript: missing.rhai\n", mock.base_url),
+    )
+    .unwrap();
+    eventually("a missing script is reported", || async {
+        status(&proxy).await["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("missing.rhai") && e.contains("cannot read"))
+    })
+    .await;
+    assert_eq!(proxy.chat("scripted/m", "hi").await.0, 200);
+
+    std::fs::write(
+        &provider,
+        format!(
+            "base_url: {}\nscript: s.rhai\nhooks: [request, stream_event]\n",
+            mock.base_url
+        ),
+    )
+    .unwrap();
+    eventually("a hook the script lacks is reported", || async {
+        status(&proxy).await["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stream_event"))
+    })
+    .await;
+
+    std::fs::write(
+        &provider,
+        format!("base_url: {}\nscript: s.rhai\n", mock.base_url),
+    )
+    .unwrap();
+    eventually("fixing it clears the error", || async {
+        status(&proxy).await["config"]["last_reload_error"].is_null()
+    })
+    .await;
+    assert_eq!(proxy.chat("scripted/m", "hi").await.0, 200);
+}

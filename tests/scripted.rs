@@ -659,3 +659,43 @@ async fn misbehaving_scripts_fail_their_request_cleanly_and_the_next_one_works()
         "failed scripts never reached the upstream"
     );
 }
+
+#[tokio::test]
+async fn the_scripts_classifier_is_consulted_before_the_yaml_rules() {
+    // The upstream says "slow down" with a 500; the script knows that means a rate limit for 30 s, while the
+    // YAML rule (consulted only when the script returns ()) would call every 500 a server error.
+    let mock = Mock::start(|seen, _| {
+        if seen.key == key(1) {
+            Reply::status(500, json!({"failure": "slow down please", "wait": 30}))
+        } else {
+            Reply::ok(json!({"output": "fine", "tokens": [1, 1]}))
+        }
+    })
+    .await;
+    let script = format!(
+        "{ECHO_SCRIPT}\nfn classify(ctx) {{\n    if ctx.body.failure == \"slow down please\" {{ return #{{ class: \"rate_limit\", retry_after: ctx.body.wait }}; }}\n    ()\n}}\n"
+    );
+    let setup = Setup { env: mock_keys("ECHO", 2), ..Setup::empty() }
+        .provider("echo", format!("base_url: {}\nscript: echo.rhai\nselection: sequential\nerrors: [{{status: 500, class: server}}]\n", mock.base_url))
+        .plugin("echo.rhai", &script);
+    let proxy = Proxy::start(setup).await;
+    let (status, headers, body) = proxy.chat("echo/one", "hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        header(&headers, "x-keyrelay-attempts"),
+        "2",
+        "rotated at once, not retried as a server error"
+    );
+    let status = proxy.key_status("echo");
+    let (_, until, reason) = &status
+        .iter()
+        .find(|k| k.key == masked(1))
+        .unwrap()
+        .model_cooldowns[0];
+    assert_eq!(reason.as_str(), "rate_limit");
+    let left = until - keyrelay::clock::Clock::system().now();
+    assert!(
+        left > 27_000 && left <= 30_000,
+        "cooling for the script's 30 s: {left} ms"
+    );
+}
