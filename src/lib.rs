@@ -11,14 +11,18 @@
 //! - [`stream`]: SSE parsing and the client-facing stream, which owns the upstream response and the key's lease.
 //! - [`keys`]: key state behind the [`keys::KeyStore`] trait — selection (balanced or sequential), concurrency
 //!   leases, the cooldown schedule, daily resets, usage counters and the usage file.
-//! - [`spec`]: provider files as data — base URL, auth, paths, models, and the error classification rules.
+//! - [`spec`]: provider files as data — base URL, auth, paths, models, error classification rules, declared
+//!   request copies and stream rules.
+//! - [`script`]: everything Rhai — the sandboxed engine and the provider hooks (request, response, stream events,
+//!   error classification, model lists); no other module touches Rhai.
 //! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
 //! - [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
 //!   validates and atomically swaps the snapshot.
 //! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, key discovery.
 //! - [`app`] and [`cli`]: wiring, graceful shutdown, and the command line.
 //!
-//! The engine never names a provider: everything provider-specific is in `providers/*.yaml`.
+//! The engine never names a provider: everything provider-specific is in `providers/*.yaml` and
+//! `plugins/*.rhai`.
 //!
 //! # Using the engine without the HTTP server
 //!
