@@ -1,4 +1,4 @@
-//! `config.yaml` and `.env`: raw serde structures, then validated [`Settings`]; key discovery lives in [`env`].
+//! `config.yaml` and `.env`: raw serde structures, then validated [`Settings`]; key discovery lives in [`mod@env`].
 //!
 //! Every setting is optional; a missing default `config.yaml` means all defaults. Unknown keys are errors that
 //! name the file and line, so a typo never silently falls back to a default.

@@ -1,9 +1,9 @@
 //! One request's journey: find the provider, borrow a key, call the upstream, judge the answer, and retry, rotate
 //! or give up — all inside one deadline.
 //!
-//! The retry policy reads top to bottom in [`Relay::run`]: transient faults (server, connection, timeout) are
+//! The retry policy reads top to bottom in `Relay::run`: transient faults (server, connection, timeout) are
 //! retried on the same key with backoff; rate limits, quota and auth failures cool the key and rotate at once;
-//! client errors are answered at once. Waiting for a busy or cooling key happens in [`Relay::lease`].
+//! client errors are answered at once. Waiting for a busy or cooling key happens in `Relay::lease`.
 
 mod attempt;
 mod error;
