@@ -78,6 +78,7 @@ async fn main() {
         env_file: dir.path().join(".env"),
         host: Some("127.0.0.1".into()),
         port: Some(0),
+        request_logging: false,
     };
 
     // 1. The cost of building and validating the whole configuration (what every reload does).

@@ -3,6 +3,9 @@
 use crate::clock::Clock;
 use crate::http::{AppState, router};
 use crate::keys::{KeyStore, MemoryStore, Persister, StorePolicy};
+use crate::observe::Observatory;
+use crate::observe::metrics::Metrics;
+use crate::observe::request_log::{self, RequestLog};
 use crate::relay::Relay;
 use crate::reload::{Reloader, spawn_watcher};
 use crate::snapshot::{LoadOptions, Snapshot};
@@ -27,6 +30,8 @@ pub enum StartError {
     Usage(#[from] crate::keys::UsageFileError),
     #[error("cannot watch the configuration files: {0}")]
     Watch(notify::Error),
+    #[error("cannot write request logs to {dir}: {source}")]
+    RequestLog { dir: String, source: std::io::Error },
 }
 
 /// Whether `host` only accepts connections from this machine.
@@ -111,7 +116,29 @@ pub async fn start(
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
     let store: Arc<dyn KeyStore> = store;
-    let relay = Relay::new(config.clone(), store.clone(), clock);
+    let metrics = Arc::new(Metrics::default());
+    let request_log = match &settings.request_logging {
+        Some(logging) => Some(
+            RequestLog::start(
+                &logging.dir,
+                request_log::Limits {
+                    max_file_bytes: logging.max_file_bytes,
+                    max_total_bytes: logging.max_total_bytes,
+                    max_files: 100_000,
+                },
+            )
+            .map_err(|source| StartError::RequestLog {
+                dir: logging.dir.display().to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let observer = Arc::new(Observatory {
+        metrics: metrics.clone(),
+        request_log,
+    });
+    let relay = Relay::new(config.clone(), store.clone(), clock).with_observer(observer);
     let stop = CancellationToken::new();
     let reloader = match reload {
         Some(opts) => {
@@ -125,6 +152,7 @@ pub async fn start(
         relay: relay.clone(),
         started: std::time::Instant::now(),
         reloader: reloader.clone(),
+        metrics,
     });
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// Write every request and response (secrets redacted) to a file under logs/.
     #[arg(long)]
     pub enable_request_logging: bool,
+    /// Console log format: `text`, or `json` for log shippers. The level comes from RUST_LOG.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 impl FileArgs {
@@ -59,6 +62,7 @@ impl FileArgs {
             env_file: self.env_file.clone(),
             host: None,
             port: None,
+            request_logging: false,
         }
     }
 }
@@ -68,6 +72,7 @@ impl ServeArgs {
         LoadOptions {
             host: self.host.clone(),
             port: self.port,
+            request_logging: self.enable_request_logging,
             ..self.files.load_options()
         }
     }

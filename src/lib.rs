@@ -69,6 +69,7 @@ pub mod duration;
 pub mod glob;
 pub mod http;
 pub mod keys;
+pub mod observe;
 pub mod relay;
 pub mod reload;
 pub mod script;

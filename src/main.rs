@@ -47,7 +47,7 @@ fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_logging();
+    init_logging(&args.log_format);
     let opts = args.load_options();
     let snapshot = match Snapshot::load(&opts) {
         Ok(s) => s,
@@ -59,6 +59,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let warnings = snapshot.warnings.clone();
+    let request_log_dir = snapshot
+        .settings
+        .request_logging
+        .as_ref()
+        .map(|r| r.dir.clone());
     let open = snapshot.proxy_key.is_none();
     let providers: Vec<(String, usize)> = snapshot
         .providers
@@ -98,9 +103,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
             "warning: PROXY_API_KEY is not set: any local process can use this proxy without a key"
         );
     }
-    if args.enable_request_logging {
+    if let Some(dir) = &request_log_dir {
         println!(
-            "warning: --enable-request-logging is not implemented in this version; nothing is written to logs/"
+            "  request logging: one file per request under {}",
+            dir.display()
         );
     }
     for w in &warnings {
@@ -116,11 +122,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging() {
+fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
 }

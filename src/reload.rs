@@ -29,6 +29,8 @@ pub struct ReloadStatus {
     /// Why the newest files were rejected, while the previous configuration keeps serving.
     pub last_error: Option<String>,
     pub last_error_at: Option<UnixMs>,
+    /// Reloads rejected since start.
+    pub failures: u64,
 }
 
 pub struct Reloader {
@@ -140,6 +142,7 @@ impl Reloader {
             );
         }
         status.last_error = Some(error);
+        status.failures += 1;
         status.last_error_at = Some(self.clock.now());
     }
 

@@ -19,6 +19,8 @@ pub struct LoadOptions {
     pub env_file: PathBuf,
     pub host: Option<String>,
     pub port: Option<u16>,
+    /// `--enable-request-logging`.
+    pub request_logging: bool,
 }
 
 impl LoadOptions {
@@ -30,6 +32,7 @@ impl LoadOptions {
             env_file: ".env".into(),
             host: None,
             port: None,
+            request_logging: false,
         }
     }
 }
@@ -58,6 +61,9 @@ impl Snapshot {
         }
         if let Some(port) = opts.port {
             settings.port = port;
+        }
+        if opts.request_logging {
+            settings.request_logging = Some(settings.request_logging_config.clone());
         }
         let env = Env::load(&opts.env_file).map_err(|e| LoadErrors(vec![e]))?;
         Self::build(settings, &env)

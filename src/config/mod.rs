@@ -126,6 +126,15 @@ struct RawPause {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRequestLogging {
+    enabled: Option<bool>,
+    dir: Option<PathBuf>,
+    max_file_size: Option<ByteSize>,
+    max_total_size: Option<ByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawTimeouts {
     #[serde(default, with = "serde_human::option")]
     connect: Option<Duration>,
@@ -164,6 +173,7 @@ struct RawConfig {
     models_refresh: Option<Duration>,
     #[serde(default, with = "serde_human::option")]
     shutdown_grace: Option<Duration>,
+    request_logging: Option<RawRequestLogging>,
     #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
 }
@@ -312,6 +322,18 @@ pub struct Settings {
     pub plugins_dir: PathBuf,
     pub models_refresh: Duration,
     pub shutdown_grace: Duration,
+    /// One JSON file per request, when enabled (`--enable-request-logging` or `request_logging.enabled`).
+    pub request_logging: Option<RequestLogging>,
+    /// The request log settings as configured, enabled or not (the command-line flag switches them on).
+    pub request_logging_config: RequestLogging,
+}
+
+/// Where request logs go and how much room they may take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestLogging {
+    pub dir: PathBuf,
+    pub max_file_bytes: usize,
+    pub max_total_bytes: u64,
 }
 
 impl Settings {
@@ -377,6 +399,14 @@ impl Settings {
             err("timeouts must be greater than zero".into());
         }
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let request_logging = raw.request_logging.unwrap_or_default();
+        let logging = RequestLogging {
+            dir: resolve(request_logging.dir.clone().unwrap_or_else(|| "logs".into())),
+            max_file_bytes: request_logging.max_file_size.map_or(1 << 20, |b| b.0),
+            max_total_bytes: request_logging
+                .max_total_size
+                .map_or(100 << 20, |b| b.0 as u64),
+        };
         let settings = Settings {
             host: raw.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: raw.port.unwrap_or(8000),
@@ -394,6 +424,11 @@ impl Settings {
             plugins_dir: resolve(raw.plugins_dir.unwrap_or_else(|| "plugins".into())),
             models_refresh: raw.models_refresh.unwrap_or(Duration::from_secs(600)),
             shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(10)),
+            request_logging: request_logging
+                .enabled
+                .unwrap_or(false)
+                .then(|| logging.clone()),
+            request_logging_config: logging,
         };
         if errors.is_empty() {
             Ok(settings)

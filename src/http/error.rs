@@ -67,73 +67,24 @@ impl ApiError {
 
 impl From<RelayError> for ApiError {
     fn from(e: RelayError) -> Self {
-        let served = e.served();
-        let message = e.to_string();
-        let mut out = match e {
-            RelayError::BadRequest(_) => Self::bad_request("invalid_model", message),
-            RelayError::UnknownProvider(_) => Self::not_found("unknown_provider", message),
-            RelayError::NoKeys(_) => Self::not_found("provider_without_keys", message),
-            RelayError::ModelDenied(_) => Self::not_found("model_not_found", message),
-            RelayError::EndpointMissing { .. } => Self::not_found("unsupported_endpoint", message),
+        let (status, kind, code) = e.kind();
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut out = Self::new(status, kind, code, e.to_string());
+        out.served = e.served();
+        match e {
             RelayError::Upstream {
-                status,
-                body,
-                class,
-                openai_wire,
-                ..
+                body, openai_wire, ..
             } => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-                let code = match class {
-                    crate::spec::ErrorClass::ContextWindow => "context_length_exceeded",
-                    _ => "upstream_invalid_request",
-                };
-                let mut err = Self::new(
-                    status,
-                    "invalid_request_error",
-                    code,
-                    upstream_message(&body),
-                );
+                out.message = upstream_message(&body);
                 if openai_wire && is_openai_error(&body) {
-                    err.upstream_body = Some(body);
+                    out.upstream_body = Some(body);
                 }
-                err
             }
             RelayError::AllCooling { retry_after, .. } => {
-                let mut err = Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "all_keys_cooling",
-                    message,
-                );
-                err.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
-                err
+                out.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
             }
-            RelayError::Exhausted(tried) if tried.unusable => Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "bad_upstream_response",
-                message,
-            ),
-            RelayError::Exhausted(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_error",
-                "no_key_available",
-                message,
-            ),
-            RelayError::Deadline(_) => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout_error",
-                "deadline_exceeded",
-                message,
-            ),
-            RelayError::Script(_) => Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "script_error",
-                message,
-            ),
-        };
-        out.served = served;
+            _ => {}
+        }
         out
     }
 }

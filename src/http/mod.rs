@@ -24,6 +24,7 @@ pub struct AppState {
     pub started: Instant,
     /// Present when the configuration is live-reloaded; `GET /` reports its status.
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
+    pub metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
 }
 
 /// The whole API.
@@ -35,9 +36,15 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{*id}", get(model))
         .route("/providers", get(providers))
         .route("/token-count", post(token_count))
+        .route("/keys", get(keys))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(liveness))
+        .route("/dashboard", get(dashboard))
+        .merge(metrics)
         .nest("/v1", api)
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
@@ -299,6 +306,103 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
         Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
         Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
     }
+}
+
+/// `GET /v1/keys`: every key of every provider (masked), with its live state.
+async fn keys(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let now = crate::clock::Clock::system().now();
+    let time = |ms: i64| {
+        jiff::Timestamp::from_millisecond(ms)
+            .map(|t| t.to_string())
+            .ok()
+    };
+    let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
+    let data: Vec<Value> = snapshot
+        .serving()
+        .map(|p| {
+            let keys: Vec<Value> = app
+                .relay
+                .store()
+                .report(&p.name, &p.keys)
+                .into_iter()
+                .map(|k| {
+                    let cooldown = k.cooling_until.map(|until| {
+                        json!({"reason": k.cooling_reason, "until": time(until), "seconds_left": left(until)})
+                    });
+                    let models: Vec<Value> = k
+                        .model_cooldowns
+                        .iter()
+                        .map(|(model, until, reason)| {
+                            json!({"model": model, "reason": reason, "until": time(*until), "seconds_left": left(*until)})
+                        })
+                        .collect();
+                    json!({
+                        "key": k.key,
+                        "id": k.id,
+                        "state": k.state(),
+                        "in_flight": k.in_flight,
+                        "cooldown": cooldown,
+                        "model_cooldowns": models,
+                        "streak": k.streak,
+                        "today": k.today,
+                        "lifetime": k.lifetime,
+                        "last_error": k.last_error.map(|(class, at)| json!({"class": class, "at": time(at)})),
+                    })
+                })
+                .collect();
+            json!({"provider": p.name, "keys": keys})
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let mut gauges = crate::observe::metrics::Gauges::default();
+    for p in snapshot.serving() {
+        for state in ["available", "busy", "cooling", "benched"] {
+            gauges.keys.insert((p.name.clone(), state), 0);
+        }
+        for k in app.relay.store().report(&p.name, &p.keys) {
+            *gauges.keys.entry((p.name.clone(), k.state())).or_default() += 1;
+        }
+        if let Some(script) = &p.script {
+            gauges
+                .script_errors
+                .insert(p.name.clone(), script.error_count());
+        }
+    }
+    match &app.reloader {
+        Some(r) => {
+            let status = r.status();
+            gauges.config_generation = status.generation;
+            gauges.reload_failures = status.failures;
+        }
+        None => gauges.config_generation = snapshot.generation,
+    }
+    let mut response = app.metrics.render(&gauges).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /dashboard`: one self-contained page; it asks for the proxy key and reads `/v1/keys`.
+async fn dashboard() -> Response {
+    let mut response = include_str!("dashboard.html").into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+    );
+    response
 }
 
 async fn unknown_route(request: Request) -> Response {

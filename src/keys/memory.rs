@@ -27,6 +27,18 @@ pub struct Counters {
     pub completion_tokens: u64,
 }
 
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.successes = self.successes.saturating_add(other.successes);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+    }
+}
+
 /// A key (or key and model) out of rotation until `until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cooldown {
@@ -483,16 +495,19 @@ impl KeyStore for MemoryStore {
                     cooling_until: key_cooldown.map(|c| c.until),
                     cooling_reason: key_cooldown.map(|c| c.reason),
                     model_cooldowns: Vec::new(),
-                    requests_today: 0,
-                    requests_total: 0,
+                    streak: ks.map_or(0, |k| k.streak),
+                    today: Counters::default(),
+                    lifetime: Counters::default(),
+                    last_error: ks.and_then(|k| k.last_error).map(|e| (e.reason, e.until)),
                 };
                 if paused > now && status.cooling_until.is_none_or(|u| u < paused) {
                     status.cooling_until = Some(paused);
                     status.cooling_reason = Some(ErrorClass::RateLimit);
                 }
                 for (model, ms) in ks.map(|k| &k.models).into_iter().flatten() {
-                    status.requests_today += ms.today.requests;
-                    status.requests_total += ms.lifetime.requests;
+                    status.today.add(&ms.today);
+                    status.lifetime.add(&ms.lifetime);
+                    status.streak = status.streak.max(ms.streak);
                     if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
                         status
                             .model_cooldowns
@@ -665,7 +680,7 @@ mod tests {
             store
                 .report("p", &keys)
                 .iter()
-                .map(|k| k.requests_today)
+                .map(|k| k.today.requests)
                 .sum::<u64>(),
             1
         );
@@ -673,12 +688,12 @@ mod tests {
         let g2 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         let report = store.report("p", &keys);
         assert_eq!(
-            report.iter().map(|k| k.requests_today).sum::<u64>(),
+            report.iter().map(|k| k.today.requests).sum::<u64>(),
             1,
             "today restarted at the reset"
         );
         assert_eq!(
-            report.iter().map(|k| k.requests_total).sum::<u64>(),
+            report.iter().map(|k| k.lifetime.requests).sum::<u64>(),
             2,
             "lifetime kept"
         );
@@ -799,7 +814,7 @@ mod tests {
         let g = store.try_acquire(made_up).unwrap();
         store.release(&g, fail(ErrorClass::InvalidRequest, None), &tuning);
         let report = store.report("p", &keys[..1]);
-        assert_eq!(report[0].requests_total, 0, "{report:?}");
+        assert_eq!(report[0].lifetime.requests, 0, "{report:?}");
 
         let busy = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         let idle = keys

@@ -16,7 +16,7 @@ use crate::secret::{ApiKey, KeyId};
 use crate::spec::{ErrorClass, Scope};
 pub use cooldown::cooldown_until;
 pub use lease::Lease;
-pub use memory::MemoryStore;
+pub use memory::{Counters, MemoryStore};
 pub use persist::{Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -97,8 +97,28 @@ pub struct KeyStatus {
     pub cooling_reason: Option<ErrorClass>,
     /// Models this key is cooling for, with the end time and reason.
     pub model_cooldowns: Vec<(String, UnixMs, ErrorClass)>,
-    pub requests_today: u64,
-    pub requests_total: u64,
+    /// The longest current failure streak (whole key or one model).
+    pub streak: u32,
+    /// Summed over models.
+    pub today: Counters,
+    pub lifetime: Counters,
+    /// The last failure's class and time.
+    pub last_error: Option<(ErrorClass, UnixMs)>,
+}
+
+impl KeyStatus {
+    /// `benched` (whole key cooling), `cooling` (for some model), `busy` (serving) or `available`.
+    pub fn state(&self) -> &'static str {
+        if self.cooling_until.is_some() {
+            "benched"
+        } else if !self.model_cooldowns.is_empty() {
+            "cooling"
+        } else if self.in_flight > 0 {
+            "busy"
+        } else {
+            "available"
+        }
+    }
 }
 
 /// Where key state lives. The in-process [`MemoryStore`] is the default; a shared store (Redis) implements the

@@ -6,12 +6,11 @@ use crate::clock::Clock;
 use crate::script::ScriptError;
 use crate::secret::ApiKey;
 use crate::spec::{ErrorClass, Provider, Scope, UpstreamCall, Verdict};
-use crate::stream::{Mapper, Part, UpstreamEvents, Usage};
+use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
 use bytes::Bytes;
 use reqwest::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::VecDeque;
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
 const MAX_ERROR_BODY: usize = 64 << 10;
@@ -28,14 +27,7 @@ pub enum Success {
     /// The upstream's JSON body, not yet mapped.
     Json { body: Bytes, usage: Usage },
     /// A stream whose first mapped parts have been read (and are not an error).
-    Stream(Box<StreamStart>),
-}
-
-/// A stream that has started: the rest of its events, how to map them, and the parts already mapped.
-pub struct StreamStart {
-    pub events: UpstreamEvents,
-    pub mapper: Mapper,
-    pub pending: VecDeque<Part>,
+    Stream(Box<Started>),
 }
 
 /// Why an attempt did not succeed.
@@ -67,6 +59,20 @@ impl Failure {
             body: why.into(),
             unusable: false,
         })
+    }
+
+    /// The attempt the deadline cut short.
+    pub fn timed_out() -> Self {
+        Self {
+            verdict: Verdict {
+                class: ErrorClass::Timeout,
+                scope: Scope::Model,
+                retry_after: None,
+            },
+            status: 504,
+            body: "the deadline passed during this attempt".into(),
+            unusable: false,
+        }
     }
 
     fn unusable(why: &str) -> AttemptError {
@@ -121,7 +127,7 @@ impl Attempt<'_> {
         let status = response.status();
         if !status.is_success() {
             let headers = response.headers().clone();
-            let body = read_capped(response).await;
+            let body = redact(read_capped(response).await, key);
             let text = String::from_utf8_lossy(&body);
             let verdict = p.judge(status.as_u16(), &headers, &text, self.clock.now())?;
             return Err(AttemptError::Upstream(Failure {
@@ -165,7 +171,7 @@ impl Attempt<'_> {
                         }));
                     }
                     Some(Part::Chunk { .. }) => {
-                        return Ok(Success::Stream(Box::new(StreamStart {
+                        return Ok(Success::Stream(Box::new(Started {
                             events,
                             mapper,
                             pending: parts.into(),
@@ -192,6 +198,17 @@ impl Attempt<'_> {
             )),
         }
     }
+}
+
+/// An error body with the key that was used replaced by its masked form: some upstreams echo the key they
+/// refused, and error bodies reach clients and logs.
+fn redact(body: Bytes, key: &ApiKey) -> Bytes {
+    let secret = key.expose().as_bytes();
+    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
+        return body;
+    }
+    let text = String::from_utf8_lossy(&body).replace(key.expose(), &key.masked);
+    text.into()
 }
 
 /// The start of an error body; a broken body yields what arrived.

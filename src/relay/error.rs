@@ -113,6 +113,36 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// The HTTP status, OpenAI error type and code the client gets.
+    pub fn kind(&self) -> (u16, &'static str, &'static str) {
+        match self {
+            Self::BadRequest(_) => (400, "invalid_request_error", "invalid_model"),
+            Self::UnknownProvider(_) => (404, "invalid_request_error", "unknown_provider"),
+            Self::NoKeys(_) => (404, "invalid_request_error", "provider_without_keys"),
+            Self::ModelDenied(_) => (404, "invalid_request_error", "model_not_found"),
+            Self::EndpointMissing { .. } => (404, "invalid_request_error", "unsupported_endpoint"),
+            Self::Upstream { status, class, .. } => {
+                let code = match class {
+                    ErrorClass::ContextWindow => "context_length_exceeded",
+                    _ => "upstream_invalid_request",
+                };
+                let status = if (400..600).contains(status) {
+                    *status
+                } else {
+                    400
+                };
+                (status, "invalid_request_error", code)
+            }
+            Self::AllCooling { .. } => (429, "rate_limit_error", "all_keys_cooling"),
+            Self::Exhausted(tried) if tried.unusable => {
+                (502, "upstream_error", "bad_upstream_response")
+            }
+            Self::Exhausted(_) => (503, "upstream_error", "no_key_available"),
+            Self::Deadline(_) => (504, "timeout_error", "deadline_exceeded"),
+            Self::Script(_) => (502, "upstream_error", "script_error"),
+        }
+    }
+
     /// The `x-keyrelay-*` facts, where there are any.
     pub fn served(&self) -> Option<Served> {
         match self {

@@ -11,15 +11,16 @@ pub mod models;
 
 use crate::clock::Clock;
 use crate::keys::{Ask, KeyStore, Lease, Unavailable};
+use crate::observe::{AttemptRecord, Journal, Observer};
 use crate::script::{Hook, MappedRequest};
 use crate::secret::KeyId;
 use crate::snapshot::Snapshot;
 use crate::spec::UpstreamCall;
 use crate::spec::{ErrorClass, Provider};
 use crate::stream::Forward;
-use crate::stream::{Mapper, Usage};
+use crate::stream::{Mapper, Report, Usage};
 use arc_swap::ArcSwap;
-use attempt::{Attempt, AttemptError, Success};
+use attempt::{Attempt, AttemptError, Failure, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
 use futures_util::Stream;
@@ -108,6 +109,8 @@ pub struct Relay {
     http: reqwest::Client,
     clock: Clock,
     catalog: Arc<models::Catalog>,
+    /// Told about every request when it ends.
+    observer: Arc<dyn Observer>,
 }
 
 impl Relay {
@@ -131,7 +134,14 @@ impl Relay {
             http,
             clock,
             catalog: Arc::new(models::Catalog::default()),
+            observer: Arc::new(crate::observe::Silent),
         }
+    }
+
+    /// This relay, telling `observer` about every request.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// A relay with an in-process key store and no usage file: the simplest way to use the engine as a library.
@@ -158,10 +168,62 @@ impl Relay {
     pub async fn send(
         &self,
         endpoint: Endpoint,
+        body: Map<String, Value>,
+    ) -> Result<Reply, RelayError> {
+        let requested = body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let stream = endpoint == Endpoint::Chat
+            && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let mut journal = Journal::new(
+            endpoint.hook_name(),
+            "",
+            requested,
+            stream,
+            self.clock.now(),
+        );
+        if self.observer.wants_bodies() {
+            journal.request = Some(Value::Object(body.clone()));
+        }
+        let mut journal = Some(journal);
+        let result = self.prepare_and_run(endpoint, body, &mut journal).await;
+        // A stream takes its journal along and reports when it ends.
+        if let Some(mut j) = journal {
+            j.total_ms = j.elapsed_ms();
+            j.first_byte_ms = j.total_ms;
+            match &result {
+                Ok(reply) => {
+                    j.status = 200;
+                    j.key = reply.served().key.clone();
+                    if let (true, Reply::Json { body, .. }) = (j.request.is_some(), reply) {
+                        j.response = serde_json::from_slice(body).ok();
+                    }
+                }
+                Err(e) => {
+                    let (status, _, code) = e.kind();
+                    j.status = status;
+                    j.error = Some(code.to_string());
+                    j.key = e.served().and_then(|s| s.key);
+                }
+            }
+            self.observer.finished(j);
+        }
+        result
+    }
+
+    async fn prepare_and_run(
+        &self,
+        endpoint: Endpoint,
         mut body: Map<String, Value>,
+        journal: &mut Option<Journal>,
     ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
         let (provider, model) = resolve_model(&snapshot, body.get("model"))?;
+        if let Some(j) = journal.as_mut() {
+            j.provider = provider.name.clone();
+            j.model = model.clone();
+        }
         let Some(path) = endpoint.path(&provider) else {
             return Err(RelayError::EndpointMissing {
                 provider: provider.name.clone(),
@@ -208,15 +270,44 @@ impl Relay {
             deadline: Instant::now() + snapshot.settings.request_timeout,
             stream_idle: snapshot.settings.stream_idle_timeout,
         };
-        self.run(job).await
+        self.run(job, journal).await
     }
 
     /// Attempts, retries and rotation until a reply, a client error, or the deadline.
-    async fn run(&self, job: Job) -> Result<Reply, RelayError> {
+    async fn run(&self, job: Job, journal: &mut Option<Journal>) -> Result<Reply, RelayError> {
         let mut tried = Tried::new(&job.provider.name, &job.model);
         let mut given_up: Vec<KeyId> = Vec::new();
+        let record = |journal: &mut Option<Journal>,
+                      key: &str,
+                      started: Instant,
+                      failure: Option<&Failure>| {
+            if let Some(j) = journal.as_mut() {
+                let class = failure.map(|f| f.verdict.class);
+                let transport = matches!(class, Some(ErrorClass::Connection | ErrorClass::Timeout));
+                j.attempts.push(AttemptRecord {
+                    key: key.to_string(),
+                    started_ms: (started
+                        .duration_since(j.started.map(Instant::from_std).unwrap_or(started)))
+                    .as_millis() as u64,
+                    latency_ms: crate::observe::ms(started.elapsed()),
+                    status: if transport {
+                        None
+                    } else {
+                        Some(failure.map_or(200, |f| f.status))
+                    },
+                    class,
+                    error: failure
+                        .map(|f| crate::observe::truncate(&String::from_utf8_lossy(&f.body), 2048)),
+                });
+            }
+        };
         loop {
-            let mut lease = self.lease(&job, &given_up, &mut tried).await?;
+            let waiting = Instant::now();
+            let lease = self.lease(&job, &given_up, &mut tried).await;
+            if let Some(j) = journal.as_mut() {
+                j.waited_ms += crate::observe::ms(waiting.elapsed());
+            }
+            let mut lease = lease?;
             let tuning = &job.provider.tuning;
             let mut on_this_key = 0;
             let failure = loop {
@@ -229,21 +320,29 @@ impl Relay {
                     stream_idle: job.stream_idle,
                 };
                 let mapper = job.stream.then(|| self.mapper(&job));
+                let started = Instant::now();
                 let result = tokio::time::timeout_at(
                     job.deadline,
                     attempt.send(&job.call, lease.key(), mapper),
                 )
                 .await;
+                let masked = lease.key().masked.clone();
                 let failure = match result {
                     Err(_) => {
                         tried.note(ErrorClass::Timeout);
+                        let timeout = Failure::timed_out();
+                        record(journal, &masked, started, Some(&timeout));
                         return Err(RelayError::Deadline(Box::new(tried)));
                     }
-                    Ok(Ok(success)) => return self.reply(success, lease, &job, &tried),
+                    Ok(Ok(success)) => {
+                        record(journal, &masked, started, None);
+                        return self.reply(success, lease, &job, &tried, journal);
+                    }
                     // The script is at fault, not the key: release it without a verdict.
                     Ok(Err(AttemptError::Script(e))) => return Err(e.into()),
                     Ok(Err(AttemptError::Upstream(failure))) => failure,
                 };
+                record(journal, &masked, started, Some(&failure));
                 tried.note(failure.verdict.class);
                 if failure.verdict.class.is_client_error() {
                     lease.fail(&failure.verdict);
@@ -263,6 +362,9 @@ impl Relay {
                     }
                     tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
                     tokio::time::sleep(pause).await;
+                    if let Some(j) = journal.as_mut() {
+                        j.waited_ms += crate::observe::ms(pause);
+                    }
                     continue;
                 }
                 break failure;
@@ -372,6 +474,7 @@ impl Relay {
         mut lease: Lease,
         job: &Job,
         tried: &Tried,
+        journal: &mut Option<Journal>,
     ) -> Result<Reply, RelayError> {
         let served = tried.served(Some(lease.key().masked.to_string()));
         match success {
@@ -396,24 +499,22 @@ impl Relay {
                     }
                 };
                 lease.succeed(usage.prompt_tokens, usage.completion_tokens);
+                if let Some(j) = journal.as_mut() {
+                    j.prompt_tokens = usage.prompt_tokens;
+                    j.completion_tokens = usage.completion_tokens;
+                }
                 Ok(Reply::Json { body, served })
             }
             Success::Stream(start) => {
-                let attempt::StreamStart {
-                    events,
-                    mapper,
-                    pending,
-                } = *start;
                 let label = format!("{}/{}", job.provider.name, job.model);
-                let forward = Forward::new(
-                    events,
-                    mapper,
-                    pending,
-                    lease,
-                    self.clock,
-                    job.wants_usage,
-                    label,
-                );
+                let report = journal.take().map(|mut j| {
+                    j.status = 200;
+                    j.key = served.key.clone();
+                    j.first_byte_ms = j.elapsed_ms();
+                    Report::new(j, self.observer.clone())
+                });
+                let forward =
+                    Forward::new(*start, lease, self.clock, job.wants_usage, label, report);
                 Ok(Reply::Stream {
                     body: Box::pin(forward.into_stream()),
                     served,

@@ -8,6 +8,7 @@ pub mod sse;
 
 use crate::clock::Clock;
 use crate::keys::Lease;
+use crate::observe::{Journal, Observer};
 use crate::script::{ScriptError, ScriptStream};
 use crate::spec::stream_rules::{self, Emitted, StreamRule};
 use crate::spec::{ErrorClass, Scope, Verdict};
@@ -241,6 +242,57 @@ fn upstream_error_frame(error: &Value) -> Bytes {
     error_frame(&format!("upstream error: {message}"), &kind, &code)
 }
 
+/// A stream that has started: the rest of its events, how to map them, and the parts already mapped.
+pub struct Started {
+    pub events: UpstreamEvents,
+    pub mapper: Mapper,
+    pub pending: VecDeque<Part>,
+}
+
+/// A stream's journal, reported when the stream ends however it ends (complete, cut, or the client gone).
+pub struct Report {
+    journal: Journal,
+    observer: Arc<dyn Observer>,
+    /// Chunk data sent, kept for request logs (bounded).
+    transcript: Option<(Vec<String>, usize)>,
+}
+
+/// Transcripts kept for request logs stop growing here.
+const MAX_TRANSCRIPT: usize = 1 << 20;
+
+impl Report {
+    pub fn new(journal: Journal, observer: Arc<dyn Observer>) -> Self {
+        let transcript = observer.wants_bodies().then(|| (Vec::new(), 0));
+        Self {
+            journal,
+            observer,
+            transcript,
+        }
+    }
+
+    fn sent(&mut self, data: &str) {
+        if let Some((chunks, size)) = &mut self.transcript
+            && *size < MAX_TRANSCRIPT
+        {
+            *size += data.len();
+            chunks.push(data.to_string());
+        }
+    }
+
+    fn finish(mut self, error: Option<&str>, usage: Usage) {
+        self.journal.error = error.map(String::from);
+        self.journal.prompt_tokens = usage.prompt_tokens;
+        self.journal.completion_tokens = usage.completion_tokens;
+        self.journal.total_ms = self.journal.elapsed_ms();
+        if let Some((chunks, _)) = self.transcript.take() {
+            self.journal.response = Some(Value::Array(
+                chunks.into_iter().map(Value::String).collect(),
+            ));
+        }
+        self.observer.finished(self.journal);
+    }
+}
+
 /// Forwards an upstream stream to the client after its first parts were seen.
 pub struct Forward {
     upstream: UpstreamEvents,
@@ -253,18 +305,38 @@ pub struct Forward {
     saw_finish: bool,
     usage: Usage,
     label: String,
+    report: Option<Report>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        // Dropped before it ended: the client went away.
+        if let Some(report) = self.report.take() {
+            report.finish(Some("client_disconnected"), self.usage);
+        }
+    }
 }
 
 impl Forward {
+    fn end(&mut self, error: Option<&str>) {
+        if let Some(report) = self.report.take() {
+            report.finish(error, self.usage);
+        }
+    }
+
     pub fn new(
-        upstream: UpstreamEvents,
-        mapper: Mapper,
-        pending: VecDeque<Part>,
+        started: Started,
         lease: Lease,
         clock: Clock,
         wants_usage: bool,
         label: String,
+        report: Option<Report>,
     ) -> Self {
+        let Started {
+            events: upstream,
+            mapper,
+            pending,
+        } = started;
         Self {
             upstream,
             mapper,
@@ -275,6 +347,7 @@ impl Forward {
             saw_finish: false,
             usage: Usage::default(),
             label,
+            report,
         }
     }
 
@@ -307,6 +380,9 @@ impl Forward {
                                 continue;
                             }
                         }
+                        if let Some(report) = &mut self.report {
+                            report.sent(&data);
+                        }
                         return Some(frame(&data));
                     }
                 }
@@ -329,6 +405,7 @@ impl Forward {
                     // Not the key's fault: release it without a verdict.
                     self.lease = None;
                     tracing::warn!(stream = %self.label, error = %e, "the stream mapping script failed");
+                    self.end(Some("script_error"));
                     return Some(error_frame(&e.to_string(), "server_error", "script_error"));
                 }
             }
@@ -339,6 +416,7 @@ impl Forward {
         if let Some(mut lease) = self.lease.take() {
             lease.succeed(self.usage.prompt_tokens, self.usage.completion_tokens);
         }
+        self.end(None);
         frame("[DONE]")
     }
 
@@ -361,11 +439,13 @@ impl Forward {
             tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
             lease.fail(&verdict);
         }
+        self.end(Some("upstream_error"));
         upstream_error_frame(error)
     }
 
     fn cut(&mut self, class: ErrorClass, why: &str, code: &str) -> Bytes {
         tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
+        self.end(Some(code));
         if let Some(mut lease) = self.lease.take() {
             lease.fail(&Verdict {
                 class,

@@ -542,6 +542,7 @@ impl Proxy {
             env_file: root.join(".env"),
             host: Some("127.0.0.1".into()),
             port: Some(0),
+            request_logging: false,
         };
         let snapshot =
             keyrelay::Snapshot::load(&opts).unwrap_or_else(|e| panic!("config invalid: {e}"));

@@ -1,0 +1,191 @@
+//! What happened to each request, and who is told: the console log line, the request log files, and the
+//! metrics. The relay fills a [`Journal`] while it works and hands it to an [`Observer`] when the request ends
+//! (for a stream: when the stream ends, however it ends).
+
+pub mod metrics;
+pub mod request_log;
+
+use crate::clock::UnixMs;
+use crate::spec::ErrorClass;
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One upstream attempt, as recorded. Never holds a key: only its masked form.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttemptRecord {
+    pub key: String,
+    /// Since the request started.
+    pub started_ms: u64,
+    pub latency_ms: f64,
+    /// The upstream's status, when it answered.
+    pub status: Option<u16>,
+    /// `None` for a success.
+    pub class: Option<ErrorClass>,
+    /// The start of the upstream's error body.
+    pub error: Option<String>,
+}
+
+/// Everything about one relayed request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Journal {
+    pub at: UnixMs,
+    pub endpoint: &'static str,
+    pub provider: String,
+    pub model: String,
+    pub stream: bool,
+    /// The client's body, kept only when an observer wants bodies.
+    pub request: Option<Value>,
+    pub attempts: Vec<AttemptRecord>,
+    /// Time spent waiting for a free or cooled key and in backoff.
+    pub waited_ms: f64,
+    /// The status the client got (200 for a stream that started).
+    pub status: u16,
+    /// The error code, when the request failed (or a stream ended badly).
+    pub error: Option<String>,
+    /// The masked key that served.
+    pub key: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Until the response was ready (for a stream: until its first byte was sent).
+    pub first_byte_ms: f64,
+    pub total_ms: f64,
+    /// The JSON response or, for a stream, its transcript; kept only when an observer wants bodies.
+    pub response: Option<Value>,
+    #[serde(skip)]
+    pub started: Option<std::time::Instant>,
+}
+
+impl Journal {
+    pub fn new(
+        endpoint: &'static str,
+        provider: &str,
+        model: &str,
+        stream: bool,
+        at: UnixMs,
+    ) -> Self {
+        Self {
+            at,
+            endpoint,
+            provider: provider.into(),
+            model: model.into(),
+            stream,
+            request: None,
+            attempts: Vec::new(),
+            waited_ms: 0.0,
+            status: 0,
+            error: None,
+            key: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            first_byte_ms: 0.0,
+            total_ms: 0.0,
+            response: None,
+            started: Some(std::time::Instant::now()),
+        }
+    }
+
+    pub fn elapsed_ms(&self) -> f64 {
+        self.started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// Time spent waiting for upstream answers.
+    pub fn upstream_ms(&self) -> f64 {
+        self.attempts.iter().map(|a| a.latency_ms).sum()
+    }
+
+    /// The outcome label used by metrics: `success` or the error code.
+    pub fn outcome(&self) -> &str {
+        self.error.as_deref().unwrap_or("success")
+    }
+}
+
+/// Told about every request when it ends.
+pub trait Observer: Send + Sync + 'static {
+    /// Whether journals should carry request and response bodies (costly; only for request logging).
+    fn wants_bodies(&self) -> bool {
+        false
+    }
+
+    fn finished(&self, journal: Journal);
+}
+
+/// Tells nobody.
+pub struct Silent;
+
+impl Observer for Silent {
+    fn finished(&self, _: Journal) {}
+}
+
+/// The console line, metrics and (when enabled) request log files.
+pub struct Observatory {
+    pub metrics: Arc<metrics::Metrics>,
+    pub request_log: Option<request_log::RequestLog>,
+}
+
+impl Observer for Observatory {
+    fn wants_bodies(&self) -> bool {
+        self.request_log.is_some()
+    }
+
+    fn finished(&self, journal: Journal) {
+        console_line(&journal);
+        self.metrics.record(&journal);
+        if let Some(log) = &self.request_log {
+            log.write(journal);
+        }
+    }
+}
+
+/// One line per request through `tracing` (`RUST_LOG`, `--log-format json`).
+fn console_line(j: &Journal) {
+    let key = j.key.as_deref().unwrap_or("-");
+    let latency_ms = (j.total_ms * 10.0).round() / 10.0;
+    match &j.error {
+        None => tracing::info!(
+            target: "keyrelay::request",
+            endpoint = j.endpoint,
+            model = %format_args!("{}/{}", j.provider, j.model),
+            key,
+            attempts = j.attempts.len(),
+            status = j.status,
+            latency_ms,
+            prompt_tokens = j.prompt_tokens,
+            completion_tokens = j.completion_tokens,
+            stream = j.stream,
+            "served"
+        ),
+        Some(error) => tracing::warn!(
+            target: "keyrelay::request",
+            endpoint = j.endpoint,
+            model = %format_args!("{}/{}", j.provider, j.model),
+            key,
+            attempts = j.attempts.len(),
+            status = j.status,
+            latency_ms,
+            error = %error,
+            classes = %j.attempts.iter().filter_map(|a| a.class.map(|c| c.as_str())).collect::<Vec<_>>().join(","),
+            stream = j.stream,
+            "failed"
+        ),
+    }
+}
+
+/// Keeps the start of a text (error bodies, transcripts) on a character boundary.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes more)", &text[..end], text.len() - end)
+}
+
+/// Milliseconds as a float, for journals.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
