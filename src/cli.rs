@@ -24,6 +24,18 @@ pub enum Command {
     Serve(ServeArgs),
     /// Load and validate the configuration exactly as `serve` would, print a summary, and exit.
     Check(FileArgs),
+    /// Run keyrelay in front of a built-in fake provider (no real key needed) to see rotation at work.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Address to listen on (loopback only).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -65,6 +65,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod duration;
 pub mod glob;
 pub mod http;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check(files)) => check(&files),
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        Some(Command::Demo(args)) => runtime.block_on(demo(args)),
         None => runtime.block_on(serve(cli.serve)),
     }
 }
@@ -119,6 +120,27 @@ async fn serve(args: ServeArgs) -> ExitCode {
         stopper.cancel();
     });
     running.wait().await;
+    ExitCode::SUCCESS
+}
+
+async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
+    init_logging("text");
+    let state = std::env::temp_dir().join(format!("keyrelay-demo-{}", std::process::id()));
+    let running = match keyrelay::demo::start(&args.host, args.port, &state).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyrelay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", keyrelay::demo::instructions(&running.addr));
+    let stopper = running.stopper();
+    tokio::spawn(async move {
+        keyrelay::app::shutdown_signal().await;
+        stopper.cancel();
+    });
+    running.wait().await;
+    let _ = std::fs::remove_dir_all(&state);
     ExitCode::SUCCESS
 }
 

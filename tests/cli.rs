@@ -355,3 +355,74 @@ async fn sighup_reloads_instead_of_killing_the_process() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_demo_serves_chat_and_shows_a_cooling_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = keyrelay(dir.path())
+        .args(["demo", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = lines.next().unwrap().unwrap();
+    let url = banner
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{banner}"))
+        .to_string();
+    let rest: Vec<String> = lines.by_ref().take(8).map(|l| l.unwrap()).collect();
+    assert!(rest.iter().any(|l| l.contains("/dashboard")), "{rest:?}");
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let client = http_client();
+    let mut served_by = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let body = serde_json::json!({"model": "demo/fast-model", "messages": [{"role": "user", "content": format!("hello {i}")}]});
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json_body(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "the client never sees the demo's failing keys"
+        );
+        served_by
+            .insert(String::from_utf8_lossy(r.headers()["x-keyrelay-key"].as_bytes()).to_string());
+        let text = r.text().await.unwrap();
+        assert!(text.contains("fake provider"), "{text}");
+    }
+    let keys: Value = serde_json::from_str(
+        &client
+            .get(format!("{url}/v1/keys"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let states: Vec<&str> = keys["data"][0]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.contains(&"benched"),
+        "the dead key is benched: {states:?}"
+    );
+    assert!(
+        served_by.len() >= 2,
+        "requests rotate over keys: {served_by:?}"
+    );
+    terminate(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+}
