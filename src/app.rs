@@ -101,7 +101,6 @@ pub async fn start(
         Err(e) => return Err(e.into()),
     };
     let store = Arc::new(MemoryStore::with_state(clock, policy.clone(), state));
-    store.configure(policy);
     let persister = Arc::new(Persister::new(store.clone(), settings.usage_path.clone()));
 
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -102,10 +102,28 @@ impl Reloader {
             tracing::debug!("configuration files touched but nothing changed");
             return false;
         }
-        if (new.settings.host.as_str(), new.settings.port)
-            != (old.settings.host.as_str(), old.settings.port)
-        {
-            tracing::warn!("host and port changes take effect after a restart");
+        let (a, b) = (&old.settings, &new.settings);
+        let at_restart = [
+            ("host", a.host != b.host),
+            ("port", a.port != b.port),
+            ("timeouts.connect", a.connect_timeout != b.connect_timeout),
+            (
+                "usage",
+                a.usage_path != b.usage_path || a.usage_flush != b.usage_flush,
+            ),
+            ("request_logging", a.request_logging != b.request_logging),
+            ("shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+        ];
+        let pending: Vec<&str> = at_restart
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(name, _)| *name)
+            .collect();
+        if !pending.is_empty() {
+            tracing::warn!(
+                "changes to {} take effect after a restart",
+                pending.join(", ")
+            );
         }
         new.generation = old.generation + 1;
         new.loaded_at = self.clock.now();
@@ -114,11 +132,10 @@ impl Reloader {
             pause: new.settings.provider_pause,
         });
         let live = live_keys(&new);
-        let removed = live_keys(&old)
+        let removed: HashSet<_> = live_keys(&old)
             .into_iter()
             .filter(|k| !live.contains(k))
             .collect();
-        self.store.retire(&removed, &live);
         status.generation = new.generation;
         status.loaded_at = new.loaded_at;
         for warning in new.warnings.iter().filter(|w| !old.warnings.contains(w)) {
@@ -129,7 +146,10 @@ impl Reloader {
             "configuration reloaded: {}",
             changes.join("; ")
         );
+        // Publish first, then retire: no new request can pick a removed key from the new snapshot, and the
+        // store refuses it to requests still running on the old one.
         self.config.store(Arc::new(new));
+        self.store.retire(&removed, &live);
         true
     }
 

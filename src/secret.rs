@@ -61,6 +61,16 @@ impl ApiKey {
     pub fn expose(&self) -> &str {
         &self.secret
     }
+
+    /// `text` with this key replaced by its masked form: upstreams sometimes echo the key they refused, and
+    /// their words reach clients and logs.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.secret.is_empty() || !text.contains(&*self.secret) {
+            std::borrow::Cow::Borrowed(text)
+        } else {
+            std::borrow::Cow::Owned(text.replace(&*self.secret, &self.masked))
+        }
+    }
 }
 
 impl fmt::Debug for ApiKey {

@@ -23,20 +23,6 @@ pub struct LoadOptions {
     pub request_logging: bool,
 }
 
-impl LoadOptions {
-    /// `config.yaml` and `.env` in the current directory, as `keyrelay` with no options.
-    pub fn defaults() -> Self {
-        Self {
-            config: "config.yaml".into(),
-            config_required: false,
-            env_file: ".env".into(),
-            host: None,
-            port: None,
-            request_logging: false,
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Snapshot {
     pub settings: Settings,
@@ -145,13 +131,13 @@ impl Snapshot {
             if let Some(deny) = env.model_globs("IGNORE", name) {
                 p.filter.deny = deny;
             }
-            p.fingerprint = {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (p.fingerprint, &p.base_url, &p.filter.allow, &p.filter.deny).hash(&mut h);
-                format!("{:?}", p.tuning).hash(&mut h);
-                h.finish()
-            };
+            p.fingerprint = spec::fingerprint((
+                p.fingerprint,
+                &p.base_url,
+                &p.filter.allow,
+                &p.filter.deny,
+                format!("{:?}", p.tuning),
+            ));
             p.keys = env
                 .provider_keys(name)
                 .iter()

@@ -361,3 +361,48 @@ fn anthropic_models() {
         .unwrap();
     snapshot!("anthropic_models", models);
 }
+
+#[test]
+fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
+    let p = provider("gemini");
+    let mut mapper = Mapper::Scripted {
+        rules: p.stream_rules.clone(),
+        script: p.script.unwrap().stream(),
+        writer: ChunkWriter::new("m"),
+    };
+    let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
+    let parts = mapper
+        .map(&keyrelay::stream::sse::SseEvent {
+            event: None,
+            data: blocked,
+        })
+        .unwrap();
+    let Part::Chunk { data, finish, .. } = &parts[0] else {
+        panic!("{parts:?}")
+    };
+    assert!(*finish);
+    assert_eq!(
+        serde_json::from_str::<Value>(data).unwrap()["choices"][0]["finish_reason"],
+        "content_filter"
+    );
+    assert_eq!(parts.last(), Some(&Part::Done));
+}
+
+#[test]
+fn error_events_inside_streams_are_classified_by_their_type() {
+    let anthropic = provider("anthropic");
+    let event =
+        r#"{"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limited"}}"#;
+    let verdict = anthropic.judge(500, &Default::default(), event, 0).unwrap();
+    assert_eq!(verdict.class.as_str(), "rate_limit");
+    let overloaded =
+        r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#;
+    assert_eq!(
+        anthropic
+            .judge(500, &Default::default(), overloaded, 0)
+            .unwrap()
+            .class
+            .as_str(),
+        "server"
+    );
+}

@@ -201,7 +201,26 @@ async fn gemini_tool_calls_both_ways() {
 #[tokio::test]
 async fn gemini_embeddings_and_models() {
     let mock = gemini(vec![]).await;
-    let proxy = Proxy::start(gemini_setup(&mock, 1)).await;
+    // No static list: every model listed must come from the upstream's list, through the models hook.
+    let setup = gemini_setup(&mock, 1);
+    let yaml = setup
+        .providers
+        .iter()
+        .find(|(n, _)| n == "gemini")
+        .unwrap()
+        .1
+        .clone();
+    let yaml: String = yaml
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("static:") {
+                "  static: []\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let proxy = Proxy::start(setup.provider("gemini", yaml)).await;
     let body = json!({"model": "gemini/gemini-embedding-001", "input": ["first", "second"]});
     let (status, _, reply) = send(proxy.post("/v1/embeddings", &body)).await;
     assert_eq!(status, 200, "{reply}");
@@ -229,15 +248,18 @@ async fn gemini_embeddings_and_models() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    let upstream_first = fixture_json("gemini/models_list.json")["models"][0]["name"]
-        .as_str()
+    let upstream: Vec<String> = fixture_json("gemini/models_list.json")["models"]
+        .as_array()
         .unwrap()
-        .trim_start_matches("models/")
-        .to_string();
-    assert!(
-        ids.contains(&format!("gemini/{upstream_first}").as_str()),
-        "{ids:?}"
-    );
+        .iter()
+        .map(|m| {
+            format!(
+                "gemini/{}",
+                m["name"].as_str().unwrap().trim_start_matches("models/")
+            )
+        })
+        .collect();
+    assert_eq!(ids, upstream, "the upstream list, mapped by the script");
     assert!(ids.iter().all(|id| !id.contains("models/")), "{ids:?}");
     let listing = mock
         .seen()
@@ -245,6 +267,15 @@ async fn gemini_embeddings_and_models() {
         .find(|s| s.path == "/v1beta/models")
         .unwrap();
     assert_eq!(listing.query, "pageSize=1000");
+    send(proxy.get("/v1/models")).await;
+    assert_eq!(
+        mock.seen()
+            .iter()
+            .filter(|s| s.path == "/v1beta/models")
+            .count(),
+        1,
+        "cached"
+    );
 }
 
 #[tokio::test]

@@ -7,11 +7,20 @@ use super::ConfigError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Env {
     vars: BTreeMap<String, String>,
     /// Names that came from `.env` (for warnings about variables nobody reads).
     from_file: BTreeSet<String>,
+}
+
+/// Names only: the values are keys.
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("names", &self.vars.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Env {

@@ -228,8 +228,6 @@ pub struct DailyReset {
     pub hour: i8,
     pub minute: i8,
     pub time_zone: jiff::tz::TimeZone,
-    /// As written, for messages (`03:00 UTC`).
-    pub label: String,
 }
 
 impl DailyReset {
@@ -286,7 +284,6 @@ impl DailyReset {
             hour: h,
             minute: m,
             time_zone,
-            label: format!("{time} {zone}"),
         })
     }
 }

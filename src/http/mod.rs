@@ -206,11 +206,6 @@ async fn liveness(State(app): State<AppState>) -> Response {
             ..Default::default()
         },
     };
-    let time = |ms: i64| {
-        jiff::Timestamp::from_millisecond(ms)
-            .map(|t| t.to_string())
-            .ok()
-    };
     axum::Json(json!({
         "status": "ok",
         "service": "keyrelay",
@@ -312,11 +307,6 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
 async fn keys(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
     let now = crate::clock::Clock::system().now();
-    let time = |ms: i64| {
-        jiff::Timestamp::from_millisecond(ms)
-            .map(|t| t.to_string())
-            .ok()
-    };
     let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
     let data: Vec<Value> = snapshot
         .serving()
@@ -403,6 +393,13 @@ async fn dashboard() -> Response {
         HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
     );
     response
+}
+
+/// A Unix time in milliseconds as RFC 3339.
+fn time(ms: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .ok()
 }
 
 async fn unknown_route(request: Request) -> Response {

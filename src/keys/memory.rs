@@ -109,9 +109,10 @@ pub struct State {
     next_reset: UnixMs,
     #[serde(skip)]
     providers: HashMap<String, ProviderState>,
-    /// Keys removed from the configuration while in flight: dropped when their last lease ends.
+    /// Keys a reload removed: never granted again (requests on an older snapshot still list them), and
+    /// forgotten once their last lease ends.
     #[serde(skip)]
-    retiring: HashSet<KeyId>,
+    retired: HashSet<KeyId>,
 }
 
 impl State {
@@ -182,9 +183,15 @@ impl MemoryStore {
         &self.changed
     }
 
-    /// Serialises the persistent part of the state.
-    pub fn export(&self, write: impl FnOnce(&State) -> Vec<u8>) -> Vec<u8> {
-        write(&self.lock())
+    /// A copy of the persistent part of the state, taken under the lock; serialising it happens elsewhere, so
+    /// requests never wait for JSON.
+    pub fn export(&self) -> State {
+        let state = self.lock();
+        State {
+            day_start: state.day_start,
+            keys: state.keys.clone(),
+            ..State::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -219,7 +226,7 @@ impl MemoryStore {
             .keys
             .iter()
             .map(|key| {
-                if ask.exclude.contains(&key.id) {
+                if ask.exclude.contains(&key.id) || state.retired.contains(&key.id) {
                     return Standing::Excluded;
                 }
                 let Some(ks) = state.keys.get(&key.id) else {
@@ -270,7 +277,7 @@ impl MemoryStore {
             let mut why = Unavailable::default();
             for standing in &standings {
                 match *standing {
-                    Standing::Excluded => why.excluded += 1,
+                    Standing::Excluded | Standing::Free(_) => {}
                     Standing::Busy => why.busy += 1,
                     Standing::Cooling(Cooldown { until, reason }) => {
                         why.cooling += 1;
@@ -279,7 +286,6 @@ impl MemoryStore {
                         }
                         why.ready_at = Some(why.ready_at.map_or(until, |r| r.min(until)));
                     }
-                    Standing::Free(_) => {}
                 }
             }
             return Err(why);
@@ -402,11 +408,11 @@ impl MemoryStore {
         }
         // A model the upstream refused outright (an unknown name, say) leaves no trace: clients cannot grow
         // the state with made-up model names.
-        let refused = matches!(outcome_class, Some(c) if c.is_client_error());
+        let refused = outcome_class == Some(ErrorClass::InvalidRequest);
         if refused && ms.in_flight == 0 && ms.lifetime.successes == 0 && ms.cooldown.is_none() {
             ks.models.remove(&*grant.model);
         }
-        if ks.in_flight == 0 && state.retiring.remove(&grant.key.id) {
+        if ks.in_flight == 0 && state.retired.contains(&grant.key.id) {
             state.keys.remove(&grant.key.id);
         }
         drop(guard);
@@ -464,16 +470,11 @@ impl KeyStore for MemoryStore {
 
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
         let mut state = self.lock();
-        state.retiring.retain(|id| !live.contains(id));
+        state.retired.retain(|id| !live.contains(id));
         for id in removed.iter().filter(|id| !live.contains(*id)) {
-            match state.keys.get(id) {
-                Some(k) if k.in_flight > 0 => {
-                    state.retiring.insert(id.clone());
-                }
-                Some(_) => {
-                    state.keys.remove(id);
-                }
-                None => {}
+            state.retired.insert(id.clone());
+            if state.keys.get(id).is_some_and(|k| k.in_flight == 0) {
+                state.keys.remove(id);
             }
         }
         drop(state);
@@ -855,5 +856,33 @@ mod tests {
         store.release(&g, fail(ErrorClass::Forbidden, None), &tuning);
         let why = store.try_acquire(ask(&keys, &tuning, &[])).unwrap_err();
         assert_eq!((why.cooling, why.benched), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_key_is_never_granted_again_until_it_comes_back() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(2);
+        let tuning = Tuning::default();
+        let removed: HashSet<KeyId> = [keys[0].id.clone()].into();
+        let live: HashSet<KeyId> = [keys[1].id.clone()].into();
+        store.retire(&removed, &live);
+        // A request still on the old configuration lists both keys: only the live one is granted.
+        let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        assert_eq!(g.key.id, keys[1].id);
+        assert_eq!(
+            store
+                .try_acquire(ask(&keys, &tuning, &[]))
+                .unwrap_err()
+                .busy,
+            1
+        );
+        store.release(&g, Outcome::Cancelled, &tuning);
+        assert!(!store.lock().keys.contains_key(&keys[0].id));
+        // Added back by a later reload: usable again.
+        let all: HashSet<KeyId> = keys.iter().map(|k| k.id.clone()).collect();
+        store.retire(&HashSet::new(), &all);
+        let first = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        let second = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        assert_ne!(first.key.id, second.key.id);
     }
 }

@@ -57,8 +57,6 @@ pub struct Unavailable {
     pub cooling: usize,
     /// Of those, keys benched for auth or forbidden errors (a wait rarely helps).
     pub benched: usize,
-    /// Keys this request already gave up on.
-    pub excluded: usize,
     /// The earliest time a cooling key returns.
     pub ready_at: Option<UnixMs>,
 }

@@ -119,19 +119,20 @@ impl Persister {
     pub async fn flush(&self) -> std::io::Result<()> {
         let _one_at_a_time = self.writing.lock().await;
         let saved_at = self.store.clock().now();
-        let bytes = self.store.export(|state| {
-            serde_json::to_vec_pretty(&FileOut {
-                version: USAGE_FILE_VERSION,
-                saved_at,
-                state,
-            })
-            .unwrap_or_default()
-        });
+        let state = self.store.export();
         let path = self.path.clone();
         // Awaited even if the caller is cancelled meanwhile: the guard is held until the blocking write ends.
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        tokio::task::spawn_blocking(move || {
+            let out = FileOut {
+                version: USAGE_FILE_VERSION,
+                saved_at,
+                state: &state,
+            };
+            let bytes = serde_json::to_vec_pretty(&out).map_err(std::io::Error::other)?;
+            write_atomically(&path, &bytes)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// Writes after each change, letting changes gather for `interval`, until `stop`; then writes once more.

@@ -112,8 +112,9 @@ impl Metrics {
         let model = if j.provider.is_empty() {
             "-".to_string()
         } else {
+            // A model earns its own label by being served once; names clients make up stay `other`.
             let seen = m.models.entry(provider.clone()).or_default();
-            if seen.contains(&j.model) || seen.len() < MAX_MODELS {
+            if seen.contains(&j.model) || (j.error.is_none() && seen.len() < MAX_MODELS) {
                 seen.insert(j.model.clone());
                 j.model.clone()
             } else {
@@ -343,22 +344,31 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("outcome=\"deadline_exceeded\"} 1"));
+        assert!(
+            text.contains("model=\"m\\\"1\",outcome=\"deadline_exceeded\"} 1"),
+            "{text}"
+        );
+        m.record(&journal("made-up", Some("upstream_invalid_request")));
+        let text = m.render(&Gauges::default());
+        assert!(
+            text.contains("model=\"other\",outcome=\"upstream_invalid_request\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains(
-                "keyrelay_upstream_attempts_total{provider=\"p\",result=\"rate_limit\"} 57"
+                "keyrelay_upstream_attempts_total{provider=\"p\",result=\"rate_limit\"} 58"
             )
         );
         assert!(
             text.contains(
-                "keyrelay_cooldowns_started_total{provider=\"p\",reason=\"rate_limit\"} 57"
+                "keyrelay_cooldowns_started_total{provider=\"p\",reason=\"rate_limit\"} 58"
             )
         );
-        assert!(text.contains("keyrelay_tokens_total{provider=\"p\",kind=\"prompt\"} 285"));
+        assert!(text.contains("keyrelay_tokens_total{provider=\"p\",kind=\"prompt\"} 290"));
         assert!(text.contains("model=\"other\",outcome=\"success\"} 6"));
         assert!(
             text.contains(
-                "keyrelay_upstream_latency_seconds_bucket{provider=\"p\",le=\"0.025\"} 57"
+                "keyrelay_upstream_latency_seconds_bucket{provider=\"p\",le=\"0.025\"} 58"
             )
         );
         assert!(text.contains("keyrelay_proxy_overhead_seconds_count 56"));

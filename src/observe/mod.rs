@@ -54,7 +54,7 @@ pub struct Journal {
     /// The JSON response or, for a stream, its transcript; kept only when an observer wants bodies.
     pub response: Option<Value>,
     #[serde(skip)]
-    pub started: Option<std::time::Instant>,
+    pub started: std::time::Instant,
 }
 
 impl Journal {
@@ -82,13 +82,12 @@ impl Journal {
             first_byte_ms: 0.0,
             total_ms: 0.0,
             response: None,
-            started: Some(std::time::Instant::now()),
+            started: std::time::Instant::now(),
         }
     }
 
     pub fn elapsed_ms(&self) -> f64 {
-        self.started
-            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0)
+        self.started.elapsed().as_secs_f64() * 1000.0
     }
 
     /// Time spent waiting for upstream answers.

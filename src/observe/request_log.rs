@@ -88,6 +88,12 @@ impl Writer {
                     *body = Value::String(super::truncate(&text, budget));
                 }
             }
+            let per_attempt = budget / journal.attempts.len().max(1);
+            for error in journal.attempts.iter_mut().filter_map(|a| a.error.as_mut()) {
+                if error.len() > per_attempt {
+                    *error = super::truncate(error, per_attempt);
+                }
+            }
             bytes = serde_json::to_vec_pretty(&journal).unwrap_or_default();
         }
         let provider = if journal.provider.is_empty() {

@@ -5,7 +5,7 @@
 use crate::clock::Clock;
 use crate::script::ScriptError;
 use crate::secret::ApiKey;
-use crate::spec::{ErrorClass, Provider, Scope, UpstreamCall, Verdict};
+use crate::spec::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
 use bytes::Bytes;
 use reqwest::header::{ACCEPT, HeaderValue};
@@ -40,7 +40,7 @@ pub enum AttemptError {
 
 pub struct Failure {
     pub verdict: Verdict,
-    /// The upstream's status, or 502 when it never answered usefully.
+    /// The upstream's status; 0 when it never answered (no connection, a broken or unusable body).
     pub status: u16,
     pub body: Bytes,
     /// A 2xx answer that could not be used.
@@ -50,29 +50,11 @@ pub struct Failure {
 impl Failure {
     fn transport(class: ErrorClass, why: String) -> AttemptError {
         AttemptError::Upstream(Self {
-            verdict: Verdict {
-                class,
-                scope: Scope::Model,
-                retry_after: None,
-            },
-            status: 502,
+            verdict: Verdict::model(class),
+            status: 0,
             body: why.into(),
             unusable: false,
         })
-    }
-
-    /// The attempt the deadline cut short.
-    pub fn timed_out() -> Self {
-        Self {
-            verdict: Verdict {
-                class: ErrorClass::Timeout,
-                scope: Scope::Model,
-                retry_after: None,
-            },
-            status: 504,
-            body: "the deadline passed during this attempt".into(),
-            unusable: false,
-        }
     }
 
     fn unusable(why: &str) -> AttemptError {
@@ -166,7 +148,10 @@ impl Attempt<'_> {
                         return Err(AttemptError::Upstream(Failure {
                             status: if client { 400 } else { 502 },
                             unusable: verdict.class == ErrorClass::Server,
-                            body: serde_json::json!({"error": error}).to_string().into(),
+                            body: key
+                                .redact(&serde_json::json!({"error": error}).to_string())
+                                .into_owned()
+                                .into(),
                             verdict,
                         }));
                     }
@@ -200,15 +185,12 @@ impl Attempt<'_> {
     }
 }
 
-/// An error body with the key that was used replaced by its masked form: some upstreams echo the key they
-/// refused, and error bodies reach clients and logs.
+/// An error body with the key that was used replaced by its masked form.
 fn redact(body: Bytes, key: &ApiKey) -> Bytes {
-    let secret = key.expose().as_bytes();
-    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
-        return body;
+    match key.redact(&String::from_utf8_lossy(&body)) {
+        std::borrow::Cow::Owned(text) => text.into(),
+        std::borrow::Cow::Borrowed(_) => body,
     }
-    let text = String::from_utf8_lossy(&body).replace(key.expose(), &key.masked);
-    text.into()
 }
 
 /// The start of an error body; a broken body yields what arrived.

@@ -14,9 +14,7 @@ pub struct Tried {
     pub provider: String,
     pub model: String,
     pub attempts: u32,
-    /// Distinct keys leased.
-    pub keys: u32,
-    /// Their ids, to count each key once.
+    /// The distinct keys leased.
     pub key_ids: Vec<crate::secret::KeyId>,
     pub classes: BTreeMap<ErrorClass, u32>,
     /// Why the last lease attempt found no key.
@@ -52,7 +50,7 @@ impl Tried {
         let mut out = format!(
             "{} on {}",
             plural(self.attempts, "attempt"),
-            plural(self.keys, "key")
+            plural(self.key_ids.len() as u32, "key")
         );
         if !self.classes.is_empty() {
             let classes: Vec<String> = self

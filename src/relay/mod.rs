@@ -20,7 +20,7 @@ use crate::spec::{ErrorClass, Provider};
 use crate::stream::Forward;
 use crate::stream::{Mapper, Report, Usage};
 use arc_swap::ArcSwap;
-use attempt::{Attempt, AttemptError, Failure, Success};
+use attempt::{Attempt, AttemptError, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
 use futures_util::Stream;
@@ -92,6 +92,8 @@ impl Reply {
 /// Everything fixed about one request before the first attempt.
 struct Job {
     provider: Arc<Provider>,
+    /// `provider/model`, for logs.
+    label: String,
     endpoint: Endpoint,
     model: String,
     call: UpstreamCall,
@@ -187,7 +189,9 @@ impl Relay {
             journal.request = Some(Value::Object(body.clone()));
         }
         let mut journal = Some(journal);
-        let result = self.prepare_and_run(endpoint, body, &mut journal).await;
+        let result = self
+            .prepare_and_run(endpoint, body, stream, &mut journal)
+            .await;
         // A stream takes its journal along and reports when it ends.
         if let Some(mut j) = journal {
             j.total_ms = j.elapsed_ms();
@@ -216,6 +220,7 @@ impl Relay {
         &self,
         endpoint: Endpoint,
         mut body: Map<String, Value>,
+        stream: bool,
         journal: &mut Option<Journal>,
     ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
@@ -230,8 +235,6 @@ impl Relay {
                 endpoint: endpoint.name(),
             });
         };
-        let stream = endpoint == Endpoint::Chat
-            && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let wants_usage = stream
             && body
                 .get("stream_options")
@@ -261,6 +264,7 @@ impl Relay {
             }
         };
         let job = Job {
+            label: format!("{}/{model}", provider.name),
             call,
             provider,
             endpoint,
@@ -280,24 +284,19 @@ impl Relay {
         let record = |journal: &mut Option<Journal>,
                       key: &str,
                       started: Instant,
-                      failure: Option<&Failure>| {
+                      status: Option<u16>,
+                      class: Option<ErrorClass>,
+                      error: Option<String>| {
             if let Some(j) = journal.as_mut() {
-                let class = failure.map(|f| f.verdict.class);
-                let transport = matches!(class, Some(ErrorClass::Connection | ErrorClass::Timeout));
                 j.attempts.push(AttemptRecord {
                     key: key.to_string(),
-                    started_ms: (started
-                        .duration_since(j.started.map(Instant::from_std).unwrap_or(started)))
-                    .as_millis() as u64,
+                    started_ms: started
+                        .duration_since(Instant::from_std(j.started))
+                        .as_millis() as u64,
                     latency_ms: crate::observe::ms(started.elapsed()),
-                    status: if transport {
-                        None
-                    } else {
-                        Some(failure.map_or(200, |f| f.status))
-                    },
+                    status,
                     class,
-                    error: failure
-                        .map(|f| crate::observe::truncate(&String::from_utf8_lossy(&f.body), 2048)),
+                    error: error.map(|e| crate::observe::truncate(&e, 2048)),
                 });
             }
         };
@@ -330,19 +329,38 @@ impl Relay {
                 let failure = match result {
                     Err(_) => {
                         tried.note(ErrorClass::Timeout);
-                        let timeout = Failure::timed_out();
-                        record(journal, &masked, started, Some(&timeout));
+                        let why = "the deadline passed during this attempt".to_string();
+                        record(
+                            journal,
+                            &masked,
+                            started,
+                            None,
+                            Some(ErrorClass::Timeout),
+                            Some(why),
+                        );
                         return Err(RelayError::Deadline(Box::new(tried)));
                     }
                     Ok(Ok(success)) => {
-                        record(journal, &masked, started, None);
+                        record(journal, &masked, started, Some(200), None, None);
                         return self.reply(success, lease, &job, &tried, journal);
                     }
                     // The script is at fault, not the key: release it without a verdict.
-                    Ok(Err(AttemptError::Script(e))) => return Err(e.into()),
+                    Ok(Err(AttemptError::Script(e))) => {
+                        record(journal, &masked, started, None, None, Some(e.to_string()));
+                        return Err(e.into());
+                    }
                     Ok(Err(AttemptError::Upstream(failure))) => failure,
                 };
-                record(journal, &masked, started, Some(&failure));
+                let status = (failure.status != 0).then_some(failure.status);
+                let body = String::from_utf8_lossy(&failure.body).into_owned();
+                record(
+                    journal,
+                    &masked,
+                    started,
+                    status,
+                    Some(failure.verdict.class),
+                    Some(body),
+                );
                 tried.note(failure.verdict.class);
                 if failure.verdict.class.is_client_error() {
                     lease.fail(&failure.verdict);
@@ -413,7 +431,6 @@ impl Relay {
                 Ok(grant) => {
                     if !tried.key_ids.contains(&grant.key.id) {
                         tried.key_ids.push(grant.key.id.clone());
-                        tried.keys += 1;
                     }
                     return Ok(Lease::new(self.store.clone(), provider.clone(), grant));
                 }
@@ -463,7 +480,7 @@ impl Relay {
                 writer: crate::stream::ChunkWriter::new(&job.model),
             },
             None => Mapper::Passthrough {
-                label: format!("{}/{}", job.provider.name, job.model),
+                label: job.label.clone(),
             },
         }
     }
@@ -506,15 +523,20 @@ impl Relay {
                 Ok(Reply::Json { body, served })
             }
             Success::Stream(start) => {
-                let label = format!("{}/{}", job.provider.name, job.model);
                 let report = journal.take().map(|mut j| {
                     j.status = 200;
                     j.key = served.key.clone();
                     j.first_byte_ms = j.elapsed_ms();
                     Report::new(j, self.observer.clone())
                 });
-                let forward =
-                    Forward::new(*start, lease, self.clock, job.wants_usage, label, report);
+                let forward = Forward::new(
+                    *start,
+                    lease,
+                    self.clock,
+                    job.wants_usage,
+                    job.label.clone(),
+                    report,
+                );
                 Ok(Reply::Stream {
                     body: Box::pin(forward.into_stream()),
                     served,

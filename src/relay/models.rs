@@ -12,11 +12,17 @@ use tokio::time::Instant;
 /// How long the first, blocking fetch of a provider's list may take before the static list is served alone.
 const FIRST_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// After a failed fetch, the next try waits this long (or `models_refresh`, if shorter): a listing must not hit
+/// a failing upstream on every call.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 struct Cached {
     /// The upstream's model objects, as it sent them.
     models: Arc<Vec<Value>>,
     fetched: Instant,
+    /// How long this entry stays fresh: `models_refresh`, or less after a failure.
+    ttl: Option<Duration>,
     /// The base URL it came from; a changed URL makes the entry stale.
     base_url: String,
 }
@@ -36,10 +42,11 @@ impl Catalog {
             .cloned()
     }
 
-    fn store(&self, provider: &Provider, models: Vec<Value>) {
+    fn store(&self, provider: &Provider, models: Arc<Vec<Value>>, ttl: Option<Duration>) {
         let entry = Cached {
-            models: Arc::new(models),
+            models,
             fetched: Instant::now(),
+            ttl,
             base_url: provider.base_url.clone(),
         };
         self.cache
@@ -104,7 +111,7 @@ impl Catalog {
             return Arc::default();
         }
         match self.cached(&provider) {
-            Some(c) if c.fetched.elapsed() < max_age => c.models,
+            Some(c) if c.fetched.elapsed() < c.ttl.unwrap_or(max_age).min(max_age) => c.models,
             Some(c) => {
                 let fresh = self
                     .refreshing
@@ -134,8 +141,11 @@ impl Catalog {
 
     async fn refresh(&self, provider: &Provider, http: &reqwest::Client) {
         match fetch(provider, http).await {
-            Ok(models) => self.store(provider, models),
+            Ok(models) => self.store(provider, Arc::new(models), None),
             Err(why) => {
+                // Keep the last good list (or none), and try again a little later.
+                let last = self.cached(provider).map(|c| c.models).unwrap_or_default();
+                self.store(provider, last, Some(RETRY_AFTER_FAILURE));
                 tracing::warn!(provider = %provider.name, error = %why, "cannot refresh the upstream model list; keeping the last good one")
             }
         }
@@ -166,6 +176,13 @@ async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>
             .bytes()
             .await
             .map_err(|e| super::describe_reqwest(&e))?;
+        if let Some(script) = provider
+            .script
+            .as_ref()
+            .filter(|s| s.has(crate::script::Hook::Models))
+        {
+            return script.map_models(&bytes).map_err(|e| e.to_string());
+        }
         let body: Value =
             serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;
         let items = match body {

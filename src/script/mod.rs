@@ -9,7 +9,6 @@
 //! | `request(ctx)` | `#{endpoint, model, stream, body, options}` | `#{method, path, query, headers, body}` |
 //! | `response(ctx)` | `#{endpoint, model, body, options}` | the OpenAI response object |
 //! | `stream_event(event)` | `#{event, data}`, with `this` = per-stream state (a map) | `()`, a chunk part, or an array of them |
-
 //! | `classify(ctx)` | `#{status, headers, body}` | `()` (use the YAML rules) or `#{class, retry_after, scope}` |
 //! | `models(body)` | the upstream's model list (parsed JSON) | an array of ids or model objects |
 //!
@@ -162,12 +161,7 @@ impl ProviderScript {
             return Err(errors);
         }
         let options = rhai::serde::to_dynamic(options).unwrap_or(Dynamic::UNIT);
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut h);
-            h.finish()
-        };
+        let fingerprint = crate::spec::fingerprint(&text);
         Ok(Self {
             file: file.to_path_buf(),
             ast,

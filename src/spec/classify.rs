@@ -121,6 +121,17 @@ pub struct Verdict {
     pub retry_after: Option<Duration>,
 }
 
+impl Verdict {
+    /// A verdict for this key and model, with no stated wait.
+    pub fn model(class: ErrorClass) -> Self {
+        Self {
+            class,
+            scope: Scope::Model,
+            retry_after: None,
+        }
+    }
+}
+
 /// The rules of one provider.
 #[derive(Clone, Debug, Default)]
 pub struct Classifier {

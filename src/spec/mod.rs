@@ -335,6 +335,14 @@ impl UpstreamCall {
     }
 }
 
+/// A hash of anything hashable, to tell whether a file or setting changed between loads (not for security).
+pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
 /// Provider names are file stems: lower-case letters, digits and `_`, so that `<NAME>_API_KEY` is a valid
 /// variable name.
 pub fn valid_name(name: &str) -> bool {
@@ -371,12 +379,7 @@ pub fn load_file(
     let stream = raw.stream.take();
     let request = raw.request.take();
     let mut provider = resolve(name, Some(path), raw, global, user)?;
-    let mut fingerprint = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        h.finish()
-    };
+    let mut fingerprint = self::fingerprint(&text);
     match script {
         Some(script) => {
             let loaded = ProviderScript::load(
@@ -431,7 +434,7 @@ pub fn load_file(
             return Err(vec![
                 ConfigError::new(
                     Some(path),
-                    "`hooks`, `options` and `stream` need a `script`",
+                    "`hooks`, `options`, `request` and `stream` need a `script`",
                 )
                 .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
             ]);

@@ -11,7 +11,7 @@ use crate::keys::Lease;
 use crate::observe::{Journal, Observer};
 use crate::script::{ScriptError, ScriptStream};
 use crate::spec::stream_rules::{self, Emitted, StreamRule};
-use crate::spec::{ErrorClass, Scope, Verdict};
+use crate::spec::{ErrorClass, Verdict};
 use bytes::Bytes;
 pub use chunk::{ChunkWriter, Part};
 use futures_util::{Stream, StreamExt};
@@ -422,6 +422,14 @@ impl Forward {
 
     /// An error the upstream sent mid-stream: judged by the provider's rules, forwarded in OpenAI's shape.
     fn upstream_error(&mut self, error: &Value) -> Bytes {
+        let redacted = self
+            .lease
+            .as_ref()
+            .and_then(|l| match l.key().redact(&error.to_string()) {
+                std::borrow::Cow::Owned(text) => serde_json::from_str::<Value>(&text).ok(),
+                std::borrow::Cow::Borrowed(_) => None,
+            });
+        let error = redacted.as_ref().unwrap_or(error);
         if let Some(mut lease) = self.lease.take() {
             let provider = lease.provider().clone();
             let verdict = provider
@@ -431,11 +439,7 @@ impl Forward {
                     &error.to_string(),
                     self.clock.now(),
                 )
-                .unwrap_or(Verdict {
-                    class: ErrorClass::Server,
-                    scope: Scope::Model,
-                    retry_after: None,
-                });
+                .unwrap_or(Verdict::model(ErrorClass::Server));
             tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
             lease.fail(&verdict);
         }
@@ -447,11 +451,7 @@ impl Forward {
         tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
         self.end(Some(code));
         if let Some(mut lease) = self.lease.take() {
-            lease.fail(&Verdict {
-                class,
-                scope: Scope::Model,
-                retry_after: None,
-            });
+            lease.fail(&Verdict::model(class));
         }
         let message = format!("upstream stream interrupted: {why}");
         error_frame(&message, "upstream_error", code)
