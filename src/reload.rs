@@ -106,7 +106,6 @@ impl Reloader {
         let at_restart = [
             ("host", a.host != b.host),
             ("port", a.port != b.port),
-            ("timeouts.connect", a.connect_timeout != b.connect_timeout),
             (
                 "usage",
                 a.usage_path != b.usage_path || a.usage_flush != b.usage_flush,

@@ -135,15 +135,6 @@ struct RawRequestLogging {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    #[serde(default, with = "serde_human::option")]
-    connect: Option<Duration>,
-    #[serde(default, with = "serde_human::option")]
-    stream_idle: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUsage {
     path: Option<PathBuf>,
     #[serde(default, with = "serde_human::option")]
@@ -159,7 +150,7 @@ struct RawConfig {
     #[serde(default, with = "serde_human::option")]
     request_timeout: Option<Duration>,
     max_body_size: Option<ByteSize>,
-    timeouts: Option<RawTimeouts>,
+    timeouts: Option<tuning::TimeoutsPatch>,
     selection: Option<Selection>,
     concurrency: Option<tuning::ConcurrencyPatch>,
     cooldowns: Option<tuning::CooldownsPatch>,
@@ -303,10 +294,6 @@ pub struct Settings {
     /// One deadline per request covering waits, retries and backoff.
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
-    /// Connecting to an upstream (fixed at start).
-    pub connect_timeout: Duration,
-    /// The longest silence tolerated between two reads of an upstream stream.
-    pub stream_idle_timeout: Duration,
     /// Global tuning; each provider's is resolved from it.
     pub tuning: Tuning,
     /// Per-provider tuning from `config.yaml`, applied over the provider file.
@@ -365,6 +352,7 @@ impl Settings {
             concurrency: raw.concurrency,
             cooldowns: raw.cooldowns,
             retries: raw.retries,
+            timeouts: raw.timeouts,
         });
         tuning.problems().into_iter().for_each(&mut err);
         let reset = raw.daily_reset.unwrap_or_default();
@@ -389,12 +377,6 @@ impl Settings {
             err("request_timeout must be greater than zero".into());
         }
         let usage = raw.usage.unwrap_or_default();
-        let timeouts = raw.timeouts.unwrap_or_default();
-        let connect_timeout = timeouts.connect.unwrap_or(Duration::from_secs(10));
-        let stream_idle_timeout = timeouts.stream_idle.unwrap_or(Duration::from_secs(120));
-        if connect_timeout.is_zero() || stream_idle_timeout.is_zero() {
-            err("timeouts must be greater than zero".into());
-        }
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let request_logging = raw.request_logging.unwrap_or_default();
         let logging = RequestLogging {
@@ -409,8 +391,6 @@ impl Settings {
             port: raw.port.unwrap_or(8000),
             request_timeout,
             max_body_bytes: raw.max_body_size.map_or(20 << 20, |b| b.0),
-            connect_timeout,
-            stream_idle_timeout,
             tuning,
             provider_tuning: raw.providers,
             daily_reset,

@@ -44,6 +44,19 @@ pub struct RetriesPatch {
     pub backoff_max: Option<Duration>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsPatch {
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub connect: Option<Duration>,
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub response: Option<Duration>,
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub first_event: Option<Duration>,
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub stream_idle: Option<Duration>,
+}
+
 /// One layer of overrides, as written in a file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +65,7 @@ pub struct TuningPatch {
     pub concurrency: Option<ConcurrencyPatch>,
     pub cooldowns: Option<CooldownsPatch>,
     pub retries: Option<RetriesPatch>,
+    pub timeouts: Option<TimeoutsPatch>,
 }
 
 /// Resolved settings for one provider.
@@ -71,6 +85,15 @@ pub struct Tuning {
     /// First backoff between attempts on one key; doubles each time, with jitter.
     pub backoff: Duration,
     pub backoff_max: Duration,
+    /// Connecting to the upstream.
+    pub connect_timeout: Duration,
+    /// Waiting for the upstream's response headers (for a non-streaming request, the whole answer); `None`:
+    /// only the request's deadline.
+    pub response_timeout: Option<Duration>,
+    /// From sending a streaming request to its first content event; `None`: only the deadline.
+    pub first_event_timeout: Option<Duration>,
+    /// The longest silence between two reads of a stream.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -85,6 +108,10 @@ impl Default for Tuning {
             attempts: 2,
             backoff: Duration::from_millis(250),
             backoff_max: secs(5),
+            connect_timeout: secs(10),
+            response_timeout: None,
+            first_event_timeout: None,
+            stream_idle_timeout: secs(120),
         }
     }
 }
@@ -109,6 +136,13 @@ impl Tuning {
             out.backoff = r.backoff.unwrap_or(out.backoff);
             out.backoff_max = r.backoff_max.unwrap_or(out.backoff_max);
         }
+        if let Some(t) = &patch.timeouts {
+            let off = |d: Duration| (!d.is_zero()).then_some(d);
+            out.connect_timeout = t.connect.unwrap_or(out.connect_timeout);
+            out.response_timeout = t.response.map_or(out.response_timeout, off);
+            out.first_event_timeout = t.first_event.map_or(out.first_event_timeout, off);
+            out.stream_idle_timeout = t.stream_idle.unwrap_or(out.stream_idle_timeout);
+        }
         out
     }
 
@@ -129,6 +163,11 @@ impl Tuning {
         }
         if self.backoff > self.backoff_max {
             out.push("retries.backoff must not exceed retries.backoff_max".to_string());
+        }
+        if self.connect_timeout.is_zero() || self.stream_idle_timeout.is_zero() {
+            out.push(
+                "timeouts.connect and timeouts.stream_idle must be greater than zero".to_string(),
+            );
         }
         out
     }

@@ -19,8 +19,6 @@ pub struct Attempt<'a> {
     pub http: &'a reqwest::Client,
     pub clock: &'a Clock,
     pub provider: &'a Provider,
-    /// The longest silence tolerated while waiting for stream events.
-    pub stream_idle: std::time::Duration,
 }
 
 pub enum Success {
@@ -97,7 +95,19 @@ impl Attempt<'_> {
         if stream.is_some() {
             request = request.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
-        let response = request.send().await.map_err(|e| {
+        let started = tokio::time::Instant::now();
+        let tuning = &p.tuning;
+        let sent = request.send();
+        let sent = match tuning.response_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
+                Failure::transport(
+                    ErrorClass::Timeout,
+                    format!("no response within {limit:?} (timeouts.response)"),
+                )
+            })?,
+            None => sent.await,
+        };
+        let response = sent.map_err(|e| {
             let class = if e.is_timeout() {
                 ErrorClass::Timeout
             } else {
@@ -121,9 +131,23 @@ impl Attempt<'_> {
         }
 
         if let Some(mut mapper) = stream {
-            let mut events = UpstreamEvents::new(response, self.stream_idle);
+            let mut events = UpstreamEvents::new(response, tuning.stream_idle_timeout);
+            let first_by = tuning
+                .first_event_timeout
+                .map(|limit| (started + limit, limit));
             loop {
-                let event = match events.next().await {
+                let next =
+                    match first_by {
+                        Some((at, limit)) => tokio::time::timeout_at(at, events.next())
+                            .await
+                            .map_err(|_| {
+                                let why =
+                                    format!("no content within {limit:?} (timeouts.first_event)");
+                                Failure::transport(ErrorClass::Timeout, why)
+                            })?,
+                        None => events.next().await,
+                    };
+                let event = match next {
                     Ok(Some(event)) => event,
                     Ok(None) => {
                         return Err(Failure::unusable(

@@ -6,6 +6,7 @@
 //! client errors are answered at once. Waiting for a busy or cooling key happens in `Relay::lease`.
 
 mod attempt;
+mod clients;
 mod error;
 pub mod models;
 
@@ -100,7 +101,6 @@ struct Job {
     stream: bool,
     wants_usage: bool,
     deadline: Instant,
-    stream_idle: Duration,
 }
 
 /// The engine. Cheap to clone; usable without the HTTP server.
@@ -108,7 +108,7 @@ struct Job {
 pub struct Relay {
     config: Arc<ArcSwap<Snapshot>>,
     store: Arc<dyn KeyStore>,
-    http: reqwest::Client,
+    clients: Arc<clients::Clients>,
     clock: Clock,
     catalog: Arc<models::Catalog>,
     /// Told about every request when it ends.
@@ -117,23 +117,10 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn KeyStore>, clock: Clock) -> Self {
-        // TLS uses ring; install it once per process (a second call finds it installed, which is fine).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let connect_timeout = config.load().settings.connect_timeout;
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // Never follow redirects: a redirect to another host would carry the key (in a custom header or
-            // the query) and the prompt to it.
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
-            .user_agent(concat!("keyrelay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("the HTTP client builds with static settings");
         Self {
             config,
             store,
-            http,
+            clients: Arc::default(),
             clock,
             catalog: Arc::new(models::Catalog::default()),
             observer: Arc::new(crate::observe::Silent),
@@ -272,7 +259,6 @@ impl Relay {
             stream,
             wants_usage,
             deadline: Instant::now() + snapshot.settings.request_timeout,
-            stream_idle: snapshot.settings.stream_idle_timeout,
         };
         self.run(job, journal).await
     }
@@ -313,10 +299,9 @@ impl Relay {
                 on_this_key += 1;
                 tried.attempts += 1;
                 let attempt = Attempt {
-                    http: &self.http,
+                    http: &self.clients.get(job.provider.tuning.connect_timeout),
                     clock: &self.clock,
                     provider: &job.provider,
-                    stream_idle: job.stream_idle,
                 };
                 let mapper = job.stream.then(|| self.mapper(&job));
                 let started = Instant::now();
@@ -549,7 +534,7 @@ impl Relay {
     pub async fn models(&self) -> Vec<Value> {
         let snapshot = self.snapshot();
         self.catalog
-            .list(&snapshot, &self.http, snapshot.settings.models_refresh)
+            .list(&snapshot, &self.clients, snapshot.settings.models_refresh)
             .await
     }
 }

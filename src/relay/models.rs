@@ -59,12 +59,12 @@ impl Catalog {
     pub async fn list(
         self: &Arc<Self>,
         snapshot: &Snapshot,
-        http: &reqwest::Client,
+        clients: &super::clients::Clients,
         max_age: Duration,
     ) -> Vec<Value> {
-        let fetches = snapshot
-            .serving()
-            .map(|p| self.upstream_models(p.clone(), http, max_age));
+        let fetches = snapshot.serving().map(|p| {
+            self.upstream_models(p.clone(), clients.get(p.tuning.connect_timeout), max_age)
+        });
         let upstream = futures_util::future::join_all(fetches).await;
         let mut out = Vec::new();
         for (provider, upstream) in snapshot.serving().zip(upstream) {
@@ -104,7 +104,7 @@ impl Catalog {
     async fn upstream_models(
         self: &Arc<Self>,
         provider: Arc<Provider>,
-        http: &reqwest::Client,
+        http: reqwest::Client,
         max_age: Duration,
     ) -> Arc<Vec<Value>> {
         if provider.list == ListSource::Static {
@@ -120,7 +120,6 @@ impl Catalog {
                     .insert(provider.name.clone());
                 if fresh {
                     let me = self.clone();
-                    let http = http.clone();
                     tokio::spawn(async move {
                         me.refresh(&provider, &http).await;
                         me.refreshing
@@ -133,7 +132,7 @@ impl Catalog {
             }
             None => {
                 let _ =
-                    tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, http)).await;
+                    tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, &http)).await;
                 self.cached(&provider).map(|c| c.models).unwrap_or_default()
             }
         }

@@ -115,6 +115,7 @@ struct RawProvider {
     concurrency: Option<crate::config::tuning::ConcurrencyPatch>,
     cooldowns: Option<crate::config::tuning::CooldownsPatch>,
     retries: Option<crate::config::tuning::RetriesPatch>,
+    timeouts: Option<crate::config::tuning::TimeoutsPatch>,
     /// A Rhai script in the plugins directory.
     script: Option<String>,
     /// The hooks used; all hooks the script defines when absent.
@@ -709,6 +710,7 @@ fn resolve(
         concurrency: raw.concurrency,
         cooldowns: raw.cooldowns,
         retries: raw.retries,
+        timeouts: raw.timeouts,
     };
     let mut tuning = global.patched(&file_patch);
     if let Some(user) = user {

@@ -660,3 +660,24 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .unwrap_or("")
 }
+
+/// An upstream that accepts connections and resets them before any response (a TCP RST).
+pub async fn resetting_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+    });
+    base
+}
+
+/// A loopback address where nothing listens (connection refused).
+pub fn refusing_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    drop(listener);
+    base
+}

@@ -1,0 +1,204 @@
+//! Every fault an upstream can throw, injected on command: what the client gets, and what the upstream saw
+//! (attempt counts, gaps between attempts), with bounded attempts and no hammering.
+
+mod support;
+
+use serde_json::json;
+use std::time::Duration;
+use support::*;
+
+fn gaps(seen: &[Seen]) -> Vec<Duration> {
+    seen.windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reset_before_headers_and_a_refused_connection_are_retried_then_answered_503() {
+    for (what, base) in [
+        ("reset", resetting_upstream().await),
+        ("refused", refusing_upstream()),
+    ] {
+        let setup = Setup {
+            env: mock_keys("MOCK", 2),
+            ..Setup::empty()
+        }
+        .provider("mock", provider_yaml(&base, ""))
+        .config("retries: {backoff: 5ms}\n");
+        let proxy = Proxy::start(setup).await;
+        let started = tokio::time::Instant::now();
+        let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+        assert_eq!(status, 503, "{what}: {body}");
+        assert_eq!(
+            header(&headers, "x-keyrelay-attempts"),
+            "4",
+            "{what}: 2 attempts on each of 2 keys"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("connection x4"),
+            "{what}: {body}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what} is answered promptly"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_response_that_never_comes_costs_one_attempt_timeout_not_the_deadline() {
+    let mock = Mock::start(|seen, _| {
+        if seen.key == key(1) {
+            Reply::Hang
+        } else {
+            Reply::ok(completion(seen.model(), "from key 2"))
+        }
+    })
+    .await;
+    let config = "selection: sequential\nrequest_timeout: 20s\ntimeouts: {response: 300ms}\nretries: {backoff: 5ms}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 2).config(config)).await;
+    let started = tokio::time::Instant::now();
+    let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "from key 2");
+    assert_eq!(
+        header(&headers, "x-keyrelay-attempts"),
+        "3",
+        "key 1 twice (timeouts are retried), then key 2"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "far less than the 20 s deadline"
+    );
+    let seen = mock.chats();
+    assert_eq!(
+        seen.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+        vec![key(1), key(1), key(2)]
+    );
+    assert!(
+        gaps(&seen)[0] >= Duration::from_millis(300),
+        "the first attempt waited its timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_first_token_that_comes_late_moves_on_to_another_key() {
+    let mock = Mock::start(|seen, _| {
+        let events = chunks(seen.model(), &["prompt ", "answer"], false);
+        if seen.key == key(1) {
+            // Headers at once, then nothing for a long time.
+            Reply::Sse {
+                events: vec![],
+                gap: Duration::ZERO,
+                end: End::Stall,
+            }
+        } else {
+            Reply::Sse {
+                events,
+                gap: Duration::ZERO,
+                end: End::Done,
+            }
+        }
+    })
+    .await;
+    let config = "selection: sequential\ntimeouts: {first_event: 300ms}\nretries: {attempts: 1}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 2).config(config)).await;
+    let body = json!({"model": "mock/m", "stream": true, "messages": []});
+    let response = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(response.headers(), "x-keyrelay-key"), masked(2));
+    let data = sse_data(&response.text().await.unwrap());
+    assert_eq!(reassemble(&data), "prompt answer");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert_eq!(
+        mock.closed_streams(),
+        2,
+        "the stalled stream was closed, not left open"
+    );
+}
+
+#[tokio::test]
+async fn a_persistent_429_without_retry_after_backs_off_by_the_schedule_and_stops() {
+    let mock = Mock::start(|_, _| {
+        Reply::error(429, "Too many requests", "requests", "rate_limit_exceeded")
+    })
+    .await;
+    let config = "request_timeout: 2s\ncooldowns: {rate_limit: [200ms, 400ms, 5s]}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 1).config(config)).await;
+    let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(!header(&headers, "retry-after").is_empty());
+    let seen = mock.chats();
+    // Attempts at about 0, 0.25 s (200 ms, raised to the 250 ms floor) and 0.65 s; the third failure cools the key
+    // for 5 s, past the 2 s deadline: 3 attempts, spaced by the schedule, then 429 at once.
+    assert_eq!(seen.len(), 3, "{:?}", gaps(&seen));
+    let gaps = gaps(&seen);
+    let floors = [250, 400].map(Duration::from_millis);
+    assert!(gaps.iter().zip(floors).all(|(g, f)| *g >= f), "{gaps:?}");
+    // While the key cools, a new request does not touch the upstream.
+    let (status, _, _) = proxy.chat("mock/m", "again").await;
+    assert_eq!(status, 429);
+    assert_eq!(mock.chats().len(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_without_done_after_its_finish_ends_properly_with_usage() {
+    let mock = Mock::start(|seen, _| Reply::Sse {
+        events: chunks(seen.model(), &["all ", "here"], true),
+        gap: Duration::ZERO,
+        end: End::Cut,
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(reassemble(&data), "all here");
+    assert_eq!(
+        data.last().unwrap(),
+        "[DONE]",
+        "finished, since the finish reason came"
+    );
+    assert!(
+        data[data.len() - 2].contains("\"usage\""),
+        "usage still reported: {text}"
+    );
+}
+
+#[tokio::test]
+async fn after_the_faults_clear_the_pool_is_healthy() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = failing.clone();
+    let mock = Mock::start(move |seen, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::error(503, "overloaded", "server_error", "")
+        } else {
+            Reply::ok(completion(seen.model(), "healthy"))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 2).config("retries: {backoff: 5ms}\n")).await;
+    assert_eq!(proxy.chat("mock/m", "hi").await.0, 503);
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..4 {
+        let (status, _, body) = proxy.chat("mock/m", "hi").await;
+        assert_eq!(
+            (status, body["choices"][0]["message"]["content"].as_str()),
+            (200, Some("healthy"))
+        );
+    }
+}
