@@ -158,6 +158,20 @@ impl Snapshot {
                 .hint("add providers/<name>.yaml or fix the name"),
             );
         }
+        let fallback_lists = settings.fallbacks.iter().chain(&settings.context_fallbacks);
+        for (from, list) in fallback_lists {
+            for model in std::iter::once(from).chain(list) {
+                let known = model
+                    .split_once('/')
+                    .is_some_and(|(p, m)| !m.is_empty() && providers.contains_key(p));
+                if !known {
+                    errors.push(
+                        ConfigError::new(None, format!("config.yaml: fallback {model:?} names no configured provider"))
+                            .hint("write fallbacks as provider/model with a provider from providers/ or <NAME>_API_BASE"),
+                    );
+                }
+            }
+        }
         for orphan in env.orphan_key_names(&|p| providers.contains_key(p)) {
             warnings.push(format!(
                 "{orphan} is set in the env file but no provider of that name is configured"

@@ -166,6 +166,11 @@ struct RawConfig {
     shutdown_grace: Option<Duration>,
     request_logging: Option<RawRequestLogging>,
     #[serde(default)]
+    fallbacks: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    context_fallbacks: BTreeMap<String, Vec<String>>,
+    fallback_on_content_filter: Option<bool>,
+    #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
 }
 
@@ -310,6 +315,12 @@ pub struct Settings {
     pub request_logging: Option<RequestLogging>,
     /// The request log settings as configured, enabled or not (the command-line flag switches them on).
     pub request_logging_config: RequestLogging,
+    /// `provider/model` -> other `provider/model`s tried in order when it cannot be served.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// The same, tried instead when the prompt does not fit the model's context window.
+    pub context_fallbacks: BTreeMap<String, Vec<String>>,
+    /// Route around a content-filter rejection too (by default it goes to the client).
+    pub fallback_on_content_filter: bool,
 }
 
 /// Where request logs go and how much room they may take.
@@ -406,6 +417,9 @@ impl Settings {
                 .unwrap_or(false)
                 .then(|| logging.clone()),
             request_logging_config: logging,
+            fallbacks: raw.fallbacks,
+            context_fallbacks: raw.context_fallbacks,
+            fallback_on_content_filter: raw.fallback_on_content_filter.unwrap_or(false),
         };
         if errors.is_empty() {
             Ok(settings)

@@ -63,6 +63,9 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     if let Some(key) = &served.key {
         set(headers, "x-keyrelay-key", key);
     }
+    if let Some(model) = &served.fallback {
+        set(headers, "x-keyrelay-fallback", model);
+    }
 }
 
 /// Requires the proxy key (as `Authorization: Bearer` or `x-api-key`) when one is configured.

@@ -308,6 +308,7 @@ mod tests {
     fn journal(model: &str, error: Option<&str>) -> Journal {
         let mut j = Journal::new("chat", "p", model, false, 0);
         j.attempts.push(AttemptRecord {
+            model: "p/m".into(),
             key: "…0001".into(),
             started_ms: 0,
             latency_ms: 20.0,
@@ -316,6 +317,7 @@ mod tests {
             error: None,
         });
         j.attempts.push(AttemptRecord {
+            model: "p/m".into(),
             key: "…0002".into(),
             started_ms: 20,
             latency_ms: 30.0,

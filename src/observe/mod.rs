@@ -15,6 +15,8 @@ use std::time::Duration;
 /// One upstream attempt, as recorded. Never holds a key: only its masked form.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttemptRecord {
+    /// `provider/model` (fallbacks make several).
+    pub model: String,
     pub key: String,
     /// Since the request started.
     pub started_ms: u64,
@@ -46,6 +48,8 @@ pub struct Journal {
     pub error: Option<String>,
     /// The masked key that served.
     pub key: Option<String>,
+    /// The `provider/model` that answered, when it was a fallback.
+    pub fallback: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Until the response was ready (for a stream: until its first byte was sent).
@@ -77,6 +81,7 @@ impl Journal {
             status: 0,
             error: None,
             key: None,
+            fallback: None,
             prompt_tokens: 0,
             completion_tokens: 0,
             first_byte_ms: 0.0,
@@ -148,6 +153,7 @@ fn console_line(j: &Journal) {
             endpoint = j.endpoint,
             model = %format_args!("{}/{}", j.provider, j.model),
             key,
+            fallback = j.fallback.as_deref().unwrap_or("-"),
             attempts = j.attempts.len(),
             status = j.status,
             latency_ms,

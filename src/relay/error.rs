@@ -41,6 +41,7 @@ impl Tried {
             provider: self.provider.clone(),
             attempts: self.attempts,
             key,
+            fallback: None,
         }
     }
 
@@ -111,6 +112,29 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// Counts attempts made for earlier candidates (fallbacks) into this error's report.
+    pub fn add_attempts(&mut self, earlier: u32) {
+        match self {
+            Self::Upstream { served, .. } => served.attempts += earlier,
+            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
+                tried.attempts += earlier
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the next fallback candidate should be tried after this error.
+    pub fn wants_fallback(&self, fallback_on_content_filter: bool) -> bool {
+        match self {
+            Self::AllCooling { .. } | Self::Exhausted(_) | Self::Deadline(_) => true,
+            Self::Upstream {
+                class: ErrorClass::ContentFilter,
+                ..
+            } => fallback_on_content_filter,
+            _ => false,
+        }
+    }
+
     /// The HTTP status, OpenAI error type and code the client gets.
     pub fn kind(&self) -> (u16, &'static str, &'static str) {
         match self {
@@ -122,6 +146,7 @@ impl RelayError {
             Self::Upstream { status, class, .. } => {
                 let code = match class {
                     ErrorClass::ContextWindow => "context_length_exceeded",
+                    ErrorClass::ContentFilter => "content_filter",
                     _ => "upstream_invalid_request",
                 };
                 let status = if (400..600).contains(status) {

@@ -26,6 +26,7 @@ use bytes::Bytes;
 pub use error::{RelayError, Tried};
 use futures_util::Stream;
 use serde_json::{Map, Value};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +71,8 @@ pub struct Served {
     pub attempts: u32,
     /// The masked key that served it, if one did.
     pub key: Option<String>,
+    /// The `provider/model` that answered, when it was a fallback.
+    pub fallback: Option<String>,
 }
 
 pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
@@ -84,6 +87,12 @@ pub enum Reply {
 
 impl Reply {
     pub fn served(&self) -> &Served {
+        match self {
+            Self::Json { served, .. } | Self::Stream { served, .. } => served,
+        }
+    }
+
+    fn served_mut(&mut self) -> &mut Served {
         match self {
             Self::Json { served, .. } | Self::Stream { served, .. } => served,
         }
@@ -157,18 +166,31 @@ impl Relay {
     pub async fn send(
         &self,
         endpoint: Endpoint,
-        body: Map<String, Value>,
+        mut body: Map<String, Value>,
     ) -> Result<Reply, RelayError> {
+        let snapshot = self.snapshot();
+        let settings = &snapshot.settings;
         let requested = body
             .get("model")
             .and_then(Value::as_str)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .to_string();
         let stream = endpoint == Endpoint::Chat
             && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        // The client's own fallback lists are consumed here, never forwarded, and win over config.yaml's.
+        let mut fallbacks: VecDeque<String> = take_list(&mut body, "fallbacks")
+            .or_else(|| settings.fallbacks.get(&requested).cloned())
+            .unwrap_or_default()
+            .into();
+        let mut context_fallbacks: Option<VecDeque<String>> =
+            take_list(&mut body, "context_fallbacks")
+                .or_else(|| settings.context_fallbacks.get(&requested).cloned())
+                .filter(|list| !list.is_empty())
+                .map(Into::into);
         let mut journal = Journal::new(
             endpoint.hook_name(),
             "",
-            requested,
+            &requested,
             stream,
             self.clock.now(),
         );
@@ -176,9 +198,87 @@ impl Relay {
             journal.request = Some(Value::Object(body.clone()));
         }
         let mut journal = Some(journal);
-        let result = self
-            .prepare_and_run(endpoint, body, stream, &mut journal)
-            .await;
+        let deadline = Instant::now() + settings.request_timeout;
+
+        // The requested model, then its fallbacks, each with an even share of the time left.
+        let mut model = requested.clone();
+        let mut earlier_attempts = 0;
+        let mut on_context_list = false;
+        let result = loop {
+            let candidates_left = fallbacks.len() as u32 + 1;
+            let share = deadline.saturating_duration_since(Instant::now()) / candidates_left;
+            let this_deadline = if candidates_left == 1 {
+                deadline
+            } else {
+                Instant::now() + share
+            };
+            body.insert("model".into(), Value::String(model.clone()));
+            let last = fallbacks.is_empty() && context_fallbacks.is_none();
+            let this_body = if last {
+                std::mem::take(&mut body)
+            } else {
+                body.clone()
+            };
+            let is_fallback = model != requested;
+            match self
+                .prepare_and_run(endpoint, this_body, stream, this_deadline, &mut journal)
+                .await
+            {
+                Ok(mut reply) => {
+                    let served = reply.served_mut();
+                    served.attempts += earlier_attempts;
+                    served.fallback = is_fallback.then(|| model.clone());
+                    break Ok(reply);
+                }
+                Err(mut e) => {
+                    // A prompt too long for this model moves to the context-window list only: the general
+                    // fallbacks are for a model that cannot serve, not one that is too small.
+                    let context = matches!(
+                        e,
+                        RelayError::Upstream {
+                            class: ErrorClass::ContextWindow,
+                            ..
+                        }
+                    );
+                    if context && let Some(list) = context_fallbacks.take() {
+                        fallbacks = list;
+                        on_context_list = true;
+                    }
+                    // A fallback that cannot be served at all (no keys, unknown, filtered) is skipped.
+                    let unservable = is_fallback
+                        && matches!(
+                            e,
+                            RelayError::UnknownProvider(_)
+                                | RelayError::NoKeys(_)
+                                | RelayError::ModelDenied(_)
+                                | RelayError::EndpointMissing { .. }
+                        );
+                    let move_on = if context {
+                        on_context_list
+                    } else {
+                        unservable || e.wants_fallback(settings.fallback_on_content_filter)
+                    };
+                    let next = if move_on && Instant::now() < deadline {
+                        fallbacks.pop_front()
+                    } else {
+                        None
+                    };
+                    let attempts = e.served().map_or(0, |s| s.attempts);
+                    match next {
+                        Some(next) => {
+                            tracing::info!(from = %model, to = %next, error = %e, "trying a fallback model");
+                            earlier_attempts += attempts;
+                            model = next;
+                        }
+                        None => {
+                            e.add_attempts(earlier_attempts);
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        };
+
         // A stream takes its journal along and reports when it ends.
         if let Some(mut j) = journal {
             j.total_ms = j.elapsed_ms();
@@ -187,6 +287,7 @@ impl Relay {
                 Ok(reply) => {
                     j.status = 200;
                     j.key = reply.served().key.clone();
+                    j.fallback = reply.served().fallback.clone();
                     if let (true, Reply::Json { body, .. }) = (j.request.is_some(), reply) {
                         j.response = serde_json::from_slice(body).ok();
                     }
@@ -208,6 +309,7 @@ impl Relay {
         endpoint: Endpoint,
         mut body: Map<String, Value>,
         stream: bool,
+        deadline: Instant,
         journal: &mut Option<Journal>,
     ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
@@ -258,7 +360,7 @@ impl Relay {
             model,
             stream,
             wants_usage,
-            deadline: Instant::now() + snapshot.settings.request_timeout,
+            deadline,
         };
         self.run(job, journal).await
     }
@@ -275,6 +377,7 @@ impl Relay {
                       error: Option<String>| {
             if let Some(j) = journal.as_mut() {
                 j.attempts.push(AttemptRecord {
+                    model: job.label.clone(),
                     key: key.to_string(),
                     started_ms: started
                         .duration_since(Instant::from_std(j.started))
@@ -510,6 +613,7 @@ impl Relay {
             Success::Stream(start) => {
                 let report = journal.take().map(|mut j| {
                     j.status = 200;
+                    j.fallback = served.fallback.clone();
                     j.key = served.key.clone();
                     j.first_byte_ms = j.elapsed_ms();
                     Report::new(j, self.observer.clone())
@@ -537,6 +641,17 @@ impl Relay {
             .list(&snapshot, &self.clients, snapshot.settings.models_refresh)
             .await
     }
+}
+
+/// Removes a list of strings from the body (`fallbacks`); `None` when absent.
+fn take_list(body: &mut Map<String, Value>, field: &str) -> Option<Vec<String>> {
+    let list = body.remove(field)?;
+    Some(
+        list.as_array()?
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+    )
 }
 
 /// The upstream call a request hook described.

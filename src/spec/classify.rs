@@ -22,6 +22,9 @@ pub enum ErrorClass {
     InvalidRequest,
     /// The prompt does not fit the model: answer at once, no other key.
     ContextWindow,
+    /// The upstream's content filter refused the request: answer at once, no other key (a fallback only when
+    /// `fallback_on_content_filter`).
+    ContentFilter,
     /// The upstream failed: retry the same key with backoff, then rotate.
     Server,
     /// No connection, or it broke: like `Server`.
@@ -39,6 +42,7 @@ impl ErrorClass {
             Self::Forbidden => "forbidden",
             Self::InvalidRequest => "invalid_request",
             Self::ContextWindow => "context_window",
+            Self::ContentFilter => "content_filter",
             Self::Server => "server",
             Self::Connection => "connection",
             Self::Timeout => "timeout",
@@ -47,7 +51,10 @@ impl ErrorClass {
 
     /// The client's own mistake: no other key would answer differently.
     pub fn is_client_error(self) -> bool {
-        matches!(self, Self::InvalidRequest | Self::ContextWindow)
+        matches!(
+            self,
+            Self::InvalidRequest | Self::ContextWindow | Self::ContentFilter
+        )
     }
 
     /// A transient fault worth retrying on the same key.
