@@ -202,3 +202,61 @@ async fn after_the_faults_clear_the_pool_is_healthy() {
         );
     }
 }
+
+#[tokio::test]
+async fn declared_key_limits_are_kept_so_the_upstream_never_says_429() {
+    let mock = Mock::echo("ok").await;
+    let yaml = provider_yaml(&mock.base_url, "limits: {requests_per_minute: 2}\n");
+    let proxy = Proxy::start(
+        Setup::one(&mock, 2)
+            .provider("mock", yaml)
+            .config("request_timeout: 2s\n"),
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(proxy.chat("mock/m", "hi").await.0, 200);
+    }
+    let (status, headers, body) = proxy.chat("mock/m", "one too many").await;
+    assert_eq!(status, 429, "{body}");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!(
+        (1..=31).contains(&retry_after),
+        "room returns within the minute: {retry_after}"
+    );
+    assert_eq!(
+        mock.chats().len(),
+        4,
+        "the fifth request never reached the upstream"
+    );
+    let counts = mock
+        .chats()
+        .iter()
+        .fold(std::collections::HashMap::new(), |mut m, s| {
+            *m.entry(s.key.clone()).or_insert(0) += 1;
+            m
+        });
+    assert!(counts.values().all(|&n| n == 2), "{counts:?}");
+
+    // Tokens per minute: each answer reports 18 tokens; with a budget of 20 a key serves twice, then rests.
+    let mock = Mock::echo("ok").await;
+    let yaml = provider_yaml(&mock.base_url, "limits: {tokens_per_minute: 20}\n");
+    let proxy = Proxy::start(
+        Setup::one(&mock, 1)
+            .provider("mock", yaml)
+            .config("request_timeout: 2s\n"),
+    )
+    .await;
+    assert_eq!(proxy.chat("mock/m", "1").await.0, 200);
+    assert_eq!(proxy.chat("mock/m", "2").await.0, 200);
+    assert_eq!(proxy.chat("mock/m", "3").await.0, 429);
+    assert_eq!(mock.chats().len(), 2);
+
+    // Requests per day: until the daily reset.
+    let mock = Mock::echo("ok").await;
+    let yaml = provider_yaml(&mock.base_url, "limits: {requests_per_day: 1}\n");
+    let proxy = Proxy::start(Setup::one(&mock, 1).provider("mock", yaml)).await;
+    assert_eq!(proxy.chat("mock/m", "1").await.0, 200);
+    let (status, headers, _) = proxy.chat("mock/m", "2").await;
+    assert_eq!(status, 429);
+    assert!(header(&headers, "retry-after").parse::<u64>().unwrap() > 60);
+}

@@ -364,6 +364,7 @@ impl Settings {
             cooldowns: raw.cooldowns,
             retries: raw.retries,
             timeouts: raw.timeouts,
+            limits: None,
         });
         tuning.problems().into_iter().for_each(&mut err);
         let reset = raw.daily_reset.unwrap_or_default();

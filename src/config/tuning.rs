@@ -66,6 +66,8 @@ pub struct TuningPatch {
     pub cooldowns: Option<CooldownsPatch>,
     pub retries: Option<RetriesPatch>,
     pub timeouts: Option<TimeoutsPatch>,
+    /// Per-key limits (replaced whole, not merged).
+    pub limits: Option<crate::keys::limits::KeyLimits>,
 }
 
 /// Resolved settings for one provider.
@@ -94,6 +96,8 @@ pub struct Tuning {
     pub first_event_timeout: Option<Duration>,
     /// The longest silence between two reads of a stream.
     pub stream_idle_timeout: Duration,
+    /// Declared per-key limits; keys without capacity are skipped.
+    pub limits: Option<crate::keys::limits::KeyLimits>,
 }
 
 impl Default for Tuning {
@@ -112,6 +116,7 @@ impl Default for Tuning {
             response_timeout: None,
             first_event_timeout: None,
             stream_idle_timeout: secs(120),
+            limits: None,
         }
     }
 }
@@ -135,6 +140,9 @@ impl Tuning {
             out.attempts = r.attempts.unwrap_or(out.attempts);
             out.backoff = r.backoff.unwrap_or(out.backoff);
             out.backoff_max = r.backoff_max.unwrap_or(out.backoff_max);
+        }
+        if let Some(limits) = &patch.limits {
+            out.limits = Some(limits.clone()).filter(|l| *l != Default::default());
         }
         if let Some(t) = &patch.timeouts {
             let off = |d: Duration| (!d.is_zero()).then_some(d);

@@ -109,6 +109,9 @@ pub struct State {
     next_reset: UnixMs,
     #[serde(skip)]
     providers: HashMap<String, ProviderState>,
+    /// Declared per-key limits in use (requests and tokens per minute).
+    #[serde(skip)]
+    meters: HashMap<KeyId, super::limits::Meter>,
     /// Keys a reload removed: never granted again (requests on an older snapshot still list them), and
     /// forgotten once their last lease ends.
     #[serde(skip)]
@@ -222,7 +225,7 @@ impl MemoryStore {
                 ..Unavailable::default()
             });
         }
-        let standings: Vec<Standing> = ask
+        let mut standings: Vec<Standing> = ask
             .keys
             .iter()
             .map(|key| {
@@ -247,31 +250,75 @@ impl MemoryStore {
             })
             .collect();
 
-        let chosen = match ask.tuning.selection {
-            Selection::Balanced => pick_balanced(&standings),
+        // Free keys in order of preference.
+        let free = |i: &usize| matches!(standings[*i], Standing::Free(_));
+        let cursor = provider
+            .cursor
+            .get(ask.model)
+            .and_then(|id| ask.keys.iter().position(|k| &k.id == id));
+        let order: Vec<usize> = match ask.tuning.selection {
+            Selection::Balanced => {
+                // The least-used first; ties in random order.
+                let mut order: Vec<usize> = (0..standings.len()).filter(free).collect();
+                fastrand::shuffle(&mut order);
+                order.sort_by_key(|&i| match standings[i] {
+                    Standing::Free(used) => used,
+                    _ => u64::MAX,
+                });
+                order
+            }
             Selection::Sequential => {
-                let cursor = provider
-                    .cursor
-                    .get(ask.model)
-                    .and_then(|id| ask.keys.iter().position(|k| &k.id == id));
                 let start = cursor.unwrap_or(0);
-                let chosen = (0..standings.len())
+                (0..standings.len())
                     .map(|offset| (start + offset) % standings.len())
-                    .find(|&i| matches!(standings[i], Standing::Free(_)));
-                // Stay on the current key while it is merely busy; move on once it cools or was given up on.
-                if let Some(i) = chosen
-                    && !matches!(
-                        cursor.map(|c| standings[c]),
-                        Some(Standing::Busy | Standing::Free(_))
-                    )
-                {
-                    provider
-                        .cursor
-                        .insert(ask.model.to_string(), ask.keys[i].id.clone());
-                }
-                chosen
+                    .filter(free)
+                    .collect()
             }
         };
+        // The first that the key's declared limits admit (a key without capacity waits like a cooling one).
+        let mut chosen = None;
+        for i in order {
+            let id = &ask.keys[i].id;
+            let admitted = match &ask.tuning.limits {
+                None => Ok(()),
+                Some(limits) => {
+                    let requests_today = state
+                        .keys
+                        .get(id)
+                        .map_or(0, |k| k.models.values().map(|m| m.today.requests).sum());
+                    state.meters.entry(id.clone()).or_default().admit(
+                        limits,
+                        requests_today,
+                        now,
+                        state.next_reset,
+                    )
+                }
+            };
+            match admitted {
+                Ok(()) => {
+                    chosen = Some(i);
+                    break;
+                }
+                Err(until) => {
+                    standings[i] = Standing::Cooling(Cooldown {
+                        until,
+                        reason: ErrorClass::RateLimit,
+                    })
+                }
+            }
+        }
+        // Sequential: stay on the current key while it is merely busy; move on once it cools or was given up on.
+        if ask.tuning.selection == Selection::Sequential
+            && let Some(i) = chosen
+            && !matches!(
+                cursor.map(|c| standings[c]),
+                Some(Standing::Busy | Standing::Free(_))
+            )
+        {
+            provider
+                .cursor
+                .insert(ask.model.to_string(), ask.keys[i].id.clone());
+        }
 
         let Some(index) = chosen else {
             let mut why = Unavailable::default();
@@ -346,6 +393,9 @@ impl MemoryStore {
                 }
                 ms.streak = 0;
                 ks.streak = 0;
+                if let Some(meter) = state.meters.get_mut(&grant.key.id) {
+                    meter.spend_tokens(now, prompt_tokens.saturating_add(completion_tokens));
+                }
             }
             Outcome::Failure {
                 class,
@@ -419,31 +469,6 @@ impl MemoryStore {
         self.changed.notify_one();
         self.wakeup(&grant.provider).notify_waiters();
     }
-}
-
-/// The free key with the fewest requests today, ties broken uniformly at random.
-fn pick_balanced(standings: &[Standing]) -> Option<usize> {
-    let mut best: Option<(usize, u64)> = None;
-    let mut ties = 0u32;
-    for (i, standing) in standings.iter().enumerate() {
-        let Standing::Free(used) = *standing else {
-            continue;
-        };
-        match best {
-            Some((_, b)) if used > b => {}
-            Some((_, b)) if used == b => {
-                ties += 1;
-                if fastrand::u32(0..ties) == 0 {
-                    best = Some((i, used));
-                }
-            }
-            _ => {
-                best = Some((i, used));
-                ties = 1;
-            }
-        }
-    }
-    best.map(|(i, _)| i)
 }
 
 impl KeyStore for MemoryStore {

@@ -7,6 +7,7 @@
 
 mod cooldown;
 mod lease;
+pub mod limits;
 mod memory;
 mod persist;
 

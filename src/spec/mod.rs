@@ -116,6 +116,7 @@ struct RawProvider {
     cooldowns: Option<crate::config::tuning::CooldownsPatch>,
     retries: Option<crate::config::tuning::RetriesPatch>,
     timeouts: Option<crate::config::tuning::TimeoutsPatch>,
+    limits: Option<crate::keys::limits::KeyLimits>,
     /// A Rhai script in the plugins directory.
     script: Option<String>,
     /// The hooks used; all hooks the script defines when absent.
@@ -711,6 +712,7 @@ fn resolve(
         cooldowns: raw.cooldowns,
         retries: raw.retries,
         timeouts: raw.timeouts,
+        limits: raw.limits,
     };
     let mut tuning = global.patched(&file_patch);
     if let Some(user) = user {
