@@ -109,6 +109,9 @@ pub struct State {
     next_reset: UnixMs,
     #[serde(skip)]
     providers: HashMap<String, ProviderState>,
+    /// The store-wide rules (daily reset, provider pause), kept under the same lock as the state they govern.
+    #[serde(skip)]
+    policy: Option<StorePolicy>,
     /// Declared per-key limits in use (requests and tokens per minute).
     #[serde(skip)]
     meters: HashMap<KeyId, super::limits::Meter>,
@@ -121,10 +124,13 @@ pub struct State {
 impl State {
     /// Starts a new day when a reset time has passed: today's counters go to zero and streaks whose cooldown has
     /// ended are forgotten. Lifetime totals stay.
-    fn roll(&mut self, now: UnixMs, policy: &StorePolicy) {
+    fn roll(&mut self, now: UnixMs) {
         if now < self.next_reset {
             return;
         }
+        let Some(policy) = self.policy.clone() else {
+            return;
+        };
         let day_start = policy.daily_reset.last_at_or_before(now);
         if self.day_start < day_start {
             for key in self.keys.values_mut() {
@@ -156,7 +162,6 @@ enum Standing {
 pub struct MemoryStore {
     clock: Clock,
     state: Mutex<State>,
-    policy: Mutex<StorePolicy>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     /// Signalled on every change, for the usage file writer.
     changed: Notify,
@@ -167,11 +172,12 @@ impl MemoryStore {
         Self::with_state(clock, policy, State::default())
     }
 
-    pub fn with_state(clock: Clock, policy: StorePolicy, state: State) -> Self {
+    pub fn with_state(clock: Clock, policy: StorePolicy, mut state: State) -> Self {
+        state.policy = Some(policy);
+        state.next_reset = 0;
         Self {
             clock,
             state: Mutex::new(state),
-            policy: Mutex::new(policy),
             wakeups: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         }
@@ -203,20 +209,12 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn policy(&self) -> StorePolicy {
-        self.policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
     /// Takes a lease now or says why not; the synchronous core of [`KeyStore::acquire`].
     pub fn try_acquire(&self, ask: Ask<'_>) -> Result<Grant, Unavailable> {
         let now = self.clock.now();
-        let policy = self.policy();
         let mut guard = self.lock();
         let state = &mut *guard;
-        state.roll(now, &policy);
+        state.roll(now);
         let provider = state.providers.entry(ask.provider.to_string()).or_default();
         if provider.paused_until > now {
             return Err(Unavailable {
@@ -257,6 +255,10 @@ impl MemoryStore {
             .get(ask.model)
             .and_then(|id| ask.keys.iter().position(|k| &k.id == id));
         let order: Vec<usize> = match ask.tuning.selection {
+            // Without limits only the best key matters: one pass, no sort.
+            Selection::Balanced if ask.tuning.limits.is_none() => {
+                least_used(&standings).into_iter().collect()
+            }
             Selection::Balanced => {
                 // The least-used first; ties in random order.
                 let mut order: Vec<usize> = (0..standings.len()).filter(free).collect();
@@ -364,11 +366,11 @@ impl MemoryStore {
 
     fn record(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
         let now = self.clock.now();
-        let policy = self.policy();
         let mut guard = self.lock();
         let state = &mut *guard;
-        state.roll(now, &policy);
+        state.roll(now);
         let next_reset = state.next_reset;
+        let pause = state.policy.as_ref().and_then(|p| p.pause);
         let Some(ks) = state.keys.get_mut(&grant.key.id) else {
             return;
         };
@@ -428,7 +430,7 @@ impl MemoryStore {
                         });
                     }
                     if class == ErrorClass::RateLimit
-                        && let Some(rule) = policy.pause
+                        && let Some(rule) = pause
                     {
                         let provider = state
                             .providers
@@ -471,6 +473,31 @@ impl MemoryStore {
     }
 }
 
+/// The free key with the fewest requests today, ties broken uniformly at random.
+fn least_used(standings: &[Standing]) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    let mut ties = 0u32;
+    for (i, standing) in standings.iter().enumerate() {
+        let Standing::Free(used) = *standing else {
+            continue;
+        };
+        match best {
+            Some((_, b)) if used > b => {}
+            Some((_, b)) if used == b => {
+                ties += 1;
+                if fastrand::u32(0..ties) == 0 {
+                    best = Some((i, used));
+                }
+            }
+            _ => {
+                best = Some((i, used));
+                ties = 1;
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 impl KeyStore for MemoryStore {
     fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
         Box::pin(std::future::ready(self.try_acquire(ask)))
@@ -489,8 +516,9 @@ impl KeyStore for MemoryStore {
     }
 
     fn configure(&self, policy: StorePolicy) {
-        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
-        self.lock().next_reset = 0;
+        let mut state = self.lock();
+        state.policy = Some(policy);
+        state.next_reset = 0;
     }
 
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
