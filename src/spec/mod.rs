@@ -166,6 +166,8 @@ pub struct Provider {
     pub source: Option<PathBuf>,
     /// Without a trailing slash.
     pub base_url: String,
+    /// `base_url` parsed once, on first use (parsing a URL per request showed in profiles).
+    pub parsed_base: std::sync::OnceLock<Option<reqwest::Url>>,
     pub auth: Auth,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub paths: Paths,
@@ -201,8 +203,18 @@ impl Provider {
         call: &UpstreamCall,
         key: &ApiKey,
     ) -> Result<reqwest::RequestBuilder, String> {
-        let mut url = reqwest::Url::parse(&self.url(&call.path))
-            .map_err(|e| format!("invalid upstream URL: {e}"))?;
+        let base = self
+            .parsed_base
+            .get_or_init(|| reqwest::Url::parse(&self.base_url).ok());
+        let mut url = base
+            .clone()
+            .ok_or_else(|| format!("invalid upstream URL {:?}", self.base_url))?;
+        let (path, query) = call.path.split_once('?').unwrap_or((&call.path, ""));
+        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        if !query.is_empty() {
+            url.set_query(Some(query));
+        }
         if !call.query.is_empty() || matches!(self.auth, Auth::Query { .. }) {
             let mut pairs = url.query_pairs_mut();
             for (k, v) in &call.query {
@@ -729,6 +741,7 @@ fn resolve(
         name,
         source: source.map(Path::to_path_buf),
         base_url,
+        parsed_base: std::sync::OnceLock::new(),
         auth,
         headers,
         paths,

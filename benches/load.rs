@@ -1,0 +1,543 @@
+//! Load benchmark: a zero-latency mock upstream and keyrelay run as separate processes on loopback; this process
+//! is the load generator. Prints, for concurrency 1, 16, 64 and 256, streaming and not, throughput and p50/p99
+//! latency direct to the mock and through keyrelay, the added latency, keyrelay's CPU time per 1,000 requests and
+//! its peak RSS; then idle RSS with 1,000 keys and RSS with 256 open streams.
+//!
+//! `cargo bench --bench load` runs the table; `cargo bench --bench load -- soak [REQUESTS]` runs the soak: about
+//! a million requests (by default) against keys of which a quarter rate-limit and a tenth are flaky, reporting
+//! client-visible errors and RSS over time.
+
+use axum::body::{Body, Bytes};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const COMPLETION: &str = r#"{"id":"chatcmpl-load","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a short answer from the load mock."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":11,"total_tokens":23}}"#;
+
+// ----------------------------------------------------------------------------------------------- the mock
+
+fn chunk(content: &str, finish: &str) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-load\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":{finish}}}]}}\n\n"
+    )
+}
+
+/// Per-key behaviour for the soak: keys named `limited-*` rate-limit one request in three, `flaky-*` fail one in
+/// ten with a 500; others always answer.
+fn fault_for(key: &str, n: u64) -> Option<Response> {
+    if key.starts_with("limited-") && n % 3 == 0 {
+        let body = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+        return Some(
+            (
+                [("retry-after", "1"), ("content-type", "application/json")],
+                body,
+            )
+                .into_response()
+                .with_status(429),
+        );
+    }
+    if key.starts_with("flaky-") && n % 10 == 0 {
+        return Some(
+            (
+                [("content-type", "application/json")],
+                r#"{"error":{"message":"boom","type":"server_error"}}"#,
+            )
+                .into_response()
+                .with_status(500),
+        );
+    }
+    None
+}
+
+trait WithStatus {
+    fn with_status(self, status: u16) -> Response;
+}
+
+impl WithStatus for Response {
+    fn with_status(mut self, status: u16) -> Response {
+        *self.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+        self
+    }
+}
+
+async fn mock_chat(headers: HeaderMap, body: Bytes, slow: bool, count: Arc<AtomicU64>) -> Response {
+    let n = count.fetch_add(1, Ordering::Relaxed);
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim_start_matches("Bearer ");
+    if let Some(fault) = fault_for(key, n) {
+        return fault;
+    }
+    let stream = body.windows(13).any(|w| w == b"\"stream\":true");
+    if !stream {
+        return ([("content-type", "application/json")], COMPLETION).into_response();
+    }
+    let mut frames: Vec<String> = [
+        "Hello",
+        "!",
+        " This",
+        " is",
+        " a",
+        " short",
+        " streamed",
+        " answer",
+        ".",
+    ]
+    .iter()
+    .map(|w| chunk(w, "null"))
+    .collect();
+    frames.push(chunk("", "\"stop\""));
+    frames.push("data: {\"id\":\"chatcmpl-load\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":9,\"total_tokens\":21}}\n\ndata: [DONE]\n\n".into());
+    let gap = if slow {
+        Duration::from_millis(100)
+    } else {
+        Duration::ZERO
+    };
+    let stream = futures_util::stream::unfold(frames.into_iter(), move |mut it| async move {
+        let frame = it.next()?;
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+fn run_mock() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let count = Arc::new(AtomicU64::new(0));
+        let (fast, slow) = (count.clone(), count.clone());
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move |h: HeaderMap, b: Bytes| {
+                    mock_chat(h, b, false, fast.clone())
+                }),
+            )
+            .route(
+                "/slow/v1/chat/completions",
+                axum::routing::post(move |h: HeaderMap, b: Bytes| {
+                    mock_chat(h, b, true, slow.clone())
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("LISTEN {}", listener.local_addr().unwrap());
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+// ------------------------------------------------------------------------------------------ the processes
+
+/// A child process that printed its address; killed on drop.
+struct Process {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    fn spawn(mut cmd: Command, marker: &str) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the process printed its address")
+                .unwrap();
+            if let Some(rest) = line.split(marker).nth(1) {
+                break rest.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        Self { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn mock() -> Process {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.env("KEYRELAY_LOAD_MOCK", "1");
+    Process::spawn(cmd, "LISTEN ")
+}
+
+/// keyrelay over `dir`, whose files the caller wrote.
+fn keyrelay(dir: &Path) -> Process {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrelay"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("RUST_LOG", "keyrelay=info")
+        .args(["--port", "0"]);
+    Process::spawn(cmd, "listening on http://")
+}
+
+/// Writes a keyrelay directory: `providers` providers with `keys` keys each, all pointing at `base`.
+fn write_config(dir: &Path, base: &str, providers: usize, keys: impl Fn(usize) -> Vec<String>) {
+    std::fs::create_dir_all(dir.join("providers")).unwrap();
+    std::fs::write(dir.join("config.yaml"), "concurrency: {per_key_model: 0}\n").unwrap();
+    let mut env = String::new();
+    for p in 0..providers {
+        let name = if p == 0 {
+            "mock".to_string()
+        } else {
+            format!("mock{p}")
+        };
+        std::fs::write(
+            dir.join(format!("providers/{name}.yaml")),
+            format!("base_url: {base}\nmodels: {{list: static, static: [m]}}\n"),
+        )
+        .unwrap();
+        for (i, key) in keys(p).iter().enumerate() {
+            env.push_str(&format!(
+                "{}_API_KEY_{}={key}\n",
+                name.to_uppercase(),
+                i + 1
+            ));
+        }
+    }
+    std::fs::write(dir.join(".env"), env).unwrap();
+}
+
+/// (user + system CPU time, current RSS in KiB, peak RSS in KiB) of a process.
+fn usage(pid: u32) -> (Duration, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        Duration::from_millis(ticks * 10),
+        kb("VmRSS:"),
+        kb("VmHWM:"),
+    )
+}
+
+// ------------------------------------------------------------------------------------------------- the load
+
+struct Run {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn percentile(&self, p: f64) -> Duration {
+        self.latencies[((self.latencies.len() - 1) as f64 * p).round() as usize]
+    }
+
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `concurrency` clients sending requests for `duration` (after a short warm-up).
+async fn load(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    stream: bool,
+    duration: Duration,
+    model: &str,
+) -> Run {
+    let body = format!(
+        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"Say hello in one short sentence."}}]}}"#
+    );
+    let warm_up = Duration::from_millis(300);
+    let start = Instant::now();
+    let measure_from = start + warm_up;
+    let until = measure_from + duration;
+    let errors = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, body, errors) = (
+                client.clone(),
+                url.to_string(),
+                body.clone(),
+                errors.clone(),
+            );
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let sent = Instant::now();
+                    if sent >= until {
+                        break;
+                    }
+                    let ok = match client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let good = r.status().is_success();
+                            let text = r.bytes().await;
+                            good && text.is_ok_and(|t| !stream || t.ends_with(b"data: [DONE]\n\n"))
+                        }
+                        Err(_) => false,
+                    };
+                    if sent >= measure_from {
+                        latencies.push(sent.elapsed());
+                        if !ok {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    latencies.sort();
+    Run {
+        requests: latencies.len(),
+        errors: errors.load(Ordering::Relaxed),
+        elapsed: duration,
+        latencies,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+async fn table() {
+    let mock = mock();
+    let base = format!("http://{}/v1", mock.addr);
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &base, 1, |_| {
+        (1..=16)
+            .map(|i| format!("load-key-{i:04}-abcdefgh"))
+            .collect()
+    });
+    let proxy = keyrelay(dir.path());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let direct_url = format!("{base}/chat/completions");
+    let proxy_url = format!("http://{}/v1/chat/completions", proxy.addr);
+
+    println!(
+        "keyrelay load benchmark (zero-latency mock, loopback, both processes and the load on this machine)"
+    );
+    println!(
+        "| concurrency | mode | direct req/s | keyrelay req/s | ratio | direct p50 / p99 ms | keyrelay p50 / p99 ms | added p50 / p99 ms | keyrelay CPU per 1k req | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let quick = std::env::args().any(|a| a == "quick");
+    let levels: &[usize] = if quick { &[16] } else { &[1, 16, 64, 256] };
+    for &concurrency in levels {
+        for stream in [false, true] {
+            let duration = Duration::from_secs(3);
+            let direct = load(&client, &direct_url, concurrency, stream, duration, "m").await;
+            let (cpu_before, _, _) = usage(proxy.pid());
+            let relayed = load(&client, &proxy_url, concurrency, stream, duration, "mock/m").await;
+            let (cpu_after, _, _) = usage(proxy.pid());
+            let cpu_per_k = (cpu_after - cpu_before).as_secs_f64() * 1000.0
+                / relayed.requests.max(1) as f64
+                * 1000.0;
+            let added = |p: f64| relayed.percentile(p).saturating_sub(direct.percentile(p));
+            println!(
+                "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms | {} |",
+                if stream { "stream" } else { "json" },
+                direct.throughput(),
+                relayed.throughput(),
+                100.0 * relayed.throughput() / direct.throughput(),
+                ms(direct.percentile(0.5)),
+                ms(direct.percentile(0.99)),
+                ms(relayed.percentile(0.5)),
+                ms(relayed.percentile(0.99)),
+                ms(added(0.5)),
+                ms(added(0.99)),
+                cpu_per_k,
+                direct.errors + relayed.errors,
+            );
+        }
+    }
+    let (_, _, peak) = usage(proxy.pid());
+    println!(
+        "\nkeyrelay peak RSS over the table: {:.1} MB",
+        peak as f64 / 1024.0
+    );
+    drop(proxy);
+    if quick {
+        return;
+    }
+
+    // Idle with 1,000 keys (50 providers x 20 keys).
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &base, 50, |p| {
+        (1..=20)
+            .map(|i| format!("idle-key-{p:02}-{i:04}-abcdefgh"))
+            .collect()
+    });
+    let idle = keyrelay(dir.path());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, rss, _) = usage(idle.pid());
+    println!(
+        "keyrelay idle RSS with 1,000 keys: {:.1} MB",
+        rss as f64 / 1024.0
+    );
+    drop(idle);
+
+    // 256 concurrent streams held open (the slow route: 11 chunks, 100 ms apart).
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("http://{}/slow/v1", mock.addr),
+        1,
+        |_| {
+            (1..=16)
+                .map(|i| format!("slow-key-{i:04}-abcdefgh"))
+                .collect()
+        },
+    );
+    let streams = keyrelay(dir.path());
+    let url = format!("http://{}/v1/chat/completions", streams.addr);
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, pid) = (peak.clone(), streams.pid());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(usage(pid).1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let run = load(&client, &url, 256, true, Duration::from_secs(4), "mock/m").await;
+    sampler.abort();
+    println!(
+        "keyrelay RSS with 256 concurrent streams: {:.1} MB peak ({} streams completed, {} errors)",
+        peak.load(Ordering::Relaxed) as f64 / 1024.0,
+        run.requests,
+        run.errors
+    );
+}
+
+async fn soak(total: usize) {
+    let mock = mock();
+    let base = format!("http://{}/v1", mock.addr);
+    let dir = tempfile::tempdir().unwrap();
+    // 40 keys: 10 rate-limit (a quarter), 4 are flaky (a tenth), 26 healthy.
+    write_config(dir.path(), &base, 1, |_| {
+        (0..40)
+            .map(|i| match i {
+                0..10 => format!("limited-{i:04}-abcdefgh"),
+                10..14 => format!("flaky-{i:04}-abcdefgh"),
+                _ => format!("healthy-{i:04}-abcdefgh"),
+            })
+            .collect()
+    });
+    let proxy = keyrelay(dir.path());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    println!("keyrelay soak: {total} requests, 32 clients, 40 keys (10 rate-limiting, 4 flaky)");
+    println!("| requests | elapsed s | req/s | client-visible errors | RSS MB |");
+    println!("|---|---|---|---|---|");
+    let workers: Vec<_> = (0..32)
+        .map(|i| {
+            let (client, url, sent, errors) = (client.clone(), url.clone(), sent.clone(), errors.clone());
+            tokio::spawn(async move {
+                let body = format!(r#"{{"model":"mock/m","stream":{},"messages":[{{"role":"user","content":"hi"}}]}}"#, i % 4 == 0);
+                while sent.fetch_add(1, Ordering::Relaxed) < total {
+                    let ok = match client.post(&url).header("content-type", "application/json").body(body.clone()).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let step = (total / 10).max(1);
+    let mut next = step;
+    while workers.iter().any(|w| !w.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let done = sent.load(Ordering::Relaxed).min(total);
+        if done >= next || workers.iter().all(|w| w.is_finished()) {
+            let elapsed = started.elapsed().as_secs_f64();
+            let (_, rss, _) = usage(proxy.pid());
+            println!(
+                "| {done} | {elapsed:.0} | {:.0} | {} | {:.1} |",
+                done as f64 / elapsed,
+                errors.load(Ordering::Relaxed),
+                rss as f64 / 1024.0
+            );
+            next += step;
+        }
+    }
+}
+
+fn main() {
+    if std::env::var("KEYRELAY_LOAD_MOCK").is_ok() {
+        return run_mock();
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(i) = args.iter().position(|a| a == "soak") {
+        let total = args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1_000_000);
+        rt.block_on(soak(total));
+    } else {
+        rt.block_on(table());
+    }
+}
