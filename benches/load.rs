@@ -225,6 +225,24 @@ fn write_config(dir: &Path, base: &str, providers: usize, keys: impl Fn(usize) -
     std::fs::write(dir.join(".env"), env).unwrap();
 }
 
+/// User CPU time of a process (part of what `usage` reports).
+fn user_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    Duration::from_millis(
+        fields
+            .get(11)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 10,
+    )
+}
+
 /// (user + system CPU time, current RSS in KiB, peak RSS in KiB) of a process.
 fn usage(pid: u32) -> (Duration, u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -376,14 +394,16 @@ async fn table() {
             let duration = Duration::from_secs(3);
             let direct = load(&client, &direct_url, concurrency, stream, duration, "m").await;
             let (cpu_before, _, _) = usage(proxy.pid());
+            let user_before = user_time(proxy.pid());
             let relayed = load(&client, &proxy_url, concurrency, stream, duration, "mock/m").await;
             let (cpu_after, _, _) = usage(proxy.pid());
-            let cpu_per_k = (cpu_after - cpu_before).as_secs_f64() * 1000.0
-                / relayed.requests.max(1) as f64
-                * 1000.0;
+            let per_k =
+                |d: Duration| d.as_secs_f64() * 1000.0 / relayed.requests.max(1) as f64 * 1000.0;
+            let cpu_per_k = per_k(cpu_after - cpu_before);
+            let user_per_k = per_k(user_time(proxy.pid()) - user_before);
             let added = |p: f64| relayed.percentile(p).saturating_sub(direct.percentile(p));
             println!(
-                "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms | {} |",
+                "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms ({:.0} user) | {} |",
                 if stream { "stream" } else { "json" },
                 direct.throughput(),
                 relayed.throughput(),
@@ -395,6 +415,7 @@ async fn table() {
                 ms(added(0.5)),
                 ms(added(0.99)),
                 cpu_per_k,
+                user_per_k,
                 direct.errors + relayed.errors,
             );
         }

@@ -48,7 +48,7 @@ fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(&args.log_format);
+    let _logs = init_logging(&args.log_format);
     let opts = args.load_options();
     let snapshot = match Snapshot::load(&opts) {
         Ok(s) => s,
@@ -124,7 +124,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
-    init_logging("text");
+    let _logs = init_logging("text");
     let state = std::env::temp_dir().join(format!("keyrelay-demo-{}", std::process::id()));
     let running = match keyrelay::demo::start(&args.host, args.port, &state).await {
         Ok(r) => r,
@@ -144,16 +144,22 @@ async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging(format: &str) {
+/// Logs go to stdout through a background writer thread, so that a request never waits for a terminal or a
+/// pipe. The returned guard flushes what is left when it drops (at exit).
+fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_ansi(ansi)
+        .with_writer(writer);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
+    guard
 }
