@@ -525,10 +525,11 @@ async fn soak(total: usize) {
         .collect();
     let step = (total / 10).max(1);
     let mut next = step;
-    while workers.iter().any(|w| !w.is_finished()) {
+    loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let finished = workers.iter().all(|w| w.is_finished());
         let done = sent.load(Ordering::Relaxed).min(total);
-        if done >= next || workers.iter().all(|w| w.is_finished()) {
+        if done >= next || finished {
             let elapsed = started.elapsed().as_secs_f64();
             let (_, rss, _) = usage(proxy.pid());
             println!(
@@ -537,7 +538,10 @@ async fn soak(total: usize) {
                 errors.load(Ordering::Relaxed),
                 rss as f64 / 1024.0
             );
-            next += step;
+            next = done + step;
+        }
+        if finished {
+            break;
         }
     }
 }
