@@ -260,3 +260,209 @@ async fn declared_key_limits_are_kept_so_the_upstream_never_says_429() {
     assert_eq!(status, 429);
     assert!(header(&headers, "retry-after").parse::<u64>().unwrap() > 60);
 }
+
+/// The first chunks of an answer, cut before its finish.
+fn unfinished(model: &str, parts: &[&str]) -> Vec<String> {
+    let mut events = chunks(model, parts, false);
+    events.pop();
+    events
+}
+
+fn continuing(mock: &Mock) -> Setup {
+    let yaml = provider_yaml(
+        &mock.base_url,
+        "continuation:\n  assistant: {prefix: true}\n",
+    );
+    Setup::one(mock, 2)
+        .provider("mock", yaml)
+        .config("selection: sequential\n")
+}
+
+async fn stream_chat(proxy: &Proxy) -> (String, Vec<String>) {
+    let body = json!({"model": "mock/m", "stream": true,
+        "messages": [{"role": "user", "content": "What is the answer?"}]});
+    let response = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let key = header(response.headers(), "x-keyrelay-key").to_string();
+    (key, sse_data(&response.text().await.unwrap()))
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_answer_is_continued_on_another_key_from_the_text_sent() {
+    let mock = Mock::start(|seen, _| {
+        if seen.key == key(1) {
+            Reply::Sse {
+                events: unfinished(seen.model(), &["The answer ", "is "]),
+                gap: Duration::ZERO,
+                end: End::Cut,
+            }
+        } else {
+            Reply::Sse {
+                events: chunks(seen.model(), &["forty-", "two."], false),
+                gap: Duration::ZERO,
+                end: End::Done,
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(continuing(&mock)).await;
+    let (served_by, data) = stream_chat(&proxy).await;
+    assert_eq!(served_by, masked(1), "headers were sent before the cut");
+    assert_eq!(reassemble(&data), "The answer is forty-two.");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert!(!data.iter().any(|d| d.contains("\"error\"")), "{data:?}");
+
+    let chats = mock.chats();
+    assert_eq!(chats.len(), 2);
+    assert_eq!(chats[1].key, key(2), "continued on the other key");
+    assert_eq!(
+        chats[1].body["messages"],
+        json!([
+            {"role": "user", "content": "What is the answer?"},
+            {"role": "assistant", "content": "The answer is ", "prefix": true}
+        ]),
+        "the continuation carries the text already sent as a prefilled assistant message"
+    );
+    assert_eq!(chats[1].body["stream"], json!(true));
+    let failed = proxy
+        .key_status("mock")
+        .into_iter()
+        .find(|k| k.key == masked(1))
+        .unwrap();
+    assert!(
+        failed.last_error.is_some(),
+        "the broken key is charged: {failed:?}"
+    );
+    let metrics = proxy
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "keyrelay_requests_total{provider=\"mock\",model=\"m\",outcome=\"stream_continued\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_continuation_that_fails_reports_the_original_break() {
+    let mock = Mock::start(|seen, _| {
+        if seen.key == key(1) {
+            Reply::Sse {
+                events: unfinished(seen.model(), &["The answer ", "is "]),
+                gap: Duration::ZERO,
+                end: End::Cut,
+            }
+        } else {
+            Reply::error(
+                400,
+                "prefix is not supported here",
+                "invalid_request_error",
+                "bad_prefix",
+            )
+        }
+    })
+    .await;
+    let proxy = Proxy::start(continuing(&mock)).await;
+    let (_, data) = stream_chat(&proxy).await;
+    assert_eq!(reassemble(&data), "The answer is ");
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error_code(&last), "stream_interrupted", "{last}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    assert_eq!(
+        mock.chats().len(),
+        2,
+        "one continuation asked for, not retried"
+    );
+}
+
+#[tokio::test]
+async fn streams_are_not_continued_without_the_provider_saying_so_or_after_tool_calls() {
+    let tool_call = |model: &str| {
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [{
+            "index": 0, "finish_reason": null,
+            "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": "{\"q\":"}}]}}]})
+        .to_string()
+    };
+    let mock = Mock::start(move |seen, _| {
+        let mut events = unfinished(seen.model(), &["Let me look. "]);
+        if seen.body["tools"].is_array() {
+            events.push(tool_call(seen.model()));
+        }
+        Reply::Sse {
+            events,
+            gap: Duration::ZERO,
+            end: End::Cut,
+        }
+    })
+    .await;
+
+    // A provider without `continuation`: the break is reported in-band.
+    let proxy = Proxy::start(Setup::one(&mock, 2).config("selection: sequential\n")).await;
+    let (_, data) = stream_chat(&proxy).await;
+    assert_eq!(reassemble(&data), "Let me look. ");
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error_code(&last), "stream_interrupted");
+    assert_eq!(mock.chats().len(), 1);
+    drop(proxy);
+
+    // A tool call half sent cannot be prefilled: reported too, nothing asked of another key.
+    let proxy = Proxy::start(continuing(&mock)).await;
+    let body = json!({"model": "mock/m", "stream": true, "tools": [{"type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "messages": [{"role": "user", "content": "look it up"}]});
+    let text = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error_code(&last), "stream_interrupted", "{text}");
+    assert_eq!(mock.chats().len(), 2, "no continuation was asked for");
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_any_text_is_asked_again_without_a_prefill() {
+    let mock = Mock::start(|seen, _| {
+        let events = if seen.key == key(1) {
+            unfinished(seen.model(), &[])
+        } else {
+            chunks(seen.model(), &["Forty-two."], false)
+        };
+        let end = if seen.key == key(1) {
+            End::Cut
+        } else {
+            End::Done
+        };
+        Reply::Sse {
+            events,
+            gap: Duration::ZERO,
+            end,
+        }
+    })
+    .await;
+    let proxy = Proxy::start(continuing(&mock)).await;
+    let (_, data) = stream_chat(&proxy).await;
+    assert_eq!(reassemble(&data), "Forty-two.");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chats = mock.chats();
+    assert_eq!(chats.len(), 2);
+    assert_eq!(
+        chats[1].body["messages"], chats[0].body["messages"],
+        "the same request, no empty prefill"
+    );
+}

@@ -556,6 +556,60 @@ async fn anthropic_overload_is_retried_and_errors_classified() {
     assert_eq!(context.seen().len(), 1);
 }
 
+#[tokio::test]
+async fn an_anthropic_stream_broken_by_an_error_event_is_continued_by_prefill() {
+    let mock = Mock::start(|seen, _| {
+        let fixture_name = if seen.key == key(1) {
+            "anthropic/stream_error.sse"
+        } else {
+            "anthropic/stream_text.sse"
+        };
+        Reply::Raw {
+            status: 200,
+            content_type: "text/event-stream",
+            body: fixture(fixture_name),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(anthropic_setup(&mock, 2).config("selection: sequential\n")).await;
+    let text = proxy
+        .post(
+            "/v1/chat/completions",
+            &chat_body("anthropic/claude-sonnet-4-5", true),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let rest: String = fixture("anthropic/stream_text.sse")
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v.pointer("/delta/text")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(reassemble(&data), format!("Here is a short{rest}"));
+
+    let chats: Vec<Seen> = mock.seen();
+    assert_eq!(chats.len(), 2);
+    assert_eq!(chats[1].key, key(2));
+    assert_eq!(
+        chats[1].body["messages"],
+        json!([
+            {"role": "user", "content": [{"type": "text", "text": "Tell me about tide pools."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Here is a short"}]}
+        ]),
+        "the answer so far is the prefill, in Anthropic's shape"
+    );
+}
+
 // ------------------------------------------------------------------------------- providers added as files
 
 /// A made-up upstream with its own wire format: `{"prompt": …}` in, `{"output": …, "tokens": [in, out]}` out,

@@ -112,9 +112,11 @@ impl Metrics {
         let model = if j.provider.is_empty() {
             "-".to_string()
         } else {
-            // A model earns its own label by being served once; names clients make up stay `other`.
+            // A model earns its own label by being served once (a stream that started counts, however it
+            // ended); names clients make up stay `other`.
+            let served = (200..300).contains(&j.status);
             let seen = m.models.entry(provider.clone()).or_default();
-            if seen.contains(&j.model) || (j.error.is_none() && seen.len() < MAX_MODELS) {
+            if seen.contains(&j.model) || (served && seen.len() < MAX_MODELS) {
                 seen.insert(j.model.clone());
                 j.model.clone()
             } else {
@@ -325,6 +327,7 @@ mod tests {
             class: None,
             error: None,
         });
+        j.status = if error.is_none() { 200 } else { 502 };
         j.error = error.map(String::from);
         j.prompt_tokens = 5;
         j.first_byte_ms = 51.0;

@@ -19,15 +19,13 @@ use crate::snapshot::Snapshot;
 use crate::spec::UpstreamCall;
 use crate::spec::{ErrorClass, Provider};
 use crate::stream::Forward;
-use crate::stream::{Mapper, Report, Usage};
+use crate::stream::{Continuer, Mapper, Report, Usage};
 use arc_swap::ArcSwap;
 use attempt::{Attempt, AttemptError, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
-use futures_util::Stream;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -75,7 +73,7 @@ pub struct Served {
     pub fallback: Option<String>,
 }
 
-pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
+pub use crate::stream::SseBody;
 
 /// A successful reply.
 pub enum Reply {
@@ -101,6 +99,8 @@ impl Reply {
 
 /// Everything fixed about one request before the first attempt.
 struct Job {
+    /// The client's body (model resolved), when a broken stream may be continued.
+    resume_body: Option<Arc<Map<String, Value>>>,
     provider: Arc<Provider>,
     /// `provider/model`, for logs.
     label: String,
@@ -339,20 +339,12 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let call = match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
-            Some(script) => {
-                let body = Value::Object(body);
-                let mapped =
-                    provider.map_request(script, endpoint.hook_name(), &model, stream, &body)?;
-                mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?
-            }
-            None => {
-                let payload =
-                    serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?;
-                UpstreamCall::post_json(path, payload.into())
-            }
-        };
+        // Kept only where a broken stream may be continued: the body, to ask for the rest of the answer.
+        let resume_body =
+            (stream && provider.continuation.is_some()).then(|| Arc::new(body.clone()));
+        let call = upstream_call(&provider, endpoint, path, &model, stream, body)?;
         let job = Job {
+            resume_body,
             label: format!("{}/{model}", provider.name),
             call,
             provider,
@@ -362,13 +354,17 @@ impl Relay {
             wants_usage,
             deadline,
         };
-        self.run(job, journal).await
+        self.run(job, journal, Vec::new()).await
     }
 
     /// Attempts, retries and rotation until a reply, a client error, or the deadline.
-    async fn run(&self, job: Job, journal: &mut Option<Journal>) -> Result<Reply, RelayError> {
+    async fn run(
+        &self,
+        job: Job,
+        journal: &mut Option<Journal>,
+        mut given_up: Vec<KeyId>,
+    ) -> Result<Reply, RelayError> {
         let mut tried = Tried::new(&job.provider.name, &job.model);
-        let mut given_up: Vec<KeyId> = Vec::new();
         let record = |journal: &mut Option<Journal>,
                       key: &str,
                       started: Instant,
@@ -554,6 +550,50 @@ impl Relay {
         }
     }
 
+    /// What continues a broken stream of `job`, if its provider can continue a prefilled assistant message:
+    /// the same request, with the answer so far as a last assistant message, on another key.
+    fn continuer(&self, job: &Job, failed_key: KeyId) -> Option<Continuer> {
+        let body = job.resume_body.clone()?;
+        let (relay, provider, model) = (self.clone(), job.provider.clone(), job.model.clone());
+        let (endpoint, wants_usage) = (job.endpoint, job.wants_usage);
+        Some(Box::new(move |partial: String| {
+            Box::pin(async move {
+                let mut body = (*body).clone();
+                let Some(Value::Array(messages)) = body.get_mut("messages") else {
+                    return None;
+                };
+                // With nothing said yet, the same request again: upstreams refuse an empty prefill.
+                if !partial.is_empty() {
+                    let mut assistant = provider.continuation.clone()?;
+                    assistant.insert("role".into(), Value::String("assistant".into()));
+                    assistant.insert("content".into(), Value::String(partial));
+                    messages.push(Value::Object(assistant));
+                }
+                let path = endpoint.path(&provider)?.to_string();
+                let call = upstream_call(&provider, endpoint, &path, &model, true, body).ok()?;
+                let job = Job {
+                    resume_body: None,
+                    label: format!("{}/{model}", provider.name),
+                    call,
+                    provider,
+                    endpoint,
+                    model,
+                    stream: true,
+                    wants_usage,
+                    deadline: Instant::now() + relay.snapshot().settings.request_timeout,
+                };
+                match relay.run(job, &mut None, vec![failed_key]).await {
+                    Ok(Reply::Stream { body, .. }) => Some(body),
+                    Ok(Reply::Json { .. }) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the stream could not be continued");
+                        None
+                    }
+                }
+            }) as crate::keys::BoxFuture<'static, Option<SseBody>>
+        }))
+    }
+
     /// The stream mapper for a job: the provider's `stream_event` hook, or passthrough.
     fn mapper(&self, job: &Job) -> Mapper {
         match job
@@ -618,8 +658,10 @@ impl Relay {
                     j.first_byte_ms = j.elapsed_ms();
                     Report::new(j, self.observer.clone())
                 });
+                let resume = self.continuer(job, lease.key().id.clone());
                 let forward = Forward::new(
                     *start,
+                    resume,
                     lease,
                     self.clock,
                     job.wants_usage,
@@ -652,6 +694,30 @@ fn take_list(body: &mut Map<String, Value>, field: &str) -> Option<Vec<String>> 
             .filter_map(|v| v.as_str().map(String::from))
             .collect(),
     )
+}
+
+/// The upstream call for a body: the provider's request hook, or the body itself (OpenAI passthrough).
+fn upstream_call(
+    provider: &Provider,
+    endpoint: Endpoint,
+    path: &str,
+    model: &str,
+    stream: bool,
+    body: Map<String, Value>,
+) -> Result<UpstreamCall, RelayError> {
+    match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
+        Some(script) => {
+            let body = Value::Object(body);
+            let mapped =
+                provider.map_request(script, endpoint.hook_name(), model, stream, &body)?;
+            Ok(mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?)
+        }
+        None => {
+            let payload =
+                serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?;
+            Ok(UpstreamCall::post_json(path, payload.into()))
+        }
+    }
 }
 
 /// The upstream call a request hook described.

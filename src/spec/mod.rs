@@ -127,6 +127,17 @@ struct RawProvider {
     stream: Option<stream_rules::RawStream>,
     /// Request fields moved in Rust after the script's request hook.
     request: Option<RawRequest>,
+    /// The upstream continues a prefilled assistant message: a stream broken mid-answer is continued on
+    /// another key.
+    continuation: Option<RawContinuation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContinuation {
+    /// Extra fields of the prefilled assistant message (Mistral's `prefix: true`).
+    #[serde(default)]
+    assistant: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +197,9 @@ pub struct Provider {
     /// Fields copied from the client's body into the upstream body after the request hook (client path,
     /// upstream path): simple moves done in Rust instead of in the script.
     pub request_copies: Vec<(json_path::JsonPath, json_path::JsonPath)>,
+    /// Set when the upstream continues a prefilled assistant message (chat requests ending with one): the
+    /// extra fields that message carries. A stream broken mid-answer is then continued on another key.
+    pub continuation: Option<serde_json::Map<String, serde_json::Value>>,
     /// Changes when anything about the provider but its keys changes (its file, base URL, filters); reloads
     /// use it to report what changed.
     pub fingerprint: u64,
@@ -758,6 +772,7 @@ fn resolve(
         script: None,
         stream_rules: Arc::from(Vec::new()),
         request_copies: Vec::new(),
+        continuation: raw.continuation.map(|c| c.assistant),
         fingerprint: 0,
     })
 }

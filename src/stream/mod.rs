@@ -7,7 +7,7 @@ pub mod chunk;
 pub mod sse;
 
 use crate::clock::Clock;
-use crate::keys::Lease;
+use crate::keys::{BoxFuture, Lease};
 use crate::observe::{Journal, Observer};
 use crate::script::{ScriptError, ScriptStream};
 use crate::spec::stream_rules::{self, Emitted, StreamRule};
@@ -25,6 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// The bytes of a client-facing SSE stream.
+pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
+
+/// Asks for the rest of an answer whose stream broke, given the text sent so far: the client-facing stream of
+/// the continuation, or `None` when it could not be had.
+pub type Continuer = Box<dyn FnOnce(String) -> BoxFuture<'static, Option<SseBody>> + Send>;
 
 /// Why an upstream stream stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +313,12 @@ pub struct Forward {
     usage: Usage,
     label: String,
     report: Option<Report>,
+    /// Continues the answer if the upstream breaks, while the answer is plain text.
+    resume: Option<Continuer>,
+    /// The answer's text so far, kept only while it may be continued.
+    answer: String,
+    /// The continuation being forwarded, once the upstream broke and another key took over.
+    tail: Option<SseBody>,
 }
 
 impl Drop for Forward {
@@ -326,6 +339,7 @@ impl Forward {
 
     pub fn new(
         started: Started,
+        resume: Option<Continuer>,
         lease: Lease,
         clock: Clock,
         wants_usage: bool,
@@ -348,6 +362,9 @@ impl Forward {
             usage: Usage::default(),
             label,
             report,
+            resume,
+            answer: String::new(),
+            tail: None,
         }
     }
 
@@ -362,11 +379,17 @@ impl Forward {
     /// The next frame to send, `None` once the stream is over.
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
+            if let Some(tail) = &mut self.tail {
+                return tail.next().await.map(|Ok(bytes)| bytes);
+            }
             self.lease.as_ref()?;
             if let Some(part) = self.pending.pop_front() {
                 match part {
                     Part::Done => return Some(self.complete()),
-                    Part::Error(error) => return Some(self.upstream_error(&error)),
+                    Part::Error(error) => {
+                        let report = self.upstream_error(&error);
+                        return Some(self.continue_or(report, "upstream_error").await);
+                    }
                     Part::Chunk {
                         data,
                         finish,
@@ -383,6 +406,9 @@ impl Forward {
                         if let Some(report) = &mut self.report {
                             report.sent(&data);
                         }
+                        if self.resume.is_some() {
+                            self.follow(&data);
+                        }
                         return Some(frame(&data));
                     }
                 }
@@ -393,10 +419,12 @@ impl Forward {
                 Ok(None) if self.saw_finish => return Some(self.complete()),
                 Ok(None) => {
                     let why = "the upstream stream ended before the answer was complete";
-                    return Some(self.cut(ErrorClass::Connection, why, "stream_interrupted"));
+                    let report = self.cut(ErrorClass::Connection, why, "stream_interrupted");
+                    return Some(self.continue_or(report, "stream_interrupted").await);
                 }
                 Err(fault) => {
-                    return Some(self.cut(fault.class(), &fault.to_string(), "stream_interrupted"));
+                    let report = self.cut(fault.class(), &fault.to_string(), "stream_interrupted");
+                    return Some(self.continue_or(report, "stream_interrupted").await);
                 }
             };
             match self.mapper.map(&event) {
@@ -410,6 +438,55 @@ impl Forward {
                 }
             }
         }
+    }
+
+    /// Keeps the answer's text from a chunk sent; an answer that is not plain text in one choice (tool calls,
+    /// several choices, a chunk that cannot be read) cannot be continued.
+    fn follow(&mut self, data: &str) {
+        let delta = serde_json::from_str::<Value>(data).ok().and_then(|chunk| {
+            let choices = chunk.get("choices")?.as_array()?;
+            let [choice] = choices.as_slice() else {
+                return choices.is_empty().then_some(None);
+            };
+            let delta = choice.get("delta")?;
+            if delta.get("tool_calls").is_some_and(|t| !t.is_null())
+                || delta.get("function_call").is_some_and(|t| !t.is_null())
+            {
+                return None;
+            }
+            match delta.get("content") {
+                Some(Value::String(text)) => Some(Some(text.clone())),
+                None | Some(Value::Null) => Some(None),
+                Some(_) => None,
+            }
+        });
+        match delta {
+            Some(Some(text)) => self.answer.push_str(&text),
+            Some(None) => {}
+            None => {
+                self.resume = None;
+                self.answer = String::new();
+            }
+        }
+    }
+
+    /// After the upstream broke: the first frame of a continuation from another key when the answer can be
+    /// continued and one is had (the request is then logged as `stream_continued`), else `error`, the frame
+    /// reporting the break (logged as `code`).
+    async fn continue_or(&mut self, error: Bytes, code: &str) -> Bytes {
+        if let Some(resume) = self.resume.take() {
+            let answer = std::mem::take(&mut self.answer);
+            tracing::info!(stream = %self.label, sent = answer.len(), "continuing the broken stream on another key");
+            if let Some(mut tail) = resume(answer).await
+                && let Some(Ok(first)) = tail.next().await
+            {
+                self.tail = Some(tail);
+                self.end(Some("stream_continued"));
+                return first;
+            }
+        }
+        self.end(Some(code));
+        error
     }
 
     fn complete(&mut self) -> Bytes {
@@ -443,13 +520,11 @@ impl Forward {
             tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
             lease.fail(&verdict);
         }
-        self.end(Some("upstream_error"));
         upstream_error_frame(error)
     }
 
     fn cut(&mut self, class: ErrorClass, why: &str, code: &str) -> Bytes {
         tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
-        self.end(Some(code));
         if let Some(mut lease) = self.lease.take() {
             lease.fail(&Verdict::model(class));
         }
