@@ -433,6 +433,15 @@ async fn streams_are_not_continued_without_the_provider_saying_so_or_after_tool_
     let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(error_code(&last), "stream_interrupted", "{text}");
     assert_eq!(mock.chats().len(), 2, "no continuation was asked for");
+    drop(proxy);
+
+    // Turned off in config.yaml.
+    let off = continuing(&mock).config("selection: sequential\ncontinue_streams: false\n");
+    let proxy = Proxy::start(off).await;
+    let (_, data) = stream_chat(&proxy).await;
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error_code(&last), "stream_interrupted");
+    assert_eq!(mock.chats().len(), 3);
 }
 
 #[tokio::test]
@@ -464,5 +473,71 @@ async fn a_stream_cut_before_any_text_is_asked_again_without_a_prefill() {
     assert_eq!(
         chats[1].body["messages"], chats[0].body["messages"],
         "the same request, no empty prefill"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_stream_with_no_other_key_is_continued_on_a_fallback_model() {
+    let main = Mock::start(|seen, _| Reply::Sse {
+        events: unfinished(seen.model(), &["Tide pools ", "are "]),
+        gap: Duration::ZERO,
+        end: End::Cut,
+    })
+    .await;
+    let backup = Mock::start(|seen, _| Reply::Sse {
+        events: chunks(seen.model(), &["rocky coastal pools."], false),
+        gap: Duration::ZERO,
+        end: End::Done,
+    })
+    .await;
+    // `plain` cannot continue a prefill, so it is passed over; `backup` can.
+    let plain = Mock::echo("never asked").await;
+    let setup = Setup {
+        env: mock_keys("MAIN", 1),
+        ..Setup::empty()
+    }
+    .provider(
+        "main",
+        provider_yaml(
+            &main.base_url,
+            "continuation: {assistant: {prefix: true}}\n",
+        ),
+    )
+    .provider("plain", provider_yaml(&plain.base_url, ""))
+    .provider(
+        "backup",
+        provider_yaml(&backup.base_url, "continuation: {}\n"),
+    )
+    .env("PLAIN_API_KEY", &key(2))
+    .env("BACKUP_API_KEY", &key(3))
+    .config("fallbacks:\n  main/big: [plain/x, backup/small]\n");
+    let proxy = Proxy::start(setup).await;
+    let body = json!({"model": "main/big", "stream": true,
+        "messages": [{"role": "user", "content": "What are tide pools?"}]});
+    let response = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(response.headers(), "x-keyrelay-provider"), "main");
+    let data = sse_data(&response.text().await.unwrap());
+    assert_eq!(reassemble(&data), "Tide pools are rocky coastal pools.");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+
+    assert_eq!(
+        main.chats().len(),
+        1,
+        "main's only key broke; not asked again"
+    );
+    assert!(
+        plain.chats().is_empty(),
+        "a provider without continuation is skipped"
+    );
+    let asked = &backup.chats()[0];
+    assert_eq!(asked.model(), "small");
+    assert_eq!(
+        asked.body["messages"][1],
+        json!({"role": "assistant", "content": "Tide pools are "}),
+        "backup's own continuation fields (none), not main's"
     );
 }

@@ -170,6 +170,7 @@ struct RawConfig {
     #[serde(default)]
     context_fallbacks: BTreeMap<String, Vec<String>>,
     fallback_on_content_filter: Option<bool>,
+    continue_streams: Option<bool>,
     #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
 }
@@ -321,6 +322,8 @@ pub struct Settings {
     pub context_fallbacks: BTreeMap<String, Vec<String>>,
     /// Route around a content-filter rejection too (by default it goes to the client).
     pub fallback_on_content_filter: bool,
+    /// Continue streams broken mid-answer where the provider can (its `continuation:`).
+    pub continue_streams: bool,
 }
 
 /// Where request logs go and how much room they may take.
@@ -421,6 +424,7 @@ impl Settings {
             fallbacks: raw.fallbacks,
             context_fallbacks: raw.context_fallbacks,
             fallback_on_content_filter: raw.fallback_on_content_filter.unwrap_or(false),
+            continue_streams: raw.continue_streams.unwrap_or(true),
         };
         if errors.is_empty() {
             Ok(settings)

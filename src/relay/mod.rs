@@ -99,8 +99,8 @@ impl Reply {
 
 /// Everything fixed about one request before the first attempt.
 struct Job {
-    /// The client's body (model resolved), when a broken stream may be continued.
-    resume_body: Option<Arc<Map<String, Value>>>,
+    /// What a broken stream is continued from, when its provider can continue one.
+    resume: Option<Arc<Resume>>,
     provider: Arc<Provider>,
     /// `provider/model`, for logs.
     label: String,
@@ -110,6 +110,24 @@ struct Job {
     stream: bool,
     wants_usage: bool,
     deadline: Instant,
+}
+
+/// How a broken stream may be continued: the client's body as it came (its `model` the `provider/model` that
+/// served), and the fallback models left, tried after the other keys of that model.
+struct Resume {
+    body: Map<String, Value>,
+    fallbacks: Vec<String>,
+}
+
+/// Where a run starts from.
+enum Start<'a> {
+    /// A client's request, with the fallback models left after this one.
+    Client {
+        stream: bool,
+        fallbacks: &'a VecDeque<String>,
+    },
+    /// The continuation of a broken stream: itself never continued, it skips the key that broke.
+    Continuation { given_up: Vec<KeyId> },
 }
 
 /// The engine. Cheap to clone; usable without the HTTP server.
@@ -221,7 +239,16 @@ impl Relay {
             };
             let is_fallback = model != requested;
             match self
-                .prepare_and_run(endpoint, this_body, stream, this_deadline, &mut journal)
+                .prepare_and_run(
+                    endpoint,
+                    this_body,
+                    this_deadline,
+                    &mut journal,
+                    Start::Client {
+                        stream,
+                        fallbacks: &fallbacks,
+                    },
+                )
                 .await
             {
                 Ok(mut reply) => {
@@ -308,10 +335,14 @@ impl Relay {
         &self,
         endpoint: Endpoint,
         mut body: Map<String, Value>,
-        stream: bool,
         deadline: Instant,
         journal: &mut Option<Journal>,
+        start: Start<'_>,
     ) -> Result<Reply, RelayError> {
+        let (stream, fallbacks, given_up) = match start {
+            Start::Client { stream, fallbacks } => (stream, Some(fallbacks), Vec::new()),
+            Start::Continuation { given_up } => (true, None, given_up),
+        };
         let snapshot = self.snapshot();
         let (provider, model) = resolve_model(&snapshot, body.get("model"))?;
         if let Some(j) = journal.as_mut() {
@@ -324,6 +355,17 @@ impl Relay {
                 endpoint: endpoint.name(),
             });
         };
+        // Kept only where a broken stream may be continued: the body as it came, to ask for the rest.
+        let resume = fallbacks
+            .filter(|_| {
+                stream && provider.continuation.is_some() && snapshot.settings.continue_streams
+            })
+            .map(|fallbacks| {
+                Arc::new(Resume {
+                    body: body.clone(),
+                    fallbacks: fallbacks.iter().cloned().collect(),
+                })
+            });
         let wants_usage = stream
             && body
                 .get("stream_options")
@@ -339,12 +381,9 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        // Kept only where a broken stream may be continued: the body, to ask for the rest of the answer.
-        let resume_body =
-            (stream && provider.continuation.is_some()).then(|| Arc::new(body.clone()));
         let call = upstream_call(&provider, endpoint, path, &model, stream, body)?;
         let job = Job {
-            resume_body,
+            resume,
             label: format!("{}/{model}", provider.name),
             call,
             provider,
@@ -354,7 +393,7 @@ impl Relay {
             wants_usage,
             deadline,
         };
-        self.run(job, journal, Vec::new()).await
+        self.run(job, journal, given_up).await
     }
 
     /// Attempts, retries and rotation until a reply, a client error, or the deadline.
@@ -550,46 +589,57 @@ impl Relay {
         }
     }
 
-    /// What continues a broken stream of `job`, if its provider can continue a prefilled assistant message:
-    /// the same request, with the answer so far as a last assistant message, on another key.
+    /// What continues a broken stream of `job`, if its provider can continue a prefilled assistant message: the
+    /// same request with the answer so far as a last assistant message, on another key of the same model, then
+    /// on the fallbacks left whose providers can continue one too; each with an even share of a fresh deadline.
     fn continuer(&self, job: &Job, failed_key: KeyId) -> Option<Continuer> {
-        let body = job.resume_body.clone()?;
-        let (relay, provider, model) = (self.clone(), job.provider.clone(), job.model.clone());
-        let (endpoint, wants_usage) = (job.endpoint, job.wants_usage);
+        let resume = job.resume.clone()?;
+        let (relay, endpoint) = (self.clone(), job.endpoint);
         Some(Box::new(move |partial: String| {
             Box::pin(async move {
-                let mut body = (*body).clone();
-                let Some(Value::Array(messages)) = body.get_mut("messages") else {
-                    return None;
-                };
-                // With nothing said yet, the same request again: upstreams refuse an empty prefill.
-                if !partial.is_empty() {
-                    let mut assistant = provider.continuation.clone()?;
-                    assistant.insert("role".into(), Value::String("assistant".into()));
-                    assistant.insert("content".into(), Value::String(partial));
-                    messages.push(Value::Object(assistant));
-                }
-                let path = endpoint.path(&provider)?.to_string();
-                let call = upstream_call(&provider, endpoint, &path, &model, true, body).ok()?;
-                let job = Job {
-                    resume_body: None,
-                    label: format!("{}/{model}", provider.name),
-                    call,
-                    provider,
-                    endpoint,
-                    model,
-                    stream: true,
-                    wants_usage,
-                    deadline: Instant::now() + relay.snapshot().settings.request_timeout,
-                };
-                match relay.run(job, &mut None, vec![failed_key]).await {
-                    Ok(Reply::Stream { body, .. }) => Some(body),
-                    Ok(Reply::Json { .. }) => None,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the stream could not be continued");
-                        None
+                let deadline = Instant::now() + relay.snapshot().settings.request_timeout;
+                let models = std::iter::once(None).chain(resume.fallbacks.iter().map(Some));
+                for (i, model) in models.enumerate() {
+                    let mut body = resume.body.clone();
+                    if let Some(model) = model {
+                        body.insert("model".into(), Value::String(model.clone()));
+                    }
+                    let snapshot = relay.snapshot();
+                    let Ok((provider, _)) = resolve_model(&snapshot, body.get("model")) else {
+                        continue;
+                    };
+                    let Some(mut assistant) = provider.continuation.clone() else {
+                        continue;
+                    };
+                    let Some(Value::Array(messages)) = body.get_mut("messages") else {
+                        return None;
+                    };
+                    // With nothing said yet, the same request again: upstreams refuse an empty prefill.
+                    if !partial.is_empty() {
+                        assistant.insert("role".into(), Value::String("assistant".into()));
+                        assistant.insert("content".into(), Value::String(partial.clone()));
+                        messages.push(Value::Object(assistant));
+                    }
+                    let left = (resume.fallbacks.len() + 1 - i) as u32;
+                    let share = deadline.saturating_duration_since(Instant::now()) / left;
+                    let given_up = if i == 0 {
+                        vec![failed_key.clone()]
+                    } else {
+                        Vec::new()
+                    };
+                    let start = Start::Continuation { given_up };
+                    match relay
+                        .prepare_and_run(endpoint, body, Instant::now() + share, &mut None, start)
+                        .await
+                    {
+                        Ok(Reply::Stream { body, .. }) => return Some(body),
+                        Ok(Reply::Json { .. }) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no continuation of the broken stream here")
+                        }
                     }
                 }
+                None
             }) as crate::keys::BoxFuture<'static, Option<SseBody>>
         }))
     }
