@@ -158,14 +158,7 @@ async fn a_stream_without_done_after_its_finish_ends_properly_with_usage() {
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "all here");
     assert_eq!(
@@ -421,14 +414,7 @@ async fn streams_are_not_continued_without_the_provider_saying_so_or_after_tool_
     let body = json!({"model": "mock/m", "stream": true, "tools": [{"type": "function",
         "function": {"name": "lookup", "parameters": {"type": "object"}}}],
         "messages": [{"role": "user", "content": "look it up"}]});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(error_code(&last), "stream_interrupted", "{text}");

@@ -75,14 +75,7 @@ async fn a_request_log_shows_both_attempts_of_a_rotation_and_no_secret() {
     let (status, _, body) = proxy.chat("mock/m", "hello").await;
     assert_eq!(status, 200, "{body}");
     let stream = json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "stream please"}]});
-    let text = proxy
-        .post("/v1/chat/completions", &stream)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &stream).await;
     assert!(text.ends_with("data: [DONE]\n\n"));
 
     let dir = proxy.dir.path().join("logs");

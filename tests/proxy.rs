@@ -74,14 +74,7 @@ async fn chat_stream_forwards_usage_when_the_client_asks() {
     let mock = Mock::echo("a b").await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 2);
@@ -98,14 +91,7 @@ async fn a_stream_cut_after_it_started_ends_with_an_in_band_error_and_no_done() 
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "messages": []});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "partial answ");
     assert!(
@@ -390,14 +376,7 @@ async fn a_stalled_stream_is_cut_after_the_idle_timeout_and_frees_the_key() {
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1).config("timeouts: {stream_idle: 300ms}\n")).await;
     let body = json!({"model": "mock/m", "stream": true, "messages": []});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "half");
     assert!(!text.contains("[DONE]"));
@@ -432,14 +411,7 @@ async fn odd_but_valid_chunks_pass_through_and_mid_stream_errors_are_openai_shap
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "fine");
     assert!(

@@ -176,14 +176,7 @@ async fn gemini_tool_calls_both_ways() {
     );
 
     body["stream"] = json!(true);
-    let text = proxy
-        .post("/v1/chat/completions", &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
     let data = sse_data(&text);
     let calls: Vec<Value> = data
         .iter()
@@ -430,16 +423,11 @@ async fn anthropic_chat_streams_and_tools() {
     assert_eq!(seen.body["max_tokens"], 4096);
 
     let text = proxy
-        .post(
+        .post_text(
             "/v1/chat/completions",
             &chat_body("anthropic/claude-sonnet-4-5", true),
         )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .await;
     let data = sse_data(&text);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let expected: String = fixture("anthropic/stream_text.sse")
@@ -460,14 +448,7 @@ async fn anthropic_chat_streams_and_tools() {
 
     let mut tools = chat_body("anthropic/claude-sonnet-4-5", true);
     tools["tools"] = weather_tool();
-    let text = proxy
-        .post("/v1/chat/completions", &tools)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &tools).await;
     let arguments: String = sse_data(&text)
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
@@ -573,16 +554,11 @@ async fn an_anthropic_stream_broken_by_an_error_event_is_continued_by_prefill() 
     .await;
     let proxy = Proxy::start(anthropic_setup(&mock, 2).config("selection: sequential\n")).await;
     let text = proxy
-        .post(
+        .post_text(
             "/v1/chat/completions",
             &chat_body("anthropic/claude-sonnet-4-5", true),
         )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .await;
     let data = sse_data(&text);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
     let rest: String = fixture("anthropic/stream_text.sse")
@@ -691,14 +667,7 @@ async fn a_provider_added_as_yaml_and_script_works_without_code_changes() {
     );
 
     let stream = json!({"model": "echo/one", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let text = proxy
-        .post("/v1/chat/completions", &stream)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.post_text("/v1/chat/completions", &stream).await;
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "echo: hi");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");

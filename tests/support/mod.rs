@@ -572,6 +572,17 @@ impl Proxy {
             .json_body(body)
     }
 
+    /// POSTs `body` and reads the whole response as text (a stream's SSE transcript, say).
+    pub async fn post_text(&self, path: &str, body: &Value) -> String {
+        self.post(path, body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client
             .get(format!("{}{path}", self.url))
