@@ -90,17 +90,9 @@ async fn a_first_token_that_comes_late_moves_on_to_another_key() {
         let events = chunks(seen.model(), &["prompt ", "answer"], false);
         if seen.key == key(1) {
             // Headers at once, then nothing for a long time.
-            Reply::Sse {
-                events: vec![],
-                gap: Duration::ZERO,
-                end: End::Stall,
-            }
+            Reply::sse(vec![], End::Stall)
         } else {
-            Reply::Sse {
-                events,
-                gap: Duration::ZERO,
-                end: End::Done,
-            }
+            Reply::sse(events, End::Done)
         }
     })
     .await;
@@ -150,12 +142,9 @@ async fn a_persistent_429_without_retry_after_backs_off_by_the_schedule_and_stop
 
 #[tokio::test]
 async fn a_stream_without_done_after_its_finish_ends_properly_with_usage() {
-    let mock = Mock::start(|seen, _| Reply::Sse {
-        events: chunks(seen.model(), &["all ", "here"], true),
-        gap: Duration::ZERO,
-        end: End::Cut,
-    })
-    .await;
+    let mock =
+        Mock::start(|seen, _| Reply::sse(chunks(seen.model(), &["all ", "here"], true), End::Cut))
+            .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let body = json!({"model": "mock/m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
     let text = proxy.post_text("/v1/chat/completions", &body).await;
@@ -288,17 +277,9 @@ async fn stream_chat(proxy: &Proxy) -> (String, Vec<String>) {
 async fn a_stream_cut_mid_answer_is_continued_on_another_key_from_the_text_sent() {
     let mock = Mock::start(|seen, _| {
         if seen.key == key(1) {
-            Reply::Sse {
-                events: unfinished(seen.model(), &["The answer ", "is "]),
-                gap: Duration::ZERO,
-                end: End::Cut,
-            }
+            Reply::sse(unfinished(seen.model(), &["The answer ", "is "]), End::Cut)
         } else {
-            Reply::Sse {
-                events: chunks(seen.model(), &["forty-", "two."], false),
-                gap: Duration::ZERO,
-                end: End::Done,
-            }
+            Reply::sse(chunks(seen.model(), &["forty-", "two."], false), End::Done)
         }
     })
     .await;
@@ -330,14 +311,7 @@ async fn a_stream_cut_mid_answer_is_continued_on_another_key_from_the_text_sent(
         failed.last_error.is_some(),
         "the broken key is charged: {failed:?}"
     );
-    let metrics = proxy
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.get_text("/metrics").await;
     assert!(
         metrics.contains(
             "keyrelay_requests_total{provider=\"mock\",model=\"m\",outcome=\"stream_continued\"} 1"
@@ -350,11 +324,7 @@ async fn a_stream_cut_mid_answer_is_continued_on_another_key_from_the_text_sent(
 async fn a_continuation_that_fails_reports_the_original_break() {
     let mock = Mock::start(|seen, _| {
         if seen.key == key(1) {
-            Reply::Sse {
-                events: unfinished(seen.model(), &["The answer ", "is "]),
-                gap: Duration::ZERO,
-                end: End::Cut,
-            }
+            Reply::sse(unfinished(seen.model(), &["The answer ", "is "]), End::Cut)
         } else {
             Reply::error(
                 400,
@@ -392,11 +362,7 @@ async fn streams_are_not_continued_without_the_provider_saying_so_or_after_tool_
         if seen.body["tools"].is_array() {
             events.push(tool_call(seen.model()));
         }
-        Reply::Sse {
-            events,
-            gap: Duration::ZERO,
-            end: End::Cut,
-        }
+        Reply::sse(events, End::Cut)
     })
     .await;
 
@@ -443,11 +409,7 @@ async fn a_stream_cut_before_any_text_is_asked_again_without_a_prefill() {
         } else {
             End::Done
         };
-        Reply::Sse {
-            events,
-            gap: Duration::ZERO,
-            end,
-        }
+        Reply::sse(events, end)
     })
     .await;
     let proxy = Proxy::start(continuing(&mock)).await;
@@ -464,16 +426,15 @@ async fn a_stream_cut_before_any_text_is_asked_again_without_a_prefill() {
 
 #[tokio::test]
 async fn a_broken_stream_with_no_other_key_is_continued_on_a_fallback_model() {
-    let main = Mock::start(|seen, _| Reply::Sse {
-        events: unfinished(seen.model(), &["Tide pools ", "are "]),
-        gap: Duration::ZERO,
-        end: End::Cut,
+    let main = Mock::start(|seen, _| {
+        Reply::sse(unfinished(seen.model(), &["Tide pools ", "are "]), End::Cut)
     })
     .await;
-    let backup = Mock::start(|seen, _| Reply::Sse {
-        events: chunks(seen.model(), &["rocky coastal pools."], false),
-        gap: Duration::ZERO,
-        end: End::Done,
+    let backup = Mock::start(|seen, _| {
+        Reply::sse(
+            chunks(seen.model(), &["rocky coastal pools."], false),
+            End::Done,
+        )
     })
     .await;
     // `plain` cannot continue a prefill, so it is passed over; `backup` can.

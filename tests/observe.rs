@@ -24,11 +24,10 @@ async fn one_limited_key(retry_after: &'static str) -> Mock {
             .with_header("retry-after", retry_after);
         }
         if seen.body["stream"] == json!(true) {
-            return Reply::Sse {
-                events: chunks(seen.model(), &["streamed ", "answer"], true),
-                gap: Duration::ZERO,
-                end: End::Done,
-            };
+            return Reply::sse(
+                chunks(seen.model(), &["streamed ", "answer"], true),
+                End::Done,
+            );
         }
         Reply::ok(completion(seen.model(), "served by the second key"))
     })
@@ -183,14 +182,7 @@ async fn keys_and_metrics_show_a_cooldown_and_its_end() {
         (Some("available"), Some(1))
     );
 
-    let metrics = proxy
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.get_text("/metrics").await;
     assert_no_secret(&metrics, "/metrics");
     for line in [
         "keyrelay_keys{provider=\"mock\",state=\"cooling\"} 1",
@@ -222,14 +214,7 @@ async fn keys_and_metrics_show_a_cooldown_and_its_end() {
         limited["state"], "available",
         "the cooldown ended: {limited}"
     );
-    let metrics = proxy
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.get_text("/metrics").await;
     assert!(
         metrics.contains("keyrelay_keys{provider=\"mock\",state=\"cooling\"} 0"),
         "{metrics}"

@@ -4,7 +4,6 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::time::Duration;
 use support::*;
 
 #[tokio::test]
@@ -83,10 +82,11 @@ async fn chat_stream_forwards_usage_when_the_client_asks() {
 
 #[tokio::test]
 async fn a_stream_cut_after_it_started_ends_with_an_in_band_error_and_no_done() {
-    let mock = Mock::start(|seen, _| Reply::Sse {
-        events: chunks(seen.model(), &["partial ", "answ"], false)[..3].to_vec(),
-        gap: Duration::ZERO,
-        end: End::Cut,
+    let mock = Mock::start(|seen, _| {
+        Reply::sse(
+            chunks(seen.model(), &["partial ", "answ"], false)[..3].to_vec(),
+            End::Cut,
+        )
     })
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
@@ -364,11 +364,10 @@ async fn an_api_base_alone_defines_an_openai_compatible_provider() {
 async fn a_stalled_stream_is_cut_after_the_idle_timeout_and_frees_the_key() {
     let mock = Mock::start(|seen, i| {
         if i == 0 {
-            Reply::Sse {
-                events: chunks(seen.model(), &["half"], false)[..2].to_vec(),
-                gap: Duration::ZERO,
-                end: End::Stall,
-            }
+            Reply::sse(
+                chunks(seen.model(), &["half"], false)[..2].to_vec(),
+                End::Stall,
+            )
         } else {
             Reply::ok(completion(seen.model(), "next"))
         }
@@ -402,11 +401,7 @@ async fn odd_but_valid_chunks_pass_through_and_mid_stream_errors_are_openai_shap
         );
         events.push("not json at all".into());
         events.push(json!({"error": "upstream exploded"}).to_string());
-        Reply::Sse {
-            events,
-            gap: Duration::ZERO,
-            end: End::Cut,
-        }
+        Reply::sse(events, End::Cut)
     })
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;

@@ -297,10 +297,11 @@ async fn a_hung_upstream_gives_504_at_the_deadline() {
 
 #[tokio::test]
 async fn busy_keys_make_requests_wait_until_the_deadline_then_504() {
-    let mock = Mock::start(|seen, _| Reply::Sse {
-        events: chunks(seen.model(), &["holding"], false)[..2].to_vec(),
-        gap: Duration::ZERO,
-        end: End::Stall,
+    let mock = Mock::start(|seen, _| {
+        Reply::sse(
+            chunks(seen.model(), &["holding"], false)[..2].to_vec(),
+            End::Stall,
+        )
     })
     .await;
     let proxy = Proxy::start(Setup::one(&mock, 1).config("request_timeout: 1s\n")).await;
@@ -334,11 +335,10 @@ async fn busy_keys_make_requests_wait_until_the_deadline_then_504() {
 async fn a_client_disconnect_mid_stream_frees_the_key() {
     let mock = Mock::start(|seen, i| {
         if i == 0 {
-            Reply::Sse {
-                events: chunks(seen.model(), &["never ", "ending"], false)[..2].to_vec(),
-                gap: Duration::ZERO,
-                end: End::Stall,
-            }
+            Reply::sse(
+                chunks(seen.model(), &["never ", "ending"], false)[..2].to_vec(),
+                End::Stall,
+            )
         } else {
             Reply::ok(completion(seen.model(), "next"))
         }
@@ -373,11 +373,7 @@ async fn a_failure_before_the_first_byte_of_a_stream_rotates() {
         if seen.key == bad_in_mock {
             Reply::error(429, "slow down", "requests", "rate_limit_exceeded")
         } else {
-            Reply::Sse {
-                events: chunks(seen.model(), &["fine"], false),
-                gap: Duration::ZERO,
-                end: End::Done,
-            }
+            Reply::sse(chunks(seen.model(), &["fine"], false), End::Done)
         }
     })
     .await;

@@ -4,7 +4,6 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::time::Duration;
 use support::*;
 
 /// A mock Gemini: generateContent, streamGenerateContent (SSE), batchEmbedContents and the model list, each
@@ -68,6 +67,11 @@ fn chat_body(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about tide pools."}]})
 }
 
+/// A non-streaming `chat_body` request for `model`.
+async fn ask(proxy: &Proxy, model: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    send(proxy.post("/v1/chat/completions", &chat_body(model, false))).await
+}
+
 fn weather_tool() -> Value {
     json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}])
 }
@@ -76,11 +80,7 @@ fn weather_tool() -> Value {
 async fn gemini_chat_is_mapped_both_ways() {
     let mock = gemini(vec![]).await;
     let proxy = Proxy::start(gemini_setup(&mock, 1)).await;
-    let (status, headers, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("gemini/gemini-2.5-flash", false),
-    ))
-    .await;
+    let (status, headers, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "x-keyrelay-provider"), "gemini");
     let upstream = fixture_json("gemini/generate_response_text.json");
@@ -275,11 +275,7 @@ async fn gemini_embeddings_and_models() {
 async fn a_gemini_per_minute_429_rotates_and_cools_for_its_retry_delay() {
     let mock = gemini(vec![(key(1), "gemini/error_429_per_minute.json", 429)]).await;
     let proxy = Proxy::start(gemini_setup(&mock, 2).config("selection: sequential\n")).await;
-    let (status, headers, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("gemini/gemini-2.5-flash", false),
-    ))
-    .await;
+    let (status, headers, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "x-keyrelay-key"), masked(2));
     assert_eq!(header(&headers, "x-keyrelay-attempts"), "2");
@@ -311,11 +307,7 @@ async fn a_gemini_per_minute_429_rotates_and_cools_for_its_retry_delay() {
 async fn a_gemini_per_day_429_cools_until_the_quota_resets() {
     let mock = gemini(vec![(key(1), "gemini/error_429_per_day.json", 429)]).await;
     let proxy = Proxy::start(gemini_setup(&mock, 2).config("selection: sequential\n")).await;
-    let (status, _, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("gemini/gemini-2.5-flash", false),
-    ))
-    .await;
+    let (status, _, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
     let status = proxy.key_status("gemini");
     let cooling = status.iter().find(|k| k.key == masked(1)).unwrap();
@@ -335,11 +327,7 @@ async fn a_gemini_per_day_429_cools_until_the_quota_resets() {
 async fn a_gemini_invalid_key_is_benched_as_auth() {
     let mock = gemini(vec![(key(1), "gemini/error_400_api_key_invalid.json", 400)]).await;
     let proxy = Proxy::start(gemini_setup(&mock, 2).config("selection: sequential\n")).await;
-    let (status, _, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("gemini/gemini-2.5-flash", false),
-    ))
-    .await;
+    let (status, _, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
     let status = proxy.key_status("gemini");
     assert_eq!(
@@ -404,11 +392,7 @@ fn anthropic_setup(mock: &Mock, keys: usize) -> Setup {
 async fn anthropic_chat_streams_and_tools() {
     let mock = anthropic(false).await;
     let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
-    let (status, _, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("anthropic/claude-sonnet-4-5", false),
-    ))
-    .await;
+    let (status, _, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 200, "{body}");
     let upstream = fixture_json("anthropic/message_response_text.json");
     assert_eq!(
@@ -487,11 +471,7 @@ async fn anthropic_chat_streams_and_tools() {
 async fn anthropic_overload_is_retried_and_errors_classified() {
     let mock = anthropic(true).await;
     let proxy = Proxy::start(anthropic_setup(&mock, 1).config("retries: {backoff: 5ms}\n")).await;
-    let (status, headers, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("anthropic/claude-sonnet-4-5", false),
-    ))
-    .await;
+    let (status, headers, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         header(&headers, "x-keyrelay-attempts"),
@@ -506,11 +486,7 @@ async fn anthropic_overload_is_retried_and_errors_classified() {
     })
     .await;
     let proxy = Proxy::start(anthropic_setup(&limited, 1).config("request_timeout: 2s\n")).await;
-    let (status, headers, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("anthropic/claude-sonnet-4-5", false),
-    ))
-    .await;
+    let (status, headers, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 429, "{body}");
     assert!(!header(&headers, "retry-after").is_empty());
 
@@ -521,11 +497,7 @@ async fn anthropic_overload_is_retried_and_errors_classified() {
     })
     .await;
     let proxy = Proxy::start(anthropic_setup(&context, 2)).await;
-    let (status, _, body) = send(proxy.post(
-        "/v1/chat/completions",
-        &chat_body("anthropic/claude-sonnet-4-5", false),
-    ))
-    .await;
+    let (status, _, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 400);
     assert_eq!(error_code(&body), "context_length_exceeded");
     assert!(
@@ -599,11 +571,7 @@ async fn made_up_upstream() -> Mock {
                 json!({"piece": prompt}).to_string(),
                 json!({"end": true, "tokens": [3, 2]}).to_string(),
             ];
-            return Reply::Sse {
-                events,
-                gap: Duration::ZERO,
-                end: End::Cut,
-            };
+            return Reply::sse(events, End::Cut);
         }
         Reply::ok(json!({"output": format!("echo: {prompt}"), "tokens": [3, 2]}))
     })

@@ -66,6 +66,15 @@ pub enum End {
 }
 
 impl Reply {
+    /// SSE `data:` payloads sent back to back, then `end`.
+    pub fn sse(events: Vec<String>, end: End) -> Self {
+        Self::Sse {
+            events,
+            gap: Duration::ZERO,
+            end,
+        }
+    }
+
     pub fn ok(body: Value) -> Self {
         Self::Json {
             status: 200,
@@ -581,6 +590,11 @@ impl Proxy {
             .text()
             .await
             .unwrap()
+    }
+
+    /// GETs `path` and reads the whole response as text (`/metrics`, say).
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).send().await.unwrap().text().await.unwrap()
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
