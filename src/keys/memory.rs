@@ -603,6 +603,11 @@ mod tests {
         }
     }
 
+    const SUCCESS: Outcome = Outcome::Success {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+
     fn fail(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
         Outcome::Failure {
             class,
@@ -677,14 +682,7 @@ mod tests {
         assert_eq!(why.ready_at, Some(START + 2000 + 30_000));
         tokio::time::advance(Duration::from_secs(30)).await;
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-        store.release(
-            &g,
-            Outcome::Success {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-            &tuning,
-        );
+        store.release(&g, SUCCESS, &tuning);
         // A success resets the streak: the next rate limit is back to 10 s.
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
@@ -762,21 +760,17 @@ mod tests {
             selection: Selection::Sequential,
             ..Tuning::default()
         };
-        let ok = Outcome::Success {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        };
         for _ in 0..3 {
             let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
             assert_eq!(g.key.id, keys[0].id);
-            store.release(&g, ok.clone(), &tuning);
+            store.release(&g, SUCCESS, &tuning);
         }
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         store.release(&g, fail(ErrorClass::RateLimit, None), &tuning);
         for _ in 0..2 {
             let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
             assert_eq!(g.key.id, keys[1].id);
-            store.release(&g, ok.clone(), &tuning);
+            store.release(&g, SUCCESS, &tuning);
         }
         // Still on key 1 after key 0 recovers.
         tokio::time::advance(Duration::from_secs(11)).await;
@@ -878,14 +872,7 @@ mod tests {
             .id
             .clone();
         let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-        store.release(
-            &g,
-            Outcome::Success {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-            &tuning,
-        );
+        store.release(&g, SUCCESS, &tuning);
         let removed: HashSet<KeyId> = keys.iter().map(|k| k.id.clone()).collect();
         store.retire(&removed, &HashSet::new());
         assert!(
