@@ -194,6 +194,7 @@ fn keyrelay(dir: &Path) -> Process {
     cmd.current_dir(dir)
         .env_clear()
         .env("RUST_LOG", "keyrelay=info")
+        .envs(std::env::var("TOKIO_WORKER_THREADS").map(|n| ("TOKIO_WORKER_THREADS", n)))
         .args(["--port", "0"]);
     Process::spawn(cmd, "listening on http://")
 }
@@ -273,7 +274,10 @@ fn usage(pid: u32) -> (Duration, u64, u64) {
 // ------------------------------------------------------------------------------------------------- the load
 
 struct Run {
+    /// Requests measured (after the warm-up).
     requests: usize,
+    /// Every request made, warm-up included: what CPU time is divided by.
+    all: usize,
     errors: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
@@ -306,13 +310,15 @@ async fn load(
     let measure_from = start + warm_up;
     let until = measure_from + duration;
     let errors = Arc::new(AtomicUsize::new(0));
+    let all = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url, body, errors) = (
+            let (client, url, body, errors, all) = (
                 client.clone(),
                 url.to_string(),
                 body.clone(),
                 errors.clone(),
+                all.clone(),
             );
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
@@ -335,6 +341,7 @@ async fn load(
                         }
                         Err(_) => false,
                     };
+                    all.fetch_add(1, Ordering::Relaxed);
                     if sent >= measure_from {
                         latencies.push(sent.elapsed());
                         if !ok {
@@ -353,6 +360,7 @@ async fn load(
     latencies.sort();
     Run {
         requests: latencies.len(),
+        all: all.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
         elapsed: duration,
         latencies,
@@ -384,26 +392,45 @@ async fn table() {
         "keyrelay load benchmark (zero-latency mock, loopback, both processes and the load on this machine)"
     );
     println!(
-        "| concurrency | mode | direct req/s | keyrelay req/s | ratio | direct p50 / p99 ms | keyrelay p50 / p99 ms | added p50 / p99 ms | keyrelay CPU per 1k req | errors |"
+        "| concurrency | mode | direct req/s | keyrelay req/s | ratio | direct p50 / p99 ms | keyrelay p50 / p99 ms | added p50 / p99 ms | keyrelay CPU per 1k req | direct: mock + client CPU per 1k req | errors |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let quick = std::env::args().any(|a| a == "quick");
-    let levels: &[usize] = if quick { &[16] } else { &[1, 16, 64, 256] };
-    for &concurrency in levels {
+    // `levels=1,64` picks the concurrency levels (and skips the RSS runs, like `quick`).
+    let chosen: Option<Vec<usize>> = std::env::args()
+        .find_map(|a| a.strip_prefix("levels=").map(String::from))
+        .map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect());
+    let quick = quick || chosen.is_some();
+    let levels = chosen.unwrap_or_else(|| {
+        if quick {
+            vec![16]
+        } else {
+            vec![1, 16, 64, 256]
+        }
+    });
+    for &concurrency in &levels {
         for stream in [false, true] {
             let duration = Duration::from_secs(3);
+            // The direct run's CPU, the mock's and this process's (the client): what one HTTP server plus one
+            // HTTP client cost per request on this machine, the floor for any proxy, which is both.
+            let (mock_before, _, _) = usage(mock.pid());
+            let (client_before, _, _) = usage(std::process::id());
             let direct = load(&client, &direct_url, concurrency, stream, duration, "m").await;
+            let floor_per_k = (usage(mock.pid()).0 - mock_before
+                + (usage(std::process::id()).0 - client_before))
+                .as_secs_f64()
+                * 1e6
+                / direct.all.max(1) as f64;
             let (cpu_before, _, _) = usage(proxy.pid());
             let user_before = user_time(proxy.pid());
             let relayed = load(&client, &proxy_url, concurrency, stream, duration, "mock/m").await;
             let (cpu_after, _, _) = usage(proxy.pid());
-            let per_k =
-                |d: Duration| d.as_secs_f64() * 1000.0 / relayed.requests.max(1) as f64 * 1000.0;
+            let per_k = |d: Duration| d.as_secs_f64() * 1000.0 / relayed.all.max(1) as f64 * 1000.0;
             let cpu_per_k = per_k(cpu_after - cpu_before);
             let user_per_k = per_k(user_time(proxy.pid()) - user_before);
             let added = |p: f64| relayed.percentile(p).saturating_sub(direct.percentile(p));
             println!(
-                "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms ({:.0} user) | {} |",
+                "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms ({:.0} user) | {:.0} ms | {} |",
                 if stream { "stream" } else { "json" },
                 direct.throughput(),
                 relayed.throughput(),
@@ -416,6 +443,7 @@ async fn table() {
                 ms(added(0.99)),
                 cpu_per_k,
                 user_per_k,
+                floor_per_k,
                 direct.errors + relayed.errors,
             );
         }

@@ -215,7 +215,7 @@ impl MemoryStore {
         let mut guard = self.lock();
         let state = &mut *guard;
         state.roll(now);
-        let provider = state.providers.entry(ask.provider.to_string()).or_default();
+        let provider = slot(&mut state.providers, ask.provider);
         if provider.paused_until > now {
             return Err(Unavailable {
                 cooling: ask.keys.len(),
@@ -227,7 +227,9 @@ impl MemoryStore {
             .keys
             .iter()
             .map(|key| {
-                if ask.exclude.contains(&key.id) || state.retired.contains(&key.id) {
+                if ask.exclude.contains(&key.id)
+                    || (!state.retired.is_empty() && state.retired.contains(&key.id))
+                {
                     return Standing::Excluded;
                 }
                 let Some(ks) = state.keys.get(&key.id) else {
@@ -350,7 +352,7 @@ impl MemoryStore {
                 ..KeyState::default()
             });
         ks.in_flight += 1;
-        let ms = ks.models.entry(ask.model.to_string()).or_default();
+        let ms = model_slot(&mut ks.models, ask.model);
         ms.in_flight += 1;
         ms.today.requests += 1;
         ms.lifetime.requests += 1;
@@ -375,7 +377,7 @@ impl MemoryStore {
             return;
         };
         ks.in_flight = ks.in_flight.saturating_sub(1);
-        let ms = ks.models.entry(grant.model.to_string()).or_default();
+        let ms = model_slot(&mut ks.models, &grant.model);
         ms.in_flight = ms.in_flight.saturating_sub(1);
         let outcome_class = match &outcome {
             Outcome::Failure { class, .. } => Some(*class),
@@ -464,7 +466,7 @@ impl MemoryStore {
         if refused && ms.in_flight == 0 && ms.lifetime.successes == 0 && ms.cooldown.is_none() {
             ks.models.remove(&*grant.model);
         }
-        if ks.in_flight == 0 && state.retired.contains(&grant.key.id) {
+        if ks.in_flight == 0 && !state.retired.is_empty() && state.retired.contains(&grant.key.id) {
             state.keys.remove(&grant.key.id);
         }
         drop(guard);
@@ -925,4 +927,20 @@ mod tests {
         let second = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         assert_ne!(first.key.id, second.key.id);
     }
+}
+
+/// The value for `name`, inserted when missing; allocates the name only then (these run on every request).
+fn slot<'a, V: Default>(map: &'a mut HashMap<String, V>, name: &str) -> &'a mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), V::default());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
+/// [`slot`] for a key's per-model states.
+fn model_slot<'a>(map: &'a mut BTreeMap<String, ModelState>, name: &str) -> &'a mut ModelState {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), ModelState::default());
+    }
+    map.get_mut(name).expect("just inserted")
 }

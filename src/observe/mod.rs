@@ -143,17 +143,18 @@ impl Observer for Observatory {
     }
 }
 
-/// One line per request through `tracing` (`RUST_LOG`, `--log-format json`).
+/// One line per request through `tracing` (`RUST_LOG`, `--log-format json`). Text fields are recorded with
+/// `%` (Display): the default `Debug` escapes them character by character.
 fn console_line(j: &Journal) {
     let key = j.key.as_deref().unwrap_or("-");
     let latency_ms = (j.total_ms * 10.0).round() / 10.0;
     match &j.error {
         None => tracing::info!(
             target: "keyrelay::request",
-            endpoint = j.endpoint,
+            endpoint = %j.endpoint,
             model = %format_args!("{}/{}", j.provider, j.model),
-            key,
-            fallback = j.fallback.as_deref().unwrap_or("-"),
+            key = %key,
+            fallback = %j.fallback.as_deref().unwrap_or("-"),
             attempts = j.attempts.len(),
             status = j.status,
             latency_ms,
@@ -164,9 +165,9 @@ fn console_line(j: &Journal) {
         ),
         Some(error) => tracing::warn!(
             target: "keyrelay::request",
-            endpoint = j.endpoint,
+            endpoint = %j.endpoint,
             model = %format_args!("{}/{}", j.provider, j.model),
-            key,
+            key = %key,
             attempts = j.attempts.len(),
             status = j.status,
             latency_ms,
