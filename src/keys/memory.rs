@@ -576,6 +576,22 @@ impl KeyStore for MemoryStore {
     }
 }
 
+/// The value for `name`, inserted when missing; allocates the name only then (these run on every request).
+fn slot<'a, V: Default>(map: &'a mut HashMap<String, V>, name: &str) -> &'a mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), V::default());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
+/// [`slot`] for a key's per-model states.
+fn model_slot<'a>(map: &'a mut BTreeMap<String, ModelState>, name: &str) -> &'a mut ModelState {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), ModelState::default());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,20 +943,4 @@ mod tests {
         let second = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
         assert_ne!(first.key.id, second.key.id);
     }
-}
-
-/// The value for `name`, inserted when missing; allocates the name only then (these run on every request).
-fn slot<'a, V: Default>(map: &'a mut HashMap<String, V>, name: &str) -> &'a mut V {
-    if !map.contains_key(name) {
-        map.insert(name.to_string(), V::default());
-    }
-    map.get_mut(name).expect("just inserted")
-}
-
-/// [`slot`] for a key's per-model states.
-fn model_slot<'a>(map: &'a mut BTreeMap<String, ModelState>, name: &str) -> &'a mut ModelState {
-    if !map.contains_key(name) {
-        map.insert(name.to_string(), ModelState::default());
-    }
-    map.get_mut(name).expect("just inserted")
 }

@@ -108,11 +108,18 @@ impl UpstreamEvents {
 #[derive(Deserialize)]
 struct ChunkPeek {
     #[serde(default)]
-    choices: Option<Vec<Value>>,
+    choices: Option<Vec<ChoicePeek>>,
     #[serde(default)]
     usage: Option<Value>,
     #[serde(default)]
     error: Option<Value>,
+}
+
+/// Of a choice, only whether it finishes; its delta is skipped over, not built (this runs on every event).
+#[derive(Deserialize)]
+struct ChoicePeek {
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
 }
 
 /// Turns upstream events into OpenAI chunk parts: passthrough for OpenAI-compatible upstreams; for others, the
@@ -170,9 +177,7 @@ fn passthrough(label: &str, event: &SseEvent) -> Vec<Part> {
                 return vec![Part::Error(error)];
             }
             let choices = peek.choices.unwrap_or_default();
-            let finish = choices
-                .iter()
-                .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()));
+            let finish = choices.iter().any(|c| c.finish_reason.is_some());
             let usage = peek.usage.filter(Value::is_object);
             let usage_only = usage.is_some() && choices.is_empty();
             vec![Part::Chunk {
