@@ -217,43 +217,64 @@ fn native_anthropic_response(body: &[u8]) -> Value {
 // --------------------------------------------------------------------------------------------- benches
 
 fn benches(c: &mut Criterion) {
+    // As the relay maps them: plain text by the provider's declarations (request.messages, response.fast) with
+    // the script's hook for the rest of the request; tool calls by the script alone.
     let request: Value = serde_json::from_str(&fixture("openai/chat_basic.json")).unwrap();
+    let tools: Value = serde_json::from_str(&fixture("openai/chat_tools.json")).unwrap();
     for name in ["gemini", "anthropic"] {
         let p = provider(name);
         let s = p.script.clone().unwrap();
-        c.bench_function(&format!("{name}/request/script"), |b| {
-            b.iter(|| {
-                p.map_request(&s, "chat", "m", false, black_box(&request))
-                    .unwrap()
-            })
-        });
+        for (what, body) in [("text/declared", &request), ("tools/script", &tools)] {
+            c.bench_function(&format!("{name}/request/{what}"), |b| {
+                b.iter(|| {
+                    p.map_request(&s, "chat", "m", false, black_box(body))
+                        .unwrap()
+                })
+            });
+        }
     }
     c.bench_function("gemini/request/native", |b| {
         b.iter(|| native_gemini_request(black_box(&request)))
     });
 
-    let gemini = script("gemini");
+    let responses = [
+        (
+            "gemini",
+            "text/declared",
+            "gemini/generate_response_text.json",
+        ),
+        (
+            "gemini",
+            "tool call/script",
+            "gemini/generate_response_tool_call.json",
+        ),
+        (
+            "anthropic",
+            "text/declared",
+            "anthropic/message_response_text.json",
+        ),
+        (
+            "anthropic",
+            "tool use/script",
+            "anthropic/message_response_tool_use.json",
+        ),
+    ];
+    for (name, what, path) in responses {
+        let p = provider(name);
+        let s = p.script.clone().unwrap();
+        let body = fixture(path);
+        c.bench_function(&format!("{name}/response/{what}"), |b| {
+            b.iter(|| {
+                p.map_response(&s, "chat", "m", black_box(body.as_bytes()))
+                    .unwrap()
+            })
+        });
+    }
     let response = fixture("gemini/generate_response_text.json");
-    c.bench_function("gemini/response/script", |b| {
-        b.iter(|| {
-            gemini
-                .map_response("chat", "m", black_box(response.as_bytes()))
-                .unwrap()
-        })
-    });
     c.bench_function("gemini/response/native", |b| {
         b.iter(|| native_gemini_response(black_box(response.as_bytes())))
     });
-
-    let anthropic = script("anthropic");
     let response = fixture("anthropic/message_response_text.json");
-    c.bench_function("anthropic/response/script", |b| {
-        b.iter(|| {
-            anthropic
-                .map_response("chat", "m", black_box(response.as_bytes()))
-                .unwrap()
-        })
-    });
     c.bench_function("anthropic/response/native", |b| {
         b.iter(|| native_anthropic_response(black_box(response.as_bytes())))
     });

@@ -47,10 +47,17 @@ fn mapped_request(provider: &str, endpoint: &str, model: &str, body: &str) -> Va
     json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
 }
 
+/// A response mapped as the relay maps it: by the provider's `response.fast` declaration when it applies, else
+/// by its script.
 fn mapped_response(provider: &str, endpoint: &str, model: &str, fixture_path: &str) -> Value {
-    script(provider)
-        .map_response(endpoint, model, fixture(fixture_path).as_bytes())
-        .unwrap()
+    let p = self::provider(provider);
+    p.map_response(
+        p.script.as_ref().unwrap(),
+        endpoint,
+        model,
+        fixture(fixture_path).as_bytes(),
+    )
+    .unwrap()
 }
 
 /// The chunks (and markers) a whole upstream transcript maps to, through the provider's declared rules and
@@ -405,4 +412,167 @@ fn error_events_inside_streams_are_classified_by_their_type() {
             .as_str(),
         "server"
     );
+}
+
+// ------------------------------------------------------------------- declared mappings (request.messages, response.fast)
+
+/// A chat of plain text with what the declarations must get right: system and developer messages, a `name`,
+/// consecutive turns of one role.
+fn plain_chat() -> Value {
+    json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi.", "name": "ana"},
+            {"role": "user", "content": "Still there?"},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "assistant", "content": "Oui."},
+            {"role": "user", "content": "Merci."}
+        ],
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "stop": "END"
+    })
+}
+
+/// The same request through the declaration and through the script alone (the declaration switched off).
+fn both_ways(name: &str, body: &Value) -> (Value, Value) {
+    let declared = provider(name);
+    let mut scripted = provider(name);
+    scripted.message_map = None;
+    let map = |p: &keyrelay::spec::Provider| {
+        let m = p
+            .map_request(p.script.as_ref().unwrap(), "chat", "m", false, body)
+            .unwrap();
+        json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
+    };
+    (map(&declared), map(&scripted))
+}
+
+#[test]
+fn declared_message_mappings_agree_with_the_scripts() {
+    for name in ["gemini", "anthropic"] {
+        let map = provider(name)
+            .message_map
+            .expect("the provider declares request.messages");
+        for body in [plain_chat(), json_fixture("openai/chat_basic.json")] {
+            assert!(
+                map.map(&body["messages"]).is_some(),
+                "{name}: declared mapping applies"
+            );
+            let (declared, scripted) = both_ways(name, &body);
+            assert_eq!(declared, scripted, "{name}");
+        }
+        snapshot!(
+            format!("{name}_request_plain_declared"),
+            both_ways(name, &plain_chat()).0
+        );
+    }
+}
+
+#[test]
+fn declared_message_mappings_leave_richer_conversations_to_the_scripts() {
+    let map = provider("gemini").message_map.unwrap();
+    let richer = [
+        json!([{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
+        json!([{"role": "user", "content": ""}]),
+        json!([{"role": "tool", "content": "42", "tool_call_id": "c1"}]),
+        json!([{"role": "assistant", "content": "x", "tool_calls": []}]),
+        json!([{"role": "user", "content": "hi"}, {"role": "narrator", "content": "?"}]),
+        json!("not a list"),
+    ];
+    for messages in richer {
+        assert!(map.map(&messages).is_none(), "{messages}");
+    }
+    // Through the provider they still map, by the script.
+    for fixture in ["openai/chat_tools.json", "openai/chat_image_json.json"] {
+        let (declared, scripted) = both_ways("gemini", &json_fixture(fixture));
+        assert_eq!(declared, scripted, "{fixture}");
+    }
+}
+
+#[test]
+fn declared_answers_agree_with_the_scripts() {
+    let cases = [
+        ("gemini", "gemini/generate_response_text.json", true),
+        ("gemini", "gemini/generate_response_max_tokens.json", true),
+        ("gemini", "gemini/generate_response_tool_call.json", false),
+        (
+            "gemini",
+            "gemini/generate_response_prompt_blocked.json",
+            false,
+        ),
+        ("anthropic", "anthropic/message_response_text.json", true),
+        (
+            "anthropic",
+            "anthropic/message_response_tool_use.json",
+            false,
+        ),
+    ];
+    let without_created = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("created");
+        v
+    };
+    for (name, path, fast) in cases {
+        let p = provider(name);
+        let body: Value = json_fixture(path);
+        assert_eq!(
+            p.answer_map.as_ref().unwrap().map(&body, "m").is_some(),
+            fast,
+            "{path}: mapped by the declaration"
+        );
+        if fast {
+            let declared = mapped_response(name, "chat", "m", path);
+            let scripted = script(name)
+                .map_response("chat", "m", fixture(path).as_bytes())
+                .unwrap();
+            assert_eq!(
+                without_created(declared),
+                without_created(scripted),
+                "{path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn broken_declarations_are_load_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(
+        plugins.join("p.rhai"),
+        "fn request(ctx) { #{ path: \"/x\", body: #{} } }\nfn response(ctx) { ctx.body }\n",
+    )
+    .unwrap();
+    let cases = [
+        (
+            "request: {messages: {roles: {user: user}, into: contents, turn: {parts: [{text: $text}]}, merge: nope}}",
+            "`merge: nope` needs `turn` to hold an array `nope`",
+        ),
+        (
+            "request: {messages: {roles: {user: user}, into: a.0, turn: {text: $text}}}",
+            "is not a path of object keys",
+        ),
+        (
+            "request: {messages: {roles: {user: user}, into: c, turn: {text: $text}, system: {into: s}}}",
+            "`system` takes `into` and either `value`",
+        ),
+        (
+            "response: {fast: {content: 'a..b', finish_reason: {from: f, default: stop}, usage: {prompt_tokens: [], completion_tokens: []}}}",
+            "is not a path like",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            format!("base_url: http://127.0.0.1:9\nscript: p.rhai\n{yaml}\n"),
+        )
+        .unwrap();
+        let errors =
+            keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).expect_err(yaml);
+        let text = format!("{errors:?}");
+        assert!(text.contains(expected), "{yaml}: {text}");
+    }
 }

@@ -684,8 +684,12 @@ impl Relay {
                     Some(script) => {
                         // The key did its job even if the mapping fails.
                         lease.succeed(0, 0);
-                        let mapped =
-                            script.map_response(job.endpoint.hook_name(), &job.model, &body)?;
+                        let mapped = job.provider.map_response(
+                            script,
+                            job.endpoint.hook_name(),
+                            &job.model,
+                            &body,
+                        )?;
                         let usage = mapped
                             .get("usage")
                             .map(Usage::from_value)

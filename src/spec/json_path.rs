@@ -66,6 +66,40 @@ impl JsonPath {
     }
 }
 
+/// Conditions on a JSON document, as declared mappings state them: paths that must equal given values
+/// (`if:`), hold a non-null value (`present:`), or be missing or null (`absent:`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Conditions {
+    equals: Vec<(JsonPath, Value)>,
+    present: Vec<JsonPath>,
+    absent: Vec<JsonPath>,
+}
+
+impl Conditions {
+    /// Parses the three lists with `path`, which reports a bad path and yields `None` for it.
+    pub fn resolve(
+        equals: &std::collections::BTreeMap<String, Value>,
+        present: &[String],
+        absent: &[String],
+        path: &mut impl FnMut(&str) -> Option<JsonPath>,
+    ) -> Self {
+        Self {
+            equals: equals
+                .iter()
+                .filter_map(|(k, v)| Some((path(k)?, v.clone())))
+                .collect(),
+            present: present.iter().filter_map(|p| path(p)).collect(),
+            absent: absent.iter().filter_map(|p| path(p)).collect(),
+        }
+    }
+
+    pub fn hold(&self, data: &Value) -> bool {
+        self.equals.iter().all(|(p, v)| p.get(data) == Some(v))
+            && self.present.iter().all(|p| p.get(data).is_some())
+            && self.absent.iter().all(|p| p.get(data).is_none())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

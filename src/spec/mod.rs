@@ -5,6 +5,7 @@
 
 pub mod classify;
 pub mod json_path;
+pub mod plain;
 pub mod stream_rules;
 
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
@@ -125,8 +126,10 @@ struct RawProvider {
     options: Option<serde_json::Value>,
     /// Stream events mapped in Rust without calling the script.
     stream: Option<stream_rules::RawStream>,
-    /// Request fields moved in Rust after the script's request hook.
+    /// Request fields moved, and plain-text conversations mapped, in Rust around the script's request hook.
     request: Option<RawRequest>,
+    /// Plain-text answers mapped in Rust instead of by the script's response hook.
+    response: Option<plain::RawResponse>,
     /// The upstream continues a prefilled assistant message: a stream broken mid-answer is continued on
     /// another key.
     continuation: Option<RawContinuation>,
@@ -146,6 +149,8 @@ struct RawRequest {
     /// Client body path -> upstream body path.
     #[serde(default)]
     copy: BTreeMap<String, String>,
+    /// Plain-text conversations mapped in Rust; the script sees no `messages` then.
+    messages: Option<plain::RawMessages>,
 }
 
 /// How the key reaches the upstream.
@@ -197,6 +202,10 @@ pub struct Provider {
     /// Fields copied from the client's body into the upstream body after the request hook (client path,
     /// upstream path): simple moves done in Rust instead of in the script.
     pub request_copies: Vec<(json_path::JsonPath, json_path::JsonPath)>,
+    /// Plain-text conversations mapped in Rust (`request.messages`).
+    pub message_map: Option<plain::MessageMap>,
+    /// Plain-text answers mapped in Rust (`response.fast`).
+    pub answer_map: Option<plain::AnswerMap>,
     /// Set when the upstream continues a prefilled assistant message (chat requests ending with one): the
     /// extra fields that message carries. A stream broken mid-answer is then continued on another key.
     pub continuation: Option<serde_json::Map<String, serde_json::Value>>,
@@ -262,7 +271,8 @@ impl Provider {
     }
 
     /// Runs the request hook, then the declared copies from the client's body into the upstream body (a value
-    /// the script set itself is left alone).
+    /// the script set itself is left alone). A chat of plain text that `request.messages` maps is mapped in
+    /// Rust: the hook sees the body without `messages`, and the mapped turns are written in afterwards.
     pub fn map_request(
         &self,
         script: &ProviderScript,
@@ -271,7 +281,26 @@ impl Provider {
         stream: bool,
         body: &serde_json::Value,
     ) -> Result<crate::script::MappedRequest, ScriptError> {
-        let mut mapped = script.map_request(endpoint, model, stream, body)?;
+        let declared = match (&self.message_map, body.get("messages")) {
+            (Some(map), Some(messages)) if endpoint == "chat" => map.map(messages),
+            _ => None,
+        };
+        let mut mapped = match &declared {
+            None => script.map_request(endpoint, model, stream, body)?,
+            Some(_) => {
+                let rest: serde_json::Map<String, serde_json::Value> = body
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| k.as_str() != "messages")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                script.map_request(endpoint, model, stream, &serde_json::Value::Object(rest))?
+            }
+        };
+        for (path, value) in declared.into_iter().flatten() {
+            path.set(&mut mapped.body, value);
+        }
         for (from, to) in &self.request_copies {
             if let Some(value) = from.get(body)
                 && to.get(&mapped.body).is_none()
@@ -280,6 +309,25 @@ impl Provider {
             }
         }
         Ok(mapped)
+    }
+
+    /// Maps an upstream JSON answer: by `response.fast` when it declares this answer's shape (chat only), else by
+    /// the script's response hook.
+    pub fn map_response(
+        &self,
+        script: &ProviderScript,
+        endpoint: &str,
+        model: &str,
+        body: &[u8],
+    ) -> Result<serde_json::Value, ScriptError> {
+        if endpoint == "chat"
+            && let Some(map) = &self.answer_map
+            && let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(body)
+            && let Some(mapped) = map.map(&parsed, model)
+        {
+            return Ok(mapped);
+        }
+        script.map_response(endpoint, model, body)
     }
 
     /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers),
@@ -406,6 +454,7 @@ pub fn load_file(
     let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
     let stream = raw.stream.take();
     let request = raw.request.take();
+    let response = raw.response.take();
     let mut provider = resolve(name, Some(path), raw, global, user)?;
     let mut fingerprint = self::fingerprint(&text);
     match script {
@@ -447,22 +496,39 @@ pub fn load_file(
                 }
                 provider.stream_rules = stream_rules::resolve(stream, Some(path))?.into();
             }
-            if let Some(request) = request {
+            if let Some(mut request) = request {
                 if !loaded.has(Hook::Request) {
                     return Err(vec![ConfigError::new(
                         Some(path),
-                        "`request.copy` needs a script with a request hook",
+                        "`request.copy` and `request.messages` need a script with a request hook",
                     )]);
+                }
+                if let Some(messages) = request.messages.take() {
+                    provider.message_map = Some(plain::resolve_messages(messages, path)?);
                 }
                 provider.request_copies = request_copies(request, path)?;
             }
+            if let Some(response) = response {
+                if !loaded.has(Hook::Response) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`response.fast` needs a script with a response hook",
+                    )]);
+                }
+                provider.answer_map = plain::resolve_response(response, path)?;
+            }
             provider.script = Some(Arc::new(loaded));
         }
-        None if hooks.is_some() || options.is_some() || stream.is_some() || request.is_some() => {
+        None if hooks.is_some()
+            || options.is_some()
+            || stream.is_some()
+            || request.is_some()
+            || response.is_some() =>
+        {
             return Err(vec![
                 ConfigError::new(
                     Some(path),
-                    "`hooks`, `options`, `request` and `stream` need a `script`",
+                    "`hooks`, `options`, `request`, `response` and `stream` need a `script`",
                 )
                 .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
             ]);
@@ -772,6 +838,8 @@ fn resolve(
         script: None,
         stream_rules: Arc::from(Vec::new()),
         request_copies: Vec::new(),
+        message_map: None,
+        answer_map: None,
         continuation: raw.continuation.map(|c| c.assistant),
         fingerprint: 0,
     })

@@ -12,7 +12,7 @@
 //!       content: delta.text                 # emit this string as content (or `reasoning:`, or `skip: true`)
 //! ```
 
-use super::json_path::JsonPath;
+use super::json_path::{Conditions, JsonPath};
 use crate::config::ConfigError;
 use serde::Deserialize;
 use serde_json::Value;
@@ -60,9 +60,7 @@ pub enum Emitted<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamRule {
     event: Option<String>,
-    equals: Vec<(JsonPath, Value)>,
-    present: Vec<JsonPath>,
-    absent: Vec<JsonPath>,
+    when: Conditions,
     emit: Emit,
 }
 
@@ -71,10 +69,7 @@ impl StreamRule {
         if self.event.as_deref().is_some_and(|e| Some(e) != event) {
             return None;
         }
-        let holds = self.equals.iter().all(|(p, v)| p.get(data) == Some(v))
-            && self.present.iter().all(|p| p.get(data).is_some())
-            && self.absent.iter().all(|p| p.get(data).is_none());
-        if !holds {
+        if !self.when.hold(data) {
             return None;
         }
         match &self.emit {
@@ -110,13 +105,7 @@ pub(super) fn resolve(
                 None
             })
         };
-        let equals = r
-            .equals
-            .iter()
-            .filter_map(|(k, v)| Some((path(k)?, v.clone())))
-            .collect();
-        let present = r.present.iter().filter_map(|p| path(p)).collect();
-        let absent = r.absent.iter().filter_map(|p| path(p)).collect();
+        let when = Conditions::resolve(&r.equals, &r.present, &r.absent, &mut path);
         let emit = match (r.content, r.reasoning, r.skip) {
             (Some(p), None, false) => path(&p).map(Emit::Content),
             (None, Some(p), false) => path(&p).map(Emit::Reasoning),
@@ -137,9 +126,7 @@ pub(super) fn resolve(
         if let Some(emit) = emit {
             rules.push(StreamRule {
                 event: r.event,
-                equals,
-                present,
-                absent,
+                when,
                 emit,
             });
         }

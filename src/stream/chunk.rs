@@ -30,21 +30,26 @@ pub struct ChunkWriter {
     role_sent: bool,
 }
 
+/// A new `chatcmpl-…` id, for answers whose upstream gave none.
+pub fn completion_id() -> String {
+    let mut id = String::from("chatcmpl-");
+    id.extend((0..24).map(|_| fastrand::alphanumeric()));
+    id
+}
+
+/// Now, in Unix seconds (OpenAI's `created`).
+pub fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 impl ChunkWriter {
     pub fn new(model: &str) -> Self {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let id = format!(
-            "chatcmpl-{}",
-            (0..24)
-                .map(|_| fastrand::alphanumeric())
-                .collect::<String>()
-        );
         let mut w = Self {
-            id,
+            id: completion_id(),
             model: model.to_string(),
-            created,
+            created: unix_seconds(),
             envelope: String::new(),
             role_sent: false,
         };
