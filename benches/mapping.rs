@@ -4,7 +4,6 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keyrelay::config::Tuning;
-use keyrelay::script::ProviderScript;
 use keyrelay::stream::sse::{SseEvent, SseParser};
 use keyrelay::stream::{ChunkWriter, Mapper};
 use serde_json::{Map, Value, json};
@@ -24,10 +23,6 @@ fn provider(name: &str) -> keyrelay::spec::Provider {
         None,
     )
     .unwrap()
-}
-
-fn script(name: &str) -> Arc<ProviderScript> {
-    provider(name).script.unwrap()
 }
 
 /// A live stream's mapper: declared rules first, then the script.
