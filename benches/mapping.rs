@@ -9,7 +9,6 @@ use keyrelay::stream::{ChunkWriter, Mapper};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::Arc;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
