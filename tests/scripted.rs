@@ -601,6 +601,7 @@ fn stream_event(event) {
     if d.end == true {
         return [#{ finish_reason: "stop" }, #{ usage: #{ prompt_tokens: d.tokens[0], completion_tokens: d.tokens[1] } }, #{ done: true }];
     }
+    if d.piece == "crash-stream" { let n = (); n.oops(); }
     this.count = (this.count ?? 0) + 1;
     #{ content: d.piece }
 }
@@ -639,6 +640,31 @@ async fn a_provider_added_as_yaml_and_script_works_without_code_changes() {
     let data = sse_data(&text);
     assert_eq!(reassemble(&data), "echo: hi");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stream_script_failing_mid_stream_ends_it_with_an_in_band_error_after_what_was_mapped() {
+    let mock = made_up_upstream().await;
+    let proxy = Proxy::start(echo_setup(&mock)).await;
+    // The upstream sends its events at once: the first maps, the second makes the script fail.
+    let body = json!({"model": "echo/one", "stream": true, "messages": [{"role": "user", "content": "crash-stream"}]});
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
+    let data = sse_data(&text);
+    assert_eq!(reassemble(&data), "echo: ", "{text}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "script_error", "{text}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stream_event"),
+        "{last}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+    // The key was not blamed, and the next stream works.
+    let fine = json!({"model": "echo/one", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let text = proxy.post_text("/v1/chat/completions", &fine).await;
+    assert_eq!(reassemble(&sse_data(&text)), "echo: hi", "{text}");
 }
 
 #[tokio::test]

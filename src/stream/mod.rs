@@ -72,6 +72,12 @@ impl UpstreamEvents {
         }
     }
 
+    /// The next event if one is complete in what has been read already; never waits. A parser error is left for
+    /// `next`, which meets it again.
+    fn buffered(&mut self) -> Option<SseEvent> {
+        self.parser.next_event().ok().flatten()
+    }
+
     /// The next event, `None` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<SseEvent>, StreamFault> {
         loop {
@@ -324,6 +330,8 @@ pub struct Forward {
     answer: String,
     /// The continuation being forwarded, once the upstream broke and another key took over.
     tail: Option<SseBody>,
+    /// A mapping failure met while gathering frames at hand, reported by the next `next_frame`.
+    failed: Option<ScriptError>,
 }
 
 impl Drop for Forward {
@@ -370,15 +378,87 @@ impl Forward {
             resume,
             answer: String::new(),
             tail: None,
+            failed: None,
         }
     }
 
-    /// The client-facing byte stream.
+    /// The client-facing byte stream. Frames already at hand (events that arrived in one read) go out together,
+    /// in one write; nothing waits for more.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
         futures_util::stream::unfold(self, |mut me| async move {
-            let frame = me.next_frame().await?;
-            Some((Ok(frame), me))
+            let first = me.next_frame().await?;
+            let Some(second) = me.ready_frame() else {
+                return Some((Ok(first), me));
+            };
+            let mut batch = bytes::BytesMut::with_capacity(first.len() * 4);
+            batch.extend_from_slice(&first);
+            batch.extend_from_slice(&second);
+            while let Some(frame) = me.ready_frame() {
+                batch.extend_from_slice(&frame);
+            }
+            Some((Ok(batch.freeze()), me))
         })
+    }
+
+    /// A chunk's frame, with what the stream learns from it; `None` for a usage chunk the client did not ask for.
+    fn chunk_frame(
+        &mut self,
+        data: String,
+        finish: bool,
+        usage: Option<Value>,
+        usage_only: bool,
+    ) -> Option<Bytes> {
+        self.saw_finish |= finish;
+        if let Some(usage) = usage {
+            self.usage = Usage::from_value(&usage);
+            if usage_only && !self.wants_usage {
+                return None;
+            }
+        }
+        if let Some(report) = &mut self.report {
+            report.sent(&data);
+        }
+        if self.resume.is_some() {
+            self.follow(&data);
+        }
+        Some(frame(&data))
+    }
+
+    /// The next chunk frame if it can be had without waiting or deciding anything: from parts already mapped or
+    /// events already read. The end, errors and breaks are left to `next_frame`.
+    fn ready_frame(&mut self) -> Option<Bytes> {
+        if self.tail.is_some() || self.lease.is_none() || self.failed.is_some() {
+            return None;
+        }
+        loop {
+            match self.pending.front() {
+                Some(Part::Chunk { .. }) => {
+                    let Some(Part::Chunk {
+                        data,
+                        finish,
+                        usage,
+                        usage_only,
+                    }) = self.pending.pop_front()
+                    else {
+                        unreachable!("the front is a chunk");
+                    };
+                    if let Some(frame) = self.chunk_frame(data, finish, usage, usage_only) {
+                        return Some(frame);
+                    }
+                }
+                Some(_) => return None,
+                None => {
+                    let event = self.upstream.buffered()?;
+                    match self.mapper.map(&event) {
+                        Ok(parts) => self.pending.extend(parts),
+                        Err(e) => {
+                            self.failed = Some(e);
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The next frame to send, `None` once the stream is over.
@@ -388,6 +468,9 @@ impl Forward {
                 return tail.next().await.map(|Ok(bytes)| bytes);
             }
             self.lease.as_ref()?;
+            if let Some(e) = self.failed.take() {
+                return Some(self.script_failed(e));
+            }
             if let Some(part) = self.pending.pop_front() {
                 match part {
                     Part::Done => return Some(self.complete()),
@@ -400,22 +483,10 @@ impl Forward {
                         finish,
                         usage,
                         usage_only,
-                    } => {
-                        self.saw_finish |= finish;
-                        if let Some(usage) = usage {
-                            self.usage = Usage::from_value(&usage);
-                            if usage_only && !self.wants_usage {
-                                continue;
-                            }
-                        }
-                        if let Some(report) = &mut self.report {
-                            report.sent(&data);
-                        }
-                        if self.resume.is_some() {
-                            self.follow(&data);
-                        }
-                        return Some(frame(&data));
-                    }
+                    } => match self.chunk_frame(data, finish, usage, usage_only) {
+                        Some(frame) => return Some(frame),
+                        None => continue,
+                    },
                 }
             }
             let event = match self.upstream.next().await {
@@ -434,15 +505,18 @@ impl Forward {
             };
             match self.mapper.map(&event) {
                 Ok(parts) => self.pending.extend(parts),
-                Err(e) => {
-                    // Not the key's fault: release it without a verdict.
-                    self.lease = None;
-                    tracing::warn!(stream = %self.label, error = %e, "the stream mapping script failed");
-                    self.end(Some("script_error"));
-                    return Some(error_frame(&e.to_string(), "server_error", "script_error"));
-                }
+                Err(e) => return Some(self.script_failed(e)),
             }
         }
+    }
+
+    /// The in-band error frame for a failed mapping script, which ends the stream.
+    fn script_failed(&mut self, e: ScriptError) -> Bytes {
+        // Not the key's fault: release it without a verdict.
+        self.lease = None;
+        tracing::warn!(stream = %self.label, error = %e, "the stream mapping script failed");
+        self.end(Some("script_error"));
+        error_frame(&e.to_string(), "server_error", "script_error")
     }
 
     /// Keeps the answer's text from a chunk sent; an answer that is not plain text in one choice (tool calls,
