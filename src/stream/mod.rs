@@ -14,7 +14,7 @@ use crate::spec::stream_rules::{self, Emitted, StreamRule};
 use crate::spec::{ErrorClass, Verdict};
 use bytes::Bytes;
 pub use chunk::{ChunkWriter, Part};
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
@@ -60,8 +60,6 @@ pub struct UpstreamEvents {
     ended: bool,
     /// The longest silence tolerated between two reads.
     idle: Duration,
-    /// A read error met by `buffered`, reported by the next `next`.
-    broken: Option<StreamFault>,
 }
 
 impl UpstreamEvents {
@@ -71,45 +69,18 @@ impl UpstreamEvents {
             parser: SseParser::new(),
             ended: false,
             idle,
-            broken: None,
         }
     }
 
-    /// The next event if one is complete in what has arrived already (parsed, or body chunks ready to be taken);
-    /// never waits. A parser error is left for `next`, which meets it again; a read error, for `next` to report.
+    /// The next event if one is complete in what has been read already; never waits. A parser error is left for
+    /// `next`, which meets it again.
     fn buffered(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Ok(Some(event)) = self.parser.next_event() {
-                return Some(event);
-            }
-            if self.ended || self.broken.is_some() {
-                return None;
-            }
-            match self.body.next().now_or_never()? {
-                Some(Ok(chunk)) => {
-                    if self.parser.push(&chunk).is_err() {
-                        self.broken = Some(StreamFault::Oversized);
-                        return None;
-                    }
-                }
-                Some(Err(e)) => {
-                    self.broken = Some(StreamFault::Connection(crate::relay::describe_reqwest(&e)));
-                    return None;
-                }
-                None => {
-                    self.ended = true;
-                    return self.parser.finish();
-                }
-            }
-        }
+        self.parser.next_event().ok().flatten()
     }
 
     /// The next event, `None` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<SseEvent>, StreamFault> {
         loop {
-            if let Some(fault) = self.broken.take() {
-                return Err(fault);
-            }
             if let Some(event) = self
                 .parser
                 .next_event()
