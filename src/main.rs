@@ -54,7 +54,6 @@ fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     let _logs = init_logging(&args.log_format);
-    keyrelay::observe::console_fields(args.log_format == "json");
     let opts = args.load_options();
     let snapshot = match Snapshot::load(&opts) {
         Ok(s) => s,

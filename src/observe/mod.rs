@@ -143,84 +143,38 @@ impl Observer for Observatory {
     }
 }
 
-static STRUCTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether the console line carries separate fields (for `--log-format json`) or is one text line (the default:
-/// formatted in one pass, it costs a fraction of what tracing's per-field formatting does on every request).
-pub fn console_fields(structured: bool) {
-    STRUCTURED.store(structured, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// One line per request through `tracing` (target `keyrelay::request`; `RUST_LOG`, `--log-format json`).
+/// One line per request through `tracing` (`RUST_LOG`, `--log-format json`). Text fields are recorded with
+/// `%` (Display): the default `Debug` escapes them character by character.
 fn console_line(j: &Journal) {
-    // Filtered out (RUST_LOG): nothing to format.
-    let enabled = match j.error {
-        None => tracing::enabled!(target: "keyrelay::request", tracing::Level::INFO),
-        Some(_) => tracing::enabled!(target: "keyrelay::request", tracing::Level::WARN),
-    };
-    if !enabled {
-        return;
-    }
     let key = j.key.as_deref().unwrap_or("-");
     let latency_ms = (j.total_ms * 10.0).round() / 10.0;
-    let classes = || {
-        j.attempts
-            .iter()
-            .filter_map(|a| a.class.map(|c| c.as_str()))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    if STRUCTURED.load(std::sync::atomic::Ordering::Relaxed) {
-        match &j.error {
-            None => tracing::info!(
-                target: "keyrelay::request",
-                endpoint = %j.endpoint,
-                model = %format_args!("{}/{}", j.provider, j.model),
-                key = %key,
-                fallback = %j.fallback.as_deref().unwrap_or("-"),
-                attempts = j.attempts.len(),
-                status = j.status,
-                latency_ms,
-                prompt_tokens = j.prompt_tokens,
-                completion_tokens = j.completion_tokens,
-                stream = j.stream,
-                "served"
-            ),
-            Some(error) => tracing::warn!(
-                target: "keyrelay::request",
-                endpoint = %j.endpoint,
-                model = %format_args!("{}/{}", j.provider, j.model),
-                key = %key,
-                attempts = j.attempts.len(),
-                status = j.status,
-                latency_ms,
-                error = %error,
-                classes = %classes(),
-                stream = j.stream,
-                "failed"
-            ),
-        }
-        return;
-    }
-    // The same words as the structured form, in the order tracing would print them.
-    let (provider, model, attempts) = (&j.provider, &j.model, j.attempts.len());
-    let head = format_args!("endpoint={} model={provider}/{model} key={key}", j.endpoint);
     match &j.error {
         None => tracing::info!(
             target: "keyrelay::request",
-            "served {head} fallback={} attempts={attempts} status={} latency_ms={latency_ms:?} prompt_tokens={} completion_tokens={} stream={}",
-            j.fallback.as_deref().unwrap_or("-"),
-            j.status,
-            j.prompt_tokens,
-            j.completion_tokens,
-            j.stream,
+            endpoint = %j.endpoint,
+            model = %format_args!("{}/{}", j.provider, j.model),
+            key = %key,
+            fallback = %j.fallback.as_deref().unwrap_or("-"),
+            attempts = j.attempts.len(),
+            status = j.status,
+            latency_ms,
+            prompt_tokens = j.prompt_tokens,
+            completion_tokens = j.completion_tokens,
+            stream = j.stream,
+            "served"
         ),
         Some(error) => tracing::warn!(
             target: "keyrelay::request",
-            "failed {head} attempts={attempts} status={} latency_ms={latency_ms:?} error={error} classes={} stream={}",
-            j.status,
-            classes(),
-            j.stream,
+            endpoint = %j.endpoint,
+            model = %format_args!("{}/{}", j.provider, j.model),
+            key = %key,
+            attempts = j.attempts.len(),
+            status = j.status,
+            latency_ms,
+            error = %error,
+            classes = %j.attempts.iter().filter_map(|a| a.class.map(|c| c.as_str())).collect::<Vec<_>>().join(","),
+            stream = j.stream,
+            "failed"
         ),
     }
 }
