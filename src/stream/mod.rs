@@ -431,22 +431,21 @@ impl Forward {
             return None;
         }
         loop {
-            match self.pending.front() {
-                Some(Part::Chunk { .. }) => {
-                    let Some(Part::Chunk {
-                        data,
-                        finish,
-                        usage,
-                        usage_only,
-                    }) = self.pending.pop_front()
-                    else {
-                        unreachable!("the front is a chunk");
-                    };
+            match self.pending.pop_front() {
+                Some(Part::Chunk {
+                    data,
+                    finish,
+                    usage,
+                    usage_only,
+                }) => {
                     if let Some(frame) = self.chunk_frame(data, finish, usage, usage_only) {
                         return Some(frame);
                     }
                 }
-                Some(_) => return None,
+                Some(other) => {
+                    self.pending.push_front(other);
+                    return None;
+                }
                 None => {
                     let event = self.upstream.buffered()?;
                     match self.mapper.map(&event) {
