@@ -164,7 +164,9 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        builder
+            .fmt_fields(keyrelay::observe::console::ConsoleFields)
+            .init();
     }
     guard
 }

@@ -289,6 +289,17 @@ async fn the_console_log_has_one_line_per_request_and_no_secret() {
             .await
             .unwrap();
         assert_eq!(reply.status(), 401);
+        // A client's model name cannot put an escape sequence on the operator's terminal.
+        let sneaky =
+            json!({"model": "nope\u{1b}[2J/m", "messages": [{"role": "user", "content": "hi"}]});
+        let reply = client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(PROXY_KEY)
+            .json_body(&sneaky)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 404);
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -304,6 +315,10 @@ async fn the_console_log_has_one_line_per_request_and_no_secret() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert_no_secret(&all, "the console output");
+        assert!(
+            all.contains("[2J") && !all.contains('\u{1b}'),
+            "the model name is logged, its escape character escaped:\n{all}"
+        );
         let served: Vec<&str> = all.lines().filter(|l| l.contains("served")).collect();
         assert_eq!(served.len(), 1, "one line per request:\n{all}");
         assert!(

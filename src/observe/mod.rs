@@ -2,6 +2,7 @@
 //! metrics. The relay fills a [`Journal`] while it works and hands it to an [`Observer`] when the request ends
 //! (for a stream: when the stream ends, however it ends).
 
+pub mod console;
 pub mod metrics;
 pub mod request_log;
 
