@@ -513,6 +513,20 @@ fn declared_answers_agree_with_the_scripts() {
         v.as_object_mut().unwrap().remove("created");
         v
     };
+    // Fields of an unexpected type are left to the script, which passes them on as they are.
+    let gemini = provider("gemini");
+    let map = gemini.answer_map.as_ref().unwrap();
+    let text = json_fixture("gemini/generate_response_text.json");
+    for (pointer, odd) in [
+        ("/responseId", json!(42)),
+        ("/modelVersion", json!({"v": 2})),
+        ("/usageMetadata/promptTokenCount", json!(1.5)),
+        ("/usageMetadata/thoughtsTokenCount", json!(-3)),
+    ] {
+        let mut body = text.clone();
+        *body.pointer_mut(pointer).unwrap() = odd;
+        assert!(map.map(&body, "m").is_none(), "{pointer}");
+    }
     for (name, path, fast) in cases {
         let p = provider(name);
         let body: Value = json_fixture(path);
@@ -562,7 +576,36 @@ fn broken_declarations_are_load_errors() {
             "response: {fast: {content: 'a..b', finish_reason: {from: f, default: stop}, usage: {prompt_tokens: [], completion_tokens: []}}}",
             "is not a path like",
         ),
+        (
+            "request: {messages: {roles: {system: user}, into: c, turn: {text: $text}}}",
+            "`roles` cannot map",
+        ),
+        (
+            "request: {messages: {roles: {user: user}, into: c, turn: {text: hello}}}",
+            "`turn` must hold the string $text",
+        ),
+        (
+            "request: {messages: {roles: {user: user}, into: c, turn: {text: $text}, system: {into: c, join: ' '}}}",
+            "`system.into` must differ from `into`",
+        ),
     ];
+    // A request hook that needs `messages` fails when the declaration takes plain chats away from it.
+    std::fs::write(
+        plugins.join("needs.rhai"),
+        "fn request(ctx) { let n = ctx.body.messages.len(); #{ path: \"/x\", body: #{ n: n } } }\n",
+    )
+    .unwrap();
+    let file = dir.path().join("needs.yaml");
+    std::fs::write(
+        &file,
+        "base_url: http://127.0.0.1:9\nscript: needs.rhai\nrequest: {messages: {roles: {user: user}, into: c, turn: {text: $text}}}\n",
+    )
+    .unwrap();
+    let errors = keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).unwrap_err();
+    assert!(
+        format!("{errors:?}").contains("fails on a sample chat request"),
+        "{errors:?}"
+    );
     for (yaml, expected) in cases {
         let file = dir.path().join("p.yaml");
         std::fs::write(
@@ -575,4 +618,33 @@ fn broken_declarations_are_load_errors() {
         let text = format!("{errors:?}");
         assert!(text.contains(expected), "{yaml}: {text}");
     }
+}
+
+#[test]
+fn a_declaration_with_no_room_in_the_scripts_body_leaves_the_request_to_the_script() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // The script's body holds a number where the declaration would write its turns.
+    std::fs::write(
+        plugins.join("p.rhai"),
+        "fn request(ctx) { #{ path: \"/x\", body: #{ c: 5, n: (ctx.body.messages ?? []).len() } } }\n",
+    )
+    .unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "base_url: http://127.0.0.1:9\nscript: p.rhai\nrequest: {messages: {roles: {user: user}, into: c.turns, turn: {text: $text}}}\n",
+    )
+    .unwrap();
+    let p = keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).unwrap();
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mapped = p
+        .map_request(p.script.as_ref().unwrap(), "chat", "m", false, &body)
+        .unwrap();
+    assert_eq!(
+        mapped.body,
+        json!({"c": 5, "n": 1}),
+        "the script saw the messages"
+    );
 }

@@ -298,8 +298,15 @@ impl Provider {
                 script.map_request(endpoint, model, stream, &serde_json::Value::Object(rest))?
             }
         };
-        for (path, value) in declared.into_iter().flatten() {
-            path.set(&mut mapped.body, value);
+        if let Some(sets) = declared {
+            let mut written = true;
+            for (path, value) in sets {
+                written &= path.set(&mut mapped.body, value);
+            }
+            // The script's body has no room where the declaration writes: the script maps it all instead.
+            if !written {
+                mapped = script.map_request(endpoint, model, stream, body)?;
+            }
         }
         for (from, to) in &self.request_copies {
             if let Some(value) = from.get(body)
@@ -464,28 +471,6 @@ pub fn load_file(
                 hooks.as_deref(),
                 options.as_ref().unwrap_or(&serde_json::Value::Null),
             )?;
-            if loaded.has(Hook::Request) {
-                // The one check only running the script can make: it maps an ordinary request.
-                let model = provider
-                    .static_models
-                    .first()
-                    .map_or("sample-model", String::as_str);
-                let sample = serde_json::json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": "ping"}],
-                });
-                if let Err(e) = loaded.map_request("chat", model, false, &sample) {
-                    return Err(vec![
-                        ConfigError::new(
-                            Some(path),
-                            format!(
-                                "the script's request hook fails on a sample chat request: {e}"
-                            ),
-                        )
-                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
-                    ]);
-                }
-            }
             fingerprint ^= loaded.fingerprint;
             if let Some(stream) = stream {
                 if !loaded.has(Hook::StreamEvent) {
@@ -507,6 +492,35 @@ pub fn load_file(
                     provider.message_map = Some(plain::resolve_messages(messages, path)?);
                 }
                 provider.request_copies = request_copies(request, path)?;
+            }
+            if loaded.has(Hook::Request) {
+                // The one check only running the script can make: it maps an ordinary request, as it comes
+                // and, when `request.messages` takes plain chats, as the hook then sees one (no `messages`).
+                let model = provider
+                    .static_models
+                    .first()
+                    .map_or("sample-model", String::as_str);
+                let sample = serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": "ping"}],
+                });
+                let mut checked = loaded.map_request("chat", model, false, &sample).map(drop);
+                if checked.is_ok() && provider.message_map.is_some() {
+                    checked = provider
+                        .map_request(&loaded, "chat", model, false, &sample)
+                        .map(drop);
+                }
+                if let Err(e) = checked {
+                    return Err(vec![
+                        ConfigError::new(
+                            Some(path),
+                            format!(
+                                "the script's request hook fails on a sample chat request: {e}"
+                            ),
+                        )
+                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
+                    ]);
+                }
             }
             if let Some(response) = response {
                 if !loaded.has(Hook::Response) {

@@ -150,6 +150,16 @@ fn fill(template: &Value, role: &str, text: &str) -> Value {
     }
 }
 
+/// Whether a template holds `$text` as one of its strings.
+fn mentions_text(template: &Value) -> bool {
+    match template {
+        Value::String(s) => s == TEXT,
+        Value::Array(items) => items.iter().any(mentions_text),
+        Value::Object(map) => map.values().any(mentions_text),
+        _ => false,
+    }
+}
+
 /// Appends the items of `extra[field]` to `into[field]` (both arrays, as load-time checks ensure).
 fn append(into: &mut Value, field: &str, mut extra: Value) {
     if let (Some(Value::Array(to)), Some(Value::Array(from))) =
@@ -193,6 +203,23 @@ pub(super) fn resolve_messages(
     if raw.roles.is_empty() {
         error("`roles` must map at least one OpenAI role, e.g. {user: user}".into());
     }
+    if let Some(role) = raw
+        .roles
+        .keys()
+        .find(|r| matches!(r.as_str(), "system" | "developer"))
+    {
+        error(format!(
+            "`roles` cannot map {role:?}: system and developer messages go to `system`"
+        ));
+    }
+    if !mentions_text(&raw.turn) {
+        error("`turn` must hold the string $text where the message's text goes".into());
+    }
+    if raw.system.as_ref().is_some_and(|s| s.into == raw.into) {
+        error(
+            "`system.into` must differ from `into`: the system text would replace the turns".into(),
+        );
+    }
     if let Some(e) = mergeable(&raw.turn, &raw.merge, "turn") {
         error(e);
     }
@@ -207,6 +234,9 @@ pub(super) fn resolve_messages(
         }) => {
             if let Some(e) = mergeable(&value, &merge, "system.value") {
                 error(e);
+            }
+            if !mentions_text(&value) {
+                error("`system.value` must hold the string $text".into());
             }
             path(&into, &mut error).map(|into| SystemMap::Value { into, value, merge })
         }
@@ -312,50 +342,63 @@ impl AnswerMap {
                 )
             }
         };
-        let text = |path: &Option<JsonPath>| path.as_ref()?.get(body)?.as_str();
-        let id = text(&self.id).map_or_else(crate::stream::chunk::completion_id, String::from);
+        // A declared id or model that is there but not text is left to the script, which passes it on as it is.
+        let text = |path: &Option<JsonPath>| -> Option<Option<&str>> {
+            match path.as_ref().and_then(|p| p.get(body)) {
+                None => Some(None),
+                Some(value) => value.as_str().map(Some),
+            }
+        };
+        let id = text(&self.id)?.map_or_else(crate::stream::chunk::completion_id, String::from);
+        let answered_by = text(&self.model)?.unwrap_or(model);
         Some(json!({
             "id": id,
             "object": "chat.completion",
             "created": crate::stream::chunk::unix_seconds(),
-            "model": text(&self.model).unwrap_or(model),
+            "model": answered_by,
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
                 "finish_reason": finish,
             }],
-            "usage": self.usage(body),
+            "usage": self.usage(body)?,
         }))
     }
 
-    fn usage(&self, body: &Value) -> Value {
-        let sum = |paths: &[JsonPath]| -> u64 {
-            paths
-                .iter()
-                .filter_map(|p| p.get(body)?.as_u64())
-                .fold(0u64, u64::saturating_add)
+    /// The usage; `None` when a count is there but not a whole number (the script decides then).
+    fn usage(&self, body: &Value) -> Option<Value> {
+        let sum = |paths: &[JsonPath]| -> Option<u64> {
+            paths.iter().try_fold(0u64, |total, p| match p.get(body) {
+                None => Some(total),
+                Some(n) => Some(total.saturating_add(n.as_u64()?)),
+            })
         };
-        let prompt = sum(&self.prompt);
-        let completion = sum(&self.completion);
+        let prompt = sum(&self.prompt)?;
+        let completion = sum(&self.completion)?;
         let total = match &self.total {
-            Some(paths) if paths.iter().any(|p| p.get(body).is_some()) => sum(paths),
+            Some(paths) if paths.iter().any(|p| p.get(body).is_some()) => sum(paths)?,
             _ => prompt.saturating_add(completion),
         };
         let mut usage = Map::new();
         usage.insert("prompt_tokens".into(), prompt.into());
         usage.insert("completion_tokens".into(), completion.into());
         usage.insert("total_tokens".into(), total.into());
-        let detail = |paths: &Option<Vec<JsonPath>>| paths.as_deref().map(sum).filter(|n| *n > 0);
-        if let Some(n) = detail(&self.reasoning) {
+        let detail = |paths: &Option<Vec<JsonPath>>| -> Option<Option<u64>> {
+            match paths {
+                None => Some(None),
+                Some(paths) => Some(Some(sum(paths)?).filter(|n| *n > 0)),
+            }
+        };
+        if let Some(n) = detail(&self.reasoning)? {
             usage.insert(
                 "completion_tokens_details".into(),
                 json!({"reasoning_tokens": n}),
             );
         }
-        if let Some(n) = detail(&self.cached) {
+        if let Some(n) = detail(&self.cached)? {
             usage.insert("prompt_tokens_details".into(), json!({"cached_tokens": n}));
         }
-        Value::Object(usage)
+        Some(Value::Object(usage))
     }
 }
 

@@ -60,6 +60,8 @@ pub struct UpstreamEvents {
     ended: bool,
     /// The longest silence tolerated between two reads.
     idle: Duration,
+    /// The parser refused an event while `buffered` looked ahead: `next` reports it.
+    oversized: bool,
 }
 
 impl UpstreamEvents {
@@ -69,17 +71,27 @@ impl UpstreamEvents {
             parser: SseParser::new(),
             ended: false,
             idle,
+            oversized: false,
         }
     }
 
-    /// The next event if one is complete in what has been read already; never waits. A parser error is left for
-    /// `next`, which meets it again.
+    /// The next event if one is complete in what has been read already; never waits. A parser error is kept for
+    /// `next` to report.
     fn buffered(&mut self) -> Option<SseEvent> {
-        self.parser.next_event().ok().flatten()
+        if self.oversized {
+            return None;
+        }
+        self.parser.next_event().unwrap_or_else(|_| {
+            self.oversized = true;
+            None
+        })
     }
 
     /// The next event, `None` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<SseEvent>, StreamFault> {
+        if self.oversized {
+            return Err(StreamFault::Oversized);
+        }
         loop {
             if let Some(event) = self
                 .parser
@@ -121,11 +133,86 @@ struct ChunkPeek {
     error: Option<Value>,
 }
 
-/// Of a choice, only whether it finishes; its delta is skipped over, not built (this runs on every event).
-#[derive(Deserialize)]
+/// Of a choice, only whether it finishes; its delta is skipped over, not built (this runs on every event). A
+/// choice that is not an object reads as one that does not finish, as the rest of the chunk still counts.
 struct ChoicePeek {
-    #[serde(default)]
     finish_reason: Option<IgnoredAny>,
+}
+
+impl<'de> Deserialize<'de> for ChoicePeek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            FinishReason,
+            #[serde(other)]
+            Other,
+        }
+
+        struct Choice;
+
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = ChoicePeek;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a choice")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ChoicePeek, A::Error> {
+                let mut finish_reason = None;
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::FinishReason => finish_reason = map.next_value()?,
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(ChoicePeek { finish_reason })
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ChoicePeek, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ChoicePeek {
+                    finish_reason: None,
+                })
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ChoicePeek, E> {
+                Ok(ChoicePeek {
+                    finish_reason: None,
+                })
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+        }
+
+        d.deserialize_any(Choice)
+    }
 }
 
 /// Turns upstream events into OpenAI chunk parts: passthrough for OpenAI-compatible upstreams; for others, the
@@ -608,5 +695,44 @@ impl Forward {
         }
         let message = format!("upstream stream interrupted: {why}");
         error_frame(&message, "upstream_error", code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(data: &str) -> SseEvent {
+        SseEvent {
+            event: None,
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn passthrough_peeks_at_finish_usage_and_errors_leniently() {
+        let parts = |data: &str| passthrough("test", &event(data));
+        let odd = parts(
+            r#"{"choices":[null,7,{"index":1,"delta":{"content":"x"},"finish_reason":"stop"}],"usage":{"total_tokens":3}}"#,
+        );
+        let [Part::Chunk { finish, usage, .. }] = odd.as_slice() else {
+            panic!("one chunk")
+        };
+        assert!(*finish, "a finishing choice counts, odd siblings or not");
+        assert_eq!(usage.as_ref().unwrap()["total_tokens"], 3);
+        let plain = parts(r#"{"choices":[{"delta":{"content":"x"},"finish_reason":null}]}"#);
+        let [Part::Chunk { finish, .. }] = plain.as_slice() else {
+            panic!("one chunk")
+        };
+        assert!(!*finish);
+        assert!(matches!(
+            parts(r#"{"error":{"message":"overloaded"}}"#).as_slice(),
+            [Part::Error(_)]
+        ));
+        assert!(matches!(parts("[DONE]").as_slice(), [Part::Done]));
+        assert!(
+            parts("{not json").is_empty(),
+            "a malformed event is skipped"
+        );
     }
 }
