@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench load` runs the table; `cargo bench --bench load -- soak [REQUESTS]` runs the soak: about
 //! a million requests (by default) against keys of which a quarter rate-limit and a tenth are flaky, reporting
-//! client-visible errors and RSS over time.
+//! client-visible errors and RSS over time. Table options: `levels=1,64` (chosen rows only), `runs=3` (each row
+//! measured three times, medians printed), `quick` (concurrency 16 only, no RSS runs).
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
@@ -367,8 +368,59 @@ async fn load(
     }
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
+/// One row's figures: a direct run, then the same load through keyrelay.
+struct Row {
+    direct_rps: f64,
+    relayed_rps: f64,
+    /// p50 and p99, in milliseconds.
+    direct_ms: [f64; 2],
+    relayed_ms: [f64; 2],
+    added_ms: [f64; 2],
+    cpu_per_k: f64,
+    user_per_k: f64,
+    floor_per_k: f64,
+    errors: usize,
+}
+
+async fn row(
+    client: &reqwest::Client,
+    mock: &Process,
+    proxy: &Process,
+    direct_url: &str,
+    proxy_url: &str,
+    concurrency: usize,
+    stream: bool,
+) -> Row {
+    let duration = Duration::from_secs(3);
+    // The direct run's CPU, the mock's and this process's (the client): what one HTTP server plus one HTTP
+    // client cost per request on this machine, the floor for any proxy, which is both.
+    let (mock_before, _, _) = usage(mock.pid());
+    let (client_before, _, _) = usage(std::process::id());
+    let direct = load(client, direct_url, concurrency, stream, duration, "m").await;
+    let floor_per_k = (usage(mock.pid()).0 - mock_before
+        + (usage(std::process::id()).0 - client_before))
+        .as_secs_f64()
+        * 1e6
+        / direct.all.max(1) as f64;
+    let (cpu_before, _, _) = usage(proxy.pid());
+    let user_before = user_time(proxy.pid());
+    let relayed = load(client, proxy_url, concurrency, stream, duration, "mock/m").await;
+    let (cpu_after, _, _) = usage(proxy.pid());
+    let per_k = |d: Duration| d.as_secs_f64() * 1e6 / relayed.all.max(1) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pair = |run: &Run| [ms(run.percentile(0.5)), ms(run.percentile(0.99))];
+    let added = |p: f64| ms(relayed.percentile(p).saturating_sub(direct.percentile(p)));
+    Row {
+        direct_rps: direct.throughput(),
+        relayed_rps: relayed.throughput(),
+        direct_ms: pair(&direct),
+        relayed_ms: pair(&relayed),
+        added_ms: [added(0.5), added(0.99)],
+        cpu_per_k: per_k(cpu_after - cpu_before),
+        user_per_k: per_k(user_time(proxy.pid()) - user_before),
+        floor_per_k,
+        errors: direct.errors + relayed.errors,
+    }
 }
 
 async fn table() {
@@ -408,43 +460,51 @@ async fn table() {
             vec![1, 16, 64, 256]
         }
     });
+    // `runs=3` measures each row three times and prints the median of each figure (this VM's timings move by
+    // 10-30% between runs).
+    let runs: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("runs=").and_then(|n| n.parse().ok()))
+        .unwrap_or(1)
+        .max(1);
     for &concurrency in &levels {
         for stream in [false, true] {
-            let duration = Duration::from_secs(3);
-            // The direct run's CPU, the mock's and this process's (the client): what one HTTP server plus one
-            // HTTP client cost per request on this machine, the floor for any proxy, which is both.
-            let (mock_before, _, _) = usage(mock.pid());
-            let (client_before, _, _) = usage(std::process::id());
-            let direct = load(&client, &direct_url, concurrency, stream, duration, "m").await;
-            let floor_per_k = (usage(mock.pid()).0 - mock_before
-                + (usage(std::process::id()).0 - client_before))
-                .as_secs_f64()
-                * 1e6
-                / direct.all.max(1) as f64;
-            let (cpu_before, _, _) = usage(proxy.pid());
-            let user_before = user_time(proxy.pid());
-            let relayed = load(&client, &proxy_url, concurrency, stream, duration, "mock/m").await;
-            let (cpu_after, _, _) = usage(proxy.pid());
-            let per_k = |d: Duration| d.as_secs_f64() * 1000.0 / relayed.all.max(1) as f64 * 1000.0;
-            let cpu_per_k = per_k(cpu_after - cpu_before);
-            let user_per_k = per_k(user_time(proxy.pid()) - user_before);
-            let added = |p: f64| relayed.percentile(p).saturating_sub(direct.percentile(p));
+            let mut rows = Vec::new();
+            for _ in 0..runs {
+                rows.push(
+                    row(
+                        &client,
+                        &mock,
+                        &proxy,
+                        &direct_url,
+                        &proxy_url,
+                        concurrency,
+                        stream,
+                    )
+                    .await,
+                );
+            }
+            let median = |f: fn(&Row) -> f64| {
+                let mut v: Vec<f64> = rows.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let ms = |f: fn(&Row) -> f64| format!("{:.3}", median(f));
             println!(
                 "| {concurrency} | {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} | {} / {} | {:.0} ms ({:.0} user) | {:.0} ms | {} |",
                 if stream { "stream" } else { "json" },
-                direct.throughput(),
-                relayed.throughput(),
-                100.0 * relayed.throughput() / direct.throughput(),
-                ms(direct.percentile(0.5)),
-                ms(direct.percentile(0.99)),
-                ms(relayed.percentile(0.5)),
-                ms(relayed.percentile(0.99)),
-                ms(added(0.5)),
-                ms(added(0.99)),
-                cpu_per_k,
-                user_per_k,
-                floor_per_k,
-                direct.errors + relayed.errors,
+                median(|r| r.direct_rps),
+                median(|r| r.relayed_rps),
+                median(|r| 100.0 * r.relayed_rps / r.direct_rps),
+                ms(|r| r.direct_ms[0]),
+                ms(|r| r.direct_ms[1]),
+                ms(|r| r.relayed_ms[0]),
+                ms(|r| r.relayed_ms[1]),
+                ms(|r| r.added_ms[0]),
+                ms(|r| r.added_ms[1]),
+                median(|r| r.cpu_per_k),
+                median(|r| r.user_per_k),
+                median(|r| r.floor_per_k),
+                rows.iter().map(|r| r.errors).sum::<usize>(),
             );
         }
     }
