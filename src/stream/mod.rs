@@ -22,7 +22,9 @@ use sse::{SseEvent, SseParser};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
@@ -60,19 +62,46 @@ pub struct UpstreamEvents {
     ended: bool,
     /// The longest silence tolerated between two reads.
     idle: Duration,
+    /// Since when the reader has been waiting for the upstream.
+    waiting_since: Instant,
+    /// Wakes the reader to check for silence. Armed lazily: a read only moves `waiting_since`, and the timer is
+    /// pushed on when it fires early, so a busy stream does not touch the timer wheel once per event.
+    watchdog: Pin<Box<Sleep>>,
     /// The parser refused an event while `buffered` looked ahead: `next` reports it.
     oversized: bool,
 }
 
 impl UpstreamEvents {
     pub fn new(response: reqwest::Response, idle: Duration) -> Self {
+        let now = Instant::now();
         Self {
             body: Box::pin(response.bytes_stream()),
             parser: SseParser::new(),
             ended: false,
             idle,
+            waiting_since: now,
+            watchdog: Box::pin(tokio::time::sleep_until(after(now, idle))),
             oversized: false,
         }
+    }
+
+    /// The next chunk of the body, `None` if none came within `idle` of asking.
+    async fn read(&mut self) -> Option<Option<reqwest::Result<Bytes>>> {
+        self.waiting_since = Instant::now();
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(item) = self.body.poll_next_unpin(cx) {
+                return Poll::Ready(Some(item));
+            }
+            while self.watchdog.as_mut().poll(cx).is_ready() {
+                let due = after(self.waiting_since, self.idle);
+                if Instant::now() >= due {
+                    return Poll::Ready(None);
+                }
+                self.watchdog.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next event if one is complete in what has been read already; never waits. A parser error is kept for
@@ -103,22 +132,28 @@ impl UpstreamEvents {
             if self.ended {
                 return Ok(None);
             }
-            match tokio::time::timeout(self.idle, self.body.next()).await {
-                Err(_) => return Err(StreamFault::Stalled(self.idle)),
-                Ok(Some(Ok(chunk))) => self
+            match self.read().await {
+                None => return Err(StreamFault::Stalled(self.idle)),
+                Some(Some(Ok(chunk))) => self
                     .parser
                     .push(&chunk)
                     .map_err(|_| StreamFault::Oversized)?,
-                Ok(Some(Err(e))) => {
+                Some(Some(Err(e))) => {
                     return Err(StreamFault::Connection(crate::relay::describe_reqwest(&e)));
                 }
-                Ok(None) => {
+                Some(None) => {
                     self.ended = true;
                     return Ok(self.parser.finish());
                 }
             }
         }
     }
+}
+
+/// `at + wait`, or far in the future when that does not fit in an `Instant`.
+fn after(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 /// The parts of an OpenAI chunk the proxy looks at; everything else passes through untouched. Lenient on
