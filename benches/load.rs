@@ -227,8 +227,8 @@ fn write_config(dir: &Path, base: &str, providers: usize, keys: impl Fn(usize) -
     std::fs::write(dir.join(".env"), env).unwrap();
 }
 
-/// User CPU time of a process (part of what `usage` reports).
-fn user_time(pid: u32) -> Duration {
+/// (user, user + system) CPU time of a process.
+fn cpu(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -236,26 +236,21 @@ fn user_time(pid: u32) -> Duration {
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    Duration::from_millis(
+    let ticks = |i: usize| {
         fields
-            .get(11)
+            .get(i)
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
-            * 10,
+    };
+    let (user, system) = (ticks(11), ticks(12));
+    (
+        Duration::from_millis(user * 10),
+        Duration::from_millis((user + system) * 10),
     )
 }
 
 /// (user + system CPU time, current RSS in KiB, peak RSS in KiB) of a process.
 fn usage(pid: u32) -> (Duration, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb = |name: &str| {
         status
@@ -265,11 +260,7 @@ fn usage(pid: u32) -> (Duration, u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (
-        Duration::from_millis(ticks * 10),
-        kb("VmRSS:"),
-        kb("VmHWM:"),
-    )
+    (cpu(pid).1, kb("VmRSS:"), kb("VmHWM:"))
 }
 
 // ------------------------------------------------------------------------------------------------- the load
@@ -402,10 +393,9 @@ async fn row(
         .as_secs_f64()
         * 1e6
         / direct.all.max(1) as f64;
-    let (cpu_before, _, _) = usage(proxy.pid());
-    let user_before = user_time(proxy.pid());
+    let (user_before, cpu_before) = cpu(proxy.pid());
     let relayed = load(client, proxy_url, concurrency, stream, duration, "mock/m").await;
-    let (cpu_after, _, _) = usage(proxy.pid());
+    let (user_after, cpu_after) = cpu(proxy.pid());
     let per_k = |d: Duration| d.as_secs_f64() * 1e6 / relayed.all.max(1) as f64;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let pair = |run: &Run| [ms(run.percentile(0.5)), ms(run.percentile(0.99))];
@@ -417,7 +407,7 @@ async fn row(
         relayed_ms: pair(&relayed),
         added_ms: [added(0.5), added(0.99)],
         cpu_per_k: per_k(cpu_after - cpu_before),
-        user_per_k: per_k(user_time(proxy.pid()) - user_before),
+        user_per_k: per_k(user_after - user_before),
         floor_per_k,
         errors: direct.errors + relayed.errors,
     }

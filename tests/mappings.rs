@@ -549,16 +549,31 @@ fn declared_answers_agree_with_the_scripts() {
     }
 }
 
+/// Loads a provider written into `dir`: `script` as plugins/<name>.rhai, and a provider file naming it, with
+/// `yaml` added.
+fn load_in(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    yaml: &str,
+) -> Result<keyrelay::spec::Provider, Vec<keyrelay::config::ConfigError>> {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(plugins.join(format!("{name}.rhai")), script).unwrap();
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!("base_url: http://127.0.0.1:9\nscript: {name}.rhai\n{yaml}\n"),
+    )
+    .unwrap();
+    keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None)
+}
+
 #[test]
 fn broken_declarations_are_load_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::write(
-        plugins.join("p.rhai"),
-        "fn request(ctx) { #{ path: \"/x\", body: #{} } }\nfn response(ctx) { ctx.body }\n",
-    )
-    .unwrap();
+    let script =
+        "fn request(ctx) { #{ path: \"/x\", body: #{} } }\nfn response(ctx) { ctx.body }\n";
     let cases = [
         (
             "request: {messages: {roles: {user: user}, into: contents, turn: {parts: [{text: $text}]}, merge: nope}}",
@@ -590,31 +605,19 @@ fn broken_declarations_are_load_errors() {
         ),
     ];
     // A request hook that needs `messages` fails when the declaration takes plain chats away from it.
-    std::fs::write(
-        plugins.join("needs.rhai"),
+    let errors = load_in(
+        dir.path(),
+        "needs",
         "fn request(ctx) { let n = ctx.body.messages.len(); #{ path: \"/x\", body: #{ n: n } } }\n",
+        "request: {messages: {roles: {user: user}, into: c, turn: {text: $text}}}",
     )
-    .unwrap();
-    let file = dir.path().join("needs.yaml");
-    std::fs::write(
-        &file,
-        "base_url: http://127.0.0.1:9\nscript: needs.rhai\nrequest: {messages: {roles: {user: user}, into: c, turn: {text: $text}}}\n",
-    )
-    .unwrap();
-    let errors = keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).unwrap_err();
+    .unwrap_err();
     assert!(
         format!("{errors:?}").contains("fails on a sample chat request"),
         "{errors:?}"
     );
     for (yaml, expected) in cases {
-        let file = dir.path().join("p.yaml");
-        std::fs::write(
-            &file,
-            format!("base_url: http://127.0.0.1:9\nscript: p.rhai\n{yaml}\n"),
-        )
-        .unwrap();
-        let errors =
-            keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).expect_err(yaml);
+        let errors = load_in(dir.path(), "p", script, yaml).expect_err(yaml);
         let text = format!("{errors:?}");
         assert!(text.contains(expected), "{yaml}: {text}");
     }
@@ -623,21 +626,14 @@ fn broken_declarations_are_load_errors() {
 #[test]
 fn a_declaration_with_no_room_in_the_scripts_body_leaves_the_request_to_the_script() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
     // The script's body holds a number where the declaration would write its turns.
-    std::fs::write(
-        plugins.join("p.rhai"),
+    let p = load_in(
+        dir.path(),
+        "p",
         "fn request(ctx) { #{ path: \"/x\", body: #{ c: 5, n: (ctx.body.messages ?? []).len() } } }\n",
+        "request: {messages: {roles: {user: user}, into: c.turns, turn: {text: $text}}}",
     )
     .unwrap();
-    let file = dir.path().join("p.yaml");
-    std::fs::write(
-        &file,
-        "base_url: http://127.0.0.1:9\nscript: p.rhai\nrequest: {messages: {roles: {user: user}, into: c.turns, turn: {text: $text}}}\n",
-    )
-    .unwrap();
-    let p = keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None).unwrap();
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     let mapped = p
         .map_request(p.script.as_ref().unwrap(), "chat", "m", false, &body)
