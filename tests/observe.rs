@@ -272,34 +272,20 @@ async fn the_console_log_has_one_line_per_request_and_no_secret() {
         let banner = String::from_utf8(banner).unwrap();
         let url = banner.split("listening on ").nth(1).unwrap().to_string();
         let client = http_client();
-        let body = json!({"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]});
-        let reply = client
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(PROXY_KEY)
-            .json_body(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reply.status(), 200);
-        let reply = client
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth("wrong")
-            .json_body(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reply.status(), 401);
+        let chat = |token: &'static str, model: &str| {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(token)
+                .json_body(
+                    &json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+                )
+                .send()
+        };
+        assert_eq!(chat(PROXY_KEY, "mock/m").await.unwrap().status(), 200);
+        assert_eq!(chat("wrong", "mock/m").await.unwrap().status(), 401);
         // A client's model name cannot put an escape sequence on the operator's terminal.
-        let sneaky =
-            json!({"model": "nope\u{1b}[2J/m", "messages": [{"role": "user", "content": "hi"}]});
-        let reply = client
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(PROXY_KEY)
-            .json_body(&sneaky)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reply.status(), 404);
+        let sneaky = chat(PROXY_KEY, "nope\u{1b}[2J/m").await.unwrap();
+        assert_eq!(sneaky.status(), 404);
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
