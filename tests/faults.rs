@@ -188,13 +188,9 @@ async fn after_the_faults_clear_the_pool_is_healthy() {
 #[tokio::test]
 async fn declared_key_limits_are_kept_so_the_upstream_never_says_429() {
     let mock = Mock::echo("ok").await;
-    let yaml = provider_yaml(&mock.base_url, "limits: {requests_per_minute: 2}\n");
-    let proxy = Proxy::start(
-        Setup::one(&mock, 2)
-            .provider("mock", yaml)
-            .config("request_timeout: 2s\n"),
-    )
-    .await;
+    let proxy =
+        Proxy::start(limited(&mock, 2, "{requests_per_minute: 2}").config("request_timeout: 2s\n"))
+            .await;
     for _ in 0..4 {
         assert_eq!(proxy.chat("mock/m", "hi").await.0, 200);
     }
@@ -221,13 +217,9 @@ async fn declared_key_limits_are_kept_so_the_upstream_never_says_429() {
 
     // Tokens per minute: each answer reports 18 tokens; with a budget of 20 a key serves twice, then rests.
     let mock = Mock::echo("ok").await;
-    let yaml = provider_yaml(&mock.base_url, "limits: {tokens_per_minute: 20}\n");
-    let proxy = Proxy::start(
-        Setup::one(&mock, 1)
-            .provider("mock", yaml)
-            .config("request_timeout: 2s\n"),
-    )
-    .await;
+    let proxy =
+        Proxy::start(limited(&mock, 1, "{tokens_per_minute: 20}").config("request_timeout: 2s\n"))
+            .await;
     assert_eq!(proxy.chat("mock/m", "1").await.0, 200);
     assert_eq!(proxy.chat("mock/m", "2").await.0, 200);
     assert_eq!(proxy.chat("mock/m", "3").await.0, 429);
@@ -235,12 +227,19 @@ async fn declared_key_limits_are_kept_so_the_upstream_never_says_429() {
 
     // Requests per day: until the daily reset.
     let mock = Mock::echo("ok").await;
-    let yaml = provider_yaml(&mock.base_url, "limits: {requests_per_day: 1}\n");
-    let proxy = Proxy::start(Setup::one(&mock, 1).provider("mock", yaml)).await;
+    let proxy = Proxy::start(limited(&mock, 1, "{requests_per_day: 1}")).await;
     assert_eq!(proxy.chat("mock/m", "1").await.0, 200);
     let (status, headers, _) = proxy.chat("mock/m", "2").await;
     assert_eq!(status, 429);
     assert!(header(&headers, "retry-after").parse::<u64>().unwrap() > 60);
+}
+
+/// `keys` keys on `mock`, with these declared per-key `limits`.
+fn limited(mock: &Mock, keys: usize, limits: &str) -> Setup {
+    Setup::one(mock, keys).provider(
+        "mock",
+        provider_yaml(&mock.base_url, &format!("limits: {limits}\n")),
+    )
 }
 
 /// The first chunks of an answer, cut before its finish.
