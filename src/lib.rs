@@ -79,6 +79,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod stream;
 pub mod tokens;
+pub mod upstream;
 
 pub use relay::{Relay, Reply};
 pub use snapshot::Snapshot;

@@ -267,7 +267,7 @@ async fn providers(State(app): State<AppState>) -> Response {
                 "keys": p.keys.len(),
                 "keys_in_flight": report.iter().map(|k| k.in_flight).sum::<u32>(),
                 "keys_cooling": cooling,
-                "base_url": public_url(&p.base_url),
+                "base_url": crate::upstream::public_url(&p.base_url),
                 "selection": p.tuning.selection,
                 "static_models": p.static_models.len(),
                 "script": p.script.as_ref().map(|s| s.file.display().to_string()),
@@ -276,19 +276,6 @@ async fn providers(State(app): State<AppState>) -> Response {
         })
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
-}
-
-/// A base URL without user info or query, which could carry credentials.
-fn public_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.to_string().trim_end_matches('/').to_string()
-        }
-        Err(_) => String::new(),
-    }
 }
 
 async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {

@@ -7,8 +7,9 @@ use crate::script::ScriptError;
 use crate::secret::ApiKey;
 use crate::spec::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
+use crate::upstream::{HttpClient, UpstreamError};
 use bytes::Bytes;
-use reqwest::header::{ACCEPT, HeaderValue};
+use http::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -16,7 +17,7 @@ use serde_json::Value;
 const MAX_ERROR_BODY: usize = 64 << 10;
 
 pub struct Attempt<'a> {
-    pub http: &'a reqwest::Client,
+    pub http: &'a HttpClient,
     pub clock: &'a Clock,
     pub provider: &'a Provider,
 }
@@ -55,6 +56,16 @@ impl Failure {
         })
     }
 
+    /// The request or its body failed on the way.
+    fn upstream(e: UpstreamError) -> AttemptError {
+        let class = if e.timed_out {
+            ErrorClass::Timeout
+        } else {
+            ErrorClass::Connection
+        };
+        Self::transport(class, e.message)
+    }
+
     fn unusable(why: &str) -> AttemptError {
         match Self::transport(ErrorClass::Server, why.to_string()) {
             AttemptError::Upstream(f) => AttemptError::Upstream(Self {
@@ -90,14 +101,16 @@ impl Attempt<'_> {
     ) -> Result<Success, AttemptError> {
         let p = self.provider;
         let mut request = p
-            .request(self.http, call, key)
+            .request(call, key)
             .map_err(|why| Failure::transport(ErrorClass::Auth, why))?;
         if stream.is_some() {
-            request = request.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
+            request
+                .headers_mut()
+                .insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
         let started = tokio::time::Instant::now();
         let tuning = &p.tuning;
-        let sent = request.send();
+        let sent = self.http.send(request);
         let sent = match tuning.response_timeout {
             Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
                 Failure::transport(
@@ -107,19 +120,13 @@ impl Attempt<'_> {
             })?,
             None => sent.await,
         };
-        let response = sent.map_err(|e| {
-            let class = if e.is_timeout() {
-                ErrorClass::Timeout
-            } else {
-                ErrorClass::Connection
-            };
-            Failure::transport(class, super::describe_reqwest(&e))
-        })?;
+        let response = sent.map_err(Failure::upstream)?;
 
         let status = response.status();
         if !status.is_success() {
             let headers = response.headers().clone();
-            let body = redact(read_capped(response).await, key);
+            let body = crate::upstream::read_capped(response.into_body(), MAX_ERROR_BODY).await;
+            let body = redact(body, key);
             let text = String::from_utf8_lossy(&body);
             let verdict = p.judge(status.as_u16(), &headers, &text, self.clock.now())?;
             return Err(AttemptError::Upstream(Failure {
@@ -131,7 +138,7 @@ impl Attempt<'_> {
         }
 
         if let Some(mut mapper) = stream {
-            let mut events = UpstreamEvents::new(response, tuning.stream_idle_timeout);
+            let mut events = UpstreamEvents::new(response.into_body(), tuning.stream_idle_timeout);
             let first_by = tuning
                 .first_event_timeout
                 .map(|limit| (started + limit, limit));
@@ -190,10 +197,9 @@ impl Attempt<'_> {
             }
         }
 
-        let body = response
-            .bytes()
+        let body = crate::upstream::read_all(response.into_body())
             .await
-            .map_err(|e| Failure::transport(ErrorClass::Connection, super::describe_reqwest(&e)))?;
+            .map_err(Failure::upstream)?;
         match serde_json::from_slice::<BodyPeek>(&body) {
             Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
                 body,
@@ -215,17 +221,4 @@ fn redact(body: Bytes, key: &ApiKey) -> Bytes {
         std::borrow::Cow::Owned(text) => text.into(),
         std::borrow::Cow::Borrowed(_) => body,
     }
-}
-
-/// The start of an error body; a broken body yields what arrived.
-async fn read_capped(mut response: reqwest::Response) -> Bytes {
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = MAX_ERROR_BODY - out.len();
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= MAX_ERROR_BODY {
-            break;
-        }
-    }
-    out.into()
 }

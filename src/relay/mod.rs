@@ -6,7 +6,7 @@
 //! client errors are answered at once. Waiting for a busy or cooling key happens in `Relay::lease`.
 
 mod attempt;
-mod clients;
+
 mod error;
 pub mod models;
 
@@ -135,7 +135,7 @@ enum Start<'a> {
 pub struct Relay {
     config: Arc<ArcSwap<Snapshot>>,
     store: Arc<dyn KeyStore>,
-    clients: Arc<clients::Clients>,
+    clients: Arc<crate::upstream::Clients>,
     clock: Clock,
     catalog: Arc<models::Catalog>,
     /// Told about every request when it ends.
@@ -776,13 +776,13 @@ fn upstream_call(
 
 /// The upstream call a request hook described.
 fn mapped_call(m: MappedRequest) -> Result<UpstreamCall, String> {
-    let method = reqwest::Method::from_bytes(m.method.as_bytes())
+    let method = http::Method::from_bytes(m.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", m.method))?;
     let mut headers = Vec::with_capacity(m.headers.len() + 1);
     for (k, v) in m.headers {
-        let name = reqwest::header::HeaderName::try_from(k.as_str())
+        let name = http::header::HeaderName::try_from(k.as_str())
             .map_err(|_| format!("invalid header name {k:?}"))?;
-        let value = reqwest::header::HeaderValue::try_from(v.as_str())
+        let value = http::header::HeaderValue::try_from(v.as_str())
             .map_err(|_| format!("invalid value for header {k:?}"))?;
         headers.push((name, value));
     }
@@ -790,8 +790,8 @@ fn mapped_call(m: MappedRequest) -> Result<UpstreamCall, String> {
         Value::Null => bytes::Bytes::new(),
         body => {
             headers.push((
-                reqwest::header::CONTENT_TYPE,
-                reqwest::header::HeaderValue::from_static("application/json"),
+                http::header::CONTENT_TYPE,
+                http::header::HeaderValue::from_static("application/json"),
             ));
             body.to_string().into()
         }
@@ -841,28 +841,4 @@ fn resolve_model(
         return Err(RelayError::ModelDenied(model.clone()));
     }
     Ok((p.clone(), name.to_string()))
-}
-
-/// A reqwest error in words, without the URL (which may carry a key in its query string).
-pub fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "the response body broke off"
-    } else {
-        "request failed"
-    };
-    let mut source = std::error::Error::source(e);
-    let mut detail = String::new();
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
 }

@@ -3,6 +3,7 @@
 
 use crate::snapshot::Snapshot;
 use crate::spec::{ListSource, Provider};
+use crate::upstream::HttpClient;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,8 @@ const FIRST_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed fetch, the next try waits this long (or `models_refresh`, if shorter): a listing must not hit
 /// a failing upstream on every call.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+/// The longest one upstream list fetch may take, body included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 struct Cached {
@@ -59,7 +62,7 @@ impl Catalog {
     pub async fn list(
         self: &Arc<Self>,
         snapshot: &Snapshot,
-        clients: &super::clients::Clients,
+        clients: &crate::upstream::Clients,
         max_age: Duration,
     ) -> Vec<Value> {
         let fetches = snapshot.serving().map(|p| {
@@ -104,7 +107,7 @@ impl Catalog {
     async fn upstream_models(
         self: &Arc<Self>,
         provider: Arc<Provider>,
-        http: reqwest::Client,
+        http: HttpClient,
         max_age: Duration,
     ) -> Arc<Vec<Value>> {
         if provider.list == ListSource::Static {
@@ -138,7 +141,7 @@ impl Catalog {
         }
     }
 
-    async fn refresh(&self, provider: &Provider, http: &reqwest::Client) {
+    async fn refresh(&self, provider: &Provider, http: &HttpClient) {
         match fetch(provider, http).await {
             Ok(models) => self.store(provider, Arc::new(models), None),
             Err(why) => {
@@ -152,29 +155,35 @@ impl Catalog {
 }
 
 /// Fetches the upstream list with the provider's keys in turn (at most two).
-async fn fetch(provider: &Provider, http: &reqwest::Client) -> Result<Vec<Value>, String> {
+async fn fetch(provider: &Provider, http: &HttpClient) -> Result<Vec<Value>, String> {
     let path = provider.paths.models.as_deref().ok_or("no models path")?;
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
-        let Ok(request) = provider.request(http, &crate::spec::UpstreamCall::get(path), key) else {
+        let Ok(request) = provider.request(&crate::spec::UpstreamCall::get(path), key) else {
             continue;
         };
-        let request = request.timeout(Duration::from_secs(15));
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                last = super::describe_reqwest(&e);
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
+            let response = http.send(request).await?;
+            let status = response.status();
+            let body = crate::upstream::read_all(response.into_body()).await?;
+            Ok::<_, crate::upstream::UpstreamError>((status, body))
+        })
+        .await;
+        let (status, bytes) = match fetched {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(e)) => {
+                last = e.message;
+                continue;
+            }
+            Err(_) => {
+                last = format!("no answer within {FETCH_TIMEOUT:?}");
                 continue;
             }
         };
-        if !response.status().is_success() {
-            last = format!("status {}", response.status().as_u16());
+        if !status.is_success() {
+            last = format!("status {}", status.as_u16());
             continue;
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| super::describe_reqwest(&e))?;
         if let Some(script) = provider
             .script
             .as_ref()

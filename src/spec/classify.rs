@@ -2,7 +2,7 @@
 //! by status; and finding how long the upstream asked us to wait.
 
 use crate::clock::UnixMs;
-use reqwest::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -241,7 +241,7 @@ pub fn parse_wait(value: &str, now: UnixMs) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use http::header::HeaderValue;
 
     const NOW: UnixMs = 1_760_000_000_000;
 

@@ -15,7 +15,7 @@ use crate::secret::ApiKey;
 pub use classify::{
     Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict,
 };
-use reqwest::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -182,8 +182,6 @@ pub struct Provider {
     pub source: Option<PathBuf>,
     /// Without a trailing slash.
     pub base_url: String,
-    /// `base_url` parsed once, on first use (parsing a URL per request showed in profiles).
-    pub parsed_base: std::sync::OnceLock<Option<reqwest::Url>>,
     pub auth: Auth,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub paths: Paths,
@@ -219,37 +217,28 @@ impl Provider {
         format!("{}{}", self.base_url, path)
     }
 
-    /// The HTTP request for `call` carrying `key` the way this provider expects, with its static headers.
+    /// The HTTP request for `call` carrying `key` the way this provider expects, with its static headers (and a
+    /// user agent and `accept: */*` unless those set their own).
     pub fn request(
         &self,
-        http: &reqwest::Client,
         call: &UpstreamCall,
         key: &ApiKey,
-    ) -> Result<reqwest::RequestBuilder, String> {
-        let base = self
-            .parsed_base
-            .get_or_init(|| reqwest::Url::parse(&self.base_url).ok());
-        let mut url = base
-            .clone()
-            .ok_or_else(|| format!("invalid upstream URL {:?}", self.base_url))?;
-        let (path, query) = call.path.split_once('?').unwrap_or((&call.path, ""));
-        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
-        url.set_path(&joined);
-        if !query.is_empty() {
-            url.set_query(Some(query));
-        }
-        if !call.query.is_empty() || matches!(self.auth, Auth::Query { .. }) {
-            let mut pairs = url.query_pairs_mut();
-            for (k, v) in &call.query {
-                pairs.append_pair(k, v);
-            }
-            if let Auth::Query { param } = &self.auth {
-                pairs.append_pair(param, key.expose());
-            }
-        }
-        let mut builder = http.request(call.method.clone(), url);
+    ) -> Result<http::Request<crate::upstream::Outgoing>, String> {
+        let pairs = call.query.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let uri = match &self.auth {
+            Auth::Query { param } => crate::upstream::upstream_uri(
+                &self.base_url,
+                &call.path,
+                pairs.chain([(param.as_str(), key.expose())]),
+            ),
+            _ => crate::upstream::upstream_uri(&self.base_url, &call.path, pairs),
+        }?;
+        let mut request = http::Request::new(crate::upstream::Outgoing::new(call.body.clone()));
+        *request.method_mut() = call.method.clone();
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
         for (name, value) in self.headers.iter().chain(&call.headers) {
-            builder = builder.header(name, value);
+            headers.append(name, value.clone());
         }
         if let Auth::Header {
             name,
@@ -262,12 +251,18 @@ impl Provider {
                     "the key holds characters that an HTTP header cannot carry".to_string()
                 })?;
             value.set_sensitive(true);
-            builder = builder.header(name, value);
+            headers.append(name, value);
         }
-        if !call.body.is_empty() {
-            builder = builder.body(call.body.clone());
-        }
-        Ok(builder)
+        headers
+            .entry(http::header::USER_AGENT)
+            .or_insert(HeaderValue::from_static(concat!(
+                "keyrelay/",
+                env!("CARGO_PKG_VERSION")
+            )));
+        headers
+            .entry(http::header::ACCEPT)
+            .or_insert(HeaderValue::from_static("*/*"));
+        Ok(request)
     }
 
     /// Runs the request hook, then the declared copies from the client's body into the upstream body (a value
@@ -342,7 +337,7 @@ impl Provider {
     pub fn judge(
         &self,
         status: u16,
-        headers: &reqwest::header::HeaderMap,
+        headers: &http::header::HeaderMap,
         body: &str,
         now: crate::clock::UnixMs,
     ) -> Result<Verdict, ScriptError> {
@@ -386,7 +381,7 @@ impl Provider {
 /// One upstream HTTP call, before a key is added: what the request hook (or passthrough) decided.
 #[derive(Clone, Debug)]
 pub struct UpstreamCall {
-    pub method: reqwest::Method,
+    pub method: http::Method,
     /// Relative to the base URL.
     pub path: String,
     pub query: Vec<(String, String)>,
@@ -397,7 +392,7 @@ pub struct UpstreamCall {
 impl UpstreamCall {
     pub fn get(path: &str) -> Self {
         Self {
-            method: reqwest::Method::GET,
+            method: http::Method::GET,
             path: path.to_string(),
             query: Vec::new(),
             headers: Vec::new(),
@@ -407,9 +402,9 @@ impl UpstreamCall {
 
     pub fn post_json(path: &str, body: bytes::Bytes) -> Self {
         Self {
-            method: reqwest::Method::POST,
+            method: http::Method::POST,
             headers: vec![(
-                reqwest::header::CONTENT_TYPE,
+                http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
             body,
@@ -608,7 +603,8 @@ fn resolve(
         .unwrap_or_default()
         .trim_end_matches('/')
         .to_string();
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+    let absolute = http::Uri::try_from(base_url.as_str()).is_ok_and(|u| u.host().is_some());
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) || !absolute {
         err(
             format!("base_url {base_url:?} must be an http:// or https:// URL"),
             "e.g. base_url: https://api.example.com/v1",
@@ -835,7 +831,6 @@ fn resolve(
         name,
         source: source.map(Path::to_path_buf),
         base_url,
-        parsed_base: std::sync::OnceLock::new(),
         auth,
         headers,
         paths,

@@ -12,6 +12,7 @@ use crate::observe::{Journal, Observer};
 use crate::script::{ScriptError, ScriptStream};
 use crate::spec::stream_rules::{self, Emitted, StreamRule};
 use crate::spec::{ErrorClass, Verdict};
+use crate::upstream::UpstreamError;
 use bytes::Bytes;
 pub use chunk::{ChunkWriter, Part};
 use futures_util::{Stream, StreamExt};
@@ -25,8 +26,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
-
-type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
 /// The bytes of a client-facing SSE stream.
 pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
@@ -57,7 +56,7 @@ impl StreamFault {
 
 /// SSE events of one upstream response.
 pub struct UpstreamEvents {
-    body: ByteStream,
+    body: crate::upstream::Incoming,
     parser: SseParser,
     ended: bool,
     /// The longest silence tolerated between two reads.
@@ -72,10 +71,10 @@ pub struct UpstreamEvents {
 }
 
 impl UpstreamEvents {
-    pub fn new(response: reqwest::Response, idle: Duration) -> Self {
+    pub fn new(body: crate::upstream::Incoming, idle: Duration) -> Self {
         let now = Instant::now();
         Self {
-            body: Box::pin(response.bytes_stream()),
+            body,
             parser: SseParser::new(),
             ended: false,
             idle,
@@ -86,10 +85,10 @@ impl UpstreamEvents {
     }
 
     /// The next chunk of the body, `None` if none came within `idle` of asking.
-    async fn read(&mut self) -> Option<Option<reqwest::Result<Bytes>>> {
+    async fn read(&mut self) -> Option<Option<Result<Bytes, UpstreamError>>> {
         self.waiting_since = Instant::now();
         std::future::poll_fn(|cx| {
-            if let Poll::Ready(item) = self.body.poll_next_unpin(cx) {
+            if let Poll::Ready(item) = crate::upstream::poll_chunk(&mut self.body, cx) {
                 return Poll::Ready(Some(item));
             }
             while self.watchdog.as_mut().poll(cx).is_ready() {
@@ -138,9 +137,7 @@ impl UpstreamEvents {
                     .parser
                     .push(&chunk)
                     .map_err(|_| StreamFault::Oversized)?,
-                Some(Some(Err(e))) => {
-                    return Err(StreamFault::Connection(crate::relay::describe_reqwest(&e)));
-                }
+                Some(Some(Err(e))) => return Err(StreamFault::Connection(e.message)),
                 Some(None) => {
                     self.ended = true;
                     return Ok(self.parser.finish());
