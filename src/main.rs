@@ -149,13 +149,13 @@ async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Logs go to stdout through a background writer thread, so that a request never waits for a terminal or a
-/// pipe. The returned guard flushes what is left when it drops (at exit).
-fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stdout through a background writer thread that writes them in batches, so that a request never
+/// waits for a terminal or a pipe. The returned guard flushes what is left when it drops (at exit).
+fn init_logging(format: &str) -> keyrelay::observe::log_writer::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = keyrelay::observe::log_writer::BatchWriter::new(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

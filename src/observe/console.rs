@@ -54,7 +54,40 @@ impl Visitor<'_> {
     }
 }
 
+impl Visitor<'_> {
+    /// A value whose `Debug` form has no control characters to escape (numbers, booleans): written directly.
+    fn write_plain(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let first = std::mem::take(&mut self.first);
+        let w = &mut self.writer;
+        self.result = (|| {
+            if !first {
+                w.write_char(' ')?;
+            }
+            write!(w, "{}={value:?}", field.name())
+        })();
+    }
+}
+
 impl Visit for Visitor<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.write_plain(field, &value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.write_plain(field, &value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.write_plain(field, &value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.write_plain(field, &value);
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();

@@ -3,6 +3,7 @@
 //! (for a stream: when the stream ends, however it ends).
 
 pub mod console;
+pub mod log_writer;
 pub mod metrics;
 pub mod request_log;
 
