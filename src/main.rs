@@ -160,6 +160,7 @@ fn init_logging(format: &str) -> keyrelay::observe::log_writer::LogGuard {
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(ansi)
+        .with_timer(keyrelay::observe::console::ConsoleTime)
         .with_writer(writer);
     if format == "json" {
         builder.json().flatten_event(true).init();

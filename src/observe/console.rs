@@ -55,8 +55,8 @@ impl Visitor<'_> {
 }
 
 impl Visitor<'_> {
-    /// A value whose `Debug` form has no control characters to escape (numbers, booleans): written directly.
-    fn write_plain(&mut self, field: &Field, value: &dyn fmt::Debug) {
+    /// A value without control characters to escape (numbers, booleans), as its `Debug` form: written directly.
+    fn write_plain(&mut self, field: &Field, value: Plain) {
         if self.result.is_err() {
             return;
         }
@@ -66,26 +66,93 @@ impl Visitor<'_> {
             if !first {
                 w.write_char(' ')?;
             }
-            write!(w, "{}={value:?}", field.name())
+            w.write_str(field.name())?;
+            w.write_char('=')?;
+            match value {
+                Plain::Unsigned(n) => write_u64(w, n),
+                Plain::Signed(n) if n < 0 => {
+                    w.write_char('-')?;
+                    write_u64(w, n.unsigned_abs())
+                }
+                Plain::Signed(n) => write_u64(w, n.unsigned_abs()),
+                Plain::Float(x) => write!(w, "{x:?}"),
+                Plain::Bool(b) => w.write_str(if b { "true" } else { "false" }),
+            }
         })();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Plain {
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+/// `n` in decimal, without going through `fmt` (the request line has several numbers).
+fn write_u64(w: &mut impl Write, mut n: u64) -> fmt::Result {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    w.write_str(std::str::from_utf8(&digits[at..]).map_err(|_| fmt::Error)?)
+}
+
+/// The console's timestamps, as tracing's default writes them (`2026-11-27T03:01:02.123456Z`, UTC), with the
+/// part up to the second formatted once per second per thread.
+pub struct ConsoleTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for ConsoleTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        thread_local! {
+            static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        SECOND.with_borrow_mut(|(second, prefix)| {
+            if *second != now.as_secs() {
+                *second = now.as_secs();
+                prefix.clear();
+                let at = i64::try_from(now.as_secs())
+                    .ok()
+                    .and_then(|s| jiff::Timestamp::from_second(s).ok())
+                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                write!(prefix, "{}.", at.strftime("%Y-%m-%dT%H:%M:%S"))?;
+            }
+            w.write_str(prefix)?;
+            let micros = now.subsec_micros();
+            for div in [100_000, 10_000, 1_000, 100, 10, 1] {
+                w.write_char(char::from(b'0' + ((micros / div) % 10) as u8))?;
+            }
+            w.write_char('Z')
+        })
     }
 }
 
 impl Visit for Visitor<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.write_plain(field, &value);
+        self.write_plain(field, Plain::Unsigned(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.write_plain(field, &value);
+        self.write_plain(field, Plain::Signed(value));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.write_plain(field, &value);
+        self.write_plain(field, Plain::Float(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.write_plain(field, &value);
+        self.write_plain(field, Plain::Bool(value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -157,6 +224,54 @@ mod tests {
             text,
             " INFO served model=mock/m attempts=2 stream=false latency_ms=1.0 quoted=\"a b\"\n"
         );
+    }
+
+    #[test]
+    fn numbers_read_as_debug_writes_them() {
+        let text = line(|| {
+            tracing::info!(
+                a = 0_u64,
+                b = u64::MAX,
+                c = -42_i64,
+                d = i64::MIN,
+                e = 0.5_f64,
+                f = true,
+                "n"
+            )
+        });
+        assert_eq!(
+            text,
+            format!(
+                " INFO n a=0 b={} c=-42 d={} e=0.5 f=true\n",
+                u64::MAX,
+                i64::MIN
+            )
+        );
+    }
+
+    #[test]
+    fn timestamps_read_as_tracing_writes_them() {
+        let before = jiff::Timestamp::now();
+        let mut out = String::new();
+        tracing_subscriber::fmt::time::FormatTime::format_time(
+            &ConsoleTime,
+            &mut Writer::new(&mut out),
+        )
+        .unwrap();
+        let after = jiff::Timestamp::now();
+        // 2026-11-27T03:01:02.123456Z
+        let minute = |t: jiff::Timestamp| t.strftime("%Y-%m-%dT%H:%M:").to_string();
+        assert!(
+            out.starts_with(&minute(before)) || out.starts_with(&minute(after)),
+            "{out}"
+        );
+        let b = out.as_bytes();
+        assert_eq!(out.len(), 27, "{out}");
+        assert!(
+            b[17..19].iter().chain(&b[20..26]).all(u8::is_ascii_digit),
+            "{out}"
+        );
+        assert_eq!((b[19], b[26]), (b'.', b'Z'), "{out}");
     }
 
     #[test]
