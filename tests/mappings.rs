@@ -78,7 +78,7 @@ fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
     events.extend(parser.finish());
     let mut out = Vec::new();
     for event in events {
-        for part in mapper.map(&event).unwrap() {
+        for part in mapper.map(event).unwrap() {
             out.push(match part {
                 Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
                 Part::Error(e) => json!({"in_band_error": e}),
@@ -379,7 +379,7 @@ fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
     };
     let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
     let parts = mapper
-        .map(&keyrelay::stream::sse::SseEvent {
+        .map(keyrelay::stream::sse::SseEvent {
             event: None,
             data: blocked,
         })

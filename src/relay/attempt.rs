@@ -163,7 +163,7 @@ impl Attempt<'_> {
                     }
                     Err(fault) => return Err(Failure::transport(fault.class(), fault.to_string())),
                 };
-                let parts = mapper.map(&event)?;
+                let parts = mapper.map(event)?;
                 match parts.first() {
                     None => continue,
                     Some(Part::Done) => {

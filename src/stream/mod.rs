@@ -261,7 +261,7 @@ pub enum Mapper {
 }
 
 impl Mapper {
-    pub fn map(&mut self, event: &SseEvent) -> Result<Vec<Part>, ScriptError> {
+    pub fn map(&mut self, event: SseEvent) -> Result<Vec<Part>, ScriptError> {
         match self {
             Self::Passthrough { label } => Ok(passthrough(label, event)),
             Self::Scripted {
@@ -292,8 +292,8 @@ impl Mapper {
 
 /// An OpenAI-compatible event as a part: `[DONE]`, an in-band error, or a chunk with what the proxy needs to
 /// know about it. Valid JSON of an unknown shape passes on untouched; events that are not JSON are skipped.
-fn passthrough(label: &str, event: &SseEvent) -> Vec<Part> {
-    if is_done(event) {
+fn passthrough(label: &str, event: SseEvent) -> Vec<Part> {
+    if is_done(&event) {
         return vec![Part::Done];
     }
     match serde_json::from_str::<ChunkPeek>(&event.data) {
@@ -306,7 +306,7 @@ fn passthrough(label: &str, event: &SseEvent) -> Vec<Part> {
             let usage = peek.usage.filter(Value::is_object);
             let usage_only = usage.is_some() && choices.is_empty();
             vec![Part::Chunk {
-                data: event.data.clone(),
+                data: event.data,
                 finish,
                 usage,
                 usage_only,
@@ -314,7 +314,7 @@ fn passthrough(label: &str, event: &SseEvent) -> Vec<Part> {
         }
         Err(_) if serde_json::from_str::<IgnoredAny>(&event.data).is_ok() => {
             vec![Part::Chunk {
-                data: event.data.clone(),
+                data: event.data,
                 finish: false,
                 usage: None,
                 usage_only: false,
@@ -567,7 +567,7 @@ impl Forward {
                 }
                 None => {
                     let event = self.upstream.buffered()?;
-                    match self.mapper.map(&event) {
+                    match self.mapper.map(event) {
                         Ok(parts) => self.pending.extend(parts),
                         Err(e) => {
                             self.failed = Some(e);
@@ -621,7 +621,7 @@ impl Forward {
                     return Some(self.continue_or(report, "stream_interrupted").await);
                 }
             };
-            match self.mapper.map(&event) {
+            match self.mapper.map(event) {
                 Ok(parts) => self.pending.extend(parts),
                 Err(e) => return Some(self.script_failed(e)),
             }
@@ -743,7 +743,7 @@ mod tests {
 
     #[test]
     fn passthrough_peeks_at_finish_usage_and_errors_leniently() {
-        let parts = |data: &str| passthrough("test", &event(data));
+        let parts = |data: &str| passthrough("test", event(data));
         let odd = parts(
             r#"{"choices":[null,7,{"index":1,"delta":{"content":"x"},"finish_reason":"stop"}],"usage":{"total_tokens":3}}"#,
         );
