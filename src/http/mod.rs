@@ -52,19 +52,23 @@ pub fn router(state: AppState) -> Router {
 }
 
 pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
-    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+    const PROVIDER: HeaderName = HeaderName::from_static("x-keyrelay-provider");
+    const ATTEMPTS: HeaderName = HeaderName::from_static("x-keyrelay-attempts");
+    const KEY: HeaderName = HeaderName::from_static("x-keyrelay-key");
+    const FALLBACK: HeaderName = HeaderName::from_static("x-keyrelay-fallback");
+    let set = |headers: &mut HeaderMap, name: HeaderName, value: &str| {
         // Masked keys start with `…`: sent as UTF-8 (HTTP's obs-text), as a terminal shows it.
         if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
-            headers.insert(HeaderName::from_static(name), v);
+            headers.insert(name, v);
         }
     };
-    set(headers, "x-keyrelay-provider", &served.provider);
-    set(headers, "x-keyrelay-attempts", &served.attempts.to_string());
+    set(headers, PROVIDER, &served.provider);
+    headers.insert(ATTEMPTS, HeaderValue::from(served.attempts));
     if let Some(key) = &served.key {
-        set(headers, "x-keyrelay-key", key);
+        set(headers, KEY, key);
     }
     if let Some(model) = &served.fallback {
-        set(headers, "x-keyrelay-fallback", model);
+        set(headers, FALLBACK, model);
     }
 }
 

@@ -11,7 +11,6 @@ use crate::upstream::{HttpClient, UpstreamError};
 use bytes::Bytes;
 use http::header::{ACCEPT, HeaderValue};
 use serde::Deserialize;
-use serde_json::Value;
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
 const MAX_ERROR_BODY: usize = 64 << 10;
@@ -87,9 +86,9 @@ impl From<ScriptError> for AttemptError {
 #[derive(Deserialize)]
 struct BodyPeek {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Usage>,
     #[serde(default)]
-    error: Option<Value>,
+    error: Option<serde::de::IgnoredAny>,
 }
 
 impl Attempt<'_> {
@@ -203,7 +202,7 @@ impl Attempt<'_> {
         match serde_json::from_slice::<BodyPeek>(&body) {
             Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
                 body,
-                usage: usage.as_ref().map(Usage::from_value).unwrap_or_default(),
+                usage: usage.unwrap_or_default(),
             }),
             Ok(_) => Err(Failure::unusable(
                 "the upstream answered 200 with an error object",

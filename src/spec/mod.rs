@@ -246,10 +246,14 @@ impl Provider {
             suffix,
         } = &self.auth
         {
-            let mut value = HeaderValue::try_from(format!("{prefix}{}{suffix}", key.expose()))
-                .map_err(|_| {
-                    "the key holds characters that an HTTP header cannot carry".to_string()
-                })?;
+            let secret = key.expose();
+            let mut text = String::with_capacity(prefix.len() + secret.len() + suffix.len());
+            text.push_str(prefix);
+            text.push_str(secret);
+            text.push_str(suffix);
+            let mut value = HeaderValue::try_from(text).map_err(|_| {
+                "the key holds characters that an HTTP header cannot carry".to_string()
+            })?;
             value.set_sensitive(true);
             headers.append(name, value);
         }

@@ -389,6 +389,88 @@ impl Usage {
     }
 }
 
+/// Reads a `usage` value without building it: counts that are not whole non-negative numbers, and a usage that
+/// is not an object, read as zero (as `from_value` does); never an error.
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Count(u64);
+
+        impl<'de> Deserialize<'de> for Count {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok(Count(
+                    Value::deserialize(d)
+                        .ok()
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(0),
+                ))
+            }
+        }
+
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Usage;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Usage, A::Error> {
+                let mut usage = Usage::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "prompt_tokens" => usage.prompt_tokens = map.next_value::<Count>()?.0,
+                        "completion_tokens" => {
+                            usage.completion_tokens = map.next_value::<Count>()?.0
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(usage)
+            }
+
+            fn visit_unit<E>(self) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Usage, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Usage::default())
+            }
+        }
+
+        d.deserialize_any(Visitor)
+    }
+}
+
 pub fn is_done(event: &SseEvent) -> bool {
     event.data.trim() == "[DONE]"
 }
@@ -802,6 +884,27 @@ mod tests {
             event: None,
             data: data.into(),
         }
+    }
+
+    #[test]
+    fn usage_is_read_without_building_it_as_leniently_as_from_value() {
+        for text in [
+            r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
+            r#"{"prompt_tokens":"12","completion_tokens":-1}"#,
+            r#"{"prompt_tokens":1.5,"completion_tokens":null}"#,
+            r#"{}"#,
+            r#"null"#,
+            r#""twelve""#,
+            r#"[1,2]"#,
+            r#"7"#,
+        ] {
+            let read: Usage = serde_json::from_str(text).unwrap();
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(read, Usage::from_value(&value), "{text}");
+        }
+        let read: Usage =
+            serde_json::from_str(r#"{"completion_tokens":9,"prompt_tokens":12}"#).unwrap();
+        assert_eq!((read.prompt_tokens, read.completion_tokens), (12, 9));
     }
 
     #[test]

@@ -202,8 +202,13 @@ pub fn upstream_uri<'a>(
 fn encode_into(out: &mut String, text: &str, also: &[u8]) {
     const SAFE: &[u8] = b"-._~!$&'()*+,;=:@%";
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let safe = |b: u8| b.is_ascii_alphanumeric() || SAFE.contains(&b) || also.contains(&b);
+    if text.bytes().all(safe) {
+        out.push_str(text);
+        return;
+    }
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || SAFE.contains(&b) || also.contains(&b) {
+        if safe(b) {
             out.push(char::from(b));
         } else {
             out.push('%');
