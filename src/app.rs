@@ -80,6 +80,8 @@ pub async fn start(
     if snapshot.proxy_key.is_none() && !is_loopback(&settings.host) {
         return Err(StartError::OpenWithoutKey(addr));
     }
+    // Read (and warned about) now rather than at the first request.
+    crate::upstream::connect::env_proxies();
     let policy = StorePolicy {
         daily_reset: settings.daily_reset.clone(),
         pause: settings.provider_pause,

@@ -155,7 +155,13 @@ fn init_logging(format: &str) -> keyrelay::observe::log_writer::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keyrelay=info,warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = keyrelay::observe::log_writer::BatchWriter::new(std::io::stdout());
+    use keyrelay::observe::log_writer::{BatchWriter, Format};
+    let notices = if format == "json" {
+        Format::Json
+    } else {
+        Format::Text
+    };
+    let (writer, guard) = BatchWriter::new(std::io::stdout(), notices);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

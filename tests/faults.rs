@@ -49,6 +49,36 @@ async fn a_reset_before_headers_and_a_refused_connection_are_retried_then_answer
 }
 
 #[tokio::test]
+async fn a_tls_handshake_that_never_ends_costs_one_connect_timeout_not_the_deadline() {
+    // Accepts connections and never answers the TLS hello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let setup = Setup {
+        env: mock_keys("MOCK", 1),
+        ..Setup::empty()
+    }
+    .provider("mock", provider_yaml(&base, "timeouts: {connect: 300ms}\n"))
+    .config("request_timeout: 60s\nretries: {attempts: 1}\n");
+    let proxy = Proxy::start(setup).await;
+    let started = tokio::time::Instant::now();
+    let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(header(&headers, "x-keyrelay-attempts"), "1");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(timeout x1)"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered after the connect timeout, not at the 60 s deadline"
+    );
+}
+
+#[tokio::test]
 async fn a_response_that_never_comes_costs_one_attempt_timeout_not_the_deadline() {
     let mock = Mock::start(|seen, _| {
         if seen.key == key(1) {

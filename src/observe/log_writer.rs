@@ -2,18 +2,20 @@
 //! waits for a terminal or a pipe and a busy proxy makes one `write` per batch instead of one per line.
 //!
 //! The thread sleeps until a line arrives, waits [`GATHER`] for more, then writes everything buffered at once. A
-//! line logged while more than [`MAX_BUFFERED`] bytes wait is dropped and counted; the count is logged when the
-//! writer catches up. Dropping the [`LogGuard`] writes what is left.
+//! line logged while more than [`MAX_BUFFERED`] bytes wait is dropped and counted; the count is logged (in the
+//! console's format) when the writer catches up. Dropping the [`LogGuard`] writes what is left, waiting at most
+//! [`CLOSE_WAIT`] for an output that does not take it.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long the writer gathers lines after the first one before writing them.
 const GATHER: Duration = Duration::from_millis(10);
 /// Bytes waiting beyond which new lines are dropped (the output cannot keep up).
 const MAX_BUFFERED: usize = 8 << 20;
+/// How long exiting waits for the last lines to be written.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Pending {
@@ -44,41 +46,67 @@ pub struct BatchWriter {
 /// Keeps the writing thread; dropping it writes what is buffered and stops the thread.
 pub struct LogGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Disconnected when the thread ends.
+    ended: std::sync::mpsc::Receiver<()>,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.arrived.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        // A stuck output (a paused terminal, a pipe nobody reads) must not keep the process from exiting.
+        let _ = self.ended.recv_timeout(CLOSE_WAIT);
     }
+}
+
+/// How the writer words its own notice (dropped lines): as the console's other lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
 }
 
 impl BatchWriter {
     /// A writer to `out`, and the guard that flushes it at exit.
-    pub fn new(out: impl Write + Send + 'static) -> (Self, LogGuard) {
+    pub fn new(out: impl Write + Send + 'static, format: Format) -> (Self, LogGuard) {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
-        let thread = std::thread::Builder::new()
+        let (ended_tx, ended) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("keyrelay-log".into())
-            .spawn(move || write_batches(&worker, out))
+            .spawn(move || {
+                write_batches(&worker, out, format);
+                drop(ended_tx);
+            })
             .expect("the log writer thread starts");
         (
             Self {
                 shared: shared.clone(),
             },
-            LogGuard {
-                shared,
-                thread: Some(thread),
-            },
+            LogGuard { shared, ended },
         )
     }
 }
 
-fn write_batches(shared: &Shared, mut out: impl Write) {
+/// The notice for `dropped` lines, as one line of the console's format.
+fn notice(dropped: u64, format: Format) -> String {
+    let message = "log lines dropped: the log output could not keep up";
+    let now = jiff::Timestamp::now();
+    match format {
+        Format::Text => format!("{now:.6}  WARN {message} dropped={dropped}\n"),
+        Format::Json => format!(
+            "{}\n",
+            serde_json::json!({
+                "timestamp": format!("{now:.6}"),
+                "level": "WARN",
+                "message": message,
+                "dropped": dropped,
+            })
+        ),
+    }
+}
+
+fn write_batches(shared: &Shared, mut out: impl Write, format: Format) {
     let mut batch = Vec::new();
     loop {
         let mut pending = shared.lock();
@@ -97,10 +125,7 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         let (dropped, closing) = (std::mem::take(&mut pending.dropped), pending.closing);
         drop(pending);
         if dropped > 0 {
-            let _ = writeln!(
-                batch,
-                "keyrelay: {dropped} log lines dropped: the log output could not keep up"
-            );
+            batch.extend_from_slice(notice(dropped, format).as_bytes());
         }
         // A failed write (closed pipe) loses those lines but never stops the proxy.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
@@ -197,7 +222,7 @@ mod tests {
     #[test]
     fn lines_arrive_in_order_in_few_writes_and_all_are_written_at_close() {
         let sink = Sink::new(true);
-        let (writer, guard) = BatchWriter::new(sink.clone());
+        let (writer, guard) = BatchWriter::new(sink.clone(), Format::Text);
         let mut expected = String::new();
         for i in 0..1000 {
             let line = format!("line {i}\n");
@@ -211,9 +236,29 @@ mod tests {
     }
 
     #[test]
+    fn the_notice_reads_as_the_consoles_lines() {
+        let json: serde_json::Value = serde_json::from_str(&notice(3, Format::Json)).unwrap();
+        assert_eq!(json["level"], "WARN");
+        assert_eq!(json["dropped"], 3);
+        assert!(json["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn exiting_does_not_wait_for_a_stuck_output() {
+        let sink = Sink::new(false);
+        let (writer, guard) = BatchWriter::new(sink.clone(), Format::Text);
+        writer.make_writer().write_all(b"line\n").unwrap();
+        sink.wait_until_blocked();
+        let started = std::time::Instant::now();
+        drop(guard);
+        assert!(started.elapsed() >= CLOSE_WAIT);
+        sink.open();
+    }
+
+    #[test]
     fn lines_beyond_the_buffer_are_dropped_and_counted_while_the_output_is_stuck() {
         let sink = Sink::new(false);
-        let (writer, guard) = BatchWriter::new(sink.clone());
+        let (writer, guard) = BatchWriter::new(sink.clone(), Format::Text);
         writer.make_writer().write_all(b"first\n").unwrap();
         sink.wait_until_blocked();
         let line = vec![b'x'; 1 << 20];
@@ -227,10 +272,10 @@ mod tests {
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.starts_with("first\n"));
         assert_eq!(text.matches('x').count(), fit << 20);
+        let last = text.lines().last().unwrap();
         assert!(
-            text.ends_with("keyrelay: 3 log lines dropped: the log output could not keep up\n"),
-            "{}",
-            &text[text.len() - 100..]
+            last.ends_with(" WARN log lines dropped: the log output could not keep up dropped=3"),
+            "{last}"
         );
     }
 }

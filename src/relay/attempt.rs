@@ -9,7 +9,7 @@ use crate::spec::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
 use crate::upstream::{HttpClient, UpstreamError};
 use bytes::Bytes;
-use http::header::{ACCEPT, HeaderValue};
+use http::header::HeaderValue;
 use serde::Deserialize;
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
@@ -99,14 +99,13 @@ impl Attempt<'_> {
         stream: Option<Mapper>,
     ) -> Result<Success, AttemptError> {
         let p = self.provider;
-        let mut request = p
-            .request(call, key)
+        let accept = HeaderValue::from_static(match stream {
+            Some(_) => "text/event-stream",
+            None => "*/*",
+        });
+        let request = p
+            .request(call, key, accept)
             .map_err(|why| Failure::transport(ErrorClass::Auth, why))?;
-        if stream.is_some() {
-            request
-                .headers_mut()
-                .insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        }
         let started = tokio::time::Instant::now();
         let tuning = &p.tuning;
         let sent = self.http.send(request);

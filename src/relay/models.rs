@@ -159,18 +159,29 @@ async fn fetch(provider: &Provider, http: &HttpClient) -> Result<Vec<Value>, Str
     let path = provider.paths.models.as_deref().ok_or("no models path")?;
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
-        let Ok(request) = provider.request(&crate::spec::UpstreamCall::get(path), key) else {
+        let Ok(request) = provider.request(
+            &crate::spec::UpstreamCall::get(path),
+            key,
+            http::HeaderValue::from_static("*/*"),
+        ) else {
             continue;
         };
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
             let response = http.send(request).await?;
             let status = response.status();
+            if !status.is_success() {
+                return Ok(Err(format!("status {}", status.as_u16())));
+            }
             let body = crate::upstream::read_all(response.into_body()).await?;
-            Ok::<_, crate::upstream::UpstreamError>((status, body))
+            Ok::<_, crate::upstream::UpstreamError>(Ok(body))
         })
         .await;
-        let (status, bytes) = match fetched {
-            Ok(Ok(fetched)) => fetched,
+        let bytes = match fetched {
+            Ok(Ok(Ok(body))) => body,
+            Ok(Ok(Err(status))) => {
+                last = status;
+                continue;
+            }
             Ok(Err(e)) => {
                 last = e.message;
                 continue;
@@ -180,10 +191,6 @@ async fn fetch(provider: &Provider, http: &HttpClient) -> Result<Vec<Value>, Str
                 continue;
             }
         };
-        if !status.is_success() {
-            last = format!("status {}", status.as_u16());
-            continue;
-        }
         if let Some(script) = provider
             .script
             .as_ref()

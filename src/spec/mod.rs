@@ -218,11 +218,12 @@ impl Provider {
     }
 
     /// The HTTP request for `call` carrying `key` the way this provider expects, with its static headers (and a
-    /// user agent and `accept: */*` unless those set their own).
+    /// user agent and `accept`, unless those set their own).
     pub fn request(
         &self,
         call: &UpstreamCall,
         key: &ApiKey,
+        accept: HeaderValue,
     ) -> Result<http::Request<crate::upstream::Outgoing>, String> {
         let pairs = call.query.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let uri = match &self.auth {
@@ -263,9 +264,7 @@ impl Provider {
                 "keyrelay/",
                 env!("CARGO_PKG_VERSION")
             )));
-        headers
-            .entry(http::header::ACCEPT)
-            .or_insert(HeaderValue::from_static("*/*"));
+        headers.entry(http::header::ACCEPT).or_insert(accept);
         Ok(request)
     }
 
@@ -607,11 +606,21 @@ fn resolve(
         .unwrap_or_default()
         .trim_end_matches('/')
         .to_string();
-    let absolute = http::Uri::try_from(base_url.as_str()).is_ok_and(|u| u.host().is_some());
+    let parsed = http::Uri::try_from(base_url.as_str()).ok();
+    let absolute = parsed.as_ref().is_some_and(|u| u.host().is_some());
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) || !absolute {
         err(
             format!("base_url {base_url:?} must be an http:// or https:// URL"),
             "e.g. base_url: https://api.example.com/v1",
+        );
+    } else if parsed
+        .and_then(|u| u.authority().cloned())
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        // Not echoed: the URL holds a secret.
+        err(
+            "base_url must not carry credentials (user:password@)".into(),
+            "put the key in .env and declare how it is sent with auth:",
         );
     }
 
@@ -928,6 +937,12 @@ concurrency: { per_key_model: 3 }
 
     #[test]
     fn errors_name_file_line_and_field() {
+        let errors = load("base_url: https://user:s3cret@api.acme.test/v1\n").unwrap_err();
+        let text = errors.iter().map(|e| e.to_string()).collect::<String>();
+        assert!(
+            text.contains("must not carry credentials") && !text.contains("s3cret"),
+            "{text}"
+        );
         let errors = load("base_url: https://x\nmodles: {}\n").unwrap_err();
         assert_eq!(errors[0].line, Some(2));
         assert!(errors[0].message.contains("unknown field `modles`"));

@@ -33,9 +33,23 @@ pub fn env_proxies() -> Option<Arc<Matcher>> {
     static PROXIES: OnceLock<Option<Arc<Matcher>>> = OnceLock::new();
     PROXIES
         .get_or_init(|| {
-            let named = PROXY_VARS
-                .iter()
-                .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+            let mut named = false;
+            for var in PROXY_VARS {
+                let Some(value) = std::env::var(var).ok().filter(|v| !v.is_empty()) else {
+                    continue;
+                };
+                named = true;
+                // Only the scheme is named: the value may hold credentials.
+                if let Some((scheme, _)) = value.split_once("://")
+                    && !scheme.eq_ignore_ascii_case("http")
+                {
+                    tracing::warn!(
+                        variable = var,
+                        scheme,
+                        "only http:// proxies are supported; upstream requests this proxy covers will fail"
+                    );
+                }
+            }
             named.then(|| Arc::new(Matcher::from_env()))
         })
         .clone()
@@ -59,11 +73,13 @@ fn tls() -> Result<tokio_rustls::TlsConnector, String> {
     .clone()
 }
 
-/// Opens connections for the pooled HTTP client.
+/// Opens connections for the pooled HTTP client. The connect timeout covers the whole way to a usable
+/// connection: name lookup, TCP, the proxy's tunnel and the TLS handshake.
 #[derive(Clone)]
 pub struct Connector {
     tcp: HttpConnector,
     proxies: Option<Arc<Matcher>>,
+    timeout: Duration,
 }
 
 impl Connector {
@@ -71,12 +87,32 @@ impl Connector {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(connect_timeout));
         tcp.set_nodelay(true);
+        // An upstream that vanishes without closing is noticed within about a minute even while a body is
+        // being read (streams also have their idle timeout).
+        tcp.set_keepalive(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+        tcp.set_keepalive_retries(Some(3));
         // This connector only opens the TCP connection; TLS is added on top for https:// upstreams.
         tcp.enforce_http(false);
-        Self { tcp, proxies }
+        Self {
+            tcp,
+            proxies,
+            timeout: connect_timeout,
+        }
     }
 
-    async fn connect(mut self, dst: http::Uri) -> Result<Conn, BoxError> {
+    async fn connect(self, dst: http::Uri) -> Result<Conn, BoxError> {
+        let limit = self.timeout;
+        match tokio::time::timeout(limit, self.open(dst)).await {
+            Ok(opened) => opened,
+            Err(_) => Err(Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no usable connection within {limit:?} (timeouts.connect)"),
+            ))),
+        }
+    }
+
+    async fn open(mut self, dst: http::Uri) -> Result<Conn, BoxError> {
         use tower_service::Service;
         let https = dst.scheme() == Some(&http::uri::Scheme::HTTPS);
         let proxy = self.proxies.as_ref().and_then(|p| p.intercept(&dst));
