@@ -34,8 +34,9 @@ struct Visitor<'w> {
     first: bool,
 }
 
-impl Visitor<'_> {
-    fn write(&mut self, field: &Field, value: &str) {
+impl<'w> Visitor<'w> {
+    /// One field: a space after the previous one, `name=` (the message bare), then the value.
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
@@ -49,36 +50,26 @@ impl Visitor<'_> {
                 w.write_str(field.name())?;
                 w.write_char('=')?;
             }
-            write_clean(w, value)
+            value(w)
         })();
     }
-}
 
-impl Visitor<'_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        self.field(field, |w| write_clean(w, value));
+    }
+
     /// A value without control characters to escape (numbers, booleans), as its `Debug` form: written directly.
     fn write_plain(&mut self, field: &Field, value: Plain) {
-        if self.result.is_err() {
-            return;
-        }
-        let first = std::mem::take(&mut self.first);
-        let w = &mut self.writer;
-        self.result = (|| {
-            if !first {
-                w.write_char(' ')?;
+        self.field(field, |w| match value {
+            Plain::Unsigned(n) => write_u64(w, n),
+            Plain::Signed(n) if n < 0 => {
+                w.write_char('-')?;
+                write_u64(w, n.unsigned_abs())
             }
-            w.write_str(field.name())?;
-            w.write_char('=')?;
-            match value {
-                Plain::Unsigned(n) => write_u64(w, n),
-                Plain::Signed(n) if n < 0 => {
-                    w.write_char('-')?;
-                    write_u64(w, n.unsigned_abs())
-                }
-                Plain::Signed(n) => write_u64(w, n.unsigned_abs()),
-                Plain::Float(x) => write!(w, "{x:?}"),
-                Plain::Bool(b) => w.write_str(if b { "true" } else { "false" }),
-            }
-        })();
+            Plain::Signed(n) => write_u64(w, n.unsigned_abs()),
+            Plain::Float(x) => write!(w, "{x:?}"),
+            Plain::Bool(b) => w.write_str(if b { "true" } else { "false" }),
+        });
     }
 }
 
