@@ -223,6 +223,53 @@ async fn liveness_needs_no_key_and_unknown_routes_are_openai_errors() {
 }
 
 #[tokio::test]
+async fn every_api_route_needs_the_proxy_key_and_liveness_does_not() {
+    let mock = Mock::echo("ok").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let body =
+        json!({"model": "mock/m", "input": "hi", "messages": [{"role": "user", "content": "hi"}]});
+    let protected = [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/mock/m"),
+        ("GET", "/v1/providers"),
+        ("POST", "/v1/token-count"),
+        ("GET", "/v1/keys"),
+        ("GET", "/metrics"),
+    ];
+    for (method, path) in protected {
+        let url = format!("{}{path}", proxy.url);
+        let request = |key: Option<&str>| {
+            let r = match method {
+                "POST" => proxy.client.post(&url).json_body(&body),
+                _ => proxy.client.get(&url),
+            };
+            match key {
+                Some(k) => r.bearer_auth(k),
+                None => r,
+            }
+        };
+        let (status, _, reply) = send(request(None)).await;
+        assert_eq!(status, 401, "{method} {path} without a key");
+        assert_eq!(error_code(&reply), "invalid_api_key", "{method} {path}");
+        let (status, _, _) = send(request(Some("wrong-key"))).await;
+        assert_eq!(status, 401, "{method} {path} with a wrong key");
+        let (status, _, reply) = send(request(Some(PROXY_KEY))).await;
+        assert_ne!(status, 401, "{method} {path} with the key: {reply}");
+    }
+    for path in ["/", "/dashboard"] {
+        let response = proxy
+            .client
+            .get(format!("{}{path}", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path} is open");
+    }
+}
+
+#[tokio::test]
 async fn proxy_auth_is_required_and_accepts_both_headers() {
     let mock = Mock::echo("ok").await;
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;

@@ -10,7 +10,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -37,10 +36,10 @@ pub fn router(state: AppState) -> Router {
         .route("/providers", get(providers))
         .route("/token-count", post(token_count))
         .route("/keys", get(keys))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(RequireKey(std::sync::Arc::new(state.clone())));
     let metrics = Router::new()
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(RequireKey(std::sync::Arc::new(state.clone())));
     Router::new()
         .route("/", get(liveness))
         .route("/dashboard", get(dashboard))
@@ -72,13 +71,59 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     }
 }
 
-/// Requires the proxy key (as `Authorization: Bearer` or `x-api-key`) when one is configured.
-async fn authenticate(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// Requires the proxy key (as `Authorization: Bearer` or `x-api-key`) when one is configured: a layer that
+/// checks the headers and either calls the route or answers 401 (no boxing or cloning per request, as a
+/// `from_fn` middleware would).
+#[derive(Clone)]
+struct RequireKey(std::sync::Arc<AppState>);
+
+impl<S> tower_layer::Layer<S> for RequireKey {
+    type Service = KeyChecked<S>;
+
+    fn layer(&self, inner: S) -> KeyChecked<S> {
+        KeyChecked {
+            inner,
+            app: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct KeyChecked<S> {
+    inner: S,
+    app: std::sync::Arc<AppState>,
+}
+
+impl<S> tower_service::Service<Request> for KeyChecked<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Response, std::convert::Infallible>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match refusal(&self.app, request.headers()) {
+            None => futures_util::future::Either::Left(self.inner.call(request)),
+            Some(refused) => futures_util::future::Either::Right(std::future::ready(Ok(refused))),
+        }
+    }
+}
+
+/// The 401 for a request without the right proxy key; `None` when it may pass.
+fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     let snapshot = app.relay.snapshot();
-    let Some(expected) = &snapshot.proxy_key else {
-        return next.run(request).await;
-    };
-    let headers = request.headers();
+    let expected = snapshot.proxy_key.as_ref()?;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -92,12 +137,12 @@ async fn authenticate(State(app): State<AppState>, request: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
     match bearer.or(api_key) {
-        None => ApiError::unauthorized(
+        None => Some(ApiError::unauthorized(
             "missing proxy key: send it as `Authorization: Bearer <PROXY_API_KEY>` or `x-api-key: <PROXY_API_KEY>`",
         )
-        .into_response(),
-        Some(given) if expected.matches(given) => next.run(request).await,
-        Some(_) => ApiError::unauthorized("the proxy key is wrong").into_response(),
+        .into_response()),
+        Some(given) if expected.matches(given) => None,
+        Some(_) => Some(ApiError::unauthorized("the proxy key is wrong").into_response()),
     }
 }
 
@@ -179,13 +224,10 @@ fn render(reply: Reply) -> Response {
     response
 }
 
-async fn relay_endpoint(
-    app: AppState,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let body = match json_body(&app, &headers, body).await {
+/// The headers are taken from the request rather than extracted (axum's `HeaderMap` extractor copies them).
+async fn relay_endpoint(app: AppState, endpoint: Endpoint, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match json_body(&app, &parts.headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -195,12 +237,12 @@ async fn relay_endpoint(
     }
 }
 
-async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    relay_endpoint(app, Endpoint::Chat, headers, body).await
+async fn chat(State(app): State<AppState>, request: Request) -> Response {
+    relay_endpoint(app, Endpoint::Chat, request).await
 }
 
-async fn embeddings(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    relay_endpoint(app, Endpoint::Embeddings, headers, body).await
+async fn embeddings(State(app): State<AppState>, request: Request) -> Response {
+    relay_endpoint(app, Endpoint::Embeddings, request).await
 }
 
 async fn liveness(State(app): State<AppState>) -> Response {

@@ -1,8 +1,8 @@
 //! How the text console writes an event's fields: `name=value`, the message bare, as tracing's default does,
 //! with two differences. Control characters in every value are escaped, not only in the message: a model name
 //! is the client's text, and must not reach an operator's terminal as an escape sequence. And each value is
-//! checked once and written whole, where the default goes through styling wrappers field by field (the
-//! per-request line is written for every request).
+//! checked once, and the fields are gathered in a buffer and written whole, where the default goes through
+//! styling wrappers field by field (the per-request line is written for every request).
 
 use std::fmt::{self, Write};
 use tracing::field::{Field, Visit};
@@ -14,34 +14,42 @@ use tracing_subscriber::fmt::format::Writer;
 pub struct ConsoleFields;
 
 impl<'w> FormatFields<'w> for ConsoleFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        thread_local! {
+            static BUFFERS: std::cell::Cell<(String, String)> = const { std::cell::Cell::new((String::new(), String::new())) };
+        }
+        let (mut out, scratch) = BUFFERS.take();
+        out.clear();
         let mut visitor = Visitor {
-            writer,
-            scratch: String::new(),
+            out,
+            scratch,
             result: Ok(()),
             first: true,
         };
         fields.record(&mut visitor);
-        visitor.result
+        let written = visitor.result.and_then(|()| writer.write_str(&visitor.out));
+        BUFFERS.set((visitor.out, visitor.scratch));
+        written
     }
 }
 
-struct Visitor<'w> {
-    writer: Writer<'w>,
+struct Visitor {
+    /// The fields, written out at once when all are recorded.
+    out: String,
     /// Where a value is formatted before it is checked.
     scratch: String,
     result: fmt::Result,
     first: bool,
 }
 
-impl<'w> Visitor<'w> {
+impl Visitor {
     /// One field: a space after the previous one, `name=` (the message bare), then the value.
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut String) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
         let first = std::mem::take(&mut self.first);
-        let w = &mut self.writer;
+        let w = &mut self.out;
         self.result = (|| {
             if !first {
                 w.write_char(' ')?;
@@ -67,7 +75,7 @@ impl<'w> Visitor<'w> {
                 write_u64(w, n.unsigned_abs())
             }
             Plain::Signed(n) => write_u64(w, n.unsigned_abs()),
-            Plain::Float(x) => write!(w, "{x:?}"),
+            Plain::Float(x) => write_f64(w, x),
             Plain::Bool(b) => w.write_str(if b { "true" } else { "false" }),
         });
     }
@@ -95,6 +103,19 @@ fn write_u64(w: &mut impl Write, mut n: u64) -> fmt::Result {
     }
     // Only ASCII digits were written.
     w.write_str(std::str::from_utf8(&digits[at..]).map_err(|_| fmt::Error)?)
+}
+
+/// `x` as its `Debug` form; a whole number of tenths (latencies are rounded so) without going through `fmt`.
+fn write_f64(w: &mut impl Write, x: f64) -> fmt::Result {
+    let tenths = (x * 10.0).round();
+    if x.is_sign_positive() && tenths < 1e15 && tenths / 10.0 == x {
+        // x is the double nearest n/10, so n/10 written with one decimal is its shortest form.
+        let n = tenths as u64;
+        write_u64(w, n / 10)?;
+        w.write_char('.')?;
+        return w.write_char(char::from(b'0' + (n % 10) as u8));
+    }
+    write!(w, "{x:?}")
 }
 
 /// The console's timestamps, as tracing's default writes them (`2026-11-27T03:01:02.123456Z`, UTC), with the
@@ -129,7 +150,7 @@ impl tracing_subscriber::fmt::time::FormatTime for ConsoleTime {
     }
 }
 
-impl Visit for Visitor<'_> {
+impl Visit for Visitor {
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.write_plain(field, Plain::Unsigned(value));
     }
@@ -238,6 +259,45 @@ mod tests {
                 i64::MIN
             )
         );
+    }
+
+    #[test]
+    fn floats_read_as_debug_writes_them() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            0.1,
+            0.7,
+            1.0,
+            12.3,
+            99.9,
+            100.0,
+            1e-7,
+            0.05,
+            1.25,
+            123456789.1,
+            1e13,
+            1e14,
+            1e16,
+            -2.5,
+            f64::NAN,
+            f64::INFINITY,
+        ];
+        // Latencies as the request line rounds them.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..10_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let ms = (seed % 10_000_000) as f64 / 997.0;
+            values.push((ms * 10.0).round() / 10.0);
+            values.push(ms);
+        }
+        for x in values {
+            let mut out = String::new();
+            write_f64(&mut out, x).unwrap();
+            assert_eq!(out, format!("{x:?}"));
+        }
     }
 
     #[test]
