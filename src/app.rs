@@ -150,12 +150,12 @@ pub async fn start(
         }
         None => None,
     };
-    let app = router(AppState {
+    let app = router(AppState::new(crate::http::App {
         relay: relay.clone(),
         started: std::time::Instant::now(),
         reloader: reloader.clone(),
         metrics,
-    });
+    }));
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));
 

@@ -17,13 +17,31 @@ pub use error::ApiError;
 use serde_json::{Map, Value, json};
 use std::time::Instant;
 
+/// What the handlers share. One `Arc`: axum clones the state for every request, and each reference count
+/// touched is a cache line the two cores pass back and forth.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<App>);
+
+pub struct App {
     pub relay: Relay,
     pub started: Instant,
     /// Present when the configuration is live-reloaded; `GET /` reports its status.
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
     pub metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
+}
+
+impl AppState {
+    pub fn new(app: App) -> Self {
+        Self(std::sync::Arc::new(app))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
 }
 
 /// The whole API.
@@ -36,10 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route("/providers", get(providers))
         .route("/token-count", post(token_count))
         .route("/keys", get(keys))
-        .route_layer(RequireKey(std::sync::Arc::new(state.clone())));
+        .route_layer(RequireKey(state.clone()));
     let metrics = Router::new()
         .route("/metrics", get(metrics))
-        .route_layer(RequireKey(std::sync::Arc::new(state.clone())));
+        .route_layer(RequireKey(state.clone()));
     Router::new()
         .route("/", get(liveness))
         .route("/dashboard", get(dashboard))
@@ -75,7 +93,7 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
 /// checks the headers and either calls the route or answers 401 (no boxing or cloning per request, as a
 /// `from_fn` middleware would).
 #[derive(Clone)]
-struct RequireKey(std::sync::Arc<AppState>);
+struct RequireKey(AppState);
 
 impl<S> tower_layer::Layer<S> for RequireKey {
     type Service = KeyChecked<S>;
@@ -91,7 +109,7 @@ impl<S> tower_layer::Layer<S> for RequireKey {
 #[derive(Clone)]
 struct KeyChecked<S> {
     inner: S,
-    app: std::sync::Arc<AppState>,
+    app: AppState,
 }
 
 impl<S> tower_service::Service<Request> for KeyChecked<S>
