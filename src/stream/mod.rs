@@ -95,9 +95,9 @@ impl UpstreamEvents {
         }
     }
 
-    /// Takes into the parser a piece of the body that the connection has already received, giving the
-    /// connection's task one turn to hand it over (hyper passes a body on one piece at a time, from another
-    /// task). Never waits for the upstream. False when nothing came: the upstream has sent nothing more yet, or
+    /// Takes into the parser a piece of the body that the connection has already received, yielding up to
+    /// `PULL_TURNS - 1` times for the connection's task to hand it over (hyper passes a body on one piece at a
+    /// time, from another task). Never waits for the upstream. False when nothing came: the upstream has sent nothing more yet, or
     /// the body ended or failed (kept for `next` to report).
     pub async fn pull_at_hand(&mut self) -> bool {
         if self.ended || self.oversized || self.stashed.is_some() {
