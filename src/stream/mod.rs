@@ -382,18 +382,14 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads an OpenAI `usage` object; missing or odd counts are zero.
+    /// Reads an OpenAI `usage` object; missing or odd counts are zero (the same rules as reading it from JSON).
     pub fn from_value(usage: &Value) -> Self {
-        let count = |name: &str| usage.get(name).and_then(Value::as_u64).unwrap_or(0);
-        Self {
-            prompt_tokens: count("prompt_tokens"),
-            completion_tokens: count("completion_tokens"),
-        }
+        Self::deserialize(usage).unwrap_or_default()
     }
 }
 
 /// Reads a `usage` value without building it: counts that are not whole non-negative numbers, and a usage that
-/// is not an object, read as zero (as `from_value` does); never an error.
+/// is not an object, read as zero; never an error.
 impl<'de> Deserialize<'de> for Usage {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Count(u64);
@@ -891,20 +887,33 @@ mod tests {
     }
 
     #[test]
-    fn usage_is_read_without_building_it_as_leniently_as_from_value() {
-        for text in [
-            r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
-            r#"{"prompt_tokens":"12","completion_tokens":-1}"#,
-            r#"{"prompt_tokens":1.5,"completion_tokens":null}"#,
-            r#"{}"#,
-            r#"null"#,
-            r#""twelve""#,
-            r#"[1,2]"#,
-            r#"7"#,
+    fn usage_is_read_leniently_from_json_and_from_values() {
+        for (text, expected) in [
+            (
+                r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
+                (12, 9),
+            ),
+            (r#"{"prompt_tokens":"12","completion_tokens":-1}"#, (0, 0)),
+            (r#"{"prompt_tokens":1.5,"completion_tokens":null}"#, (0, 0)),
+            (
+                r#"{"prompt_tokens":{"n":1},"completion_tokens":[3]}"#,
+                (0, 0),
+            ),
+            (r#"{"completion_tokens":4}"#, (0, 4)),
+            (r#"{}"#, (0, 0)),
+            (r#"null"#, (0, 0)),
+            (r#""twelve""#, (0, 0)),
+            (r#"[1,2]"#, (0, 0)),
+            (r#"7"#, (0, 0)),
         ] {
             let read: Usage = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                (read.prompt_tokens, read.completion_tokens),
+                expected,
+                "{text}"
+            );
             let value: Value = serde_json::from_str(text).unwrap();
-            assert_eq!(read, Usage::from_value(&value), "{text}");
+            assert_eq!(Usage::from_value(&value), read, "{text}");
         }
         let read: Usage =
             serde_json::from_str(r#"{"completion_tokens":9,"prompt_tokens":12}"#).unwrap();
