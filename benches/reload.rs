@@ -188,5 +188,5 @@ async fn main() {
         ms(percentile(&during, 0.5)),
         ms(during[during.len() - 1])
     );
-    running.shutdown().await;
+    running.shutdown().await.expect("usage written");
 }

@@ -10,7 +10,6 @@ use crate::relay::Relay;
 use crate::reload::{Reloader, spawn_watcher};
 use crate::snapshot::{LoadOptions, Snapshot};
 use arc_swap::ArcSwap;
-use axum::serve::ListenerExt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -47,14 +46,15 @@ pub struct Running {
     pub relay: Relay,
     pub reloader: Option<Arc<Reloader>>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// The result of the final usage write.
+    task: JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish (bounded by `shutdown_grace`), writes the usage file.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> std::io::Result<()> {
         self.stop.cancel();
-        let _ = self.task.await;
+        self.wait().await
     }
 
     /// A handle that stops the server when cancelled.
@@ -62,9 +62,11 @@ impl Running {
         self.stop.clone()
     }
 
-    /// Waits until the server has stopped.
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    /// Waits until the server has stopped; an error when the final usage write failed.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 }
 
@@ -140,7 +142,10 @@ pub async fn start(
         metrics: metrics.clone(),
         request_log,
     });
-    let relay = Relay::new(config.clone(), store.clone(), clock).with_observer(observer);
+    let closing = CancellationToken::new();
+    let relay = Relay::new(config.clone(), store.clone(), clock)
+        .with_observer(observer)
+        .with_closing(closing.clone());
     let stop = CancellationToken::new();
     let reloader = match reload {
         Some(opts) => {
@@ -159,31 +164,19 @@ pub async fn start(
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));
 
-    let task = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let server = axum::serve(listener.tap_io(no_delay), app)
-                .with_graceful_shutdown(stop.clone().cancelled_owned());
-            let grace = async {
-                stop.cancelled().await;
-                tokio::time::sleep(settings.shutdown_grace).await;
-            };
-            tokio::select! {
-                result = server => {
-                    if let Err(e) = result {
-                        tracing::error!(error = %e, "the server stopped with an error");
-                    }
-                }
-                _ = grace => tracing::warn!(
-                    grace = ?settings.shutdown_grace,
-                    "in-flight requests did not finish in time; closing them"
-                ),
-            }
-            // The writer finishes any write in progress, then writes the final state.
-            writer_stop.cancel();
-            let _ = writer.await;
-        })
+    let signals = crate::http::Signals {
+        stop: stop.clone(),
+        closing,
+        grace: settings.shutdown_grace,
     };
+    let task = tokio::spawn(async move {
+        crate::http::serve(listener, app, settings.edge, signals).await;
+        // The writer finishes any write in progress, then writes the final state.
+        writer_stop.cancel();
+        writer
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    });
     Ok(Running {
         addr: local,
         relay,
@@ -191,12 +184,6 @@ pub async fn start(
         stop,
         task,
     })
-}
-
-/// Stream frames are small and must leave at once: without this, Nagle's algorithm holds each one back until
-/// the client acknowledges the previous (40 ms per chunk against a delayed ACK).
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -124,8 +124,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         tracing::info!("shutting down: finishing in-flight requests");
         stopper.cancel();
     });
-    running.wait().await;
-    ExitCode::SUCCESS
+    match running.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyrelay: the usage file could not be written at shutdown: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
@@ -144,7 +149,7 @@ async fn demo(args: keyrelay::cli::DemoArgs) -> ExitCode {
         keyrelay::app::shutdown_signal().await;
         stopper.cancel();
     });
-    running.wait().await;
+    let _ = running.wait().await;
     let _ = std::fs::remove_dir_all(&state);
     ExitCode::SUCCESS
 }

@@ -27,7 +27,7 @@ where
 }
 
 async fn status(proxy: &Proxy) -> Value {
-    send(proxy.client.get(format!("{}/", proxy.url))).await.2
+    send(proxy.get("/")).await.2
 }
 
 fn providers_dir(proxy: &Proxy) -> std::path::PathBuf {

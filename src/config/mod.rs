@@ -133,6 +133,27 @@ struct RawRequestLogging {
     max_total_size: Option<ByteSize>,
 }
 
+/// `server:`, the inbound HTTP edge.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_connections: Option<RawConnections>,
+    #[serde(default, with = "serde_human::option")]
+    header_timeout: Option<Duration>,
+    #[serde(default, with = "serde_human::option")]
+    body_timeout: Option<Duration>,
+    #[serde(default, with = "serde_human::option")]
+    idle_timeout: Option<Duration>,
+}
+
+/// `max_connections`: a number, or `auto`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawConnections {
+    Count(usize),
+    Auto(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUsage {
@@ -150,6 +171,9 @@ struct RawConfig {
     #[serde(default, with = "serde_human::option")]
     request_timeout: Option<Duration>,
     max_body_size: Option<ByteSize>,
+    max_response_size: Option<ByteSize>,
+    server: Option<RawServer>,
+    scripts: Option<tuning::ScriptsPatch>,
     timeouts: Option<tuning::TimeoutsPatch>,
     selection: Option<Selection>,
     concurrency: Option<tuning::ConcurrencyPatch>,
@@ -176,8 +200,8 @@ struct RawConfig {
 }
 
 /// A size in bytes, written as a number or with a unit (`512KB`, `20MiB`).
-#[derive(Clone, Copy, Debug)]
-struct ByteSize(usize);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -292,6 +316,30 @@ pub struct PauseRule {
     pub window: Duration,
 }
 
+/// Bounds on client connections (`server:` in `config.yaml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// Open client connections; `None` (`auto`): derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    /// From a request's first byte to the end of its head.
+    pub header_timeout: Duration,
+    /// Reading a request body.
+    pub body_timeout: Duration,
+    /// A keep-alive connection waiting for its next request, or a response the client stopped reading.
+    pub idle_timeout: Duration,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Validated engine settings from `config.yaml`, with command-line overrides applied.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -300,6 +348,10 @@ pub struct Settings {
     /// One deadline per request covering waits, retries and backoff.
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// The most of an upstream's non-streamed answer, error body or model list that is read.
+    pub max_response_bytes: usize,
+    /// Bounds on client connections.
+    pub edge: EdgeLimits,
     /// Global tuning; each provider's is resolved from it.
     pub tuning: Tuning,
     /// Per-provider tuning from `config.yaml`, applied over the provider file.
@@ -368,6 +420,7 @@ impl Settings {
             retries: raw.retries,
             timeouts: raw.timeouts,
             limits: None,
+            scripts: raw.scripts,
         });
         tuning.problems().into_iter().for_each(&mut err);
         let reset = raw.daily_reset.unwrap_or_default();
@@ -391,6 +444,35 @@ impl Settings {
         if request_timeout.is_zero() {
             err("request_timeout must be greater than zero".into());
         }
+        let server = raw.server.unwrap_or_default();
+        let defaults = EdgeLimits::default();
+        let edge = EdgeLimits {
+            max_connections: match server.max_connections {
+                None => None,
+                Some(RawConnections::Count(n)) if n > 0 => Some(n),
+                Some(RawConnections::Auto(word)) if word == "auto" => None,
+                Some(_) => {
+                    err("server.max_connections must be a positive number or `auto`".into());
+                    None
+                }
+            },
+            header_timeout: server.header_timeout.unwrap_or(defaults.header_timeout),
+            body_timeout: server.body_timeout.unwrap_or(defaults.body_timeout),
+            idle_timeout: server.idle_timeout.unwrap_or(defaults.idle_timeout),
+        };
+        if edge.header_timeout.is_zero()
+            || edge.body_timeout.is_zero()
+            || edge.idle_timeout.is_zero()
+        {
+            err(
+                "server.header_timeout, body_timeout and idle_timeout must be greater than zero"
+                    .into(),
+            );
+        }
+        let max_response_bytes = raw.max_response_size.map_or(32 << 20, |b| b.0);
+        if max_response_bytes < 1024 {
+            err("max_response_size must be at least 1KiB".into());
+        }
         let usage = raw.usage.unwrap_or_default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let request_logging = raw.request_logging.unwrap_or_default();
@@ -406,6 +488,8 @@ impl Settings {
             port: raw.port.unwrap_or(8000),
             request_timeout,
             max_body_bytes: raw.max_body_size.map_or(20 << 20, |b| b.0),
+            max_response_bytes,
+            edge,
             tuning,
             provider_tuning: raw.providers,
             daily_reset,

@@ -55,6 +55,17 @@ pub struct TimeoutsPatch {
     pub first_event: Option<Duration>,
     #[serde(default, deserialize_with = "serde_human::option::deserialize")]
     pub stream_idle: Option<Duration>,
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub stream_total: Option<Duration>,
+}
+
+/// Budgets of one script call.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptsPatch {
+    pub memory: Option<super::ByteSize>,
+    #[serde(default, deserialize_with = "serde_human::option::deserialize")]
+    pub time: Option<Duration>,
 }
 
 /// One layer of overrides, as written in a file.
@@ -68,6 +79,7 @@ pub struct TuningPatch {
     pub timeouts: Option<TimeoutsPatch>,
     /// Per-key limits (replaced whole, not merged).
     pub limits: Option<crate::keys::limits::KeyLimits>,
+    pub scripts: Option<ScriptsPatch>,
 }
 
 /// Resolved settings for one provider.
@@ -96,6 +108,12 @@ pub struct Tuning {
     pub first_event_timeout: Option<Duration>,
     /// The longest silence between two reads of a stream.
     pub stream_idle_timeout: Duration,
+    /// The longest a stream may last from its request; `None`: no bound but the idle timeout.
+    pub stream_total_timeout: Option<Duration>,
+    /// What one script call may build, in bytes.
+    pub script_memory: usize,
+    /// How long one script call may run.
+    pub script_time: Duration,
     /// Declared per-key limits; keys without capacity are skipped.
     pub limits: Option<crate::keys::limits::KeyLimits>,
 }
@@ -116,6 +134,9 @@ impl Default for Tuning {
             response_timeout: None,
             first_event_timeout: None,
             stream_idle_timeout: secs(120),
+            stream_total_timeout: None,
+            script_memory: 64 << 20,
+            script_time: secs(1),
             limits: None,
         }
     }
@@ -150,6 +171,11 @@ impl Tuning {
             out.response_timeout = t.response.map_or(out.response_timeout, off);
             out.first_event_timeout = t.first_event.map_or(out.first_event_timeout, off);
             out.stream_idle_timeout = t.stream_idle.unwrap_or(out.stream_idle_timeout);
+            out.stream_total_timeout = t.stream_total.map_or(out.stream_total_timeout, off);
+        }
+        if let Some(s) = &patch.scripts {
+            out.script_memory = s.memory.map_or(out.script_memory, |b| b.0);
+            out.script_time = s.time.unwrap_or(out.script_time);
         }
         out
     }
@@ -171,6 +197,12 @@ impl Tuning {
         }
         if self.backoff > self.backoff_max {
             out.push("retries.backoff must not exceed retries.backoff_max".to_string());
+        }
+        if self.script_memory < (1 << 20) || self.script_time.is_zero() {
+            out.push(
+                "scripts.memory must be at least 1MiB and scripts.time greater than zero"
+                    .to_string(),
+            );
         }
         if self.connect_timeout.is_zero() || self.stream_idle_timeout.is_zero() {
             out.push(

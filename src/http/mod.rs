@@ -1,9 +1,15 @@
-//! The inbound HTTP API: routes, proxy-key authentication, body limits, and rendering replies and errors.
+//! The inbound HTTP API: the connections it accepts (`listener`, `conn`), routes, proxy-key authentication, body
+//! limits, and rendering replies and errors.
 //!
-//! Middleware, outermost first: the proxy-key check on `/v1/*` (liveness at `/` stays open), then the handlers,
-//! which read the body themselves so that an oversized or malformed one gets an OpenAI-shaped 413 or 400.
+//! Layers, outermost first: connection bounds and the rewrite of hyper's own parse errors (`conn`), a panic
+//! catcher that answers 500 in the API's error shape, the proxy-key check on `/v1/*` and `/metrics` (liveness at
+//! `/` stays open), then the handlers, which read the body themselves so that an oversized, slow or malformed one
+//! gets an OpenAI-shaped 413, 408 or 400.
 
+mod conn;
 mod error;
+mod listener;
+mod service;
 
 use crate::relay::{Endpoint, Relay, Reply, Served};
 use axum::Router;
@@ -14,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 pub use error::ApiError;
+pub use listener::{Signals, connection_cap, raise_fd_limit, serve};
 use serde_json::{Map, Value, json};
 use std::time::Instant;
 
@@ -66,6 +73,22 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+/// `app` with a panic in any handler answered as a 500 in the API's error shape (the server keeps serving).
+pub fn protect(app: Router) -> Router {
+    app.layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        |_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("a request handler panicked; answered 500");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                "keyrelay failed while handling this request; the error is logged",
+            )
+            .into_response()
+        },
+    ))
 }
 
 pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
@@ -170,7 +193,8 @@ async fn json_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Map<String, Value>, ApiError> {
-    let limit = app.relay.snapshot().settings.max_body_bytes;
+    let settings = &app.relay.snapshot().settings;
+    let (limit, within) = (settings.max_body_bytes, settings.edge.body_timeout);
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,7 +211,16 @@ async fn json_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit));
+    let read = read.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!("the request body did not arrive within {within:?} (server.body_timeout in config.yaml)"),
+        )
+    })?;
+    let bytes: Bytes = read.map_err(|e| {
         let mut source: Option<&dyn std::error::Error> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
@@ -263,7 +296,12 @@ async fn embeddings(State(app): State<AppState>, request: Request) -> Response {
     relay_endpoint(app, Endpoint::Embeddings, request).await
 }
 
-async fn liveness(State(app): State<AppState>) -> Response {
+/// `GET /`: whether the service is up; with the proxy key (or when none is configured), the configuration's
+/// state too.
+async fn liveness(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if refusal(&app, &headers).is_some() {
+        return axum::Json(json!({"status": "ok"})).into_response();
+    }
     let snapshot = app.relay.snapshot();
     let status = match &app.reloader {
         Some(r) => r.status(),
@@ -294,7 +332,20 @@ async fn models(State(app): State<AppState>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn model(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+async fn model(
+    State(app): State<AppState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let Path(id) = match id {
+        Ok(id) => id,
+        Err(e) => {
+            return ApiError::bad_request(
+                "invalid_path",
+                format!("the model id in the path cannot be read: {e}"),
+            )
+            .into_response();
+        }
+    };
     let id = id.trim_start_matches('/');
     let found = app
         .relay

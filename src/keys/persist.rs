@@ -135,8 +135,13 @@ impl Persister {
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
-    /// Writes after each change, letting changes gather for `interval`, until `stop`; then writes once more.
-    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    /// Writes after each change, letting changes gather for `interval`, until `stop`; then writes once more and
+    /// returns how that last write went.
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -150,8 +155,10 @@ impl Persister {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot write the usage file");
             }
         }
-        if let Err(e) = self.flush().await {
+        let last = self.flush().await;
+        if let Err(e) = &last {
             tracing::error!(path = %self.path.display(), error = %e, "cannot write the usage file on shutdown");
         }
+        last
     }
 }

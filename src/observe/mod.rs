@@ -6,6 +6,7 @@ pub mod console;
 pub mod log_writer;
 pub mod metrics;
 pub mod request_log;
+pub mod throttle;
 
 use crate::clock::UnixMs;
 use crate::spec::ErrorClass;

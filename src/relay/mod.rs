@@ -140,6 +140,8 @@ pub struct Relay {
     catalog: Arc<models::Catalog>,
     /// Told about every request when it ends.
     observer: Arc<dyn Observer>,
+    /// Cancelled when a shutdown's grace period is over: streams still running end with an in-band error.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Relay {
@@ -151,7 +153,14 @@ impl Relay {
             clock,
             catalog: Arc::new(models::Catalog::default()),
             observer: Arc::new(crate::observe::Silent),
+            closing: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// This relay, ending its streams when `closing` is cancelled.
+    pub fn with_closing(mut self, closing: tokio_util::sync::CancellationToken) -> Self {
+        self.closing = closing;
+        self
     }
 
     /// This relay, telling `observer` about every request.
@@ -713,7 +722,7 @@ impl Relay {
                     Report::new(j, self.observer.clone())
                 });
                 let resume = self.continuer(job, lease.key().id.clone());
-                let forward = Forward::new(
+                let mut forward = Forward::new(
                     *start,
                     resume,
                     lease,
@@ -722,6 +731,7 @@ impl Relay {
                     job.label.clone(),
                     report,
                 );
+                forward.end_when(self.closing.clone());
                 Ok(Reply::Stream {
                     body: Box::pin(forward.into_stream()),
                     served,

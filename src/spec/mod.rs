@@ -118,6 +118,7 @@ struct RawProvider {
     retries: Option<crate::config::tuning::RetriesPatch>,
     timeouts: Option<crate::config::tuning::TimeoutsPatch>,
     limits: Option<crate::keys::limits::KeyLimits>,
+    scripts: Option<crate::config::tuning::ScriptsPatch>,
     /// A Rhai script in the plugins directory.
     script: Option<String>,
     /// The hooks used; all hooks the script defines when absent.
@@ -828,6 +829,7 @@ fn resolve(
         retries: raw.retries,
         timeouts: raw.timeouts,
         limits: raw.limits,
+        scripts: raw.scripts,
     };
     let mut tuning = global.patched(&file_patch);
     if let Some(user) = user {

@@ -43,13 +43,15 @@ pub enum StreamFault {
     Stalled(Duration),
     #[error("the upstream sent an SSE event over 16 MiB")]
     Oversized,
+    #[error("keyrelay is shutting down")]
+    ShuttingDown,
 }
 
 impl StreamFault {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Stalled(_) => ErrorClass::Timeout,
-            Self::Connection(_) | Self::Oversized => ErrorClass::Connection,
+            Self::Connection(_) | Self::Oversized | Self::ShuttingDown => ErrorClass::Connection,
         }
     }
 }
@@ -78,6 +80,8 @@ pub struct UpstreamEvents {
     oversized: bool,
     /// The body's end or failure, met by `pull_at_hand`: the next `read` returns it.
     stashed: Option<Option<Result<Bytes, UpstreamError>>>,
+    /// Ends the reading when cancelled (shutdown).
+    closing: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
 }
 
 impl UpstreamEvents {
@@ -92,6 +96,7 @@ impl UpstreamEvents {
             watchdog: Box::pin(tokio::time::sleep_until(after(now, idle))),
             oversized: false,
             stashed: None,
+            closing: None,
         }
     }
 
@@ -128,20 +133,25 @@ impl UpstreamEvents {
         false
     }
 
-    /// The next chunk of the body, `None` if none came within `idle` of asking.
-    async fn read(&mut self) -> Option<Option<Result<Bytes, UpstreamError>>> {
+    /// The next chunk of the body, `Err` if none came within `idle` of asking or the proxy is closing.
+    async fn read(&mut self) -> Result<Option<Result<Bytes, UpstreamError>>, StreamFault> {
         if let Some(stashed) = self.stashed.take() {
-            return Some(stashed);
+            return Ok(stashed);
         }
         self.waiting_since = Instant::now();
         std::future::poll_fn(|cx| {
             if let Poll::Ready(item) = crate::upstream::poll_chunk(&mut self.body, cx) {
-                return Poll::Ready(Some(item));
+                return Poll::Ready(Ok(item));
+            }
+            if let Some(closing) = &mut self.closing
+                && closing.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(StreamFault::ShuttingDown));
             }
             while self.watchdog.as_mut().poll(cx).is_ready() {
                 let due = after(self.waiting_since, self.idle);
                 if Instant::now() >= due {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Err(StreamFault::Stalled(self.idle)));
                 }
                 self.watchdog.as_mut().reset(due);
             }
@@ -178,14 +188,13 @@ impl UpstreamEvents {
             if self.ended {
                 return Ok(None);
             }
-            match self.read().await {
-                None => return Err(StreamFault::Stalled(self.idle)),
-                Some(Some(Ok(chunk))) => self
+            match self.read().await? {
+                Some(Ok(chunk)) => self
                     .parser
                     .push(&chunk)
                     .map_err(|_| StreamFault::Oversized)?,
-                Some(Some(Err(e))) => return Err(StreamFault::Connection(e.message)),
-                Some(None) => {
+                Some(Err(e)) => return Err(StreamFault::Connection(e.message)),
+                None => {
                     self.ended = true;
                     return Ok(self.parser.finish());
                 }
@@ -594,6 +603,11 @@ impl Forward {
         }
     }
 
+    /// Ends the stream with an in-band error once `closing` is cancelled.
+    pub fn end_when(&mut self, closing: tokio_util::sync::CancellationToken) {
+        self.upstream.closing = Some(Box::pin(closing.cancelled_owned()));
+    }
+
     pub fn new(
         started: Started,
         resume: Option<Continuer>,
@@ -760,6 +774,13 @@ impl Forward {
                     let why = "the upstream stream ended before the answer was complete";
                     let report = self.cut(ErrorClass::Connection, why, "stream_interrupted");
                     return Some(self.continue_or(report, "stream_interrupted").await);
+                }
+                Err(StreamFault::ShuttingDown) => {
+                    // Not the key's fault: released without a verdict.
+                    self.lease = None;
+                    self.end(Some("shutting_down"));
+                    let why = "keyrelay is shutting down; the answer is incomplete";
+                    return Some(error_frame(why, "server_error", "shutting_down"));
                 }
                 Err(fault) => {
                     let report = self.cut(fault.class(), &fault.to_string(), "stream_interrupted");

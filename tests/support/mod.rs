@@ -612,7 +612,9 @@ impl Proxy {
     /// Stops the server (graceful, flushing the usage file) and returns its directory.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(r) = self.running.take() {
-            r.shutdown().await;
+            r.shutdown()
+                .await
+                .expect("the usage file is written at shutdown");
         }
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.dir, dir)

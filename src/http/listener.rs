@@ -1,0 +1,282 @@
+//! The accept loop: every client connection is counted, bounded in time by its phase (see `conn`), and capped in
+//! number. At the cap, the connection that has waited longest without a request is closed to make room, so that
+//! silent or dripping connections can never keep a real client out; only when every connection is serving a
+//! request is a new one refused (logged at most once a minute).
+//!
+//! Shutdown: stop accepting, close connections without a request at once, let the others finish for the grace
+//! period, then tell streams to end (they send an in-band error) and close what is left.
+
+use super::conn::{ConnState, Tracked};
+use crate::config::EdgeLimits;
+use crate::observe::throttle::Throttle;
+use axum::Router;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// File descriptors kept for everything but client connections when the cap is derived (upstream
+/// connections, files, the watcher).
+const RESERVED_FDS: u64 = 64;
+
+/// How long streams told to end at the end of the grace period get to send their last frame.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// The open-file limit, raised to its hard limit (once per process); `None` where it cannot be read.
+pub fn raise_fd_limit() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        #[cfg(unix)]
+        {
+            use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+            let current = getrlimit(Resource::Nofile);
+            let raised = Rlimit {
+                current: current.maximum,
+                maximum: current.maximum,
+            };
+            let limit = match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => raised.current,
+                Err(_) => current.current,
+            };
+            Some(limit.unwrap_or(u64::MAX))
+        }
+        #[cfg(not(unix))]
+        {
+            None
+        }
+    })
+}
+
+/// The connection cap: the configured one, or half of what the open-file limit leaves after a reserve (each
+/// client connection may need an upstream connection too).
+pub fn connection_cap(limits: &EdgeLimits) -> usize {
+    limits.max_connections.unwrap_or_else(|| {
+        let fds = raise_fd_limit().unwrap_or(1024);
+        (fds.saturating_sub(RESERVED_FDS) / 2).clamp(16, 100_000) as usize
+    })
+}
+
+struct Entry {
+    state: Arc<ConnState>,
+    close: Arc<Notify>,
+}
+
+/// The open connections.
+struct Registry {
+    epoch: Instant,
+    cap: usize,
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+    /// Notified when the last connection closes.
+    empty: Notify,
+    refusals: Throttle,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection, closing the longest-waiting one without a request when at the cap; `None`
+    /// when every connection is serving a request.
+    fn admit(&self) -> Option<(u64, Arc<ConnState>, Arc<Notify>)> {
+        let mut open = self.lock();
+        if open.len() >= self.cap && !evict_oldest(&mut open) {
+            return None;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState::new(self.epoch));
+        let close = Arc::new(Notify::new());
+        open.insert(
+            id,
+            Entry {
+                state: state.clone(),
+                close: close.clone(),
+            },
+        );
+        Some((id, state, close))
+    }
+
+    fn remove(&self, id: u64) {
+        let mut open = self.lock();
+        open.remove(&id);
+        if open.is_empty() {
+            self.empty.notify_waiters();
+        }
+    }
+
+    /// Closes one connection without a request, to free a file descriptor; false when there is none.
+    fn evict_one(&self) -> bool {
+        evict_oldest(&mut self.lock())
+    }
+
+    fn close_all(&self) {
+        for entry in self.lock().values() {
+            entry.close.notify_one();
+        }
+    }
+
+    async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Removes (and closes) the connection that has waited longest without a request.
+fn evict_oldest(open: &mut HashMap<u64, Entry>) -> bool {
+    let victim = open
+        .iter()
+        .filter(|(_, e)| e.state.is_evictable())
+        .min_by_key(|(id, e)| (e.state.since(), **id))
+        .map(|(id, _)| *id);
+    match victim.and_then(|id| open.remove(&id)) {
+        Some(entry) => {
+            entry.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
+/// What the server is told from outside.
+pub struct Signals {
+    /// Stop accepting and wind down.
+    pub stop: CancellationToken,
+    /// Cancelled when the grace period is over: streams still running end with an in-band error.
+    pub closing: CancellationToken,
+    pub grace: Duration,
+}
+
+/// Serves `app` on `listener` until `signals.stop`, then shuts down as described above.
+pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signals: Signals) {
+    let app = super::protect(app);
+    let registry = Arc::new(Registry {
+        epoch: Instant::now(),
+        cap: connection_cap(&limits),
+        next: AtomicU64::new(0),
+        open: Mutex::new(HashMap::new()),
+        empty: Notify::new(),
+        refusals: Throttle::per_minute(),
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    let http = Arc::new(http);
+    loop {
+        let accepted = tokio::select! {
+            _ = signals.stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors: make room by closing a connection that holds no request.
+                let out_of_files = matches!(e.raw_os_error(), Some(23 | 24));
+                if !(out_of_files && registry.evict_one()) {
+                    if registry.refusals.ready().is_some() {
+                        tracing::warn!(error = %e, "cannot accept connections");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            }
+        };
+        let Some((id, state, close)) = registry.admit() else {
+            if let Some(held) = registry.refusals.ready() {
+                tracing::warn!(
+                    cap = registry.cap,
+                    refused_since_last_warning = held,
+                    "connection limit reached and every connection is serving a request; refusing new connections (server.max_connections)"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        // Stream frames are small and must leave at once: without this, Nagle's algorithm holds each one back
+        // until the client acknowledges the previous (40 ms per chunk against a delayed ACK).
+        let _ = tcp.set_nodelay(true);
+        let task = Connection {
+            tcp,
+            state,
+            close,
+            app: app.clone(),
+            http: http.clone(),
+            limits,
+            stop: signals.stop.clone(),
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            task.run().await;
+            registry.remove(id);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(signals.grace, registry.wait_empty())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?signals.grace, "in-flight requests did not finish in time; ending them");
+        signals.closing.cancel();
+        if tokio::time::timeout(LAST_WORDS, registry.wait_empty())
+            .await
+            .is_err()
+        {
+            registry.close_all();
+        }
+    }
+}
+
+/// One connection's task.
+struct Connection {
+    tcp: TcpStream,
+    state: Arc<ConnState>,
+    close: Arc<Notify>,
+    app: Router,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    limits: EdgeLimits,
+    stop: CancellationToken,
+}
+
+impl Connection {
+    async fn run(self) {
+        let io = hyper_util::rt::TokioIo::new(Tracked::new(self.tcp, self.state.clone()));
+        let service = super::service::Routed::new(self.app, self.state.clone());
+        let conn = self.http.serve_connection(io, service);
+        tokio::pin!(conn);
+        let watchdog = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(watchdog);
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = self.close.notified() => return,
+                _ = self.stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    if self.state.is_evictable() {
+                        return;
+                    }
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut watchdog => match self.state.check(&self.limits) {
+                    Ok(next) => watchdog.as_mut().reset(next),
+                    Err(why) => {
+                        tracing::debug!(?why, "closing a client connection at its time bound");
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}

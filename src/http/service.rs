@@ -1,0 +1,94 @@
+//! The hyper service of one connection: each request goes through the app, and the connection's state learns
+//! when a request starts and when its response has been sent (its body ended or was dropped).
+
+use super::conn::ConnState;
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+pub(super) struct Routed {
+    app: Router,
+    state: Arc<ConnState>,
+}
+
+impl Routed {
+    pub(super) fn new(app: Router, state: Arc<ConnState>) -> Self {
+        Self { app, state }
+    }
+}
+
+/// Ends the connection's request when dropped.
+struct Finish(Arc<ConnState>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for Routed {
+    type Response = http::Response<Observed>;
+    type Error = Infallible;
+    type Future = RoutedFuture;
+
+    fn call(&self, request: http::Request<Incoming>) -> RoutedFuture {
+        self.state.request_started();
+        let finish = Finish(self.state.clone());
+        let inner = tower_service::Service::call(&mut self.app.clone(), request);
+        RoutedFuture {
+            inner,
+            finish: Some(finish),
+        }
+    }
+}
+
+pub(super) struct RoutedFuture {
+    inner: axum::routing::future::RouteFuture<Infallible>,
+    finish: Option<Finish>,
+}
+
+impl Future for RoutedFuture {
+    type Output = Result<http::Response<Observed>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Ok(response) = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        let finish = self.finish.take();
+        Poll::Ready(Ok(response.map(|body| Observed { body, finish })))
+    }
+}
+
+/// A response body that ends its connection's request when it ends.
+pub(super) struct Observed {
+    body: Body,
+    finish: Option<Finish>,
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.finish = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
