@@ -5,61 +5,9 @@ mod support;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
-
-fn keyrelay(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrelay"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("RUST_LOG", "keyrelay=info");
-    cmd
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    let path = dir.join(name);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, text).unwrap();
-}
-
-/// Starts `keyrelay` on port 0 in `dir` and returns the child with its base URL (read from its banner).
-fn serve(dir: &Path) -> (Child, String) {
-    serve_with(dir, &[])
-}
-
-/// `serve` with these environment variables set.
-fn serve_with(dir: &Path, env: &[(&str, &str)]) -> (Child, String) {
-    let mut child = keyrelay(dir)
-        .envs(env.iter().copied())
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let Some(Ok(banner)) = lines.next() else {
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-        panic!("keyrelay did not start: {stderr}");
-    };
-    let url = banner
-        .split("listening on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no address in {banner:?}"))
-        .to_string();
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (child, url)
-}
-
-fn terminate(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[test]
 fn check_accepts_a_valid_configuration_and_masks_keys() {

@@ -2,6 +2,9 @@
 //! starts a real keyrelay server on a loopback port from files written to a temporary directory.
 #![allow(dead_code)]
 
+pub mod binary;
+pub use binary::*;
+
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -187,7 +190,7 @@ impl Mock {
         let (t, c) = (tracking.clone(), closed_streams.clone());
         let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
             let (handler, tracking, closed) = (handler.clone(), t.clone(), c.clone());
-            async move { serve(req, handler, tracking, closed).await }
+            async move { answer(req, handler, tracking, closed).await }
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self {
@@ -269,7 +272,7 @@ impl Drop for Leaving {
     }
 }
 
-async fn serve(
+async fn answer(
     req: axum::extract::Request,
     handler: Handler,
     tracking: Arc<Mutex<Tracking>>,

@@ -1,0 +1,121 @@
+//! The `keyrelay` binary as users run it, started in a directory of files.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// `keyrelay` in `dir`, with a clean environment.
+pub fn keyrelay(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyrelay"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("RUST_LOG", "keyrelay=info");
+    cmd
+}
+
+/// Writes `text` to `dir/name`, creating directories.
+pub fn write(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A running `keyrelay serve`, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+    /// Every line it wrote to stdout after its banner.
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it logged so far, one line per entry.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit (after `terminate`).
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `keyrelay --port 0` in `dir` with these environment variables; with `max_files`, under that open-file
+/// limit (soft, hard).
+pub fn start(dir: &Path, env: &[(&str, &str)], max_files: Option<(u32, u32)>) -> Served {
+    let bin = env!("CARGO_BIN_EXE_keyrelay");
+    let mut cmd = match max_files {
+        Some((soft, hard)) => {
+            let mut sh = Command::new("sh");
+            let script = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" --port 0");
+            sh.args(["-c", &script, bin]);
+            sh.current_dir(dir)
+                .env_clear()
+                .env("RUST_LOG", "keyrelay=info");
+            sh
+        }
+        None => {
+            let mut cmd = keyrelay(dir);
+            cmd.args(["--port", "0"]);
+            cmd
+        }
+    };
+    let mut child = cmd
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let Some(Ok(banner)) = stdout.next() else {
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        panic!("keyrelay did not start: {stderr}");
+    };
+    let url = banner
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {banner:?}"))
+        .to_string();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in stdout.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Served { child, url, lines }
+}
+
+/// Starts `keyrelay` on port 0 in `dir` and returns the child with its base URL (read from its banner).
+pub fn serve(dir: &Path) -> (Child, String) {
+    serve_with(dir, &[])
+}
+
+/// `serve` with these environment variables set.
+pub fn serve_with(dir: &Path, env: &[(&str, &str)]) -> (Child, String) {
+    let mut served = start(dir, env, None);
+    let child = std::mem::replace(&mut served.child, Command::new("true").spawn().unwrap());
+    (child, served.url.clone())
+}
+
+/// Sends SIGTERM.
+pub fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
