@@ -1,6 +1,6 @@
 //! Test support: a mock upstream that speaks OpenAI's wire format and records what it saw, and a harness that
 //! starts a real keyrelay server on a loopback port from files written to a temporary directory.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod binary;
 pub use binary::*;
