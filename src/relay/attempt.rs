@@ -19,6 +19,8 @@ pub struct Attempt<'a> {
     pub http: &'a HttpClient,
     pub clock: &'a Clock,
     pub provider: &'a Provider,
+    /// The most of a non-streamed answer that is read.
+    pub max_response: usize,
 }
 
 pub enum Success {
@@ -34,6 +36,8 @@ pub enum AttemptError {
     Upstream(Failure),
     /// The provider's script failed: no key would do better.
     Script(ScriptError),
+    /// The answer is larger than `max_response_size`: no key would do better.
+    TooLarge { limit: usize },
 }
 
 pub struct Failure {
@@ -195,9 +199,12 @@ impl Attempt<'_> {
             }
         }
 
-        let body = crate::upstream::read_all(response.into_body())
+        let body = crate::upstream::read_limited(response, self.max_response)
             .await
-            .map_err(Failure::upstream)?;
+            .map_err(|e| match e {
+                crate::upstream::ReadError::TooLarge { limit } => AttemptError::TooLarge { limit },
+                crate::upstream::ReadError::Broken(e) => Failure::upstream(e),
+            })?;
         match serde_json::from_slice::<BodyPeek>(&body) {
             Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
                 body,

@@ -106,6 +106,8 @@ pub enum RelayError {
     Exhausted(Box<Tried>),
     #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
     Deadline(Box<Tried>),
+    #[error("the upstream's answer is larger than {limit} bytes (max_response_size in config.yaml)")]
+    ResponseTooLarge { limit: usize, served: Served },
     /// The provider's script failed; the message names the script, function and line.
     #[error("{0}")]
     Script(#[from] crate::script::ScriptError),
@@ -115,7 +117,9 @@ impl RelayError {
     /// Counts attempts made for earlier candidates (fallbacks) into this error's report.
     pub fn add_attempts(&mut self, earlier: u32) {
         match self {
-            Self::Upstream { served, .. } => served.attempts += earlier,
+            Self::Upstream { served, .. } | Self::ResponseTooLarge { served, .. } => {
+                served.attempts += earlier
+            }
             Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
                 tried.attempts += earlier
             }
@@ -162,6 +166,7 @@ impl RelayError {
             }
             Self::Exhausted(_) => (503, "upstream_error", "no_key_available"),
             Self::Deadline(_) => (504, "timeout_error", "deadline_exceeded"),
+            Self::ResponseTooLarge { .. } => (502, "upstream_error", "upstream_response_too_large"),
             Self::Script(_) => (502, "upstream_error", "script_error"),
         }
     }
@@ -169,7 +174,9 @@ impl RelayError {
     /// The `x-keyrelay-*` facts, where there are any.
     pub fn served(&self) -> Option<Served> {
         match self {
-            Self::Upstream { served, .. } => Some(served.clone()),
+            Self::Upstream { served, .. } | Self::ResponseTooLarge { served, .. } => {
+                Some(served.clone())
+            }
             Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
                 Some(tried.served(None))
             }

@@ -110,6 +110,8 @@ struct Job {
     stream: bool,
     wants_usage: bool,
     deadline: Instant,
+    /// `max_response_size`.
+    max_response: usize,
 }
 
 /// How a broken stream may be continued: the client's body as it came (its `model` the `provider/model` that
@@ -401,6 +403,7 @@ impl Relay {
             stream,
             wants_usage,
             deadline,
+            max_response: snapshot.settings.max_response_bytes,
         };
         self.run(job, journal, given_up).await
     }
@@ -449,6 +452,7 @@ impl Relay {
                     http: &self.clients.get(job.provider.tuning.connect_timeout),
                     clock: &self.clock,
                     provider: &job.provider,
+                    max_response: job.max_response,
                 };
                 let mapper = job.stream.then(|| self.mapper(&job));
                 let started = Instant::now();
@@ -480,6 +484,13 @@ impl Relay {
                     Ok(Err(AttemptError::Script(e))) => {
                         record(journal, &masked, started, None, None, Some(e.to_string()));
                         return Err(e.into());
+                    }
+                    // Too large for any key: answered at once, the key released without a verdict.
+                    Ok(Err(AttemptError::TooLarge { limit })) => {
+                        let why = format!("the answer is larger than {limit} bytes");
+                        record(journal, &masked, started, Some(200), None, Some(why));
+                        let served = tried.served(Some(masked.to_string()));
+                        return Err(RelayError::ResponseTooLarge { limit, served });
                     }
                     Ok(Err(AttemptError::Upstream(failure))) => failure,
                 };

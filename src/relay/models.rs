@@ -65,8 +65,10 @@ impl Catalog {
         clients: &crate::upstream::Clients,
         max_age: Duration,
     ) -> Vec<Value> {
+        let limit = snapshot.settings.max_response_bytes;
         let fetches = snapshot.serving().map(|p| {
-            self.upstream_models(p.clone(), clients.get(p.tuning.connect_timeout), max_age)
+            let http = clients.get(p.tuning.connect_timeout);
+            self.upstream_models(p.clone(), http, max_age, limit)
         });
         let upstream = futures_util::future::join_all(fetches).await;
         let mut out = Vec::new();
@@ -109,6 +111,7 @@ impl Catalog {
         provider: Arc<Provider>,
         http: HttpClient,
         max_age: Duration,
+        limit: usize,
     ) -> Arc<Vec<Value>> {
         if provider.list == ListSource::Static {
             return Arc::default();
@@ -116,33 +119,56 @@ impl Catalog {
         match self.cached(&provider) {
             Some(c) if c.fetched.elapsed() < c.ttl.unwrap_or(max_age).min(max_age) => c.models,
             Some(c) => {
-                let fresh = self
-                    .refreshing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(provider.name.clone());
-                if fresh {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        me.refresh(&provider, &http).await;
-                        me.refreshing
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&provider.name);
-                    });
-                }
+                self.refresh_in_background(provider, http, limit);
                 c.models
             }
             None => {
-                let _ =
-                    tokio::time::timeout(FIRST_FETCH_TIMEOUT, self.refresh(&provider, &http)).await;
+                // The first listing waits a little for the upstream. One that does not answer in time is
+                // remembered as failed, so that no listing waits on it again until it is retried; the fetch goes
+                // on in the background and its list is used once it comes.
+                let Some(fetching) = self.refresh_in_background(provider.clone(), http, limit)
+                else {
+                    return Arc::default();
+                };
+                if tokio::time::timeout(FIRST_FETCH_TIMEOUT, fetching)
+                    .await
+                    .is_err()
+                    && self.cached(&provider).is_none()
+                {
+                    tracing::warn!(provider = %provider.name, "the upstream model list did not come within {FIRST_FETCH_TIMEOUT:?}; listing the static models meanwhile");
+                    self.store(&provider, Arc::default(), Some(RETRY_AFTER_FAILURE));
+                }
                 self.cached(&provider).map(|c| c.models).unwrap_or_default()
             }
         }
     }
 
-    async fn refresh(&self, provider: &Provider, http: &HttpClient) {
-        match fetch(provider, http).await {
+    /// Fetches the provider's list in a task of its own, unless a fetch is under way already.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        provider: Arc<Provider>,
+        http: HttpClient,
+        limit: usize,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let fresh = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(provider.name.clone());
+        let me = self.clone();
+        fresh.then(|| {
+            tokio::spawn(async move {
+                me.refresh(&provider, &http, limit).await;
+                me.refreshing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&provider.name);
+            })
+        })
+    }
+
+    async fn refresh(&self, provider: &Provider, http: &HttpClient, limit: usize) {
+        match fetch(provider, http, limit).await {
             Ok(models) => self.store(provider, Arc::new(models), None),
             Err(why) => {
                 // Keep the last good list (or none), and try again a little later.
@@ -154,8 +180,8 @@ impl Catalog {
     }
 }
 
-/// Fetches the upstream list with the provider's keys in turn (at most two).
-async fn fetch(provider: &Provider, http: &HttpClient) -> Result<Vec<Value>, String> {
+/// Fetches the upstream list with the provider's keys in turn (at most two), reading at most `limit` bytes.
+async fn fetch(provider: &Provider, http: &HttpClient, limit: usize) -> Result<Vec<Value>, String> {
     let path = provider.paths.models.as_deref().ok_or("no models path")?;
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
@@ -172,8 +198,13 @@ async fn fetch(provider: &Provider, http: &HttpClient) -> Result<Vec<Value>, Str
             if !status.is_success() {
                 return Ok(Err(format!("status {}", status.as_u16())));
             }
-            let body = crate::upstream::read_all(response.into_body()).await?;
-            Ok::<_, crate::upstream::UpstreamError>(Ok(body))
+            match crate::upstream::read_limited(response, limit).await {
+                Ok(body) => Ok(Ok(body)),
+                Err(crate::upstream::ReadError::TooLarge { limit }) => Ok(Err(format!(
+                    "the model list is larger than {limit} bytes (max_response_size)"
+                ))),
+                Err(crate::upstream::ReadError::Broken(e)) => Err(e),
+            }
         })
         .await;
         let bytes = match fetched {

@@ -10,6 +10,7 @@ pub mod connect;
 use bytes::Bytes;
 use http::header::{HeaderValue, PROXY_AUTHORIZATION};
 use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -125,12 +126,42 @@ impl UpstreamError {
     }
 }
 
-/// The whole body.
-pub async fn read_all(body: Incoming) -> Result<Bytes, UpstreamError> {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| UpstreamError::body(&e))
+/// Why a whole body could not be had.
+#[derive(Debug)]
+pub enum ReadError {
+    /// It is longer than the limit; the connection is dropped rather than drained.
+    TooLarge { limit: usize },
+    Broken(UpstreamError),
+}
+
+/// The whole body, if it is at most `limit` bytes (judged by its declared length first, then as it arrives).
+pub async fn read_limited(
+    response: http::Response<Incoming>,
+    limit: usize,
+) -> Result<Bytes, ReadError> {
+    let declared = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge { limit });
+    }
+    let mut body = response.into_body();
+    let mut out = bytes::BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Broken(UpstreamError::body(&e)))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge { limit });
+        }
+        if out.is_empty() && body.is_end_stream() {
+            return Ok(chunk);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
 }
 
 /// The start of a body, up to `cap` bytes; a broken body yields what arrived.

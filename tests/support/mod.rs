@@ -711,3 +711,32 @@ pub fn refusing_upstream() -> String {
     drop(listener);
     base
 }
+
+/// An upstream whose every answer is a 200 with a body that never ends (`{"data":[` and then spaces, forever).
+pub async fn endless_upstream() -> String {
+    let app = axum::Router::new().fallback(|| async {
+        let start = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"data\":[")) });
+        let spaces = Bytes::from(vec![b' '; 64 << 10]);
+        let rest = futures_util::stream::repeat_with(move || Ok(spaces.clone()));
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from_stream(futures_util::StreamExt::chain(start, rest)))
+            .unwrap()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+/// The resident memory of process `pid`, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
