@@ -84,6 +84,7 @@ pub async fn start(
     }
     // Read (and warned about) now rather than at the first request.
     crate::upstream::connect::env_proxies();
+    tokio::task::spawn_blocking(crate::tokens::warm);
     let policy = StorePolicy {
         daily_reset: settings.daily_reset.clone(),
         pause: settings.provider_pause,

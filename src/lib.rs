@@ -61,6 +61,9 @@
 //! # }
 //! ```
 
+#![deny(unsafe_code)]
+
+pub mod alloc;
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -71,6 +74,7 @@ pub mod glob;
 pub mod http;
 pub mod keys;
 pub mod observe;
+pub mod offload;
 pub mod relay;
 pub mod reload;
 pub mod script;

@@ -6,11 +6,6 @@ use keyrelay::clock::Clock;
 use keyrelay::snapshot::Snapshot;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: a proxied request makes many short-lived allocations, and glibc's
-/// malloc/free were about a tenth of the proxy's CPU time under load (measured with `perf`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -160,7 +160,7 @@ impl Snapshot {
         }
         let fallback_lists = settings.fallbacks.iter().chain(&settings.context_fallbacks);
         for (from, list) in fallback_lists {
-            for model in std::iter::once(from).chain(list) {
+            for model in std::iter::once(from).chain(list.iter()) {
                 let known = model
                     .split_once('/')
                     .is_some_and(|(p, m)| !m.is_empty() && providers.contains_key(p));

@@ -11,6 +11,13 @@ const PER_MESSAGE: usize = 3;
 const PER_NAME: usize = 1;
 const REPLY_PRIMING: usize = 3;
 
+/// Loads both encodings (a fraction of a second each), so that no request pays for it; called at start, off
+/// the async workers.
+pub fn warm() {
+    let _ = tiktoken_rs::o200k_base_singleton();
+    let _ = tiktoken_rs::cl100k_base_singleton();
+}
+
 /// The encoding for a model id (with or without its provider prefix).
 fn encoding_for(model: &str) -> &'static CoreBPE {
     let name = model.rsplit('/').next().unwrap_or(model);

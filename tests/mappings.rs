@@ -24,6 +24,14 @@ fn script(name: &str) -> Arc<ProviderScript> {
     provider(name).script.expect("the provider has a script")
 }
 
+/// Runs a mapping future to its end (stream mapping and classification run scripts off the async workers).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
 fn fixture(path: &str) -> String {
     std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,7 +74,7 @@ fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
     let p = provider(name);
     let mut mapper = Mapper::Scripted {
         rules: p.stream_rules.clone(),
-        script: p.script.unwrap().stream(),
+        script: Some(p.script.unwrap().stream()),
         writer: ChunkWriter::new(model),
     };
     let mut parser = SseParser::new();
@@ -78,7 +86,7 @@ fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
     events.extend(parser.finish());
     let mut out = Vec::new();
     for event in events {
-        for part in mapper.map(event).unwrap() {
+        for part in block_on(mapper.map(event)).unwrap() {
             out.push(match part {
                 Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
                 Part::Error(e) => json!({"in_band_error": e}),
@@ -374,16 +382,15 @@ fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
     let p = provider("gemini");
     let mut mapper = Mapper::Scripted {
         rules: p.stream_rules.clone(),
-        script: p.script.unwrap().stream(),
+        script: Some(p.script.unwrap().stream()),
         writer: ChunkWriter::new("m"),
     };
     let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
-    let parts = mapper
-        .map(keyrelay::stream::sse::SseEvent {
-            event: None,
-            data: blocked,
-        })
-        .unwrap();
+    let parts = block_on(mapper.map(keyrelay::stream::sse::SseEvent {
+        event: None,
+        data: blocked,
+    }))
+    .unwrap();
     let Part::Chunk { data, finish, .. } = &parts[0] else {
         panic!("{parts:?}")
     };
@@ -400,13 +407,12 @@ fn error_events_inside_streams_are_classified_by_their_type() {
     let anthropic = provider("anthropic");
     let event =
         r#"{"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limited"}}"#;
-    let verdict = anthropic.judge(500, &Default::default(), event, 0).unwrap();
+    let verdict = block_on(anthropic.judge(500, &Default::default(), event, 0)).unwrap();
     assert_eq!(verdict.class.as_str(), "rate_limit");
     let overloaded =
         r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#;
     assert_eq!(
-        anthropic
-            .judge(500, &Default::default(), overloaded, 0)
+        block_on(anthropic.judge(500, &Default::default(), overloaded, 0))
             .unwrap()
             .class
             .as_str(),

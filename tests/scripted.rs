@@ -673,7 +673,7 @@ async fn misbehaving_scripts_fail_their_request_cleanly_and_the_next_one_works()
     let proxy = Proxy::start(echo_setup(&mock)).await;
     let cases = [
         ("loop", "operation limit"),
-        ("huge", "exceeds the size limit"),
+        ("huge", "it built more than 64 MiB (scripts.memory)"),
         ("import", "cannot import"),
         ("crash", "line"),
     ];

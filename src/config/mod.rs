@@ -369,9 +369,9 @@ pub struct Settings {
     /// The request log settings as configured, enabled or not (the command-line flag switches them on).
     pub request_logging_config: RequestLogging,
     /// `provider/model` -> other `provider/model`s tried in order when it cannot be served.
-    pub fallbacks: BTreeMap<String, Vec<String>>,
+    pub fallbacks: BTreeMap<String, std::sync::Arc<[String]>>,
     /// The same, tried instead when the prompt does not fit the model's context window.
-    pub context_fallbacks: BTreeMap<String, Vec<String>>,
+    pub context_fallbacks: BTreeMap<String, std::sync::Arc<[String]>>,
     /// Route around a content-filter rejection too (by default it goes to the client).
     pub fallback_on_content_filter: bool,
     /// Continue streams broken mid-answer where the provider can (its `continuation:`).
@@ -505,8 +505,8 @@ impl Settings {
                 .unwrap_or(false)
                 .then(|| logging.clone()),
             request_logging_config: logging,
-            fallbacks: raw.fallbacks,
-            context_fallbacks: raw.context_fallbacks,
+            fallbacks: shared(raw.fallbacks),
+            context_fallbacks: shared(raw.context_fallbacks),
             fallback_on_content_filter: raw.fallback_on_content_filter.unwrap_or(false),
             continue_streams: raw.continue_streams.unwrap_or(true),
         };
@@ -516,6 +516,10 @@ impl Settings {
             Err(errors)
         }
     }
+}
+
+fn shared(lists: BTreeMap<String, Vec<String>>) -> BTreeMap<String, std::sync::Arc<[String]>> {
+    lists.into_iter().map(|(k, v)| (k, v.into())).collect()
 }
 
 #[cfg(test)]

@@ -233,7 +233,13 @@ async fn json_body(
             format!("cannot read the request body: {e}"),
         )
     })?;
-    match serde_json::from_slice::<Value>(&bytes) {
+    // Parsing takes about a millisecond per megabyte: large bodies are parsed off the async workers.
+    let parsed = if bytes.len() > 1 << 20 {
+        crate::offload::run(move || serde_json::from_slice::<Value>(&bytes)).await
+    } else {
+        serde_json::from_slice::<Value>(&bytes)
+    };
+    match parsed {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::bad_request(
             "invalid_json",
@@ -394,15 +400,22 @@ async fn providers(State(app): State<AppState>) -> Response {
 }
 
 async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let body = match json_body(&app, &headers, body).await {
+    let mut body = match json_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
-    let Some(messages) = body.get("messages") else {
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Some(messages) = body.remove("messages") else {
         return ApiError::bad_request("invalid_request", "`messages` is required").into_response();
     };
-    match crate::tokens::count_messages(model, messages) {
+    // Counting costs about a second per ten megabytes of text: off the async workers.
+    let counted =
+        crate::offload::run(move || crate::tokens::count_messages(&model, &messages)).await;
+    match counted {
         Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
         Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
     }

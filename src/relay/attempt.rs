@@ -130,7 +130,9 @@ impl Attempt<'_> {
             let body = crate::upstream::read_capped(response.into_body(), MAX_ERROR_BODY).await;
             let body = redact(body, key);
             let text = String::from_utf8_lossy(&body);
-            let verdict = p.judge(status.as_u16(), &headers, &text, self.clock.now())?;
+            let verdict = p
+                .judge(status.as_u16(), &headers, &text, self.clock.now())
+                .await?;
             return Err(AttemptError::Upstream(Failure {
                 verdict,
                 status: status.as_u16(),
@@ -165,7 +167,7 @@ impl Attempt<'_> {
                     }
                     Err(fault) => return Err(Failure::transport(fault.class(), fault.to_string())),
                 };
-                let parts = mapper.map(event)?;
+                let parts = mapper.map(event).await?;
                 match parts.first() {
                     None => continue,
                     Some(Part::Done) => {
@@ -176,7 +178,9 @@ impl Attempt<'_> {
                     Some(Part::Error(error)) => {
                         // An error as the first event: judged like an error status, so it can rotate.
                         let body = error.to_string();
-                        let verdict = p.judge(500, &Default::default(), &body, self.clock.now())?;
+                        let verdict = p
+                            .judge(500, &Default::default(), &body, self.clock.now())
+                            .await?;
                         let client = verdict.class.is_client_error();
                         return Err(AttemptError::Upstream(Failure {
                             status: if client { 400 } else { 502 },

@@ -76,6 +76,9 @@ impl Tried {
 pub enum RelayError {
     #[error("{0}")]
     BadRequest(String),
+    /// A field of the request other than `model` is wrong.
+    #[error("{0}")]
+    InvalidField(String),
     #[error("unknown provider {0:?}; GET /v1/providers lists the configured ones")]
     UnknownProvider(String),
     #[error("provider {0:?} has no keys; set {upper}_API_KEY or {upper}_API_KEY_1", upper = .0.to_ascii_uppercase())]
@@ -143,6 +146,7 @@ impl RelayError {
     pub fn kind(&self) -> (u16, &'static str, &'static str) {
         match self {
             Self::BadRequest(_) => (400, "invalid_request_error", "invalid_model"),
+            Self::InvalidField(_) => (400, "invalid_request_error", "invalid_request"),
             Self::UnknownProvider(_) => (404, "invalid_request_error", "unknown_provider"),
             Self::NoKeys(_) => (404, "invalid_request_error", "provider_without_keys"),
             Self::ModelDenied(_) => (404, "invalid_request_error", "model_not_found"),

@@ -8,6 +8,7 @@
 mod attempt;
 
 mod error;
+mod fallback;
 pub mod models;
 
 use crate::clock::Clock;
@@ -25,7 +26,7 @@ use attempt::{Attempt, AttemptError, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
 use serde_json::{Map, Value};
-use std::collections::VecDeque;
+use fallback::Fallbacks;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -118,7 +119,7 @@ struct Job {
 /// served), and the fallback models left, tried after the other keys of that model.
 struct Resume {
     body: Map<String, Value>,
-    fallbacks: Vec<String>,
+    fallbacks: Fallbacks,
 }
 
 /// Where a run starts from.
@@ -126,7 +127,7 @@ enum Start<'a> {
     /// A client's request, with the fallback models left after this one.
     Client {
         stream: bool,
-        fallbacks: &'a VecDeque<String>,
+        fallbacks: &'a Fallbacks,
     },
     /// The continuation of a broken stream: itself never continued, it skips the key that broke.
     Continuation { given_up: Vec<KeyId> },
@@ -207,15 +208,15 @@ impl Relay {
         let stream = endpoint == Endpoint::Chat
             && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         // The client's own fallback lists are consumed here, never forwarded, and win over config.yaml's.
-        let mut fallbacks: VecDeque<String> = take_list(&mut body, "fallbacks")
-            .or_else(|| settings.fallbacks.get(&requested).cloned())
-            .unwrap_or_default()
-            .into();
-        let mut context_fallbacks: Option<VecDeque<String>> =
-            take_list(&mut body, "context_fallbacks")
-                .or_else(|| settings.context_fallbacks.get(&requested).cloned())
-                .filter(|list| !list.is_empty())
-                .map(Into::into);
+        let mut fallbacks = Fallbacks::new(
+            fallback::take(&mut body, "fallbacks")?
+                .or_else(|| settings.fallbacks.get(&requested).cloned())
+                .unwrap_or_default(),
+        );
+        let mut context_fallbacks = fallback::take(&mut body, "context_fallbacks")?
+            .or_else(|| settings.context_fallbacks.get(&requested).cloned())
+            .filter(|list| !list.is_empty())
+            .map(Fallbacks::new);
         let mut journal = Journal::new(
             endpoint.hook_name(),
             "",
@@ -234,7 +235,7 @@ impl Relay {
         let mut earlier_attempts = 0;
         let mut on_context_list = false;
         let result = loop {
-            let candidates_left = fallbacks.len() as u32 + 1;
+            let candidates_left = fallbacks.left().len() as u32 + 1;
             let share = deadline.saturating_duration_since(Instant::now()) / candidates_left;
             let this_deadline = if candidates_left == 1 {
                 deadline
@@ -297,7 +298,7 @@ impl Relay {
                         unservable || e.wants_fallback(settings.fallback_on_content_filter)
                     };
                     let next = if move_on && Instant::now() < deadline {
-                        fallbacks.pop_front()
+                        fallbacks.pop()
                     } else {
                         None
                     };
@@ -374,7 +375,7 @@ impl Relay {
             .map(|fallbacks| {
                 Arc::new(Resume {
                     body: body.clone(),
-                    fallbacks: fallbacks.iter().cloned().collect(),
+                    fallbacks: fallbacks.clone(),
                 })
             });
         let wants_usage = stream
@@ -392,7 +393,7 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let call = upstream_call(&provider, endpoint, path, &model, stream, body)?;
+        let call = upstream_call(&provider, endpoint, path, &model, stream, body).await?;
         let job = Job {
             resume,
             label: format!("{}/{model}", provider.name),
@@ -478,7 +479,7 @@ impl Relay {
                     }
                     Ok(Ok(success)) => {
                         record(journal, &masked, started, Some(200), None, None);
-                        return self.reply(success, lease, &job, &tried, journal);
+                        return self.reply(success, lease, &job, &tried, journal).await;
                     }
                     // The script is at fault, not the key: release it without a verdict.
                     Ok(Err(AttemptError::Script(e))) => {
@@ -618,7 +619,7 @@ impl Relay {
         Some(Box::new(move |partial: String| {
             Box::pin(async move {
                 let deadline = Instant::now() + relay.snapshot().settings.request_timeout;
-                let models = std::iter::once(None).chain(resume.fallbacks.iter().map(Some));
+                let models = std::iter::once(None).chain(resume.fallbacks.left().iter().map(Some));
                 for (i, model) in models.enumerate() {
                     let mut body = resume.body.clone();
                     if let Some(model) = model {
@@ -640,7 +641,7 @@ impl Relay {
                         assistant.insert("content".into(), Value::String(partial.clone()));
                         messages.push(Value::Object(assistant));
                     }
-                    let left = (resume.fallbacks.len() + 1 - i) as u32;
+                    let left = (resume.fallbacks.left().len() + 1 - i) as u32;
                     let share = deadline.saturating_duration_since(Instant::now()) / left;
                     let given_up = if i == 0 {
                         vec![failed_key.clone()]
@@ -674,7 +675,7 @@ impl Relay {
         {
             Some(script) => Mapper::Scripted {
                 rules: job.provider.stream_rules.clone(),
-                script: script.stream(),
+                script: Some(script.stream()),
                 writer: crate::stream::ChunkWriter::new(&job.model),
             },
             None => Mapper::Passthrough {
@@ -683,7 +684,7 @@ impl Relay {
         }
     }
 
-    fn reply(
+    async fn reply(
         &self,
         success: Success,
         mut lease: Lease,
@@ -704,12 +705,12 @@ impl Relay {
                     Some(script) => {
                         // The key did its job even if the mapping fails.
                         lease.succeed(0, 0);
-                        let mapped = job.provider.map_response(
-                            script,
-                            job.endpoint.hook_name(),
-                            &job.model,
-                            &body,
-                        )?;
+                        let (p, hook) = (job.provider.clone(), script.clone());
+                        let (endpoint, model) = (job.endpoint, job.model.clone());
+                        let mapped = crate::offload::run(move || {
+                            p.map_response(&hook, endpoint.hook_name(), &model, &body)
+                        })
+                        .await?;
                         let usage = mapped
                             .get("usage")
                             .map(Usage::from_value)
@@ -760,20 +761,10 @@ impl Relay {
     }
 }
 
-/// Removes a list of strings from the body (`fallbacks`); `None` when absent.
-fn take_list(body: &mut Map<String, Value>, field: &str) -> Option<Vec<String>> {
-    let list = body.remove(field)?;
-    Some(
-        list.as_array()?
-            .iter()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect(),
-    )
-}
-
-/// The upstream call for a body: the provider's request hook, or the body itself (OpenAI passthrough).
-fn upstream_call(
-    provider: &Provider,
+/// The upstream call for a body: the provider's request hook (run off the async workers), or the body itself
+/// (OpenAI passthrough).
+async fn upstream_call(
+    provider: &Arc<Provider>,
     endpoint: Endpoint,
     path: &str,
     model: &str,
@@ -782,9 +773,11 @@ fn upstream_call(
 ) -> Result<UpstreamCall, RelayError> {
     match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
         Some(script) => {
-            let body = Value::Object(body);
-            let mapped =
-                provider.map_request(script, endpoint.hook_name(), model, stream, &body)?;
+            let (p, hook, model) = (provider.clone(), script.clone(), model.to_string());
+            let mapped = crate::offload::run(move || {
+                p.map_request(&hook, endpoint.hook_name(), &model, stream, &Value::Object(body))
+            })
+            .await?;
             Ok(mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?)
         }
         None => {

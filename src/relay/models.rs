@@ -227,7 +227,10 @@ async fn fetch(provider: &Provider, http: &HttpClient, limit: usize) -> Result<V
             .as_ref()
             .filter(|s| s.has(crate::script::Hook::Models))
         {
-            return script.map_models(&bytes).map_err(|e| e.to_string());
+            let hook = script.clone();
+            return crate::offload::run(move || hook.map_models(&bytes))
+                .await
+                .map_err(|e| e.to_string());
         }
         let body: Value =
             serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;

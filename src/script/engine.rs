@@ -4,8 +4,10 @@
 //! `eval`, and every call is bounded. `print` and `debug` go to the log.
 
 use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map};
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Operations one hook call may perform (an infinite loop stops here, in about a millisecond).
 pub const MAX_OPERATIONS: u64 = 500_000;
@@ -14,6 +16,75 @@ pub const MAX_STRING: usize = 64 << 20;
 pub const MAX_ARRAY: usize = 100_000;
 pub const MAX_MAP: usize = 10_000;
 pub const MAX_CALL_LEVELS: usize = 48;
+
+/// What one call may spend (`scripts:` in `config.yaml` or a provider file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes the call may build (strings, arrays, maps, variables: everything it allocates and keeps).
+    pub memory: usize,
+    /// Wall time.
+    pub time: Duration,
+}
+
+impl Budget {
+    pub fn of(tuning: &crate::config::Tuning) -> Self {
+        Self {
+            memory: tuning.script_memory,
+            time: tuning.script_time,
+        }
+    }
+}
+
+/// The budget of the call running on this thread.
+#[derive(Clone, Copy)]
+struct Spending {
+    budget: Budget,
+    /// This thread's allocation count when the call began.
+    start: isize,
+    until: Instant,
+}
+
+thread_local! {
+    static SPENDING: Cell<Option<Spending>> = const { Cell::new(None) };
+}
+
+/// Runs `call` (one script call) on this thread within `budget`: past it, the script stops at its next operation
+/// with an error saying which budget it exceeded.
+pub fn within<T>(budget: Budget, call: impl FnOnce() -> T) -> T {
+    let spending = Spending {
+        budget,
+        start: crate::alloc::thread_net(),
+        until: Instant::now() + budget.time,
+    };
+    let outer = SPENDING.with(|s| s.replace(Some(spending)));
+    let out = call();
+    SPENDING.with(|s| s.set(outer));
+    out
+}
+
+/// Bytes the running call may still build; unbounded outside a call.
+pub fn memory_left() -> usize {
+    SPENDING.with(Cell::get).map_or(usize::MAX, |s| {
+        let used = crate::alloc::thread_net().saturating_sub(s.start).max(0) as usize;
+        s.budget.memory.saturating_sub(used)
+    })
+}
+
+/// Why the running call must stop, if it must.
+fn overspent(operations: u64) -> Option<String> {
+    let s = SPENDING.with(Cell::get)?;
+    if memory_left() == 0 {
+        return Some(format!(
+            "it built more than {} MiB (scripts.memory)",
+            s.budget.memory >> 20
+        ));
+    }
+    // Reading the clock costs more than the rest of this check: every 64 operations is often enough.
+    if operations % 64 == 0 && Instant::now() >= s.until {
+        return Some(format!("it ran longer than {:?} (scripts.time)", s.budget.time));
+    }
+    None
+}
 
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -34,6 +105,7 @@ fn build() -> Engine {
     e.set_max_variables(1_000);
     e.set_max_functions(1_000);
     e.set_max_modules(0);
+    e.on_progress(|operations| overspent(operations).map(Dynamic::from));
     e.on_print(|text| tracing::info!(target: "keyrelay::script", "{text}"));
     e.on_debug(|text, source, pos| tracing::debug!(target: "keyrelay::script", source, line = pos.line(), "{text}"));
 
@@ -43,9 +115,15 @@ fn build() -> Engine {
             serde_json::from_str::<Dynamic>(text).map_err(|err| format!("json_parse: {err}").into())
         },
     );
-    e.register_fn("json_stringify", |value: Dynamic| -> String {
-        serde_json::to_string(&value).unwrap_or_else(|_| "null".into())
-    });
+    e.register_fn("json_stringify", |value: Dynamic| stringify(&value));
+    // Printing a map or an array as a whole is one operation that could build a string of any size (a map
+    // holding the same long string many times): bounded like `json_stringify`, and written as JSON.
+    for name in ["to_string", "to_debug"] {
+        e.register_fn(name, |value: &mut Map| stringify(&Dynamic::from_map(value.clone())));
+        e.register_fn(name, |value: &mut rhai::Array| {
+            stringify(&Dynamic::from_array(value.clone()))
+        });
+    }
     e.register_fn("unix_time", || -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -99,6 +177,46 @@ fn build() -> Engine {
         },
     );
     e
+}
+
+/// `value` as JSON text, refused when it would be longer than the running call may still build or than a string
+/// may be.
+fn stringify(value: &Dynamic) -> Result<String, Box<EvalAltResult>> {
+    let limit = memory_left().min(MAX_STRING);
+    let mut out = Bounded {
+        text: Vec::new(),
+        limit,
+    };
+    match serde_json::to_writer(&mut out, value) {
+        Ok(()) => Ok(String::from_utf8(out.text).unwrap_or_default()),
+        Err(_) if out.text.len() >= limit => Err(format!(
+            "the JSON text would be larger than {} MiB",
+            limit >> 20
+        )
+        .into()),
+        Err(e) => Err(format!("json_stringify: {e}").into()),
+    }
+}
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.text.resize(self.limit, 0);
+            return Err(std::io::ErrorKind::OutOfMemory.into());
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A script that failed: which file, which function, which line, what happened.
@@ -155,6 +273,7 @@ impl ScriptError {
             EvalAltResult::ErrorTooManyOperations(_) => {
                 "it ran too long (operation limit reached)".to_string()
             }
+            EvalAltResult::ErrorTerminated(why, _) => why.to_string(),
             EvalAltResult::ErrorDataTooLarge(what, _) => format!("{what} exceeds the size limit"),
             EvalAltResult::ErrorModuleNotFound(name, _) => {
                 format!("module {name:?} cannot be imported (scripts cannot import)")

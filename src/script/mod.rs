@@ -19,7 +19,7 @@ mod engine;
 mod stream;
 
 use crate::config::ConfigError;
-pub use engine::ScriptError;
+pub use engine::{Budget, ScriptError};
 use engine::engine;
 use rhai::{AST, CallFnOptions, Dynamic, Map, Scope};
 use serde_json::Value;
@@ -76,6 +76,8 @@ pub struct ProviderScript {
     pub fingerprint: u64,
     /// Where each function is defined, for errors Rhai cannot place on a line.
     fn_lines: Vec<(String, usize)>,
+    /// What each call may spend.
+    budget: Budget,
 }
 
 /// What the request hook decided: the upstream call, before the key is added.
@@ -104,6 +106,7 @@ impl ProviderScript {
         file: &Path,
         wanted: Option<&[String]>,
         options: &Value,
+        budget: Budget,
     ) -> Result<Self, Vec<ConfigError>> {
         let text = std::fs::read_to_string(file).map_err(|e| {
             vec![
@@ -170,6 +173,7 @@ impl ProviderScript {
             errors: AtomicU64::new(0),
             fingerprint,
             fn_lines: engine::function_lines(&text),
+            budget,
         })
     }
 
@@ -193,9 +197,27 @@ impl ProviderScript {
         if let Some(this) = this {
             options = options.bind_this_ptr(this);
         }
-        engine()
-            .call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, hook.fn_name(), (arg,))
-            .map_err(|e| {
+        engine::within(self.budget, || {
+            let out = engine().call_fn_with_options::<Dynamic>(
+                options,
+                &mut scope,
+                &self.ast,
+                hook.fn_name(),
+                (arg,),
+            )?;
+            // What the hook returns is turned into JSON afterwards: it must fit the budget too.
+            match engine::memory_left().checked_sub(size_of(&out)) {
+                Some(_) => Ok(out),
+                None => Err(Box::new(rhai::EvalAltResult::ErrorTerminated(
+                    Dynamic::from(format!(
+                        "it returned more than {} MiB (scripts.memory)",
+                        self.budget.memory >> 20
+                    )),
+                    rhai::Position::NONE,
+                ))),
+            }
+        })
+        .map_err(|e| {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e, &self.fn_lines);
                 tracing::warn!(error = %err, "provider script failed");
@@ -367,6 +389,24 @@ impl ProviderScript {
             line_is_definition: line.is_some(),
             message: what.into(),
         }
+    }
+}
+
+/// About how many bytes `value` takes once turned into JSON (a string shared several times counts each time).
+fn size_of(value: &Dynamic) -> usize {
+    if let Some(map) = value.read_lock::<Map>() {
+        map.iter()
+            .map(|(k, v)| k.len() + 8 + size_of(v))
+            .fold(2, usize::saturating_add)
+    } else if let Some(array) = value.read_lock::<rhai::Array>() {
+        array
+            .iter()
+            .map(|v| 1 + size_of(v))
+            .fold(2, usize::saturating_add)
+    } else if let Some(text) = value.read_lock::<rhai::ImmutableString>() {
+        text.len() + 2
+    } else {
+        16
     }
 }
 

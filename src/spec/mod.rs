@@ -336,9 +336,9 @@ impl Provider {
         script.map_response(endpoint, model, body)
     }
 
-    /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers),
-    /// then the declared rules, then the defaults by status.
-    pub fn judge(
+    /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers; it
+    /// runs off the async workers), then the declared rules, then the defaults by status.
+    pub async fn judge(
         &self,
         status: u16,
         headers: &http::header::HeaderMap,
@@ -350,7 +350,10 @@ impl Provider {
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
                 .collect();
-            if let Some(c) = script.classify(status, &pairs, body)? {
+            let (hook, text) = (script.clone(), body.to_string());
+            let classified =
+                crate::offload::run(move || hook.classify(status, &pairs, &text)).await?;
+            if let Some(c) = classified {
                 let class: ErrorClass = serde_json::from_value(serde_json::Value::String(
                     c.class.clone(),
                 ))
@@ -469,6 +472,7 @@ pub fn load_file(
                 &plugins.join(&script),
                 hooks.as_deref(),
                 options.as_ref().unwrap_or(&serde_json::Value::Null),
+                crate::script::Budget::of(&provider.tuning),
             )?;
             fingerprint ^= loaded.fingerprint;
             if let Some(stream) = stream {

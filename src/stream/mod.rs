@@ -311,38 +311,70 @@ pub enum Mapper {
     },
     Scripted {
         rules: Arc<[StreamRule]>,
-        script: ScriptStream,
+        /// Away while a call runs off the async workers.
+        script: Option<ScriptStream>,
         writer: ChunkWriter,
     },
 }
 
 impl Mapper {
-    pub fn map(&mut self, event: SseEvent) -> Result<Vec<Part>, ScriptError> {
+    /// Maps one event: in Rust where passthrough or a declared rule can, else by the provider's script, which
+    /// runs off the async workers.
+    pub async fn map(&mut self, event: SseEvent) -> Result<Vec<Part>, ScriptError> {
+        match self.map_inline(event) {
+            Ok(mapped) => mapped,
+            Err((event, data)) => self.map_by_script(event, data).await,
+        }
+    }
+
+    /// Maps one event without the script, when that is possible; otherwise gives it back (with its data parsed)
+    /// for [`Mapper::map_by_script`].
+    #[allow(clippy::type_complexity)]
+    pub fn map_inline(
+        &mut self,
+        event: SseEvent,
+    ) -> Result<Result<Vec<Part>, ScriptError>, (SseEvent, Option<Value>)> {
         match self {
-            Self::Passthrough { label } => Ok(passthrough(label, event)),
-            Self::Scripted {
-                rules,
-                script,
-                writer,
-            } => {
-                let parsed = serde_json::from_str::<Value>(&event.data);
-                if let Ok(data) = &parsed {
+            Self::Passthrough { label } => Ok(Ok(passthrough(label, event))),
+            Self::Scripted { rules, writer, .. } => {
+                let parsed = serde_json::from_str::<Value>(&event.data).ok();
+                if let Some(data) = &parsed {
                     match stream_rules::first_match(rules, event.event.as_deref(), data) {
-                        Some(Emitted::Skip) => return Ok(Vec::new()),
+                        Some(Emitted::Skip) => return Ok(Ok(Vec::new())),
                         Some(Emitted::Content(text)) => {
-                            return Ok(vec![writer.text("content", text)]);
+                            return Ok(Ok(vec![writer.text("content", text)]));
                         }
                         Some(Emitted::Reasoning(text)) => {
-                            return Ok(vec![writer.text("reasoning_content", text)]);
+                            return Ok(Ok(vec![writer.text("reasoning_content", text)]));
                         }
                         None => {}
                     }
                 }
-                let data = parsed.map_err(|_| event.data.as_str());
-                let parts = script.map(event.event.as_deref(), data)?;
-                Ok(parts.into_iter().flat_map(|p| writer.part(p)).collect())
+                Err((event, parsed))
             }
         }
+    }
+
+    /// Maps one event by the script's `stream_event` hook.
+    pub async fn map_by_script(
+        &mut self,
+        event: SseEvent,
+        data: Option<Value>,
+    ) -> Result<Vec<Part>, ScriptError> {
+        let Self::Scripted { script, writer, .. } = self else {
+            return Ok(passthrough("", event));
+        };
+        let Some(mut taken) = script.take() else {
+            return Ok(Vec::new());
+        };
+        let (taken, parts) = crate::offload::run(move || {
+            let data = data.ok_or(event.data.as_str());
+            let parts = taken.map(event.event.as_deref(), data);
+            (taken, parts)
+        })
+        .await;
+        *script = Some(taken);
+        Ok(parts?.into_iter().flat_map(|p| writer.part(p)).collect())
     }
 }
 
@@ -585,6 +617,8 @@ pub struct Forward {
     tail: Option<SseBody>,
     /// A mapping failure met while gathering frames at hand, reported by the next `next_frame`.
     failed: Option<ScriptError>,
+    /// An event met while gathering frames at hand that only the script can map: `next_frame` maps it.
+    held: Option<(SseEvent, Option<Value>)>,
 }
 
 impl Drop for Forward {
@@ -637,6 +671,7 @@ impl Forward {
             answer: String::new(),
             tail: None,
             failed: None,
+            held: None,
         }
     }
 
@@ -695,6 +730,7 @@ impl Forward {
         if self.tail.is_some()
             || self.lease.is_none()
             || self.failed.is_some()
+            || self.held.is_some()
             || !self.pending.is_empty()
         {
             return false;
@@ -705,7 +741,11 @@ impl Forward {
     /// The next chunk frame if it can be had without waiting or deciding anything: from parts already mapped or
     /// events already read. The end, errors and breaks are left to `next_frame`.
     fn ready_frame(&mut self) -> Option<Bytes> {
-        if self.tail.is_some() || self.lease.is_none() || self.failed.is_some() {
+        if self.tail.is_some()
+            || self.lease.is_none()
+            || self.failed.is_some()
+            || self.held.is_some()
+        {
             return None;
         }
         loop {
@@ -726,10 +766,14 @@ impl Forward {
                 }
                 None => {
                     let event = self.upstream.buffered()?;
-                    match self.mapper.map(event) {
-                        Ok(parts) => self.pending.extend(parts),
-                        Err(e) => {
+                    match self.mapper.map_inline(event) {
+                        Ok(Ok(parts)) => self.pending.extend(parts),
+                        Ok(Err(e)) => {
                             self.failed = Some(e);
+                            return None;
+                        }
+                        Err(held) => {
+                            self.held = Some(held);
                             return None;
                         }
                     }
@@ -748,11 +792,20 @@ impl Forward {
             if let Some(e) = self.failed.take() {
                 return Some(self.script_failed(e));
             }
+            if self.pending.is_empty()
+                && let Some((event, data)) = self.held.take()
+            {
+                match self.mapper.map_by_script(event, data).await {
+                    Ok(parts) => self.pending.extend(parts),
+                    Err(e) => return Some(self.script_failed(e)),
+                }
+                continue;
+            }
             if let Some(part) = self.pending.pop_front() {
                 match part {
                     Part::Done => return Some(self.complete()),
                     Part::Error(error) => {
-                        let report = self.upstream_error(&error);
+                        let report = self.upstream_error(&error).await;
                         return Some(self.continue_or(report, "upstream_error").await);
                     }
                     Part::Chunk {
@@ -787,7 +840,7 @@ impl Forward {
                     return Some(self.continue_or(report, "stream_interrupted").await);
                 }
             };
-            match self.mapper.map(event) {
+            match self.mapper.map(event).await {
                 Ok(parts) => self.pending.extend(parts),
                 Err(e) => return Some(self.script_failed(e)),
             }
@@ -861,7 +914,7 @@ impl Forward {
     }
 
     /// An error the upstream sent mid-stream: judged by the provider's rules, forwarded in OpenAI's shape.
-    fn upstream_error(&mut self, error: &Value) -> Bytes {
+    async fn upstream_error(&mut self, error: &Value) -> Bytes {
         let redacted = self
             .lease
             .as_ref()
@@ -879,6 +932,7 @@ impl Forward {
                     &error.to_string(),
                     self.clock.now(),
                 )
+                .await
                 .unwrap_or(Verdict::model(ErrorClass::Server));
             tracing::warn!(stream = %self.label, class = verdict.class.as_str(), "the upstream sent an error mid-stream");
             lease.fail(&verdict);
