@@ -96,3 +96,139 @@ async fn a_model_list_that_hangs_or_never_ends_is_remembered_as_failed() {
         );
     }
 }
+
+/// A provider whose script misbehaves on command (the last message says how), within budgets of its own.
+fn greedy(mock: &Mock) -> Setup {
+    const SCRIPT: &str = r#"
+fn request(ctx) {
+    let last = ctx.body.messages[ctx.body.messages.len() - 1].content;
+    if last == "map" {
+        let s = "x"; for i in 0..20 { s += s; }
+        let m = #{};
+        for i in 0..5000 { m[`k${i}`] = s; }
+        return #{ path: "/chat/completions", body: m };
+    }
+    if last == "vars" {
+        let s = "x"; for i in 0..25 { s += s; }
+        let kept = [];
+        for i in 0..50 { kept.push(s + i); }
+        return #{ path: "/chat/completions", body: #{ n: kept.len() } };
+    }
+    if last == "slow" {
+        let s = "x"; for i in 0..23 { s += s; }
+        loop { let t = s + "y"; }
+    }
+    #{ path: "/chat/completions", body: #{ model: ctx.model, messages: ctx.body.messages } }
+}
+
+fn response(ctx) { ctx.body }
+"#;
+    Setup {
+        env: mock_keys("GREEDY", 1),
+        ..Setup::empty()
+    }
+    .provider(
+        "greedy",
+        format!(
+            "base_url: {}\nscript: greedy.rhai\nmodels: {{list: static, static: [m]}}\nscripts: {{time: 2s}}\n",
+            mock.base_url
+        ),
+    )
+    .plugin("greedy.rhai", SCRIPT)
+}
+
+#[tokio::test]
+async fn a_script_over_its_memory_or_time_budget_fails_its_request_and_the_next_one_works() {
+    let mock = Mock::echo("fine").await;
+    let proxy = Proxy::start(greedy(&mock)).await;
+    for (trigger, reason) in [
+        ("map", None),
+        ("vars", Some("it built more than 64 MiB (scripts.memory)")),
+        ("slow", Some("it ran longer than 2s (scripts.time)")),
+    ] {
+        let (status, _, body) = proxy.chat("greedy/m", trigger).await;
+        assert_eq!(status, 502, "{trigger}: {body}");
+        assert_eq!(error_code(&body), "script_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("greedy.rhai") && message.contains("failed in request"),
+            "{trigger}: {message}"
+        );
+        if let Some(reason) = reason {
+            assert!(message.contains(reason), "{trigger}: {message}");
+        }
+        let (status, _, body) = proxy.chat("greedy/m", "hello").await;
+        assert_eq!(status, 200, "after {trigger}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "fine");
+    }
+    assert!(mock.chats().iter().all(|s| s.body["n"].is_null()));
+}
+
+/// The longest of several `GET /` round trips made while `busy` runs.
+async fn liveness_while<F: std::future::Future>(proxy: &Proxy, busy: F) -> Duration {
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut worst = Duration::ZERO;
+        for _ in 0..8 {
+            let started = std::time::Instant::now();
+            let (status, _, _) = send(proxy.get("/")).await;
+            assert_eq!(status, 200);
+            worst = worst.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worst
+    };
+    let (worst, _) = tokio::join!(probe, busy);
+    worst
+}
+
+#[tokio::test]
+async fn liveness_answers_at_once_while_two_maximal_scripts_run() {
+    let mock = Mock::echo("fine").await;
+    let proxy = Proxy::start(greedy(&mock)).await;
+    let slow = futures_util::future::join(
+        proxy.chat("greedy/m", "slow"),
+        proxy.chat("greedy/m", "slow"),
+    );
+    let worst = liveness_while(&proxy, slow).await;
+    assert!(worst < Duration::from_millis(50), "GET / took {worst:?}");
+}
+
+#[tokio::test]
+async fn large_token_counts_do_not_hold_up_other_requests() {
+    let mock = Mock::echo("fine").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let text = "lorem ipsum dolor sit amet, consectetur adipiscing elit ".repeat(150_000);
+    let body = json!({"model": "mock/m", "messages": [{"role": "user", "content": text}]});
+    let count = || async {
+        let (status, _, body) = send(proxy.post("/v1/token-count", &body)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["token_count"].as_u64().unwrap() > 1_000_000, "{body}");
+    };
+    let worst = liveness_while(&proxy, futures_util::future::join(count(), count())).await;
+    assert!(worst < Duration::from_millis(50), "GET / took {worst:?}");
+}
+
+#[tokio::test]
+async fn fallback_lists_are_capped_and_must_name_models() {
+    let mock = Mock::echo("fine").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let ask = |fallbacks: Value| json!({"model": "mock/m", "fallbacks": fallbacks, "messages": [{"role": "user", "content": "hi"}]});
+    let many: Vec<String> = (0..17).map(|i| format!("mock/f{i}")).collect();
+    for fallbacks in [json!(many), json!(["mock/a", 7]), json!("mock/a")] {
+        let (status, _, body) = send(proxy.post("/v1/chat/completions", &ask(fallbacks))).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(error_code(&body), "invalid_request");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 16 model names"),
+            "{body}"
+        );
+    }
+    assert!(mock.chats().is_empty());
+    let sixteen: Vec<String> = (0..16).map(|i| format!("mock/f{i}")).collect();
+    let (status, _, _) = send(proxy.post("/v1/chat/completions", &ask(json!(sixteen)))).await;
+    assert_eq!(status, 200);
+}

@@ -109,7 +109,9 @@ pub enum RelayError {
     Exhausted(Box<Tried>),
     #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
     Deadline(Box<Tried>),
-    #[error("the upstream's answer is larger than {limit} bytes (max_response_size in config.yaml)")]
+    #[error(
+        "the upstream's answer is larger than {limit} bytes (max_response_size in config.yaml)"
+    )]
     ResponseTooLarge { limit: usize, served: Served },
     /// The provider's script failed; the message names the script, function and line.
     #[error("{0}")]

@@ -40,7 +40,10 @@ impl Fallbacks {
 
 /// Removes the list `field` from a request body: `None` when absent, an error when it is not a list of at most
 /// [`MAX_FALLBACKS`] model names.
-pub fn take(body: &mut Map<String, Value>, field: &str) -> Result<Option<Arc<[String]>>, RelayError> {
+pub fn take(
+    body: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Arc<[String]>>, RelayError> {
     let Some(value) = body.remove(field) else {
         return Ok(None);
     };

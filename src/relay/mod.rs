@@ -25,8 +25,8 @@ use arc_swap::ArcSwap;
 use attempt::{Attempt, AttemptError, Success};
 use bytes::Bytes;
 pub use error::{RelayError, Tried};
-use serde_json::{Map, Value};
 use fallback::Fallbacks;
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -775,7 +775,13 @@ async fn upstream_call(
         Some(script) => {
             let (p, hook, model) = (provider.clone(), script.clone(), model.to_string());
             let mapped = crate::offload::run(move || {
-                p.map_request(&hook, endpoint.hook_name(), &model, stream, &Value::Object(body))
+                p.map_request(
+                    &hook,
+                    endpoint.hook_name(),
+                    &model,
+                    stream,
+                    &Value::Object(body),
+                )
             })
             .await?;
             Ok(mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?)

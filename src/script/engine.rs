@@ -81,7 +81,10 @@ fn overspent(operations: u64) -> Option<String> {
     }
     // Reading the clock costs more than the rest of this check: every 64 operations is often enough.
     if operations % 64 == 0 && Instant::now() >= s.until {
-        return Some(format!("it ran longer than {:?} (scripts.time)", s.budget.time));
+        return Some(format!(
+            "it ran longer than {:?} (scripts.time)",
+            s.budget.time
+        ));
     }
     None
 }
@@ -119,7 +122,9 @@ fn build() -> Engine {
     // Printing a map or an array as a whole is one operation that could build a string of any size (a map
     // holding the same long string many times): bounded like `json_stringify`, and written as JSON.
     for name in ["to_string", "to_debug"] {
-        e.register_fn(name, |value: &mut Map| stringify(&Dynamic::from_map(value.clone())));
+        e.register_fn(name, |value: &mut Map| {
+            stringify(&Dynamic::from_map(value.clone()))
+        });
         e.register_fn(name, |value: &mut rhai::Array| {
             stringify(&Dynamic::from_array(value.clone()))
         });
@@ -189,11 +194,9 @@ fn stringify(value: &Dynamic) -> Result<String, Box<EvalAltResult>> {
     };
     match serde_json::to_writer(&mut out, value) {
         Ok(()) => Ok(String::from_utf8(out.text).unwrap_or_default()),
-        Err(_) if out.text.len() >= limit => Err(format!(
-            "the JSON text would be larger than {} MiB",
-            limit >> 20
-        )
-        .into()),
+        Err(_) if out.text.len() >= limit => {
+            Err(format!("the JSON text would be larger than {} MiB", limit >> 20).into())
+        }
         Err(e) => Err(format!("json_stringify: {e}").into()),
     }
 }

@@ -19,8 +19,8 @@ mod engine;
 mod stream;
 
 use crate::config::ConfigError;
-pub use engine::{Budget, ScriptError};
 use engine::engine;
+pub use engine::{Budget, ScriptError};
 use rhai::{AST, CallFnOptions, Dynamic, Map, Scope};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -218,11 +218,11 @@ impl ProviderScript {
             }
         })
         .map_err(|e| {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e, &self.fn_lines);
-                tracing::warn!(error = %err, "provider script failed");
-                err
-            })
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e, &self.fn_lines);
+            tracing::warn!(error = %err, "provider script failed");
+            err
+        })
     }
 
     fn ctx(&self, entries: impl IntoIterator<Item = (&'static str, Dynamic)>) -> Dynamic {

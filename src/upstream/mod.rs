@@ -130,7 +130,9 @@ impl UpstreamError {
 #[derive(Debug)]
 pub enum ReadError {
     /// It is longer than the limit; the connection is dropped rather than drained.
-    TooLarge { limit: usize },
+    TooLarge {
+        limit: usize,
+    },
     Broken(UpstreamError),
 }
 

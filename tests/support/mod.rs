@@ -715,13 +715,17 @@ pub fn refusing_upstream() -> String {
 /// An upstream whose every answer is a 200 with a body that never ends (`{"data":[` and then spaces, forever).
 pub async fn endless_upstream() -> String {
     let app = axum::Router::new().fallback(|| async {
-        let start = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"data\":[")) });
+        let start = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"{\"data\":["))
+        });
         let spaces = Bytes::from(vec![b' '; 64 << 10]);
         let rest = futures_util::stream::repeat_with(move || Ok(spaces.clone()));
         Response::builder()
             .status(200)
             .header("content-type", "application/json")
-            .body(Body::from_stream(futures_util::StreamExt::chain(start, rest)))
+            .body(Body::from_stream(futures_util::StreamExt::chain(
+                start, rest,
+            )))
             .unwrap()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
