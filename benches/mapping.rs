@@ -28,7 +28,7 @@ fn provider(name: &str) -> keyrelay::spec::Provider {
 fn mapper(p: &keyrelay::spec::Provider) -> Mapper {
     Mapper::Scripted {
         rules: p.stream_rules.clone(),
-        script: p.script.as_ref().unwrap().stream(),
+        script: Some(p.script.as_ref().unwrap().stream()),
         writer: ChunkWriter::new("m"),
     }
 }
@@ -291,7 +291,7 @@ fn benches(c: &mut Criterion) {
                     |events| {
                         let mut m = mapper(&p);
                         for event in events {
-                            black_box(m.map(event).unwrap());
+                            black_box(m.map_blocking(event).unwrap());
                         }
                     },
                     BatchSize::SmallInput,
@@ -307,7 +307,7 @@ fn benches(c: &mut Criterion) {
         let mut m = mapper(&gemini);
         b.iter_batched(
             || text_event.clone(),
-            |event| black_box(m.map(event).unwrap()),
+            |event| black_box(m.map_blocking(event).unwrap()),
             BatchSize::SmallInput,
         )
     });
@@ -324,7 +324,7 @@ fn benches(c: &mut Criterion) {
         let mut m = mapper(&anthropic);
         b.iter_batched(
             || text_event.clone(),
-            |event| black_box(m.map(event).unwrap()),
+            |event| black_box(m.map_blocking(event).unwrap()),
             BatchSize::SmallInput,
         )
     });
@@ -340,11 +340,11 @@ fn benches(c: &mut Criterion) {
     c.bench_function("anthropic/stream/tool delta/script", |b| {
         let mut m = mapper(&anthropic);
         for event in &tool_events[..partial_at] {
-            m.map(event.clone()).unwrap();
+            m.map_blocking(event.clone()).unwrap();
         }
         b.iter_batched(
             || tool_events[partial_at].clone(),
-            |event| black_box(m.map(event).unwrap()),
+            |event| black_box(m.map_blocking(event).unwrap()),
             BatchSize::SmallInput,
         )
     });

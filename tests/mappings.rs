@@ -86,7 +86,7 @@ fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
     events.extend(parser.finish());
     let mut out = Vec::new();
     for event in events {
-        for part in block_on(mapper.map(event)).unwrap() {
+        for part in mapper.map_blocking(event).unwrap() {
             out.push(match part {
                 Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
                 Part::Error(e) => json!({"in_band_error": e}),
@@ -386,11 +386,12 @@ fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
         writer: ChunkWriter::new("m"),
     };
     let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
-    let parts = block_on(mapper.map(keyrelay::stream::sse::SseEvent {
-        event: None,
-        data: blocked,
-    }))
-    .unwrap();
+    let parts = mapper
+        .map_blocking(keyrelay::stream::sse::SseEvent {
+            event: None,
+            data: blocked,
+        })
+        .unwrap();
     let Part::Chunk { data, finish, .. } = &parts[0] else {
         panic!("{parts:?}")
     };

@@ -368,13 +368,31 @@ impl Mapper {
             return Ok(Vec::new());
         };
         let (taken, parts) = crate::offload::run(move || {
-            let data = data.ok_or(event.data.as_str());
-            let parts = taken.map(event.event.as_deref(), data);
+            let parts = taken.map(event.event.as_deref(), data.ok_or(event.data.as_str()));
             (taken, parts)
         })
         .await;
         *script = Some(taken);
         Ok(parts?.into_iter().flat_map(|p| writer.part(p)).collect())
+    }
+
+    /// Maps one event on the calling thread, the script included: for callers that are not async workers
+    /// (benchmarks, tools).
+    pub fn map_blocking(&mut self, event: SseEvent) -> Result<Vec<Part>, ScriptError> {
+        let (event, data) = match self.map_inline(event) {
+            Ok(mapped) => return mapped,
+            Err(held) => held,
+        };
+        let Self::Scripted {
+            script: Some(script),
+            writer,
+            ..
+        } = self
+        else {
+            return Ok(Vec::new());
+        };
+        let parts = script.map(event.event.as_deref(), data.ok_or(event.data.as_str()))?;
+        Ok(parts.into_iter().flat_map(|p| writer.part(p)).collect())
     }
 }
 
