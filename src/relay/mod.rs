@@ -242,14 +242,17 @@ impl Relay {
             } else {
                 Instant::now() + share
             };
-            body.insert("model".into(), Value::String(model.clone()));
+            let is_fallback = model != requested;
+            // The client's own `model` is judged as it came (missing, not a string); a fallback's is ours.
+            if is_fallback {
+                body.insert("model".into(), Value::String(model.clone()));
+            }
             let last = fallbacks.is_empty() && context_fallbacks.is_none();
             let this_body = if last {
                 std::mem::take(&mut body)
             } else {
                 body.clone()
             };
-            let is_fallback = model != requested;
             match self
                 .prepare_and_run(
                     endpoint,
@@ -773,18 +776,12 @@ async fn upstream_call(
 ) -> Result<UpstreamCall, RelayError> {
     match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
         Some(script) => {
-            let (p, hook, model) = (provider.clone(), script.clone(), model.to_string());
+            let (p, hook, name) = (provider.clone(), script.clone(), model.to_string());
             let mapped = crate::offload::run(move || {
-                p.map_request(
-                    &hook,
-                    endpoint.hook_name(),
-                    &model,
-                    stream,
-                    &Value::Object(body),
-                )
+                p.map_request(&hook, endpoint.hook_name(), &name, stream, &Value::Object(body))
             })
             .await?;
-            Ok(mapped_call(mapped).map_err(|why| script.hook_error(Hook::Request, &why))?)
+            Ok(mapped_call(mapped, model).map_err(|why| script.hook_error(Hook::Request, &why))?)
         }
         None => {
             let payload =
@@ -794,8 +791,16 @@ async fn upstream_call(
     }
 }
 
-/// The upstream call a request hook described.
-fn mapped_call(m: MappedRequest) -> Result<UpstreamCall, String> {
+/// The upstream call a request hook described. Where the hook put the client's model into the path, it goes as
+/// one percent-encoded segment, whatever it holds (`/`, `?`, `#`, `%`): a model name never reaches another path
+/// or the query. Encoding a look-alike in the rest of the path too can only break that request, never redirect it.
+fn mapped_call(m: MappedRequest, model: &str) -> Result<UpstreamCall, String> {
+    let segment = crate::upstream::path_segment(model);
+    let path = if segment == model {
+        m.path
+    } else {
+        m.path.replace(model, &segment)
+    };
     let method = http::Method::from_bytes(m.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", m.method))?;
     let mut headers = Vec::with_capacity(m.headers.len() + 1);
@@ -818,12 +823,15 @@ fn mapped_call(m: MappedRequest) -> Result<UpstreamCall, String> {
     };
     Ok(UpstreamCall {
         method,
-        path: m.path,
+        path,
         query: m.query,
         headers,
         body,
     })
 }
+
+/// The longest `provider/model` accepted.
+const MAX_MODEL_LEN: usize = 256;
 
 /// Splits `provider/model` and checks that the provider can serve the model.
 fn resolve_model(
@@ -843,9 +851,14 @@ fn resolve_model(
             ));
         }
     };
+    if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+        return Err(RelayError::BadRequest(format!(
+            "`model` must be at most {MAX_MODEL_LEN} bytes of printable characters, written provider/model"
+        )));
+    }
     let Some((provider, name)) = model
         .split_once('/')
-        .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+        .filter(|(p, m)| !p.is_empty() && !m.is_empty() && !matches!(*m, "." | ".."))
     else {
         return Err(RelayError::BadRequest(format!(
             "`model` {model:?} must be written provider/model, e.g. \"openai/gpt-4o-mini\""

@@ -231,10 +231,40 @@ pub fn upstream_uri<'a>(
     http::Uri::try_from(out).map_err(|_| format!("invalid upstream URL for the path {path:?}"))
 }
 
+/// `text` as one path segment: every byte but unreserved characters, sub-delimiters, `:` and `@` percent-encoded
+/// (`/`, `?`, `#` and `%` included), and `.` and `..` written `%2E` and `%2E%2E`.
+pub fn path_segment(text: &str) -> std::borrow::Cow<'_, str> {
+    const SAFE: &[u8] = b"-._~!$&'()*+,;=:@";
+    if text == "." || text == ".." {
+        return text.replace('.', "%2E").into();
+    }
+    if text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || SAFE.contains(&b))
+    {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || SAFE.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            push_escaped(&mut out, b);
+        }
+    }
+    out.into()
+}
+
+fn push_escaped(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 15)]));
+}
+
 /// Appends `text`, percent-encoding every byte that is not an RFC 3986 `pchar`, `%` or one of `also`.
 fn encode_into(out: &mut String, text: &str, also: &[u8]) {
     const SAFE: &[u8] = b"-._~!$&'()*+,;=:@%";
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let safe = |b: u8| b.is_ascii_alphanumeric() || SAFE.contains(&b) || also.contains(&b);
     if text.bytes().all(safe) {
         out.push_str(text);
@@ -244,9 +274,7 @@ fn encode_into(out: &mut String, text: &str, also: &[u8]) {
         if safe(b) {
             out.push(char::from(b));
         } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
+            push_escaped(out, b);
         }
     }
 }
@@ -315,6 +343,17 @@ mod tests {
             "https://h/a%2Fb",
             "an encoded path stays as it is"
         );
+    }
+
+    #[test]
+    fn a_path_segment_cannot_leave_its_segment() {
+        assert_eq!(path_segment("gemini-2.5-pro"), "gemini-2.5-pro");
+        assert_eq!(
+            path_segment("m/../../admin?key=x#y%z"),
+            "m%2F..%2F..%2Fadmin%3Fkey=x%23y%25z"
+        );
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("a b\u{e9}"), "a%20b%C3%A9");
     }
 
     #[test]
