@@ -92,7 +92,7 @@ async fn chat(State(fake): State<Fake>, headers: HeaderMap, body: Bytes) -> Resp
         .unwrap_or("")
         .to_string();
     let answer = format!(
-        "This answer came from the fake provider, key …{}. You said: {question}",
+        "This answer came from the fake provider, key ...{}. You said: {question}",
         &key[key.len() - 4..]
     );
     if request["stream"] == json!(true) {
@@ -192,7 +192,7 @@ pub fn instructions(addr: &std::net::SocketAddr) -> String {
         r#"keyrelay demo listening on http://{addr}
 
 A fake provider "demo" runs on loopback with 5 keys: 3 healthy, 1 rate-limited on every other request
-(…0004, cools 15 s), 1 dead (…0005, benched). Send a few requests and watch rotation, cooldowns and recovery:
+(...0004, cools 15 s), 1 dead (...0005, benched). Send a few requests and watch rotation, cooldowns and recovery:
 
   dashboard:  http://{addr}/dashboard
   key status: curl -s http://{addr}/v1/keys

@@ -97,8 +97,10 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     const KEY: HeaderName = HeaderName::from_static("x-keyrelay-key");
     const FALLBACK: HeaderName = HeaderName::from_static("x-keyrelay-fallback");
     let set = |headers: &mut HeaderMap, name: HeaderName, value: &str| {
-        // Masked keys start with `…`: sent as UTF-8 (HTTP's obs-text), as a terminal shows it.
-        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+        // Every value is ASCII (masked keys are `...a1b2`); anything else is left out rather than sent.
+        if value.is_ascii()
+            && let Ok(v) = HeaderValue::from_str(value)
+        {
             headers.insert(name, v);
         }
     };

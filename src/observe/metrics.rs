@@ -311,7 +311,7 @@ mod tests {
         let mut j = Journal::new("chat", "p", model, false, 0);
         j.attempts.push(AttemptRecord {
             model: "p/m".into(),
-            key: "…0001".into(),
+            key: "...0001".into(),
             started_ms: 0,
             latency_ms: 20.0,
             status: Some(429),
@@ -320,7 +320,7 @@ mod tests {
         });
         j.attempts.push(AttemptRecord {
             model: "p/m".into(),
-            key: "…0002".into(),
+            key: "...0002".into(),
             started_ms: 20,
             latency_ms: 30.0,
             status: Some(200),

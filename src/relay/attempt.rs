@@ -128,7 +128,7 @@ impl Attempt<'_> {
         if !status.is_success() {
             let headers = response.headers().clone();
             let body = crate::upstream::read_capped(response.into_body(), MAX_ERROR_BODY).await;
-            let body = redact(body, key);
+            let body = key.redact_bytes(body);
             let text = String::from_utf8_lossy(&body);
             let verdict = p
                 .judge(status.as_u16(), &headers, &text, self.clock.now())
@@ -211,7 +211,8 @@ impl Attempt<'_> {
             })?;
         match serde_json::from_slice::<BodyPeek>(&body) {
             Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
-                body,
+                // Upstreams have echoed keys even in answers.
+                body: key.redact_bytes(body),
                 usage: usage.unwrap_or_default(),
             }),
             Ok(_) => Err(Failure::unusable(
@@ -224,10 +225,3 @@ impl Attempt<'_> {
     }
 }
 
-/// An error body with the key that was used replaced by its masked form.
-fn redact(body: Bytes, key: &ApiKey) -> Bytes {
-    match key.redact(&String::from_utf8_lossy(&body)) {
-        std::borrow::Cow::Owned(text) => text.into(),
-        std::borrow::Cow::Borrowed(_) => body,
-    }
-}

@@ -727,6 +727,11 @@ impl Forward {
         usage_only: bool,
     ) -> Option<Bytes> {
         self.saw_finish |= finish;
+        // Upstreams have echoed keys even in answers.
+        let data = match self.lease.as_ref().map(|l| l.key().redact(&data)) {
+            Some(std::borrow::Cow::Owned(redacted)) => redacted,
+            _ => data,
+        };
         if let Some(usage) = usage {
             self.usage = Usage::from_value(&usage);
             if usage_only && !self.wants_usage {

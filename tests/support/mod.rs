@@ -475,7 +475,7 @@ pub fn key(i: usize) -> String {
 
 /// The masked form of `key(i)`.
 pub fn masked(i: usize) -> String {
-    format!("…{i:04}")
+    format!("...{i:04}")
 }
 
 pub fn mock_keys(prefix: &str, n: usize) -> Vec<(String, String)> {
@@ -683,7 +683,7 @@ pub fn error_code(body: &Value) -> String {
         .to_string()
 }
 
-/// A header as UTF-8 text (masked keys hold `…`), or "" when absent.
+/// A header as text, or "" when absent.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
     headers
         .get(name)
