@@ -70,6 +70,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod duration;
+pub mod files;
 pub mod glob;
 pub mod http;
 pub mod keys;

@@ -310,7 +310,10 @@ mod tests {
             ("shortened: sk-proj-***1234", "shortened: ...1234***1234"),
             ("seven: sk-proj", "seven: sk-proj"),
             (r#"{"k":"sk-proj-abc\/defghi1234"}"#, r#"{"k":"...1234"}"#),
-            (r#"{"k":"\u0073k-proj-\u0061bc\/def"}"#, r#"{"k":"...1234"}"#),
+            (
+                r#"{"k":"\u0073k-proj-\u0061bc\/def"}"#,
+                r#"{"k":"...1234"}"#,
+            ),
             (
                 "caf\u{e9} sk-proj-abc/defghi1234 \u{e9}",
                 "caf\u{e9} ...1234 \u{e9}",
@@ -328,7 +331,10 @@ mod tests {
     #[test]
     fn urls_are_shown_without_credentials() {
         for (url, shown) in [
-            ("https://user:pw@api.acme.test/v1?key=secret#x", "https://api.acme.test/v1"),
+            (
+                "https://user:pw@api.acme.test/v1?key=secret#x",
+                "https://api.acme.test/v1",
+            ),
             ("ftp://u:p@host/x?key=1", "ftp://host/x"),
             ("user:pw@host/path?key=1", "host/path"),
             ("https://api.acme.test/a@b", "https://api.acme.test/a@b"),

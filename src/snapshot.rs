@@ -112,17 +112,15 @@ impl Snapshot {
 
         for (name, p) in providers.iter_mut() {
             if let Some(base) = env.api_base(name) {
-                let base = base.trim_end_matches('/');
-                if base.starts_with("http://") || base.starts_with("https://") {
-                    p.base_url = base.to_string();
-                } else {
-                    errors.push(ConfigError::new(
-                        None,
-                        format!(
-                            "{}_API_BASE {base:?} must be an http:// or https:// URL",
-                            name.to_ascii_uppercase()
-                        ),
-                    ));
+                match spec::base_url(base) {
+                    Ok(url) => p.base_url = url,
+                    Err((why, hint)) => errors.push(
+                        ConfigError::new(
+                            None,
+                            format!("{}_API_BASE {why}", name.to_ascii_uppercase()),
+                        )
+                        .hint(hint),
+                    ),
                 }
             }
             if let Some(allow) = env.model_globs("WHITELIST", name) {

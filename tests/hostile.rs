@@ -53,7 +53,10 @@ async fn a_model_name_is_one_path_segment_upstream_and_the_filter_judges_what_is
     // Denied by the allow list: never sent.
     let before = mock.seen().len();
     let (status, _, body) = proxy.chat("gemini/../admin", "hi").await;
-    assert_eq!((status, error_code(&body).as_str()), (404, "model_not_found"));
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (404, "model_not_found")
+    );
     assert_eq!(mock.seen().len(), before);
 }
 
@@ -75,8 +78,14 @@ async fn model_names_are_checked_at_the_edge() {
     }
     for (body, says) in [
         (json!({"messages": []}), "`model` is required"),
-        (json!({"model": 7, "messages": []}), "`model` must be a string"),
-        (json!({"model": null, "messages": []}), "`model` must be a string"),
+        (
+            json!({"model": 7, "messages": []}),
+            "`model` must be a string",
+        ),
+        (
+            json!({"model": null, "messages": []}),
+            "`model` must be a string",
+        ),
     ] {
         let (status, _, answer) = send(proxy.post("/v1/chat/completions", &body)).await;
         assert_eq!(status, 400, "{answer}");
@@ -86,6 +95,166 @@ async fn model_names_are_checked_at_the_edge() {
     assert!(mock.chats().is_empty());
 }
 
-/// Suppresses an unused warning until more tests land here.
-#[allow(dead_code)]
-fn unused(_: Value) {}
+/// Every file under `dir`, with its text.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((
+                path.clone(),
+                std::fs::read_to_string(&path).unwrap_or_default(),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
+    // The key three ways: plainly, with its first letters JSON-escaped, and shortened to its first 8 characters.
+    let echoed = r#"plain mock-key-abcdefghijkl-0001, escaped \u006d\u006fck-key-abcdefghijkl-0001, short mock-key***"#;
+    let answer = format!(
+        r#"{{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{echoed}"}},"finish_reason":"stop"}}]}}"#
+    );
+    let chunk = format!(
+        r#"{{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{{"content":"{echoed}"}},"finish_reason":null}}]}}"#
+    );
+    let (answer, chunk) = (answer.clone(), chunk.clone());
+    let mock = Mock::start(move |seen, _| {
+        if seen.body["stream"] == json!(true) {
+            return Reply::Raw {
+                status: 200,
+                content_type: "text/event-stream",
+                body: format!(
+                    "data: {chunk}\n\ndata: {}\n\ndata: [DONE]\n\n",
+                    r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#
+                ),
+            };
+        }
+        if seen.body["messages"][0]["content"] == json!("fail") {
+            return Reply::Raw {
+                status: 400,
+                content_type: "application/json",
+                body: format!(r#"{{"error":{{"message":"{echoed}","type":"invalid_request_error"}}}}"#),
+            };
+        }
+        Reply::Raw {
+            status: 200,
+            content_type: "application/json",
+            body: answer.clone(),
+        }
+    })
+    .await;
+    let proxy =
+        Proxy::start(Setup::one(&mock, 1).config("request_logging: {enabled: true}\n")).await;
+    let secret = key(1);
+    let (status, _, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 200);
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        content,
+        format!("plain {m}, escaped {m}, short {m}***", m = masked(1))
+    );
+    let stream =
+        json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let text = proxy.post_text("/v1/chat/completions", &stream).await;
+    assert!(
+        reassemble(&sse_data(&text)).contains(&format!("escaped {}", masked(1))),
+        "{text}"
+    );
+    let (status, _, body) = proxy.chat("mock/m", "fail").await;
+    assert_eq!(status, 400);
+    let everything = [text, body.to_string(), content.to_string()].concat();
+    for leak in [secret.as_str(), "mock-key-", "\\u006d\\u006fck"] {
+        assert!(
+            !everything.contains(leak),
+            "{leak} reached the client: {everything}"
+        );
+    }
+    // The request logs hold the same, masked.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let logs = files_under(&proxy.dir.path().join("logs"));
+    assert_eq!(logs.len(), 3);
+    for (path, text) in &logs {
+        assert!(!text.contains("mock-key-"), "{}: {text}", path.display());
+        assert!(text.contains(&masked(1)), "{}", path.display());
+        #[cfg(unix)]
+        assert_eq!(mode(path), 0o600, "{}", path.display());
+    }
+    #[cfg(unix)]
+    assert_eq!(mode(&proxy.dir.path().join("logs")), 0o700);
+    let dir = proxy.stop().await;
+    #[cfg(unix)]
+    assert_eq!(mode(&dir.path().join("key_usage.json")), 0o600);
+}
+
+#[tokio::test]
+async fn strangers_learn_only_that_the_service_is_up_and_errors_never_quote_credentials() {
+    let mock = Mock::echo("hi").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    // A broken edit whose error would quote a URL with credentials.
+    std::fs::write(
+        proxy.dir.path().join(".env"),
+        format!(
+            "PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\nACME_API_BASE=ftp://admin:hunter2@acme.test/v1?key=sekrit\n",
+            key(1)
+        ),
+    )
+    .unwrap();
+    let mut detailed = Value::Null;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        detailed = send(proxy.get("/")).await.2;
+        if !detailed["config"]["last_reload_error"].is_null() {
+            break;
+        }
+    }
+    let error = detailed["config"]["last_reload_error"].as_str().unwrap();
+    assert!(
+        error.contains("ACME_API_BASE") && error.contains("ftp://acme.test/v1"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("hunter2") && !error.contains("sekrit") && !error.contains("admin"),
+        "{error}"
+    );
+    let (status, _, anonymous) = send(proxy.client.get(format!("{}/", proxy.url))).await;
+    assert_eq!(status, 200);
+    assert_eq!(anonymous, json!({"status": "ok"}));
+    let (_, _, wrong) = send(
+        proxy
+            .client
+            .get(format!("{}/", proxy.url))
+            .bearer_auth("nope"),
+    )
+    .await;
+    assert_eq!(wrong, json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn a_provider_named_proxy_never_gets_the_proxy_key() {
+    let mock = Mock::echo("hi").await;
+    let setup = Setup {
+        env: vec![("PROXY_API_KEY_1".into(), key(1))],
+        ..Setup::empty()
+    }
+    .provider("proxy", provider_yaml(&mock.base_url, ""));
+    let proxy = Proxy::start(setup).await;
+    for _ in 0..4 {
+        let (status, _, _) = proxy.chat("proxy/m", "hi").await;
+        assert_eq!(status, 200);
+    }
+    let keys: Vec<String> = mock.chats().iter().map(|s| s.key.clone()).collect();
+    assert_eq!(keys, vec![key(1); 4]);
+    let (_, _, providers) = send(proxy.get("/v1/providers")).await;
+    assert_eq!(providers["data"][0]["keys"], 1, "{providers}");
+}

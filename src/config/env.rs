@@ -96,7 +96,10 @@ impl Env {
                 continue;
             }
             if rest.is_empty() {
-                plain = Some(value);
+                // `PROXY_API_KEY` is the proxy's own secret, never a key of a provider named `proxy`.
+                if provider != "proxy" {
+                    plain = Some(value);
+                }
             } else if let Some(n) = rest
                 .strip_prefix('_')
                 .and_then(|n| n.parse::<u64>().ok())
@@ -201,6 +204,11 @@ mod tests {
         ]);
         assert_eq!(env.provider_keys("nvidia_nim"), vec!["z", "a", "b", "c"]);
         assert_eq!(env.provider_keys("nvidia"), vec!["other-provider"]);
+        let env = Env::from_pairs([
+            ("PROXY_API_KEY", "the-proxy-key"),
+            ("PROXY_API_KEY_1", "p1"),
+        ]);
+        assert_eq!(env.provider_keys("proxy"), vec!["p1"]);
     }
 
     #[test]

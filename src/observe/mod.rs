@@ -76,7 +76,8 @@ impl Journal {
             at,
             endpoint,
             provider: provider.into(),
-            model: model.into(),
+            // A client's model name, however long, is logged bounded (a valid one is at most 256 bytes).
+            model: truncate(model, 300),
             stream,
             request: None,
             attempts: Vec::new(),

@@ -21,31 +21,43 @@ pub struct Limits {
 
 pub struct RequestLog {
     tx: mpsc::SyncSender<Journal>,
+    dropped: super::throttle::Throttle,
 }
 
 impl RequestLog {
     /// Starts the writer for `dir` (created if missing).
     pub fn start(dir: &Path, limits: Limits) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        crate::files::create_dir_all(dir)?;
         let (tx, rx) = mpsc::sync_channel::<Journal>(1024);
         let mut writer = Writer::new(dir.to_path_buf(), limits)?;
         std::thread::Builder::new()
             .name("request-log".into())
             .spawn(move || {
+                let failing = super::throttle::Throttle::per_minute();
                 for journal in rx {
-                    if let Err(e) = writer.write(journal) {
-                        tracing::error!(error = %e, "cannot write a request log file");
+                    if let Err(e) = writer.write(journal)
+                        && let Some(held) = failing.ready()
+                    {
+                        tracing::error!(error = %e, failed_since_last_error = held, "cannot write a request log file");
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            dropped: super::throttle::Throttle::per_minute(),
+        })
     }
 
     /// Queues a journal; under overload (the writer 1,024 files behind) it is dropped rather than slowing
     /// requests.
     pub fn write(&self, journal: Journal) {
-        if self.tx.try_send(journal).is_err() {
-            tracing::warn!("request log writer is behind; a request log was dropped");
+        if self.tx.try_send(journal).is_err()
+            && let Some(held) = self.dropped.ready()
+        {
+            tracing::warn!(
+                dropped_since_last_warning = held,
+                "request log writer is behind; request logs were dropped"
+            );
         }
     }
 }
@@ -75,26 +87,12 @@ impl Writer {
         })
     }
 
-    fn write(&mut self, mut journal: Journal) -> std::io::Result<()> {
+    fn write(&mut self, journal: Journal) -> std::io::Result<()> {
         let mut bytes = serde_json::to_vec_pretty(&journal).unwrap_or_default();
         if bytes.len() > self.limits.max_file_bytes {
-            let budget = self.limits.max_file_bytes / 3;
-            for body in [&mut journal.request, &mut journal.response]
-                .into_iter()
-                .flatten()
-            {
-                let text = body.to_string();
-                if text.len() > budget {
-                    *body = Value::String(super::truncate(&text, budget));
-                }
-            }
-            let per_attempt = budget / journal.attempts.len().max(1);
-            for error in journal.attempts.iter_mut().filter_map(|a| a.error.as_mut()) {
-                if error.len() > per_attempt {
-                    *error = super::truncate(error, per_attempt);
-                }
-            }
-            bytes = serde_json::to_vec_pretty(&journal).unwrap_or_default();
+            let mut value = serde_json::to_value(&journal).unwrap_or_default();
+            fit(&mut value, self.limits.max_file_bytes);
+            bytes = serde_json::to_vec_pretty(&value).unwrap_or_default();
         }
         let provider = if journal.provider.is_empty() {
             "unknown"
@@ -108,7 +106,7 @@ impl Writer {
             (0..6).map(|_| fastrand::alphanumeric()).collect::<String>()
         );
         let path = self.dir.join(name);
-        std::fs::write(&path, &bytes)?;
+        crate::files::write_new(&path, &bytes)?;
         self.files.push_back((path, bytes.len() as u64));
         self.total += bytes.len() as u64;
         while self.total > self.limits.max_total_bytes || self.files.len() > self.limits.max_files {
@@ -119,6 +117,57 @@ impl Writer {
             self.total = self.total.saturating_sub(size);
         }
         Ok(())
+    }
+}
+
+/// Shortens `value` until its pretty JSON fits in `max` bytes: the longest texts first (each down to half), then
+/// the request and the response as a whole, then every text.
+fn fit(value: &mut Value, max: usize) {
+    let size = |v: &Value| serde_json::to_vec_pretty(v).map_or(0, |b| b.len());
+    // Each round halves the longest text; texts of 64 bytes or fewer are left for the last resorts.
+    while size(value) > max {
+        let Some(longest) = longest_text(value).filter(|t| t.len() > 64) else {
+            break;
+        };
+        let keep = longest.len() / 2;
+        *longest = super::truncate(longest, keep);
+    }
+    for field in ["request", "response"] {
+        if size(value) <= max {
+            return;
+        }
+        if let Some(body) = value.get_mut(field).filter(|b| !b.is_null()) {
+            let text = body.to_string();
+            *body = Value::String(super::truncate(&text, max / 4));
+        }
+    }
+    if size(value) > max {
+        shorten_all(value, 32);
+    }
+}
+
+/// The longest string anywhere in `value`.
+fn longest_text(value: &mut Value) -> Option<&mut String> {
+    match value {
+        Value::String(text) => Some(text),
+        Value::Array(items) => items
+            .iter_mut()
+            .filter_map(longest_text)
+            .max_by_key(|t| t.len()),
+        Value::Object(map) => map
+            .values_mut()
+            .filter_map(longest_text)
+            .max_by_key(|t| t.len()),
+        _ => None,
+    }
+}
+
+fn shorten_all(value: &mut Value, keep: usize) {
+    match value {
+        Value::String(text) if text.len() > keep => *text = super::truncate(text, keep),
+        Value::Array(items) => items.iter_mut().for_each(|v| shorten_all(v, keep)),
+        Value::Object(map) => map.values_mut().for_each(|v| shorten_all(v, keep)),
+        _ => {}
     }
 }
 
@@ -158,5 +207,36 @@ mod tests {
         let newest = files.iter().max().unwrap();
         let text = std::fs::read_to_string(newest).unwrap();
         assert!(text.contains("bytes more"), "bodies were shortened");
+    }
+
+    #[test]
+    fn every_field_is_shortened_to_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_file_bytes: 4000,
+            max_total_bytes: 1 << 20,
+            max_files: 10,
+        };
+        let mut w = Writer::new(dir.path().to_path_buf(), limits).unwrap();
+        let long = "m".repeat(50_000);
+        let mut j = Journal::new("chat", "p", &long, false, 1);
+        j.fallback = Some(long.clone());
+        j.request = Some(serde_json::json!({"messages": (0..2000).collect::<Vec<_>>()}));
+        w.write(j).unwrap();
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        assert!(text.len() <= 4000, "{}", text.len());
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["model"].as_str().unwrap().starts_with("mmm"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = file.metadata().unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

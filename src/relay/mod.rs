@@ -778,7 +778,13 @@ async fn upstream_call(
         Some(script) => {
             let (p, hook, name) = (provider.clone(), script.clone(), model.to_string());
             let mapped = crate::offload::run(move || {
-                p.map_request(&hook, endpoint.hook_name(), &name, stream, &Value::Object(body))
+                p.map_request(
+                    &hook,
+                    endpoint.hook_name(),
+                    &name,
+                    stream,
+                    &Value::Object(body),
+                )
             })
             .await?;
             Ok(mapped_call(mapped, model).map_err(|why| script.hook_error(Hook::Request, &why))?)

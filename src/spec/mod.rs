@@ -428,6 +428,33 @@ pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
     h.finish()
 }
 
+/// A provider's base URL, checked: an absolute `http://` or `https://` URL without credentials, its trailing `/`
+/// dropped. The error (what is wrong, how to fix it) shows the URL without anything that could be a secret.
+pub fn base_url(url: &str) -> Result<String, (String, &'static str)> {
+    let url = url.trim_end_matches('/');
+    let parsed = http::Uri::try_from(url).ok();
+    let absolute = parsed.as_ref().is_some_and(|u| u.host().is_some());
+    if !(url.starts_with("http://") || url.starts_with("https://")) || !absolute {
+        return Err((
+            format!(
+                "{:?} must be an http:// or https:// URL",
+                crate::secret::shown_url(url)
+            ),
+            "e.g. https://api.example.com/v1",
+        ));
+    }
+    if parsed
+        .and_then(|u| u.authority().cloned())
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err((
+            "must not carry credentials (user:password@)".into(),
+            "put the key in .env and declare how it is sent with auth:",
+        ));
+    }
+    Ok(url.to_string())
+}
+
 /// Provider names are file stems: lower-case letters, digits and `_`, so that `<NAME>_API_KEY` is a valid
 /// variable name.
 pub fn valid_name(name: &str) -> bool {
@@ -606,28 +633,13 @@ fn resolve(
         errors.push(if hint.is_empty() { e } else { e.hint(hint) });
     };
 
-    let base_url = raw
-        .base_url
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_string();
-    let parsed = http::Uri::try_from(base_url.as_str()).ok();
-    let absolute = parsed.as_ref().is_some_and(|u| u.host().is_some());
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) || !absolute {
-        err(
-            format!("base_url {base_url:?} must be an http:// or https:// URL"),
-            "e.g. base_url: https://api.example.com/v1",
-        );
-    } else if parsed
-        .and_then(|u| u.authority().cloned())
-        .is_some_and(|a| a.as_str().contains('@'))
-    {
-        // Not echoed: the URL holds a secret.
-        err(
-            "base_url must not carry credentials (user:password@)".into(),
-            "put the key in .env and declare how it is sent with auth:",
-        );
-    }
+    let base_url = match base_url(raw.base_url.as_deref().unwrap_or_default()) {
+        Ok(url) => url,
+        Err((why, hint)) => {
+            err(format!("base_url {why}"), hint);
+            String::new()
+        }
+    };
 
     let auth = match (raw.auth.query, raw.auth.header, raw.auth.value) {
         (Some(param), None, None) => Auth::Query { param },
