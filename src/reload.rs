@@ -38,6 +38,10 @@ pub struct Reloader {
     config: Arc<ArcSwap<Snapshot>>,
     store: Arc<dyn KeyStore>,
     clock: Clock,
+    /// The host the server listens on (fixed until a restart).
+    host: String,
+    /// Inputs that existed at start: a reload that finds one gone is refused.
+    present_at_start: Vec<PathBuf>,
     status: Mutex<ReloadStatus>,
     /// One reload at a time; a signal arriving meanwhile leads to one more afterwards.
     busy: tokio::sync::Mutex<()>,
@@ -56,11 +60,26 @@ impl Reloader {
             loaded_at: current.loaded_at,
             ..Default::default()
         };
+        let s = &current.settings;
+        let present_at_start = [
+            &opts.config,
+            &opts.env_file,
+            &s.providers_dir,
+            &s.plugins_dir,
+        ]
+        .into_iter()
+        .filter(|p| p.exists())
+        .cloned()
+        .collect();
+        let host = s.host.clone();
+        drop(current);
         Self {
             opts,
             config,
             store,
             clock,
+            host,
+            present_at_start,
             status: Mutex::new(status),
             busy: tokio::sync::Mutex::new(()),
         }
@@ -81,7 +100,13 @@ impl Reloader {
         let built = tokio::task::spawn_blocking(move || Snapshot::load(&opts)).await;
         let old = self.config.load_full();
         let mut new = match built {
-            Ok(Ok(new)) => new,
+            Ok(Ok(new)) => match self.refusal(&new) {
+                None => new,
+                Some(why) => {
+                    self.reject(why, old.generation);
+                    return false;
+                }
+            },
             Ok(Err(errors)) => {
                 self.reject(errors.to_string(), old.generation);
                 return false;
@@ -152,6 +177,54 @@ impl Reloader {
         true
     }
 
+    /// Why a valid configuration must still not be published: it would open the proxy to anyone, or an input
+    /// has vanished (a checkout or sync under way, most likely) and serving without it would drop providers or
+    /// keys.
+    fn refusal(&self, new: &Snapshot) -> Option<String> {
+        if new.proxy_key.is_none() && !crate::app::is_loopback(&self.host) {
+            return Some(format!(
+                "PROXY_API_KEY is no longer set while keyrelay listens on {}: that would let anyone use it; keeping the running configuration (restore the key, or restart on a loopback host)",
+                self.host
+            ));
+        }
+        let (old_dirs, new_dirs) = {
+            let old = self.config.load();
+            (
+                [
+                    old.settings.providers_dir.clone(),
+                    old.settings.plugins_dir.clone(),
+                ],
+                [
+                    new.settings.providers_dir.clone(),
+                    new.settings.plugins_dir.clone(),
+                ],
+            )
+        };
+        // A directory moved by config.yaml must exist where it now is; any other input must still be there.
+        let expected = self.present_at_start.iter().map(|path| {
+            match old_dirs.iter().position(|d| d == path) {
+                Some(i) => &new_dirs[i],
+                None => path,
+            }
+        });
+        let missing: Vec<String> = expected
+            .filter(|path| !path.exists())
+            .map(|path| path.display().to_string())
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "{} no longer exist{}; keeping the running configuration until {} back",
+                missing.join(", "),
+                if missing.len() == 1 { "s" } else { "" },
+                if missing.len() == 1 {
+                    "it is"
+                } else {
+                    "they are"
+                }
+            )
+        })
+    }
+
     fn reject(&self, error: String, serving: u64) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         if status.last_error.as_deref() != Some(error.as_str()) {
@@ -183,17 +256,36 @@ impl Reloader {
         .collect()
     }
 
-    /// The usage file (and its temporary files) change all the time and are not configuration.
-    fn is_noise(&self, path: &Path) -> bool {
+    /// Whether a change at `path` may change the configuration: `config.yaml`, the env file, a provider file, a
+    /// script, either directory itself, or an entry of a Kubernetes-style atomic swap (`..data`). Logs, the usage
+    /// file and anything else written beside them are not.
+    fn is_input(&self, path: &Path) -> bool {
         let snapshot = self.config.load();
-        let usage = &snapshot.settings.usage_path;
-        let usage_name = usage
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("key_usage.json");
+        let s = &snapshot.settings;
+        // The watcher reports absolute paths (`/srv/./config.yaml` for a watched `.`): compare absolute paths
+        // without `.` components.
+        let plain = |p: &Path| -> PathBuf {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect()
+        };
+        let path = plain(path);
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        name == usage_name
-            || (name.starts_with(&format!(".{usage_name}.")) && name.ends_with(".tmp"))
+        let in_dir = |dir: &Path| path.parent() == Some(plain(dir).as_path());
+        let extension = path.extension().and_then(|e| e.to_str());
+        [
+            &self.opts.config,
+            &self.opts.env_file,
+            &s.providers_dir,
+            &s.plugins_dir,
+        ]
+        .iter()
+        .any(|input| path == plain(input))
+            || (in_dir(&s.providers_dir) && matches!(extension, Some("yaml" | "yml")))
+            || (in_dir(&s.plugins_dir) && extension == Some("rhai"))
+            || (name.starts_with("..") && name != "..")
     }
 }
 
@@ -269,18 +361,20 @@ pub fn spawn_watcher(
     reloader: Arc<Reloader>,
     stop: CancellationToken,
 ) -> Result<(), notify::Error> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let noise_filter = reloader.clone();
+    // One pending signal is enough: the reload reads everything anew.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let filter = reloader.clone();
     let events = tx.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if matches!(event.kind, EventKind::Access(_)) {
             return;
         }
-        if event.paths.iter().all(|p| noise_filter.is_noise(p)) && !event.paths.is_empty() {
+        // Some backends report an overflow without paths: reload to be safe.
+        if !event.paths.is_empty() && !event.paths.iter().any(|p| filter.is_input(p)) {
             return;
         }
-        let _ = events.send(());
+        let _ = events.try_send(());
     })?;
     let mut watching = BTreeSet::new();
     rewatch(&mut watcher, &mut watching, reloader.watched_dirs());
@@ -298,7 +392,10 @@ pub fn spawn_watcher(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    got = hup.recv() => if got.is_none() || tx.send(()).is_err() { return },
+                    got = hup.recv() => {
+                        if got.is_none() || tx.is_closed() { return }
+                        let _ = tx.try_send(());
+                    }
                 }
             }
         });

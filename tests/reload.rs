@@ -452,3 +452,112 @@ async fn broken_or_missing_scripts_are_rejected_until_fixed() {
     .await;
     assert_eq!(proxy.chat("scripted/m", "hi").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_reload_never_opens_the_proxy_to_everyone() {
+    let mock = Mock::echo("hi").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.yaml", "host: 0.0.0.0\n");
+    write(
+        dir.path(),
+        "providers/mock.yaml",
+        &provider_yaml(&mock.base_url, ""),
+    );
+    let env = format!("PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\n", key(1));
+    write(dir.path(), ".env", &env);
+    let server = start(dir.path(), &[], None);
+    let url = server.url.replace("0.0.0.0", "127.0.0.1");
+    let client = http_client();
+    let anonymous = || {
+        let body = json!({"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]});
+        send(
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .json_body(&body),
+        )
+    };
+    assert_eq!(anonymous().await.0, 401);
+    // The key dropped from .env, then .env deleted: both refused, the key still required.
+    for edit in ["drop the key", "delete .env"] {
+        match edit {
+            "drop the key" => write(dir.path(), ".env", &format!("MOCK_API_KEY_1={}\n", key(1))),
+            _ => std::fs::remove_file(dir.path().join(".env")).unwrap(),
+        }
+        let refused = |l: &String| l.contains("configuration rejected");
+        eventually(edit, || async { server.log().iter().any(refused) }).await;
+        assert_eq!(anonymous().await.0, 401, "{edit}");
+        let (status, _, body) = send(
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(PROXY_KEY)
+                .json_body(
+                    &json!({"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]}),
+                ),
+        )
+        .await;
+        assert_eq!(status, 200, "{edit}: {body}");
+        let (_, _, live) = send(client.get(format!("{url}/")).bearer_auth(PROXY_KEY)).await;
+        let error = live["config"]["last_reload_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            error.contains("PROXY_API_KEY is no longer set") || error.contains("no longer exist"),
+            "{edit}: {live}"
+        );
+        write(dir.path(), ".env", &env);
+        eventually("the key back", || async {
+            let (_, _, live) = send(client.get(format!("{url}/")).bearer_auth(PROXY_KEY)).await;
+            live["config"]["last_reload_error"].is_null()
+        })
+        .await;
+        server.lines.lock().unwrap().clear();
+    }
+}
+
+#[tokio::test]
+async fn a_vanished_providers_directory_is_waited_out_not_published() {
+    let mock = Mock::echo("hi").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let providers = providers_dir(&proxy);
+    let aside = proxy.dir.path().join("providers.moved");
+    std::fs::rename(&providers, &aside).unwrap();
+    eventually("the rejection", || async {
+        status(&proxy).await["config"]["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no longer exists"))
+    })
+    .await;
+    let (status_code, _, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status_code, 200, "still serving: {body}");
+    std::fs::rename(&aside, &providers).unwrap();
+    eventually("recovery", || async {
+        status(&proxy).await["config"]["last_reload_error"].is_null()
+    })
+    .await;
+    assert_eq!(status(&proxy).await["config"]["generation"], 1);
+}
+
+#[tokio::test]
+async fn files_that_are_not_configuration_trigger_no_reload() {
+    let mock = Mock::echo("hi").await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    // A broken config.yaml: every reload attempt now counts a failure.
+    std::fs::write(proxy.dir.path().join("config.yaml"), "request_timout: 5s\n").unwrap();
+    let failures = || async {
+        let text = proxy.get_text("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("keyrelay_config_reload_failures_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    eventually("the broken edit", || async { failures().await == 1 }).await;
+    // Logs and other files written beside the configuration.
+    for i in 0..5 {
+        std::fs::write(proxy.dir.path().join("keyrelay.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(proxy.dir.path().join("providers/notes.txt"), "x").unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(failures().await, 1);
+}
