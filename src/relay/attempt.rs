@@ -47,6 +47,9 @@ pub struct Failure {
     pub body: Bytes,
     /// A 2xx answer that could not be used.
     pub unusable: bool,
+    /// Not the key's fault (the request could not even be built with it): the key is neither judged nor tried
+    /// again by this request.
+    pub blameless: bool,
 }
 
 impl Failure {
@@ -56,6 +59,7 @@ impl Failure {
             status: 0,
             body: why.into(),
             unusable: false,
+            blameless: false,
         })
     }
 
@@ -107,9 +111,15 @@ impl Attempt<'_> {
             Some(_) => "text/event-stream",
             None => "*/*",
         });
-        let request = p
-            .request(call, key, accept)
-            .map_err(|why| Failure::transport(ErrorClass::Auth, why))?;
+        let request = p.request(call, key, accept).map_err(|why| {
+            AttemptError::Upstream(Failure {
+                verdict: Verdict::model(ErrorClass::InvalidRequest),
+                status: 0,
+                body: format!("the request cannot be built with this key: {why}").into(),
+                unusable: false,
+                blameless: true,
+            })
+        })?;
         let started = tokio::time::Instant::now();
         let tuning = &p.tuning;
         let sent = self.http.send(request);
@@ -138,6 +148,7 @@ impl Attempt<'_> {
                 status: status.as_u16(),
                 body,
                 unusable: false,
+                blameless: false,
             }));
         }
 
@@ -185,6 +196,7 @@ impl Attempt<'_> {
                         return Err(AttemptError::Upstream(Failure {
                             status: if client { 400 } else { 502 },
                             unusable: verdict.class == ErrorClass::Server,
+                            blameless: false,
                             body: key
                                 .redact(&serde_json::json!({"error": error}).to_string())
                                 .into_owned()

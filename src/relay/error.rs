@@ -154,17 +154,21 @@ impl RelayError {
             Self::ModelDenied(_) => (404, "invalid_request_error", "model_not_found"),
             Self::EndpointMissing { .. } => (404, "invalid_request_error", "unsupported_endpoint"),
             Self::Upstream { status, class, .. } => {
-                let code = match class {
-                    ErrorClass::ContextWindow => "context_length_exceeded",
-                    ErrorClass::ContentFilter => "content_filter",
-                    _ => "upstream_invalid_request",
+                let (kind, code) = match class {
+                    ErrorClass::ContextWindow => {
+                        ("invalid_request_error", "context_length_exceeded")
+                    }
+                    ErrorClass::ContentFilter => ("invalid_request_error", "content_filter"),
+                    ErrorClass::Auth => ("upstream_error", "upstream_auth_refused"),
+                    ErrorClass::Forbidden => ("upstream_error", "upstream_forbidden"),
+                    _ => ("invalid_request_error", "upstream_invalid_request"),
                 };
                 let status = if (400..600).contains(status) {
                     *status
                 } else {
                     400
                 };
-                (status, "invalid_request_error", code)
+                (status, kind, code)
             }
             Self::AllCooling { .. } => (429, "rate_limit_error", "all_keys_cooling"),
             Self::Exhausted(tried) if tried.unusable => {

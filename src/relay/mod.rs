@@ -234,6 +234,8 @@ impl Relay {
         let mut model = requested.clone();
         let mut earlier_attempts = 0;
         let mut on_context_list = false;
+        // The error to answer with if no candidate serves.
+        let mut answer: Option<RelayError> = None;
         let result = loop {
             let candidates_left = fallbacks.left().len() as u32 + 1;
             let share = deadline.saturating_duration_since(Instant::now()) / candidates_left;
@@ -272,7 +274,7 @@ impl Relay {
                     served.fallback = is_fallback.then(|| model.clone());
                     break Ok(reply);
                 }
-                Err(mut e) => {
+                Err(e) => {
                     // A prompt too long for this model moves to the context-window list only: the general
                     // fallbacks are for a model that cannot serve, not one that is too small.
                     let context = matches!(
@@ -305,15 +307,21 @@ impl Relay {
                     } else {
                         None
                     };
-                    let attempts = e.served().map_or(0, |s| s.attempts);
+                    earlier_attempts += e.served().map_or(0, |s| s.attempts);
+                    if let Some(next) = &next {
+                        tracing::info!(from = %model, to = %next, error = %e, "trying a fallback model");
+                    }
+                    // A fallback skipped as unservable never stands in for the answer a model that was tried
+                    // gave (a 429 keeps its Retry-After).
+                    if !unservable || answer.is_none() {
+                        answer = Some(e);
+                    }
                     match next {
-                        Some(next) => {
-                            tracing::info!(from = %model, to = %next, error = %e, "trying a fallback model");
-                            earlier_attempts += attempts;
-                            model = next;
-                        }
+                        Some(next) => model = next,
                         None => {
-                            e.add_attempts(earlier_attempts);
+                            let mut e = answer.take().expect("set above");
+                            let own = e.served().map_or(0, |s| s.attempts);
+                            e.add_attempts(earlier_attempts - own);
                             break Err(e);
                         }
                     }
@@ -500,14 +508,11 @@ impl Relay {
                 };
                 let status = (failure.status != 0).then_some(failure.status);
                 let body = String::from_utf8_lossy(&failure.body).into_owned();
-                record(
-                    journal,
-                    &masked,
-                    started,
-                    status,
-                    Some(failure.verdict.class),
-                    Some(body),
-                );
+                let class = (!failure.blameless).then_some(failure.verdict.class);
+                record(journal, &masked, started, status, class, Some(body));
+                if failure.blameless {
+                    break failure;
+                }
                 tried.note(failure.verdict.class);
                 if failure.verdict.class.is_client_error() {
                     lease.fail(&failure.verdict);
@@ -521,9 +526,9 @@ impl Relay {
                 }
                 if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {
                     let pause = tuning.backoff_after(on_this_key);
+                    // No time to wait for this key again: another key may answer at once.
                     if Instant::now() + pause >= job.deadline {
-                        lease.fail(&failure.verdict);
-                        return Err(RelayError::Deadline(Box::new(tried)));
+                        break failure;
                     }
                     tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
                     tokio::time::sleep(pause).await;
@@ -543,12 +548,36 @@ impl Relay {
                 "rotating away from a failing key"
             );
             tried.unusable = failure.unusable;
-            lease.fail(&failure.verdict);
-            // A key that failed transiently is not tried again by this request. A key cooled by its failure
-            // (rate limit, quota, auth) stays a candidate: the store keeps it out until its cooldown ends, and a
-            // short cooldown that ends before the deadline is worth waiting for.
-            if failure.verdict.class.is_transient() {
+            // A key that failed transiently, or could not be used at all, is not tried again by this request. A
+            // key cooled by its failure (rate limit, quota, auth) stays a candidate: the store keeps it out until
+            // its cooldown ends, and a short cooldown that ends before the deadline is worth waiting for.
+            if failure.verdict.class.is_transient() || failure.blameless {
                 given_up.push(lease.key().id.clone());
+            }
+            if failure.blameless {
+                continue;
+            }
+            lease.fail(&failure.verdict);
+            // Two keys refused for one request are about the request (a model these keys may not use), not the
+            // keys: answer with the refusal rather than bench every key of the provider. (With no key left
+            // untried, the pool itself is exhausted, and the lease says so.)
+            let refusals = [ErrorClass::Auth, ErrorClass::Forbidden]
+                .iter()
+                .filter_map(|c| tried.classes.get(c))
+                .sum::<u32>();
+            if matches!(
+                failure.verdict.class,
+                ErrorClass::Auth | ErrorClass::Forbidden
+            ) && refusals >= 2
+                && job.provider.keys.len() > tried.key_ids.len()
+            {
+                return Err(RelayError::Upstream {
+                    status: failure.status,
+                    body: failure.body,
+                    class: failure.verdict.class,
+                    served: tried.served(Some(lease.key().masked.to_string())),
+                    openai_wire: job.provider.script.is_none(),
+                });
             }
         }
     }

@@ -167,9 +167,15 @@ impl Classifier {
                 && rule.header.as_ref().is_none_or(|h| headers.contains_key(h))
         });
         let class = rule.map_or_else(|| default_class(status), |r| r.class);
-        let scope = rule
-            .and_then(|r| r.scope)
-            .unwrap_or_else(|| class.default_scope());
+        let scope = rule.and_then(|r| r.scope).unwrap_or_else(|| {
+            // A refusal that is about the model ("not allowed to sample from this model") says nothing about the
+            // key's other models.
+            if class == ErrorClass::Forbidden && lowered.contains("model") {
+                Scope::Model
+            } else {
+                class.default_scope()
+            }
+        });
         let sources = rule
             .and_then(|r| r.retry_after.as_deref())
             .unwrap_or(&self.retry_after);
@@ -185,11 +191,11 @@ impl Classifier {
             RetryAfterSource::Header(name) => headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_wait(v, now)),
+                .and_then(|v| stated_wait(v, now)),
             RetryAfterSource::Body(re) => re
                 .captures(body)
                 .and_then(|c| c.get(1))
-                .and_then(|m| parse_wait(m.as_str(), now)),
+                .and_then(|m| stated_wait(m.as_str(), now)),
         });
         Verdict {
             class,
@@ -210,6 +216,15 @@ pub fn default_class(status: u16) -> ErrorClass {
         400..=499 => ErrorClass::InvalidRequest,
         _ => ErrorClass::Server,
     }
+}
+
+/// A stated wait shorter than this (a time in the past, `0`, a few milliseconds) is taken as no stated wait: the
+/// escalating schedule applies instead, so that an upstream that keeps saying "retry now" is not hammered.
+pub const MIN_STATED_WAIT: Duration = Duration::from_secs(1);
+
+/// A wait an upstream states ([`parse_wait`]), when it is long enough to mean something ([`MIN_STATED_WAIT`]).
+pub fn stated_wait(value: &str, now: UnixMs) -> Option<Duration> {
+    parse_wait(value, now).filter(|wait| *wait >= MIN_STATED_WAIT)
 }
 
 /// Reads a wait stated by an upstream: seconds (`"2"`, `"1.5"`), a duration (`"6m0s"`, `"20ms"`), an HTTP date,
@@ -302,6 +317,29 @@ mod tests {
         );
         let auth = classifier.classify(401, &HeaderMap::new(), "", NOW);
         assert_eq!((auth.class, auth.scope), (ErrorClass::Auth, Scope::Key));
+        let model = classifier.classify(
+            403,
+            &HeaderMap::new(),
+            "not allowed to sample from this Model",
+            NOW,
+        );
+        assert_eq!(
+            (model.class, model.scope),
+            (ErrorClass::Forbidden, Scope::Model)
+        );
+        headers.insert("retry-after", HeaderValue::from_static("0"));
+        assert_eq!(
+            classifier.classify(429, &headers, "", NOW).retry_after,
+            None
+        );
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("Thu, 01 Jan 2015 00:00:00 GMT"),
+        );
+        assert_eq!(
+            classifier.classify(429, &headers, "", NOW).retry_after,
+            None
+        );
         assert_eq!(
             classifier.classify(503, &HeaderMap::new(), "", NOW).class,
             ErrorClass::Server

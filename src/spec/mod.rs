@@ -373,7 +373,7 @@ impl Provider {
                 let retry_after = c
                     .retry_after
                     .as_deref()
-                    .and_then(|w| classify::parse_wait(w, now));
+                    .and_then(|w| classify::stated_wait(w, now));
                 return Ok(Verdict {
                     class,
                     scope,
