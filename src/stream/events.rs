@@ -1,0 +1,161 @@
+//! Reading an upstream's SSE events: the body as it arrives, parsed, with a watchdog for silence and a way to
+//! take what the connection already holds without waiting.
+
+use super::StreamFault;
+use super::sse::{SseEvent, SseParser};
+use crate::upstream::UpstreamError;
+use bytes::Bytes;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// How many times `pull_at_hand` polls the body, yielding between polls. Under load (64 streams) one yield was
+/// rarely enough for the connection's task to run (13 writes per 12-event stream, as without pulling); three
+/// brought it to 3 writes and cut keyrelay's CPU per stream by 30%; more changed nothing.
+const PULL_TURNS: u32 = 4;
+
+/// SSE events of one upstream response.
+pub struct UpstreamEvents {
+    body: crate::upstream::Incoming,
+    parser: SseParser,
+    ended: bool,
+    /// The longest silence tolerated between two reads.
+    idle: Duration,
+    /// Since when the reader has been waiting for the upstream.
+    waiting_since: Instant,
+    /// Wakes the reader to check for silence. Armed lazily: a read only moves `waiting_since`, and the timer is
+    /// pushed on when it fires early, so a busy stream does not touch the timer wheel once per event.
+    watchdog: Pin<Box<Sleep>>,
+    /// The parser refused an event while `buffered` looked ahead: `next` reports it.
+    oversized: bool,
+    /// The body's end or failure, met by `pull_at_hand`: the next `read` returns it.
+    stashed: Option<Option<Result<Bytes, UpstreamError>>>,
+    /// Ends the reading when cancelled (shutdown).
+    pub(super) closing: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+impl UpstreamEvents {
+    pub fn new(body: crate::upstream::Incoming, idle: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            body,
+            parser: SseParser::new(),
+            ended: false,
+            idle,
+            waiting_since: now,
+            watchdog: Box::pin(tokio::time::sleep_until(after(now, idle))),
+            oversized: false,
+            stashed: None,
+            closing: None,
+        }
+    }
+
+    /// Takes into the parser a piece of the body that the connection has already received, yielding up to
+    /// `PULL_TURNS - 1` times for the connection's task to hand it over (hyper passes a body on one piece at a
+    /// time, from another task). Never waits for the upstream. False when nothing came: the upstream has sent nothing more yet, or
+    /// the body ended or failed (kept for `next` to report).
+    pub async fn pull_at_hand(&mut self) -> bool {
+        if self.ended || self.oversized || self.stashed.is_some() {
+            return false;
+        }
+        for turn in 0..PULL_TURNS {
+            if turn > 0 {
+                tokio::task::yield_now().await;
+            }
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(crate::upstream::poll_chunk(&mut self.body, cx))
+            })
+            .await;
+            match polled {
+                Poll::Pending => continue,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if self.parser.push(&chunk).is_err() {
+                        self.oversized = true;
+                    }
+                    return !self.oversized;
+                }
+                Poll::Ready(end_or_failure) => {
+                    self.stashed = Some(end_or_failure);
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// The next chunk of the body, `Err` if none came within `idle` of asking or the proxy is closing.
+    async fn read(&mut self) -> Result<Option<Result<Bytes, UpstreamError>>, StreamFault> {
+        if let Some(stashed) = self.stashed.take() {
+            return Ok(stashed);
+        }
+        self.waiting_since = Instant::now();
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(item) = crate::upstream::poll_chunk(&mut self.body, cx) {
+                return Poll::Ready(Ok(item));
+            }
+            if let Some(closing) = &mut self.closing
+                && closing.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(StreamFault::ShuttingDown));
+            }
+            while self.watchdog.as_mut().poll(cx).is_ready() {
+                let due = after(self.waiting_since, self.idle);
+                if Instant::now() >= due {
+                    return Poll::Ready(Err(StreamFault::Stalled(self.idle)));
+                }
+                self.watchdog.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next event if one is complete in what has been read already; never waits. A parser error is kept for
+    /// `next` to report.
+    pub(super) fn buffered(&mut self) -> Option<SseEvent> {
+        if self.oversized {
+            return None;
+        }
+        self.parser.next_event().unwrap_or_else(|_| {
+            self.oversized = true;
+            None
+        })
+    }
+
+    /// The next event, `None` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<SseEvent>, StreamFault> {
+        if self.oversized {
+            return Err(StreamFault::Oversized);
+        }
+        loop {
+            if let Some(event) = self
+                .parser
+                .next_event()
+                .map_err(|_| StreamFault::Oversized)?
+            {
+                return Ok(Some(event));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.read().await? {
+                Some(Ok(chunk)) => self
+                    .parser
+                    .push(&chunk)
+                    .map_err(|_| StreamFault::Oversized)?,
+                Some(Err(e)) => return Err(StreamFault::Connection(e.message)),
+                None => {
+                    self.ended = true;
+                    return Ok(self.parser.finish());
+                }
+            }
+        }
+    }
+}
+
+/// `at + wait`, or far in the future when that does not fit in an `Instant`.
+fn after(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}

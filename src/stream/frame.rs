@@ -1,0 +1,39 @@
+//! SSE frames as the client receives them.
+
+use super::sse::SseEvent;
+use bytes::Bytes;
+use serde_json::Value;
+
+pub fn is_done(event: &SseEvent) -> bool {
+    event.data.trim() == "[DONE]"
+}
+
+/// An SSE frame carrying `data`.
+pub fn frame(data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out.into()
+}
+
+/// The in-band error that ends a stream which broke after it started: no `[DONE]` follows.
+pub fn error_frame(message: &str, kind: &str, code: &str) -> Bytes {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
+    frame(&body.to_string())
+}
+
+/// An upstream's in-band error in OpenAI's shape, whatever shape it came in.
+pub(super) fn upstream_error_frame(error: &Value) -> Bytes {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let message = text(error.get("message"))
+        .or_else(|| text(Some(error)))
+        .unwrap_or_else(|| error.to_string());
+    let kind = text(error.get("type")).unwrap_or_else(|| "upstream_error".into());
+    let code = text(error.get("code")).unwrap_or_else(|| "upstream_error".into());
+    error_frame(&format!("upstream error: {message}"), &kind, &code)
+}

@@ -1,0 +1,235 @@
+//! What the proxy reads of an OpenAI chunk or answer without building it: whether a choice finishes, and the
+//! token counts. Lenient on purpose: an odd field never makes a valid chunk or a paid answer look malformed.
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::Value;
+
+/// The parts of an OpenAI chunk the proxy looks at; everything else passes through untouched. Lenient on
+/// purpose: a field of an unexpected type must not make a valid chunk look malformed.
+#[derive(Deserialize)]
+pub(super) struct ChunkPeek {
+    #[serde(default)]
+    pub(super) choices: Option<Vec<ChoicePeek>>,
+    #[serde(default)]
+    pub(super) usage: Option<Value>,
+    #[serde(default)]
+    pub(super) error: Option<Value>,
+}
+
+/// Of a choice, only whether it finishes; its delta is skipped over, not built (this runs on every event). A
+/// choice that is not an object reads as one that does not finish, as the rest of the chunk still counts.
+pub(super) struct ChoicePeek {
+    pub(super) finish_reason: Option<IgnoredAny>,
+}
+
+impl<'de> Deserialize<'de> for ChoicePeek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            FinishReason,
+            #[serde(other)]
+            Other,
+        }
+
+        struct Choice;
+
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = ChoicePeek;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a choice")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ChoicePeek, A::Error> {
+                let mut finish_reason = None;
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::FinishReason => finish_reason = map.next_value()?,
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(ChoicePeek { finish_reason })
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ChoicePeek, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ChoicePeek {
+                    finish_reason: None,
+                })
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ChoicePeek, E> {
+                Ok(ChoicePeek {
+                    finish_reason: None,
+                })
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<ChoicePeek, E> {
+                self.visit_unit()
+            }
+        }
+
+        d.deserialize_any(Choice)
+    }
+}
+
+/// Token counts as OpenAI reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Reads an OpenAI `usage` object; missing or odd counts are zero (the same rules as reading it from JSON).
+    pub fn from_value(usage: &Value) -> Self {
+        Self::deserialize(usage).unwrap_or_default()
+    }
+}
+
+/// Reads a `usage` value without building it: counts that are not whole non-negative numbers, and a usage that
+/// is not an object, read as zero; never an error.
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Count(u64);
+
+        impl<'de> Deserialize<'de> for Count {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok(Count(
+                    Value::deserialize(d)
+                        .ok()
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(0),
+                ))
+            }
+        }
+
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Usage;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Usage, A::Error> {
+                let mut usage = Usage::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "prompt_tokens" => usage.prompt_tokens = map.next_value::<Count>()?.0,
+                        "completion_tokens" => {
+                            usage.completion_tokens = map.next_value::<Count>()?.0
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(usage)
+            }
+
+            fn visit_unit<E>(self) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Usage, E> {
+                Ok(Usage::default())
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Usage, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Usage::default())
+            }
+        }
+
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_leniently_from_json_and_from_values() {
+        for (text, expected) in [
+            (
+                r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
+                (12, 9),
+            ),
+            (r#"{"prompt_tokens":"12","completion_tokens":-1}"#, (0, 0)),
+            (r#"{"prompt_tokens":1.5,"completion_tokens":null}"#, (0, 0)),
+            (
+                r#"{"prompt_tokens":{"n":1},"completion_tokens":[3]}"#,
+                (0, 0),
+            ),
+            (r#"{"completion_tokens":4}"#, (0, 4)),
+            (r#"{}"#, (0, 0)),
+            (r#"null"#, (0, 0)),
+            (r#""twelve""#, (0, 0)),
+            (r#"[1,2]"#, (0, 0)),
+            (r#"7"#, (0, 0)),
+        ] {
+            let read: Usage = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                (read.prompt_tokens, read.completion_tokens),
+                expected,
+                "{text}"
+            );
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(Usage::from_value(&value), read, "{text}");
+        }
+        let read: Usage =
+            serde_json::from_str(r#"{"completion_tokens":9,"prompt_tokens":12}"#).unwrap();
+        assert_eq!((read.prompt_tokens, read.completion_tokens), (12, 9));
+    }
+}
