@@ -84,6 +84,8 @@ pub async fn start(
     }
     // Read (and warned about) now rather than at the first request.
     crate::upstream::connect::env_proxies();
+    // Every client connection is a file: as many as the system allows this process.
+    crate::http::raise_fd_limit();
     tokio::task::spawn_blocking(crate::tokens::warm);
     let policy = StorePolicy {
         daily_reset: settings.daily_reset.clone(),

@@ -88,14 +88,12 @@ async fn silent_connections_beyond_the_cap_never_keep_a_client_out() {
     for _ in 0..300 {
         silent.push(TcpStream::connect(addr(&server.url)).await.unwrap());
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let client = http_client();
     let body = json!({"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..3 {
         let response = client
             .post(format!("{}/v1/chat/completions", server.url))
+            .timeout(Duration::from_secs(1))
             .bearer_auth(PROXY_KEY)
             .json_body(&body)
             .send()
