@@ -72,6 +72,7 @@ struct Inner {
     attempts: BTreeMap<(String, String), u64>,
     cooldowns: BTreeMap<(String, String), u64>,
     tokens: BTreeMap<(String, &'static str), u64>,
+    continuations: BTreeMap<String, u64>,
     upstream_latency: BTreeMap<String, Histogram>,
     overhead: Option<Histogram>,
     models: BTreeMap<String, BTreeSet<String>>,
@@ -94,11 +95,22 @@ pub struct Metrics {
 }
 
 /// A label value, escaped for the text format.
+/// A label value as the text format wants it: `\\`, `"` and newlines escaped, and any other control character
+/// written as its code (`\\u{1b}`), so that nothing a client named reaches a scraper or a terminal raw.
 fn esc(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Metrics {
@@ -148,6 +160,9 @@ impl Metrics {
                     .entry((provider.clone(), c.as_str().to_string()))
                     .or_default() += 1;
             }
+        }
+        if j.continued > 0 {
+            *m.continuations.entry(provider.clone()).or_default() += u64::from(j.continued);
         }
         if j.prompt_tokens > 0 {
             *m.tokens.entry((provider.clone(), "prompt")).or_default() += j.prompt_tokens;
@@ -224,6 +239,19 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "keyrelay_tokens_total{{provider=\"{}\",kind=\"{kind}\"}} {n}",
+                esc(p)
+            );
+        }
+        family(
+            &mut out,
+            "keyrelay_stream_continuations_total",
+            "counter",
+            "Broken streams continued by another key or model, by the provider the stream started on.",
+        );
+        for (p, n) in &m.continuations {
+            let _ = writeln!(
+                out,
+                "keyrelay_stream_continuations_total{{provider=\"{}\"}} {n}",
                 esc(p)
             );
         }

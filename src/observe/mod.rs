@@ -53,6 +53,8 @@ pub struct Journal {
     pub key: Option<String>,
     /// The `provider/model` that answered, when it was a fallback.
     pub fallback: Option<String>,
+    /// Times a broken stream was continued by another key or model.
+    pub continued: u32,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Until the response was ready (for a stream: until its first byte was sent).
@@ -86,6 +88,7 @@ impl Journal {
             error: None,
             key: None,
             fallback: None,
+            continued: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
             first_byte_ms: 0.0,
@@ -165,6 +168,7 @@ fn console_line(j: &Journal) {
             prompt_tokens = j.prompt_tokens,
             completion_tokens = j.completion_tokens,
             stream = j.stream,
+            continued = (j.continued > 0).then_some(j.continued),
             "served"
         ),
         Some(error) => tracing::warn!(
@@ -178,6 +182,7 @@ fn console_line(j: &Journal) {
             error = %error,
             classes = %j.attempts.iter().filter_map(|a| a.class.map(|c| c.as_str())).collect::<Vec<_>>().join(","),
             stream = j.stream,
+            continued = (j.continued > 0).then_some(j.continued),
             "failed"
         ),
     }

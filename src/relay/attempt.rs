@@ -50,17 +50,25 @@ pub struct Failure {
     /// Not the key's fault (the request could not even be built with it): the key is neither judged nor tried
     /// again by this request.
     pub blameless: bool,
+    /// No answer at all: no response or first event in time, or a connection closed unanswered. A verdict on
+    /// the model more than on the key.
+    pub silent: bool,
 }
 
 impl Failure {
-    fn transport(class: ErrorClass, why: String) -> AttemptError {
-        AttemptError::Upstream(Self {
-            verdict: Verdict::model(class),
-            status: 0,
-            body: why.into(),
+    fn new(verdict: Verdict, status: u16, body: Bytes) -> Self {
+        Self {
+            verdict,
+            status,
+            body,
             unusable: false,
             blameless: false,
-        })
+            silent: false,
+        }
+    }
+
+    fn transport(class: ErrorClass, why: String) -> Self {
+        Self::new(Verdict::model(class), 0, why.into())
     }
 
     /// The request or its body failed on the way.
@@ -70,17 +78,22 @@ impl Failure {
         } else {
             ErrorClass::Connection
         };
-        Self::transport(class, e.message)
+        let silent = e.unanswered;
+        Self::transport(class, e.message).with(|f| f.silent = silent)
+    }
+
+    /// Nothing came within a timeout.
+    fn silence(why: String) -> AttemptError {
+        Self::transport(ErrorClass::Timeout, why).with(|f| f.silent = true)
     }
 
     fn unusable(why: &str) -> AttemptError {
-        match Self::transport(ErrorClass::Server, why.to_string()) {
-            AttemptError::Upstream(f) => AttemptError::Upstream(Self {
-                unusable: true,
-                ..f
-            }),
-            other => other,
-        }
+        Self::transport(ErrorClass::Server, why.to_string()).with(|f| f.unusable = true)
+    }
+
+    fn with(mut self, set: impl FnOnce(&mut Self)) -> AttemptError {
+        set(&mut self);
+        AttemptError::Upstream(self)
     }
 }
 
@@ -112,24 +125,33 @@ impl Attempt<'_> {
             None => "*/*",
         });
         let request = p.request(call, key, accept).map_err(|why| {
-            AttemptError::Upstream(Failure {
-                verdict: Verdict::model(ErrorClass::InvalidRequest),
-                status: 0,
-                body: format!("the request cannot be built with this key: {why}").into(),
-                unusable: false,
-                blameless: true,
-            })
+            let why = format!("the request cannot be built with this key: {why}");
+            Failure::new(Verdict::model(ErrorClass::InvalidRequest), 0, why.into())
+                .with(|f| f.blameless = true)
         })?;
         let started = tokio::time::Instant::now();
         let tuning = &p.tuning;
+        // Both timeouts run from sending: `response` until the head, `first_event` (streams) until content.
+        let response_by = tuning.response_timeout.map(|limit| {
+            let why = format!("no response within {limit:?} (timeouts.response)");
+            (started + limit, why)
+        });
+        let first_by = tuning
+            .first_event_timeout
+            .filter(|_| stream.is_some())
+            .map(|limit| {
+                let why = format!("no content within {limit:?} (timeouts.first_event)");
+                (started + limit, why)
+            });
+        let head_by = match (&response_by, &first_by) {
+            (Some(r), Some(f)) => Some(if r.0 <= f.0 { r } else { f }),
+            (r, f) => r.as_ref().or(f.as_ref()),
+        };
         let sent = self.http.send(request);
-        let sent = match tuning.response_timeout {
-            Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
-                Failure::transport(
-                    ErrorClass::Timeout,
-                    format!("no response within {limit:?} (timeouts.response)"),
-                )
-            })?,
+        let sent = match head_by {
+            Some((at, why)) => tokio::time::timeout_at(*at, sent)
+                .await
+                .map_err(|_| Failure::silence(why.clone()))?,
             None => sent.await,
         };
         let response = sent.map_err(Failure::upstream)?;
@@ -143,32 +165,22 @@ impl Attempt<'_> {
             let verdict = p
                 .judge(status.as_u16(), &headers, &text, self.clock.now())
                 .await?;
-            return Err(AttemptError::Upstream(Failure {
+            return Err(AttemptError::Upstream(Failure::new(
                 verdict,
-                status: status.as_u16(),
+                status.as_u16(),
                 body,
-                unusable: false,
-                blameless: false,
-            }));
+            )));
         }
 
         if let Some(mut mapper) = stream {
             let mut events = UpstreamEvents::new(response.into_body(), tuning.stream_idle_timeout);
-            let first_by = tuning
-                .first_event_timeout
-                .map(|limit| (started + limit, limit));
             loop {
-                let next =
-                    match first_by {
-                        Some((at, limit)) => tokio::time::timeout_at(at, events.next())
-                            .await
-                            .map_err(|_| {
-                                let why =
-                                    format!("no content within {limit:?} (timeouts.first_event)");
-                                Failure::transport(ErrorClass::Timeout, why)
-                            })?,
-                        None => events.next().await,
-                    };
+                let next = match &first_by {
+                    Some((at, why)) => tokio::time::timeout_at(*at, events.next())
+                        .await
+                        .map_err(|_| Failure::silence(why.clone()))?,
+                    None => events.next().await,
+                };
                 let event = match next {
                     Ok(Some(event)) => event,
                     Ok(None) => {
@@ -176,7 +188,12 @@ impl Attempt<'_> {
                             "the upstream stream ended before any content",
                         ));
                     }
-                    Err(fault) => return Err(Failure::transport(fault.class(), fault.to_string())),
+                    Err(fault) => {
+                        return Err(AttemptError::Upstream(Failure::transport(
+                            fault.class(),
+                            fault.to_string(),
+                        )));
+                    }
                 };
                 let parts = mapper.map(event).await?;
                 match parts.first() {
@@ -192,17 +209,17 @@ impl Attempt<'_> {
                         let verdict = p
                             .judge(500, &Default::default(), &body, self.clock.now())
                             .await?;
-                        let client = verdict.class.is_client_error();
-                        return Err(AttemptError::Upstream(Failure {
-                            status: if client { 400 } else { 502 },
-                            unusable: verdict.class == ErrorClass::Server,
-                            blameless: false,
-                            body: key
-                                .redact(&serde_json::json!({"error": error}).to_string())
-                                .into_owned()
-                                .into(),
-                            verdict,
-                        }));
+                        let status = if verdict.class.is_client_error() {
+                            400
+                        } else {
+                            502
+                        };
+                        let unusable = verdict.class == ErrorClass::Server;
+                        let body = key
+                            .redact(&serde_json::json!({"error": error}).to_string())
+                            .into_owned();
+                        return Err(Failure::new(verdict, status, body.into())
+                            .with(|f| f.unusable = unusable));
                     }
                     Some(Part::Chunk { .. }) => {
                         return Ok(Success::Stream(Box::new(Started {

@@ -109,6 +109,13 @@ pub enum RelayError {
     Exhausted(Box<Tried>),
     #[error("the request to {}/{} did not complete before the deadline: {}", .0.provider, .0.model, .0.summary())]
     Deadline(Box<Tried>),
+    /// The model gave no answer at all (no response or first event in time, a connection closed unanswered);
+    /// reported only when a fallback is tried next.
+    #[error("{}/{} did not answer: {}", .0.provider, .0.model, .0.summary())]
+    ModelSilent(Box<Tried>),
+    /// The model's breaker is open: it failed on key after key just now (see `breaker`).
+    #[error("{}/{} is failing on every key; requests with a fallback skip it for {}s", .tried.provider, .tried.model, wait.as_secs_f64().ceil())]
+    ModelDown { wait: Duration, tried: Box<Tried> },
     #[error(
         "the upstream's answer is larger than {limit} bytes (max_response_size in config.yaml)"
     )]
@@ -125,9 +132,11 @@ impl RelayError {
             Self::Upstream { served, .. } | Self::ResponseTooLarge { served, .. } => {
                 served.attempts += earlier
             }
-            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
-                tried.attempts += earlier
-            }
+            Self::AllCooling { tried, .. }
+            | Self::Exhausted(tried)
+            | Self::Deadline(tried)
+            | Self::ModelSilent(tried)
+            | Self::ModelDown { tried, .. } => tried.attempts += earlier,
             _ => {}
         }
     }
@@ -135,7 +144,11 @@ impl RelayError {
     /// Whether the next fallback candidate should be tried after this error.
     pub fn wants_fallback(&self, fallback_on_content_filter: bool) -> bool {
         match self {
-            Self::AllCooling { .. } | Self::Exhausted(_) | Self::Deadline(_) => true,
+            Self::AllCooling { .. }
+            | Self::Exhausted(_)
+            | Self::Deadline(_)
+            | Self::ModelSilent(_)
+            | Self::ModelDown { .. } => true,
             Self::Upstream {
                 class: ErrorClass::ContentFilter,
                 ..
@@ -176,6 +189,8 @@ impl RelayError {
             }
             Self::Exhausted(_) => (503, "upstream_error", "no_key_available"),
             Self::Deadline(_) => (504, "timeout_error", "deadline_exceeded"),
+            Self::ModelSilent(_) => (504, "timeout_error", "upstream_unresponsive"),
+            Self::ModelDown { .. } => (503, "upstream_error", "model_unavailable"),
             Self::ResponseTooLarge { .. } => (502, "upstream_error", "upstream_response_too_large"),
             Self::Script(_) => (502, "upstream_error", "script_error"),
         }
@@ -187,9 +202,11 @@ impl RelayError {
             Self::Upstream { served, .. } | Self::ResponseTooLarge { served, .. } => {
                 Some(served.clone())
             }
-            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
-                Some(tried.served(None))
-            }
+            Self::AllCooling { tried, .. }
+            | Self::Exhausted(tried)
+            | Self::Deadline(tried)
+            | Self::ModelSilent(tried)
+            | Self::ModelDown { tried, .. } => Some(tried.served(None)),
             _ => None,
         }
     }

@@ -32,7 +32,9 @@ pub struct UpstreamEvents {
     /// The body's end or failure, met by `pull_at_hand`: the next `read` returns it.
     stashed: Option<Option<Result<Bytes, UpstreamError>>>,
     /// Ends the reading when cancelled (shutdown).
-    pub(super) closing: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    closing: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    /// When the stream must end, whatever comes (`timeouts.stream_total`).
+    until: Option<Instant>,
 }
 
 impl UpstreamEvents {
@@ -48,7 +50,18 @@ impl UpstreamEvents {
             oversized: false,
             stashed: None,
             closing: None,
+            until: None,
         }
+    }
+
+    /// Ends the reading when `closing` is cancelled, or at `until`.
+    pub(super) fn bound(
+        &mut self,
+        closing: Option<&tokio_util::sync::CancellationToken>,
+        until: Option<Instant>,
+    ) {
+        self.closing = closing.map(|c| Box::pin(c.clone().cancelled_owned()));
+        self.until = until;
     }
 
     /// Takes into the parser a piece of the body that the connection has already received, yielding up to
@@ -100,11 +113,19 @@ impl UpstreamEvents {
                 return Poll::Ready(Err(StreamFault::ShuttingDown));
             }
             while self.watchdog.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if let Some(until) = self.until
+                    && now >= until
+                {
+                    return Poll::Ready(Err(StreamFault::TooLong));
+                }
                 let due = after(self.waiting_since, self.idle);
-                if Instant::now() >= due {
+                if now >= due {
                     return Poll::Ready(Err(StreamFault::Stalled(self.idle)));
                 }
-                self.watchdog.as_mut().reset(due);
+                self.watchdog
+                    .as_mut()
+                    .reset(self.until.map_or(due, |until| until.min(due)));
             }
             Poll::Pending
         })

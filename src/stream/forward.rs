@@ -5,14 +5,14 @@ use super::frame::{error_frame, frame, upstream_error_frame};
 use super::mapper::Mapper;
 use super::peek::Usage;
 use super::sse::SseEvent;
-use super::{Continuer, Part, SseBody, Started, StreamFault, UpstreamEvents};
+use super::{Break, Continuer, Part, Resumed, Started, StreamFault, UpstreamEvents};
 use crate::clock::Clock;
 use crate::keys::Lease;
 use crate::observe::{Journal, Observer};
 use crate::script::ScriptError;
 use crate::spec::{ErrorClass, Verdict};
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,7 +64,9 @@ impl Report {
     }
 }
 
-/// Forwards an upstream stream to the client after its first parts were seen.
+/// Forwards an upstream stream to the client after its first parts were seen. When the upstream breaks
+/// mid-answer and the answer can be continued, the stream that takes over (see `relay::continuation`) is
+/// forwarded in its place: a new segment with its own key, mapped parts and usage; the client sees one answer.
 pub struct Forward {
     upstream: UpstreamEvents,
     mapper: Mapper,
@@ -74,40 +76,48 @@ pub struct Forward {
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     wants_usage: bool,
     saw_finish: bool,
+    /// This segment's usage, and the usage of the segments before it.
     usage: Usage,
+    usage_before: Usage,
     label: String,
     report: Option<Report>,
     /// Continues the answer if the upstream breaks, while the answer is plain text.
     resume: Option<Continuer>,
-    /// The answer's text so far, kept only while it may be continued.
+    /// The answer's text so far (over every segment), kept only while it may be continued.
     answer: String,
-    /// The continuation being forwarded, once the upstream broke and another key took over.
-    tail: Option<SseBody>,
     /// A mapping failure met while gathering frames at hand, reported by the next `next_frame`.
     failed: Option<ScriptError>,
     /// An event met while gathering frames at hand that only the script can map: `next_frame` maps it.
     held: Option<(SseEvent, Option<Value>)>,
+    /// What ends every segment: shutdown, and the stream's total bound.
+    closing: Option<tokio_util::sync::CancellationToken>,
+    until: Option<tokio::time::Instant>,
 }
 
 impl Drop for Forward {
     fn drop(&mut self) {
         // Dropped before it ended: the client went away.
-        if let Some(report) = self.report.take() {
-            report.finish(Some("client_disconnected"), self.usage);
-        }
+        self.end(Some("client_disconnected"));
     }
 }
 
 impl Forward {
     fn end(&mut self, error: Option<&str>) {
         if let Some(report) = self.report.take() {
-            report.finish(error, self.usage);
+            report.finish(error, self.usage_before.plus(self.usage));
         }
     }
 
-    /// Ends the stream with an in-band error once `closing` is cancelled.
-    pub fn end_when(&mut self, closing: tokio_util::sync::CancellationToken) {
-        self.upstream.closing = Some(Box::pin(closing.cancelled_owned()));
+    /// This stream, ended with an in-band error when `closing` is cancelled or at `until`.
+    pub fn bounded(
+        mut self,
+        closing: tokio_util::sync::CancellationToken,
+        until: Option<tokio::time::Instant>,
+    ) -> Self {
+        self.upstream.bound(Some(&closing), until);
+        self.closing = Some(closing);
+        self.until = until;
+        self
     }
 
     pub fn new(
@@ -133,13 +143,15 @@ impl Forward {
             wants_usage,
             saw_finish: false,
             usage: Usage::default(),
+            usage_before: Usage::default(),
             label,
             report,
             resume,
             answer: String::new(),
-            tail: None,
             failed: None,
             held: None,
+            closing: None,
+            until: None,
         }
     }
 
@@ -200,8 +212,7 @@ impl Forward {
     /// Pulls what the upstream connection already holds (`UpstreamEvents::pull_at_hand`) while the stream is
     /// plainly forwarding and nothing else waits to be decided.
     async fn pull_at_hand(&mut self) -> bool {
-        if self.tail.is_some()
-            || self.lease.is_none()
+        if self.lease.is_none()
             || self.failed.is_some()
             || self.held.is_some()
             || !self.pending.is_empty()
@@ -214,11 +225,7 @@ impl Forward {
     /// The next chunk frame if it can be had without waiting or deciding anything: from parts already mapped or
     /// events already read. The end, errors and breaks are left to `next_frame`.
     fn ready_frame(&mut self) -> Option<Bytes> {
-        if self.tail.is_some()
-            || self.lease.is_none()
-            || self.failed.is_some()
-            || self.held.is_some()
-        {
+        if self.lease.is_none() || self.failed.is_some() || self.held.is_some() {
             return None;
         }
         loop {
@@ -258,9 +265,6 @@ impl Forward {
     /// The next frame to send, `None` once the stream is over.
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            if let Some(tail) = &mut self.tail {
-                return tail.next().await.map(|Ok(bytes)| bytes);
-            }
             self.lease.as_ref()?;
             if let Some(e) = self.failed.take() {
                 return Some(self.script_failed(e));
@@ -278,8 +282,12 @@ impl Forward {
                 match part {
                     Part::Done => return Some(self.complete()),
                     Part::Error(error) => {
+                        let key = self.lease.as_ref().map(|l| l.key().id.clone());
                         let report = self.upstream_error(&error).await;
-                        return Some(self.continue_or(report, "upstream_error").await);
+                        match self.take_over(key, false, report, "upstream_error").await {
+                            Some(frame) => return Some(frame),
+                            None => continue,
+                        }
                     }
                     Part::Chunk {
                         data,
@@ -292,30 +300,45 @@ impl Forward {
                     },
                 }
             }
-            let event = match self.upstream.next().await {
-                Ok(Some(event)) => event,
+            let cut = match self.upstream.next().await {
+                Ok(Some(event)) => match self.mapper.map(event).await {
+                    Ok(parts) => {
+                        self.pending.extend(parts);
+                        continue;
+                    }
+                    Err(e) => return Some(self.script_failed(e)),
+                },
                 // The answer is complete even though the upstream did not say `[DONE]`.
                 Ok(None) if self.saw_finish => return Some(self.complete()),
-                Ok(None) => {
-                    let why = "the upstream stream ended before the answer was complete";
-                    let report = self.cut(ErrorClass::Connection, why, "stream_interrupted");
-                    return Some(self.continue_or(report, "stream_interrupted").await);
-                }
-                Err(StreamFault::ShuttingDown) => {
-                    // Not the key's fault: released without a verdict.
+                Ok(None) => "the upstream stream ended before the answer was complete".to_string(),
+                // Ends the stream, never continued; not the key's fault.
+                Err(fault @ (StreamFault::ShuttingDown | StreamFault::TooLong)) => {
                     self.lease = None;
-                    self.end(Some("shutting_down"));
-                    let why = "keyrelay is shutting down; the answer is incomplete";
-                    return Some(error_frame(why, "server_error", "shutting_down"));
+                    let (code, why) = match fault {
+                        StreamFault::ShuttingDown => (
+                            "shutting_down",
+                            "keyrelay is shutting down; the answer is incomplete",
+                        ),
+                        _ => (
+                            "stream_too_long",
+                            "the stream lasted longer than keyrelay allows (timeouts.stream_total); the answer is incomplete",
+                        ),
+                    };
+                    self.end(Some(code));
+                    return Some(error_frame(why, "server_error", code));
                 }
-                Err(fault) => {
-                    let report = self.cut(fault.class(), &fault.to_string(), "stream_interrupted");
-                    return Some(self.continue_or(report, "stream_interrupted").await);
-                }
+                Err(fault) => fault.to_string(),
             };
-            match self.mapper.map(event).await {
-                Ok(parts) => self.pending.extend(parts),
-                Err(e) => return Some(self.script_failed(e)),
+            // The connection broke or stalled: not the key's fault, and the same key may continue.
+            tracing::warn!(stream = %self.label, error = %cut, "upstream stream broke after it started");
+            let key = self.lease.take().map(|l| l.key().id.clone());
+            let message = format!("upstream stream interrupted: {cut}");
+            let report = error_frame(&message, "upstream_error", "stream_interrupted");
+            if let Some(frame) = self
+                .take_over(key, true, report, "stream_interrupted")
+                .await
+            {
+                return Some(frame);
             }
         }
     }
@@ -359,25 +382,65 @@ impl Forward {
         }
     }
 
-    /// After the upstream broke: the first frame of a continuation from another key when the answer can be
-    /// continued and one is had (the request is then logged as `stream_continued`), else `error`, the frame
-    /// reporting the break (logged as `code`).
-    async fn continue_or(&mut self, error: Bytes, code: &str) -> Bytes {
-        if let Some(resume) = self.resume.take() {
-            let answer = std::mem::take(&mut self.answer);
-            tracing::info!(stream = %self.label, sent = answer.len(), "continuing the broken stream on another key");
-            if let Some(mut tail) = resume(answer).await
-                && let Some(Ok(first)) = tail.next().await
-            {
-                self.tail = Some(tail);
-                self.end(Some("stream_continued"));
-                return first;
+    /// After the upstream broke (its key already released): `None` when a continuation took over, and the
+    /// stream goes on from it; else `error`, the frame reporting the break, which ends the stream (logged as
+    /// `code`).
+    async fn take_over(
+        &mut self,
+        broken: Option<crate::secret::KeyId>,
+        transport: bool,
+        error: Bytes,
+        code: &str,
+    ) -> Option<Bytes> {
+        if let (Some(resume), Some(key)) = (self.resume.as_mut(), broken) {
+            tracing::info!(stream = %self.label, sent = self.answer.len(), "continuing the broken stream");
+            let broke = Break {
+                text: self.answer.clone(),
+                key,
+                transport,
+            };
+            let (resumed, attempts) = resume(broke).await;
+            if let Some(report) = &mut self.report {
+                report.journal.attempts.extend(attempts);
+            }
+            if let Some(resumed) = resumed {
+                self.continue_with(resumed);
+                return None;
             }
         }
         self.end(Some(code));
-        error
+        Some(error)
     }
 
+    /// Forwards `resumed` from now on, in place of the segment that broke.
+    fn continue_with(&mut self, resumed: Resumed) {
+        let Resumed {
+            started,
+            lease,
+            label,
+            fallback,
+        } = resumed;
+        if let Some(report) = &mut self.report {
+            let j = &mut report.journal;
+            j.continued += 1;
+            j.key = Some(lease.key().masked.to_string());
+            if fallback.is_some() {
+                j.fallback = fallback;
+            }
+        }
+        self.upstream = started.events;
+        self.upstream.bound(self.closing.as_ref(), self.until);
+        self.mapper = started.mapper;
+        self.pending = started.pending;
+        self.lease = Some(lease);
+        self.label = label;
+        self.usage_before = self.usage_before.plus(std::mem::take(&mut self.usage));
+        self.saw_finish = false;
+        self.held = None;
+        self.failed = None;
+    }
+
+    /// The answer is complete: the serving key is credited with its own segment's tokens.
     fn complete(&mut self) -> Bytes {
         if let Some(mut lease) = self.lease.take() {
             lease.succeed(self.usage.prompt_tokens, self.usage.completion_tokens);
@@ -411,14 +474,5 @@ impl Forward {
             lease.fail(&verdict);
         }
         upstream_error_frame(error)
-    }
-
-    fn cut(&mut self, class: ErrorClass, why: &str, code: &str) -> Bytes {
-        tracing::warn!(stream = %self.label, error = why, "upstream stream broke after it started");
-        if let Some(mut lease) = self.lease.take() {
-            lease.fail(&Verdict::model(class));
-        }
-        let message = format!("upstream stream interrupted: {why}");
-        error_frame(&message, "upstream_error", code)
     }
 }

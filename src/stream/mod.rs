@@ -28,9 +28,33 @@ use std::time::Duration;
 /// The bytes of a client-facing SSE stream.
 pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
 
-/// Asks for the rest of an answer whose stream broke, given the text sent so far: the client-facing stream of
-/// the continuation, or `None` when it could not be had.
-pub type Continuer = Box<dyn FnOnce(String) -> BoxFuture<'static, Option<SseBody>> + Send>;
+/// A broken stream, as the continuer is told of it.
+pub struct Break {
+    /// The answer's text sent so far.
+    pub text: String,
+    /// The key that was serving.
+    pub key: crate::secret::KeyId,
+    /// The connection broke (a cut, a stall), rather than the upstream saying so with an error event: the same
+    /// key may continue when no other is left.
+    pub transport: bool,
+}
+
+/// A stream that takes over after a break: its first parts and the lease of the key that serves it.
+pub struct Resumed {
+    pub started: Started,
+    pub lease: crate::keys::Lease,
+    /// The `provider/model` that serves it, for logs.
+    pub label: String,
+    /// Its `provider/model` when it is a fallback model.
+    pub fallback: Option<String>,
+}
+
+/// Asks for the rest of an answer whose stream broke: the stream that takes over (or `None` when none could be
+/// had), and the attempts made to get it, for the request's journal. Called again if that one breaks too.
+pub type Continuer = Box<
+    dyn FnMut(Break) -> BoxFuture<'static, (Option<Resumed>, Vec<crate::observe::AttemptRecord>)>
+        + Send,
+>;
 
 /// Why an upstream stream stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +67,17 @@ pub enum StreamFault {
     Oversized,
     #[error("keyrelay is shutting down")]
     ShuttingDown,
+    #[error("the stream lasted longer than timeouts.stream_total")]
+    TooLong,
 }
 
 impl StreamFault {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Stalled(_) => ErrorClass::Timeout,
-            Self::Connection(_) | Self::Oversized | Self::ShuttingDown => ErrorClass::Connection,
+            Self::Connection(_) | Self::Oversized | Self::ShuttingDown | Self::TooLong => {
+                ErrorClass::Connection
+            }
         }
     }
 }

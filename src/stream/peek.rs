@@ -107,6 +107,16 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Both counts added up (a continued stream's segments).
+    pub fn plus(self, other: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.saturating_add(other.prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_add(other.completion_tokens),
+        }
+    }
+
     /// Reads an OpenAI `usage` object; missing or odd counts are zero (the same rules as reading it from JSON).
     pub fn from_value(usage: &Value) -> Self {
         Self::deserialize(usage).unwrap_or_default()

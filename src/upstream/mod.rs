@@ -97,12 +97,15 @@ impl HttpClient {
 pub struct UpstreamError {
     pub message: String,
     pub timed_out: bool,
+    /// The connection closed before any response came.
+    pub unanswered: bool,
 }
 
 impl UpstreamError {
     /// `kind` with the innermost cause of `e` (the most specific), and whether anything on the way timed out.
     fn new(kind: &str, e: &(dyn std::error::Error + 'static)) -> Self {
         let mut timed_out = false;
+        let mut unanswered = false;
         let mut detail = None;
         let mut source = e.source();
         while let Some(s) = source {
@@ -111,6 +114,11 @@ impl UpstreamError {
             {
                 timed_out = true;
             }
+            if s.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_incomplete_message)
+            {
+                unanswered = true;
+            }
             detail = Some(s);
             source = s.source();
         }
@@ -118,11 +126,16 @@ impl UpstreamError {
         Self {
             message: format!("{kind}: {}", detail.unwrap_or(e)),
             timed_out,
+            unanswered,
         }
     }
 
+    /// A body that broke off: the upstream had answered.
     fn body(e: &hyper::Error) -> Self {
-        Self::new("the response body broke off", e)
+        Self {
+            unanswered: false,
+            ..Self::new("the response body broke off", e)
+        }
     }
 }
 

@@ -1,0 +1,368 @@
+//! One candidate model's attempts: lease a key, call, judge, and retry or rotate until an answer, a client error,
+//! or the deadline.
+//!
+//! The retry policy reads top to bottom in [`Relay::run`]: transient faults (server, connection, timeout) are
+//! retried on the same key with backoff while the deadline allows, then the key is left for this request; rate
+//! limits, quota and refusals cool the key and rotate at once; client errors are answered at once. A model that
+//! does not answer at all, or whose breaker is open, is left at once when the request has a fallback. Waiting for
+//! a busy or cooling key happens in [`Relay::lease`].
+
+use super::attempt::{Attempt, AttemptError, Success};
+use super::call::Job;
+use super::{Relay, RelayError, Reply, Tried};
+use crate::keys::{Ask, Lease, Unavailable};
+use crate::observe::{AttemptRecord, Journal};
+use crate::script::Hook;
+use crate::secret::KeyId;
+use crate::spec::ErrorClass;
+use crate::stream::{Forward, Report, Usage};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A candidate that answered: what it answered, the key that did, and what it took.
+pub(super) struct Won {
+    pub success: Success,
+    pub lease: Lease,
+    pub tried: Tried,
+}
+
+impl Relay {
+    /// Attempts, retries and rotation until an answer, a client error, or the deadline.
+    pub(super) async fn run(
+        &self,
+        job: &Job,
+        journal: &mut Option<Journal>,
+        mut given_up: Vec<KeyId>,
+    ) -> Result<Won, RelayError> {
+        let mut tried = Tried::new(&job.provider.name, &job.model);
+        if job.has_fallbacks
+            && let Some(until) = self.breakers.open_until(&job.label)
+        {
+            let wait = until.saturating_duration_since(Instant::now());
+            return Err(RelayError::ModelDown {
+                wait,
+                tried: Box::new(tried),
+            });
+        }
+        let record = |journal: &mut Option<Journal>,
+                      key: &str,
+                      started: Instant,
+                      status: Option<u16>,
+                      class: Option<ErrorClass>,
+                      error: Option<String>| {
+            if let Some(j) = journal.as_mut() {
+                j.attempts.push(AttemptRecord {
+                    model: job.label.clone(),
+                    key: key.to_string(),
+                    started_ms: started
+                        .duration_since(Instant::from_std(j.started))
+                        .as_millis() as u64,
+                    latency_ms: crate::observe::ms(started.elapsed()),
+                    status,
+                    class,
+                    error: error.map(|e| crate::observe::truncate(&e, 2048)),
+                });
+            }
+        };
+        loop {
+            let waiting = Instant::now();
+            let lease = self.lease(job, &given_up, &mut tried).await;
+            if let Some(j) = journal.as_mut() {
+                j.waited_ms += crate::observe::ms(waiting.elapsed());
+            }
+            let mut lease = lease?;
+            let tuning = &job.provider.tuning;
+            let mut on_this_key = 0;
+            let failure = loop {
+                on_this_key += 1;
+                tried.attempts += 1;
+                let attempt = Attempt {
+                    http: &self.clients.get(job.provider.tuning.connect_timeout),
+                    clock: &self.clock,
+                    provider: &job.provider,
+                    max_response: job.max_response,
+                };
+                let mapper = job.stream.then(|| job.mapper());
+                let started = Instant::now();
+                let result = tokio::time::timeout_at(
+                    job.deadline,
+                    attempt.send(&job.call, lease.key(), mapper),
+                )
+                .await;
+                let masked = lease.key().masked.clone();
+                let failure = match result {
+                    Err(_) => {
+                        tried.note(ErrorClass::Timeout);
+                        let why = "the deadline passed during this attempt".to_string();
+                        record(
+                            journal,
+                            &masked,
+                            started,
+                            None,
+                            Some(ErrorClass::Timeout),
+                            Some(why),
+                        );
+                        return Err(RelayError::Deadline(Box::new(tried)));
+                    }
+                    Ok(Ok(success)) => {
+                        record(journal, &masked, started, Some(200), None, None);
+                        self.breakers.success(&job.label);
+                        return Ok(Won {
+                            success,
+                            lease,
+                            tried,
+                        });
+                    }
+                    // The script is at fault, not the key: release it without a verdict.
+                    Ok(Err(AttemptError::Script(e))) => {
+                        record(journal, &masked, started, None, None, Some(e.to_string()));
+                        return Err(e.into());
+                    }
+                    // Too large for any key: answered at once, the key released without a verdict.
+                    Ok(Err(AttemptError::TooLarge { limit })) => {
+                        let why = format!("the answer is larger than {limit} bytes");
+                        record(journal, &masked, started, Some(200), None, Some(why));
+                        let served = tried.served(Some(masked.to_string()));
+                        return Err(RelayError::ResponseTooLarge { limit, served });
+                    }
+                    Ok(Err(AttemptError::Upstream(failure))) => failure,
+                };
+                let status = (failure.status != 0).then_some(failure.status);
+                let body = String::from_utf8_lossy(&failure.body).into_owned();
+                let class = (!failure.blameless).then_some(failure.verdict.class);
+                record(journal, &masked, started, status, class, Some(body));
+                if failure.blameless {
+                    break failure;
+                }
+                tried.note(failure.verdict.class);
+                if failure.verdict.class.is_client_error() {
+                    lease.fail(&failure.verdict);
+                    return Err(RelayError::Upstream {
+                        status: failure.status,
+                        body: failure.body,
+                        class: failure.verdict.class,
+                        served: tried.served(Some(lease.key().masked.to_string())),
+                        openai_wire: job.provider.script.is_none(),
+                    });
+                }
+                // Not even an answer (no response in time, no first event, a connection closed unanswered): a
+                // verdict on the model; with a fallback left, go to it rather than to another key.
+                if failure.silent && job.has_fallbacks {
+                    lease.fail(&failure.verdict);
+                    self.breakers.failure(&job.label);
+                    return Err(RelayError::ModelSilent(Box::new(tried)));
+                }
+                if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {
+                    let pause = tuning.backoff_after(on_this_key);
+                    // No time to wait for this key again: another key may answer at once.
+                    if Instant::now() + pause >= job.deadline {
+                        break failure;
+                    }
+                    tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
+                    tokio::time::sleep(pause).await;
+                    if let Some(j) = journal.as_mut() {
+                        j.waited_ms += crate::observe::ms(pause);
+                    }
+                    continue;
+                }
+                break failure;
+            };
+            tracing::info!(
+                provider = %job.provider.name,
+                model = %job.model,
+                key = %lease.key().masked,
+                class = failure.verdict.class.as_str(),
+                retry_after = ?failure.verdict.retry_after,
+                "rotating away from a failing key"
+            );
+            tried.unusable = failure.unusable;
+            // A key that failed transiently, or could not be used at all, is not tried again by this request. A
+            // key cooled by its failure (rate limit, quota, auth) stays a candidate: the store keeps it out until
+            // its cooldown ends, and a short cooldown that ends before the deadline is worth waiting for.
+            if failure.verdict.class.is_transient() || failure.blameless {
+                given_up.push(lease.key().id.clone());
+            }
+            if failure.blameless {
+                continue;
+            }
+            lease.fail(&failure.verdict);
+            if failure.verdict.class.is_transient()
+                && self.breakers.failure(&job.label)
+                && job.has_fallbacks
+            {
+                tracing::warn!(model = %job.label, "the model keeps failing on every key: going to its fallbacks for a while");
+                let wait = self
+                    .breakers
+                    .open_until(&job.label)
+                    .map_or(Duration::ZERO, |u| {
+                        u.saturating_duration_since(Instant::now())
+                    });
+                return Err(RelayError::ModelDown {
+                    wait,
+                    tried: Box::new(tried),
+                });
+            }
+            // Two keys refused for one request are about the request (a model these keys may not use), not the
+            // keys: answer with the refusal rather than bench every key of the provider. (With no key left
+            // untried, the pool itself is exhausted, and the lease says so.)
+            let refusals = [ErrorClass::Auth, ErrorClass::Forbidden]
+                .iter()
+                .filter_map(|c| tried.classes.get(c))
+                .sum::<u32>();
+            if matches!(
+                failure.verdict.class,
+                ErrorClass::Auth | ErrorClass::Forbidden
+            ) && refusals >= 2
+                && job.provider.keys.len() > tried.key_ids.len()
+            {
+                return Err(RelayError::Upstream {
+                    status: failure.status,
+                    body: failure.body,
+                    class: failure.verdict.class,
+                    served: tried.served(Some(lease.key().masked.to_string())),
+                    openai_wire: job.provider.script.is_none(),
+                });
+            }
+        }
+    }
+
+    /// A lease on a usable key, waiting (woken by releases, never polling) while keys are busy or cooling and the
+    /// deadline allows.
+    async fn lease(
+        &self,
+        job: &Job,
+        given_up: &[KeyId],
+        tried: &mut Tried,
+    ) -> Result<Lease, RelayError> {
+        let provider = &job.provider;
+        let wake = self.store.wakeup(&provider.name);
+        loop {
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ask = Ask {
+                provider: &provider.name,
+                model: &job.model,
+                keys: &provider.keys,
+                exclude: given_up,
+                tuning: &provider.tuning,
+            };
+            let why: Unavailable = match self.store.acquire(ask).await {
+                Ok(grant) => {
+                    if !tried.key_ids.contains(&grant.key.id) {
+                        tried.key_ids.push(grant.key.id.clone());
+                    }
+                    return Ok(Lease::new(self.store.clone(), provider.clone(), grant));
+                }
+                Err(why) => why,
+            };
+            tried.waiting = why.clone();
+            // Nothing to wait for: every key was given up on, or rests after auth failures that a short wait
+            // will not cure.
+            if why.busy == 0 && why.cooling == why.benched {
+                return Err(RelayError::Exhausted(Box::new(std::mem::take(tried))));
+            }
+            let deadline_wall = self.clock.wall_at(job.deadline);
+            if why.busy == 0
+                && let Some(ready_at) = why.ready_at
+                && ready_at >= deadline_wall
+            {
+                let wait = Duration::from_millis((ready_at - self.clock.now()).max(0) as u64);
+                return Err(RelayError::AllCooling {
+                    retry_after: wait,
+                    tried: Box::new(std::mem::take(tried)),
+                });
+            }
+            let wake_at = why
+                .ready_at
+                .map_or(job.deadline, |r| self.clock.instant_at(r).min(job.deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            if Instant::now() >= job.deadline {
+                return Err(RelayError::Deadline(Box::new(std::mem::take(tried))));
+            }
+        }
+    }
+
+    /// The client's reply from a candidate that answered: a JSON body (mapped by the provider's response hook,
+    /// off the async workers, where it has one) or the forwarding stream, which takes the journal along.
+    pub(super) async fn reply(
+        &self,
+        won: Won,
+        job: &Job,
+        journal: &mut Option<Journal>,
+    ) -> Result<Reply, RelayError> {
+        let Won {
+            success,
+            mut lease,
+            tried,
+        } = won;
+        let mut served = tried.served(Some(lease.key().masked.to_string()));
+        served.fallback = job.fallback.clone();
+        if let Some(j) = journal.as_mut() {
+            j.fallback = job.fallback.clone();
+        }
+        match success {
+            Success::Json { body, usage } => {
+                let script = job
+                    .provider
+                    .script
+                    .as_ref()
+                    .filter(|s| s.has(Hook::Response));
+                let (body, usage) = match script {
+                    None => (body, usage),
+                    Some(script) => {
+                        // The key did its job even if the mapping fails.
+                        lease.succeed(0, 0);
+                        let (p, hook) = (job.provider.clone(), script.clone());
+                        let (endpoint, model) = (job.endpoint, job.model.clone());
+                        let mapped = crate::offload::run(move || {
+                            p.map_response(&hook, endpoint.hook_name(), &model, &body)
+                        })
+                        .await?;
+                        let usage = mapped
+                            .get("usage")
+                            .map(Usage::from_value)
+                            .unwrap_or_default();
+                        (mapped.to_string().into(), usage)
+                    }
+                };
+                lease.succeed(usage.prompt_tokens, usage.completion_tokens);
+                if let Some(j) = journal.as_mut() {
+                    j.prompt_tokens = usage.prompt_tokens;
+                    j.completion_tokens = usage.completion_tokens;
+                }
+                Ok(Reply::Json { body, served })
+            }
+            Success::Stream(start) => {
+                let report = journal.take().map(|mut j| {
+                    j.status = 200;
+                    j.key = served.key.clone();
+                    j.first_byte_ms = j.elapsed_ms();
+                    Report::new(j, self.observer.clone())
+                });
+                let until = job
+                    .provider
+                    .tuning
+                    .stream_total_timeout
+                    .map(|total| job.begun + total);
+                let forward = Forward::new(
+                    *start,
+                    self.continuer(job),
+                    lease,
+                    self.clock,
+                    job.wants_usage,
+                    job.label.clone(),
+                    report,
+                )
+                .bounded(self.closing.clone(), until);
+                Ok(Reply::Stream {
+                    body: Box::pin(forward.into_stream()),
+                    served,
+                })
+            }
+        }
+    }
+}
