@@ -62,6 +62,11 @@ impl UpstreamEvents {
     ) {
         self.closing = closing.map(|c| Box::pin(c.clone().cancelled_owned()));
         self.until = until;
+        if let Some(until) = until
+            && until < self.watchdog.deadline()
+        {
+            self.watchdog.as_mut().reset(until);
+        }
     }
 
     /// Takes into the parser a piece of the body that the connection has already received, yielding up to
@@ -103,6 +108,9 @@ impl UpstreamEvents {
             return Ok(stashed);
         }
         self.waiting_since = Instant::now();
+        if self.until.is_some_and(|until| self.waiting_since >= until) {
+            return Err(StreamFault::TooLong);
+        }
         std::future::poll_fn(|cx| {
             if let Poll::Ready(item) = crate::upstream::poll_chunk(&mut self.body, cx) {
                 return Poll::Ready(Ok(item));
