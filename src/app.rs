@@ -91,6 +91,7 @@ pub async fn start(
         daily_reset: settings.daily_reset.clone(),
         pause: settings.provider_pause,
     };
+    crate::keys::remove_leftovers(&settings.usage_path);
     let state = match crate::keys::load_usage(&settings.usage_path) {
         Ok(state) => state,
         Err(e @ crate::keys::UsageFileError::Invalid { .. }) => {

@@ -49,12 +49,15 @@ fn check(files: &keyrelay::cli::FileArgs) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     let _logs = init_logging(&args.log_format);
+    let say = Say {
+        json: args.log_format == "json",
+    };
     let opts = args.load_options();
     let snapshot = match Snapshot::load(&opts) {
         Ok(s) => s,
         Err(errors) => {
             for e in &errors.0 {
-                eprintln!("keyrelay: {e}");
+                say.error(&format!("keyrelay: {e}"));
             }
             return ExitCode::FAILURE;
         }
@@ -74,44 +77,40 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let running = match keyrelay::app::start(snapshot, Some(opts), Clock::system()).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("keyrelay: {e}");
+            say.error(&format!("keyrelay: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    println!(
+    say.info(&format!(
         "keyrelay {} listening on http://{}",
         env!("CARGO_PKG_VERSION"),
         running.addr
-    );
+    ));
     let (serving, idle): (Vec<_>, Vec<_>) = providers.iter().partition(|(_, keys)| *keys > 0);
     for (name, keys) in &serving {
-        println!(
+        say.info(&format!(
             "  provider {name}: {keys} key{}",
             if *keys == 1 { "" } else { "s" }
-        );
+        ));
     }
     if serving.is_empty() {
-        println!(
-            "warning: no provider has keys; set <PROVIDER>_API_KEY in .env (see .env.example)"
-        );
+        say.warn("no provider has keys; set <PROVIDER>_API_KEY in .env (see .env.example)");
     }
     if !idle.is_empty() {
         let names: Vec<&str> = idle.iter().map(|(n, _)| n.as_str()).collect();
-        println!("  providers without keys: {}", names.join(", "));
+        say.info(&format!("  providers without keys: {}", names.join(", ")));
     }
     if open {
-        println!(
-            "warning: PROXY_API_KEY is not set: any local process can use this proxy without a key"
-        );
+        say.warn("PROXY_API_KEY is not set: any local process can use this proxy without a key");
     }
     if let Some(dir) = &request_log_dir {
-        println!(
+        say.info(&format!(
             "  request logging: one file per request under {}",
             dir.display()
-        );
+        ));
     }
     for w in &warnings {
-        println!("warning: {w}");
+        say.warn(w);
     }
     let stopper = running.stopper();
     tokio::spawn(async move {
@@ -122,9 +121,48 @@ async fn serve(args: ServeArgs) -> ExitCode {
     match running.wait().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keyrelay: the usage file could not be written at shutdown: {e}");
+            say.error(&format!(
+                "keyrelay: the usage file could not be written at shutdown: {e}"
+            ));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `serve` prints itself (the banner, start-up failures): text as a person reads it, or, with
+/// `--log-format json`, JSON lines shaped like every log line.
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn line(&self, level: &str, text: &str) -> String {
+        if self.json {
+            // In the order of the log lines' own fields.
+            let quoted = |s: &str| serde_json::Value::from(s).to_string();
+            format!(
+                "{{\"timestamp\":{},\"level\":{},\"message\":{}}}",
+                quoted(&jiff::Timestamp::now().to_string()),
+                quoted(level),
+                quoted(text.trim_start())
+            )
+        } else if level == "WARN" {
+            format!("warning: {text}")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn info(&self, text: &str) {
+        println!("{}", self.line("INFO", text));
+    }
+
+    fn warn(&self, text: &str) {
+        println!("{}", self.line("WARN", text));
+    }
+
+    fn error(&self, text: &str) {
+        eprintln!("{}", self.line("ERROR", text));
     }
 }
 

@@ -557,3 +557,138 @@ async fn upstream_requests_go_through_the_environments_proxy() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// A directory the binary can serve `mock` from, with `config` as its config.yaml.
+fn mock_files(mock: &Mock, config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.yaml", config);
+    write(
+        dir.path(),
+        "providers/mock.yaml",
+        &provider_yaml(&mock.base_url, ""),
+    );
+    write(
+        dir.path(),
+        ".env",
+        &format!("PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\n", key(1)),
+    );
+    dir
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_in_band_and_idle_connections_do_not_hold_it() {
+    let mock = Mock::start(|seen, _| {
+        let words: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        Reply::Sse {
+            events: chunks(seen.model(), &words, false),
+            gap: Duration::from_millis(50),
+            end: End::Done,
+        }
+    })
+    .await;
+    let dir = mock_files(&mock, "shutdown_grace: 1s\n");
+    let server = start(dir.path(), &[], None);
+    // An idle keep-alive connection: it must not hold the shutdown.
+    let mut idle = tokio::net::TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut idle, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let body = serde_json::json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let response = http_client()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .bearer_auth(PROXY_KEY)
+        .json_body(&body)
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped_at = std::time::Instant::now();
+    terminate(&server.child);
+    let text = response.text().await.unwrap();
+    let data = sse_data(&text);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "shutting_down", "{text}");
+    assert!(!text.contains("[DONE]"));
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(4),
+        "exited after the 1 s grace and the streams' last words, not held by the idle connection: {:?}",
+        stopped_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_final_usage_write_exits_non_zero_and_leftovers_are_cleared_at_start() {
+    let mock = Mock::echo("hi").await;
+    let dir = mock_files(&mock, "usage: {path: state/key_usage.json}\n");
+    write(
+        dir.path(),
+        "state/.key_usage.json.4242-0.tmp",
+        "half a write",
+    );
+    let server = start(dir.path(), &[], None);
+    assert!(
+        !dir.path().join("state/.key_usage.json.4242-0.tmp").exists(),
+        "a leftover temporary file is removed at start"
+    );
+    // The state directory replaced by a file: the last write cannot succeed.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state"), "not a directory").unwrap();
+    terminate(&server.child);
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+}
+
+#[test]
+fn json_logs_make_every_line_json_and_env_errors_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "providers/acme.yaml",
+        "base_url: https://api.acme.test/v1\n",
+    );
+    write(dir.path(), ".env", "ACME_API_KEY_1=abcdefghijklmnop\n");
+    let mut child = keyrelay(dir.path())
+        .args(["--port", "0", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(lines.next().unwrap().unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for line in &seen {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(seen[0].contains("listening on http://"), "{seen:?}");
+
+    write(
+        dir.path(),
+        ".env",
+        "ACME_API_KEY_1=abcdefghijklmnop\n# a comment\nACME_API_KEY_2=two words\n",
+    );
+    let out = keyrelay(dir.path()).arg("check").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(".env:3: cannot parse"), "{stderr}");
+    assert!(
+        !stderr.contains("two words"),
+        "the line's value is not quoted: {stderr}"
+    );
+}

@@ -521,3 +521,46 @@ async fn a_broken_stream_with_no_other_key_is_continued_on_a_fallback_model() {
         "backup's own continuation fields (none), not main's"
     );
 }
+
+#[tokio::test]
+async fn an_answer_that_is_json_but_not_an_object_is_a_502() {
+    let mock = Mock::start(|_, _| Reply::Raw {
+        status: 200,
+        content_type: "application/json",
+        body: "[]".into(),
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1).config("retries: {backoff: 5ms}\n")).await;
+    let (status, _, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&body), "bad_upstream_response");
+}
+
+#[tokio::test]
+async fn an_event_whose_data_spans_lines_reaches_the_client_as_one_event() {
+    // One SSE event in two `data:` lines; joined, it is a chunk with a line break between its fields.
+    let sse = concat!(
+        "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\n",
+        "data: \"choices\":[{\"index\":0,\"delta\":{\"content\":\"two lines\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n"
+    );
+    let mock = Mock::start(move |_, _| Reply::Raw {
+        status: 200,
+        content_type: "text/event-stream",
+        body: sse.into(),
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let body =
+        json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let text = proxy.post_text("/v1/chat/completions", &body).await;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        assert!(line.starts_with("data: "), "{line:?} in {text:?}");
+    }
+    // Joined as SSE joins data lines, the event is the chunk again.
+    let event = text.split("\n\n").next().unwrap();
+    let joined: Vec<&str> = event.lines().map(|l| &l["data: ".len()..]).collect();
+    let chunk: serde_json::Value = serde_json::from_str(&joined.join("\n")).unwrap();
+    assert_eq!(chunk["choices"][0]["delta"]["content"], "two lines");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}

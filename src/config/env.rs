@@ -31,11 +31,13 @@ impl Env {
             Ok(iter) => {
                 for item in iter {
                     let (name, value) = item.map_err(|e| {
-                        ConfigError::new(
+                        let mut err = ConfigError::new(
                             Some(path),
                             format!("cannot parse: {}", redact_dotenv_error(&e)),
                         )
-                        .hint("each line must be NAME=value")
+                        .hint("quote a value that holds spaces or #, e.g. NAME=\"a b\"");
+                        err.line = failing_line(path, &e);
+                        err
                     })?;
                     env.from_file.insert(name.clone());
                     env.vars.insert(name, value);
@@ -178,10 +180,20 @@ fn is_env_name(stem: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// The line (from 1) of `.env` that a parse error is about: dotenvy gives the line's text, not its number.
+fn failing_line(path: &Path, e: &dotenvy::Error) -> Option<usize> {
+    let dotenvy::Error::LineParse(line, _) = e else {
+        return None;
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let at = text.find(line.as_str())?;
+    Some(text[..at].matches('\n').count() + 1)
+}
+
 /// dotenvy's parse errors quote the offending line, which may hold a key: keep only the position.
 fn redact_dotenv_error(e: &dotenvy::Error) -> String {
     match e {
-        dotenvy::Error::LineParse(_, index) => format!("line parse error at character {index}"),
+        dotenvy::Error::LineParse(..) => "this line is not NAME=value".to_string(),
         other => other.to_string(),
     }
 }

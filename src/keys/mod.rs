@@ -18,7 +18,9 @@ use crate::spec::{ErrorClass, Scope};
 pub use cooldown::cooldown_until;
 pub use lease::Lease;
 pub use memory::{Counters, MemoryStore};
-pub use persist::{Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage};
+pub use persist::{
+    Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage, remove_leftovers,
+};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::future::Future;

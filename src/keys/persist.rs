@@ -68,6 +68,35 @@ pub fn load(path: &Path) -> Result<State, UsageFileError> {
     Ok(file.state)
 }
 
+/// Removes temporary files a write interrupted by a crash left beside the usage file (`.key_usage.json.*.tmp`).
+pub fn remove_leftovers(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %file, "removed a temporary usage file left by an interrupted write")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file, error = %e, "cannot remove a leftover temporary usage file")
+                }
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to `path` so that a reader (or a crash at any moment) sees either the old file or the new one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path

@@ -238,17 +238,22 @@ impl Attempt<'_> {
                 crate::upstream::ReadError::TooLarge { limit } => AttemptError::TooLarge { limit },
                 crate::upstream::ReadError::Broken(e) => Failure::upstream(e),
             })?;
-        match serde_json::from_slice::<BodyPeek>(&body) {
-            Ok(BodyPeek { error: None, usage }) => Ok(Success::Json {
+        // An answer is a JSON object; serde would read `[]` as an object with every field missing.
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        match serde_json::from_slice::<BodyPeek>(&body)
+            .ok()
+            .filter(|_| object)
+        {
+            Some(BodyPeek { error: None, usage }) => Ok(Success::Json {
                 // Upstreams have echoed keys even in answers.
                 body: key.redact_bytes(body),
                 usage: usage.unwrap_or_default(),
             }),
-            Ok(_) => Err(Failure::unusable(
+            Some(_) => Err(Failure::unusable(
                 "the upstream answered 200 with an error object",
             )),
-            Err(_) => Err(Failure::unusable(
-                "the upstream answered 200 with a body that is not JSON",
+            None => Err(Failure::unusable(
+                "the upstream answered 200 with a body that is not a JSON object",
             )),
         }
     }

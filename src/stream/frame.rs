@@ -8,13 +8,41 @@ pub fn is_done(event: &SseEvent) -> bool {
     event.data.trim() == "[DONE]"
 }
 
-/// An SSE frame carrying `data`.
+/// An SSE frame carrying `data`: one `data:` line per line of it, so that data holding line breaks (an
+/// upstream's multi-line event) stays one event.
 pub fn frame(data: &str) -> Bytes {
     let mut out = Vec::with_capacity(data.len() + 8);
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
+    if memchr::memchr2(b'\n', b'\r', data.as_bytes()).is_none() {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(data.as_bytes());
+    } else {
+        for (i, line) in data.lines().enumerate() {
+            if i > 0 {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+        }
+    }
     out.extend_from_slice(b"\n\n");
     out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_of_the_data_is_a_data_line() {
+        assert_eq!(&frame("{}")[..], b"data: {}\n\n");
+        assert_eq!(&frame("a\nb\r\nc")[..], b"data: a\ndata: b\ndata: c\n\n");
+        let mut parser = super::super::sse::SseParser::new();
+        parser.push(&frame("line one\nline two")).unwrap();
+        assert_eq!(
+            parser.next_event().unwrap().unwrap().data,
+            "line one\nline two"
+        );
+    }
 }
 
 /// The in-band error that ends a stream which broke after it started: no `[DONE]` follows.
