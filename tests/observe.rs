@@ -270,7 +270,13 @@ async fn the_console_log_has_one_line_per_request_and_no_secret() {
             banner.push(byte[0]);
         }
         let banner = String::from_utf8(banner).unwrap();
-        let url = banner.split("listening on ").nth(1).unwrap().to_string();
+        // `--log-format json` writes the banner as JSON too.
+        let url = banner
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("\"}")
+            .to_string();
         let client = http_client();
         let chat = |token: &'static str, model: &str| {
             client

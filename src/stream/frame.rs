@@ -28,23 +28,6 @@ pub fn frame(data: &str) -> Bytes {
     out.into()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_line_of_the_data_is_a_data_line() {
-        assert_eq!(&frame("{}")[..], b"data: {}\n\n");
-        assert_eq!(&frame("a\nb\r\nc")[..], b"data: a\ndata: b\ndata: c\n\n");
-        let mut parser = super::super::sse::SseParser::new();
-        parser.push(&frame("line one\nline two")).unwrap();
-        assert_eq!(
-            parser.next_event().unwrap().unwrap().data,
-            "line one\nline two"
-        );
-    }
-}
-
 /// The in-band error that ends a stream which broke after it started: no `[DONE]` follows.
 pub fn error_frame(message: &str, kind: &str, code: &str) -> Bytes {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
@@ -64,4 +47,21 @@ pub(super) fn upstream_error_frame(error: &Value) -> Bytes {
     let kind = text(error.get("type")).unwrap_or_else(|| "upstream_error".into());
     let code = text(error.get("code")).unwrap_or_else(|| "upstream_error".into());
     error_frame(&format!("upstream error: {message}"), &kind, &code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_of_the_data_is_a_data_line() {
+        assert_eq!(&frame("{}")[..], b"data: {}\n\n");
+        assert_eq!(&frame("a\nb\r\nc")[..], b"data: a\ndata: b\ndata: c\n\n");
+        let mut parser = super::super::sse::SseParser::new();
+        parser.push(&frame("line one\nline two")).unwrap();
+        assert_eq!(
+            parser.next_event().unwrap().unwrap().data,
+            "line one\nline two"
+        );
+    }
 }
