@@ -86,7 +86,6 @@ pub async fn start(
     crate::upstream::connect::env_proxies();
     // Every client connection is a file: as many as the system allows this process.
     crate::http::raise_fd_limit();
-    tokio::task::spawn_blocking(crate::tokens::warm);
     let policy = StorePolicy {
         daily_reset: settings.daily_reset.clone(),
         pause: settings.provider_pause,

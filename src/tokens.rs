@@ -1,5 +1,9 @@
 //! `/v1/token-count`: counting chat tokens offline with an embedded tokenizer.
 //!
+//! Counting runs off the async workers (`crate::offload`), and so does loading an encoding, which happens at its
+//! first use (a fraction of a second). The encodings are not loaded at start: both together hold about 70 MB,
+//! which would quadruple the idle proxy's memory for a route many deployments never call.
+//!
 //! Counts follow OpenAI's published accounting for chat messages: each message costs its text plus a small fixed
 //! overhead, and the reply is primed with a few more. For models that are not OpenAI's, the count is an estimate
 //! with the closest modern encoding (`o200k_base`).
@@ -10,13 +14,6 @@ use tiktoken_rs::CoreBPE;
 const PER_MESSAGE: usize = 3;
 const PER_NAME: usize = 1;
 const REPLY_PRIMING: usize = 3;
-
-/// Loads both encodings (a fraction of a second each), so that no request pays for it; called at start, off
-/// the async workers.
-pub fn warm() {
-    let _ = tiktoken_rs::o200k_base_singleton();
-    let _ = tiktoken_rs::cl100k_base_singleton();
-}
 
 /// The encoding for a model id (with or without its provider prefix).
 fn encoding_for(model: &str) -> &'static CoreBPE {
