@@ -40,8 +40,9 @@ pub struct Reloader {
     clock: Clock,
     /// The host the server listens on (fixed until a restart).
     host: String,
-    /// Inputs that existed at start: a reload that finds one gone is refused.
-    present_at_start: Vec<PathBuf>,
+    /// Which inputs existed at start (config.yaml, the env file, the providers and plugins directories): a
+    /// reload that finds one gone is refused.
+    present_at_start: [bool; 4],
     status: Mutex<ReloadStatus>,
     /// One reload at a time; a signal arriving meanwhile leads to one more afterwards.
     busy: tokio::sync::Mutex<()>,
@@ -60,18 +61,8 @@ impl Reloader {
             loaded_at: current.loaded_at,
             ..Default::default()
         };
-        let s = &current.settings;
-        let present_at_start = [
-            &opts.config,
-            &opts.env_file,
-            &s.providers_dir,
-            &s.plugins_dir,
-        ]
-        .into_iter()
-        .filter(|p| p.exists())
-        .cloned()
-        .collect();
-        let host = s.host.clone();
+        let present_at_start = inputs(&opts, &current).map(|p| p.exists());
+        let host = current.settings.host.clone();
         drop(current);
         Self {
             opts,
@@ -137,6 +128,12 @@ impl Reloader {
             ),
             ("request_logging", a.request_logging != b.request_logging),
             ("shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+            (
+                "server (connections)",
+                a.edge.max_connections != b.edge.max_connections
+                    || a.edge.header_timeout != b.edge.header_timeout
+                    || a.edge.idle_timeout != b.edge.idle_timeout,
+            ),
         ];
         let pending: Vec<&str> = at_restart
             .iter()
@@ -187,29 +184,12 @@ impl Reloader {
                 self.host
             ));
         }
-        let (old_dirs, new_dirs) = {
-            let old = self.config.load();
-            (
-                [
-                    old.settings.providers_dir.clone(),
-                    old.settings.plugins_dir.clone(),
-                ],
-                [
-                    new.settings.providers_dir.clone(),
-                    new.settings.plugins_dir.clone(),
-                ],
-            )
-        };
-        // A directory moved by config.yaml must exist where it now is; any other input must still be there.
-        let expected = self.present_at_start.iter().map(|path| {
-            match old_dirs.iter().position(|d| d == path) {
-                Some(i) => &new_dirs[i],
-                None => path,
-            }
-        });
-        let missing: Vec<String> = expected
-            .filter(|path| !path.exists())
-            .map(|path| path.display().to_string())
+        // Each input that was there at start must be there now (a directory where the new config.yaml puts it).
+        let missing: Vec<String> = inputs(&self.opts, new)
+            .iter()
+            .zip(self.present_at_start)
+            .filter(|(path, was)| *was && !path.exists())
+            .map(|(path, _)| path.display().to_string())
             .collect();
         (!missing.is_empty()).then(|| {
             format!(
@@ -287,6 +267,16 @@ impl Reloader {
             || (in_dir(&s.plugins_dir) && extension == Some("rhai"))
             || (name.starts_with("..") && name != "..")
     }
+}
+
+/// The inputs a configuration is read from: config.yaml, the env file, the providers and plugins directories.
+fn inputs<'a>(opts: &'a LoadOptions, snapshot: &'a Snapshot) -> [&'a Path; 4] {
+    [
+        &opts.config,
+        &opts.env_file,
+        &snapshot.settings.providers_dir,
+        &snapshot.settings.plugins_dir,
+    ]
 }
 
 /// Every key id in a snapshot.

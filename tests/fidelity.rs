@@ -32,12 +32,21 @@ async fn a_model_refused_on_two_keys_is_answered_without_benching_the_rest() {
             .contains("may not use model locked"),
         "{body}"
     );
-    let benched = proxy
-        .key_status("mock")
+    let keys = proxy.key_status("mock");
+    assert!(
+        keys.iter().all(|k| k.cooling_until.is_none()),
+        "a refusal about a model benches no key for every model"
+    );
+    let cooling: Vec<_> = keys
         .iter()
-        .filter(|k| k.cooling_until.is_some())
-        .count();
-    assert_eq!(benched, 2, "only the two keys that refused");
+        .filter(|k| !k.model_cooldowns.is_empty())
+        .collect();
+    assert_eq!(
+        cooling.len(),
+        2,
+        "only the two keys that refused, for that model"
+    );
+    assert!(cooling.iter().all(|k| k.model_cooldowns[0].0 == "locked"));
     // The other three serve other models at once.
     for _ in 0..3 {
         let (status, _, _) = proxy.chat("mock/free", "hi").await;

@@ -22,11 +22,18 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+/// `active` once the connection has been chosen to close: no request may start on it any more.
+const CLOSING: u32 = u32::MAX;
+
 /// What a connection is doing, shared by its socket wrapper, its service and the listener.
 pub(super) struct ConnState {
     epoch: Instant,
-    /// Requests routed whose responses are not finished (more than one when a client pipelines).
+    /// Requests routed whose responses are not finished (more than one when a client pipelines); [`CLOSING`]
+    /// once the listener chose to close the connection.
     active: AtomicU32,
+    /// A response's body has ended, but hyper may still be writing it: set at its end, cleared by the next
+    /// flush that reaches the socket.
+    flushing: AtomicBool,
     /// With no request active, the first bytes of the next request head have arrived.
     head: AtomicBool,
     /// Milliseconds after `epoch` when the connection last became idle, or started receiving a head.
@@ -48,6 +55,7 @@ impl ConnState {
         let state = Self {
             epoch,
             active: AtomicU32::new(0),
+            flushing: AtomicBool::new(false),
             head: AtomicBool::new(false),
             since: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
@@ -67,17 +75,34 @@ impl ConnState {
         }
     }
 
-    /// A request was routed.
-    pub(super) fn request_started(&self) {
-        self.active.fetch_add(1, Ordering::Relaxed);
+    /// A request was routed; false when the connection is closing and must not take it.
+    pub(super) fn request_started(&self) -> bool {
+        let started = self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                (a != CLOSING).then(|| a + 1)
+            })
+            .is_ok();
         self.head.store(false, Ordering::Relaxed);
+        started
     }
 
-    /// Its response was sent (or abandoned).
+    /// Its response's body ended (or was abandoned); the connection is idle once hyper has written it out.
     pub(super) fn request_ended(&self) {
-        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.since.store(self.now(), Ordering::Relaxed);
+        self.flushing.store(true, Ordering::Relaxed);
+        let _ = self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                (a != CLOSING && a > 0).then(|| a - 1)
+            });
+    }
+
+    /// Everything written so far reached the socket.
+    fn flushed(&self) {
+        if self.flushing.load(Ordering::Relaxed) && self.active.load(Ordering::Relaxed) == 0 {
+            self.flushing.store(false, Ordering::Relaxed);
             self.blocked.store(0, Ordering::Relaxed);
+            self.since.store(self.now(), Ordering::Relaxed);
         }
     }
 
@@ -93,9 +118,18 @@ impl ConnState {
         }
     }
 
-    /// Holds no request: may be closed to make room, or at shutdown.
+    /// Holds no request and nothing left to write: may be closed to make room, or at shutdown.
     pub(super) fn is_evictable(&self) -> bool {
-        self.active.load(Ordering::Relaxed) == 0
+        self.active.load(Ordering::Relaxed) == 0 && !self.flushing.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection closing if it is still evictable; from then on no request starts on it.
+    pub(super) fn close_if_idle(&self) -> bool {
+        !self.flushing.load(Ordering::Relaxed)
+            && self
+                .active
+                .compare_exchange(0, CLOSING, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// When the connection became idle or started its head, for choosing the one to evict (oldest first).
@@ -103,10 +137,16 @@ impl ConnState {
         self.since.load(Ordering::Relaxed)
     }
 
-    /// Whether the phase has outlasted its bound, or else when to look again.
+    /// Whether the phase has outlasted its bound, or else when to look again. Phases change without telling
+    /// the watchdog, so it looks again at least every `header_timeout`: a bound is then never missed by more
+    /// than the time between two looks at it is late, which is none (each look sets the next at its due time).
     pub(super) fn check(&self, limits: &crate::config::EdgeLimits) -> Result<Instant, Expired> {
         let now = self.now();
-        let (start, bound, why) = if self.active.load(Ordering::Relaxed) > 0 {
+        let active = self.active.load(Ordering::Relaxed);
+        if active == CLOSING {
+            return Err(Expired::Idle);
+        }
+        let (start, bound, why) = if active > 0 || self.flushing.load(Ordering::Relaxed) {
             match self.blocked.load(Ordering::Relaxed) {
                 0 => (now, limits.idle_timeout, Expired::NotReading),
                 blocked => (blocked - 1, limits.idle_timeout, Expired::NotReading),
@@ -120,7 +160,8 @@ impl ConnState {
         if now >= due {
             return Err(why);
         }
-        Ok(self.epoch + Duration::from_millis(due))
+        let look = due.min(now.saturating_add(limits.header_timeout.as_millis() as u64));
+        Ok(self.epoch + Duration::from_millis(look))
     }
 }
 
@@ -242,6 +283,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::task::ready!(self.poll_rewrite(cx))?;
         let polled = Pin::new(&mut self.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            self.state.flushed();
+        }
         self.track(polled)
     }
 
@@ -310,17 +354,30 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(state.check(&limits), Err(Expired::Head));
-        state.request_started();
+        assert!(state.request_started());
         assert!(!state.is_evictable());
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(state.check(&limits).is_ok(), "a request may take its time");
+        let next = state.check(&limits).expect("a request may take its time");
+        assert!(
+            next <= Instant::now() + limits.header_timeout,
+            "looked at again soon"
+        );
         state.write_blocked();
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(state.check(&limits), Err(Expired::NotReading));
+        state.write_went_through();
         state.request_ended();
+        assert!(!state.is_evictable(), "not until its answer is written out");
+        state.flushed();
+        assert!(state.is_evictable());
         assert!(state.check(&limits).is_ok());
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(state.check(&limits), Err(Expired::Idle));
+        assert!(state.close_if_idle());
+        assert!(
+            !state.request_started(),
+            "a closing connection takes no request"
+        );
     }
 
     #[test]
@@ -336,6 +393,11 @@ mod tests {
         state.request_started();
         assert!(!io.intercepts(hypers), "never while a request is served");
         state.request_ended();
+        assert!(
+            !io.intercepts(hypers),
+            "nor while its answer is written out"
+        );
+        state.flushed();
         assert!(io.intercepts(hypers));
         assert!(io.intercepts(b"date: y"), "the rest of it is dropped too");
     }

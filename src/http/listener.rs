@@ -133,20 +133,24 @@ impl Registry {
     }
 }
 
-/// Removes (and closes) the connection that has waited longest without a request.
+/// Removes (and closes) the connection that has waited longest without a request. A connection is marked
+/// closing before it is chosen, so that no request can start on it between the choice and the close.
 fn evict_oldest(open: &mut HashMap<u64, Entry>) -> bool {
-    let victim = open
+    let mut idle: Vec<(u64, u64)> = open
         .iter()
         .filter(|(_, e)| e.state.is_evictable())
-        .min_by_key(|(id, e)| (e.state.since(), **id))
-        .map(|(id, _)| *id);
-    match victim.and_then(|id| open.remove(&id)) {
-        Some(entry) => {
+        .map(|(id, e)| (e.state.since(), *id))
+        .collect();
+    idle.sort_unstable();
+    for (_, id) in idle {
+        if open[&id].state.close_if_idle()
+            && let Some(entry) = open.remove(&id)
+        {
             entry.close.notify_one();
-            true
+            return true;
         }
-        None => false,
     }
+    false
 }
 
 /// What the server is told from outside.
@@ -184,7 +188,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signa
             Err(e) => {
                 // Out of file descriptors: make room by closing a connection that holds no request.
                 let out_of_files = matches!(e.raw_os_error(), Some(23 | 24));
-                if !(out_of_files && registry.evict_one()) {
+                if out_of_files && registry.evict_one() {
+                    // Let the closed connection's task give its descriptor back before accepting again.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                } else {
                     if registry.refusals.ready().is_some() {
                         tracing::warn!(error = %e, "cannot accept connections");
                     }

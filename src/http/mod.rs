@@ -237,7 +237,10 @@ async fn json_body(
     })?;
     // Parsing takes about a millisecond per megabyte: large bodies are parsed off the async workers.
     let parsed = if bytes.len() > 1 << 20 {
-        crate::offload::run(move || serde_json::from_slice::<Value>(&bytes)).await
+        crate::offload::run(crate::offload::Pool::Requests, move || {
+            serde_json::from_slice::<Value>(&bytes)
+        })
+        .await
     } else {
         serde_json::from_slice::<Value>(&bytes)
     };
@@ -415,8 +418,10 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
         return ApiError::bad_request("invalid_request", "`messages` is required").into_response();
     };
     // Counting costs about a second per ten megabytes of text: off the async workers.
-    let counted =
-        crate::offload::run(move || crate::tokens::count_messages(&model, &messages)).await;
+    let counted = crate::offload::run(crate::offload::Pool::Requests, move || {
+        crate::tokens::count_messages(&model, &messages)
+    })
+    .await;
     match counted {
         Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
         Err(message) => ApiError::bad_request("invalid_request", message).into_response(),

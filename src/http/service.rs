@@ -4,6 +4,7 @@
 use super::conn::ConnState;
 use axum::Router;
 use axum::body::Body;
+use axum::response::IntoResponse;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use std::convert::Infallible;
@@ -38,18 +39,25 @@ impl hyper::service::Service<http::Request<Incoming>> for Routed {
     type Future = RoutedFuture;
 
     fn call(&self, request: http::Request<Incoming>) -> RoutedFuture {
-        self.state.request_started();
+        if !self.state.request_started() {
+            // The listener chose this connection to make room just before the request arrived.
+            return RoutedFuture {
+                inner: None,
+                finish: None,
+            };
+        }
         let finish = Finish(self.state.clone());
         let inner = tower_service::Service::call(&mut self.app.clone(), request);
         RoutedFuture {
-            inner,
+            inner: Some(inner),
             finish: Some(finish),
         }
     }
 }
 
 pub(super) struct RoutedFuture {
-    inner: axum::routing::future::RouteFuture<Infallible>,
+    /// `None`: the connection is closing and refuses the request.
+    inner: Option<axum::routing::future::RouteFuture<Infallible>>,
     finish: Option<Finish>,
 }
 
@@ -57,7 +65,21 @@ impl Future for RoutedFuture {
     type Output = Result<http::Response<Observed>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Ok(response) = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        let Some(inner) = &mut self.inner else {
+            let mut refused = super::ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "connection_closing",
+                "this connection was closed to make room for others; send the request again",
+            )
+            .into_response();
+            refused.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return Poll::Ready(Ok(refused.map(|body| Observed { body, finish: None })));
+        };
+        let Ok(response) = std::task::ready!(Pin::new(inner).poll(cx));
         let finish = self.finish.take();
         Poll::Ready(Ok(response.map(|body| Observed { body, finish })))
     }

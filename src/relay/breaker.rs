@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -38,6 +39,8 @@ struct State {
 #[derive(Default)]
 pub struct Breakers {
     models: Mutex<HashMap<String, State>>,
+    /// How many models are tracked: while none is, which is nearly always, nothing is locked.
+    tracked: AtomicUsize,
 }
 
 impl Breakers {
@@ -47,6 +50,9 @@ impl Breakers {
 
     /// When the breaker of `label` (`provider/model`) is open, until when.
     pub fn open_until(&self, label: &str) -> Option<Instant> {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let models = self.lock();
         models
             .get(label)?
@@ -56,9 +62,12 @@ impl Breakers {
 
     /// The model answered.
     pub fn success(&self, label: &str) {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut models = self.lock();
-        if models.contains_key(label) {
-            models.remove(label);
+        if models.remove(label).is_some() {
+            self.tracked.store(models.len(), Ordering::Relaxed);
         }
     }
 
@@ -79,7 +88,11 @@ impl Breakers {
                 None => return false,
             }
         }
-        let state = models.entry(label.to_string()).or_default();
+        if !models.contains_key(label) {
+            models.insert(label.to_string(), State::default());
+            self.tracked.store(models.len(), Ordering::Relaxed);
+        }
+        let state = models.get_mut(label).expect("inserted above");
         state.failures += 1;
         // After an opening, one more failure (the probe) opens it again.
         let needed = if state.opened > 0 { 1 } else { TRIP_AFTER };

@@ -124,7 +124,12 @@ impl Relay {
             begun,
             deadline,
             max_response: snapshot.settings.max_response_bytes,
-            has_fallbacks: fallbacks.is_some_and(|f| !f.is_empty()),
+            // Only fallbacks that could serve count: a model with nowhere real to go is not given up early.
+            has_fallbacks: fallbacks.is_some_and(|f| {
+                f.left()
+                    .iter()
+                    .any(|m| resolve(&snapshot, m).is_ok_and(|(p, _)| endpoint.path(&p).is_some()))
+            }),
             fallback,
         };
         Ok((job, given_up))
@@ -165,7 +170,7 @@ async fn upstream_call(
     match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
         Some(script) => {
             let (p, hook, name) = (provider.clone(), script.clone(), model.to_string());
-            let mapped = crate::offload::run(move || {
+            let mapped = crate::offload::run(crate::offload::Pool::Scripts, move || {
                 p.map_request(
                     &hook,
                     endpoint.hook_name(),
@@ -242,6 +247,11 @@ pub(super) fn resolve_model(
             ));
         }
     };
+    resolve(snapshot, model)
+}
+
+/// [`resolve_model`] for a model name.
+fn resolve(snapshot: &Snapshot, model: &str) -> Result<(Arc<Provider>, String), RelayError> {
     if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
         return Err(RelayError::BadRequest(format!(
             "`model` must be at most {MAX_MODEL_LEN} bytes of printable characters, written provider/model"
@@ -262,7 +272,7 @@ pub(super) fn resolve_model(
         return Err(RelayError::NoKeys(provider.to_string()));
     }
     if !p.filter.permits(name) {
-        return Err(RelayError::ModelDenied(model.clone()));
+        return Err(RelayError::ModelDenied(model.to_string()));
     }
     Ok((p.clone(), name.to_string()))
 }

@@ -120,9 +120,10 @@ impl Relay {
                 true => vec![broken.clone()],
                 false => vec![Vec::new()],
             };
+            // Both passes share the candidate's share of the time.
+            let until = Instant::now() + share;
             for given_up in passes {
                 let start = Start::Continuation { given_up };
-                let until = Instant::now() + share;
                 let won = match self
                     .prepare(endpoint, body.clone(), begun, until, journal, start)
                     .await

@@ -228,9 +228,11 @@ async fn fetch(provider: &Provider, http: &HttpClient, limit: usize) -> Result<V
             .filter(|s| s.has(crate::script::Hook::Models))
         {
             let hook = script.clone();
-            return crate::offload::run(move || hook.map_models(&bytes))
-                .await
-                .map_err(|e| e.to_string());
+            return crate::offload::run(crate::offload::Pool::Scripts, move || {
+                hook.map_models(&bytes)
+            })
+            .await
+            .map_err(|e| e.to_string());
         }
         let body: Value =
             serde_json::from_slice(&bytes).map_err(|_| "the model list is not JSON".to_string())?;

@@ -318,10 +318,11 @@ impl Relay {
                         lease.succeed(0, 0);
                         let (p, hook) = (job.provider.clone(), script.clone());
                         let (endpoint, model) = (job.endpoint, job.model.clone());
-                        let mapped = crate::offload::run(move || {
-                            p.map_response(&hook, endpoint.hook_name(), &model, &body)
-                        })
-                        .await?;
+                        let mapped =
+                            crate::offload::run(crate::offload::Pool::Scripts, move || {
+                                p.map_response(&hook, endpoint.hook_name(), &model, &body)
+                            })
+                            .await?;
                         let usage = mapped
                             .get("usage")
                             .map(Usage::from_value)

@@ -39,8 +39,9 @@ impl Budget {
 #[derive(Clone, Copy)]
 struct Spending {
     budget: Budget,
-    /// This thread's allocation count when the call began.
-    start: isize,
+    /// The lowest this thread's allocation count has been since the call began: what the call holds is the
+    /// count above it (memory it frees that it was handed, its input, does not make room for more).
+    low: isize,
     until: Instant,
 }
 
@@ -53,7 +54,7 @@ thread_local! {
 pub fn within<T>(budget: Budget, call: impl FnOnce() -> T) -> T {
     let spending = Spending {
         budget,
-        start: crate::alloc::thread_net(),
+        low: crate::alloc::thread_net(),
         until: Instant::now() + budget.time,
     };
     let outer = SPENDING.with(|s| s.replace(Some(spending)));
@@ -64,8 +65,16 @@ pub fn within<T>(budget: Budget, call: impl FnOnce() -> T) -> T {
 
 /// Bytes the running call may still build; unbounded outside a call.
 pub fn memory_left() -> usize {
-    SPENDING.with(Cell::get).map_or(usize::MAX, |s| {
-        let used = crate::alloc::thread_net().saturating_sub(s.start).max(0) as usize;
+    SPENDING.with(|cell| {
+        let Some(mut s) = cell.get() else {
+            return usize::MAX;
+        };
+        let now = crate::alloc::thread_net();
+        if now < s.low {
+            s.low = now;
+            cell.set(Some(s));
+        }
+        let used = (now - s.low) as usize;
         s.budget.memory.saturating_sub(used)
     })
 }

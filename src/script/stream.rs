@@ -45,6 +45,17 @@ impl ScriptStream {
             Some(&mut self.state),
             Dynamic::from_map(arg),
         )?;
+        // The state lives as long as the stream: what it keeps across events is held to one call's budget.
+        let limit = self.script.budget.memory;
+        if super::size_of(&self.state) > limit {
+            return Err(self.script.hook_error(
+                Hook::StreamEvent,
+                &format!(
+                    "its stream state grew past {} MiB (scripts.memory)",
+                    limit >> 20
+                ),
+            ));
+        }
         let items: Vec<Dynamic> = if out.is_unit() {
             return Ok(Vec::new());
         } else if out.is_array() {

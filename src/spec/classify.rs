@@ -168,9 +168,11 @@ impl Classifier {
         });
         let class = rule.map_or_else(|| default_class(status), |r| r.class);
         let scope = rule.and_then(|r| r.scope).unwrap_or_else(|| {
-            // A refusal that is about the model ("not allowed to sample from this model") says nothing about the
-            // key's other models.
-            if class == ErrorClass::Forbidden && lowered.contains("model") {
+            // A refusal that is about the model ("not allowed to sample from this model", "this key may not use
+            // model x") says nothing about the key's other models.
+            if matches!(class, ErrorClass::Auth | ErrorClass::Forbidden)
+                && lowered.contains("model")
+            {
                 Scope::Model
             } else {
                 class.default_scope()

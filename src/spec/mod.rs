@@ -351,8 +351,10 @@ impl Provider {
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
                 .collect();
             let (hook, text) = (script.clone(), body.to_string());
-            let classified =
-                crate::offload::run(move || hook.classify(status, &pairs, &text)).await?;
+            let classified = crate::offload::run(crate::offload::Pool::Scripts, move || {
+                hook.classify(status, &pairs, &text)
+            })
+            .await?;
             if let Some(c) = classified {
                 let class: ErrorClass = serde_json::from_value(serde_json::Value::String(
                     c.class.clone(),

@@ -361,8 +361,16 @@ impl Forward {
                 return choices.is_empty().then_some(None);
             };
             let delta = choice.get("delta")?;
-            if delta.get("tool_calls").is_some_and(|t| !t.is_null())
-                || delta.get("function_call").is_some_and(|t| !t.is_null())
+            // Tool calls and reasoning are not plain text: a prefill could not carry them.
+            let present = |field: &str| delta.get(field).is_some_and(|v| !v.is_null());
+            if [
+                "tool_calls",
+                "function_call",
+                "reasoning_content",
+                "reasoning",
+            ]
+            .iter()
+            .any(|f| present(f))
             {
                 return None;
             }
@@ -451,11 +459,14 @@ impl Forward {
 
     /// An error the upstream sent mid-stream: judged by the provider's rules, forwarded in OpenAI's shape.
     async fn upstream_error(&mut self, error: &Value) -> Bytes {
+        // The key masked in the error's text; should the masked text no longer be JSON, it stays text.
         let redacted = self
             .lease
             .as_ref()
             .and_then(|l| match l.key().redact(&error.to_string()) {
-                std::borrow::Cow::Owned(text) => serde_json::from_str::<Value>(&text).ok(),
+                std::borrow::Cow::Owned(text) => {
+                    Some(serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+                }
                 std::borrow::Cow::Borrowed(_) => None,
             });
         let error = redacted.as_ref().unwrap_or(error);

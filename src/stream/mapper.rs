@@ -75,7 +75,7 @@ impl Mapper {
         let Some(mut taken) = script.take() else {
             return Ok(Vec::new());
         };
-        let (taken, parts) = crate::offload::run(move || {
+        let (taken, parts) = crate::offload::run(crate::offload::Pool::Scripts, move || {
             let parts = taken.map(event.event.as_deref(), data.ok_or(event.data.as_str()));
             (taken, parts)
         })
