@@ -335,6 +335,15 @@ mod tests {
     use crate::observe::AttemptRecord;
     use crate::spec::ErrorClass;
 
+    #[test]
+    fn label_values_never_carry_control_characters() {
+        assert_eq!(esc("plain/model-1"), "plain/model-1");
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let escaped = esc("nope\u{1b}[2J\u{7}");
+        assert!(!escaped.chars().any(char::is_control), "{escaped}");
+        assert_eq!(escaped, "nope\\\\u{1b}[2J\\\\u{7}");
+    }
+
     fn journal(model: &str, error: Option<&str>) -> Journal {
         let mut j = Journal::new("chat", "p", model, false, 0);
         j.attempts.push(AttemptRecord {
