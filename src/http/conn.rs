@@ -40,6 +40,8 @@ pub(super) struct ConnState {
     since: AtomicU64,
     /// Milliseconds after `epoch` (plus one) when a write first found the socket full; 0 while writes go through.
     blocked: AtomicU64,
+    /// The listener wants the connection closed now.
+    killed: AtomicBool,
 }
 
 /// Why a connection was closed by its bounds.
@@ -59,6 +61,7 @@ impl ConnState {
             head: AtomicBool::new(false),
             since: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
+            killed: AtomicBool::new(false),
         };
         state.since.store(state.now(), Ordering::Relaxed);
         state
@@ -130,6 +133,14 @@ impl ConnState {
                 .active
                 .compare_exchange(0, CLOSING, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    pub(super) fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Relaxed)
     }
 
     /// When the connection became idle or started its head, for choosing the one to evict (oldest first).

@@ -13,6 +13,7 @@ use axum::Router;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -63,6 +64,14 @@ pub fn connection_cap(limits: &EdgeLimits) -> usize {
 struct Entry {
     state: Arc<ConnState>,
     close: Arc<Notify>,
+}
+
+impl Entry {
+    /// Tells the connection's task to close it.
+    fn close(&self) {
+        self.state.kill();
+        self.close.notify_one();
+    }
 }
 
 /// The open connections.
@@ -116,7 +125,7 @@ impl Registry {
 
     fn close_all(&self) {
         for entry in self.lock().values() {
-            entry.close.notify_one();
+            entry.close();
         }
     }
 
@@ -146,7 +155,7 @@ fn evict_oldest(open: &mut HashMap<u64, Entry>) -> bool {
         if open[&id].state.close_if_idle()
             && let Some(entry) = open.remove(&id)
         {
-            entry.close.notify_one();
+            entry.close();
             return true;
         }
     }
@@ -262,28 +271,46 @@ impl Connection {
         let service = super::service::Routed::new(self.app, self.state.clone());
         let conn = self.http.serve_connection(io, service);
         tokio::pin!(conn);
+        // This runs at every wake-up of the connection (several per request), so the signals are read as
+        // flags; their futures are polled only to register this task's waker with them (again only if it
+        // changes), and the watchdog only when it is due.
+        let close = self.close.notified();
+        let stop = self.stop.cancelled();
         let watchdog = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(watchdog);
+        tokio::pin!(close, stop, watchdog);
+        let mut registered: Option<std::task::Waker> = None;
         let mut stopping = false;
-        loop {
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = self.close.notified() => return,
-                _ = self.stop.cancelled(), if !stopping => {
-                    stopping = true;
-                    if self.state.is_evictable() {
-                        return;
-                    }
-                    conn.as_mut().graceful_shutdown();
+        std::future::poll_fn(|cx| {
+            if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                let _ = close.as_mut().poll(cx);
+                let _ = stop.as_mut().poll(cx);
+                let _ = watchdog.as_mut().poll(cx);
+                registered = Some(cx.waker().clone());
+            }
+            if self.state.is_killed() {
+                return Poll::Ready(());
+            }
+            if !stopping && self.stop.is_cancelled() {
+                stopping = true;
+                if self.state.is_evictable() {
+                    return Poll::Ready(());
                 }
-                _ = &mut watchdog => match self.state.check(&self.limits) {
-                    Ok(next) => watchdog.as_mut().reset(next),
+                conn.as_mut().graceful_shutdown();
+            }
+            while watchdog.is_elapsed() {
+                match self.state.check(&self.limits) {
+                    Ok(next) => {
+                        watchdog.as_mut().reset(next);
+                        let _ = watchdog.as_mut().poll(cx);
+                    }
                     Err(why) => {
                         tracing::debug!(?why, "closing a client connection at its time bound");
-                        return;
+                        return Poll::Ready(());
                     }
-                },
+                }
             }
-        }
+            conn.as_mut().poll(cx).map(|_| ())
+        })
+        .await
     }
 }

@@ -32,7 +32,7 @@ pub struct UpstreamEvents {
     /// The body's end or failure, met by `pull_at_hand`: the next `read` returns it.
     stashed: Option<Option<Result<Bytes, UpstreamError>>>,
     /// Ends the reading when cancelled (shutdown).
-    closing: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    closing: Option<Closing>,
     /// When the stream must end, whatever comes (`timeouts.stream_total`).
     until: Option<Instant>,
 }
@@ -60,7 +60,7 @@ impl UpstreamEvents {
         closing: Option<&tokio_util::sync::CancellationToken>,
         until: Option<Instant>,
     ) {
-        self.closing = closing.map(|c| Box::pin(c.clone().cancelled_owned()));
+        self.closing = closing.map(Closing::new);
         self.until = until;
         if let Some(until) = until
             && until < self.watchdog.deadline()
@@ -116,7 +116,7 @@ impl UpstreamEvents {
                 return Poll::Ready(Ok(item));
             }
             if let Some(closing) = &mut self.closing
-                && closing.as_mut().poll(cx).is_ready()
+                && closing.is_due(cx)
             {
                 return Poll::Ready(Err(StreamFault::ShuttingDown));
             }
@@ -180,6 +180,35 @@ impl UpstreamEvents {
                 }
             }
         }
+    }
+}
+
+/// A shutdown signal a stream waits on. Read as a flag at every wait; its future is polled only to register the
+/// stream's waker with it (again only if the waker changes), since reads wait once per chunk.
+struct Closing {
+    token: tokio_util::sync::CancellationToken,
+    wait: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    waker: Option<std::task::Waker>,
+}
+
+impl Closing {
+    fn new(closing: &tokio_util::sync::CancellationToken) -> Self {
+        Self {
+            token: closing.clone(),
+            wait: Box::pin(closing.clone().cancelled_owned()),
+            waker: None,
+        }
+    }
+
+    fn is_due(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.token.is_cancelled() {
+            return true;
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let _ = self.wait.as_mut().poll(cx);
+            self.waker = Some(cx.waker().clone());
+        }
+        false
     }
 }
 
