@@ -558,36 +558,11 @@ async fn upstream_requests_go_through_the_environments_proxy() {
     let _ = child.wait();
 }
 
-/// A directory the binary can serve `mock` from, with `config` as its config.yaml.
-fn mock_files(mock: &Mock, config: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "config.yaml", config);
-    write(
-        dir.path(),
-        "providers/mock.yaml",
-        &provider_yaml(&mock.base_url, ""),
-    );
-    write(
-        dir.path(),
-        ".env",
-        &format!("PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\n", key(1)),
-    );
-    dir
-}
-
 #[tokio::test]
 async fn shutdown_ends_streams_in_band_and_idle_connections_do_not_hold_it() {
-    let mock = Mock::start(|seen, _| {
-        let words: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
-        let words: Vec<&str> = words.iter().map(String::as_str).collect();
-        Reply::Sse {
-            events: chunks(seen.model(), &words, false),
-            gap: Duration::from_millis(50),
-            end: End::Done,
-        }
-    })
-    .await;
-    let dir = mock_files(&mock, "shutdown_grace: 1s\n");
+    let mock =
+        Mock::start(|seen, _| slow_words(seen.model(), 200, Duration::from_millis(50))).await;
+    let dir = mock_dir(&mock, "shutdown_grace: 1s\n");
     let server = start(dir.path(), &[], None);
     // An idle keep-alive connection: it must not hold the shutdown.
     let mut idle = tokio::net::TcpStream::connect(server.url.trim_start_matches("http://"))
@@ -626,7 +601,7 @@ async fn shutdown_ends_streams_in_band_and_idle_connections_do_not_hold_it() {
 #[tokio::test]
 async fn a_failed_final_usage_write_exits_non_zero_and_leftovers_are_cleared_at_start() {
     let mock = Mock::echo("hi").await;
-    let dir = mock_files(&mock, "usage: {path: state/key_usage.json}\n");
+    let dir = mock_dir(&mock, "usage: {path: state/key_usage.json}\n");
     write(
         dir.path(),
         "state/.key_usage.json.4242-0.tmp",

@@ -9,23 +9,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A setup whose files the binary can run from.
-fn files(mock: &Mock, config: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "config.yaml", config);
-    write(
-        dir.path(),
-        "providers/mock.yaml",
-        &provider_yaml(&mock.base_url, ""),
-    );
-    write(
-        dir.path(),
-        ".env",
-        &format!("PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\n", key(1)),
-    );
-    dir
-}
-
 fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_string()
 }
@@ -69,7 +52,7 @@ async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test]
 async fn silent_connections_beyond_the_cap_never_keep_a_client_out() {
     let mock = Mock::echo("still served").await;
-    let dir = files(&mock, "");
+    let dir = mock_dir(&mock, "");
     // A soft open-file limit of 256 under a hard one of 512: keyrelay raises it, and derives its cap (224) from it.
     let server = start(dir.path(), &[], Some((256, 512)));
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
@@ -119,7 +102,7 @@ async fn silent_connections_beyond_the_cap_never_keep_a_client_out() {
 #[tokio::test]
 async fn refusals_at_the_cap_are_logged_once_a_minute() {
     let mock = Mock::start(|_, _| Reply::Hang).await;
-    let dir = files(&mock, "server: {max_connections: 2}\n");
+    let dir = mock_dir(&mock, "server: {max_connections: 2}\n");
     let server = start(dir.path(), &[], None);
     // Two connections serving requests (the upstream never answers) fill the cap.
     let mut busy = Vec::new();

@@ -290,16 +290,7 @@ async fn a_model_failing_on_every_key_is_skipped_for_a_while_then_tried_again() 
 
 #[tokio::test]
 async fn a_stream_longer_than_its_total_bound_ends_with_an_in_band_error() {
-    let mock = Mock::start(|seen, _| {
-        let words: Vec<String> = (0..40).map(|i| format!("w{i} ")).collect();
-        let words: Vec<&str> = words.iter().map(String::as_str).collect();
-        Reply::Sse {
-            events: chunks(seen.model(), &words, false),
-            gap: Duration::from_millis(50),
-            end: End::Done,
-        }
-    })
-    .await;
+    let mock = Mock::start(|seen, _| slow_words(seen.model(), 40, Duration::from_millis(50))).await;
     let proxy =
         Proxy::start(Setup::one(&mock, 1).config("timeouts: {stream_total: 500ms}\n")).await;
     let text = proxy

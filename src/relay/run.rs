@@ -7,7 +7,7 @@
 //! does not answer at all, or whose breaker is open, is left at once when the request has a fallback. Waiting for
 //! a busy or cooling key happens in [`Relay::lease`].
 
-use super::attempt::{Attempt, AttemptError, Success};
+use super::attempt::{Attempt, AttemptError, Failure, Success};
 use super::call::Job;
 use super::{Relay, RelayError, Reply, Tried};
 use crate::keys::{Ask, Lease, Unavailable};
@@ -137,13 +137,7 @@ impl Relay {
                 tried.note(failure.verdict.class);
                 if failure.verdict.class.is_client_error() {
                     lease.fail(&failure.verdict);
-                    return Err(RelayError::Upstream {
-                        status: failure.status,
-                        body: failure.body,
-                        class: failure.verdict.class,
-                        served: tried.served(Some(lease.key().masked.to_string())),
-                        openai_wire: job.provider.script.is_none(),
-                    });
+                    return Err(upstream_answer(failure, &tried, &lease, job));
                 }
                 // Not even an answer (no response in time, no first event, a connection closed unanswered): a
                 // verdict on the model; with a fallback left, go to it rather than to another key.
@@ -215,13 +209,7 @@ impl Relay {
             ) && refusals >= 2
                 && job.provider.keys.len() > tried.key_ids.len()
             {
-                return Err(RelayError::Upstream {
-                    status: failure.status,
-                    body: failure.body,
-                    class: failure.verdict.class,
-                    served: tried.served(Some(lease.key().masked.to_string())),
-                    openai_wire: job.provider.script.is_none(),
-                });
+                return Err(upstream_answer(failure, &tried, &lease, job));
             }
         }
     }
@@ -365,5 +353,16 @@ impl Relay {
                 })
             }
         }
+    }
+}
+
+/// The upstream's own answer to the request, passed to the client.
+fn upstream_answer(failure: Failure, tried: &Tried, lease: &Lease, job: &Job) -> RelayError {
+    RelayError::Upstream {
+        status: failure.status,
+        body: failure.body,
+        class: failure.verdict.class,
+        served: tried.served(Some(lease.key().masked.to_string())),
+        openai_wire: job.provider.script.is_none(),
     }
 }

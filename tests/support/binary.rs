@@ -21,6 +21,25 @@ pub fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// A directory the binary can serve `mock` from: `config` as its config.yaml, provider `mock` with one key, and
+/// the proxy key.
+pub fn mock_dir(mock: &super::Mock, config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.yaml", config);
+    write(
+        dir.path(),
+        "providers/mock.yaml",
+        &super::provider_yaml(&mock.base_url, ""),
+    );
+    let env = format!(
+        "PROXY_API_KEY={}\nMOCK_API_KEY_1={}\n",
+        super::PROXY_KEY,
+        super::key(1)
+    );
+    write(dir.path(), ".env", &env);
+    dir
+}
+
 /// A running `keyrelay serve`, killed when dropped.
 pub struct Served {
     pub child: Child,

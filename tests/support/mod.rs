@@ -162,6 +162,17 @@ pub fn chunks(model: &str, parts: &[&str], with_usage: bool) -> Vec<String> {
     out
 }
 
+/// A stream of `n` one-word chunks (`w0 w1 ...`), `gap` apart, then its finish and `[DONE]`.
+pub fn slow_words(model: &str, n: usize, gap: Duration) -> Reply {
+    let words: Vec<String> = (0..n).map(|i| format!("w{i} ")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    Reply::Sse {
+        events: chunks(model, &words, false),
+        gap,
+        end: End::Done,
+    }
+}
+
 type Handler = Arc<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
 
 #[derive(Default)]
