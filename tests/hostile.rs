@@ -258,3 +258,70 @@ async fn a_provider_named_proxy_never_gets_the_proxy_key() {
     let (_, _, providers) = send(proxy.get("/v1/providers")).await;
     assert_eq!(providers["data"][0]["keys"], 1, "{providers}");
 }
+
+/// The head of the answer to `request` (sent as it is on a fresh connection), as raw bytes.
+async fn raw_head(url: &str, request: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    head
+}
+
+#[tokio::test]
+async fn every_header_value_keyrelay_sends_is_ascii() {
+    let mock = Mock::echo("hi").await;
+    let proxy = Proxy::start(Setup::one(&mock, 2)).await;
+    let chat = |stream: bool| {
+        let body = json!({"model": "mock/m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {PROXY_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let get = |path: &str, key: bool| {
+        let auth = if key {
+            format!("authorization: Bearer {PROXY_KEY}\r\n")
+        } else {
+            String::new()
+        };
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n")
+    };
+    let requests = [
+        chat(false),
+        chat(true),
+        get("/", false),
+        get("/", true),
+        get("/dashboard", false),
+        get("/metrics", true),
+        get("/v1/models", true),
+        get("/v1/keys", true),
+        get("/v1/keys", false),
+        get("/v1/nowhere", true),
+    ];
+    let mut saw_key = false;
+    for request in requests {
+        let head = raw_head(&proxy.url, &request).await;
+        // Every byte of a head: visible ASCII, spaces and tabs, and the line ends.
+        let odd: Vec<u8> = head
+            .iter()
+            .copied()
+            .filter(|b| !(b.is_ascii_graphic() || matches!(b, b' ' | b'\t' | b'\r' | b'\n')))
+            .collect();
+        let text = String::from_utf8_lossy(&head).to_string();
+        assert!(
+            odd.is_empty(),
+            "non-ASCII in the head of {request:?}:\n{text}"
+        );
+        saw_key |= text.contains("x-keyrelay-key: ...");
+    }
+    assert!(saw_key, "the masked key was among the headers checked");
+}
