@@ -14,8 +14,8 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn provider(name: &str) -> keyrelay::spec::Provider {
-    keyrelay::spec::load_file(
+fn provider(name: &str) -> keyrelay::provider::Provider {
+    keyrelay::provider::load_file(
         &root().join(format!("providers/{name}.yaml")),
         &root().join("plugins"),
         &Tuning::default(),
@@ -25,7 +25,7 @@ fn provider(name: &str) -> keyrelay::spec::Provider {
 }
 
 /// A live stream's mapper: declared rules first, then the script.
-fn mapper(p: &keyrelay::spec::Provider) -> Mapper {
+fn mapper(p: &keyrelay::provider::Provider) -> Mapper {
     Mapper::Scripted {
         rules: p.stream_rules.clone(),
         script: Some(p.script.as_ref().unwrap().stream()),

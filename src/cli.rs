@@ -117,9 +117,11 @@ pub fn summary(snapshot: &Snapshot, opts: &LoadOptions) -> String {
     for p in snapshot.providers.values() {
         let keys: Vec<&str> = p.keys.iter().map(|k| &*k.masked).collect();
         let models = match p.list {
-            crate::spec::ListSource::Static => format!("{} static models", p.static_models.len()),
-            crate::spec::ListSource::Upstream => "models listed by the upstream".into(),
-            crate::spec::ListSource::Both => {
+            crate::provider::ListSource::Static => {
+                format!("{} static models", p.static_models.len())
+            }
+            crate::provider::ListSource::Upstream => "models listed by the upstream".into(),
+            crate::provider::ListSource::Both => {
                 format!("{} static models + upstream list", p.static_models.len())
             }
         };

@@ -11,7 +11,7 @@
 //! - [`stream`]: SSE parsing and the client-facing stream, which owns the upstream response and the key's lease.
 //! - [`keys`]: key state behind the [`keys::KeyStore`] trait — selection (balanced or sequential), concurrency
 //!   leases, the cooldown schedule, daily resets, usage counters and the usage file.
-//! - [`spec`]: provider files as data — base URL, auth, paths, models, error classification rules, declared
+//! - [`provider`]: provider files as data — base URL, auth, paths, models, error classification rules, declared
 //!   request copies and stream rules.
 //! - [`script`]: everything Rhai — the sandboxed engine and the provider hooks (request, response, stream events,
 //!   error classification, model lists); no other module touches Rhai.
@@ -76,12 +76,12 @@ pub mod http;
 pub mod keys;
 pub mod observe;
 pub mod offload;
+pub mod provider;
 pub mod relay;
 pub mod reload;
 pub mod script;
 pub mod secret;
 pub mod snapshot;
-pub mod spec;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;

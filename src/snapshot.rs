@@ -4,8 +4,8 @@
 
 use crate::config::env::Env;
 use crate::config::{ConfigError, LoadErrors, Settings};
+use crate::provider::{self, Provider};
 use crate::secret::{ApiKey, ProxyKey};
-use crate::spec::{self, Provider};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ impl Snapshot {
                 files.sort();
                 for file in files {
                     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-                    match spec::load_file(&file, &settings.plugins_dir, &settings.tuning, settings.provider_tuning.get(&name)) {
+                    match provider::load_file(&file, &settings.plugins_dir, &settings.tuning, settings.provider_tuning.get(&name)) {
                         Ok(p) if providers.contains_key(&p.name) => errors.push(
                             ConfigError::new(Some(&file), format!("provider {:?} is defined twice", p.name))
                                 .hint("keep one of name.yaml and name.yml"),
@@ -93,7 +93,7 @@ impl Snapshot {
         for name in env.api_base_names() {
             if let std::collections::btree_map::Entry::Vacant(slot) = providers.entry(name) {
                 let name = slot.key();
-                if !spec::valid_name(name) {
+                if !provider::valid_name(name) {
                     let var = format!("{}_API_BASE", name.to_ascii_uppercase());
                     errors.push(ConfigError::new(
                         None,
@@ -101,7 +101,7 @@ impl Snapshot {
                     ));
                     continue;
                 }
-                let p = spec::openai_compatible(
+                let p = provider::openai_compatible(
                     name,
                     &settings.tuning,
                     settings.provider_tuning.get(name),
@@ -112,7 +112,7 @@ impl Snapshot {
 
         for (name, p) in providers.iter_mut() {
             if let Some(base) = env.api_base(name) {
-                match spec::base_url(base) {
+                match provider::base_url(base) {
                     Ok(url) => p.base_url = url,
                     Err((why, hint)) => errors.push(
                         ConfigError::new(
@@ -129,7 +129,7 @@ impl Snapshot {
             if let Some(deny) = env.model_globs("IGNORE", name) {
                 p.filter.deny = deny;
             }
-            p.fingerprint = spec::fingerprint((
+            p.fingerprint = provider::fingerprint((
                 p.fingerprint,
                 &p.base_url,
                 &p.filter.allow,

@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 
-fn provider(name: &str) -> keyrelay::spec::Provider {
+fn provider(name: &str) -> keyrelay::provider::Provider {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    keyrelay::spec::load_file(
+    keyrelay::provider::load_file(
         &root.join(format!("providers/{name}.yaml")),
         &root.join("plugins"),
         &Tuning::default(),
@@ -447,7 +447,7 @@ fn both_ways(name: &str, body: &Value) -> (Value, Value) {
     let declared = provider(name);
     let mut scripted = provider(name);
     scripted.message_map = None;
-    let map = |p: &keyrelay::spec::Provider| {
+    let map = |p: &keyrelay::provider::Provider| {
         let m = p
             .map_request(p.script.as_ref().unwrap(), "chat", "m", false, body)
             .unwrap();
@@ -563,7 +563,7 @@ fn load_in(
     name: &str,
     script: &str,
     yaml: &str,
-) -> Result<keyrelay::spec::Provider, Vec<keyrelay::config::ConfigError>> {
+) -> Result<keyrelay::provider::Provider, Vec<keyrelay::config::ConfigError>> {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::write(plugins.join(format!("{name}.rhai")), script).unwrap();
@@ -573,7 +573,7 @@ fn load_in(
         format!("base_url: http://127.0.0.1:9\nscript: {name}.rhai\n{yaml}\n"),
     )
     .unwrap();
-    keyrelay::spec::load_file(&file, &plugins, &Tuning::default(), None)
+    keyrelay::provider::load_file(&file, &plugins, &Tuning::default(), None)
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The RAII handle on a granted key.
 
 use super::{Grant, KeyStore, Outcome};
+use crate::provider::{Provider, Verdict};
 use crate::secret::ApiKey;
-use crate::spec::{Provider, Verdict};
 use std::sync::Arc;
 
 /// A key held by one request. Dropping it releases the key; the outcome recorded before (if any) decides what

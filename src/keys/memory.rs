@@ -9,8 +9,8 @@ use super::{
 };
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
+use crate::provider::{ErrorClass, Scope};
 use crate::secret::{ApiKey, KeyId};
-use crate::spec::{ErrorClass, Scope};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

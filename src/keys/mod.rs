@@ -13,8 +13,8 @@ mod persist;
 
 use crate::clock::UnixMs;
 use crate::config::{DailyReset, PauseRule, Tuning};
+use crate::provider::{ErrorClass, Scope};
 use crate::secret::{ApiKey, KeyId};
-use crate::spec::{ErrorClass, Scope};
 pub use cooldown::cooldown_until;
 pub use lease::Lease;
 pub use memory::{Counters, MemoryStore};

@@ -150,10 +150,10 @@ impl Metrics {
             if let Some(c) = a.class.filter(|c| {
                 matches!(
                     c,
-                    crate::spec::ErrorClass::RateLimit
-                        | crate::spec::ErrorClass::Quota
-                        | crate::spec::ErrorClass::Auth
-                        | crate::spec::ErrorClass::Forbidden
+                    crate::provider::ErrorClass::RateLimit
+                        | crate::provider::ErrorClass::Quota
+                        | crate::provider::ErrorClass::Auth
+                        | crate::provider::ErrorClass::Forbidden
                 )
             }) {
                 *m.cooldowns
@@ -333,7 +333,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::observe::AttemptRecord;
-    use crate::spec::ErrorClass;
+    use crate::provider::ErrorClass;
 
     #[test]
     fn label_values_never_carry_control_characters() {

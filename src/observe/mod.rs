@@ -9,7 +9,7 @@ pub mod request_log;
 pub mod throttle;
 
 use crate::clock::UnixMs;
-use crate::spec::ErrorClass;
+use crate::provider::ErrorClass;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;

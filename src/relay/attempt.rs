@@ -3,9 +3,9 @@
 //! at the start can still be retried or rotated.
 
 use crate::clock::Clock;
+use crate::provider::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::script::ScriptError;
 use crate::secret::ApiKey;
-use crate::spec::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
 use crate::upstream::{HttpClient, UpstreamError};
 use bytes::Bytes;

@@ -2,7 +2,7 @@
 
 use super::Served;
 use crate::keys::Unavailable;
-use crate::spec::ErrorClass;
+use crate::provider::ErrorClass;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -1,8 +1,8 @@
 //! `/v1/models`: each provider's static list merged with its upstream list. Upstream lists are cached; a stale
 //! list is served while a background refresh runs, and the last good list is kept when a refresh fails.
 
+use crate::provider::{ListSource, Provider};
 use crate::snapshot::Snapshot;
-use crate::spec::{ListSource, Provider};
 use crate::upstream::HttpClient;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -186,7 +186,7 @@ async fn fetch(provider: &Provider, http: &HttpClient, limit: usize) -> Result<V
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
         let Ok(request) = provider.request(
-            &crate::spec::UpstreamCall::get(path),
+            &crate::provider::UpstreamCall::get(path),
             key,
             http::HeaderValue::from_static("*/*"),
         ) else {

@@ -164,7 +164,7 @@ impl ProviderScript {
             return Err(errors);
         }
         let options = rhai::serde::to_dynamic(options).unwrap_or(Dynamic::UNIT);
-        let fingerprint = crate::spec::fingerprint(&text);
+        let fingerprint = crate::provider::fingerprint(&text);
         Ok(Self {
             file: file.to_path_buf(),
             ast,

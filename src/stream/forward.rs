@@ -9,8 +9,8 @@ use super::{Break, Continuer, Part, Resumed, Started, StreamFault, UpstreamEvent
 use crate::clock::Clock;
 use crate::keys::Lease;
 use crate::observe::{Journal, Observer};
+use crate::provider::{ErrorClass, Verdict};
 use crate::script::ScriptError;
-use crate::spec::{ErrorClass, Verdict};
 use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::Value;

@@ -12,7 +12,7 @@ mod peek;
 pub mod sse;
 
 use crate::keys::BoxFuture;
-use crate::spec::ErrorClass;
+use crate::provider::ErrorClass;
 use bytes::Bytes;
 pub use chunk::{ChunkWriter, Part};
 pub use events::UpstreamEvents;
