@@ -1,0 +1,574 @@
+//! Reading a provider file: parsing, checking every field with a message that names the file and line, and
+//! resolving it (with `<NAME>_API_BASE` and `config.yaml`'s overrides applied by the snapshot) into a
+//! [`Provider`].
+
+use super::schema::*;
+use super::{
+    Auth, Classifier, ErrorRule, ListSource, Paths, Provider, RetryAfterSource, StatusMatch,
+    json_path, plain, stream_rules,
+};
+use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
+use crate::glob::ModelFilter;
+use crate::script::{Hook, ProviderScript};
+use http::header::{HeaderName, HeaderValue};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A hash of anything hashable, to tell whether a file or setting changed between loads (not for security).
+pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// A provider's base URL, checked: an absolute `http://` or `https://` URL without credentials, its trailing `/`
+/// dropped. The error (what is wrong, how to fix it) shows the URL without anything that could be a secret.
+pub fn base_url(url: &str) -> Result<String, (String, &'static str)> {
+    let url = url.trim_end_matches('/');
+    let parsed = http::Uri::try_from(url).ok();
+    let absolute = parsed.as_ref().is_some_and(|u| u.host().is_some());
+    if !(url.starts_with("http://") || url.starts_with("https://")) || !absolute {
+        return Err((
+            format!(
+                "{:?} must be an http:// or https:// URL",
+                crate::secret::shown_url(url)
+            ),
+            "e.g. https://api.example.com/v1",
+        ));
+    }
+    if parsed
+        .and_then(|u| u.authority().cloned())
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err((
+            "must not carry credentials (user:password@)".into(),
+            "put the key in .env and declare how it is sent with auth:",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// Provider names are file stems: lower-case letters, digits and `_`, so that `<NAME>_API_KEY` is a valid
+/// variable name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// Reads and validates one provider file. `global` is the tuning from `config.yaml`; `user` the provider's entry
+/// under `providers:` there.
+pub fn load_file(
+    path: &Path,
+    plugins: &Path,
+    global: &Tuning,
+    user: Option<&TuningPatch>,
+) -> Result<Provider, Vec<ConfigError>> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !valid_name(&name) {
+        return Err(vec![
+            ConfigError::new(Some(path), format!("{name:?} is not a valid provider name"))
+                .hint("name the file with lower-case letters, digits and _, e.g. my_provider.yaml"),
+        ]);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
+    let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
+    let stream = raw.stream.take();
+    let request = raw.request.take();
+    let response = raw.response.take();
+    let mut provider = resolve(name, Some(path), raw, global, user)?;
+    let mut fingerprint = self::fingerprint(&text);
+    match script {
+        Some(script) => {
+            let loaded = ProviderScript::load(
+                &plugins.join(&script),
+                hooks.as_deref(),
+                options.as_ref().unwrap_or(&serde_json::Value::Null),
+                crate::script::Budget::of(&provider.tuning),
+            )?;
+            fingerprint ^= loaded.fingerprint;
+            if let Some(stream) = stream {
+                if !loaded.has(Hook::StreamEvent) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`stream.fast` rules need a script with a stream_event hook",
+                    )]);
+                }
+                provider.stream_rules = stream_rules::resolve(stream, Some(path))?.into();
+            }
+            if let Some(mut request) = request {
+                if !loaded.has(Hook::Request) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`request.copy` and `request.messages` need a script with a request hook",
+                    )]);
+                }
+                if let Some(messages) = request.messages.take() {
+                    provider.message_map = Some(plain::resolve_messages(messages, path)?);
+                }
+                provider.request_copies = request_copies(request, path)?;
+            }
+            if loaded.has(Hook::Request) {
+                // The one check only running the script can make: it maps an ordinary request, as it comes
+                // and, when `request.messages` takes plain chats, as the hook then sees one (no `messages`).
+                let model = provider
+                    .static_models
+                    .first()
+                    .map_or("sample-model", String::as_str);
+                let sample = serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": "ping"}],
+                });
+                let mut checked = loaded.map_request("chat", model, false, &sample).map(drop);
+                if checked.is_ok() && provider.message_map.is_some() {
+                    checked = provider
+                        .map_request(&loaded, "chat", model, false, &sample)
+                        .map(drop);
+                }
+                if let Err(e) = checked {
+                    return Err(vec![
+                        ConfigError::new(
+                            Some(path),
+                            format!(
+                                "the script's request hook fails on a sample chat request: {e}"
+                            ),
+                        )
+                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
+                    ]);
+                }
+            }
+            if let Some(response) = response {
+                if !loaded.has(Hook::Response) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`response.fast` needs a script with a response hook",
+                    )]);
+                }
+                provider.answer_map = plain::resolve_response(response, path)?;
+            }
+            provider.script = Some(Arc::new(loaded));
+        }
+        None if hooks.is_some()
+            || options.is_some()
+            || stream.is_some()
+            || request.is_some()
+            || response.is_some() =>
+        {
+            return Err(vec![
+                ConfigError::new(
+                    Some(path),
+                    "`hooks`, `options`, `request`, `response` and `stream` need a `script`",
+                )
+                .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
+            ]);
+        }
+        None => {}
+    }
+    provider.fingerprint = fingerprint;
+    Ok(provider)
+}
+
+fn request_copies(
+    raw: RawRequest,
+    file: &Path,
+) -> Result<Vec<(json_path::JsonPath, json_path::JsonPath)>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (from, to) in raw.copy {
+        match (
+            json_path::JsonPath::parse(&from),
+            json_path::JsonPath::parse(&to),
+        ) {
+            (Some(f), Some(t)) if t.is_keys_only() => out.push((f, t)),
+            _ => errors.push(
+                ConfigError::new(
+                    Some(file),
+                    format!("request.copy: {from:?} -> {to:?} is not a pair of paths"),
+                )
+                .hint("e.g. top_p: generationConfig.topP (the target cannot index arrays)"),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
+pub fn openai_compatible(name: &str, global: &Tuning, user: Option<&TuningPatch>) -> Provider {
+    let raw = RawProvider {
+        base_url: Some("http://unset".into()),
+        ..RawProvider::default()
+    };
+    resolve(name.to_string(), None, raw, global, user).expect("defaults are valid")
+}
+
+fn resolve(
+    name: String,
+    source: Option<&Path>,
+    raw: RawProvider,
+    global: &Tuning,
+    user: Option<&TuningPatch>,
+) -> Result<Provider, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut err = |message: String, hint: &str| {
+        let e = ConfigError::new(source, message);
+        errors.push(if hint.is_empty() { e } else { e.hint(hint) });
+    };
+
+    let base_url = match base_url(raw.base_url.as_deref().unwrap_or_default()) {
+        Ok(url) => url,
+        Err((why, hint)) => {
+            err(format!("base_url {why}"), hint);
+            String::new()
+        }
+    };
+
+    let auth = match (raw.auth.query, raw.auth.header, raw.auth.value) {
+        (Some(param), None, None) => Auth::Query { param },
+        (Some(_), _, _) => {
+            err(
+                "auth: use either query or header/value, not both".into(),
+                "",
+            );
+            Auth::Query {
+                param: "key".into(),
+            }
+        }
+        (None, header, value) => {
+            let header = header.unwrap_or_else(|| "Authorization".into());
+            let value = value.unwrap_or_else(|| "Bearer {key}".into());
+            let name = HeaderName::try_from(header.as_str()).unwrap_or_else(|_| {
+                err(
+                    format!("auth.header {header:?} is not a valid header name"),
+                    "",
+                );
+                HeaderName::from_static("authorization")
+            });
+            match value.split_once("{key}") {
+                Some((prefix, suffix)) => Auth::Header {
+                    name,
+                    prefix: prefix.to_string(),
+                    suffix: suffix.to_string(),
+                },
+                None => {
+                    err(
+                        format!("auth.value {value:?} must contain {{key}}"),
+                        "e.g. value: \"Bearer {key}\"",
+                    );
+                    Auth::Header {
+                        name,
+                        prefix: String::new(),
+                        suffix: String::new(),
+                    }
+                }
+            }
+        }
+    };
+
+    let mut headers = Vec::new();
+    for (k, v) in raw.headers {
+        match (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            (Ok(k), Ok(v)) => headers.push((k, v)),
+            _ => err(format!("headers: {k:?} is not a valid header"), ""),
+        }
+    }
+
+    let path_or = |p: Option<Option<String>>, default: &str| -> Option<String> {
+        p.unwrap_or_else(|| Some(default.to_string())).map(|p| {
+            if p.starts_with('/') {
+                p
+            } else {
+                format!("/{p}")
+            }
+        })
+    };
+    let paths = Paths {
+        chat: path_or(raw.paths.chat, "/chat/completions"),
+        embeddings: path_or(raw.paths.embeddings, "/embeddings"),
+        models: path_or(raw.paths.models, "/models"),
+    };
+    let list = raw.models.list.unwrap_or(if paths.models.is_some() {
+        if raw.models.static_list.is_empty() {
+            ListSource::Upstream
+        } else {
+            ListSource::Both
+        }
+    } else {
+        ListSource::Static
+    });
+    if list != ListSource::Static && paths.models.is_none() {
+        err(
+            "models.list asks for the upstream list but paths.models is null".into(),
+            "set paths.models or use list: static",
+        );
+    }
+
+    let retry_sources = |raw: Vec<RawRetrySource>, at: &str, err: &mut dyn FnMut(String, &str)| {
+        raw.into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| match (s.header, s.body) {
+                (Some(h), None) => match HeaderName::try_from(h.as_str()) {
+                    Ok(h) => Some(RetryAfterSource::Header(h)),
+                    Err(_) => {
+                        err(
+                            format!("{at}[{i}].header {h:?} is not a valid header name"),
+                            "",
+                        );
+                        None
+                    }
+                },
+                (None, Some(re)) => match regex_lite::Regex::new(&re) {
+                    Ok(re) if re.captures_len() > 1 => Some(RetryAfterSource::Body(re)),
+                    Ok(_) => {
+                        err(
+                            format!("{at}[{i}].body needs a capture group around the value"),
+                            "e.g. '\"retryDelay\"\\s*:\\s*\"([^\"]+)\"'",
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        err(format!("{at}[{i}].body is not a valid regex: {e}"), "");
+                        None
+                    }
+                },
+                _ => {
+                    err(
+                        format!("{at}[{i}] must have exactly one of header or body"),
+                        "",
+                    );
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let retry_after = match raw.retry_after {
+        Some(list) => retry_sources(list, "retry_after", &mut err),
+        None => Classifier::default_retry_after(),
+    };
+
+    let mut rules = Vec::new();
+    for (i, r) in raw.errors.into_iter().enumerate() {
+        let status = match r.status {
+            None => None,
+            Some(RawStatus::One(code)) => Some(StatusMatch::Codes(vec![code])),
+            Some(RawStatus::Many(codes)) => Some(StatusMatch::Codes(codes)),
+            Some(RawStatus::Pattern(p)) => match p.to_ascii_lowercase().as_str() {
+                "4xx" => Some(StatusMatch::Hundreds(4)),
+                "5xx" => Some(StatusMatch::Hundreds(5)),
+                _ => {
+                    err(
+                        format!(
+                            "errors[{i}].status {p:?} must be a code, a list of codes, 4xx or 5xx"
+                        ),
+                        "",
+                    );
+                    None
+                }
+            },
+        };
+        let body_regex = r.body_regex.and_then(|re| {
+            regex_lite::Regex::new(&re)
+                .map_err(|e| {
+                    err(
+                        format!("errors[{i}].body_regex is not a valid regex: {e}"),
+                        "",
+                    )
+                })
+                .ok()
+        });
+        let header = r.header.and_then(|h| {
+            HeaderName::try_from(h.as_str())
+                .map_err(|_| {
+                    err(
+                        format!("errors[{i}].header {h:?} is not a valid header name"),
+                        "",
+                    )
+                })
+                .ok()
+        });
+        let rule_retry = r
+            .retry_after
+            .map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
+        let until = r.cool_until.and_then(|text| {
+            let parsed = text
+                .split_once(' ')
+                .ok_or_else(|| "expected \"HH:MM Zone\"".to_string())
+                .and_then(|(time, zone)| {
+                    crate::config::DailyReset::parse(time.trim(), zone.trim())
+                });
+            parsed
+                .map_err(|e| {
+                    err(
+                        format!("errors[{i}].cool_until {text:?}: {e}"),
+                        "e.g. cool_until: \"00:00 America/Los_Angeles\"",
+                    )
+                })
+                .ok()
+        });
+        rules.push(ErrorRule {
+            status,
+            body: r.body.map(|b| b.to_lowercase()),
+            body_regex,
+            header,
+            class: r.class,
+            scope: r.scope,
+            retry_after: rule_retry,
+            until,
+        });
+    }
+
+    let file_patch = TuningPatch {
+        selection: raw.selection,
+        concurrency: raw.concurrency,
+        cooldowns: raw.cooldowns,
+        retries: raw.retries,
+        timeouts: raw.timeouts,
+        limits: raw.limits,
+        scripts: raw.scripts,
+    };
+    let mut tuning = global.patched(&file_patch);
+    if let Some(user) = user {
+        tuning = tuning.patched(user);
+    }
+    for problem in tuning.problems() {
+        err(problem, "");
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Provider {
+        name,
+        source: source.map(Path::to_path_buf),
+        base_url,
+        auth,
+        headers,
+        paths,
+        list,
+        static_models: raw.models.static_list,
+        filter: ModelFilter {
+            allow: raw.models.allow,
+            deny: raw.models.deny,
+        },
+        stream_usage: raw.stream_usage,
+        classifier: Classifier { rules, retry_after },
+        tuning,
+        keys: Vec::new(),
+        script: None,
+        stream_rules: Arc::from(Vec::new()),
+        request_copies: Vec::new(),
+        message_map: None,
+        answer_map: None,
+        continuation: raw.continuation.map(|c| c.assistant),
+        fingerprint: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::ErrorClass;
+    use std::io::Write;
+
+    fn load(text: &str) -> Result<Provider, Vec<ConfigError>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acme.yaml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        load_file(&path, dir.path(), &Tuning::default(), None)
+    }
+
+    #[test]
+    fn minimal_file_gets_openai_defaults() {
+        let p = load("base_url: https://api.acme.test/v1/\n").unwrap();
+        assert_eq!(p.name, "acme");
+        assert_eq!(
+            p.url(p.paths.chat.as_deref().unwrap()),
+            "https://api.acme.test/v1/chat/completions"
+        );
+        assert_eq!(p.list, ListSource::Upstream);
+        assert!(
+            matches!(&p.auth, Auth::Header { name, prefix, .. } if name == "authorization" && prefix == "Bearer ")
+        );
+        assert_eq!(p.classifier.retry_after.len(), 2);
+    }
+
+    #[test]
+    fn full_file() {
+        let p = load(
+            r#"
+base_url: https://api.acme.test
+auth: { header: x-api-key, value: "{key}" }
+headers: { acme-version: "2024-01-01" }
+paths: { embeddings: null, models: v2/models }
+models: { list: both, static: [m1], deny: ["*-old"] }
+stream_usage: true
+errors:
+  - status: 429
+    body: Insufficient_Quota
+    class: quota
+  - status: 5xx
+    body_regex: "overload(ed)?"
+    class: rate_limit
+    retry_after: [{ body: 'wait (\d+)s' }]
+concurrency: { per_key_model: 3 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.paths.embeddings, None);
+        assert_eq!(p.paths.models.as_deref(), Some("/v2/models"));
+        assert_eq!(p.classifier.rules.len(), 2);
+        assert_eq!(
+            p.classifier.rules[0].body.as_deref(),
+            Some("insufficient_quota")
+        );
+        assert_eq!(p.tuning.per_key_model, 3);
+        assert!(!p.filter.permits("m-old"));
+        let v = p
+            .classifier
+            .classify(503, &Default::default(), "overloaded, wait 12s", 0);
+        assert_eq!(v.class, ErrorClass::RateLimit);
+        assert_eq!(v.retry_after, Some(std::time::Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let errors = load("base_url: https://user:s3cret@api.acme.test/v1\n").unwrap_err();
+        let text = errors.iter().map(|e| e.to_string()).collect::<String>();
+        assert!(
+            text.contains("must not carry credentials") && !text.contains("s3cret"),
+            "{text}"
+        );
+        let errors = load("base_url: https://x\nmodles: {}\n").unwrap_err();
+        assert_eq!(errors[0].line, Some(2));
+        assert!(errors[0].message.contains("unknown field `modles`"));
+        let errors = load(
+            "base_url: ftp://x\nauth: {value: Bearer}\nerrors: [{status: 6xx, class: server}]\n",
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        let errors =
+            load("base_url: https://x\nerrors: [{status: 400, class: teapot}]\n").unwrap_err();
+        assert!(
+            errors[0].message.contains("unknown variant `teapot`"),
+            "{errors:?}"
+        );
+    }
+}
