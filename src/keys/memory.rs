@@ -4,90 +4,17 @@
 //! `.await` inside, far cheaper than an async lock. Waiters are woken through a `Notify` per provider, so a
 //! release wakes only requests that could use the key.
 
-use super::{
-    Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable, cooldown_until,
-};
+use super::policy::{self, Standing};
+use super::state::{Cooldown, Counters, KeyState, ModelState};
+use super::{Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable};
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
-use crate::provider::{ErrorClass, Scope};
+use crate::provider::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
-
-/// Request and token counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Counters {
-    pub requests: u64,
-    pub successes: u64,
-    pub failures: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
-
-impl Counters {
-    pub fn add(&mut self, other: &Counters) {
-        self.requests = self.requests.saturating_add(other.requests);
-        self.successes = self.successes.saturating_add(other.successes);
-        self.failures = self.failures.saturating_add(other.failures);
-        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
-        self.completion_tokens = self
-            .completion_tokens
-            .saturating_add(other.completion_tokens);
-    }
-}
-
-/// A key (or key and model) out of rotation until `until`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cooldown {
-    pub until: UnixMs,
-    pub reason: ErrorClass,
-}
-
-/// One key's state for one model.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ModelState {
-    #[serde(skip)]
-    pub in_flight: u32,
-    pub today: Counters,
-    pub lifetime: Counters,
-    pub last_used: Option<UnixMs>,
-    pub cooldown: Option<Cooldown>,
-    /// Consecutive cooling failures (rate limit, quota) for this model; a success resets it.
-    pub streak: u32,
-}
-
-/// One key's state.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct KeyState {
-    pub provider: String,
-    /// The masked form, so the usage file is readable by a person; never the key.
-    pub masked: String,
-    #[serde(skip)]
-    pub in_flight: u32,
-    /// A whole-key cooldown (auth, forbidden).
-    pub cooldown: Option<Cooldown>,
-    /// Consecutive whole-key failures; a success resets it.
-    pub streak: u32,
-    pub last_error: Option<Cooldown>,
-    pub models: BTreeMap<String, ModelState>,
-}
-
-impl KeyState {
-    /// When the key is usable again for `model`, and why it rests, if it is cooling.
-    fn cooling(&self, model: Option<&ModelState>, now: UnixMs) -> Option<Cooldown> {
-        let key = self.cooldown.filter(|c| c.until > now);
-        let model = model.and_then(|m| m.cooldown).filter(|c| c.until > now);
-        match (key, model) {
-            (Some(k), Some(m)) => Some(if k.until >= m.until { k } else { m }),
-            (k, m) => k.or(m),
-        }
-    }
-}
 
 /// Per-provider state that is not about one key.
 #[derive(Debug, Default)]
@@ -150,15 +77,6 @@ impl State {
     }
 }
 
-/// Where one key stands for one request.
-#[derive(Clone, Copy)]
-enum Standing {
-    Excluded,
-    Cooling(Cooldown),
-    Busy,
-    Free(u64),
-}
-
 pub struct MemoryStore {
     clock: Clock,
     state: Mutex<State>,
@@ -209,7 +127,8 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a lease now or says why not; the synchronous core of [`KeyStore::acquire`].
+    /// Takes a lease now or says why not; the synchronous core of [`KeyStore::acquire`]. The choice is the
+    /// policy's; this only reads the state and claims the key chosen.
     pub fn try_acquire(&self, ask: Ask<'_>) -> Result<Grant, Unavailable> {
         let now = self.clock.now();
         let mut guard = self.lock();
@@ -227,58 +146,27 @@ impl MemoryStore {
             .keys
             .iter()
             .map(|key| {
-                if ask.exclude.contains(&key.id)
-                    || (!state.retired.is_empty() && state.retired.contains(&key.id))
-                {
-                    return Standing::Excluded;
-                }
-                let Some(ks) = state.keys.get(&key.id) else {
-                    return Standing::Free(0);
-                };
-                let ms = ks.models.get(ask.model);
-                if let Some(cooldown) = ks.cooling(ms, now) {
-                    return Standing::Cooling(cooldown);
-                }
-                let model_in_flight = ms.map_or(0, |m| m.in_flight);
-                let full = |limit: u32, used: u32| limit > 0 && used >= limit;
-                if full(ask.tuning.per_key, ks.in_flight)
-                    || full(ask.tuning.per_key_model, model_in_flight)
-                {
-                    return Standing::Busy;
-                }
-                Standing::Free(ms.map_or(0, |m| m.today.requests))
+                let excluded = ask.exclude.contains(&key.id)
+                    || (!state.retired.is_empty() && state.retired.contains(&key.id));
+                policy::standing(
+                    state.keys.get(&key.id),
+                    ask.model,
+                    excluded,
+                    ask.tuning,
+                    now,
+                )
             })
             .collect();
-
-        // Free keys in order of preference.
-        let free = |i: &usize| matches!(standings[*i], Standing::Free(_));
         let cursor = provider
             .cursor
             .get(ask.model)
             .and_then(|id| ask.keys.iter().position(|k| &k.id == id));
-        let order: Vec<usize> = match ask.tuning.selection {
-            // Without limits only the best key matters: one pass, no sort.
-            Selection::Balanced if ask.tuning.limits.is_none() => {
-                least_used(&standings).into_iter().collect()
-            }
-            Selection::Balanced => {
-                // The least-used first; ties in random order.
-                let mut order: Vec<usize> = (0..standings.len()).filter(free).collect();
-                fastrand::shuffle(&mut order);
-                order.sort_by_key(|&i| match standings[i] {
-                    Standing::Free(used) => used,
-                    _ => u64::MAX,
-                });
-                order
-            }
-            Selection::Sequential => {
-                let start = cursor.unwrap_or(0);
-                (0..standings.len())
-                    .map(|offset| (start + offset) % standings.len())
-                    .filter(free)
-                    .collect()
-            }
-        };
+        let order = policy::preference(
+            &standings,
+            ask.tuning.selection,
+            cursor,
+            ask.tuning.limits.is_some(),
+        );
         // The first that the key's declared limits admit (a key without capacity waits like a cooling one).
         let mut chosen = None;
         for i in order {
@@ -311,36 +199,15 @@ impl MemoryStore {
                 }
             }
         }
-        // Sequential: stay on the current key while it is merely busy; move on once it cools or was given up on.
-        if ask.tuning.selection == Selection::Sequential
-            && let Some(i) = chosen
-            && !matches!(
-                cursor.map(|c| standings[c]),
-                Some(Standing::Busy | Standing::Free(_))
-            )
+        let Some(index) = chosen else {
+            return Err(policy::unavailable(&standings));
+        };
+        if ask.tuning.selection == Selection::Sequential && policy::moves_cursor(&standings, cursor)
         {
             provider
                 .cursor
-                .insert(ask.model.to_string(), ask.keys[i].id.clone());
+                .insert(ask.model.to_string(), ask.keys[index].id.clone());
         }
-
-        let Some(index) = chosen else {
-            let mut why = Unavailable::default();
-            for standing in &standings {
-                match *standing {
-                    Standing::Excluded | Standing::Free(_) => {}
-                    Standing::Busy => why.busy += 1,
-                    Standing::Cooling(Cooldown { until, reason }) => {
-                        why.cooling += 1;
-                        if matches!(reason, ErrorClass::Auth | ErrorClass::Forbidden) {
-                            why.benched += 1;
-                        }
-                        why.ready_at = Some(why.ready_at.map_or(until, |r| r.min(until)));
-                    }
-                }
-            }
-            return Err(why);
-        };
 
         let key = &ask.keys[index];
         let ks = state
@@ -366,6 +233,7 @@ impl MemoryStore {
         })
     }
 
+    /// Releases a claim and applies the outcome by the policy.
     fn record(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
         let now = self.clock.now();
         let mut guard = self.lock();
@@ -379,93 +247,55 @@ impl MemoryStore {
         ks.in_flight = ks.in_flight.saturating_sub(1);
         let ms = model_slot(&mut ks.models, &grant.model);
         ms.in_flight = ms.in_flight.saturating_sub(1);
-        let outcome_class = match &outcome {
-            Outcome::Failure { class, .. } => Some(*class),
-            _ => None,
-        };
-        match outcome {
-            Outcome::Cancelled => {}
+        let started = policy::settle(ks, &grant.model, &outcome, tuning, now, next_reset);
+        if let (
             Outcome::Success {
                 prompt_tokens,
                 completion_tokens,
-            } => {
-                for c in [&mut ms.today, &mut ms.lifetime] {
-                    c.successes += 1;
-                    // Counts come from the upstream: never let a silly one overflow.
-                    c.prompt_tokens = c.prompt_tokens.saturating_add(prompt_tokens);
-                    c.completion_tokens = c.completion_tokens.saturating_add(completion_tokens);
-                }
-                ms.streak = 0;
-                ks.streak = 0;
-                if let Some(meter) = state.meters.get_mut(&grant.key.id) {
-                    meter.spend_tokens(now, prompt_tokens.saturating_add(completion_tokens));
-                }
-            }
-            Outcome::Failure {
-                class,
-                scope,
-                retry_after,
-            } => {
-                ms.today.failures += 1;
-                ms.lifetime.failures += 1;
-                ks.last_error = Some(Cooldown {
-                    until: now,
-                    reason: class,
-                });
-                let streak = match scope {
-                    Scope::Model => &mut ms.streak,
-                    Scope::Key => &mut ks.streak,
-                };
-                if let Some(until) =
-                    cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset)
-                {
-                    *streak += 1;
-                    let slot = match scope {
-                        Scope::Model => &mut ms.cooldown,
-                        Scope::Key => &mut ks.cooldown,
-                    };
-                    // Concurrent failures may report in any order: a short cooldown never cuts a longer one.
-                    if slot.is_none_or(|c| c.until < until) {
-                        *slot = Some(Cooldown {
-                            until,
-                            reason: class,
-                        });
-                    }
-                    if class == ErrorClass::RateLimit
-                        && let Some(rule) = pause
-                    {
-                        let provider = state
-                            .providers
-                            .entry(grant.provider.to_string())
-                            .or_default();
-                        let window = rule.window.as_millis() as i64;
-                        provider.recent_limits.retain(|(at, _)| now - at < window);
-                        provider
-                            .recent_limits
-                            .push_back((now, grant.key.id.clone()));
-                        let mut keys: Vec<&KeyId> =
-                            provider.recent_limits.iter().map(|(_, k)| k).collect();
-                        keys.sort();
-                        keys.dedup();
-                        if keys.len() as u32 >= rule.keys {
-                            provider.paused_until = provider.paused_until.max(until);
-                            tracing::warn!(
-                                provider = %grant.provider,
-                                keys = keys.len(),
-                                pause_ms = until - now,
-                                "several keys rate-limited at once: pausing the provider"
-                            );
-                        }
-                    }
-                }
-            }
+            },
+            Some(meter),
+        ) = (&outcome, state.meters.get_mut(&grant.key.id))
+        {
+            meter.spend_tokens(now, prompt_tokens.saturating_add(*completion_tokens));
         }
         // A model the upstream refused outright (an unknown name, say) leaves no trace: clients cannot grow
         // the state with made-up model names.
-        let refused = outcome_class == Some(ErrorClass::InvalidRequest);
-        if refused && ms.in_flight == 0 && ms.lifetime.successes == 0 && ms.cooldown.is_none() {
+        let refused = matches!(
+            outcome,
+            Outcome::Failure {
+                class: ErrorClass::InvalidRequest,
+                ..
+            }
+        );
+        let ks = state.keys.get_mut(&grant.key.id).expect("looked up above");
+        if refused
+            && ks.models.get(&*grant.model).is_some_and(|ms| {
+                ms.in_flight == 0 && ms.lifetime.successes == 0 && ms.cooldown.is_none()
+            })
+        {
             ks.models.remove(&*grant.model);
         }
+        if let (
+            Some(Cooldown {
+                until,
+                reason: ErrorClass::RateLimit,
+            }),
+            Some(rule),
+        ) = (started, pause)
+        {
+            let provider = slot(&mut state.providers, &grant.provider);
+            if let Some(until) =
+                policy::pause(&mut provider.recent_limits, rule, &grant.key.id, now, until)
+            {
+                provider.paused_until = provider.paused_until.max(until);
+                tracing::warn!(
+                    provider = %grant.provider,
+                    pause_ms = until - now,
+                    "several keys rate-limited at once: pausing the provider"
+                );
+            }
+        }
+        let ks = state.keys.get(&grant.key.id).expect("looked up above");
         if ks.in_flight == 0 && !state.retired.is_empty() && state.retired.contains(&grant.key.id) {
             state.keys.remove(&grant.key.id);
         }
@@ -473,31 +303,6 @@ impl MemoryStore {
         self.changed.notify_one();
         self.wakeup(&grant.provider).notify_waiters();
     }
-}
-
-/// The free key with the fewest requests today, ties broken uniformly at random.
-fn least_used(standings: &[Standing]) -> Option<usize> {
-    let mut best: Option<(usize, u64)> = None;
-    let mut ties = 0u32;
-    for (i, standing) in standings.iter().enumerate() {
-        let Standing::Free(used) = *standing else {
-            continue;
-        };
-        match best {
-            Some((_, b)) if used > b => {}
-            Some((_, b)) if used == b => {
-                ties += 1;
-                if fastrand::u32(0..ties) == 0 {
-                    best = Some((i, used));
-                }
-            }
-            _ => {
-                best = Some((i, used));
-                ties = 1;
-            }
-        }
-    }
-    best.map(|(i, _)| i)
 }
 
 impl KeyStore for MemoryStore {

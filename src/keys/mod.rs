@@ -10,6 +10,8 @@ mod lease;
 pub mod limits;
 mod memory;
 mod persist;
+pub mod policy;
+mod state;
 
 use crate::clock::UnixMs;
 use crate::config::{DailyReset, PauseRule, Tuning};
@@ -17,11 +19,12 @@ use crate::provider::{ErrorClass, Scope};
 use crate::secret::{ApiKey, KeyId};
 pub use cooldown::cooldown_until;
 pub use lease::Lease;
-pub use memory::{Counters, MemoryStore};
+pub use memory::MemoryStore;
 pub use persist::{
     Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage, remove_leftovers,
 };
 use serde::Serialize;
+pub use state::{Cooldown, Counters, KeyState, ModelState};
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,80 @@
+//! What is kept about each key, whatever store keeps it: counters, cooldowns and failure streaks, per key and per
+//! key and model. Persisted (the usage file) and, with a shared store, shared.
+
+use crate::clock::UnixMs;
+use crate::provider::ErrorClass;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Request and token counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.successes = self.successes.saturating_add(other.successes);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+    }
+}
+
+/// A key (or key and model) out of rotation until `until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cooldown {
+    pub until: UnixMs,
+    pub reason: ErrorClass,
+}
+
+/// One key's state for one model.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelState {
+    #[serde(skip)]
+    pub in_flight: u32,
+    pub today: Counters,
+    pub lifetime: Counters,
+    pub last_used: Option<UnixMs>,
+    pub cooldown: Option<Cooldown>,
+    /// Consecutive cooling failures (rate limit, quota) for this model; a success resets it.
+    pub streak: u32,
+}
+
+/// One key's state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeyState {
+    pub provider: String,
+    /// The masked form, so the usage file is readable by a person; never the key.
+    pub masked: String,
+    #[serde(skip)]
+    pub in_flight: u32,
+    /// A whole-key cooldown (auth, forbidden).
+    pub cooldown: Option<Cooldown>,
+    /// Consecutive whole-key failures; a success resets it.
+    pub streak: u32,
+    pub last_error: Option<Cooldown>,
+    pub models: BTreeMap<String, ModelState>,
+}
+
+impl KeyState {
+    /// When the key is usable again for `model`, and why it rests, if it is cooling.
+    pub(super) fn cooling(&self, model: Option<&ModelState>, now: UnixMs) -> Option<Cooldown> {
+        let key = self.cooldown.filter(|c| c.until > now);
+        let model = model.and_then(|m| m.cooldown).filter(|c| c.until > now);
+        match (key, model) {
+            (Some(k), Some(m)) => Some(if k.until >= m.until { k } else { m }),
+            (k, m) => k.or(m),
+        }
+    }
+}
