@@ -1,0 +1,82 @@
+//! The proxy key: required on `/v1/*` and `/metrics` when one is configured, as `Authorization: Bearer` or
+//! `x-api-key`, compared in constant time.
+
+use super::{ApiError, AppState};
+use axum::extract::Request;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+
+/// Requires the proxy key (as `Authorization: Bearer` or `x-api-key`) when one is configured: a layer that
+/// checks the headers and either calls the route or answers 401 (no boxing or cloning per request, as a
+/// `from_fn` middleware would).
+#[derive(Clone)]
+pub(super) struct RequireKey(pub(super) AppState);
+
+impl<S> tower_layer::Layer<S> for RequireKey {
+    type Service = KeyChecked<S>;
+
+    fn layer(&self, inner: S) -> KeyChecked<S> {
+        KeyChecked {
+            inner,
+            app: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct KeyChecked<S> {
+    inner: S,
+    app: AppState,
+}
+
+impl<S> tower_service::Service<Request> for KeyChecked<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Response, std::convert::Infallible>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match refusal(&self.app, request.headers()) {
+            None => futures_util::future::Either::Left(self.inner.call(request)),
+            Some(refused) => futures_util::future::Either::Right(std::future::ready(Ok(refused))),
+        }
+    }
+}
+
+/// The 401 for a request without the right proxy key; `None` when it may pass.
+pub(super) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let snapshot = app.relay.snapshot();
+    let expected = snapshot.proxy_key.as_ref()?;
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    match bearer.or(api_key) {
+        None => Some(ApiError::unauthorized(
+            "missing proxy key: send it as `Authorization: Bearer <PROXY_API_KEY>` or `x-api-key: <PROXY_API_KEY>`",
+        )
+        .into_response()),
+        Some(given) if expected.matches(given) => None,
+        Some(_) => Some(ApiError::unauthorized("the proxy key is wrong").into_response()),
+    }
+}

@@ -1,0 +1,168 @@
+//! What operators read: liveness (`GET /`), providers, keys, metrics and the dashboard.
+
+use super::AppState;
+use super::auth::refusal;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// `GET /`: whether the service is up; with the proxy key (or when none is configured), the configuration's
+/// state too.
+pub(super) async fn liveness(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if refusal(&app, &headers).is_some() {
+        return axum::Json(json!({"status": "ok"})).into_response();
+    }
+    let snapshot = app.relay.snapshot();
+    let status = match &app.reloader {
+        Some(r) => r.status(),
+        None => crate::reload::ReloadStatus {
+            generation: snapshot.generation,
+            loaded_at: snapshot.loaded_at,
+            ..Default::default()
+        },
+    };
+    axum::Json(json!({
+        "status": "ok",
+        "service": "keyrelay",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "providers": snapshot.serving().count(),
+        "config": {
+            "generation": status.generation,
+            "loaded_at": time(status.loaded_at),
+            "last_reload_error": status.last_error,
+            "last_reload_error_at": status.last_error_at.and_then(time),
+        },
+    }))
+    .into_response()
+}
+
+pub(super) async fn providers(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let now = crate::clock::Clock::system().now();
+    let data: Vec<Value> = snapshot
+        .providers
+        .values()
+        .map(|p| {
+            let report = app.relay.store().report(&p.name, &p.keys);
+            let cooling = report
+                .iter()
+                .filter(|k| {
+                    k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty()
+                })
+                .count();
+            json!({
+                "name": p.name,
+                "keys": p.keys.len(),
+                "keys_in_flight": report.iter().map(|k| k.in_flight).sum::<u32>(),
+                "keys_cooling": cooling,
+                "base_url": crate::upstream::public_url(&p.base_url),
+                "selection": p.tuning.selection,
+                "static_models": p.static_models.len(),
+                "script": p.script.as_ref().map(|s| s.file.display().to_string()),
+                "script_errors": p.script.as_ref().map_or(0, |s| s.error_count()),
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/keys`: every key of every provider (masked), with its live state.
+pub(super) async fn keys(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let now = crate::clock::Clock::system().now();
+    let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
+    let data: Vec<Value> = snapshot
+        .serving()
+        .map(|p| {
+            let keys: Vec<Value> = app
+                .relay
+                .store()
+                .report(&p.name, &p.keys)
+                .into_iter()
+                .map(|k| {
+                    let cooldown = k.cooling_until.map(|until| {
+                        json!({"reason": k.cooling_reason, "until": time(until), "seconds_left": left(until)})
+                    });
+                    let models: Vec<Value> = k
+                        .model_cooldowns
+                        .iter()
+                        .map(|(model, until, reason)| {
+                            json!({"model": model, "reason": reason, "until": time(*until), "seconds_left": left(*until)})
+                        })
+                        .collect();
+                    json!({
+                        "key": k.key,
+                        "id": k.id,
+                        "state": k.state(),
+                        "in_flight": k.in_flight,
+                        "cooldown": cooldown,
+                        "model_cooldowns": models,
+                        "streak": k.streak,
+                        "today": k.today,
+                        "lifetime": k.lifetime,
+                        "last_error": k.last_error.map(|(class, at)| json!({"class": class, "at": time(at)})),
+                    })
+                })
+                .collect();
+            json!({"provider": p.name, "keys": keys})
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(app): State<AppState>) -> Response {
+    let snapshot = app.relay.snapshot();
+    let mut gauges = crate::observe::metrics::Gauges::default();
+    for p in snapshot.serving() {
+        for state in ["available", "busy", "cooling", "benched"] {
+            gauges.keys.insert((p.name.clone(), state), 0);
+        }
+        for k in app.relay.store().report(&p.name, &p.keys) {
+            *gauges.keys.entry((p.name.clone(), k.state())).or_default() += 1;
+        }
+        if let Some(script) = &p.script {
+            gauges
+                .script_errors
+                .insert(p.name.clone(), script.error_count());
+        }
+    }
+    match &app.reloader {
+        Some(r) => {
+            let status = r.status();
+            gauges.config_generation = status.generation;
+            gauges.reload_failures = status.failures;
+        }
+        None => gauges.config_generation = snapshot.generation,
+    }
+    let mut response = app.metrics.render(&gauges).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /dashboard`: one self-contained page; it asks for the proxy key and reads `/v1/keys`.
+pub(super) async fn dashboard() -> Response {
+    let mut response = include_str!("dashboard.html").into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+    );
+    response
+}
+
+/// A Unix time in milliseconds as RFC 3339.
+fn time(ms: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .ok()
+}
