@@ -5,21 +5,29 @@
 //!
 //! A request walks down this list, one call at a time, never back up:
 //!
-//! - [`http`]: the inbound API only — routes, proxy-key authentication, body limits, OpenAI-shaped errors.
-//! - [`relay`]: one request's journey — pick a key, call the upstream, classify the answer, retry with backoff,
-//!   rotate, wait for a free or cooled key, all inside one deadline. Also the `/v1/models` catalog.
-//! - [`stream`]: SSE parsing and the client-facing stream, which owns the upstream response and the key's lease.
-//! - [`keys`]: key state behind the [`keys::KeyStore`] trait — selection (balanced or sequential), concurrency
-//!   leases, the cooldown schedule, daily resets, usage counters and the usage file.
-//! - [`provider`]: provider files as data — base URL, auth, paths, models, error classification rules, declared
-//!   request copies and stream rules.
-//! - [`script`]: everything Rhai — the sandboxed engine and the provider hooks (request, response, stream events,
-//!   error classification, model lists); no other module touches Rhai.
+//! - [`http`]: the inbound edge — the accept loop and its connection bounds (`listener`, `conn`), routes, the
+//!   proxy key (`auth`), request bodies (`body`), operator routes (`status`), errors in the API's shape.
+//! - [`relay`]: one request's journey — the fallback loop (`mod`), one candidate's call (`call`), its attempts,
+//!   retries, rotation and waits (`run`), one attempt (`attempt`), the per-model breaker, stream continuation,
+//!   all inside one deadline. Also the `/v1/models` catalog.
+//! - [`stream`]: reading upstream SSE (`events`), what is read of chunks (`peek`), mapping events (`mapper`),
+//!   frames, and the client-facing stream (`forward`), which owns the upstream response and the key's lease.
+//! - [`keys`]: key state behind the [`keys::KeyStore`] trait — the rules (`policy`: selection, outcomes, the
+//!   pause; `cooldown`: the schedule; `limits`: admission), the per-key state, the in-process store, leases and
+//!   the usage file.
+//! - [`provider`]: provider files as data — the file as written (`schema`), loading and checking (`load`), the
+//!   resolved [`provider::Provider`], error classification, declared request, answer and stream mappings.
+//! - [`script`]: everything Rhai — the sandboxed engine with its budgets and the provider hooks (request,
+//!   response, stream events, error classification, model lists); no other module touches Rhai.
+//! - [`offload`]: where slow work runs (blocking threads, one job per core per pool).
+//! - [`secret`]: keys and the proxy key, masked, hashed, redacted; [`files`]: owner-only files; [`alloc`]: the
+//!   allocator that counts what script calls build.
 //! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
 //! - [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
 //!   validates and atomically swaps the snapshot.
 //! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, key discovery.
-//! - [`app`] and [`cli`]: wiring, graceful shutdown, and the command line.
+//! - [`observe`]: the console line, request logs and metrics; [`app`] and [`cli`]: wiring, graceful shutdown,
+//!   and the command line.
 //!
 //! The engine never names a provider: everything provider-specific is in `providers/*.yaml` and
 //! `plugins/*.rhai`.
