@@ -31,7 +31,7 @@ fn chunk(content: &str, finish: &str) -> String {
 /// Per-key behaviour for the soak: keys named `limited-*` rate-limit one request in three, `flaky-*` fail one in
 /// ten with a 500; others always answer.
 fn fault_for(key: &str, n: u64) -> Option<Response> {
-    if key.starts_with("limited-") && n % 3 == 0 {
+    if key.starts_with("limited-") && n.is_multiple_of(3) {
         let body = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
         return Some(
             (
@@ -42,7 +42,7 @@ fn fault_for(key: &str, n: u64) -> Option<Response> {
                 .with_status(429),
         );
     }
-    if key.starts_with("flaky-") && n % 10 == 0 {
+    if key.starts_with("flaky-") && n.is_multiple_of(10) {
         return Some(
             (
                 [("content-type", "application/json")],

@@ -69,8 +69,6 @@
 //! # }
 //! ```
 
-#![deny(unsafe_code)]
-
 pub mod alloc;
 pub mod app;
 pub mod cli;

@@ -89,7 +89,7 @@ fn overspent(operations: u64) -> Option<String> {
         ));
     }
     // Reading the clock costs more than the rest of this check: every 64 operations is often enough.
-    if operations % 64 == 0 && Instant::now() >= s.until {
+    if operations.is_multiple_of(64) && Instant::now() >= s.until {
         return Some(format!(
             "it ran longer than {:?} (scripts.time)",
             s.budget.time
