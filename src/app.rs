@@ -82,8 +82,6 @@ pub async fn start(
     if snapshot.proxy_key.is_none() && !is_loopback(&settings.host) {
         return Err(StartError::OpenWithoutKey(addr));
     }
-    // Read (and warned about) now rather than at the first request.
-    crate::upstream::connect::env_proxies();
     // Every client connection is a file: as many as the system allows this process.
     crate::http::raise_fd_limit();
     let policy = StorePolicy {

@@ -105,7 +105,7 @@ impl Provider {
             ),
             _ => crate::upstream::upstream_uri(&self.base_url, &call.path, pairs),
         }?;
-        let mut request = http::Request::new(crate::upstream::Outgoing::new(call.body.clone()));
+        let mut request = http::Request::new(call.body.clone());
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = uri;
         let headers = request.headers_mut();

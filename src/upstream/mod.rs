@@ -1,30 +1,22 @@
-//! The HTTP client for upstreams: hyper's pooled HTTP/1.1 client over [`connect::Connector`] (TLS, proxies from
-//! the environment), the upstream URL of a call, and errors in words that never include the URL (which may carry
-//! a key in its query string).
-//!
-//! reqwest did this job before; its per-request work (the URL parsed again by its redirect layer even with
-//! redirects off, services cloned per request) was a fifth of the proxy's instructions per request.
-
-pub mod connect;
+//! The HTTP client for upstreams: reqwest over rustls (the platform's trust store; HTTP/2 by ALPN, HTTP/1.1
+//! otherwise), with the environment's proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`; `http://`,
+//! `https://` and `socks5://` ones), redirects never followed; the upstream URL of a call; bounded reads of
+//! bodies; and errors in words that never include the URL (which may carry a key in its query string).
 
 use bytes::Bytes;
-use http::header::{HeaderValue, PROXY_AUTHORIZATION};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// The body of a request to an upstream.
-pub type Outgoing = http_body_util::Full<Bytes>;
+pub type Outgoing = Bytes;
 /// The body of an upstream's response, read as it arrives.
-pub type Incoming = hyper::body::Incoming;
+pub type Incoming = reqwest::Body;
 
-/// One client per connect timeout (the connector fixes it), built on first use and shared by every provider
-/// with that timeout.
+/// One client per connect timeout (the client fixes it), built on first use and shared by every provider with
+/// that timeout.
 #[derive(Default)]
 pub struct Clients {
     by_connect_timeout: Mutex<HashMap<Duration, HttpClient>>,
@@ -38,7 +30,7 @@ impl Clients {
             .unwrap_or_else(|e| e.into_inner());
         clients
             .entry(connect_timeout)
-            .or_insert_with(|| HttpClient::new(connect_timeout, connect::env_proxies()))
+            .or_insert_with(|| HttpClient::new(connect_timeout))
             .clone()
     }
 }
@@ -47,48 +39,77 @@ impl Clients {
 /// a header or the query) and the prompt to it.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<connect::Connector, Outgoing>,
-    proxies: Option<Arc<Matcher>>,
+    inner: Result<reqwest::Client, String>,
+    connect_timeout: Duration,
 }
 
 impl HttpClient {
-    pub fn new(connect_timeout: Duration, proxies: Option<Arc<Matcher>>) -> Self {
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connect::Connector::new(connect_timeout, proxies.clone()));
-        Self { inner, proxies }
+    pub fn new(connect_timeout: Duration) -> Self {
+        let inner = tls().and_then(|tls| {
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+                // An upstream that vanishes without closing is noticed within about a minute even while a body
+                // is being read (streams also have their idle timeout).
+                .tcp_keepalive(Duration::from_secs(15))
+                .tcp_keepalive_interval(Duration::from_secs(15))
+                .tcp_keepalive_retries(3)
+                .build()
+                .map_err(|e| format!("the HTTP client cannot start: {}", e.without_url()))
+        });
+        Self {
+            inner,
+            connect_timeout,
+        }
     }
 
     /// Sends `request` (an absolute URL) and returns the response once its head has arrived.
     pub async fn send(
         &self,
-        mut request: http::Request<Outgoing>,
+        request: http::Request<Outgoing>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        if let Some(auth) = self.plain_proxy_auth(request.uri()) {
-            request.headers_mut().insert(PROXY_AUTHORIZATION, auth);
+        let client = self.inner.as_ref().map_err(|why| UpstreamError {
+            message: why.clone(),
+            timed_out: false,
+            unanswered: false,
+        })?;
+        let request = reqwest::Request::try_from(request)
+            .map_err(|e| UpstreamError::from_reqwest("the request is invalid", e))?;
+        match client.execute(request).await {
+            Ok(response) => Ok(response.into()),
+            Err(e) if e.is_connect() && e.is_timeout() => Err(UpstreamError {
+                message: format!(
+                    "timed out: no usable connection within {:?} (timeouts.connect)",
+                    self.connect_timeout
+                ),
+                timed_out: true,
+                unanswered: false,
+            }),
+            Err(e) if e.is_connect() => Err(UpstreamError::from_reqwest("connection failed", e)),
+            Err(e) => Err(UpstreamError::from_reqwest("request failed", e)),
         }
-        self.inner.request(request).await.map_err(|e| {
-            let kind = if e.is_connect() {
-                "connection failed"
-            } else {
-                "request failed"
-            };
-            UpstreamError::new(kind, &e)
-        })
     }
+}
 
-    /// The credentials for the proxy a plain-HTTP request goes through, which it carries itself (an HTTPS request
-    /// carries none: its tunnel was opened with them).
-    fn plain_proxy_auth(&self, uri: &http::Uri) -> Option<HeaderValue> {
-        if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
-            return None;
-        }
-        let proxy = self.proxies.as_ref()?.intercept(uri)?;
-        let mut auth = proxy.basic_auth()?.clone();
-        auth.set_sensitive(true);
-        Some(auth)
-    }
+/// TLS settings for upstreams: ring, the platform's trust store, HTTP/2 or HTTP/1.1. Built once per process; an
+/// error (no usable trust store) fails each upstream request instead of stopping the proxy.
+fn tls() -> Result<rustls::ClientConfig, String> {
+    static TLS: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    TLS.get_or_init(|| {
+        use rustls_platform_verifier::BuilderVerifierExt;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_platform_verifier())
+            .map_err(|e| format!("TLS is unavailable: {e}"))?
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    })
+    .clone()
 }
 
 /// Why an upstream request or its body failed, in words.
@@ -102,9 +123,15 @@ pub struct UpstreamError {
 }
 
 impl UpstreamError {
-    /// `kind` with the innermost cause of `e` (the most specific), and whether anything on the way timed out.
-    fn new(kind: &str, e: &(dyn std::error::Error + 'static)) -> Self {
-        let mut timed_out = false;
+    /// `kind` with the cause of a reqwest error, its URL left out.
+    fn from_reqwest(kind: &str, e: reqwest::Error) -> Self {
+        let timed_out = e.is_timeout();
+        Self::describe(kind, &e.without_url(), timed_out)
+    }
+
+    /// `kind` with the innermost cause of `e` (the most specific), and whether it or anything on the way timed
+    /// out.
+    fn describe(kind: &str, e: &(dyn std::error::Error + 'static), mut timed_out: bool) -> Self {
         let mut unanswered = false;
         let mut detail = None;
         let mut source = e.source();
@@ -131,10 +158,10 @@ impl UpstreamError {
     }
 
     /// A body that broke off: the upstream had answered.
-    fn body(e: &hyper::Error) -> Self {
+    fn body(e: reqwest::Error) -> Self {
         Self {
             unanswered: false,
-            ..Self::new("the response body broke off", e)
+            ..Self::from_reqwest("the response body broke off", e)
         }
     }
 }
@@ -164,7 +191,7 @@ pub async fn read_limited(
     let mut body = response.into_body();
     let mut out = bytes::BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Broken(UpstreamError::body(&e)))?;
+        let frame = frame.map_err(|e| ReadError::Broken(UpstreamError::body(e)))?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
@@ -208,7 +235,7 @@ pub fn poll_chunk(
                 Ok(data) => Poll::Ready(Some(Ok(data))),
                 Err(_trailers) => continue,
             },
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(UpstreamError::body(&e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(UpstreamError::body(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         };
@@ -384,11 +411,11 @@ mod tests {
         #[derive(Debug, thiserror::Error)]
         #[error("tcp connect error")]
         struct Outer(#[source] std::io::Error);
-        let e = UpstreamError::new("connection failed", &Outer(io));
+        let e = UpstreamError::describe("connection failed", &Outer(io), false);
         assert!(e.timed_out);
         assert_eq!(e.message, "timed out: slow");
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let e = UpstreamError::new("connection failed", &Outer(refused));
+        let e = UpstreamError::describe("connection failed", &Outer(refused), false);
         assert!(!e.timed_out);
         assert_eq!(e.message, "connection failed: refused");
     }
