@@ -359,10 +359,10 @@ fn chromium() -> Option<String> {
 
 #[tokio::test]
 async fn the_dashboard_shows_keys_states_and_cooldowns_in_a_real_browser() {
-    let Some(browser) = chromium() else {
-        eprintln!("skipped: no Chromium found (apt-get install chromium, or set CHROMIUM)");
-        return;
-    };
+    let browser = chromium().expect(
+        "this test drives headless Chromium and none was found: run .ci/run (which installs it), or \
+         apt-get install chromium, or set CHROMIUM to a Chromium or Chrome binary",
+    );
     let mock = one_limited_key("600").await;
     let proxy = Proxy::start(Setup::one(&mock, 3).config("selection: sequential\n")).await;
     assert_eq!(proxy.chat("mock/m", "hi").await.0, 200);

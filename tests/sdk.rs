@@ -1,6 +1,6 @@
 //! The official OpenAI Python SDK against a real keyrelay: chat, streaming, embeddings, models, and the
-//! exception types for 401, 404 and 429. Skipped (with a message) where Python or the `openai` package is
-//! missing; `.ci/run` installs it.
+//! exception types for 401, 404 and 429. Fails, saying what to install, where Python or the `openai` package
+//! is missing; `.ci/run` installs it.
 
 mod support;
 
@@ -18,10 +18,10 @@ fn python_with_openai() -> Option<&'static str> {
 
 #[tokio::test]
 async fn the_openai_python_sdk_works_against_keyrelay() {
-    let Some(python) = python_with_openai() else {
-        eprintln!("skipped: python3 with the openai package not found (pip install openai)");
-        return;
-    };
+    let python = python_with_openai().expect(
+        "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \
+         run .ci/run (which installs it), or pip install openai",
+    );
     let mock = Mock::echo("Hello from the SDK test").await;
     let limited = Mock::start(|_, _| {
         Reply::error(429, "slow down", "requests", "rate_limit_exceeded")

@@ -67,6 +67,15 @@ impl Failure {
         }
     }
 
+    /// What went wrong, for the log: the upstream's status, or keyrelay's own words when there was no answer
+    /// (never an upstream body, which could echo anything).
+    pub fn cause(&self) -> std::borrow::Cow<'_, str> {
+        match self.status {
+            0 => String::from_utf8_lossy(&self.body),
+            status => format!("HTTP {status}").into(),
+        }
+    }
+
     fn transport(class: ErrorClass, why: String) -> Self {
         Self::new(Verdict::model(class), 0, why.into())
     }

@@ -167,6 +167,7 @@ impl Relay {
                 key = %lease.key().masked,
                 class = failure.verdict.class.as_str(),
                 retry_after = ?failure.verdict.retry_after,
+                cause = %failure.cause(),
                 "rotating away from a failing key"
             );
             tried.unusable = failure.unusable;

@@ -44,7 +44,7 @@ pub fn mock_dir(mock: &super::Mock, config: &str) -> tempfile::TempDir {
 pub struct Served {
     pub child: Child,
     pub url: String,
-    /// Every line it wrote to stdout after its banner.
+    /// Every line it wrote to stdout but its banner.
     pub lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -56,6 +56,23 @@ impl Served {
     /// What it logged so far, one line per entry.
     pub fn log(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// The log once a line `matches` (lines are written in batches), within 10 s; panics naming `what` when
+    /// none does.
+    pub async fn log_once(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log().join("\n");
+            if log.lines().any(&matches) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no line shows {what}: {log}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits for the process to exit (after `terminate`).
@@ -98,17 +115,20 @@ pub fn start(dir: &Path, env: &[(&str, &str)], max_files: Option<(u32, u32)>) ->
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let Some(Ok(banner)) = stdout.next() else {
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-        panic!("keyrelay did not start: {stderr}");
+    // Start-up may log (a leftover file removed, a warning) before the banner; those lines are part of the log.
+    let mut before = Vec::new();
+    let url = loop {
+        let Some(Ok(line)) = stdout.next() else {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            panic!("keyrelay did not start: {before:?} {stderr}");
+        };
+        match line.split_once("listening on ") {
+            Some((_, address)) => break address.to_string(),
+            None => before.push(line),
+        }
     };
-    let url = banner
-        .split("listening on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no address in {banner:?}"))
-        .to_string();
-    let lines = Arc::new(Mutex::new(Vec::new()));
+    let lines = Arc::new(Mutex::new(before));
     let sink = lines.clone();
     std::thread::spawn(move || {
         for line in stdout.map_while(Result::ok) {
