@@ -4,8 +4,8 @@
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use keyrelay::config::Tuning;
+use keyrelay::mapping::{EventMapper, Target};
 use keyrelay::stream::sse::{SseEvent, SseParser};
-use keyrelay::stream::{ChunkWriter, Mapper};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
 use std::path::Path;
@@ -25,12 +25,8 @@ fn provider(name: &str) -> keyrelay::provider::Provider {
 }
 
 /// A live stream's mapper: declared rules first, then the script.
-fn mapper(p: &keyrelay::provider::Provider) -> Mapper {
-    Mapper::Scripted {
-        rules: p.stream_rules.clone(),
-        script: Some(p.script.as_ref().unwrap().stream()),
-        writer: ChunkWriter::new("m"),
-    }
+fn mapper(p: &keyrelay::provider::Provider) -> EventMapper {
+    p.mapping.stream("m", &p.name)
 }
 
 fn fixture(path: &str) -> String {
@@ -217,11 +213,18 @@ fn benches(c: &mut Criterion) {
     let tools: Value = serde_json::from_str(&fixture("openai/chat_tools.json")).unwrap();
     for name in ["gemini", "anthropic"] {
         let p = provider(name);
-        let s = p.script.clone().unwrap();
+        let target = Target {
+            endpoint: "chat",
+            model: "m",
+            stream: false,
+            path: "/unused",
+        };
         for (what, body) in [("text/declared", &request), ("tools/script", &tools)] {
             c.bench_function(&format!("{name}/request/{what}"), |b| {
                 b.iter(|| {
-                    p.map_request(&s, "chat", "m", false, black_box(body))
+                    p.mapping
+                        .request
+                        .map(&target, black_box(body).clone())
                         .unwrap()
                 })
             });
@@ -255,11 +258,12 @@ fn benches(c: &mut Criterion) {
     ];
     for (name, what, path) in responses {
         let p = provider(name);
-        let s = p.script.clone().unwrap();
         let body = fixture(path);
         c.bench_function(&format!("{name}/response/{what}"), |b| {
             b.iter(|| {
-                p.map_response(&s, "chat", "m", black_box(body.as_bytes()))
+                p.mapping
+                    .answer
+                    .map("chat", "m", black_box(body.as_bytes()))
                     .unwrap()
             })
         });

@@ -10,13 +10,16 @@
 //! - [`relay`]: one request's journey — the fallback loop (`mod`), one candidate's call (`call`), its attempts,
 //!   retries, rotation and waits (`run`), one attempt (`attempt`), the per-model breaker, stream continuation,
 //!   all inside one deadline. Also the `/v1/models` catalog.
-//! - [`stream`]: reading upstream SSE (`events`), what is read of chunks (`peek`), mapping events (`mapper`),
-//!   frames, and the client-facing stream (`forward`), which owns the upstream response and the key's lease.
+//! - [`stream`]: reading upstream SSE (`events`), what is read of chunks (`peek`), frames, and the
+//!   client-facing stream (`forward`), which owns the upstream response and the key's lease.
+//! - [`mapping`]: the seam between wire formats — one trait per direction (request, answer, stream event),
+//!   implemented by `passthrough`, `declared` rules and `scripted` hooks, composed in layers per provider;
+//!   OpenAI chunks from parts (`chunk`).
 //! - [`keys`]: key state behind the [`keys::KeyStore`] trait — the rules (`policy`: selection, outcomes, the
 //!   pause; `cooldown`: the schedule; `limits`: admission), the per-key state, the in-process store, leases and
 //!   the usage file.
 //! - [`provider`]: provider files as data — the file as written (`schema`), loading and checking (`load`), the
-//!   resolved [`provider::Provider`], error classification, declared request, answer and stream mappings.
+//!   resolved [`provider::Provider`] with its composed mapping, and error classification.
 //! - [`script`]: everything Rhai — the sandboxed engine with its budgets and the provider hooks (request,
 //!   response, stream events, error classification, model lists); no other module touches Rhai.
 //! - [`offload`]: where slow work runs (blocking threads, one job per core per pool).
@@ -80,6 +83,7 @@ pub mod files;
 pub mod glob;
 pub mod http;
 pub mod keys;
+pub mod mapping;
 pub mod observe;
 pub mod offload;
 pub mod provider;

@@ -2,9 +2,10 @@
 //! the upstream's native responses and stream transcripts (fixtures in its real wire format) mapped back.
 
 use keyrelay::config::Tuning;
+use keyrelay::mapping::declared::Declared;
+use keyrelay::mapping::{Answer, Draft, Mapping, Part, Target};
 use keyrelay::script::ProviderScript;
 use keyrelay::stream::sse::SseParser;
-use keyrelay::stream::{ChunkWriter, Mapper, Part};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,38 +46,57 @@ fn json_fixture(path: &str) -> Value {
     serde_json::from_str(&fixture(path)).unwrap()
 }
 
+/// A request mapped as the relay maps it: through the provider's declared rules and its script.
 fn mapped_request(provider: &str, endpoint: &str, model: &str, body: &str) -> Value {
     let body = json_fixture(body);
     let stream = body["stream"] == json!(true);
     let p = self::provider(provider);
-    let m = p
-        .map_request(p.script.as_ref().unwrap(), endpoint, model, stream, &body)
-        .unwrap();
-    json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
+    draft(
+        p.mapping
+            .request
+            .map(&target(endpoint, model, stream), body)
+            .unwrap(),
+    )
+}
+
+fn target<'a>(endpoint: &'a str, model: &'a str, stream: bool) -> Target<'a> {
+    Target {
+        endpoint,
+        model,
+        stream,
+        path: "/unused",
+    }
+}
+
+/// A draft as the snapshots show it.
+fn draft(m: Draft) -> Value {
+    let headers: Vec<(&str, &str)> = m
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+        .collect();
+    json!({"method": m.method.as_str(), "path": m.path, "query": m.query, "headers": headers, "body": m.body})
 }
 
 /// A response mapped as the relay maps it: by the provider's `response.fast` declaration when it applies, else
 /// by its script.
 fn mapped_response(provider: &str, endpoint: &str, model: &str, fixture_path: &str) -> Value {
     let p = self::provider(provider);
-    p.map_response(
-        p.script.as_ref().unwrap(),
-        endpoint,
-        model,
-        fixture(fixture_path).as_bytes(),
-    )
-    .unwrap()
+    let answer = p
+        .mapping
+        .answer
+        .map(endpoint, model, fixture(fixture_path).as_bytes())
+        .unwrap();
+    let Answer::Mapped(mapped) = answer else {
+        panic!("{provider} maps its answers")
+    };
+    mapped
 }
 
 /// The chunks (and markers) a whole upstream transcript maps to, through the provider's declared rules and
 /// its script, as a live stream is.
 fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
-    let p = provider(name);
-    let mut mapper = Mapper::Scripted {
-        rules: p.stream_rules.clone(),
-        script: Some(p.script.unwrap().stream()),
-        writer: ChunkWriter::new(model),
-    };
+    let mut mapper = provider(name).mapping.stream(model, name);
     let mut parser = SseParser::new();
     parser.push(fixture(fixture_path).as_bytes()).unwrap();
     let mut events = Vec::new();
@@ -379,12 +399,7 @@ fn anthropic_models() {
 
 #[test]
 fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
-    let p = provider("gemini");
-    let mut mapper = Mapper::Scripted {
-        rules: p.stream_rules.clone(),
-        script: Some(p.script.unwrap().stream()),
-        writer: ChunkWriter::new("m"),
-    };
+    let mut mapper = provider("gemini").mapping.stream("m", "gemini/m");
     let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
     let parts = mapper
         .map_blocking(keyrelay::stream::sse::SseEvent {
@@ -444,23 +459,28 @@ fn plain_chat() -> Value {
 
 /// The same request through the declaration and through the script alone (the declaration switched off).
 fn both_ways(name: &str, body: &Value) -> (Value, Value) {
-    let declared = provider(name);
-    let mut scripted = provider(name);
-    scripted.message_map = None;
-    let map = |p: &keyrelay::provider::Provider| {
-        let m = p
-            .map_request(p.script.as_ref().unwrap(), "chat", "m", false, body)
-            .unwrap();
-        json!({"method": m.method, "path": m.path, "query": m.query, "headers": m.headers, "body": m.body})
+    let p = provider(name);
+    let without_messages = Declared {
+        messages: None,
+        ..(*p.mapping.declared).clone()
     };
-    (map(&declared), map(&scripted))
+    let scripted = Mapping::compose(p.script.as_ref(), without_messages);
+    let to = target("chat", "m", false);
+    (
+        draft(p.mapping.request.map(&to, body.clone()).unwrap()),
+        draft(scripted.request.map(&to, body.clone()).unwrap()),
+    )
 }
 
 #[test]
 fn declared_message_mappings_agree_with_the_scripts() {
     for name in ["gemini", "anthropic"] {
-        let map = provider(name)
-            .message_map
+        let p = provider(name);
+        let map = p
+            .mapping
+            .declared
+            .messages
+            .as_ref()
             .expect("the provider declares request.messages");
         for body in [plain_chat(), json_fixture("openai/chat_basic.json")] {
             assert!(
@@ -479,7 +499,8 @@ fn declared_message_mappings_agree_with_the_scripts() {
 
 #[test]
 fn declared_message_mappings_leave_richer_conversations_to_the_scripts() {
-    let map = provider("gemini").message_map.unwrap();
+    let p = provider("gemini");
+    let map = p.mapping.declared.messages.as_ref().unwrap();
     let richer = [
         json!([{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
         json!([{"role": "user", "content": ""}]),
@@ -522,7 +543,7 @@ fn declared_answers_agree_with_the_scripts() {
     };
     // Fields of an unexpected type are left to the script, which passes them on as they are.
     let gemini = provider("gemini");
-    let map = gemini.answer_map.as_ref().unwrap();
+    let map = gemini.mapping.declared.answer.as_ref().unwrap();
     let text = json_fixture("gemini/generate_response_text.json");
     for (pointer, odd) in [
         ("/responseId", json!(42)),
@@ -538,7 +559,13 @@ fn declared_answers_agree_with_the_scripts() {
         let p = provider(name);
         let body: Value = json_fixture(path);
         assert_eq!(
-            p.answer_map.as_ref().unwrap().map(&body, "m").is_some(),
+            p.mapping
+                .declared
+                .answer
+                .as_ref()
+                .unwrap()
+                .map(&body, "m")
+                .is_some(),
             fast,
             "{path}: mapped by the declaration"
         );
@@ -643,7 +670,9 @@ fn a_declaration_with_no_room_in_the_scripts_body_leaves_the_request_to_the_scri
     .unwrap();
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     let mapped = p
-        .map_request(p.script.as_ref().unwrap(), "chat", "m", false, &body)
+        .mapping
+        .request
+        .map(&target("chat", "m", false), body)
         .unwrap();
     assert_eq!(
         mapped.body,

@@ -5,7 +5,6 @@
 use super::schema::*;
 use super::{
     Auth, Classifier, ErrorRule, ListSource, Paths, Provider, RetryAfterSource, StatusMatch,
-    json_path, plain, stream_rules,
 };
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
@@ -96,6 +95,7 @@ pub fn load_file(
                 crate::script::Budget::of(&provider.tuning),
             )?;
             fingerprint ^= loaded.fingerprint;
+            let mut declared = crate::mapping::declared::Declared::default();
             if let Some(stream) = stream {
                 if !loaded.has(Hook::StreamEvent) {
                     return Err(vec![ConfigError::new(
@@ -103,7 +103,7 @@ pub fn load_file(
                         "`stream.fast` rules need a script with a stream_event hook",
                     )]);
                 }
-                provider.stream_rules = stream_rules::resolve(stream, Some(path))?.into();
+                declared.events(stream, path)?;
             }
             if let Some(mut request) = request {
                 if !loaded.has(Hook::Request) {
@@ -113,10 +113,22 @@ pub fn load_file(
                     )]);
                 }
                 if let Some(messages) = request.messages.take() {
-                    provider.message_map = Some(plain::resolve_messages(messages, path)?);
+                    declared.messages(messages, path)?;
                 }
-                provider.request_copies = request_copies(request, path)?;
+                declared.copies(request.copy, path)?;
             }
+            if let Some(response) = response {
+                if !loaded.has(Hook::Response) {
+                    return Err(vec![ConfigError::new(
+                        Some(path),
+                        "`response.fast` needs a script with a response hook",
+                    )]);
+                }
+                declared.answer(response, path)?;
+            }
+            let loaded = Arc::new(loaded);
+            let plain_chats = declared.messages.is_some();
+            provider.mapping = crate::mapping::Mapping::compose(Some(&loaded), declared);
             if loaded.has(Hook::Request) {
                 // The one check only running the script can make: it maps an ordinary request, as it comes
                 // and, when `request.messages` takes plain chats, as the hook then sees one (no `messages`).
@@ -128,11 +140,22 @@ pub fn load_file(
                     "model": model,
                     "messages": [{"role": "user", "content": "ping"}],
                 });
-                let mut checked = loaded.map_request("chat", model, false, &sample).map(drop);
-                if checked.is_ok() && provider.message_map.is_some() {
-                    checked = provider
-                        .map_request(&loaded, "chat", model, false, &sample)
-                        .map(drop);
+                let target = crate::mapping::Target {
+                    endpoint: "chat",
+                    model,
+                    stream: false,
+                    path: provider
+                        .paths
+                        .chat
+                        .as_deref()
+                        .unwrap_or("/chat/completions"),
+                };
+                use crate::mapping::RequestMapping;
+                let mut checked = crate::mapping::scripted::Scripted(loaded.clone())
+                    .map(&target, sample.clone())
+                    .map(drop);
+                if checked.is_ok() && plain_chats {
+                    checked = provider.mapping.request.map(&target, sample).map(drop);
                 }
                 if let Err(e) = checked {
                     return Err(vec![
@@ -146,16 +169,7 @@ pub fn load_file(
                     ]);
                 }
             }
-            if let Some(response) = response {
-                if !loaded.has(Hook::Response) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`response.fast` needs a script with a response hook",
-                    )]);
-                }
-                provider.answer_map = plain::resolve_response(response, path)?;
-            }
-            provider.script = Some(Arc::new(loaded));
+            provider.script = Some(loaded);
         }
         None if hooks.is_some()
             || options.is_some()
@@ -175,34 +189,6 @@ pub fn load_file(
     }
     provider.fingerprint = fingerprint;
     Ok(provider)
-}
-
-fn request_copies(
-    raw: RawRequest,
-    file: &Path,
-) -> Result<Vec<(json_path::JsonPath, json_path::JsonPath)>, Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    let mut out = Vec::new();
-    for (from, to) in raw.copy {
-        match (
-            json_path::JsonPath::parse(&from),
-            json_path::JsonPath::parse(&to),
-        ) {
-            (Some(f), Some(t)) if t.is_keys_only() => out.push((f, t)),
-            _ => errors.push(
-                ConfigError::new(
-                    Some(file),
-                    format!("request.copy: {from:?} -> {to:?} is not a pair of paths"),
-                )
-                .hint("e.g. top_p: generationConfig.topP (the target cannot index arrays)"),
-            ),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
 }
 
 /// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
@@ -470,10 +456,7 @@ fn resolve(
         tuning,
         keys: Vec::new(),
         script: None,
-        stream_rules: Arc::from(Vec::new()),
-        request_copies: Vec::new(),
-        message_map: None,
-        answer_map: None,
+        mapping: crate::mapping::Mapping::default(),
         continuation: raw.continuation.map(|c| c.assistant),
         fingerprint: 0,
     })

@@ -4,11 +4,8 @@
 //! sent, paths, models, classification rules. The engine reads a `Provider`, never a provider's name.
 
 pub mod classify;
-pub mod json_path;
 mod load;
-pub mod plain;
 mod schema;
-pub mod stream_rules;
 
 use crate::config::Tuning;
 use crate::glob::ModelFilter;
@@ -66,15 +63,9 @@ pub struct Provider {
     pub keys: Vec<ApiKey>,
     /// The provider's script, when it has one.
     pub script: Option<Arc<ProviderScript>>,
-    /// Stream events mapped by declared rules before the script is asked.
-    pub stream_rules: Arc<[stream_rules::StreamRule]>,
-    /// Fields copied from the client's body into the upstream body after the request hook (client path,
-    /// upstream path): simple moves done in Rust instead of in the script.
-    pub request_copies: Vec<(json_path::JsonPath, json_path::JsonPath)>,
-    /// Plain-text conversations mapped in Rust (`request.messages`).
-    pub message_map: Option<plain::MessageMap>,
-    /// Plain-text answers mapped in Rust (`response.fast`).
-    pub answer_map: Option<plain::AnswerMap>,
+    /// How requests, answers and stream events are mapped: passthrough, or the file's declared rules over
+    /// its script.
+    pub mapping: crate::mapping::Mapping,
     /// Set when the upstream continues a prefilled assistant message (chat requests ending with one): the
     /// extra fields that message carries. A stream broken mid-answer is then continued on another key.
     pub continuation: Option<serde_json::Map<String, serde_json::Value>>,
@@ -137,73 +128,6 @@ impl Provider {
             )));
         headers.entry(http::header::ACCEPT).or_insert(accept);
         Ok(request)
-    }
-
-    /// Runs the request hook, then the declared copies from the client's body into the upstream body (a value
-    /// the script set itself is left alone). A chat of plain text that `request.messages` maps is mapped in
-    /// Rust: the hook sees the body without `messages`, and the mapped turns are written in afterwards.
-    pub fn map_request(
-        &self,
-        script: &ProviderScript,
-        endpoint: &str,
-        model: &str,
-        stream: bool,
-        body: &serde_json::Value,
-    ) -> Result<crate::script::MappedRequest, ScriptError> {
-        let declared = match (&self.message_map, body.get("messages")) {
-            (Some(map), Some(messages)) if endpoint == "chat" => map.map(messages),
-            _ => None,
-        };
-        let mut mapped = match &declared {
-            None => script.map_request(endpoint, model, stream, body)?,
-            Some(_) => {
-                let rest: serde_json::Map<String, serde_json::Value> = body
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(k, _)| k.as_str() != "messages")
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                script.map_request(endpoint, model, stream, &serde_json::Value::Object(rest))?
-            }
-        };
-        if let Some(sets) = declared {
-            let mut written = true;
-            for (path, value) in sets {
-                written &= path.set(&mut mapped.body, value);
-            }
-            // The script's body has no room where the declaration writes: the script maps it all instead.
-            if !written {
-                mapped = script.map_request(endpoint, model, stream, body)?;
-            }
-        }
-        for (from, to) in &self.request_copies {
-            if let Some(value) = from.get(body)
-                && to.get(&mapped.body).is_none()
-            {
-                to.set(&mut mapped.body, value.clone());
-            }
-        }
-        Ok(mapped)
-    }
-
-    /// Maps an upstream JSON answer: by `response.fast` when it declares this answer's shape (chat only), else by
-    /// the script's response hook.
-    pub fn map_response(
-        &self,
-        script: &ProviderScript,
-        endpoint: &str,
-        model: &str,
-        body: &[u8],
-    ) -> Result<serde_json::Value, ScriptError> {
-        if endpoint == "chat"
-            && let Some(map) = &self.answer_map
-            && let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(body)
-            && let Some(mapped) = map.map(&parsed, model)
-        {
-            return Ok(mapped);
-        }
-        script.map_response(endpoint, model, body)
     }
 
     /// Classifies an upstream failure: the script's `classify` hook first (when it has one and it answers; it

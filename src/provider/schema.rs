@@ -1,6 +1,7 @@
 //! Provider files exactly as written: the serde structures, before anything is checked or resolved.
 
-use super::{ErrorClass, Scope, plain, stream_rules};
+use super::{ErrorClass, Scope};
+use crate::mapping::declared::{RawMessages, RawResponse, RawStream};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 
@@ -111,11 +112,11 @@ pub(super) struct RawProvider {
     /// Passed to every hook as `ctx.options`.
     pub(super) options: Option<serde_json::Value>,
     /// Stream events mapped in Rust without calling the script.
-    pub(super) stream: Option<stream_rules::RawStream>,
+    pub(super) stream: Option<RawStream>,
     /// Request fields moved, and plain-text conversations mapped, in Rust around the script's request hook.
     pub(super) request: Option<RawRequest>,
     /// Plain-text answers mapped in Rust instead of by the script's response hook.
-    pub(super) response: Option<plain::RawResponse>,
+    pub(super) response: Option<RawResponse>,
     /// The upstream continues a prefilled assistant message: a stream broken mid-answer is continued on
     /// another key.
     pub(super) continuation: Option<RawContinuation>,
@@ -136,5 +137,5 @@ pub(super) struct RawRequest {
     #[serde(default)]
     pub(super) copy: BTreeMap<String, String>,
     /// Plain-text conversations mapped in Rust; the script sees no `messages` then.
-    pub(super) messages: Option<plain::RawMessages>,
+    pub(super) messages: Option<RawMessages>,
 }

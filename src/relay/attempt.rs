@@ -3,10 +3,11 @@
 //! at the start can still be retried or rotated.
 
 use crate::clock::Clock;
+use crate::mapping::{EventMapper, Part};
 use crate::provider::{ErrorClass, Provider, UpstreamCall, Verdict};
 use crate::script::ScriptError;
 use crate::secret::ApiKey;
-use crate::stream::{Mapper, Part, Started, UpstreamEvents, Usage};
+use crate::stream::{Started, UpstreamEvents, Usage};
 use crate::upstream::{HttpClient, UpstreamError};
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -126,7 +127,7 @@ impl Attempt<'_> {
         &self,
         call: &UpstreamCall,
         key: &ApiKey,
-        stream: Option<Mapper>,
+        stream: Option<EventMapper>,
     ) -> Result<Success, AttemptError> {
         let p = self.provider;
         let accept = HeaderValue::from_static(match stream {

@@ -1,15 +1,14 @@
 //! From a client's body to the call one candidate model makes: the model resolved and checked, the upstream call
-//! built (passthrough, or the provider's request hook off the async workers), and the stream mapper chosen.
+//! built by the provider's request mapping, and its stream mapping started.
 
 use super::continuation::Resume;
 use super::fallback::Fallbacks;
 use super::{Endpoint, Relay, RelayError};
+use crate::mapping::{EventMapper, Target};
 use crate::observe::Journal;
 use crate::provider::{Provider, UpstreamCall};
-use crate::script::{Hook, MappedRequest};
 use crate::secret::KeyId;
 use crate::snapshot::Snapshot;
-use crate::stream::Mapper;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -137,28 +136,14 @@ impl Relay {
 }
 
 impl Job {
-    /// The stream mapper: the provider's `stream_event` hook with its declared rules, or passthrough.
-    pub(super) fn mapper(&self) -> Mapper {
-        match self
-            .provider
-            .script
-            .as_ref()
-            .filter(|s| s.has(Hook::StreamEvent))
-        {
-            Some(script) => Mapper::Scripted {
-                rules: self.provider.stream_rules.clone(),
-                script: Some(script.stream()),
-                writer: crate::stream::ChunkWriter::new(&self.model),
-            },
-            None => Mapper::Passthrough {
-                label: self.label.clone(),
-            },
-        }
+    /// A new stream's mapping: the provider's declared rules and `stream_event` hook, or passthrough.
+    pub(super) fn mapper(&self) -> EventMapper {
+        self.provider.mapping.stream(&self.model, &self.label)
     }
 }
 
-/// The upstream call for a body: the provider's request hook (run off the async workers), or the body itself
-/// (OpenAI passthrough).
+/// The upstream call for a body, by the provider's request mapping (off the async workers when it runs a
+/// script).
 async fn upstream_call(
     provider: &Arc<Provider>,
     endpoint: Endpoint,
@@ -167,66 +152,29 @@ async fn upstream_call(
     stream: bool,
     body: Map<String, Value>,
 ) -> Result<UpstreamCall, RelayError> {
-    match provider.script.as_ref().filter(|s| s.has(Hook::Request)) {
-        Some(script) => {
-            let (p, hook, name) = (provider.clone(), script.clone(), model.to_string());
-            let mapped = crate::offload::run(crate::offload::Pool::Scripts, move || {
-                p.map_request(
-                    &hook,
-                    endpoint.hook_name(),
-                    &name,
-                    stream,
-                    &Value::Object(body),
-                )
-            })
-            .await?;
-            Ok(mapped_call(mapped, model).map_err(|why| script.hook_error(Hook::Request, &why))?)
-        }
-        None => {
-            let payload =
-                serde_json::to_vec(&body).map_err(|e| RelayError::BadRequest(e.to_string()))?;
-            Ok(UpstreamCall::post_json(path, payload.into()))
-        }
-    }
-}
-
-/// The upstream call a request hook described. Where the hook put the client's model into the path, it goes as
-/// one percent-encoded segment, whatever it holds (`/`, `?`, `#`, `%`): a model name never reaches another path
-/// or the query. Encoding a look-alike in the rest of the path too can only break that request, never redirect it.
-fn mapped_call(m: MappedRequest, model: &str) -> Result<UpstreamCall, String> {
-    let segment = crate::upstream::path_segment(model);
-    let path = if segment == model {
-        m.path
+    let mapping = provider.mapping.request.clone();
+    let draft = if mapping.slow() {
+        let (path, model) = (path.to_string(), model.to_string());
+        crate::offload::run(crate::offload::Pool::Scripts, move || {
+            let target = Target {
+                endpoint: endpoint.hook_name(),
+                model: &model,
+                stream,
+                path: &path,
+            };
+            mapping.map(&target, Value::Object(body))
+        })
+        .await?
     } else {
-        m.path.replace(model, &segment)
+        let target = Target {
+            endpoint: endpoint.hook_name(),
+            model,
+            stream,
+            path,
+        };
+        mapping.map(&target, Value::Object(body))?
     };
-    let method = http::Method::from_bytes(m.method.as_bytes())
-        .map_err(|_| format!("invalid method {:?}", m.method))?;
-    let mut headers = Vec::with_capacity(m.headers.len() + 1);
-    for (k, v) in m.headers {
-        let name = http::header::HeaderName::try_from(k.as_str())
-            .map_err(|_| format!("invalid header name {k:?}"))?;
-        let value = http::header::HeaderValue::try_from(v.as_str())
-            .map_err(|_| format!("invalid value for header {k:?}"))?;
-        headers.push((name, value));
-    }
-    let body = match m.body {
-        Value::Null => bytes::Bytes::new(),
-        body => {
-            headers.push((
-                http::header::CONTENT_TYPE,
-                http::header::HeaderValue::from_static("application/json"),
-            ));
-            body.to_string().into()
-        }
-    };
-    Ok(UpstreamCall {
-        method,
-        path,
-        query: m.query,
-        headers,
-        body,
-    })
+    draft.into_call().map_err(RelayError::BadRequest)
 }
 
 /// Splits `provider/model` and checks that the provider can serve the model.

@@ -11,9 +11,9 @@ use super::attempt::{Attempt, AttemptError, Failure, Success};
 use super::call::Job;
 use super::{Relay, RelayError, Reply, Tried};
 use crate::keys::{Ask, Lease, Unavailable};
+use crate::mapping::Answer;
 use crate::observe::{AttemptRecord, Journal};
 use crate::provider::ErrorClass;
-use crate::script::Hook;
 use crate::secret::KeyId;
 use crate::stream::{Forward, Report, Usage};
 use std::time::Duration;
@@ -295,23 +295,22 @@ impl Relay {
         }
         match success {
             Success::Json { body, usage } => {
-                let script = job
-                    .provider
-                    .script
-                    .as_ref()
-                    .filter(|s| s.has(Hook::Response));
-                let (body, usage) = match script {
-                    None => (body, usage),
-                    Some(script) => {
-                        // The key did its job even if the mapping fails.
-                        lease.succeed(0, 0);
-                        let (p, hook) = (job.provider.clone(), script.clone());
-                        let (endpoint, model) = (job.endpoint, job.model.clone());
-                        let mapped =
-                            crate::offload::run(crate::offload::Pool::Scripts, move || {
-                                p.map_response(&hook, endpoint.hook_name(), &model, &body)
-                            })
-                            .await?;
+                let mapping = job.provider.mapping.answer.clone();
+                let endpoint = job.endpoint.hook_name();
+                let answer = if mapping.slow() {
+                    // The key did its job even if the mapping fails.
+                    lease.succeed(0, 0);
+                    let (model, upstream) = (job.model.clone(), body.clone());
+                    crate::offload::run(crate::offload::Pool::Scripts, move || {
+                        mapping.map(endpoint, &model, &upstream)
+                    })
+                    .await?
+                } else {
+                    mapping.map(endpoint, &job.model, &body)?
+                };
+                let (body, usage) = match answer {
+                    Answer::Unchanged => (body, usage),
+                    Answer::Mapped(mapped) => {
                         let usage = mapped
                             .get("usage")
                             .map(Usage::from_value)

@@ -2,12 +2,11 @@
 //! request when it ends.
 
 use super::frame::{error_frame, frame, upstream_error_frame};
-use super::mapper::Mapper;
 use super::peek::Usage;
-use super::sse::SseEvent;
-use super::{Break, Continuer, Part, Resumed, Started, StreamFault, UpstreamEvents};
+use super::{Break, Continuer, Resumed, Started, StreamFault, UpstreamEvents};
 use crate::clock::Clock;
 use crate::keys::Lease;
+use crate::mapping::{Event, EventMapper, Part, Step};
 use crate::observe::{Journal, Observer};
 use crate::provider::{ErrorClass, Verdict};
 use crate::script::ScriptError;
@@ -69,7 +68,7 @@ impl Report {
 /// forwarded in its place: a new segment with its own key, mapped parts and usage; the client sees one answer.
 pub struct Forward {
     upstream: UpstreamEvents,
-    mapper: Mapper,
+    mapper: EventMapper,
     pending: VecDeque<Part>,
     lease: Option<Lease>,
     clock: Clock,
@@ -87,8 +86,8 @@ pub struct Forward {
     answer: String,
     /// A mapping failure met while gathering frames at hand, reported by the next `next_frame`.
     failed: Option<ScriptError>,
-    /// An event met while gathering frames at hand that only the script can map: `next_frame` maps it.
-    held: Option<(SseEvent, Option<Value>)>,
+    /// An event met while gathering frames at hand that only a slow layer can map: `next_frame` maps it.
+    held: Option<Event>,
     /// What ends every segment: shutdown, and the stream's total bound.
     closing: Option<tokio_util::sync::CancellationToken>,
     until: Option<tokio::time::Instant>,
@@ -246,14 +245,14 @@ impl Forward {
                 }
                 None => {
                     let event = self.upstream.buffered()?;
-                    match self.mapper.map_inline(event) {
-                        Ok(Ok(parts)) => self.pending.extend(parts),
-                        Ok(Err(e)) => {
-                            self.failed = Some(e);
+                    match self.mapper.map_cheap(event) {
+                        Ok(Step::Mapped(parts)) => self.pending.extend(parts),
+                        Ok(Step::Slow(event)) => {
+                            self.held = Some(event);
                             return None;
                         }
-                        Err(held) => {
-                            self.held = Some(held);
+                        Err(e) => {
+                            self.failed = Some(e);
                             return None;
                         }
                     }
@@ -270,9 +269,9 @@ impl Forward {
                 return Some(self.script_failed(e));
             }
             if self.pending.is_empty()
-                && let Some((event, data)) = self.held.take()
+                && let Some(event) = self.held.take()
             {
-                match self.mapper.map_by_script(event, data).await {
+                match self.mapper.map_slow(event).await {
                     Ok(parts) => self.pending.extend(parts),
                     Err(e) => return Some(self.script_failed(e)),
                 }

@@ -3,23 +3,20 @@
 //! The client stream owns the upstream response and the key's lease. When the client disconnects, the body is
 //! dropped, which drops the upstream connection and releases the key at once; no task is left pumping.
 
-pub mod chunk;
 mod events;
 mod forward;
 mod frame;
-mod mapper;
-mod peek;
+pub(crate) mod peek;
 pub mod sse;
 
 use crate::keys::BoxFuture;
+use crate::mapping::{EventMapper, Part};
 use crate::provider::ErrorClass;
 use bytes::Bytes;
-pub use chunk::{ChunkWriter, Part};
 pub use events::UpstreamEvents;
 pub use forward::{Forward, Report};
 pub use frame::{error_frame, frame, is_done};
 use futures_util::Stream;
-pub use mapper::Mapper;
 pub use peek::Usage;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -85,6 +82,6 @@ impl StreamFault {
 /// A stream that has started: the rest of its events, how to map them, and the parts already mapped.
 pub struct Started {
     pub events: UpstreamEvents,
-    pub mapper: Mapper,
+    pub mapper: EventMapper,
     pub pending: VecDeque<Part>,
 }

@@ -8,19 +8,19 @@ use serde_json::Value;
 /// The parts of an OpenAI chunk the proxy looks at; everything else passes through untouched. Lenient on
 /// purpose: a field of an unexpected type must not make a valid chunk look malformed.
 #[derive(Deserialize)]
-pub(super) struct ChunkPeek {
+pub(crate) struct ChunkPeek {
     #[serde(default)]
-    pub(super) choices: Option<Vec<ChoicePeek>>,
+    pub(crate) choices: Option<Vec<ChoicePeek>>,
     #[serde(default)]
-    pub(super) usage: Option<Value>,
+    pub(crate) usage: Option<Value>,
     #[serde(default)]
-    pub(super) error: Option<Value>,
+    pub(crate) error: Option<Value>,
 }
 
 /// Of a choice, only whether it finishes; its delta is skipped over, not built (this runs on every event). A
 /// choice that is not an object reads as one that does not finish, as the rest of the chunk still counts.
-pub(super) struct ChoicePeek {
-    pub(super) finish_reason: Option<IgnoredAny>,
+pub(crate) struct ChoicePeek {
+    pub(crate) finish_reason: Option<IgnoredAny>,
 }
 
 impl<'de> Deserialize<'de> for ChoicePeek {

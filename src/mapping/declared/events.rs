@@ -21,7 +21,7 @@ use std::path::Path;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawStream {
+pub(crate) struct RawStream {
     #[serde(default)]
     fast: Vec<RawRule>,
 }
@@ -58,13 +58,13 @@ pub enum Emitted<'a> {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct StreamRule {
+pub struct EventRule {
     event: Option<String>,
     when: Conditions,
     emit: Emit,
 }
 
-impl StreamRule {
+impl EventRule {
     fn apply<'a>(&self, event: Option<&str>, data: &'a Value) -> Option<Emitted<'a>> {
         if self.event.as_deref().is_some_and(|e| Some(e) != event) {
             return None;
@@ -82,7 +82,7 @@ impl StreamRule {
 
 /// The first rule that maps this event, if any.
 pub fn first_match<'a>(
-    rules: &[StreamRule],
+    rules: &[EventRule],
     event: Option<&str>,
     data: &'a Value,
 ) -> Option<Emitted<'a>> {
@@ -92,7 +92,7 @@ pub fn first_match<'a>(
 pub(super) fn resolve(
     raw: RawStream,
     file: Option<&Path>,
-) -> Result<Vec<StreamRule>, Vec<ConfigError>> {
+) -> Result<Vec<EventRule>, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut rules = Vec::new();
     for (i, r) in raw.fast.into_iter().enumerate() {
@@ -124,7 +124,7 @@ pub(super) fn resolve(
             }
         };
         if let Some(emit) = emit {
-            rules.push(StreamRule {
+            rules.push(EventRule {
                 event: r.event,
                 when,
                 emit,
@@ -143,7 +143,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn rules(yaml: &str) -> Vec<StreamRule> {
+    fn rules(yaml: &str) -> Vec<EventRule> {
         resolve(serde_yaml::from_str(yaml).unwrap(), None).unwrap()
     }
 

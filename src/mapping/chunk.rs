@@ -45,16 +45,24 @@ pub fn unix_seconds() -> i64 {
 }
 
 impl ChunkWriter {
+    /// A writer for a stream of `model`; its id and time are chosen when it writes its first chunk (a stream
+    /// that passes through never does).
     pub fn new(model: &str) -> Self {
-        let mut w = Self {
-            id: completion_id(),
+        Self {
+            id: String::new(),
             model: model.to_string(),
-            created: unix_seconds(),
+            created: 0,
             envelope: String::new(),
             role_sent: false,
-        };
-        w.envelope();
-        w
+        }
+    }
+
+    fn ready(&mut self) {
+        if self.envelope.is_empty() {
+            self.id = completion_id();
+            self.created = unix_seconds();
+            self.envelope();
+        }
     }
 
     fn envelope(&mut self) {
@@ -86,6 +94,7 @@ impl ChunkWriter {
 
     /// A text (or reasoning) delta: the declared rules' fast path.
     pub fn text(&mut self, field: &str, text: &str) -> Part {
+        self.ready();
         let mut delta = Map::new();
         delta.insert(field.into(), Value::String(text.to_string()));
         Part::Chunk {
@@ -102,6 +111,7 @@ impl ChunkWriter {
         if let Some(error) = part.remove("error").filter(|e| !e.is_null()) {
             return vec![Part::Error(error)];
         }
+        self.ready();
         let mut changed = false;
         if let Some(id) = part
             .remove("id")
