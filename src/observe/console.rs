@@ -1,8 +1,10 @@
 //! How the text console writes an event's fields: `name=value`, the message bare, as tracing's default does,
-//! with two differences. Control characters in every value are escaped, not only in the message: a model name
-//! is the client's text, and must not reach an operator's terminal as an escape sequence. And each value is
-//! checked once, and the fields are gathered in a buffer and written whole, where the default goes through
-//! styling wrappers field by field (the per-request line is written for every request).
+//! with two differences. Every control character in every value is escaped: a model name is the client's text,
+//! and must reach an operator's terminal neither as an escape sequence nor as a line break that forges a log
+//! line. tracing-subscriber's own escaping (0.3.20 and later) covers ESC, BEL, BS, FF, DEL and C1 codes, but
+//! lets `\r` and `\n` through, which is why this stays hand-written. And each value is checked once, and the
+//! fields are gathered in a buffer and written whole, where the default goes through styling wrappers field by
+//! field (the per-request line is written for every request).
 
 use std::fmt::{self, Write};
 use tracing::field::{Field, Visit};

@@ -1,12 +1,18 @@
-//! Prometheus metrics, kept per running server (no process-global registry) and rendered in the text format.
+//! Prometheus metrics through the `metrics` facade and its Prometheus exporter, kept per running server (a
+//! recorder of its own, never the process-global one) and rendered on keyrelay's own `/metrics` route.
 //!
 //! Labels stay low-cardinality: provider (configured ones only), model (at most [`MAX_MODELS`] per provider, the
 //! rest counted as `other`), outcome, error class, key state. A key never appears.
 
 use super::Journal;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::provider::ErrorClass;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_util::MetricKindMask;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Distinct model label values per provider; clients can send any model name.
 pub const MAX_MODELS: usize = 50;
@@ -18,65 +24,9 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
 
-#[derive(Clone, Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, value: f64) {
-        for (i, b) in self.bounds.iter().enumerate() {
-            if value <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    requests: BTreeMap<(String, String, String), u64>,
-    attempts: BTreeMap<(String, String), u64>,
-    cooldowns: BTreeMap<(String, String), u64>,
-    tokens: BTreeMap<(String, &'static str), u64>,
-    continuations: BTreeMap<String, u64>,
-    upstream_latency: BTreeMap<String, Histogram>,
-    overhead: Option<Histogram>,
-    models: BTreeMap<String, BTreeSet<String>>,
-}
+/// Values read at scrape time are set just before rendering; a gauge not set for this long belongs to
+/// something that is gone (a provider removed by a reload) and is no longer shown.
+const STALE_GAUGE: Duration = Duration::from_secs(5);
 
 /// Live values read at scrape time.
 #[derive(Default)]
@@ -85,27 +35,107 @@ pub struct Gauges {
     pub keys: BTreeMap<(String, &'static str), u64>,
     pub config_generation: u64,
     pub reload_failures: u64,
-    /// provider -> script failures.
+    /// provider -> script failures of its current script (counted from zero again when a reload loads it anew).
     pub script_errors: BTreeMap<String, u64>,
 }
 
-#[derive(Default)]
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// provider -> the model names that earned a label of their own.
+    models: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// provider -> (the script's count at the last scrape, the total since start): script failures stay a
+    /// counter across reloads, which start a script's own count again.
+    script_errors: Mutex<HashMap<String, (u64, u64)>>,
 }
 
-/// A label value, escaped for the text format.
-/// A label value as the text format wants it: `\\`, `"` and newlines escaped, and any other control character
-/// written as its code (`\\u{1b}`), so that nothing a client named reaches a scraper or a terminal raw.
-fn esc(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+impl Default for Metrics {
+    fn default() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "keyrelay_upstream_latency_seconds".into(),
+                ),
+                LATENCY_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "keyrelay_proxy_overhead_seconds".into(),
+                    ),
+                    OVERHEAD_BUCKETS,
+                )
+            })
+            .expect("the bucket lists are not empty")
+            .idle_timeout(MetricKindMask::GAUGE, Some(STALE_GAUGE))
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        Self {
+            recorder,
+            handle,
+            models: Mutex::default(),
+            script_errors: Mutex::default(),
+        }
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "keyrelay_requests_total",
+        "Relayed requests by provider, model and outcome."
+    );
+    describe_counter!(
+        "keyrelay_upstream_attempts_total",
+        "Upstream attempts by provider and result (success or error class)."
+    );
+    describe_counter!(
+        "keyrelay_cooldowns_started_total",
+        "Cooldowns started, by provider and reason."
+    );
+    describe_counter!(
+        "keyrelay_tokens_total",
+        "Tokens reported by upstreams, by provider and kind."
+    );
+    describe_counter!(
+        "keyrelay_stream_continuations_total",
+        "Broken streams continued by another key or model, by the provider the stream started on."
+    );
+    describe_histogram!(
+        "keyrelay_upstream_latency_seconds",
+        "Upstream attempt latency by provider."
+    );
+    describe_histogram!(
+        "keyrelay_proxy_overhead_seconds",
+        "Time keyrelay added to successful requests, excluding upstream time and waits."
+    );
+    describe_gauge!(
+        "keyrelay_keys",
+        "Keys by provider and state (available, busy, cooling, benched)."
+    );
+    describe_counter!("keyrelay_script_errors_total", "Provider script failures.");
+    describe_gauge!(
+        "keyrelay_config_generation",
+        "The configuration generation serving (1 at start, +1 per reload)."
+    );
+    describe_counter!(
+        "keyrelay_config_reload_failures_total",
+        "Reloads rejected because the files were invalid."
+    );
+}
+
+/// A label value with every control character but the newline (which the exporter escapes) written as its
+/// code (`\u{1b}`), so that nothing a client named reaches a scraper or a terminal raw.
+fn label(value: &str) -> String {
+    if !value.chars().any(|c| c.is_control() && c != '\n') {
+        return value.to_string();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
     for c in value.chars() {
         match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\\\u{{{:x}}}", u32::from(c));
+            c if c.is_control() && c != '\n' => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
             }
             c => out.push(c),
         }
@@ -115,11 +145,10 @@ fn esc(value: &str) -> String {
 
 impl Metrics {
     pub fn record(&self, j: &Journal) {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let provider = if j.provider.is_empty() {
             "unknown".to_string()
         } else {
-            j.provider.clone()
+            label(&j.provider)
         };
         let model = if j.provider.is_empty() {
             "-".to_string()
@@ -127,205 +156,76 @@ impl Metrics {
             // A model earns its own label by being served once (a stream that started counts, however it
             // ended); names clients make up stay `other`.
             let served = (200..300).contains(&j.status);
-            let seen = m.models.entry(provider.clone()).or_default();
+            let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = models.entry(provider.clone()).or_default();
             if seen.contains(&j.model) || (served && seen.len() < MAX_MODELS) {
                 seen.insert(j.model.clone());
-                j.model.clone()
+                label(&j.model)
             } else {
                 "other".to_string()
             }
         };
-        *m.requests
-            .entry((provider.clone(), model, j.outcome().to_string()))
-            .or_default() += 1;
-        for a in &j.attempts {
-            let class = a.class.map_or("success", |c| c.as_str());
-            *m.attempts
-                .entry((provider.clone(), class.to_string()))
-                .or_default() += 1;
-            m.upstream_latency
-                .entry(provider.clone())
-                .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
-                .observe(a.latency_ms / 1000.0);
-            if let Some(c) = a.class.filter(|c| {
-                matches!(
-                    c,
-                    crate::provider::ErrorClass::RateLimit
-                        | crate::provider::ErrorClass::Quota
-                        | crate::provider::ErrorClass::Auth
-                        | crate::provider::ErrorClass::Forbidden
-                )
-            }) {
-                *m.cooldowns
-                    .entry((provider.clone(), c.as_str().to_string()))
-                    .or_default() += 1;
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("keyrelay_requests_total", "provider" => provider.clone(), "model" => model, "outcome" => j.outcome().to_string())
+                .increment(1);
+            for a in &j.attempts {
+                let class = a.class.map_or("success", |c| c.as_str());
+                counter!("keyrelay_upstream_attempts_total", "provider" => provider.clone(), "result" => class)
+                    .increment(1);
+                histogram!("keyrelay_upstream_latency_seconds", "provider" => provider.clone())
+                    .record(a.latency_ms / 1000.0);
+                if let Some(c) = a.class.filter(|c| {
+                    matches!(
+                        c,
+                        ErrorClass::RateLimit
+                            | ErrorClass::Quota
+                            | ErrorClass::Auth
+                            | ErrorClass::Forbidden
+                    )
+                }) {
+                    counter!("keyrelay_cooldowns_started_total", "provider" => provider.clone(), "reason" => c.as_str())
+                        .increment(1);
+                }
             }
-        }
-        if j.continued > 0 {
-            *m.continuations.entry(provider.clone()).or_default() += u64::from(j.continued);
-        }
-        if j.prompt_tokens > 0 {
-            *m.tokens.entry((provider.clone(), "prompt")).or_default() += j.prompt_tokens;
-        }
-        if j.completion_tokens > 0 {
-            *m.tokens
-                .entry((provider.clone(), "completion"))
-                .or_default() += j.completion_tokens;
-        }
-        if !j.attempts.is_empty() && j.error.is_none() {
-            // What keyrelay itself added before the response was ready: not upstream time, not waiting.
-            let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
-            m.overhead
-                .get_or_insert_with(|| Histogram::new(OVERHEAD_BUCKETS))
-                .observe(overhead);
-        }
+            if j.continued > 0 {
+                counter!("keyrelay_stream_continuations_total", "provider" => provider.clone())
+                    .increment(u64::from(j.continued));
+            }
+            for (kind, n) in [
+                ("prompt", j.prompt_tokens),
+                ("completion", j.completion_tokens),
+            ] {
+                if n > 0 {
+                    counter!("keyrelay_tokens_total", "provider" => provider.clone(), "kind" => kind)
+                        .increment(n);
+                }
+            }
+            if !j.attempts.is_empty() && j.error.is_none() {
+                // What keyrelay itself added before the response was ready: not upstream time, not waiting.
+                let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
+                histogram!("keyrelay_proxy_overhead_seconds").record(overhead);
+            }
+        });
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition, with the values read at scrape time.
     pub fn render(&self, gauges: &Gauges) -> String {
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = String::new();
-        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(
-            &mut out,
-            "keyrelay_requests_total",
-            "counter",
-            "Relayed requests by provider, model and outcome.",
-        );
-        for ((p, model, outcome), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "keyrelay_requests_total{{provider=\"{}\",model=\"{}\",outcome=\"{}\"}} {n}",
-                esc(p),
-                esc(model),
-                esc(outcome)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_upstream_attempts_total",
-            "counter",
-            "Upstream attempts by provider and result (success or error class).",
-        );
-        for ((p, class), n) in &m.attempts {
-            let _ = writeln!(
-                out,
-                "keyrelay_upstream_attempts_total{{provider=\"{}\",result=\"{class}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_cooldowns_started_total",
-            "counter",
-            "Cooldowns started, by provider and reason.",
-        );
-        for ((p, reason), n) in &m.cooldowns {
-            let _ = writeln!(
-                out,
-                "keyrelay_cooldowns_started_total{{provider=\"{}\",reason=\"{reason}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_tokens_total",
-            "counter",
-            "Tokens reported by upstreams, by provider and kind.",
-        );
-        for ((p, kind), n) in &m.tokens {
-            let _ = writeln!(
-                out,
-                "keyrelay_tokens_total{{provider=\"{}\",kind=\"{kind}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_stream_continuations_total",
-            "counter",
-            "Broken streams continued by another key or model, by the provider the stream started on.",
-        );
-        for (p, n) in &m.continuations {
-            let _ = writeln!(
-                out,
-                "keyrelay_stream_continuations_total{{provider=\"{}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_upstream_latency_seconds",
-            "histogram",
-            "Upstream attempt latency by provider.",
-        );
-        for (p, h) in &m.upstream_latency {
-            h.render(
-                &mut out,
-                "keyrelay_upstream_latency_seconds",
-                &format!("provider=\"{}\"", esc(p)),
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_proxy_overhead_seconds",
-            "histogram",
-            "Time keyrelay added to successful requests, excluding upstream time and waits.",
-        );
-        if let Some(h) = &m.overhead {
-            h.render(&mut out, "keyrelay_proxy_overhead_seconds", "");
-        }
-        family(
-            &mut out,
-            "keyrelay_keys",
-            "gauge",
-            "Keys by provider and state (available, busy, cooling, benched).",
-        );
-        for ((p, state), n) in &gauges.keys {
-            let _ = writeln!(
-                out,
-                "keyrelay_keys{{provider=\"{}\",state=\"{state}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_script_errors_total",
-            "counter",
-            "Provider script failures since the configuration was loaded.",
-        );
-        for (p, n) in &gauges.script_errors {
-            let _ = writeln!(
-                out,
-                "keyrelay_script_errors_total{{provider=\"{}\"}} {n}",
-                esc(p)
-            );
-        }
-        family(
-            &mut out,
-            "keyrelay_config_generation",
-            "gauge",
-            "The configuration generation serving (1 at start, +1 per reload).",
-        );
-        let _ = writeln!(
-            out,
-            "keyrelay_config_generation {}",
-            gauges.config_generation
-        );
-        family(
-            &mut out,
-            "keyrelay_config_reload_failures_total",
-            "counter",
-            "Reloads rejected because the files were invalid.",
-        );
-        let _ = writeln!(
-            out,
-            "keyrelay_config_reload_failures_total {}",
-            gauges.reload_failures
-        );
-        out
+        metrics::with_local_recorder(&self.recorder, || {
+            for ((p, state), n) in &gauges.keys {
+                gauge!("keyrelay_keys", "provider" => label(p), "state" => *state).set(*n as f64);
+            }
+            let mut totals = self.script_errors.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, n) in &gauges.script_errors {
+                let (last, total) = totals.entry(p.clone()).or_default();
+                // A count below the last one is a new script's, counted from zero.
+                *total += if *n >= *last { *n - *last } else { *n };
+                *last = *n;
+                counter!("keyrelay_script_errors_total", "provider" => label(p)).absolute(*total);
+            }
+            gauge!("keyrelay_config_generation").set(gauges.config_generation as f64);
+            counter!("keyrelay_config_reload_failures_total").absolute(gauges.reload_failures);
+        });
+        self.handle.render()
     }
 }
 
@@ -333,15 +233,40 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::observe::AttemptRecord;
-    use crate::provider::ErrorClass;
 
     #[test]
     fn label_values_never_carry_control_characters() {
-        assert_eq!(esc("plain/model-1"), "plain/model-1");
-        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let escaped = esc("nope\u{1b}[2J\u{7}");
-        assert!(!escaped.chars().any(char::is_control), "{escaped}");
-        assert_eq!(escaped, "nope\\\\u{1b}[2J\\\\u{7}");
+        let m = Metrics::default();
+        m.record(&journal("nope\u{1b}[2J\u{7}", None));
+        m.record(&journal("a\"b\nd", None));
+        let text = m.render(&Gauges::default());
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        assert!(text.contains(r#"model="nope\\u{1b}[2J\\u{7}""#), "{text}");
+        assert!(text.contains(r#"model="a\"b\nd""#), "{text}");
+    }
+
+    #[test]
+    fn script_failures_stay_a_counter_across_reloads() {
+        let m = Metrics::default();
+        let mut gauges = Gauges::default();
+        gauges.script_errors.insert("p".into(), 3);
+        gauges.keys.insert(("p".into(), "available"), 2);
+        m.render(&gauges);
+        // A reload loaded the script anew: its own count starts again.
+        gauges.script_errors.insert("p".into(), 1);
+        let text = m.render(&gauges);
+        assert!(
+            text.contains("keyrelay_script_errors_total{provider=\"p\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE keyrelay_script_errors_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyrelay_keys{provider=\"p\",state=\"available\"} 2"),
+            "{text}"
+        );
     }
 
     fn journal(model: &str, error: Option<&str>) -> Journal {
