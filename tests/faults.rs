@@ -333,6 +333,7 @@ async fn a_stream_cut_mid_answer_is_continued_on_another_key_from_the_text_sent(
     assert_eq!(chats[1].body["stream"], json!(true));
     let failed = proxy
         .key_status("mock")
+        .await
         .into_iter()
         .find(|k| k.key == masked(1))
         .unwrap();

@@ -32,7 +32,7 @@ async fn a_model_refused_on_two_keys_is_answered_without_benching_the_rest() {
             .contains("may not use model locked"),
         "{body}"
     );
-    let keys = proxy.key_status("mock");
+    let keys = proxy.key_status("mock").await;
     assert!(
         keys.iter().all(|k| k.cooling_until.is_none()),
         "a refusal about a model benches no key for every model"
@@ -71,7 +71,7 @@ async fn a_permission_error_about_a_model_cools_that_model_only() {
     let proxy = Proxy::start(Setup::one(&mock, 1)).await;
     let (status, _, _) = proxy.chat("mock/gated", "hi").await;
     assert_ne!(status, 200);
-    let key = &proxy.key_status("mock")[0];
+    let key = &proxy.key_status("mock").await[0];
     assert!(key.cooling_until.is_none(), "the key itself is not benched");
     assert_eq!(key.model_cooldowns.len(), 1);
     assert_eq!(key.model_cooldowns[0].0, "gated");
@@ -107,7 +107,7 @@ async fn a_retry_after_of_zero_or_in_the_past_counts_as_no_stated_wait() {
         let proxy = Proxy::start(Setup::one(&mock, 1).config("request_timeout: 1s\n")).await;
         let (status, _, _) = proxy.chat("mock/m", "hi").await;
         assert_eq!(status, 429);
-        let key = &proxy.key_status("mock")[0];
+        let key = &proxy.key_status("mock").await[0];
         let until = key.model_cooldowns[0].1;
         let left = until - keyrelay::clock::Clock::system().now();
         assert!(
@@ -154,7 +154,7 @@ async fn a_key_a_request_cannot_be_built_with_is_skipped_without_blame() {
         let (status, _, body) = proxy.chat("mock/m", "hi").await;
         assert_eq!(status, 200, "{body}");
     }
-    for key in proxy.key_status("mock") {
+    for key in proxy.key_status("mock").await {
         assert!(
             key.cooling_until.is_none() && key.model_cooldowns.is_empty() && key.streak == 0,
             "{key:?}"

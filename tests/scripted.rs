@@ -289,7 +289,7 @@ async fn a_gemini_per_minute_429_rotates_and_cools_for_its_retry_delay() {
         .unwrap()
         .parse()
         .unwrap();
-    let status = proxy.key_status("gemini");
+    let status = proxy.key_status("gemini").await;
     let cooling = status.iter().find(|k| k.key == masked(1)).unwrap();
     let (model, until, reason) = &cooling.model_cooldowns[0];
     assert_eq!(
@@ -309,7 +309,7 @@ async fn a_gemini_per_day_429_cools_until_the_quota_resets() {
     let proxy = Proxy::start(gemini_setup(&mock, 2).config("selection: sequential\n")).await;
     let (status, _, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
-    let status = proxy.key_status("gemini");
+    let status = proxy.key_status("gemini").await;
     let cooling = status.iter().find(|k| k.key == masked(1)).unwrap();
     let (_, until, reason) = &cooling.model_cooldowns[0];
     assert_eq!(reason.as_str(), "quota");
@@ -329,7 +329,7 @@ async fn a_gemini_invalid_key_is_benched_as_auth() {
     let proxy = Proxy::start(gemini_setup(&mock, 2).config("selection: sequential\n")).await;
     let (status, _, body) = ask(&proxy, "gemini/gemini-2.5-flash").await;
     assert_eq!(status, 200, "{body}");
-    let status = proxy.key_status("gemini");
+    let status = proxy.key_status("gemini").await;
     assert_eq!(
         status
             .iter()
@@ -734,7 +734,7 @@ async fn the_scripts_classifier_is_consulted_before_the_yaml_rules() {
         "2",
         "rotated at once, not retried as a server error"
     );
-    let status = proxy.key_status("echo");
+    let status = proxy.key_status("echo").await;
     let (_, until, reason) = &status
         .iter()
         .find(|k| k.key == masked(1))

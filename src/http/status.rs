@@ -40,46 +40,38 @@ pub(super) async fn liveness(State(app): State<AppState>, headers: HeaderMap) ->
 
 pub(super) async fn providers(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
-    let now = crate::clock::Clock::system().now();
-    let data: Vec<Value> = snapshot
-        .providers
-        .values()
-        .map(|p| {
-            let report = app.relay.store().report(&p.name, &p.keys);
-            let cooling = report
-                .iter()
-                .filter(|k| {
-                    k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty()
-                })
-                .count();
-            json!({
-                "name": p.name,
-                "keys": p.keys.len(),
-                "keys_in_flight": report.iter().map(|k| k.in_flight).sum::<u32>(),
-                "keys_cooling": cooling,
-                "base_url": crate::upstream::public_url(&p.base_url),
-                "selection": p.tuning.selection,
-                "static_models": p.static_models.len(),
-                "script": p.script.as_ref().map(|s| s.file.display().to_string()),
-                "script_errors": p.script.as_ref().map_or(0, |s| s.error_count()),
-            })
-        })
-        .collect();
+    let now = app.relay.clock().now();
+    let mut data = Vec::with_capacity(snapshot.providers.len());
+    for p in snapshot.providers.values() {
+        let report = app.relay.store().report(&p.name, &p.keys).await;
+        let cooling = report
+            .iter()
+            .filter(|k| k.cooling_until.is_some_and(|u| u > now) || !k.model_cooldowns.is_empty())
+            .count();
+        data.push(json!({
+            "name": p.name,
+            "keys": p.keys.len(),
+            "keys_in_flight": report.iter().map(|k| k.in_flight).sum::<u32>(),
+            "keys_cooling": cooling,
+            "base_url": crate::upstream::public_url(&p.base_url),
+            "selection": p.tuning.selection,
+            "static_models": p.static_models.len(),
+            "script": p.script.as_ref().map(|s| s.file.display().to_string()),
+            "script_errors": p.script.as_ref().map_or(0, |s| s.error_count()),
+        }));
+    }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// `GET /v1/keys`: every key of every provider (masked), with its live state.
 pub(super) async fn keys(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
-    let now = crate::clock::Clock::system().now();
+    let now = app.relay.clock().now();
     let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
-    let data: Vec<Value> = snapshot
-        .serving()
-        .map(|p| {
-            let keys: Vec<Value> = app
-                .relay
-                .store()
-                .report(&p.name, &p.keys)
+    let mut data = Vec::new();
+    for p in snapshot.serving() {
+        let report = app.relay.store().report(&p.name, &p.keys).await;
+        let keys: Vec<Value> = report
                 .into_iter()
                 .map(|k| {
                     let cooldown = k.cooling_until.map(|until| {
@@ -106,9 +98,8 @@ pub(super) async fn keys(State(app): State<AppState>) -> Response {
                     })
                 })
                 .collect();
-            json!({"provider": p.name, "keys": keys})
-        })
-        .collect();
+        data.push(json!({"provider": p.name, "keys": keys}));
+    }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -120,7 +111,7 @@ pub(super) async fn metrics(State(app): State<AppState>) -> Response {
         for state in ["available", "busy", "cooling", "benched"] {
             gauges.keys.insert((p.name.clone(), state), 0);
         }
-        for k in app.relay.store().report(&p.name, &p.keys) {
+        for k in app.relay.store().report(&p.name, &p.keys).await {
             *gauges.keys.entry((p.name.clone(), k.state())).or_default() += 1;
         }
         if let Some(script) = &p.script {

@@ -4,11 +4,15 @@
 //! turn into a 429 upstream.
 
 use crate::clock::UnixMs;
-use governor::clock::Clock as _;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 /// A provider's declared limits, each per key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -19,11 +23,28 @@ pub struct KeyLimits {
     pub requests_per_day: Option<u64>,
 }
 
+/// governor's clock reading the store's time, which is set before each check: the limiter runs on the same
+/// clock as every other rule (tests that pause time move it too, and a shared store can feed it its own).
+#[derive(Clone, Debug, Default)]
+struct StoreTime(Arc<AtomicI64>);
+
+impl governor::clock::Clock for StoreTime {
+    /// Time since the Unix epoch.
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed).max(0) as u64)
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, StoreTime, NoOpMiddleware<Duration>>;
+
 /// One key's use against its limits.
 #[derive(Default)]
 pub struct Meter {
     /// The limiter and the rate it was built for (a reload may change it).
-    requests: Option<(NonZeroU32, DefaultDirectRateLimiter)>,
+    requests: Option<(NonZeroU32, Limiter)>,
+    time: StoreTime,
     /// Tokens reported in the last minute: (time, tokens).
     tokens: VecDeque<(UnixMs, u64)>,
 }
@@ -63,11 +84,13 @@ impl Meter {
         }
         if let Some(rpm) = limits.requests_per_minute {
             if self.requests.as_ref().is_none_or(|(rate, _)| *rate != rpm) {
-                self.requests = Some((rpm, RateLimiter::direct(Quota::per_minute(rpm))));
+                let limiter = RateLimiter::direct_with_clock(Quota::per_minute(rpm), self.time.clone());
+                self.requests = Some((rpm, limiter));
             }
             let (_, limiter) = self.requests.as_ref().expect("set above");
+            self.time.0.store(now, Ordering::Relaxed);
             if let Err(not_until) = limiter.check() {
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                let wait = not_until.wait_time_from(Duration::from_millis(now.max(0) as u64));
                 return Err(now + wait.as_millis() as i64 + 1);
             }
         }
@@ -97,6 +120,10 @@ mod tests {
         assert!(m.admit(&rpm, 0, 0, 0).is_ok());
         let ready = m.admit(&rpm, 0, 1_000, 0).unwrap_err();
         assert!(ready > 1_000 && ready <= 1_000 + 30_001, "{ready}");
+        // The limiter runs on the store's time, not the machine's: room returns when that time says so.
+        assert!(m.admit(&rpm, 0, ready - 2, 0).is_err());
+        assert!(m.admit(&rpm, 0, ready, 0).is_ok());
+        assert!(m.admit(&rpm, 0, ready, 0).is_err());
 
         let tpm = KeyLimits {
             tokens_per_minute: Some(100),

@@ -6,7 +6,9 @@
 
 use super::policy::{self, Standing};
 use super::state::{Cooldown, Counters, KeyState, ModelState};
-use super::{Ask, BoxFuture, Grant, KeyStatus, KeyStore, Outcome, StorePolicy, Unavailable};
+use super::{
+    Ask, BoxFuture, Grant, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy, Unavailable,
+};
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
 use crate::provider::ErrorClass;
@@ -46,6 +48,11 @@ pub struct State {
     /// forgotten once their last lease ends.
     #[serde(skip)]
     retired: HashSet<KeyId>,
+    /// Leases granted and not yet released, and the id the next one gets.
+    #[serde(skip)]
+    leases: HashSet<LeaseId>,
+    #[serde(skip)]
+    next_lease: u64,
 }
 
 impl State {
@@ -224,9 +231,13 @@ impl MemoryStore {
         ms.today.requests += 1;
         ms.lifetime.requests += 1;
         ms.last_used = Some(now);
+        let lease = LeaseId(state.next_lease);
+        state.next_lease += 1;
+        state.leases.insert(lease);
         drop(guard);
         self.changed.notify_one();
         Ok(Grant {
+            lease,
             provider: ask.provider.into(),
             model: ask.model.into(),
             key: key.clone(),
@@ -241,6 +252,9 @@ impl MemoryStore {
         state.roll(now);
         let next_reset = state.next_reset;
         let pause = state.policy.as_ref().and_then(|p| p.pause);
+        if !state.leases.remove(&grant.lease) {
+            return;
+        }
         let Some(ks) = state.keys.get_mut(&grant.key.id) else {
             return;
         };
@@ -341,7 +355,18 @@ impl KeyStore for MemoryStore {
         self.changed.notify_one();
     }
 
-    fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus> {
+    fn report<'a>(
+        &'a self,
+        provider: &'a str,
+        keys: &'a [ApiKey],
+    ) -> BoxFuture<'a, Vec<KeyStatus>> {
+        Box::pin(std::future::ready(self.status(provider, keys)))
+    }
+}
+
+impl MemoryStore {
+    /// [`KeyStore::report`], at once.
+    pub fn status(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus> {
         let now = self.clock.now();
         let state = self.lock();
         let paused = state.providers.get(provider).map_or(0, |p| p.paused_until);
@@ -443,6 +468,27 @@ mod tests {
     const START: UnixMs = 1_768_013_940_000;
 
     #[tokio::test(start_paused = true)]
+    async fn a_lease_released_twice_frees_one_slot_and_counts_once() {
+        let store = MemoryStore::new(Clock::starting_at(START), policy());
+        let keys = keys(1);
+        let tuning = Tuning::default();
+        let first = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+        let other = Ask {
+            model: "other",
+            ..ask(&keys, &tuning, &[])
+        };
+        let second = store.try_acquire(other).unwrap();
+        assert_ne!(first.lease, second.lease, "each lease has its own id");
+        store.release(&first, SUCCESS, &tuning);
+        store.release(&first, SUCCESS, &tuning);
+        let status = &store.status("p", &keys)[0];
+        assert_eq!(status.in_flight, 1, "the second lease still holds the key");
+        assert_eq!(status.lifetime.successes, 1);
+        store.release(&second, SUCCESS, &tuning);
+        assert_eq!(store.status("p", &keys)[0].in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn balanced_spreads_and_limits_concurrency() {
         let store = MemoryStore::new(Clock::starting_at(START), policy());
         let keys = keys(4);
@@ -534,7 +580,7 @@ mod tests {
             store.try_acquire(other).unwrap_err().ready_at,
             Some(START + 300_000)
         );
-        let report = store.report("p", &keys);
+        let report = store.status("p", &keys);
         assert_eq!(report[0].cooling_reason, Some(ErrorClass::Auth));
     }
 
@@ -553,7 +599,7 @@ mod tests {
         assert_eq!(why.ready_at, Some(START + 60_000));
         assert_eq!(
             store
-                .report("p", &keys)
+                .status("p", &keys)
                 .iter()
                 .map(|k| k.today.requests)
                 .sum::<u64>(),
@@ -561,7 +607,7 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(60)).await;
         let g2 = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
-        let report = store.report("p", &keys);
+        let report = store.status("p", &keys);
         assert_eq!(
             report.iter().map(|k| k.today.requests).sum::<u64>(),
             1,
@@ -684,7 +730,7 @@ mod tests {
         };
         let g = store.try_acquire(made_up).unwrap();
         store.release(&g, fail(ErrorClass::InvalidRequest, None), &tuning);
-        let report = store.report("p", &keys[..1]);
+        let report = store.status("p", &keys[..1]);
         assert_eq!(report[0].lifetime.requests, 0, "{report:?}");
 
         let busy = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();

@@ -46,9 +46,16 @@ pub struct Ask<'a> {
     pub tuning: &'a Tuning,
 }
 
+/// Names one lease, unique within the store that granted it: a shared store keeps each in-flight lease under
+/// its id (with a time to live renewed while it is held), so that a lease given back twice frees one slot and a
+/// crashed holder's leases can expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub u64);
+
 /// A key handed to one request, until released.
 #[derive(Clone, Debug)]
 pub struct Grant {
+    pub lease: LeaseId,
     pub provider: Arc<str>,
     pub model: Arc<str>,
     pub key: ApiKey,
@@ -127,15 +134,28 @@ impl KeyStatus {
 
 /// Where key state lives. The in-process [`MemoryStore`] is the default; a shared store (Redis) implements the
 /// same contract so that several instances agree on usage, leases and cooldowns.
+///
+/// The rules are not the store's: which key is best, whether its limits admit a request and what an outcome
+/// does to it are the pure functions of [`policy`], [`cooldown`] and [`limits`] over a key's [`KeyState`]. A
+/// store reads state, lets the policy decide, and claims or updates atomically (a shared store claims only if
+/// the key is still eligible, and asks the policy again when it lost a race). The shape suits a networked
+/// store:
+/// - `acquire` and `report` are async (a round trip away);
+/// - each grant carries a [`LeaseId`], the handle of its in-flight record;
+/// - `release` never blocks, since it runs when a [`Lease`] drops; a remote store sends it in the background;
+/// - `wakeup` is how waiting requests learn that a key may be free: a shared store also fires it for releases
+///   and ended cooldowns it hears of from other instances;
+/// - every time the rules see comes from the one [`crate::clock::Clock`] the store was built with, the
+///   requests-per-minute limiter's included.
 pub trait KeyStore: Send + Sync + 'static {
     /// Takes a lease on the best usable key for `ask`, or says why none is free.
     fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>>;
 
     /// Gives a key back and records how its use ended. Must not block: a remote store sends it in the
-    /// background.
+    /// background. A lease released twice is released once.
     fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning);
 
-    /// Notified whenever a key of `provider` is released or its state changes.
+    /// Notified whenever a key of `provider` may have become free: a release, or a change of its state.
     fn wakeup(&self, provider: &str) -> Arc<Notify>;
 
     /// Replaces the store-wide rules (on start and on reload).
@@ -148,5 +168,6 @@ pub trait KeyStore: Send + Sync + 'static {
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>);
 
     /// The state of `keys` of `provider`, for operators.
-    fn report(&self, provider: &str, keys: &[ApiKey]) -> Vec<KeyStatus>;
+    fn report<'a>(&'a self, provider: &'a str, keys: &'a [ApiKey])
+    -> BoxFuture<'a, Vec<KeyStatus>>;
 }

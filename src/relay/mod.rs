@@ -160,6 +160,11 @@ impl Relay {
         self.config.load_full()
     }
 
+    /// The clock all key state is stamped with.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
     }

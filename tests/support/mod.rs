@@ -581,11 +581,11 @@ impl Proxy {
     }
 
     /// The store's view of `provider`'s keys (cooldowns, usage), from the running server.
-    pub fn key_status(&self, provider: &str) -> Vec<keyrelay::keys::KeyStatus> {
+    pub async fn key_status(&self, provider: &str) -> Vec<keyrelay::keys::KeyStatus> {
         let relay = &self.running.as_ref().unwrap().relay;
         let snapshot = relay.snapshot();
         let p = snapshot.providers.get(provider).unwrap();
-        relay.store().report(provider, &p.keys)
+        relay.store().report(provider, &p.keys).await
     }
 
     pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
