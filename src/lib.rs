@@ -19,7 +19,8 @@
 //!   pause; `cooldown`: the schedule; `limits`: admission), the per-key state, the in-process store, leases and
 //!   the usage file.
 //! - [`provider`]: provider files as data — the file as written (`schema`), loading and checking (`load`), the
-//!   resolved [`provider::Provider`] with its composed mapping, and error classification.
+//!   script and declared mappings attached (`plugin`), the resolved [`provider::Provider`] with its composed
+//!   mapping, and error classification.
 //! - [`script`]: everything Rhai — the sandboxed engine with its budgets and the provider hooks (request,
 //!   response, stream events, error classification, model lists); no other module touches Rhai.
 //! - [`offload`]: where slow work runs (blocking threads, one job per core per pool).
@@ -28,7 +29,8 @@
 //! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
 //! - [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
 //!   validates and atomically swaps the snapshot.
-//! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, key discovery.
+//! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, tuning layers, key
+//!   discovery, errors that name file and line, sizes and the daily reset.
 //! - [`observe`]: the console line, request logs and metrics; [`app`] and [`cli`]: wiring, graceful shutdown,
 //!   and the command line.
 //!

@@ -4,109 +4,18 @@
 //! name the file and line, so a typo never silently falls back to a default.
 
 pub mod env;
+mod error;
 pub mod tuning;
+mod values;
 
-use crate::clock::UnixMs;
 use crate::duration::serde_human;
+pub use error::{ConfigError, LoadErrors, parse_yaml};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 pub use tuning::{Selection, Tuning, TuningPatch};
-
-/// One problem found while loading: where it is, what is wrong and how to fix it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ConfigError {
-    pub file: Option<PathBuf>,
-    pub line: Option<usize>,
-    pub message: String,
-    pub hint: Option<String>,
-}
-
-impl ConfigError {
-    pub fn new(file: Option<&Path>, message: impl Into<String>) -> Self {
-        Self {
-            file: file.map(Path::to_path_buf),
-            line: None,
-            message: message.into(),
-            hint: None,
-        }
-    }
-
-    pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-
-    /// A YAML syntax or schema error, with its line when the parser knows it.
-    pub fn yaml(file: &Path, err: &serde_yaml::Error) -> Self {
-        let message = err.to_string();
-        // The parser appends " at line L column C"; the line is reported in its own field.
-        let message = match message.find(" at line ") {
-            Some(at) => message[..at].to_string(),
-            None => message,
-        };
-        let hint = if message.contains("unknown field") {
-            Some("check the spelling; the README lists every setting".to_string())
-        } else {
-            None
-        };
-        Self {
-            file: Some(file.to_path_buf()),
-            line: err.location().map(|l| l.line()),
-            message,
-            hint,
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.file, self.line) {
-            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
-            (Some(file), None) => write!(f, "{}: ", file.display())?,
-            _ => {}
-        }
-        f.write_str(&self.message)?;
-        if let Some(hint) = &self.hint {
-            write!(f, " ({hint})")?;
-        }
-        Ok(())
-    }
-}
-
-/// Every problem found in one load; nothing is applied unless this is empty.
-#[derive(Debug)]
-pub struct LoadErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for LoadErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for LoadErrors {}
-
-/// Parses a YAML document, treating a file with nothing but comments as empty (all defaults).
-pub fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
-    file: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    let has_content = text
-        .lines()
-        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.trim() != "---");
-    if !has_content {
-        return Ok(T::default());
-    }
-    serde_yaml::from_str(text).map_err(|e| ConfigError::yaml(file, &e))
-}
+pub use values::{ByteSize, DailyReset};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,116 +106,6 @@ struct RawConfig {
     continue_streams: Option<bool>,
     #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
-}
-
-/// A size in bytes, written as a number or with a unit (`512KB`, `20MiB`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSize(pub usize);
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        let bytes = match Raw::deserialize(d)? {
-            Raw::Bytes(n) => Some(n),
-            Raw::Text(text) => {
-                let text = text.trim();
-                let split = text
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(text.len());
-                let number: Option<u64> = text[..split].parse().ok();
-                let factor = match text[split..].trim().to_ascii_lowercase().as_str() {
-                    "" | "b" => Some(1),
-                    "kb" | "k" => Some(1000),
-                    "kib" => Some(1024),
-                    "mb" | "m" => Some(1_000_000),
-                    "mib" => Some(1 << 20),
-                    "gb" | "g" => Some(1_000_000_000),
-                    "gib" => Some(1 << 30),
-                    _ => None,
-                };
-                number.zip(factor).and_then(|(n, f)| n.checked_mul(f))
-            }
-        };
-        bytes
-            .and_then(|b| usize::try_from(b).ok())
-            .map(ByteSize)
-            .ok_or_else(|| {
-                serde::de::Error::custom(
-                    "expected a size such as 20MiB, 512KB or a number of bytes",
-                )
-            })
-    }
-}
-
-/// When daily counters reset: a wall-clock time in a time zone.
-#[derive(Clone, Debug)]
-pub struct DailyReset {
-    pub hour: i8,
-    pub minute: i8,
-    pub time_zone: jiff::tz::TimeZone,
-}
-
-impl DailyReset {
-    /// The first reset strictly after `now`.
-    pub fn next_after(&self, now: UnixMs) -> UnixMs {
-        let last = self.last_at_or_before(now);
-        let zoned = jiff::Timestamp::from_millisecond(last)
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-            .to_zoned_datetime(self.time_zone.clone());
-        let next_day = zoned.date().tomorrow().unwrap_or(zoned.date());
-        self.at(next_day).unwrap_or(last + 86_400_000)
-    }
-
-    /// The latest reset at or before `now`.
-    pub fn last_at_or_before(&self, now: UnixMs) -> UnixMs {
-        let zoned = jiff::Timestamp::from_millisecond(now)
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-            .to_zoned_datetime(self.time_zone.clone());
-        let today = zoned.date();
-        match self.at(today) {
-            Some(t) if t <= now => t,
-            _ => today
-                .yesterday()
-                .ok()
-                .and_then(|d| self.at(d))
-                .unwrap_or(now - 86_400_000),
-        }
-    }
-
-    fn at(&self, date: jiff::civil::Date) -> Option<UnixMs> {
-        let zoned = date
-            .at(self.hour, self.minute, 0, 0)
-            .to_zoned_datetime(self.time_zone.clone())
-            .ok()?;
-        Some(zoned.timestamp().as_millisecond())
-    }
-
-    pub fn parse(time: &str, zone: &str) -> Result<Self, String> {
-        let (h, m) = time
-            .split_once(':')
-            .and_then(|(h, m)| Some((h.trim().parse::<i8>().ok()?, m.trim().parse::<i8>().ok()?)))
-            .filter(|(h, m)| (0..24).contains(h) && (0..60).contains(m))
-            .ok_or_else(|| {
-                format!("daily_reset.time {time:?} is not a time of day such as \"03:00\"")
-            })?;
-        let time_zone = if zone.eq_ignore_ascii_case("utc") {
-            jiff::tz::TimeZone::UTC
-        } else {
-            jiff::tz::TimeZone::get(zone).map_err(|_| {
-                format!("daily_reset.time_zone {zone:?} is not a known IANA time zone such as \"Europe/Paris\"")
-            })?
-        };
-        Ok(Self {
-            hour: h,
-            minute: m,
-            time_zone,
-        })
-    }
 }
 
 /// Pause a whole provider when this many of its keys hit a rate limit within the window.

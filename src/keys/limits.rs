@@ -84,7 +84,8 @@ impl Meter {
         }
         if let Some(rpm) = limits.requests_per_minute {
             if self.requests.as_ref().is_none_or(|(rate, _)| *rate != rpm) {
-                let limiter = RateLimiter::direct_with_clock(Quota::per_minute(rpm), self.time.clone());
+                let limiter =
+                    RateLimiter::direct_with_clock(Quota::per_minute(rpm), self.time.clone());
                 self.requests = Some((rpm, limiter));
             }
             let (_, limiter) = self.requests.as_ref().expect("set above");

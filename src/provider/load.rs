@@ -8,10 +8,8 @@ use super::{
 };
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
-use crate::script::{Hook, ProviderScript};
 use http::header::{HeaderName, HeaderValue};
 use std::path::Path;
-use std::sync::Arc;
 
 /// A hash of anything hashable, to tell whether a file or setting changed between loads (not for security).
 pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
@@ -80,113 +78,10 @@ pub fn load_file(
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![ConfigError::new(Some(path), format!("cannot read: {e}"))])?;
     let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
-    let (script, hooks, options) = (raw.script.take(), raw.hooks.take(), raw.options.take());
-    let stream = raw.stream.take();
-    let request = raw.request.take();
-    let response = raw.response.take();
+    let plugin = super::plugin::RawPlugin::take(&mut raw);
     let mut provider = resolve(name, Some(path), raw, global, user)?;
-    let mut fingerprint = self::fingerprint(&text);
-    match script {
-        Some(script) => {
-            let loaded = ProviderScript::load(
-                &plugins.join(&script),
-                hooks.as_deref(),
-                options.as_ref().unwrap_or(&serde_json::Value::Null),
-                crate::script::Budget::of(&provider.tuning),
-            )?;
-            fingerprint ^= loaded.fingerprint;
-            let mut declared = crate::mapping::declared::Declared::default();
-            if let Some(stream) = stream {
-                if !loaded.has(Hook::StreamEvent) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`stream.fast` rules need a script with a stream_event hook",
-                    )]);
-                }
-                declared.events(stream, path)?;
-            }
-            if let Some(mut request) = request {
-                if !loaded.has(Hook::Request) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`request.copy` and `request.messages` need a script with a request hook",
-                    )]);
-                }
-                if let Some(messages) = request.messages.take() {
-                    declared.messages(messages, path)?;
-                }
-                declared.copies(request.copy, path)?;
-            }
-            if let Some(response) = response {
-                if !loaded.has(Hook::Response) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`response.fast` needs a script with a response hook",
-                    )]);
-                }
-                declared.answer(response, path)?;
-            }
-            let loaded = Arc::new(loaded);
-            let plain_chats = declared.messages.is_some();
-            provider.mapping = crate::mapping::Mapping::compose(Some(&loaded), declared);
-            if loaded.has(Hook::Request) {
-                // The one check only running the script can make: it maps an ordinary request, as it comes
-                // and, when `request.messages` takes plain chats, as the hook then sees one (no `messages`).
-                let model = provider
-                    .static_models
-                    .first()
-                    .map_or("sample-model", String::as_str);
-                let sample = serde_json::json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": "ping"}],
-                });
-                let target = crate::mapping::Target {
-                    endpoint: "chat",
-                    model,
-                    stream: false,
-                    path: provider
-                        .paths
-                        .chat
-                        .as_deref()
-                        .unwrap_or("/chat/completions"),
-                };
-                use crate::mapping::RequestMapping;
-                let mut checked = crate::mapping::scripted::Scripted(loaded.clone())
-                    .map(&target, sample.clone())
-                    .map(drop);
-                if checked.is_ok() && plain_chats {
-                    checked = provider.mapping.request.map(&target, sample).map(drop);
-                }
-                if let Err(e) = checked {
-                    return Err(vec![
-                        ConfigError::new(
-                            Some(path),
-                            format!(
-                                "the script's request hook fails on a sample chat request: {e}"
-                            ),
-                        )
-                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
-                    ]);
-                }
-            }
-            provider.script = Some(loaded);
-        }
-        None if hooks.is_some()
-            || options.is_some()
-            || stream.is_some()
-            || request.is_some()
-            || response.is_some() =>
-        {
-            return Err(vec![
-                ConfigError::new(
-                    Some(path),
-                    "`hooks`, `options`, `request`, `response` and `stream` need a `script`",
-                )
-                .hint("name the script in plugins/, e.g. script: my_provider.rhai"),
-            ]);
-        }
-        None => {}
-    }
+    let fingerprint =
+        self::fingerprint(&text) ^ super::plugin::attach(&mut provider, path, plugins, plugin)?;
     provider.fingerprint = fingerprint;
     Ok(provider)
 }

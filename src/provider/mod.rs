@@ -5,6 +5,7 @@
 
 pub mod classify;
 mod load;
+mod plugin;
 mod schema;
 
 use crate::config::Tuning;
