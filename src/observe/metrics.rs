@@ -6,10 +6,10 @@
 
 use super::Journal;
 use crate::provider::ErrorClass;
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use metrics_util::MetricKindMask;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,11 +42,48 @@ pub struct Gauges {
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// provider -> the model names that earned a label of their own.
-    models: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// provider -> its handles, registered on first use: recording is then a few atomic adds, with no label
+    /// built or looked up in the registry.
+    providers: Mutex<HashMap<String, ProviderMetrics>>,
+    overhead: Histogram,
     /// provider -> (the script's count at the last scrape, the total since start): script failures stay a
     /// counter across reloads, which start a script's own count again.
     script_errors: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+/// One provider's metric handles.
+struct ProviderMetrics {
+    /// The provider's label value.
+    label: String,
+    /// Model label -> outcome -> requests. The models that earned a label of their own, and `other`.
+    requests: HashMap<String, HashMap<String, Counter>>,
+    attempts: HashMap<&'static str, Counter>,
+    cooldowns: HashMap<&'static str, Counter>,
+    latency: Histogram,
+    continuations: Counter,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+}
+
+impl ProviderMetrics {
+    fn new(label: String) -> Self {
+        let p = label.clone();
+        Self {
+            requests: HashMap::new(),
+            attempts: HashMap::new(),
+            cooldowns: HashMap::new(),
+            latency: histogram!("keyrelay_upstream_latency_seconds", "provider" => p.clone()),
+            continuations: counter!("keyrelay_stream_continuations_total", "provider" => p.clone()),
+            prompt_tokens: counter!("keyrelay_tokens_total", "provider" => p.clone(), "kind" => "prompt"),
+            completion_tokens: counter!("keyrelay_tokens_total", "provider" => p, "kind" => "completion"),
+            label,
+        }
+    }
+
+    /// Models with a label of their own.
+    fn labelled(&self) -> usize {
+        self.requests.len() - usize::from(self.requests.contains_key("other"))
+    }
 }
 
 impl Default for Metrics {
@@ -70,11 +107,15 @@ impl Default for Metrics {
             .idle_timeout(MetricKindMask::GAUGE, Some(STALE_GAUGE))
             .build_recorder();
         let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, describe);
+        let overhead = metrics::with_local_recorder(&recorder, || {
+            describe();
+            histogram!("keyrelay_proxy_overhead_seconds")
+        });
         Self {
             recorder,
             handle,
-            models: Mutex::default(),
+            providers: Mutex::default(),
+            overhead,
             script_errors: Mutex::default(),
         }
     }
@@ -145,67 +186,92 @@ fn label(value: &str) -> String {
 
 impl Metrics {
     pub fn record(&self, j: &Journal) {
-        let provider = if j.provider.is_empty() {
-            "unknown".to_string()
+        let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+        let name = if j.provider.is_empty() {
+            "unknown"
         } else {
-            label(&j.provider)
+            j.provider.as_str()
         };
+        if !providers.contains_key(name) {
+            let p =
+                metrics::with_local_recorder(&self.recorder, || ProviderMetrics::new(label(name)));
+            providers.insert(name.to_string(), p);
+        }
+        let p = providers.get_mut(name).expect("inserted above");
         let model = if j.provider.is_empty() {
-            "-".to_string()
-        } else {
+            "-"
+        } else if p.requests.contains_key(&j.model)
             // A model earns its own label by being served once (a stream that started counts, however it
             // ended); names clients make up stay `other`.
-            let served = (200..300).contains(&j.status);
-            let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = models.entry(provider.clone()).or_default();
-            if seen.contains(&j.model) || (served && seen.len() < MAX_MODELS) {
-                seen.insert(j.model.clone());
-                label(&j.model)
-            } else {
-                "other".to_string()
-            }
+            || ((200..300).contains(&j.status) && p.labelled() < MAX_MODELS)
+        {
+            j.model.as_str()
+        } else {
+            "other"
         };
-        metrics::with_local_recorder(&self.recorder, || {
-            counter!("keyrelay_requests_total", "provider" => provider.clone(), "model" => model, "outcome" => j.outcome().to_string())
-                .increment(1);
-            for a in &j.attempts {
-                let class = a.class.map_or("success", |c| c.as_str());
-                counter!("keyrelay_upstream_attempts_total", "provider" => provider.clone(), "result" => class)
-                    .increment(1);
-                histogram!("keyrelay_upstream_latency_seconds", "provider" => provider.clone())
-                    .record(a.latency_ms / 1000.0);
-                if let Some(c) = a.class.filter(|c| {
-                    matches!(
-                        c,
-                        ErrorClass::RateLimit
-                            | ErrorClass::Quota
-                            | ErrorClass::Auth
-                            | ErrorClass::Forbidden
-                    )
-                }) {
-                    counter!("keyrelay_cooldowns_started_total", "provider" => provider.clone(), "reason" => c.as_str())
-                        .increment(1);
-                }
-            }
-            if j.continued > 0 {
-                counter!("keyrelay_stream_continuations_total", "provider" => provider.clone())
-                    .increment(u64::from(j.continued));
-            }
-            for (kind, n) in [
-                ("prompt", j.prompt_tokens),
-                ("completion", j.completion_tokens),
-            ] {
-                if n > 0 {
-                    counter!("keyrelay_tokens_total", "provider" => provider.clone(), "kind" => kind)
-                        .increment(n);
-                }
-            }
-            if !j.attempts.is_empty() && j.error.is_none() {
-                // What keyrelay itself added before the response was ready: not upstream time, not waiting.
-                let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
-                histogram!("keyrelay_proxy_overhead_seconds").record(overhead);
-            }
+        let outcome = j.outcome();
+        let registered = p
+            .requests
+            .get(model)
+            .and_then(|outcomes| outcomes.get(outcome))
+            .cloned();
+        let requests = registered.unwrap_or_else(|| {
+            let counter = metrics::with_local_recorder(&self.recorder, || {
+                counter!("keyrelay_requests_total", "provider" => p.label.clone(), "model" => label(model), "outcome" => label(outcome))
+            });
+            p.requests
+                .entry(model.to_string())
+                .or_default()
+                .insert(outcome.to_string(), counter.clone());
+            counter
         });
+        requests.increment(1);
+        for a in &j.attempts {
+            let class = a.class.map_or("success", |c| c.as_str());
+            let provider = &p.label;
+            p.attempts
+                .entry(class)
+                .or_insert_with(|| {
+                    metrics::with_local_recorder(&self.recorder, || {
+                        counter!("keyrelay_upstream_attempts_total", "provider" => provider.clone(), "result" => class)
+                    })
+                })
+                .increment(1);
+            p.latency.record(a.latency_ms / 1000.0);
+            if let Some(c) = a.class.filter(|c| {
+                matches!(
+                    c,
+                    ErrorClass::RateLimit
+                        | ErrorClass::Quota
+                        | ErrorClass::Auth
+                        | ErrorClass::Forbidden
+                )
+            }) {
+                let reason = c.as_str();
+                p.cooldowns
+                    .entry(reason)
+                    .or_insert_with(|| {
+                        metrics::with_local_recorder(&self.recorder, || {
+                            counter!("keyrelay_cooldowns_started_total", "provider" => provider.clone(), "reason" => reason)
+                        })
+                    })
+                    .increment(1);
+            }
+        }
+        if j.continued > 0 {
+            p.continuations.increment(u64::from(j.continued));
+        }
+        if j.prompt_tokens > 0 {
+            p.prompt_tokens.increment(j.prompt_tokens);
+        }
+        if j.completion_tokens > 0 {
+            p.completion_tokens.increment(j.completion_tokens);
+        }
+        if !j.attempts.is_empty() && j.error.is_none() {
+            // What keyrelay itself added before the response was ready: not upstream time, not waiting.
+            let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
+            self.overhead.record(overhead);
+        }
     }
 
     /// The Prometheus text exposition, with the values read at scrape time.

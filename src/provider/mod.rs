@@ -87,19 +87,18 @@ impl Provider {
         call: &UpstreamCall,
         key: &ApiKey,
         accept: HeaderValue,
-    ) -> Result<http::Request<crate::upstream::Outgoing>, String> {
+    ) -> Result<reqwest::Request, String> {
         let pairs = call.query.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        let uri = match &self.auth {
-            Auth::Query { param } => crate::upstream::upstream_uri(
+        let url = match &self.auth {
+            Auth::Query { param } => crate::upstream::upstream_url(
                 &self.base_url,
                 &call.path,
                 pairs.chain([(param.as_str(), key.expose())]),
             ),
-            _ => crate::upstream::upstream_uri(&self.base_url, &call.path, pairs),
+            _ => crate::upstream::upstream_url(&self.base_url, &call.path, pairs),
         }?;
-        let mut request = http::Request::new(call.body.clone());
-        *request.method_mut() = call.method.clone();
-        *request.uri_mut() = uri;
+        let mut request = reqwest::Request::new(call.method.clone(), url);
+        *request.body_mut() = Some(call.body.clone().into());
         let headers = request.headers_mut();
         for (name, value) in self.headers.iter().chain(&call.headers) {
             headers.append(name, value.clone());
