@@ -12,6 +12,7 @@ use metrics_util::MetricKindMask;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Distinct model label values per provider; clients can send any model name.
@@ -27,6 +28,10 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 /// Values read at scrape time are set just before rendering; a gauge not set for this long belongs to
 /// something that is gone (a provider removed by a reload) and is no longer shown.
 const STALE_GAUGE: Duration = Duration::from_secs(5);
+
+/// The exporter keeps each histogram sample until an upkeep folds it into the buckets; doing that every this many
+/// requests bounds that memory however rarely `/metrics` is scraped.
+const UPKEEP_EVERY: u64 = 4096;
 
 /// Live values read at scrape time.
 #[derive(Default)]
@@ -46,6 +51,8 @@ pub struct Metrics {
     /// built or looked up in the registry.
     providers: Mutex<HashMap<String, ProviderMetrics>>,
     overhead: Histogram,
+    /// Requests recorded: every [`UPKEEP_EVERY`], histogram samples are folded into their buckets.
+    recorded: AtomicU64,
     /// provider -> (the script's count at the last scrape, the total since start): script failures stay a
     /// counter across reloads, which start a script's own count again.
     script_errors: Mutex<HashMap<String, (u64, u64)>>,
@@ -116,6 +123,7 @@ impl Default for Metrics {
             handle,
             providers: Mutex::default(),
             overhead,
+            recorded: AtomicU64::new(0),
             script_errors: Mutex::default(),
         }
     }
@@ -272,6 +280,10 @@ impl Metrics {
             let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
             self.overhead.record(overhead);
         }
+        drop(providers);
+        if self.recorded.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            self.handle.run_upkeep();
+        }
     }
 
     /// The Prometheus text exposition, with the values read at scrape time.
@@ -309,6 +321,28 @@ mod tests {
         assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
         assert!(text.contains(r#"model="nope\\u{1b}[2J\\u{7}""#), "{text}");
         assert!(text.contains(r#"model="a\"b\nd""#), "{text}");
+    }
+
+    #[test]
+    fn histogram_samples_are_folded_while_nobody_scrapes() {
+        let m = Metrics::default();
+        let j = journal("m", None);
+        for _ in 0..UPKEEP_EVERY {
+            m.record(&j);
+        }
+        let before = crate::alloc::thread_net();
+        for _ in 0..20 * UPKEEP_EVERY {
+            m.record(&j);
+        }
+        let grown = crate::alloc::thread_net() - before;
+        // Kept as samples, 20 x 4096 requests' three samples would hold about 2 MB.
+        assert!(grown < 256 << 10, "{grown} bytes kept");
+        let text = m.render(&Gauges::default());
+        let requests = 21 * UPKEEP_EVERY;
+        assert!(
+            text.contains(&format!("keyrelay_proxy_overhead_seconds_count {requests}")),
+            "no sample lost: {text}"
+        );
     }
 
     #[test]
