@@ -30,12 +30,36 @@ async fn twelve_sequential_requests_over_four_keys_land_three_on_each() {
 }
 
 #[tokio::test]
-async fn concurrency_one_per_key_and_model_is_never_exceeded() {
+async fn parallel_requests_spread_over_idle_keys_then_stack_without_waiting() {
+    let mock = Mock::start(|seen, _| {
+        Reply::ok(completion(seen.model(), "slow")).delayed(Duration::from_millis(400))
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 3)).await;
+    // Fifteen at once on three keys: five each, all in flight together (no key waits for another's answer).
+    let requests = (0..15).map(|_| proxy.chat("mock/m", "hi"));
+    let results = futures_util::future::join_all(requests).await;
+    for (status, headers, body) in &results {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(header(headers, "x-keyrelay-attempts"), "1");
+    }
+    let counts = per_key(&mock.chats());
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 5),
+        "spread evenly: {counts:?}"
+    );
+    assert_eq!(mock.max_in_flight(), 5, "each key served its five at once");
+}
+
+#[tokio::test]
+async fn a_cap_of_one_per_key_and_model_is_never_exceeded() {
     let mock = Mock::start(|seen, _| {
         Reply::ok(completion(seen.model(), "slow")).delayed(Duration::from_millis(150))
     })
     .await;
-    let proxy = Proxy::start(Setup::one(&mock, 4)).await;
+    let capped = "concurrency: {per_key_model: 1}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 4).config(capped)).await;
     let requests = (0..8).map(|_| proxy.chat("mock/m", "hi"));
     let results = futures_util::future::join_all(requests).await;
     for (status, _, body) in &results {
@@ -304,7 +328,8 @@ async fn busy_keys_make_requests_wait_until_the_deadline_then_504() {
         )
     })
     .await;
-    let proxy = Proxy::start(Setup::one(&mock, 1).config("request_timeout: 1s\n")).await;
+    let capped = "request_timeout: 1s\nconcurrency: {per_key_model: 1}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 1).config(capped)).await;
     // A stream that has started holds its key for as long as it runs.
     let body = json!({"model": "mock/m", "stream": true, "messages": []});
     let mut holding = proxy
@@ -421,4 +446,33 @@ async fn when_every_key_is_benched_for_auth_the_answer_is_503_not_a_wait() {
     assert!(message.contains("(auth x2)"), "{message}");
     assert!(header(&headers, "retry-after").is_empty());
     assert_eq!(mock.chats().len(), 2);
+}
+
+#[tokio::test]
+async fn a_pool_that_only_says_retry_after_one_second_is_not_hammered() {
+    let mock = Mock::start(|_, _| {
+        Reply::error(429, "slow down", "requests", "rate_limit_exceeded")
+            .with_header("retry-after", "1")
+    })
+    .await;
+    // The stated second is a floor: the second 429 in a row rests 2 s, the third 30 s (past the deadline).
+    let config = "request_timeout: 10s\ncooldowns: {rate_limit: [2s, 30s]}\n";
+    let proxy = Proxy::start(Setup::one(&mock, 2).config(config)).await;
+    let (status, headers, body) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 429, "{body}");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!(
+        retry_after >= 25,
+        "the escalated rest is stated: {retry_after}"
+    );
+    let counts = per_key(&mock.chats());
+    assert_eq!(counts.len(), 2);
+    assert!(
+        counts.values().all(|&n| n == 3),
+        "three calls per key (1 s, 2 s, then a rest past the deadline), not one a second: {counts:?}"
+    );
+    // Another request at once does not call the upstream: every key rests past its deadline.
+    let (status, _, _) = proxy.chat("mock/m", "again").await;
+    assert_eq!(status, 429);
+    assert_eq!(mock.chats().len(), 6);
 }

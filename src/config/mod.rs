@@ -335,7 +335,10 @@ mod tests {
     fn defaults_and_overrides() {
         let s = parse("# nothing\n").unwrap();
         assert_eq!(s.request_timeout, Duration::from_secs(30));
-        assert_eq!(s.tuning.per_key_model, 1);
+        assert_eq!(
+            s.tuning.per_key_model, 0,
+            "no cap: parallel requests never wait"
+        );
         assert_eq!(s.usage_path, Path::new("/etc/keyrelay/key_usage.json"));
         let s = parse("request_timeout: 5s\nmax_body_size: 1MiB\nconcurrency:\n  per_key: 3\n")
             .unwrap();

@@ -123,7 +123,7 @@ impl Default for Tuning {
         let secs = Duration::from_secs;
         Self {
             selection: Selection::Balanced,
-            per_key_model: 1,
+            per_key_model: 0,
             per_key: 0,
             rate_limit_schedule: vec![secs(10), secs(30), secs(60), secs(120), secs(300)],
             auth_schedule: vec![secs(300), secs(900), secs(3600)],

@@ -14,7 +14,10 @@ const MIN_COOLDOWN: Duration = Duration::from_millis(250);
 /// When a key (or key and model) that just failed with `class` may be used again, or `None` if the failure does
 /// not cool it. `streak` counts consecutive failures including this one; `next_reset` is the next daily reset.
 ///
-/// - rate_limit: the upstream's stated wait, else the escalating schedule (the last step repeats);
+/// - rate_limit: the escalating schedule (the last step repeats); a wait the upstream states is a floor. A first
+///   rate limit with a stated wait rests exactly that long, and each consecutive one after it at least the
+///   schedule's step for the streak before it (stated 1 s: 1 s, then 10 s, 30 s, ... by default), so an
+///   upstream that only ever says "retry after 1 s" is not called again every second;
 /// - quota: the upstream's stated reset, else the next daily reset;
 /// - auth, forbidden: the escalating auth schedule;
 /// - anything else: no cooldown (transient faults are retried, client errors are the client's).
@@ -31,7 +34,15 @@ pub fn cooldown_until(
         schedule.get(i).copied().unwrap_or(Duration::from_secs(60))
     };
     let wait = match class {
-        ErrorClass::RateLimit => retry_after.unwrap_or_else(|| step(&tuning.rate_limit_schedule)),
+        ErrorClass::RateLimit => match retry_after {
+            None => step(&tuning.rate_limit_schedule),
+            Some(stated) if streak <= 1 => stated,
+            Some(stated) => {
+                let schedule = &tuning.rate_limit_schedule;
+                let i = (streak as usize - 2).min(schedule.len().saturating_sub(1));
+                stated.max(schedule.get(i).copied().unwrap_or_default())
+            }
+        },
         ErrorClass::Quota => match retry_after {
             Some(stated) => stated,
             None => return Some(next_reset),
@@ -61,7 +72,35 @@ mod tests {
             1000,
             0,
         );
-        assert_eq!(stated, Some(3000));
+        assert_eq!(
+            stated,
+            Some(61_000),
+            "the fourth in a row rests at least the third step"
+        );
+        let stated_ones: Vec<i64> = (1..=7)
+            .map(|s| {
+                cooldown_until(
+                    ErrorClass::RateLimit,
+                    Some(Duration::from_secs(1)),
+                    s,
+                    &t,
+                    0,
+                    0,
+                )
+                .unwrap()
+                    / 1000
+            })
+            .collect();
+        assert_eq!(stated_ones, vec![1, 10, 30, 60, 120, 300, 300]);
+        let long = cooldown_until(
+            ErrorClass::RateLimit,
+            Some(Duration::from_secs(900)),
+            2,
+            &t,
+            0,
+            0,
+        );
+        assert_eq!(long, Some(900_000), "a longer stated wait is kept");
     }
 
     #[test]

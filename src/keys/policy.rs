@@ -20,8 +20,17 @@ pub enum Standing {
     Cooling(Cooldown),
     /// At its concurrency limit.
     Busy,
-    /// Usable; the number is its requests today for the model (balanced selection prefers fewer).
-    Free(u64),
+    /// Usable, with this load (balanced selection prefers the least).
+    Free(Load),
+}
+
+/// How loaded a usable key is for one model: requests it is serving now, then requests today. Ordered that way,
+/// so a key with nothing in flight always comes before a busy one: parallel requests spread over idle keys
+/// first, and stack on the least loaded only when every key is serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Load {
+    pub in_flight: u32,
+    pub today: u64,
 }
 
 /// Where a key with state `key` (none yet: a fresh key) stands for a request for `model`.
@@ -36,7 +45,7 @@ pub fn standing(
         return Standing::Excluded;
     }
     let Some(ks) = key else {
-        return Standing::Free(0);
+        return Standing::Free(Load::default());
     };
     let ms = ks.models.get(model);
     if let Some(cooldown) = ks.cooling(ms, now) {
@@ -47,7 +56,10 @@ pub fn standing(
     if full(tuning.per_key, ks.in_flight) || full(tuning.per_key_model, model_in_flight) {
         return Standing::Busy;
     }
-    Standing::Free(ms.map_or(0, |m| m.today.requests))
+    Standing::Free(Load {
+        in_flight: model_in_flight,
+        today: ms.map_or(0, |m| m.today.requests),
+    })
 }
 
 /// The free keys in order of preference. `cursor` is where a sequential selection stays; `all` asks for every
@@ -67,8 +79,11 @@ pub fn preference(
             let mut order: Vec<usize> = (0..standings.len()).filter(free).collect();
             fastrand::shuffle(&mut order);
             order.sort_by_key(|&i| match standings[i] {
-                Standing::Free(used) => used,
-                _ => u64::MAX,
+                Standing::Free(load) => load,
+                _ => Load {
+                    in_flight: u32::MAX,
+                    today: u64::MAX,
+                },
             });
             order
         }
@@ -91,9 +106,9 @@ pub fn moves_cursor(standings: &[Standing], cursor: Option<usize>) -> bool {
     )
 }
 
-/// The free key with the fewest requests today, ties broken uniformly at random.
+/// The free key with the least load, ties broken uniformly at random.
 fn least_used(standings: &[Standing]) -> Option<usize> {
-    let mut best: Option<(usize, u64)> = None;
+    let mut best: Option<(usize, Load)> = None;
     let mut ties = 0u32;
     for (i, standing) in standings.iter().enumerate() {
         let Standing::Free(used) = *standing else {
@@ -223,14 +238,49 @@ pub fn pause(
 mod tests {
     use super::*;
 
+    fn used(today: u64) -> Standing {
+        Standing::Free(Load {
+            in_flight: 0,
+            today,
+        })
+    }
+
+    #[test]
+    fn an_idle_key_comes_before_a_less_used_busy_one() {
+        let serving = Standing::Free(Load {
+            in_flight: 1,
+            today: 0,
+        });
+        let standings = [serving, used(50), serving];
+        for all in [false, true] {
+            let order = preference(&standings, Selection::Balanced, None, all);
+            assert_eq!(order[0], 1, "{order:?}");
+        }
+        let stacked = [
+            Standing::Free(Load {
+                in_flight: 3,
+                today: 0,
+            }),
+            Standing::Free(Load {
+                in_flight: 1,
+                today: 9,
+            }),
+        ];
+        assert_eq!(
+            preference(&stacked, Selection::Balanced, None, false),
+            [1],
+            "with every key serving, the least loaded"
+        );
+    }
+
     #[test]
     fn preference_follows_the_selection() {
         let standings = [
-            Standing::Free(3),
+            used(3),
             Standing::Busy,
-            Standing::Free(1),
+            used(1),
             Standing::Excluded,
-            Standing::Free(1),
+            used(1),
         ];
         for _ in 0..20 {
             let best = preference(&standings, Selection::Balanced, None, false);
@@ -279,7 +329,7 @@ mod tests {
         settle(&mut key, "m", &ok, &tuning, 1, 0);
         let m = &key.models["m"];
         assert_eq!((m.streak, m.today.completion_tokens), (0, u64::MAX));
-        let why = unavailable(&[Standing::Cooling(first), Standing::Busy, Standing::Free(0)]);
+        let why = unavailable(&[Standing::Cooling(first), Standing::Busy, used(0)]);
         assert_eq!((why.busy, why.cooling, why.ready_at), (1, 1, Some(10_000)));
     }
 }

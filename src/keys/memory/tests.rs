@@ -65,10 +65,45 @@ async fn a_lease_released_twice_frees_one_slot_and_counts_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn by_default_parallel_requests_spread_over_idle_keys_then_stack() {
+    let store = MemoryStore::new(Clock::starting_at(START), policy());
+    let keys = keys(3);
+    let tuning = Tuning::default();
+    let grants: Vec<Grant> = (0..6)
+        .map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap())
+        .collect();
+    let on = |g: &[Grant]| {
+        let mut ids: Vec<_> = g.iter().map(|g| g.key.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    assert_eq!(
+        on(&grants[..3]),
+        3,
+        "every key serves one before any serves two"
+    );
+    assert_eq!(
+        on(&grants[3..]),
+        3,
+        "then each takes a second, never waiting"
+    );
+    let in_flight: Vec<u32> = store
+        .status("p", &keys)
+        .iter()
+        .map(|k| k.in_flight)
+        .collect();
+    assert_eq!(in_flight, [2, 2, 2]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn balanced_spreads_and_limits_concurrency() {
     let store = MemoryStore::new(Clock::starting_at(START), policy());
     let keys = keys(4);
-    let tuning = Tuning::default();
+    let tuning = Tuning {
+        per_key_model: 1,
+        ..Tuning::default()
+    };
     let grants: Vec<Grant> = (0..4)
         .map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap())
         .collect();
@@ -347,7 +382,10 @@ async fn benched_keys_are_counted() {
 async fn a_retired_key_is_never_granted_again_until_it_comes_back() {
     let store = MemoryStore::new(Clock::starting_at(START), policy());
     let keys = keys(2);
-    let tuning = Tuning::default();
+    let tuning = Tuning {
+        per_key_model: 1,
+        ..Tuning::default()
+    };
     let removed: HashSet<KeyId> = [keys[0].id.clone()].into();
     let live: HashSet<KeyId> = [keys[1].id.clone()].into();
     store.retire(&removed, &live);
