@@ -104,8 +104,16 @@ struct RawConfig {
     context_fallbacks: BTreeMap<String, Vec<String>>,
     fallback_on_content_filter: Option<bool>,
     continue_streams: Option<bool>,
+    cors: Option<RawCors>,
     #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
+}
+
+/// `cors:`, which web pages may call keyrelay from a browser.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    origins: Vec<String>,
 }
 
 /// Pause a whole provider when this many of its keys hit a rate limit within the window.
@@ -175,6 +183,9 @@ pub struct Settings {
     pub fallback_on_content_filter: bool,
     /// Continue streams broken mid-answer where the provider can (its `continuation:`).
     pub continue_streams: bool,
+    /// Origins (`https://chat.example.com`, or `*`) whose pages may call keyrelay from a browser; `None`: any
+    /// origin while a proxy key is set, none without one.
+    pub cors_origins: Option<std::sync::Arc<[String]>>,
 }
 
 /// Where request logs go and how much room they may take.
@@ -272,6 +283,16 @@ impl Settings {
         if max_response_bytes < 1024 {
             err("max_response_size must be at least 1KiB".into());
         }
+        let cors_origins = raw.cors.map(|c| {
+            for origin in &c.origins {
+                if !valid_origin(origin) {
+                    err(format!(
+                        "cors.origins: {origin:?} is not an origin such as \"https://chat.example.com\" (scheme, host and optional port, no path) or \"*\""
+                    ));
+                }
+            }
+            std::sync::Arc::from(c.origins)
+        });
         let usage = raw.usage.unwrap_or_default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let request_logging = raw.request_logging.unwrap_or_default();
@@ -308,6 +329,7 @@ impl Settings {
             context_fallbacks: shared(raw.context_fallbacks),
             fallback_on_content_filter: raw.fallback_on_content_filter.unwrap_or(false),
             continue_streams: raw.continue_streams.unwrap_or(true),
+            cors_origins,
         };
         if errors.is_empty() {
             Ok(settings)
@@ -315,6 +337,20 @@ impl Settings {
             Err(errors)
         }
     }
+}
+
+/// `*`, or `scheme://host[:port]` as a browser sends it in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' '])
+        && rest.is_ascii()
 }
 
 fn shared(lists: BTreeMap<String, Vec<String>>) -> BTreeMap<String, std::sync::Arc<[String]>> {

@@ -2,12 +2,13 @@
 //! limits, and rendering replies and errors.
 //!
 //! Layers, outermost first: connection bounds and the rewrite of hyper's own parse errors (`conn`), a panic
-//! catcher that answers 500 in the API's error shape, the proxy-key check on `/v1/*` and `/metrics` (liveness at
-//! `/` stays open), then the handlers, which read the body themselves so that an oversized, slow or malformed one
+//! catcher that answers 500 in the API's error shape, the guards of a proxy without a key and CORS (`browser`),
+//! the proxy-key check on `/v1/*` and `/metrics` (liveness at `/` stays open), then the handlers, which read the body themselves so that an oversized, slow or malformed one
 //! gets an OpenAI-shaped 413, 408 or 400.
 
 mod auth;
 mod body;
+mod browser;
 mod conn;
 mod error;
 mod listener;
@@ -78,6 +79,8 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", api)
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(browser::cors(state.clone()))
+        .layer(browser::KeylessGuard(state.clone()))
         .with_state(state)
 }
 
