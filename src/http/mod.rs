@@ -28,7 +28,7 @@ use body::json_body;
 pub use error::ApiError;
 pub use listener::{Signals, connection_cap, raise_fd_limit, serve};
 use serde_json::{Value, json};
-use status::{dashboard, keys, liveness, metrics, providers};
+use status::{dashboard, key_action, keys, liveness, metrics, providers};
 use std::time::Instant;
 
 /// What the handlers share. One `Arc`: axum clones the state for every request, and each reference count
@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/providers", get(providers))
         .route("/token-count", post(token_count))
         .route("/keys", get(keys))
+        .route("/keys/{id}/{action}", post(key_action))
         .route_layer(RequireKey(state.clone()));
     let metrics = Router::new()
         .route("/metrics", get(metrics))

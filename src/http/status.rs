@@ -1,9 +1,10 @@
 //! What operators read: liveness (`GET /`), providers, keys, metrics and the dashboard.
 
-use super::AppState;
 use super::auth::refusal;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use super::{ApiError, AppState};
+use crate::keys::{KeyAction, KeyStatus};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -67,40 +68,112 @@ pub(super) async fn providers(State(app): State<AppState>) -> Response {
 pub(super) async fn keys(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
     let now = app.relay.clock().now();
-    let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
     let mut data = Vec::new();
     for p in snapshot.serving() {
         let report = app.relay.store().report(&p.name, &p.keys).await;
-        let keys: Vec<Value> = report
-                .into_iter()
-                .map(|k| {
-                    let cooldown = k.cooling_until.map(|until| {
-                        json!({"reason": k.cooling_reason, "until": time(until), "seconds_left": left(until)})
-                    });
-                    let models: Vec<Value> = k
-                        .model_cooldowns
-                        .iter()
-                        .map(|(model, until, reason)| {
-                            json!({"model": model, "reason": reason, "until": time(*until), "seconds_left": left(*until)})
-                        })
-                        .collect();
-                    json!({
-                        "key": k.key,
-                        "id": k.id,
-                        "state": k.state(),
-                        "in_flight": k.in_flight,
-                        "cooldown": cooldown,
-                        "model_cooldowns": models,
-                        "streak": k.streak,
-                        "today": k.today,
-                        "lifetime": k.lifetime,
-                        "last_error": k.last_error.map(|(class, at)| json!({"class": class, "at": time(at)})),
-                    })
-                })
-                .collect();
+        let keys: Vec<Value> = report.iter().map(|k| key_json(k, now)).collect();
         data.push(json!({"provider": p.name, "keys": keys}));
     }
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// One key's state as the API shows it.
+fn key_json(k: &KeyStatus, now: i64) -> Value {
+    let left = |until: i64| ((until - now).max(0) as f64 / 1000.0).ceil() as u64;
+    let cooldown = k.cooling_until.map(|until| {
+        json!({"reason": k.cooling_reason, "until": time(until), "seconds_left": left(until)})
+    });
+    let models: Vec<Value> = k
+        .model_cooldowns
+        .iter()
+        .map(|(model, until, reason)| {
+            json!({"model": model, "reason": reason, "until": time(*until), "seconds_left": left(*until)})
+        })
+        .collect();
+    json!({
+        "key": k.key,
+        "id": k.id,
+        "state": k.state(),
+        "disabled": k.disabled,
+        "in_flight": k.in_flight,
+        "cooldown": cooldown,
+        "model_cooldowns": models,
+        "streak": k.streak,
+        "today": k.today,
+        "lifetime": k.lifetime,
+        "last_error": k.last_error.map(|(class, at)| json!({"class": class, "at": time(at)})),
+    })
+}
+
+/// `POST /v1/keys/{id}/{action}`: an operator's action on one key (by the `id` `/v1/keys` shows): `reset` ends
+/// its cooldowns and streaks (only for `{"model": …}` when the body names one), `disable` takes it out of
+/// rotation until `enable`. Answers the key's new state.
+pub(super) async fn key_action(
+    State(app): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+    body: axum::body::Body,
+) -> Response {
+    let snapshot = app.relay.snapshot();
+    let found = snapshot
+        .providers
+        .values()
+        .find_map(|p| Some((p, p.keys.iter().find(|k| k.id.to_string() == id)?)));
+    let Some((provider, key)) = found else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_key",
+            format!("no key has the id {id:?}; GET /v1/keys lists them"),
+        )
+        .into_response();
+    };
+    let action = match action.as_str() {
+        "disable" => KeyAction::Disable,
+        "enable" => KeyAction::Enable,
+        "reset" => {
+            let bytes = axum::body::to_bytes(body, 64 << 10)
+                .await
+                .unwrap_or_default();
+            let model = match serde_json::from_slice::<Value>(&bytes) {
+                _ if bytes.iter().all(u8::is_ascii_whitespace) => None,
+                Ok(Value::Object(o)) => match o.get("model") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(m)) => Some(m.clone()),
+                    Some(_) => return bad_action("`model` must be a string"),
+                },
+                _ => return bad_action("the body must be empty or {\"model\": \"<model>\"}"),
+            };
+            KeyAction::Reset { model }
+        }
+        other => {
+            return ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_route",
+                format!("{other:?} is not an action on a key: use reset, disable or enable"),
+            )
+            .into_response();
+        }
+    };
+    let store = app.relay.store();
+    store.control(&provider.name, key, &action);
+    tracing::info!(provider = %provider.name, key = %key.masked, action = ?action, "operator action on a key");
+    let status = store
+        .report(&provider.name, std::slice::from_ref(key))
+        .await;
+    let now = app.relay.clock().now();
+    axum::Json(json!({"provider": provider.name, "key": status.first().map(|k| key_json(k, now))}))
+        .into_response()
+}
+
+fn bad_action(message: &str) -> Response {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+        message,
+    )
+    .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -108,7 +181,7 @@ pub(super) async fn metrics(State(app): State<AppState>) -> Response {
     let snapshot = app.relay.snapshot();
     let mut gauges = crate::observe::metrics::Gauges::default();
     for p in snapshot.serving() {
-        for state in ["available", "busy", "cooling", "benched"] {
+        for state in ["available", "busy", "cooling", "benched", "disabled"] {
             gauges.keys.insert((p.name.clone(), state), 0);
         }
         for k in app.relay.store().report(&p.name, &p.keys).await {

@@ -7,7 +7,8 @@
 use super::policy::{self, Standing};
 use super::state::{Cooldown, Counters, KeyState, ModelState};
 use super::{
-    Ask, BoxFuture, Grant, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy, Unavailable,
+    Ask, BoxFuture, Grant, KeyAction, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy,
+    Unavailable,
 };
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
@@ -355,6 +356,23 @@ impl KeyStore for MemoryStore {
         self.changed.notify_one();
     }
 
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) {
+        let mut state = self.lock();
+        let ks = state
+            .keys
+            .entry(key.id.clone())
+            .or_insert_with(|| KeyState {
+                provider: provider.to_string(),
+                masked: key.masked.to_string(),
+                ..KeyState::default()
+            });
+        ks.control(action);
+        drop(state);
+        self.changed.notify_one();
+        // A key back in rotation may serve requests waiting for one.
+        self.wakeup(provider).notify_waiters();
+    }
+
     fn report<'a>(
         &'a self,
         provider: &'a str,
@@ -385,6 +403,7 @@ impl MemoryStore {
                     today: Counters::default(),
                     lifetime: Counters::default(),
                     last_error: ks.and_then(|k| k.last_error).map(|e| (e.reason, e.until)),
+                    disabled: ks.is_some_and(|k| k.disabled),
                 };
                 if paused > now && status.cooling_until.is_none_or(|u| u < paused) {
                     status.cooling_until = Some(paused);

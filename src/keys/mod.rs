@@ -24,7 +24,7 @@ pub use persist::{
     Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage, remove_leftovers,
 };
 use serde::Serialize;
-pub use state::{Cooldown, Counters, KeyState, ModelState};
+pub use state::{Cooldown, Counters, KeyAction, KeyState, ModelState};
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -115,12 +115,17 @@ pub struct KeyStatus {
     pub lifetime: Counters,
     /// The last failure's class and time.
     pub last_error: Option<(ErrorClass, UnixMs)>,
+    /// Taken out of rotation by an operator.
+    pub disabled: bool,
 }
 
 impl KeyStatus {
-    /// `benched` (whole key cooling), `cooling` (for some model), `busy` (serving) or `available`.
+    /// `disabled` (by an operator), `benched` (whole key cooling), `cooling` (for some model), `busy` (serving) or
+    /// `available`.
     pub fn state(&self) -> &'static str {
-        if self.cooling_until.is_some() {
+        if self.disabled {
+            "disabled"
+        } else if self.cooling_until.is_some() {
             "benched"
         } else if !self.model_cooldowns.is_empty() {
             "cooling"
@@ -166,6 +171,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// even if an earlier reload had removed them. Keys the store knows but no configuration ever named (from a
     /// usage file) are left alone.
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>);
+
+    /// Applies an operator's action to `key` of `provider`.
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction);
 
     /// The state of `keys` of `provider`, for operators.
     fn report<'a>(&'a self, provider: &'a str, keys: &'a [ApiKey])

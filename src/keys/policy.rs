@@ -47,6 +47,9 @@ pub fn standing(
     let Some(ks) = key else {
         return Standing::Free(Load::default());
     };
+    if ks.disabled {
+        return Standing::Excluded;
+    }
     let ms = ks.models.get(model);
     if let Some(cooldown) = ks.cooling(ms, now) {
         return Standing::Cooling(cooldown);

@@ -29,6 +29,18 @@ impl Counters {
     }
 }
 
+/// What an operator can do to a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyAction {
+    /// End its cooldowns and failure streaks: for one model, or the whole key and every model.
+    Reset {
+        model: Option<String>,
+    },
+    /// Out of rotation until enabled, across restarts and reloads.
+    Disable,
+    Enable,
+}
+
 /// A key (or key and model) out of rotation until `until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cooldown {
@@ -65,9 +77,33 @@ pub struct KeyState {
     pub streak: u32,
     pub last_error: Option<Cooldown>,
     pub models: BTreeMap<String, ModelState>,
+    /// Taken out of rotation by an operator until enabled again (kept in the usage file).
+    pub disabled: bool,
 }
 
 impl KeyState {
+    /// Applies an operator's action.
+    pub fn control(&mut self, action: &KeyAction) {
+        match action {
+            KeyAction::Disable => self.disabled = true,
+            KeyAction::Enable => self.disabled = false,
+            KeyAction::Reset { model: None } => {
+                self.cooldown = None;
+                self.streak = 0;
+                for m in self.models.values_mut() {
+                    m.cooldown = None;
+                    m.streak = 0;
+                }
+            }
+            KeyAction::Reset { model: Some(model) } => {
+                if let Some(m) = self.models.get_mut(model) {
+                    m.cooldown = None;
+                    m.streak = 0;
+                }
+            }
+        }
+    }
+
     /// When the key is usable again for `model`, and why it rests, if it is cooling.
     pub(super) fn cooling(&self, model: Option<&ModelState>, now: UnixMs) -> Option<Cooldown> {
         let key = self.cooldown.filter(|c| c.until > now);

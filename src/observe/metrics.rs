@@ -161,7 +161,7 @@ fn describe() {
     );
     describe_gauge!(
         "keyrelay_keys",
-        "Keys by provider and state (available, busy, cooling, benched)."
+        "Keys by provider and state (available, busy, cooling, benched, disabled)."
     );
     describe_counter!("keyrelay_script_errors_total", "Provider script failures.");
     describe_gauge!(
