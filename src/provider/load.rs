@@ -88,12 +88,40 @@ pub fn load_file(
 
 /// A provider defined only by `<NAME>_API_BASE`: OpenAI-compatible defaults throughout.
 pub fn openai_compatible(name: &str, global: &Tuning, user: Option<&TuningPatch>) -> Provider {
-    let raw = RawProvider {
-        base_url: Some("http://unset".into()),
-        ..RawProvider::default()
-    };
+    let mut raw: RawProvider = serde_yaml::from_str(OPENAI_CONVENTIONS)
+        .expect("the conventions are a valid provider file");
+    raw.base_url = Some("http://unset".into());
     resolve(name.to_string(), None, raw, global, user).expect("defaults are valid")
 }
+
+/// What a provider defined only by `<NAME>_API_BASE` follows: OpenAI's conventions, which OpenAI-compatible
+/// servers copy. Quota exhaustion (`insufficient_quota`) benches the key until the daily reset instead of
+/// passing for a per-minute limit; context-window and content-filter rejections are recognised (so
+/// `context_fallbacks` fire); stated waits are read where OpenAI states them; and streams ask for usage
+/// (`stream_options.include_usage`), whose chunk only clients that asked for it see. A provider file with the
+/// same name replaces all of this.
+const OPENAI_CONVENTIONS: &str = r#"
+stream_usage: true
+retry_after:
+  - header: retry-after
+  - body: '(?i)try again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)'
+  - header: x-ratelimit-reset-requests
+  - header: x-ratelimit-reset-tokens
+errors:
+  - status: 429
+    body_regex: '(?i)insufficient_quota|exceeded your current quota'
+    class: quota
+    scope: key
+  - status: 429
+    class: rate_limit
+    scope: model
+  - status: 400
+    body_regex: '(?i)context_length_exceeded|maximum context length|context window|too many tokens'
+    class: context_window
+  - status: 400
+    body_regex: '(?i)content_policy_violation|content_filter|flagged as potentially violating'
+    class: content_filter
+"#;
 
 fn resolve(
     name: String,
