@@ -162,3 +162,45 @@ async fn a_key_a_request_cannot_be_built_with_is_skipped_without_blame() {
     }
     assert!(mock.chats().iter().all(|s| s.key == key(2)));
 }
+
+#[tokio::test]
+async fn the_upstreams_request_id_and_rate_limits_reach_the_client_under_a_prefix() {
+    let mock = Mock::start(|seen, _| {
+        if seen.model() == "bad" {
+            return Reply::error(
+                400,
+                "no such parameter",
+                "invalid_request_error",
+                "invalid_request",
+            )
+            .with_header("x-request-id", "req_refused");
+        }
+        Reply::ok(completion(seen.model(), "hi"))
+            .with_header("x-request-id", "req_abc123")
+            .with_header("x-ratelimit-remaining-requests", "99")
+            .with_header("anthropic-ratelimit-tokens-remaining", "4000")
+            .with_header("x-internal-thing", "not for clients")
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let (status, headers, _) = proxy.chat("mock/m", "hi").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-upstream-request-id"), "req_abc123");
+    assert_eq!(
+        header(&headers, "x-upstream-ratelimit-remaining-requests"),
+        "99"
+    );
+    assert_eq!(
+        header(&headers, "x-upstream-anthropic-ratelimit-tokens-remaining"),
+        "4000"
+    );
+    assert!(headers.get("x-upstream-internal-thing").is_none());
+    assert!(
+        headers.get("x-ratelimit-remaining-requests").is_none(),
+        "one key's limits are never shown as the pool's"
+    );
+    // The upstream's own refusal, passed to the client, carries its request id too.
+    let (status, headers, _) = proxy.chat("mock/bad", "hi").await;
+    assert_eq!(status, 400);
+    assert_eq!(header(&headers, "x-upstream-request-id"), "req_refused");
+}

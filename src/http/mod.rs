@@ -122,6 +122,9 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     if let Some(model) = &served.fallback {
         set(headers, FALLBACK, model);
     }
+    for (name, value) in &served.upstream {
+        headers.insert(name, value.clone());
+    }
 }
 
 fn render(reply: Reply) -> Response {

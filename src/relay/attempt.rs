@@ -26,9 +26,13 @@ pub struct Attempt<'a> {
 
 pub enum Success {
     /// The upstream's JSON body, not yet mapped.
-    Json { body: Bytes, usage: Usage },
+    Json {
+        body: Bytes,
+        usage: Usage,
+        upstream: super::UpstreamHeaders,
+    },
     /// A stream whose first mapped parts have been read (and are not an error).
-    Stream(Box<Started>),
+    Stream(Box<Started>, super::UpstreamHeaders),
 }
 
 /// Why an attempt did not succeed.
@@ -54,6 +58,8 @@ pub struct Failure {
     /// No answer at all: no response or first event in time, or a connection closed unanswered. A verdict on
     /// the model more than on the key.
     pub silent: bool,
+    /// The upstream's request id and rate-limit headers, when it answered.
+    pub upstream: super::UpstreamHeaders,
 }
 
 impl Failure {
@@ -65,6 +71,7 @@ impl Failure {
             unusable: false,
             blameless: false,
             silent: false,
+            upstream: Vec::new(),
         }
     }
 
@@ -167,6 +174,7 @@ impl Attempt<'_> {
         let response = sent.map_err(Failure::upstream)?;
 
         let status = response.status();
+        let upstream = super::upstream_headers(response.headers(), key);
         if !status.is_success() {
             let headers = response.headers().clone();
             let body = crate::upstream::read_capped(response.into_body(), MAX_ERROR_BODY).await;
@@ -175,11 +183,9 @@ impl Attempt<'_> {
             let verdict = p
                 .judge(status.as_u16(), &headers, &text, self.clock.now())
                 .await?;
-            return Err(AttemptError::Upstream(Failure::new(
-                verdict,
-                status.as_u16(),
-                body,
-            )));
+            return Err(
+                Failure::new(verdict, status.as_u16(), body).with(|f| f.upstream = upstream)
+            );
         }
 
         if let Some(mut mapper) = stream {
@@ -232,11 +238,14 @@ impl Attempt<'_> {
                             .with(|f| f.unusable = unusable));
                     }
                     Some(Part::Chunk { .. }) => {
-                        return Ok(Success::Stream(Box::new(Started {
-                            events,
-                            mapper,
-                            pending: parts.into(),
-                        })));
+                        return Ok(Success::Stream(
+                            Box::new(Started {
+                                events,
+                                mapper,
+                                pending: parts.into(),
+                            }),
+                            upstream,
+                        ));
                     }
                 }
             }
@@ -258,6 +267,7 @@ impl Attempt<'_> {
                 // Upstreams have echoed keys even in answers.
                 body: key.redact_bytes(body),
                 usage: usage.unwrap_or_default(),
+                upstream,
             }),
             Some(_) => Err(Failure::unusable(
                 "the upstream answered 200 with an error object",

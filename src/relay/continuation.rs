@@ -136,7 +136,7 @@ impl Relay {
                 };
                 match won {
                     Ok((job, won)) => {
-                        let Success::Stream(started) = won.success else {
+                        let Success::Stream(started, _) = won.success else {
                             break;
                         };
                         let mut p = lock();

@@ -42,6 +42,7 @@ impl Tried {
             attempts: self.attempts,
             key,
             fallback: None,
+            upstream: Vec::new(),
         }
     }
 
@@ -96,7 +97,7 @@ pub enum RelayError {
         status: u16,
         body: Bytes,
         class: ErrorClass,
-        served: Served,
+        served: Box<Served>,
         /// The upstream speaks OpenAI's wire format, so its error body can go to the client as it came.
         openai_wire: bool,
     },
@@ -119,7 +120,7 @@ pub enum RelayError {
     #[error(
         "the upstream's answer is larger than {limit} bytes (max_response_size in config.yaml)"
     )]
-    ResponseTooLarge { limit: usize, served: Served },
+    ResponseTooLarge { limit: usize, served: Box<Served> },
     /// The provider's script failed; the message names the script, function and line.
     #[error("{0}")]
     Script(#[from] crate::script::ScriptError),
@@ -200,7 +201,7 @@ impl RelayError {
     pub fn served(&self) -> Option<Served> {
         match self {
             Self::Upstream { served, .. } | Self::ResponseTooLarge { served, .. } => {
-                Some(served.clone())
+                Some((**served).clone())
             }
             Self::AllCooling { tried, .. }
             | Self::Exhausted(tried)

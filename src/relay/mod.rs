@@ -77,6 +77,38 @@ pub struct Served {
     pub key: Option<String>,
     /// The `provider/model` that answered, when it was a fallback.
     pub fallback: Option<String>,
+    /// The answering upstream's request id and rate-limit headers, renamed `x-upstream-…`.
+    pub upstream: UpstreamHeaders,
+}
+
+/// Headers of an upstream's answer passed on to the client under an `x-upstream-` prefix (`x-request-id` becomes
+/// `x-upstream-request-id`): its request id (for the provider's support) and its rate-limit headers. Prefixed, they cannot be mistaken for the pool's own
+/// state, which one key's limits are not.
+pub type UpstreamHeaders = Vec<(http::HeaderName, http::HeaderValue)>;
+
+/// The headers of `head` passed on, at most 16, each value ASCII, at most 256 bytes and without the key.
+pub(crate) fn upstream_headers(
+    head: &http::HeaderMap,
+    key: &crate::secret::ApiKey,
+) -> UpstreamHeaders {
+    head.iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            matches!(name, "x-request-id" | "request-id")
+                || name.starts_with("x-ratelimit-")
+                || name.starts_with("anthropic-ratelimit-")
+        })
+        .filter_map(|(name, value)| {
+            let text = value.to_str().ok().filter(|t| t.len() <= 256)?;
+            if key.redact(text) != text {
+                return None;
+            }
+            let bare = name.as_str().strip_prefix("x-").unwrap_or(name.as_str());
+            let name = http::HeaderName::try_from(format!("x-upstream-{bare}")).ok()?;
+            Some((name, value.clone()))
+        })
+        .take(16)
+        .collect()
 }
 
 pub use crate::stream::SseBody;

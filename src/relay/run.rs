@@ -123,7 +123,10 @@ impl Relay {
                         let why = format!("the answer is larger than {limit} bytes");
                         record(journal, &masked, started, Some(200), None, Some(why));
                         let served = tried.served(Some(masked.to_string()));
-                        return Err(RelayError::ResponseTooLarge { limit, served });
+                        return Err(RelayError::ResponseTooLarge {
+                            limit,
+                            served: Box::new(served),
+                        });
                     }
                     Ok(Err(AttemptError::Upstream(failure))) => failure,
                 };
@@ -294,7 +297,12 @@ impl Relay {
             j.fallback = job.fallback.clone();
         }
         match success {
-            Success::Json { body, usage } => {
+            Success::Json {
+                body,
+                usage,
+                upstream,
+            } => {
+                served.upstream = upstream;
                 let mapping = job.provider.mapping.answer.clone();
                 let endpoint = job.endpoint.hook_name();
                 let answer = if mapping.slow() {
@@ -325,7 +333,8 @@ impl Relay {
                 }
                 Ok(Reply::Json { body, served })
             }
-            Success::Stream(start) => {
+            Success::Stream(start, upstream) => {
+                served.upstream = upstream;
                 let report = journal.take().map(|mut j| {
                     j.status = 200;
                     j.key = served.key.clone();
@@ -358,11 +367,13 @@ impl Relay {
 
 /// The upstream's own answer to the request, passed to the client.
 fn upstream_answer(failure: Failure, tried: &Tried, lease: &Lease, job: &Job) -> RelayError {
+    let mut served = tried.served(Some(lease.key().masked.to_string()));
+    served.upstream = failure.upstream;
     RelayError::Upstream {
         status: failure.status,
         body: failure.body,
         class: failure.verdict.class,
-        served: tried.served(Some(lease.key().masked.to_string())),
+        served: Box::new(served),
         openai_wire: job.provider.script.is_none(),
     }
 }
