@@ -45,6 +45,52 @@ fn text_tokens(bpe: &CoreBPE, value: &Value) -> usize {
     }
 }
 
+/// Each tool definition's fixed share, besides its name, description and parameters (an estimate: OpenAI
+/// renders tools into the prompt in a format of its own).
+const PER_TOOL: usize = 8;
+
+/// Counts a `/v1/token-count` body: `text` (a string, counted as it is), or `messages` (a chat, with its
+/// `tools` if any).
+pub fn count(model: &str, body: &serde_json::Map<String, Value>) -> Result<usize, String> {
+    match (body.get("text"), body.get("messages")) {
+        (Some(Value::String(text)), None) => Ok(encoding_for(model).encode_ordinary(text).len()),
+        (Some(_), None) => Err("`text` must be a string".into()),
+        (None, Some(messages)) => {
+            let tools = match body.get("tools") {
+                None | Some(Value::Null) => 0,
+                Some(tools) => count_tools(model, tools)?,
+            };
+            Ok(count_messages(model, messages)? + tools)
+        }
+        (Some(_), Some(_)) => Err("give either `text` or `messages`, not both".into()),
+        (None, None) => Err("`messages` (a chat) or `text` (a string) is required".into()),
+    }
+}
+
+/// Tokens of a chat's `tools`: each function's name, description and parameter schema, and a fixed share.
+fn count_tools(model: &str, tools: &Value) -> Result<usize, String> {
+    let Value::Array(tools) = tools else {
+        return Err("`tools` must be an array of tool definitions".into());
+    };
+    let bpe = encoding_for(model);
+    let mut total = 0;
+    for (i, tool) in tools.iter().enumerate() {
+        let Some(function) = tool.get("function").filter(|f| f.is_object()) else {
+            return Err(format!(
+                "tools[{i}] must be {{\"type\": \"function\", \"function\": {{…}}}}"
+            ));
+        };
+        total += PER_TOOL;
+        for field in ["name", "description"] {
+            total += function.get(field).map_or(0, |v| text_tokens(bpe, v));
+        }
+        if let Some(parameters) = function.get("parameters") {
+            total += bpe.encode_ordinary(&parameters.to_string()).len();
+        }
+    }
+    Ok(total)
+}
+
 /// Counts the tokens of a chat `messages` array, or says what is wrong with it.
 pub fn count_messages(model: &str, messages: &Value) -> Result<usize, String> {
     let Value::Array(messages) = messages else {
@@ -96,5 +142,35 @@ mod tests {
         assert_eq!(count_messages("x/y", &parts).unwrap(), n);
         assert!(count_messages("x", &json!({"role": "user"})).is_err());
         assert!(count_messages("x", &json!(["hi"])).is_err());
+    }
+
+    fn body(value: serde_json::Value) -> serde_json::Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn text_and_tools_are_counted() {
+        assert_eq!(
+            count("openai/gpt-4o", &body(json!({"text": "Hello"}))).unwrap(),
+            1
+        );
+        let chat = json!([{"role": "user", "content": "Hello"}]);
+        let plain = count("m", &body(json!({"messages": chat}))).unwrap();
+        let tool = json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+        let with_tools = count("m", &body(json!({"messages": chat, "tools": [tool]}))).unwrap();
+        assert!(
+            with_tools > plain + PER_TOOL + 10,
+            "{plain} -> {with_tools}"
+        );
+        for bad in [
+            json!({"text": 5}),
+            json!({"text": "a", "messages": []}),
+            json!({}),
+            json!({"messages": [], "tools": {}}),
+            json!({"messages": [], "tools": [{"type": "function"}]}),
+        ] {
+            assert!(count("m", &body(bad.clone())).is_err(), "{bad}");
+        }
     }
 }

@@ -206,6 +206,17 @@ async fn token_count_is_offline_and_validates_input() {
     .await;
     assert_eq!(status, 400);
     assert_eq!(error_code(&reply), "invalid_request");
+    // Plain text, and a chat's tools.
+    let text = json!({"model": "openai/gpt-4o", "text": "Hello"});
+    let (status, _, reply) = send(proxy.post("/v1/token-count", &text)).await;
+    assert_eq!((status, reply), (200, json!({"token_count": 1})));
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let mut with_tools = body.clone();
+    with_tools["tools"] = json!([tool]);
+    let (status, _, reply) = send(proxy.post("/v1/token-count", &with_tools)).await;
+    assert_eq!(status, 200);
+    assert!(reply["token_count"].as_u64().unwrap() > 16 + 20, "{reply}");
 }
 
 #[tokio::test]

@@ -214,7 +214,7 @@ async fn model(
 }
 
 async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let mut body = match json_body(&app, &headers, body).await {
+    let body = match json_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -223,12 +223,9 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let Some(messages) = body.remove("messages") else {
-        return ApiError::bad_request("invalid_request", "`messages` is required").into_response();
-    };
     // Counting costs about a second per ten megabytes of text: off the async workers.
     let counted = crate::offload::run(crate::offload::Pool::Requests, move || {
-        crate::tokens::count_messages(&model, &messages)
+        crate::tokens::count(&model, &body)
     })
     .await;
     match counted {
