@@ -289,6 +289,38 @@ fn anthropic_requests() {
         "temperature wins over top_p"
     );
     snapshot!("anthropic_request_basic", basic);
+    // reasoning_effort turns extended thinking on, with room for the answer beyond the budget; sampling
+    // settings Anthropic refuses while thinking are left out. Without thinking, top_k goes as it is.
+    let reasoning = mapped_request(
+        "anthropic",
+        "chat",
+        "claude-sonnet-4-5",
+        "openai/chat_reasoning.json",
+    );
+    let body = &reasoning["body"];
+    assert_eq!(
+        body["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert!(body["max_tokens"].as_u64().unwrap() > 2048);
+    assert!(body.get("temperature").is_none() && body.get("top_k").is_none());
+    snapshot!("anthropic_request_reasoning", reasoning);
+    let mut plain = json_fixture("openai/chat_reasoning.json");
+    plain.as_object_mut().unwrap().remove("reasoning_effort");
+    let p = provider("anthropic");
+    let mapped = p
+        .mapping
+        .request
+        .map(&target("chat", "claude-sonnet-4-5", false), plain)
+        .unwrap();
+    assert_eq!(
+        (
+            mapped.body["top_k"].clone(),
+            mapped.body["temperature"].clone()
+        ),
+        (json!(40), json!(0.2))
+    );
+    assert!(mapped.body.get("thinking").is_none());
     let tools = mapped_request(
         "anthropic",
         "chat",

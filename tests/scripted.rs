@@ -232,6 +232,28 @@ async fn gemini_embeddings_and_models() {
         mock.seen()[0].body["requests"][1]["content"]["parts"][0]["text"],
         "second"
     );
+    // `encoding_format: base64` (the OpenAI Node SDK's default): little-endian f32s, as OpenAI sends them.
+    let body = json!({"model": "gemini/gemini-embedding-001", "input": ["first", "second"], "encoding_format": "base64"});
+    let (status, _, reply) = send(proxy.post("/v1/embeddings", &body)).await;
+    assert_eq!(status, 200, "{reply}");
+    let encoded = reply["data"][1]["embedding"]
+        .as_str()
+        .expect("a base64 string");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    let floats: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let expected: Vec<f32> = upstream["embeddings"][1]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(floats, expected);
 
     let (status, _, list) = send(proxy.get("/v1/models")).await;
     assert_eq!(status, 200);

@@ -28,6 +28,8 @@ pub(super) struct Job {
     pub call: UpstreamCall,
     pub stream: bool,
     pub wants_usage: bool,
+    /// The client asked for embeddings as base64 (`encoding_format`): mapped answers are written that way.
+    pub base64_embeddings: bool,
     /// When the request began (a stream's total bound runs from here).
     pub begun: Instant,
     pub deadline: Instant,
@@ -101,6 +103,8 @@ impl Relay {
                 .and_then(|o| o.get("include_usage"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
+        let base64_embeddings = endpoint == Endpoint::Embeddings
+            && body.get("encoding_format").and_then(Value::as_str) == Some("base64");
         body.insert("model".into(), Value::String(model.clone()));
         if stream && provider.stream_usage && !wants_usage {
             let options = body
@@ -120,6 +124,7 @@ impl Relay {
             model,
             stream,
             wants_usage,
+            base64_embeddings,
             begun,
             deadline,
             max_response: snapshot.settings.max_response_bytes,

@@ -318,7 +318,10 @@ impl Relay {
                 };
                 let (body, usage) = match answer {
                     Answer::Unchanged => (body, usage),
-                    Answer::Mapped(mapped) => {
+                    Answer::Mapped(mut mapped) => {
+                        if job.base64_embeddings {
+                            embeddings_as_base64(&mut mapped);
+                        }
                         let usage = mapped
                             .get("usage")
                             .map(Usage::from_value)
@@ -362,6 +365,26 @@ impl Relay {
                 })
             }
         }
+    }
+}
+
+/// A mapped embeddings answer as OpenAI writes it for `encoding_format: "base64"`: each vector as the base64 of
+/// its little-endian 32-bit floats. (An upstream that speaks OpenAI's API does this itself.)
+fn embeddings_as_base64(answer: &mut serde_json::Value) {
+    use base64::Engine as _;
+    let data = answer
+        .get_mut("data")
+        .and_then(serde_json::Value::as_array_mut);
+    for item in data.into_iter().flatten() {
+        let Some(serde_json::Value::Array(vector)) = item.get("embedding") else {
+            continue;
+        };
+        let mut bytes = Vec::with_capacity(vector.len() * 4);
+        for x in vector {
+            bytes.extend_from_slice(&(x.as_f64().unwrap_or(0.0) as f32).to_le_bytes());
+        }
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        item["embedding"] = serde_json::Value::String(text);
     }
 }
 
