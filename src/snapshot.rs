@@ -38,6 +38,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// `model` as the engine names it: an alias from config.yaml's `aliases:` replaced by its target, and a
+    /// provider named by one of its `aliases` (`together_ai/…`, as LiteLLM writes it) by its own name.
+    pub fn canonical<'a>(&self, model: &'a str) -> std::borrow::Cow<'a, str> {
+        if let Some(target) = self.settings.model_aliases.get(model) {
+            return std::borrow::Cow::Owned(target.clone());
+        }
+        if let Some((name, rest)) = model.split_once('/')
+            && !self.providers.contains_key(name)
+            && let Some(p) = self
+                .providers
+                .values()
+                .find(|p| p.aliases.iter().any(|a| a == name))
+        {
+            return std::borrow::Cow::Owned(format!("{}/{rest}", p.name));
+        }
+        std::borrow::Cow::Borrowed(model)
+    }
+
     /// Reads and validates everything; returns every problem found, or a snapshot.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadErrors> {
         let mut settings =

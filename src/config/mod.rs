@@ -106,6 +106,8 @@ struct RawConfig {
     continue_streams: Option<bool>,
     cors: Option<RawCors>,
     #[serde(default)]
+    aliases: BTreeMap<String, String>,
+    #[serde(default)]
     providers: BTreeMap<String, TuningPatch>,
 }
 
@@ -186,6 +188,8 @@ pub struct Settings {
     /// Origins (`https://chat.example.com`, or `*`) whose pages may call keyrelay from a browser; `None`: any
     /// origin while a proxy key is set, none without one.
     pub cors_origins: Option<std::sync::Arc<[String]>>,
+    /// Model names clients may use for a `provider/model` (`fast: openai/gpt-4o-mini`).
+    pub model_aliases: BTreeMap<String, String>,
 }
 
 /// Where request logs go and how much room they may take.
@@ -293,6 +297,17 @@ impl Settings {
             }
             std::sync::Arc::from(c.origins)
         });
+        for (alias, target) in &raw.aliases {
+            if alias.is_empty()
+                || !target
+                    .split_once('/')
+                    .is_some_and(|(p, m)| !p.is_empty() && !m.is_empty())
+            {
+                err(format!(
+                    "aliases: {alias:?} -> {target:?} must name a model written provider/model, e.g. fast: openai/gpt-4o-mini"
+                ));
+            }
+        }
         let usage = raw.usage.unwrap_or_default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let request_logging = raw.request_logging.unwrap_or_default();
@@ -330,6 +345,7 @@ impl Settings {
             fallback_on_content_filter: raw.fallback_on_content_filter.unwrap_or(false),
             continue_streams: raw.continue_streams.unwrap_or(true),
             cors_origins,
+            model_aliases: raw.aliases,
         };
         if errors.is_empty() {
             Ok(settings)

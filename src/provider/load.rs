@@ -357,6 +357,12 @@ fn resolve(
     for problem in tuning.problems() {
         err(problem, "");
     }
+    for alias in raw.aliases.iter().filter(|a| !valid_name(a)) {
+        err(
+            format!("aliases: {alias:?} is not a valid provider name"),
+            "lower-case letters, digits and _, e.g. together_ai",
+        );
+    }
 
     if !errors.is_empty() {
         return Err(errors);
@@ -375,6 +381,7 @@ fn resolve(
             deny: raw.models.deny,
         },
         stream_usage: raw.stream_usage,
+        aliases: raw.aliases,
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),

@@ -59,6 +59,8 @@ pub struct Provider {
     pub filter: ModelFilter,
     /// The upstream honours `stream_options.include_usage`.
     pub stream_usage: bool,
+    /// Other names clients may use for it (`together_ai` for `together`, as LiteLLM names it).
+    pub aliases: Vec<String>,
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,

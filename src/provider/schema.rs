@@ -95,6 +95,9 @@ pub(super) struct RawProvider {
     pub(super) models: RawModels,
     #[serde(default)]
     pub(super) stream_usage: bool,
+    /// Other names clients may use for this provider (LiteLLM's prefixes, say).
+    #[serde(default)]
+    pub(super) aliases: Vec<String>,
     pub(super) retry_after: Option<Vec<RawRetrySource>>,
     #[serde(default)]
     pub(super) errors: Vec<RawRule>,

@@ -203,8 +203,9 @@ pub(super) fn resolve_model(
     resolve(snapshot, model)
 }
 
-/// [`resolve_model`] for a model name.
+/// [`resolve_model`] for a model name (an alias resolved first).
 fn resolve(snapshot: &Snapshot, model: &str) -> Result<(Arc<Provider>, String), RelayError> {
+    let model = &*snapshot.canonical(model);
     if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
         return Err(RelayError::BadRequest(format!(
             "`model` must be at most {MAX_MODEL_LEN} bytes of printable characters, written provider/model"

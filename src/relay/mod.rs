@@ -209,11 +209,15 @@ impl Relay {
     ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
         let settings = &snapshot.settings;
+        // Aliases are resolved first, so that fallbacks, logs and metrics all see the model they stand for.
         let requested = body
             .get("model")
             .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+            .map(|m| snapshot.canonical(m).into_owned())
+            .unwrap_or_default();
+        if !requested.is_empty() {
+            body.insert("model".into(), Value::String(requested.clone()));
+        }
         let stream = endpoint == Endpoint::Chat
             && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         // The client's own fallback lists are consumed here, never forwarded, and win over config.yaml's.

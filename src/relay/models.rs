@@ -101,6 +101,17 @@ impl Catalog {
                 out.push(model);
             }
         }
+        // config.yaml's aliases, where what they stand for can be served.
+        for (alias, target) in &snapshot.settings.model_aliases {
+            let served = target.split_once('/').is_some_and(|(p, m)| {
+                snapshot
+                    .serving()
+                    .any(|s| s.name == p && s.filter.permits(m))
+            });
+            if served {
+                out.push(json!({"id": alias, "object": "model", "created": 0, "owned_by": "keyrelay", "alias_of": target}));
+            }
+        }
         out
     }
 
