@@ -1,27 +1,25 @@
-//! The official OpenAI Python SDK against a real keyrelay: chat, streaming, embeddings, models, and the
-//! exception types for 401, 404 and 429. Fails, saying what to install, where Python or the `openai` package
-//! is missing; `.ci/run` installs it.
+//! Official clients against a real keyrelay: the OpenAI Python SDK (chat, streaming, embeddings, models, and the
+//! exception types for 401, 404 and 429), the OpenAI Node SDK (which asks for base64 embeddings and reads every
+//! header strictly) and LiteLLM's async client (`acompletion`, as its Router and proxy call it). Each fails,
+//! saying what to install, where its runtime or package is missing; `.ci/run` installs them.
 
 mod support;
 
 use std::process::Command;
 use support::*;
 
-fn python_with_openai() -> Option<&'static str> {
+fn python_with(module: &str) -> Option<&'static str> {
     ["python3", "python"].into_iter().find(|py| {
         Command::new(py)
-            .args(["-c", "import openai"])
+            .args(["-c", &format!("import {module}")])
             .output()
             .is_ok_and(|o| o.status.success())
     })
 }
 
-#[tokio::test]
-async fn the_openai_python_sdk_works_against_keyrelay() {
-    let python = python_with_openai().expect(
-        "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \
-         run .ci/run (which installs it), or pip install openai",
-    );
+/// A proxy with provider `mock` (answering every chat with one text) and provider `limited` (every key rate
+/// limited for two minutes).
+async fn proxy_for_clients() -> (Proxy, Mock, Mock) {
     let mock = Mock::echo("Hello from the SDK test").await;
     let limited = Mock::start(|_, _| {
         Reply::error(429, "slow down", "requests", "rate_limit_exceeded")
@@ -32,12 +30,16 @@ async fn the_openai_python_sdk_works_against_keyrelay() {
         .provider("limited", provider_yaml(&limited.base_url, ""))
         .env("LIMITED_API_KEY", &key(3))
         .config("request_timeout: 3s\n");
-    let proxy = Proxy::start(setup).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
+    (Proxy::start(setup).await, mock, limited)
+}
+
+/// Runs `program` with `args` against `proxy` and checks that it reports success.
+async fn drive(proxy: &Proxy, program: &str, args: Vec<String>) {
     let url = format!("{}/v1", proxy.url);
+    let program = program.to_string();
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
+        Command::new(program)
+            .args(args)
             .env("KEYRELAY_URL", url)
             .env("KEYRELAY_KEY", PROXY_KEY)
             .output()
@@ -49,4 +51,41 @@ async fn the_openai_python_sdk_works_against_keyrelay() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+fn sdk_file(name: &str) -> String {
+    format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test]
+async fn the_openai_python_sdk_works_against_keyrelay() {
+    let python = python_with("openai").expect(
+        "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \
+         run .ci/run (which installs it), or pip install openai",
+    );
+    let (proxy, _mock, _limited) = proxy_for_clients().await;
+    drive(&proxy, python, vec![sdk_file("openai_sdk.py")]).await;
+}
+
+#[tokio::test]
+async fn the_openai_node_sdk_works_against_keyrelay() {
+    let installed =
+        std::path::Path::new(&sdk_file("node/node_modules/openai/package.json")).exists();
+    assert!(
+        installed,
+        "this test drives the official OpenAI Node SDK, which is not installed: run .ci/run (which installs \
+         it), or npm install --prefix tests/sdk/node"
+    );
+    let (proxy, _mock, _limited) = proxy_for_clients().await;
+    drive(&proxy, "node", vec![sdk_file("node/openai_sdk.mjs")]).await;
+}
+
+#[tokio::test]
+async fn litellms_async_client_works_against_keyrelay() {
+    let python = python_with("litellm").expect(
+        "this test drives LiteLLM's async client and python3 with the litellm package was not found: run \
+         .ci/run (which installs it), or pip install litellm",
+    );
+    let (proxy, _mock, _limited) = proxy_for_clients().await;
+    drive(&proxy, python, vec![sdk_file("litellm_async.py")]).await;
 }

@@ -317,6 +317,17 @@ impl Relay {
                     mapping.map(endpoint, &job.model, &body)?
                 };
                 let (body, usage) = match answer {
+                    // An OpenAI-compatible upstream that ignores `encoding_format` sends floats: written as
+                    // base64 here, since the client decodes what it asked for.
+                    Answer::Unchanged if job.base64_embeddings => {
+                        match serde_json::from_slice::<serde_json::Value>(&body) {
+                            Ok(mut answer) => {
+                                embeddings_as_base64(&mut answer);
+                                (answer.to_string().into(), usage)
+                            }
+                            Err(_) => (body, usage),
+                        }
+                    }
                     Answer::Unchanged => (body, usage),
                     Answer::Mapped(mut mapped) => {
                         if job.base64_embeddings {
@@ -368,8 +379,8 @@ impl Relay {
     }
 }
 
-/// A mapped embeddings answer as OpenAI writes it for `encoding_format: "base64"`: each vector as the base64 of
-/// its little-endian 32-bit floats. (An upstream that speaks OpenAI's API does this itself.)
+/// An embeddings answer as OpenAI writes it for `encoding_format: "base64"`: each vector as the base64 of its
+/// little-endian 32-bit floats (vectors already written so are left alone).
 fn embeddings_as_base64(answer: &mut serde_json::Value) {
     use base64::Engine as _;
     let data = answer
