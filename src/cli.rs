@@ -147,6 +147,13 @@ pub fn summary(snapshot: &Snapshot, opts: &LoadOptions) -> String {
             p.name
         );
     }
+    let honoured: Vec<_> = snapshot.legacy.iter().filter(|r| r.honoured).collect();
+    if !honoured.is_empty() {
+        let _ = writeln!(out, "from the Python proxy's variables:");
+        for r in honoured {
+            let _ = writeln!(out, "  {:<44} -> {}", r.variable, r.effect);
+        }
+    }
     for w in &snapshot.warnings {
         let _ = writeln!(out, "warning: {w}");
     }

@@ -29,18 +29,40 @@ pub fn matches(pattern: &str, text: &str) -> bool {
 pub struct ModelFilter {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
+    /// A model the allow list names passes the deny list too: `WHITELIST_MODELS_<P>` over
+    /// `IGNORE_MODELS_<P>`, as the Python proxy read them (`IGNORE_MODELS_<P>=*` with a whitelist is a pure
+    /// whitelist). Provider files' `allow` and `deny` both hold.
+    pub allow_wins: bool,
 }
 
 impl ModelFilter {
     pub fn permits(&self, model: &str) -> bool {
-        (self.allow.is_empty() || self.allow.iter().any(|g| matches(g, model)))
-            && !self.deny.iter().any(|g| matches(g, model))
+        let allowed = self.allow.iter().any(|g| matches(g, model));
+        if self.allow_wins && allowed {
+            return true;
+        }
+        (self.allow.is_empty() || allowed) && !self.deny.iter().any(|g| matches(g, model))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whitelist_from_the_environment_wins_over_its_ignore_list() {
+        let filter = |allow_wins| ModelFilter {
+            allow: vec!["gemini-2.5-*".into()],
+            deny: vec!["*".into()],
+            allow_wins,
+        };
+        assert!(filter(true).permits("gemini-2.5-pro"));
+        assert!(!filter(true).permits("gemini-1.5-pro"));
+        assert!(
+            !filter(false).permits("gemini-2.5-pro"),
+            "in a provider file both hold"
+        );
+    }
 
     #[test]
     fn globs() {
@@ -60,6 +82,7 @@ mod tests {
         let f = ModelFilter {
             allow: vec!["gpt-*".into()],
             deny: vec!["*-audio*".into()],
+            allow_wins: false,
         };
         assert!(f.permits("gpt-4o"));
         assert!(!f.permits("gpt-4o-audio-preview"));

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// When this snapshot was built.
     pub loaded_at: crate::clock::UnixMs,
+    /// How the Python proxy's variables in the environment were read (`keyrelay check` lists them).
+    pub legacy: Vec<crate::config::legacy::Reading>,
 }
 
 impl Snapshot {
@@ -74,9 +76,16 @@ impl Snapshot {
     }
 
     /// Loads the provider files named by `settings` and combines them with `env`.
-    pub fn build(settings: Settings, env: &Env) -> Result<Self, LoadErrors> {
+    pub fn build(mut settings: Settings, env: &Env) -> Result<Self, LoadErrors> {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
+        // How the Python proxy's variables were read, for `keyrelay check` and warnings.
+        let mut legacy = Vec::new();
+        if let Some(timeout) = crate::config::legacy::global_timeout(env, &mut legacy)
+            && !settings.request_timeout_set
+        {
+            settings.request_timeout = timeout;
+        }
         let mut providers: BTreeMap<String, Provider> = BTreeMap::new();
 
         let dir = &settings.providers_dir;
@@ -141,11 +150,38 @@ impl Snapshot {
                     ),
                 }
             }
-            if let Some(allow) = env.model_globs("WHITELIST", name) {
+            let whitelist = env.model_globs("WHITELIST", name);
+            let ignore = env.model_globs("IGNORE", name);
+            p.filter.allow_wins = whitelist.is_some() && ignore.is_some();
+            if let Some(allow) = whitelist {
                 p.filter.allow = allow;
             }
-            if let Some(deny) = env.model_globs("IGNORE", name) {
+            if let Some(deny) = ignore {
                 p.filter.deny = deny;
+            }
+            // The Python proxy's tuning of this provider, under config.yaml's own `providers:` entry.
+            let patch = crate::config::legacy::tuning(env, name, &mut legacy);
+            if patch.selection.is_some() || patch.concurrency.is_some() {
+                p.tuning = p.tuning.patched(&patch);
+                if let Some(user) = settings.provider_tuning.get(name) {
+                    p.tuning = p.tuning.patched(user);
+                }
+            }
+            if let Some(models) = crate::config::legacy::models(env, name, &mut legacy) {
+                for (model, id) in models {
+                    if let Some(id) = id {
+                        settings
+                            .model_aliases
+                            .entry(format!("{name}/{model}"))
+                            .or_insert_with(|| format!("{name}/{id}"));
+                    }
+                    if !p.static_models.contains(&model) {
+                        p.static_models.push(model);
+                    }
+                }
+                if p.list == provider::ListSource::Upstream {
+                    p.list = provider::ListSource::Both;
+                }
             }
             p.fingerprint = provider::fingerprint((
                 p.fingerprint,
@@ -188,6 +224,10 @@ impl Snapshot {
                 }
             }
         }
+        legacy.extend(crate::config::legacy::unhonoured(env));
+        for reading in legacy.iter().filter(|r| !r.honoured) {
+            warnings.push(format!("{}: {}", reading.variable, reading.effect));
+        }
         for orphan in env.orphan_key_names(&|p| providers.contains_key(p)) {
             warnings.push(format!(
                 "{orphan} is set in the env file but no provider of that name is configured"
@@ -207,6 +247,7 @@ impl Snapshot {
             generation: 1,
             loaded_at: crate::clock::Clock::system().now(),
             warnings,
+            legacy,
         })
     }
 

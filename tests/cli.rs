@@ -656,7 +656,7 @@ fn json_logs_make_every_line_json_and_env_errors_name_the_line() {
     write(
         dir.path(),
         ".env",
-        "ACME_API_KEY_1=abcdefghijklmnop\n# a comment\nACME_API_KEY_2=two words\n",
+        "ACME_API_KEY_1=abcdefghijklmnop\n# a comment\nACME_API_KEY_2 two words\n",
     );
     let out = keyrelay(dir.path()).arg("check").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -24,32 +24,29 @@ impl std::fmt::Debug for Env {
 }
 
 impl Env {
-    /// Reads `.env` at `path` (a missing file is fine) and overlays the process environment.
+    /// Reads `.env` at `path` (a missing file is fine), then every other `*.env` file beside it in name order (a
+    /// variable already set keeps its value, as the Python proxy read them), and overlays the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut env = Self::default();
-        match dotenvy::from_path_iter(path) {
-            Ok(iter) => {
-                for item in iter {
-                    let (name, value) = item.map_err(|e| {
-                        let mut err = ConfigError::new(
-                            Some(path),
-                            format!("cannot parse: {}", redact_dotenv_error(&e)),
-                        )
-                        .hint("quote a value that holds spaces or #, e.g. NAME=\"a b\"");
-                        err.line = failing_line(path, &e);
-                        err
-                    })?;
-                    env.from_file.insert(name.clone());
-                    env.vars.insert(name, value);
-                }
-            }
-            Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(ConfigError::new(
-                    Some(path),
-                    format!("cannot read: {}", redact_dotenv_error(&e)),
-                ));
-            }
+        env.read_file(path, true)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut others: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "env")
+                    && p.file_name() != path.file_name()
+                    && p.is_file()
+            })
+            .collect();
+        others.sort();
+        for other in others {
+            env.read_file(&other, false)?;
         }
         for (name, value) in std::env::vars_os() {
             if let (Ok(name), Ok(value)) = (name.into_string(), value.into_string()) {
@@ -58,6 +55,35 @@ impl Env {
             }
         }
         Ok(env)
+    }
+
+    /// Adds the variables of one env file (a missing file is fine): all of them, or with `replace` false only
+    /// those not set yet.
+    fn read_file(&mut self, path: &Path, replace: bool) -> Result<(), ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ConfigError::new(Some(path), format!("cannot read: {e}"))),
+        };
+        let outside = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| self.vars.get(name).cloned())
+        };
+        let vars = super::dotenv::parse(&text, &outside).map_err(|e| {
+            let mut err = ConfigError::new(Some(path), format!("cannot parse: {}", e.what)).hint(
+                "write NAME=value; quote a value that starts with a quote, e.g. NAME='a \"b\"'",
+            );
+            err.line = Some(e.line);
+            err
+        })?;
+        for (name, value) in vars {
+            if replace || !self.vars.contains_key(&name) {
+                self.from_file.insert(name.clone());
+                self.vars.insert(name, value);
+            }
+        }
+        Ok(())
     }
 
     /// An environment from explicit pairs (tests and library users).
@@ -80,14 +106,22 @@ impl Env {
             .filter(|v| !v.trim().is_empty())
     }
 
+    /// Every variable's name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.keys().map(String::as_str)
+    }
+
     pub fn proxy_key(&self) -> Option<&str> {
         self.get("PROXY_API_KEY")
     }
 
-    /// `<PROVIDER>_API_KEY` then `<PROVIDER>_API_KEY_<N>` in ascending N; a value listed twice is kept once.
+    /// `<PROVIDER>_API_KEY`, then `<PROVIDER>_API_KEY_<N>` in ascending N, then any other suffix
+    /// (`_API_KEY_BACKUP`, `_API_KEY_0`) in name order, as the Python proxy took them all; a value listed twice
+    /// is kept once.
     pub fn provider_keys(&self, provider: &str) -> Vec<String> {
         let prefix = format!("{}_API_KEY", provider.to_ascii_uppercase());
         let mut numbered: Vec<(u64, &str)> = Vec::new();
+        let mut other: Vec<&str> = Vec::new();
         let mut plain = None;
         for (name, value) in self.vars.range(prefix.clone()..) {
             let Some(rest) = name.strip_prefix(&prefix) else {
@@ -102,12 +136,11 @@ impl Env {
                 if provider != "proxy" {
                     plain = Some(value);
                 }
-            } else if let Some(n) = rest
-                .strip_prefix('_')
-                .and_then(|n| n.parse::<u64>().ok())
-                .filter(|n| *n > 0)
-            {
-                numbered.push((n, value));
+            } else if let Some(suffix) = rest.strip_prefix('_').filter(|s| !s.is_empty()) {
+                match suffix.parse::<u64>().ok().filter(|n| *n > 0) {
+                    Some(n) => numbered.push((n, value)),
+                    None => other.push(value),
+                }
             }
         }
         numbered.sort_by_key(|(n, _)| *n);
@@ -115,6 +148,7 @@ impl Env {
         for value in plain
             .into_iter()
             .chain(numbered.into_iter().map(|(_, v)| v))
+            .chain(other)
         {
             if !out.iter().any(|v| v == value) {
                 out.push(value.to_string());
@@ -165,10 +199,7 @@ impl Env {
 fn provider_of_key_var(name: &str) -> Option<String> {
     let at = name.rfind("_API_KEY")?;
     let rest = &name[at + "_API_KEY".len()..];
-    let numbered = rest.is_empty()
-        || rest
-            .strip_prefix('_')
-            .is_some_and(|n| n.parse::<u64>().is_ok());
+    let numbered = rest.is_empty() || rest.strip_prefix('_').is_some_and(|s| !s.is_empty());
     let stem = &name[..at];
     (numbered && is_env_name(stem) && stem != "PROXY").then(|| stem.to_ascii_lowercase())
 }
@@ -178,24 +209,6 @@ fn is_env_name(stem: &str) -> bool {
         && stem
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// The line (from 1) of `.env` that a parse error is about: dotenvy gives the line's text, not its number.
-fn failing_line(path: &Path, e: &dotenvy::Error) -> Option<usize> {
-    let dotenvy::Error::LineParse(line, _) = e else {
-        return None;
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    let at = text.find(line.as_str())?;
-    Some(text[..at].matches('\n').count() + 1)
-}
-
-/// dotenvy's parse errors quote the offending line, which may hold a key: keep only the position.
-fn redact_dotenv_error(e: &dotenvy::Error) -> String {
-    match e {
-        dotenvy::Error::LineParse(..) => "this line is not NAME=value".to_string(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -214,7 +227,11 @@ mod tests {
             ("NVIDIA_NIM_API_KEY_X", "nope"),
             ("NVIDIA_API_KEY", "other-provider"),
         ]);
-        assert_eq!(env.provider_keys("nvidia_nim"), vec!["z", "a", "b", "c"]);
+        assert_eq!(
+            env.provider_keys("nvidia_nim"),
+            vec!["z", "a", "b", "c", "zero-is-not-positive", "nope"],
+            "plain, numbered in order, then any other suffix by name"
+        );
         assert_eq!(env.provider_keys("nvidia"), vec!["other-provider"]);
         let env = Env::from_pairs([
             ("PROXY_API_KEY", "the-proxy-key"),

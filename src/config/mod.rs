@@ -3,8 +3,10 @@
 //! Every setting is optional; a missing default `config.yaml` means all defaults. Unknown keys are errors that
 //! name the file and line, so a typo never silently falls back to a default.
 
+mod dotenv;
 pub mod env;
 mod error;
+pub mod legacy;
 pub mod tuning;
 mod values;
 
@@ -156,6 +158,8 @@ pub struct Settings {
     pub port: u16,
     /// One deadline per request covering waits, retries and backoff.
     pub request_timeout: Duration,
+    /// `request_timeout` was set in config.yaml (the Python proxy's `GLOBAL_TIMEOUT` does not replace it).
+    pub request_timeout_set: bool,
     pub max_body_bytes: usize,
     /// The most of an upstream's non-streamed answer, error body or model list that is read.
     pub max_response_bytes: usize,
@@ -322,6 +326,7 @@ impl Settings {
             host: raw.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: raw.port.unwrap_or(8000),
             request_timeout,
+            request_timeout_set: raw.request_timeout.is_some(),
             max_body_bytes: raw.max_body_size.map_or(20 << 20, |b| b.0),
             max_response_bytes,
             edge,

@@ -379,6 +379,7 @@ fn resolve(
         filter: ModelFilter {
             allow: raw.models.allow,
             deny: raw.models.deny,
+            allow_wins: false,
         },
         stream_usage: raw.stream_usage,
         aliases: raw.aliases,
