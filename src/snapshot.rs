@@ -43,9 +43,14 @@ impl Snapshot {
     /// `model` as the engine names it: an alias from config.yaml's `aliases:` replaced by its target, and a
     /// provider named by one of its `aliases` (`together_ai/…`, as LiteLLM writes it) by its own name.
     pub fn canonical<'a>(&self, model: &'a str) -> std::borrow::Cow<'a, str> {
-        if let Some(target) = self.settings.model_aliases.get(model) {
-            return std::borrow::Cow::Owned(target.clone());
+        match self.settings.model_aliases.get(model) {
+            Some(target) => std::borrow::Cow::Owned(self.provider_alias(target).into_owned()),
+            None => self.provider_alias(model),
         }
+    }
+
+    /// `model` with its provider named by its own name when it was named by one of its aliases.
+    fn provider_alias<'a>(&self, model: &'a str) -> std::borrow::Cow<'a, str> {
         if let Some((name, rest)) = model.split_once('/')
             && !self.providers.contains_key(name)
             && let Some(p) = self
@@ -169,14 +174,19 @@ impl Snapshot {
             }
             if let Some(models) = crate::config::legacy::models(env, name, &mut legacy) {
                 for (model, id) in models {
-                    if let Some(id) = id {
-                        settings
-                            .model_aliases
-                            .entry(format!("{name}/{model}"))
-                            .or_insert_with(|| format!("{name}/{id}"));
-                    }
-                    if !p.static_models.contains(&model) {
-                        p.static_models.push(model);
+                    // A name for another id is an alias (listed as one), the id the static model.
+                    let listed = match id {
+                        Some(id) => {
+                            settings
+                                .model_aliases
+                                .entry(format!("{name}/{model}"))
+                                .or_insert_with(|| format!("{name}/{id}"));
+                            id
+                        }
+                        None => model,
+                    };
+                    if !p.static_models.contains(&listed) {
+                        p.static_models.push(listed);
                     }
                 }
                 if p.list == provider::ListSource::Upstream {
@@ -223,6 +233,19 @@ impl Snapshot {
                     );
                 }
             }
+        }
+        let open_cors = settings
+            .cors_origins
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "*"));
+        if open_cors && env.proxy_key().is_none() {
+            errors.push(
+                ConfigError::new(
+                    None,
+                    "config.yaml: cors.origins \"*\" needs PROXY_API_KEY: without a key, any web page the user opens could spend the pool",
+                )
+                .hint("name the origins of your own pages, or set PROXY_API_KEY"),
+            );
         }
         legacy.extend(crate::config::legacy::unhonoured(env));
         for reading in legacy.iter().filter(|r| !r.honoured) {

@@ -56,7 +56,12 @@ async fn with_a_proxy_key_any_origin_may_call_and_preflights_are_answered() {
     assert_eq!(answer.status(), 200);
     let h = answer.headers().clone();
     assert_eq!(header(&h, "access-control-allow-origin"), ORIGIN);
-    assert!(header(&h, "access-control-expose-headers").contains("x-keyrelay-key"));
+    assert_eq!(
+        header(&h, "access-control-expose-headers"),
+        "*",
+        "pages may read x-keyrelay-* and x-upstream-* (no credentials, so the wildcard holds)"
+    );
+    assert!(h.get("x-keyrelay-key").is_some());
     let body: Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "from the pool");
 
@@ -209,5 +214,18 @@ async fn without_a_proxy_key_configured_origins_may_call() {
     assert_eq!(
         header(answer.headers(), "access-control-allow-origin"),
         "http://localhost:3000"
+    );
+}
+
+#[tokio::test]
+async fn without_a_proxy_key_every_origin_cannot_be_allowed() {
+    let mock = Mock::echo("local").await;
+    let dir = keyless_dir(&mock, "cors: {origins: [\"*\"]}\n");
+    let out = keyrelay(dir.path()).arg("check").output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("cors.origins") && text.contains("PROXY_API_KEY"),
+        "{text}"
     );
 }

@@ -29,12 +29,22 @@ async fn insufficient_quota_benches_the_key_until_the_daily_reset() {
                 "insufficient_quota",
                 "insufficient_quota",
             )
+            // Sent by OpenAI-style servers on every answer: the per-minute window, not the quota's end.
+            .with_header("x-ratelimit-reset-requests", "20s")
         } else {
             Reply::ok(completion(seen.model(), "paid"))
         }
     })
     .await;
-    let proxy = local(&mock, "").await;
+    // The daily reset half a day away, so that "until the reset" cannot be mistaken for a short rest.
+    let hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        + 12)
+        % 24;
+    let proxy = local(&mock, &format!("daily_reset: {{time: \"{hour:02}:00\"}}\n")).await;
     for _ in 0..3 {
         let (status, _, body) = proxy.chat("local/m", "hi").await;
         assert_eq!(status, 200, "{body}");
@@ -51,6 +61,17 @@ async fn insufficient_quota_benches_the_key_until_the_daily_reset() {
         reason.as_str(),
         "quota",
         "not a per-minute limit: {broke_status:?}"
+    );
+    let until = broke_status
+        .model_cooldowns
+        .first()
+        .map(|(_, until, _)| *until)
+        .or(broke_status.cooling_until)
+        .unwrap();
+    let left = until - keyrelay::clock::Clock::system().now();
+    assert!(
+        left > 3_600_000,
+        "rests until the daily reset, not the 20 s of the rate-limit headers: {left} ms"
     );
     assert_eq!(
         mock.chats().iter().filter(|s| s.key == broke).count(),

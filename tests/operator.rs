@@ -108,7 +108,9 @@ async fn a_reset_ends_a_keys_cooldowns_for_one_model_or_all() {
         assert!(cooled, "{model} cools on the first key");
     }
 
-    let (status, answer) = act(&proxy, &id, "reset", Some(json!({"model": "m"}))).await;
+    let (status, answer) = act(&proxy, &id, "reset", Some(json!({"model": "never-used"}))).await;
+    assert_eq!((status, error_code(&answer)), (404, "unknown_model".into()));
+    let (status, answer) = act(&proxy, &id, "reset", Some(json!({"model": "mock/m"}))).await;
     assert_eq!(status, 200, "{answer}");
     let models: Vec<&str> = answer["key"]["model_cooldowns"]
         .as_array()

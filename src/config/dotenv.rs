@@ -31,6 +31,13 @@ pub fn parse(
         }
         let line = line.strip_prefix("export ").map_or(line, str::trim_start);
         let Some((name, rest)) = line.split_once('=') else {
+            // A bare name sets nothing, as in python-dotenv.
+            if line
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            {
+                continue;
+            }
             return fail("this line is not NAME=value");
         };
         let name = name.trim();
@@ -75,7 +82,7 @@ pub fn parse(
                 if quote == '"' {
                     expand(&unescape(inner), &lookup)
                 } else {
-                    inner.to_string()
+                    inner.replace("\\'", "'")
                 }
             }
             _ => {
@@ -91,13 +98,14 @@ pub fn parse(
     Ok(out)
 }
 
-/// Where the closing `quote` is in `body`; in double quotes, a backslash escapes the next character.
+/// Where the closing `quote` is in `body`; a backslash escapes the next character (in single quotes, only `\'`
+/// means anything: a quote).
 fn closing(body: &str, quote: char) -> Option<usize> {
     let mut escaped = false;
     for (at, c) in body.char_indices() {
         match c {
             _ if escaped => escaped = false,
-            '\\' if quote == '"' => escaped = true,
+            '\\' => escaped = true,
             c if c == quote => return Some(at),
             _ => {}
         }
@@ -180,13 +188,19 @@ mod tests {
         assert_eq!(get("H"), Some("fallback"));
         assert_eq!(get("I"), Some("a#not-a-comment"));
         assert_eq!(get("J"), Some(""));
+        let vars = read("BARE\nK='it\\'s'\n");
+        assert_eq!(
+            vars,
+            [("K".to_string(), "it's".to_string())],
+            "a bare name sets nothing"
+        );
     }
 
     #[test]
     fn errors_name_the_line_without_quoting_it() {
         let none = |_: &str| None;
         assert_eq!(
-            parse("A=1\nsk-secret-without-a-name\n", &none),
+            parse("A=1\nsk-secret pasted-without-a-name\n", &none),
             Err(ParseError {
                 line: 2,
                 what: "this line is not NAME=value"

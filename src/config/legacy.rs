@@ -78,12 +78,16 @@ pub fn tuning(env: &Env, provider: &str, readings: &mut Vec<Reading>) -> TuningP
 /// `GLOBAL_TIMEOUT` (whole seconds) as the request deadline.
 pub fn global_timeout(env: &Env, readings: &mut Vec<Reading>) -> Option<Duration> {
     let value = env.get("GLOBAL_TIMEOUT")?;
-    let secs = value.trim().parse::<u64>().ok().filter(|s| *s > 0);
+    let secs = value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|s| (1..=24 * 3600).contains(s));
     readings.push(Reading {
         variable: format!("GLOBAL_TIMEOUT={value}"),
         effect: match secs {
             Some(s) => format!("request_timeout: {s}s (unless config.yaml sets request_timeout)"),
-            None => "not a positive whole number of seconds: ignored".into(),
+            None => "not a whole number of seconds from 1 to 86400: ignored".into(),
         },
         honoured: secs.is_some(),
     });

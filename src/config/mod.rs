@@ -259,8 +259,8 @@ impl Settings {
             err("provider_pause.keys must be at least 2".into());
         }
         let request_timeout = raw.request_timeout.unwrap_or(Duration::from_secs(30));
-        if request_timeout.is_zero() {
-            err("request_timeout must be greater than zero".into());
+        if request_timeout.is_zero() || request_timeout > Duration::from_secs(24 * 3600) {
+            err("request_timeout must be greater than zero and at most 24h".into());
         }
         let server = raw.server.unwrap_or_default();
         let defaults = EdgeLimits::default();

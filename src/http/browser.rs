@@ -12,7 +12,7 @@
 
 use super::{ApiError, AppState};
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
@@ -26,13 +26,9 @@ pub(super) fn cors(state: AppState) -> CorsLayer {
         .allow_methods([Method::GET, Method::POST])
         // `Authorization` is never covered by a wildcard: the headers asked for are allowed by name.
         .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers([
-            HeaderName::from_static("x-keyrelay-provider"),
-            HeaderName::from_static("x-keyrelay-attempts"),
-            HeaderName::from_static("x-keyrelay-key"),
-            HeaderName::from_static("x-keyrelay-fallback"),
-            header::RETRY_AFTER,
-        ])
+        // Every response header, `x-keyrelay-*`, `x-upstream-*` and `retry-after` included: without
+        // credentials the wildcard is honoured.
+        .expose_headers(tower_http::cors::Any)
         .max_age(Duration::from_secs(600))
 }
 

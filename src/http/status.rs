@@ -131,14 +131,21 @@ pub(super) async fn key_action(
         "disable" => KeyAction::Disable,
         "enable" => KeyAction::Enable,
         "reset" => {
-            let bytes = axum::body::to_bytes(body, 64 << 10)
-                .await
-                .unwrap_or_default();
+            let within = snapshot.settings.edge.body_timeout;
+            let read = tokio::time::timeout(within, axum::body::to_bytes(body, 64 << 10)).await;
+            let Ok(Ok(bytes)) = read else {
+                return bad_action("the body must be at most 64 KiB and arrive in time");
+            };
             let model = match serde_json::from_slice::<Value>(&bytes) {
                 _ if bytes.iter().all(u8::is_ascii_whitespace) => None,
+                // The model as `/v1/keys` shows it; `provider/model` and aliases are accepted too.
                 Ok(Value::Object(o)) => match o.get("model") {
                     None | Some(Value::Null) => None,
-                    Some(Value::String(m)) => Some(m.clone()),
+                    Some(Value::String(m)) => {
+                        let m = snapshot.canonical(m);
+                        let prefix = format!("{}/", provider.name);
+                        Some(m.strip_prefix(&prefix).unwrap_or(&m).to_string())
+                    }
                     Some(_) => return bad_action("`model` must be a string"),
                 },
                 _ => return bad_action("the body must be empty or {\"model\": \"<model>\"}"),
@@ -156,7 +163,15 @@ pub(super) async fn key_action(
         }
     };
     let store = app.relay.store();
-    store.control(&provider.name, key, &action);
+    if !store.control(&provider.name, key, &action) {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_model",
+            "this key has no state for that model; /v1/keys lists the models it is cooling for",
+        )
+        .into_response();
+    }
     tracing::info!(provider = %provider.name, key = %key.masked, action = ?action, "operator action on a key");
     let status = store
         .report(&provider.name, std::slice::from_ref(key))

@@ -100,6 +100,15 @@ impl Meter {
 
     /// Counts tokens an upstream reported for this key.
     pub fn spend_tokens(&mut self, now: UnixMs, tokens: u64) {
+        // Only the last minute counts: older spends go here too, so a key without a tokens-per-minute limit
+        // (whose admission never prunes) keeps a minute's worth at most.
+        while self
+            .tokens
+            .front()
+            .is_some_and(|(at, _)| now - at >= MINUTE)
+        {
+            self.tokens.pop_front();
+        }
         if tokens > 0 {
             self.tokens.push_back((now, tokens));
         }

@@ -356,8 +356,16 @@ impl KeyStore for MemoryStore {
         self.changed.notify_one();
     }
 
-    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) {
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool {
         let mut state = self.lock();
+        if let KeyAction::Reset { model: Some(model) } = action
+            && !state
+                .keys
+                .get(&key.id)
+                .is_some_and(|k| k.models.contains_key(model))
+        {
+            return false;
+        }
         let ks = state
             .keys
             .entry(key.id.clone())
@@ -371,6 +379,7 @@ impl KeyStore for MemoryStore {
         self.changed.notify_one();
         // A key back in rotation may serve requests waiting for one.
         self.wakeup(provider).notify_waiters();
+        true
     }
 
     fn report<'a>(

@@ -172,8 +172,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// usage file) are left alone.
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>);
 
-    /// Applies an operator's action to `key` of `provider`.
-    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction);
+    /// Applies an operator's action to `key` of `provider`; false when it names a model the key has no state for.
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool;
 
     /// The state of `keys` of `provider`, for operators.
     fn report<'a>(&'a self, provider: &'a str, keys: &'a [ApiKey])

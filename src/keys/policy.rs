@@ -195,12 +195,28 @@ pub fn settle(
                 until: now,
                 reason: class,
             });
+            // A failure reported while a cooldown of the same scope still runs was in flight when that cooldown
+            // began (parallel requests on one key): part of the same episode, it does not escalate the schedule.
+            let running = match scope {
+                Scope::Model => model.cooldown,
+                Scope::Key => key.cooldown,
+            }
+            .is_some_and(|c| c.until > now);
             let streak = match scope {
                 Scope::Model => &mut model.streak,
                 Scope::Key => key_streak,
             };
-            let until = cooldown_until(class, retry_after, *streak + 1, tuning, now, next_reset)?;
-            *streak += 1;
+            if !running {
+                *streak += 1;
+            }
+            let until = cooldown_until(
+                class,
+                retry_after,
+                (*streak).max(1),
+                tuning,
+                now,
+                next_reset,
+            )?;
             let slot = match scope {
                 Scope::Model => &mut model.cooldown,
                 Scope::Key => &mut key.cooldown,
@@ -310,10 +326,15 @@ mod tests {
             retry_after: None,
         };
         let first = settle(&mut key, "m", &limited, &tuning, 0, 0).unwrap();
-        let second = settle(&mut key, "m", &limited, &tuning, 0, 0).unwrap();
-        assert_eq!((first.until, second.until), (10_000, 30_000));
+        // Reported while the first rest runs: in flight with it, the same episode.
+        let parallel = settle(&mut key, "m", &limited, &tuning, 5_000, 0).unwrap();
+        assert_eq!((first.until, parallel.until), (10_000, 15_000));
+        assert_eq!(key.models["m"].streak, 1);
+        // After the rest, the next one is the second in a row.
+        let second = settle(&mut key, "m", &limited, &tuning, 15_000, 0).unwrap();
+        assert_eq!(second.until, 45_000);
         assert_eq!(key.models["m"].streak, 2);
-        assert_eq!(key.models["m"].today.failures, 2);
+        assert_eq!(key.models["m"].today.failures, 3);
         let stated = Outcome::Failure {
             class: ErrorClass::RateLimit,
             scope: Scope::Model,
@@ -322,7 +343,7 @@ mod tests {
         settle(&mut key, "m", &stated, &tuning, 0, 0);
         assert_eq!(
             key.models["m"].cooldown.unwrap().until,
-            30_000,
+            45_000,
             "not cut short"
         );
         let ok = Outcome::Success {

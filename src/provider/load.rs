@@ -112,6 +112,7 @@ errors:
     body_regex: '(?i)insufficient_quota|exceeded your current quota'
     class: quota
     scope: key
+    retry_after: []
   - status: 429
     class: rate_limit
     scope: model

@@ -97,6 +97,42 @@ async fn by_default_parallel_requests_spread_over_idle_keys_then_stack() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn parallel_rate_limits_on_one_key_are_one_episode_not_an_escalation() {
+    let store = MemoryStore::new(Clock::starting_at(START), policy());
+    let keys = keys(1);
+    let tuning = Tuning::default();
+    let grants: Vec<Grant> = (0..6)
+        .map(|_| store.try_acquire(ask(&keys, &tuning, &[])).unwrap())
+        .collect();
+    for g in &grants {
+        store.release(
+            g,
+            fail(ErrorClass::RateLimit, Some(Duration::from_secs(1))),
+            &tuning,
+        );
+    }
+    let status = &store.status("p", &keys)[0];
+    let (_, until, _) = status.model_cooldowns[0].clone();
+    assert_eq!(
+        until,
+        START + 1_000,
+        "six at once rest the stated second, not five steps of the schedule"
+    );
+    assert_eq!(status.streak, 1);
+    // The next one, after that rest, is the second in a row.
+    tokio::time::advance(Duration::from_millis(1_100)).await;
+    let g = store.try_acquire(ask(&keys, &tuning, &[])).unwrap();
+    store.release(
+        &g,
+        fail(ErrorClass::RateLimit, Some(Duration::from_secs(1))),
+        &tuning,
+    );
+    let status = &store.status("p", &keys)[0];
+    assert_eq!(status.streak, 2);
+    assert!(status.model_cooldowns[0].1 >= START + 1_100 + 10_000);
+}
+
+#[tokio::test(start_paused = true)]
 async fn balanced_spreads_and_limits_concurrency() {
     let store = MemoryStore::new(Clock::starting_at(START), policy());
     let keys = keys(4);
