@@ -321,6 +321,30 @@ fn anthropic_requests() {
         (json!(40), json!(0.2))
     );
     assert!(mapped.body.get("thinking").is_none());
+    // Answering tool calls, or with a forced tool, thinking stays off or the choice becomes auto: Anthropic
+    // refuses both otherwise.
+    let mut tools = json_fixture("openai/chat_tools.json");
+    tools["reasoning_effort"] = json!("high");
+    tools["tool_choice"] = json!("required");
+    let answering = p
+        .mapping
+        .request
+        .map(&target("chat", "claude-sonnet-4-5", false), tools.clone())
+        .unwrap();
+    assert!(
+        answering.body.get("thinking").is_none(),
+        "{}",
+        answering.body
+    );
+    let messages = tools["messages"].as_array_mut().unwrap();
+    messages.retain(|m| m["role"] == "user" || m["role"] == "system");
+    let forced = p
+        .mapping
+        .request
+        .map(&target("chat", "claude-sonnet-4-5", false), tools)
+        .unwrap();
+    assert_eq!(forced.body["thinking"]["type"], "enabled");
+    assert_eq!(forced.body["tool_choice"]["type"], "auto");
     let tools = mapped_request(
         "anthropic",
         "chat",
