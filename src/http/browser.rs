@@ -12,25 +12,8 @@
 
 use super::{ApiError, AppState};
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::time::Duration;
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-
-/// The CORS layer; which origins it allows is read from the configuration serving at each request.
-pub(super) fn cors(state: AppState) -> CorsLayer {
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::predicate(
-            move |origin: &HeaderValue, _: &Parts| allowed(&state, origin.as_bytes()),
-        ))
-        .allow_methods([Method::GET, Method::POST])
-        // `Authorization` is never covered by a wildcard: the headers asked for are allowed by name.
-        .allow_headers(AllowHeaders::mirror_request())
-        // Every response header, `x-keyrelay-*`, `x-upstream-*` and `retry-after` included: without
-        // credentials the wildcard is honoured.
-        .expose_headers(tower_http::cors::Any)
-        .max_age(Duration::from_secs(600))
-}
 
 /// Whether pages of `origin` may call keyrelay.
 fn allowed(state: &AppState, origin: &[u8]) -> bool {
@@ -43,15 +26,17 @@ fn allowed(state: &AppState, origin: &[u8]) -> bool {
     }
 }
 
-/// The guards of a proxy without a key, as a layer.
+/// The browser layer: the guards of a proxy without a key, then CORS. A request without `Origin` (every API
+/// client) passes through untouched, at the cost of one header lookup; the state it holds is one `Arc`, since
+/// axum clones a route's layers for every request.
 #[derive(Clone)]
-pub(super) struct KeylessGuard(pub(super) AppState);
+pub(super) struct Browser(pub(super) AppState);
 
-impl<S> tower_layer::Layer<S> for KeylessGuard {
-    type Service = Guarded<S>;
+impl<S> tower_layer::Layer<S> for Browser {
+    type Service = BrowserService<S>;
 
-    fn layer(&self, inner: S) -> Guarded<S> {
-        Guarded {
+    fn layer(&self, inner: S) -> BrowserService<S> {
+        BrowserService {
             inner,
             app: self.0.clone(),
         }
@@ -59,20 +44,23 @@ impl<S> tower_layer::Layer<S> for KeylessGuard {
 }
 
 #[derive(Clone)]
-pub(super) struct Guarded<S> {
+pub(super) struct BrowserService<S> {
     inner: S,
     app: AppState,
 }
 
-impl<S> tower_service::Service<Request> for Guarded<S>
+type Answer = Result<Response, std::convert::Infallible>;
+
+impl<S> tower_service::Service<Request> for BrowserService<S>
 where
     S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = std::convert::Infallible;
     type Future = futures_util::future::Either<
         S::Future,
-        std::future::Ready<Result<Response, std::convert::Infallible>>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
     >;
 
     fn poll_ready(
@@ -83,18 +71,69 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let refused = match self.app.relay.snapshot().proxy_key {
-            Some(_) => None,
-            None => refusal(&self.app, request.method(), request.headers()),
+        use futures_util::future::Either;
+        let answer = |response: Response| -> Self::Future {
+            Either::Right(Box::pin(std::future::ready(Ok(response))))
         };
-        match refused {
-            None => futures_util::future::Either::Left(self.inner.call(request)),
-            Some(refused) => {
-                futures_util::future::Either::Right(std::future::ready(Ok(refused.into_response())))
-            }
+        if self.app.relay.snapshot().proxy_key.is_none()
+            && let Some(refused) = refusal(&self.app, request.method(), request.headers())
+        {
+            return answer(refused.into_response());
         }
+        let Some(origin) = request.headers().get(header::ORIGIN).cloned() else {
+            return Either::Left(self.inner.call(request));
+        };
+        let allow = allowed(&self.app, origin.as_bytes());
+        let preflight = request.method() == Method::OPTIONS
+            && request
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            // Answered here, before the key check: browsers never send credentials in a preflight.
+            let mut response = StatusCode::OK.into_response();
+            let h = response.headers_mut();
+            h.insert(header::VARY, HeaderValue::from_static(PREFLIGHT_VARY));
+            if allow {
+                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    HeaderValue::from_static("GET,POST"),
+                );
+                // `Authorization` is never covered by a wildcard: the headers asked for are allowed by name.
+                if let Some(asked) = request
+                    .headers()
+                    .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+                {
+                    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+                }
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
+            }
+            return answer(response);
+        }
+        let call = self.inner.call(request);
+        Either::Right(Box::pin(async move {
+            let mut response = call.await?;
+            let h = response.headers_mut();
+            h.append(header::VARY, HeaderValue::from_static("origin"));
+            if allow {
+                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                // Every response header, `x-keyrelay-*`, `x-upstream-*` and `retry-after` included: without
+                // credentials the wildcard is honoured.
+                h.insert(
+                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    HeaderValue::from_static("*"),
+                );
+            }
+            Ok(response)
+        }))
     }
 }
+
+const PREFLIGHT_VARY: &str =
+    "origin, access-control-request-method, access-control-request-headers";
 
 /// Why a request to a proxy without a key is refused, if it is.
 fn refusal(app: &AppState, method: &Method, headers: &HeaderMap) -> Option<ApiError> {

@@ -80,8 +80,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", api)
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(browser::cors(state.clone()))
-        .layer(browser::KeylessGuard(state.clone()))
+        .layer(browser::Browser(state.clone()))
         .with_state(state)
 }
 
