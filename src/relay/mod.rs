@@ -210,12 +210,15 @@ impl Relay {
         let snapshot = self.snapshot();
         let settings = &snapshot.settings;
         // Aliases are resolved first, so that fallbacks, logs and metrics all see the model they stand for.
-        let requested = body
-            .get("model")
-            .and_then(Value::as_str)
-            .map(|m| snapshot.canonical(m).into_owned())
-            .unwrap_or_default();
-        if !requested.is_empty() {
+        let (requested, aliased) = match body.get("model").and_then(Value::as_str) {
+            Some(m) => match snapshot.canonical(m) {
+                std::borrow::Cow::Borrowed(m) => (m.to_string(), false),
+                std::borrow::Cow::Owned(m) => (m, true),
+            },
+            None => (String::new(), false),
+        };
+        // The body is rewritten only for an alias: most requests name their model as the engine does.
+        if aliased {
             body.insert("model".into(), Value::String(requested.clone()));
         }
         let stream = endpoint == Endpoint::Chat
