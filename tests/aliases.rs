@@ -43,8 +43,7 @@ async fn model_and_provider_aliases_reach_the_model_they_stand_for() {
 fn an_alias_that_names_no_provider_model_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "config.yaml", "aliases:\n  fast: gpt-4o-mini\n");
-    let out = keyrelay(dir.path()).arg("check").output().unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let (passed, text) = check(dir.path());
+    assert!(!passed, "{text}");
     assert!(text.contains("aliases"), "{text}");
 }

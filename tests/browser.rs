@@ -109,9 +109,8 @@ fn an_origin_that_is_not_one_is_refused_at_load() {
         "config.yaml",
         "cors: {origins: [\"https://a.example/path\"]}\n",
     );
-    let out = keyrelay(mock_dir.path()).arg("check").output().unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let (passed, text) = check(mock_dir.path());
+    assert!(!passed, "{text}");
     assert!(text.contains("cors.origins"), "{text}");
 }
 
@@ -221,9 +220,8 @@ async fn without_a_proxy_key_configured_origins_may_call() {
 async fn without_a_proxy_key_every_origin_cannot_be_allowed() {
     let mock = Mock::echo("local").await;
     let dir = keyless_dir(&mock, "cors: {origins: [\"*\"]}\n");
-    let out = keyrelay(dir.path()).arg("check").output().unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let (passed, text) = check(dir.path());
+    assert!(!passed, "{text}");
     assert!(
         text.contains("cors.origins") && text.contains("PROXY_API_KEY"),
         "{text}"

@@ -43,13 +43,8 @@ async fn the_python_proxys_env_carries_over() {
     let mock = Mock::echo("carried over").await;
     let dir = old_proxy_dir(&mock);
 
-    let out = keyrelay(dir.path()).arg("check").output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (passed, text) = check(dir.path());
+    assert!(passed, "{text}");
     assert!(
         text.contains("3 keys"),
         "any _API_KEY suffix, and extra.env: {text}"

@@ -14,6 +14,17 @@ pub fn keyrelay(dir: &Path) -> Command {
     cmd
 }
 
+/// Runs `keyrelay check` in `dir`: whether it passed, and what it printed (stdout, then stderr).
+pub fn check(dir: &Path) -> (bool, String) {
+    let out = keyrelay(dir).arg("check").output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Writes `text` to `dir/name`, creating directories.
 pub fn write(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
