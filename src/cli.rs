@@ -141,9 +141,14 @@ pub fn summary(snapshot: &Snapshot, opts: &LoadOptions) -> String {
             crate::config::Selection::Balanced => "balanced",
             crate::config::Selection::Sequential => "sequential",
         };
+        let prices = match (p.prices.len(), &p.prices.taken) {
+            (0, _) => String::new(),
+            (n, Some(taken)) => format!("; prices for {n} models (taken {taken})"),
+            (n, None) => format!("; prices for {n} models"),
+        };
         let _ = writeln!(
             out,
-            "  {:<12} {keys}; {models}{filters}; {selection} selection",
+            "  {:<12} {keys}; {models}{filters}; {selection} selection{prices}",
             p.name
         );
     }

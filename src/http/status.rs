@@ -2,7 +2,7 @@
 
 use super::auth::refusal;
 use super::{ApiError, AppState};
-use crate::keys::{KeyAction, KeyStatus};
+use crate::keys::{Counters, KeyAction, KeyStatus};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -99,9 +99,24 @@ fn key_json(k: &KeyStatus, now: i64) -> Value {
         "cooldown": cooldown,
         "model_cooldowns": models,
         "streak": k.streak,
-        "today": k.today,
-        "lifetime": k.lifetime,
+        "today": counters(&k.today),
+        "lifetime": counters(&k.lifetime),
+        "models": k.models.iter().map(|(model, today, lifetime)| {
+            json!({"model": model, "today": counters(today), "lifetime": counters(lifetime)})
+        }).collect::<Vec<_>>(),
         "last_error": k.last_error.map(|(class, at)| json!({"class": class, "at": time(at)})),
+    })
+}
+
+/// Counters as the API shows them: the cost in dollars (zero where no model had a price).
+fn counters(c: &Counters) -> Value {
+    json!({
+        "requests": c.requests,
+        "successes": c.successes,
+        "failures": c.failures,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "cost_usd": c.cost.usd(),
     })
 }
 

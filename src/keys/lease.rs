@@ -1,8 +1,9 @@
 //! The RAII handle on a granted key.
 
 use super::{Grant, KeyStore, Outcome};
-use crate::provider::{Provider, Verdict};
+use crate::provider::{Cost, Provider, Verdict};
 use crate::secret::ApiKey;
+use crate::stream::Usage;
 use std::sync::Arc;
 
 /// A key held by one request. Dropping it releases the key; the outcome recorded before (if any) decides what
@@ -33,12 +34,16 @@ impl Lease {
         &self.provider
     }
 
-    /// Records a success; the key is released when the lease drops.
-    pub fn succeed(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+    /// Records a success with the tokens it took; the key is released when the lease drops. Answers what they
+    /// cost, when the model has a price.
+    pub fn succeed(&mut self, usage: Usage) -> Option<Cost> {
+        let cost = self.provider.prices.cost(&self.grant.model, &usage);
         self.outcome = Some(Outcome::Success {
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost: cost.unwrap_or_default(),
         });
+        cost
     }
 
     /// Records a failure; the key is released (and cooled as the verdict says) when the lease drops.

@@ -267,6 +267,7 @@ impl MemoryStore {
             Outcome::Success {
                 prompt_tokens,
                 completion_tokens,
+                ..
             },
             Some(meter),
         ) = (&outcome, state.meters.get_mut(&grant.key.id))
@@ -411,6 +412,7 @@ impl MemoryStore {
                     streak: ks.map_or(0, |k| k.streak),
                     today: Counters::default(),
                     lifetime: Counters::default(),
+                    models: Vec::new(),
                     last_error: ks.and_then(|k| k.last_error).map(|e| (e.reason, e.until)),
                     disabled: ks.is_some_and(|k| k.disabled),
                 };
@@ -421,6 +423,7 @@ impl MemoryStore {
                 for (model, ms) in ks.map(|k| &k.models).into_iter().flatten() {
                     status.today.add(&ms.today);
                     status.lifetime.add(&ms.lifetime);
+                    status.models.push((model.clone(), ms.today, ms.lifetime));
                     status.streak = status.streak.max(ms.streak);
                     if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
                         status

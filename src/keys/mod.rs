@@ -15,7 +15,7 @@ mod state;
 
 use crate::clock::UnixMs;
 use crate::config::{DailyReset, PauseRule, Tuning};
-use crate::provider::{ErrorClass, Scope};
+use crate::provider::{Cost, ErrorClass, Scope};
 use crate::secret::{ApiKey, KeyId};
 pub use cooldown::cooldown_until;
 pub use lease::Lease;
@@ -80,6 +80,8 @@ pub enum Outcome {
     Success {
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// Zero when the model has no price.
+        cost: Cost,
     },
     Failure {
         class: ErrorClass,
@@ -113,6 +115,8 @@ pub struct KeyStatus {
     /// Summed over models.
     pub today: Counters,
     pub lifetime: Counters,
+    /// Per model, by name.
+    pub models: Vec<(String, Counters, Counters)>,
     /// The last failure's class and time.
     pub last_error: Option<(ErrorClass, UnixMs)>,
     /// Taken out of rotation by an operator.

@@ -173,12 +173,14 @@ pub fn settle(
         Outcome::Success {
             prompt_tokens,
             completion_tokens,
+            cost,
         } => {
             for c in [&mut model.today, &mut model.lifetime] {
                 c.successes += 1;
                 // Counts come from the upstream: never let a silly one overflow.
                 c.prompt_tokens = c.prompt_tokens.saturating_add(prompt_tokens);
                 c.completion_tokens = c.completion_tokens.saturating_add(completion_tokens);
+                c.cost = c.cost.plus(cost);
             }
             model.streak = 0;
             *key_streak = 0;
@@ -349,10 +351,14 @@ mod tests {
         let ok = Outcome::Success {
             prompt_tokens: 5,
             completion_tokens: u64::MAX,
+            cost: crate::provider::Cost(u64::MAX),
         };
         settle(&mut key, "m", &ok, &tuning, 1, 0);
         let m = &key.models["m"];
         assert_eq!((m.streak, m.today.completion_tokens), (0, u64::MAX));
+        assert_eq!(m.today.cost.0, u64::MAX);
+        settle(&mut key, "m", &ok, &tuning, 2, 0);
+        assert_eq!(key.models["m"].lifetime.cost.0, u64::MAX, "saturates");
         let why = unavailable(&[Standing::Cooling(first), Standing::Busy, used(0)]);
         assert_eq!((why.busy, why.cooling, why.ready_at), (1, 1, Some(10_000)));
     }

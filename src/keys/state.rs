@@ -2,7 +2,7 @@
 //! key and model. Persisted (the usage file) and, with a shared store, shared.
 
 use crate::clock::UnixMs;
-use crate::provider::ErrorClass;
+use crate::provider::{Cost, ErrorClass};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -15,6 +15,9 @@ pub struct Counters {
     pub failures: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// What the successes cost, where the model has a price.
+    #[serde(rename = "cost_nano_usd")]
+    pub cost: Cost,
 }
 
 impl Counters {
@@ -26,6 +29,7 @@ impl Counters {
         self.completion_tokens = self
             .completion_tokens
             .saturating_add(other.completion_tokens);
+        self.cost = self.cost.plus(other.cost);
     }
 }
 

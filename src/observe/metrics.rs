@@ -70,6 +70,7 @@ struct ProviderMetrics {
     continuations: Counter,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    cost: Counter,
 }
 
 impl ProviderMetrics {
@@ -82,7 +83,8 @@ impl ProviderMetrics {
             latency: histogram!("keyrelay_upstream_latency_seconds", "provider" => p.clone()),
             continuations: counter!("keyrelay_stream_continuations_total", "provider" => p.clone()),
             prompt_tokens: counter!("keyrelay_tokens_total", "provider" => p.clone(), "kind" => "prompt"),
-            completion_tokens: counter!("keyrelay_tokens_total", "provider" => p, "kind" => "completion"),
+            completion_tokens: counter!("keyrelay_tokens_total", "provider" => p.clone(), "kind" => "completion"),
+            cost: counter!("keyrelay_cost_nano_usd_total", "provider" => p),
             label,
         }
     }
@@ -146,6 +148,10 @@ fn describe() {
     describe_counter!(
         "keyrelay_tokens_total",
         "Tokens reported by upstreams, by provider and kind."
+    );
+    describe_counter!(
+        "keyrelay_cost_nano_usd_total",
+        "What answers cost at the provider files' prices, in nano-dollars (1e-9 USD), by provider."
     );
     describe_counter!(
         "keyrelay_stream_continuations_total",
@@ -275,6 +281,9 @@ impl Metrics {
         if j.completion_tokens > 0 {
             p.completion_tokens.increment(j.completion_tokens);
         }
+        if let Some(cost) = j.cost.filter(|c| c.0 > 0) {
+            p.cost.increment(cost.0);
+        }
         if !j.attempts.is_empty() && j.error.is_none() {
             // What keyrelay itself added before the response was ready: not upstream time, not waiting.
             let overhead = (j.first_byte_ms - j.upstream_ms() - j.waited_ms).max(0.0) / 1000.0;
@@ -392,6 +401,7 @@ mod tests {
         j.status = if error.is_none() { 200 } else { 502 };
         j.error = error.map(String::from);
         j.prompt_tokens = 5;
+        j.cost = error.is_none().then_some(crate::provider::Cost(1500));
         j.first_byte_ms = 51.0;
         j
     }
@@ -432,6 +442,10 @@ mod tests {
             )
         );
         assert!(text.contains("keyrelay_tokens_total{provider=\"p\",kind=\"prompt\"} 290"));
+        assert!(
+            text.contains("keyrelay_cost_nano_usd_total{provider=\"p\"} 84000"),
+            "{text}"
+        );
         assert!(text.contains("model=\"other\",outcome=\"success\"} 6"));
         assert!(
             text.contains(

@@ -9,7 +9,7 @@ pub mod request_log;
 pub mod throttle;
 
 use crate::clock::UnixMs;
-use crate::provider::ErrorClass;
+use crate::provider::{Cost, ErrorClass};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -57,6 +57,11 @@ pub struct Journal {
     pub continued: u32,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those the upstream read from its cache.
+    pub cached_tokens: u64,
+    /// What the answer cost, when its model has a price (in dollars in the request log).
+    #[serde(rename = "cost_usd", serialize_with = "usd")]
+    pub cost: Option<Cost>,
     /// Until the response was ready (for a stream: until its first byte was sent).
     pub first_byte_ms: f64,
     pub total_ms: f64,
@@ -91,6 +96,8 @@ impl Journal {
             continued: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_tokens: 0,
+            cost: None,
             first_byte_ms: 0.0,
             total_ms: 0.0,
             response: None,
@@ -167,6 +174,7 @@ fn console_line(j: &Journal) {
             latency_ms,
             prompt_tokens = j.prompt_tokens,
             completion_tokens = j.completion_tokens,
+            cost_usd = j.cost.map(Cost::usd),
             stream = j.stream,
             continued = (j.continued > 0).then_some(j.continued),
             "served"
@@ -198,6 +206,13 @@ pub fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}… ({} bytes more)", &text[..end], text.len() - end)
+}
+
+fn usd<S: serde::Serializer>(cost: &Option<Cost>, s: S) -> Result<S::Ok, S::Error> {
+    match cost {
+        Some(cost) => s.serialize_f64(cost.usd()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Milliseconds as a float, for journals.

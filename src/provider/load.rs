@@ -4,7 +4,7 @@
 
 use super::schema::*;
 use super::{
-    Auth, Classifier, ErrorRule, ListSource, Paths, Provider, RetryAfterSource, StatusMatch,
+    Auth, Classifier, ErrorRule, ListSource, Paths, Prices, Provider, RetryAfterSource, StatusMatch,
 };
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
@@ -365,6 +365,16 @@ fn resolve(
         );
     }
 
+    let prices = match Prices::resolve(raw.prices.unwrap_or_default()) {
+        Ok(prices) => prices,
+        Err(problems) => {
+            for problem in problems {
+                err(problem, "");
+            }
+            Prices::default()
+        }
+    };
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -384,6 +394,7 @@ fn resolve(
         },
         stream_usage: raw.stream_usage,
         aliases: raw.aliases,
+        prices,
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),

@@ -6,6 +6,7 @@
 pub mod classify;
 mod load;
 mod plugin;
+mod prices;
 mod schema;
 
 use crate::config::Tuning;
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use load::{base_url, fingerprint, load_file, openai_compatible, valid_name};
+pub use prices::{Cost, Price, Prices};
 pub use schema::ListSource;
 
 /// How the key reaches the upstream.
@@ -61,6 +63,8 @@ pub struct Provider {
     pub stream_usage: bool,
     /// Other names clients may use for it (`together_ai` for `together`, as LiteLLM names it).
     pub aliases: Vec<String>,
+    /// What its models' tokens cost.
+    pub prices: Prices,
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,

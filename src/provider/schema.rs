@@ -98,6 +98,8 @@ pub(super) struct RawProvider {
     /// Other names clients may use for this provider (LiteLLM's prefixes, say).
     #[serde(default)]
     pub(super) aliases: Vec<String>,
+    /// USD per million tokens, by model.
+    pub(super) prices: Option<super::prices::RawPrices>,
     pub(super) retry_after: Option<Vec<RawRetrySource>>,
     #[serde(default)]
     pub(super) errors: Vec<RawRule>,

@@ -307,7 +307,7 @@ impl Relay {
                 let endpoint = job.endpoint.hook_name();
                 let answer = if mapping.slow() {
                     // The key did its job even if the mapping fails.
-                    lease.succeed(0, 0);
+                    lease.succeed(Usage::default());
                     let (model, upstream) = (job.model.clone(), body.clone());
                     crate::offload::run(crate::offload::Pool::Scripts, move || {
                         mapping.map(endpoint, &model, &upstream)
@@ -340,10 +340,12 @@ impl Relay {
                         (mapped.to_string().into(), usage)
                     }
                 };
-                lease.succeed(usage.prompt_tokens, usage.completion_tokens);
+                let cost = lease.succeed(usage);
                 if let Some(j) = journal.as_mut() {
                     j.prompt_tokens = usage.prompt_tokens;
                     j.completion_tokens = usage.completion_tokens;
+                    j.cached_tokens = usage.cached_tokens;
+                    j.cost = cost;
                 }
                 Ok(Reply::Json { body, served })
             }

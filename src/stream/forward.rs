@@ -53,6 +53,7 @@ impl Report {
         self.journal.error = error.map(String::from);
         self.journal.prompt_tokens = usage.prompt_tokens;
         self.journal.completion_tokens = usage.completion_tokens;
+        self.journal.cached_tokens = usage.cached_tokens;
         self.journal.total_ms = self.journal.elapsed_ms();
         if let Some((chunks, _)) = self.transcript.take() {
             self.journal.response = Some(Value::Array(
@@ -450,7 +451,10 @@ impl Forward {
     /// The answer is complete: the serving key is credited with its own segment's tokens.
     fn complete(&mut self) -> Bytes {
         if let Some(mut lease) = self.lease.take() {
-            lease.succeed(self.usage.prompt_tokens, self.usage.completion_tokens);
+            let cost = lease.succeed(self.usage);
+            if let Some(report) = &mut self.report {
+                report.journal.cost = cost;
+            }
         }
         self.end(None);
         frame("[DONE]")

@@ -104,6 +104,8 @@ impl<'de> Deserialize<'de> for ChoicePeek {
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those read from the upstream's cache (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
 }
 
 impl Usage {
@@ -114,6 +116,7 @@ impl Usage {
             completion_tokens: self
                 .completion_tokens
                 .saturating_add(other.completion_tokens),
+            cached_tokens: self.cached_tokens.saturating_add(other.cached_tokens),
         }
     }
 
@@ -140,6 +143,21 @@ impl<'de> Deserialize<'de> for Usage {
             }
         }
 
+        /// `cached_tokens` of a details object; zero when there is none.
+        struct Cached(u64);
+
+        impl<'de> Deserialize<'de> for Cached {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let details = Value::deserialize(d).unwrap_or_default();
+                Ok(Cached(
+                    details
+                        .get("cached_tokens")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                ))
+            }
+        }
+
         struct Visitor;
 
         impl<'de> serde::de::Visitor<'de> for Visitor {
@@ -159,6 +177,9 @@ impl<'de> Deserialize<'de> for Usage {
                         "prompt_tokens" => usage.prompt_tokens = map.next_value::<Count>()?.0,
                         "completion_tokens" => {
                             usage.completion_tokens = map.next_value::<Count>()?.0
+                        }
+                        "prompt_tokens_details" => {
+                            usage.cached_tokens = map.next_value::<Cached>()?.0
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -214,24 +235,28 @@ mod tests {
         for (text, expected) in [
             (
                 r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
-                (12, 9),
+                (12, 9, 0),
             ),
-            (r#"{"prompt_tokens":"12","completion_tokens":-1}"#, (0, 0)),
-            (r#"{"prompt_tokens":1.5,"completion_tokens":null}"#, (0, 0)),
+            (r#"{"prompt_tokens":"12","completion_tokens":-1}"#, (0, 0, 0)),
+            (r#"{"prompt_tokens":1.5,"completion_tokens":null}"#, (0, 0, 0)),
             (
                 r#"{"prompt_tokens":{"n":1},"completion_tokens":[3]}"#,
-                (0, 0),
+                (0, 0, 0),
             ),
-            (r#"{"completion_tokens":4}"#, (0, 4)),
-            (r#"{}"#, (0, 0)),
-            (r#"null"#, (0, 0)),
-            (r#""twelve""#, (0, 0)),
-            (r#"[1,2]"#, (0, 0)),
-            (r#"7"#, (0, 0)),
+            (r#"{"completion_tokens":4}"#, (0, 4, 0)),
+            (r#"{}"#, (0, 0, 0)),
+            (r#"null"#, (0, 0, 0)),
+            (r#""twelve""#, (0, 0, 0)),
+            (r#"[1,2]"#, (0, 0, 0)),
+            (r#"7"#, (0, 0, 0)),
         ] {
             let read: Usage = serde_json::from_str(text).unwrap();
             assert_eq!(
-                (read.prompt_tokens, read.completion_tokens),
+                (
+                    read.prompt_tokens,
+                    read.completion_tokens,
+                    read.cached_tokens
+                ),
                 expected,
                 "{text}"
             );

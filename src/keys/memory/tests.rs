@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::DailyReset;
+use crate::provider::Cost;
 use std::time::Duration;
 
 fn policy() -> StorePolicy {
@@ -30,6 +31,7 @@ fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning, exclude: &'a [KeyId]) -> Ask<
 const SUCCESS: Outcome = Outcome::Success {
     prompt_tokens: 0,
     completion_tokens: 0,
+    cost: Cost(0),
 };
 
 fn fail(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
@@ -166,6 +168,7 @@ async fn balanced_spreads_and_limits_concurrency() {
         Outcome::Success {
             prompt_tokens: 1,
             completion_tokens: 2,
+            cost: Cost(300),
         },
         &tuning,
     );
