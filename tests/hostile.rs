@@ -14,8 +14,10 @@ fn gemini_allowing(mock: &Mock, allow: &str) -> Setup {
     }
     .provider(
         "gemini",
-        shipped_provider("gemini", &format!("{}beta", mock.base_url))
-            .replace("models:\n", &format!("models:\n  allow: [\"{allow}\"]\n")),
+        shipped_provider("gemini", &format!("{}beta", mock.base_url)).replace(
+            "\nmodels:\n",
+            &format!("\nmodels:\n  allow: [\"{allow}\"]\n"),
+        ),
     )
     .shipped_plugin("gemini.rhai")
 }

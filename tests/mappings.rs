@@ -3,7 +3,7 @@
 
 use keyrelay::config::Tuning;
 use keyrelay::mapping::declared::Declared;
-use keyrelay::mapping::{Answer, Draft, Mapping, Part, Target};
+use keyrelay::mapping::{Answer, Draft, MapError, Mapping, Part, Target};
 use keyrelay::script::ProviderScript;
 use keyrelay::stream::sse::SseParser;
 use serde_json::{Value, json};
@@ -46,9 +46,21 @@ fn json_fixture(path: &str) -> Value {
     serde_json::from_str(&fixture(path)).unwrap()
 }
 
+/// A fixture without the fields named (those a provider refuses).
+fn fixture_without(path: &str, fields: &[&str]) -> Value {
+    let mut body = json_fixture(path);
+    for field in fields {
+        body.as_object_mut().unwrap().remove(*field);
+    }
+    body
+}
+
 /// A request mapped as the relay maps it: through the provider's declared rules and its script.
 fn mapped_request(provider: &str, endpoint: &str, model: &str, body: &str) -> Value {
-    let body = json_fixture(body);
+    map_body(provider, endpoint, model, json_fixture(body))
+}
+
+fn map_body(provider: &str, endpoint: &str, model: &str, body: Value) -> Value {
     let stream = body["stream"] == json!(true);
     let p = self::provider(provider);
     draft(
@@ -143,13 +155,15 @@ fn gemini_requests() {
             "openai/chat_basic.json"
         )
     );
+    // Gemini cannot be told to call one function at a time: `parallel_tool_calls: false` is refused (see
+    // `fields_the_target_cannot_take_are_refused_by_name`).
     snapshot!(
         "gemini_request_tools",
-        mapped_request(
+        map_body(
             "gemini",
             "chat",
             "gemini-2.5-flash",
-            "openai/chat_tools.json"
+            fixture_without("openai/chat_tools.json", &["parallel_tool_calls"])
         )
     );
     snapshot!(
@@ -361,11 +375,11 @@ fn anthropic_requests() {
         "tool results travel together"
     );
     snapshot!("anthropic_request_tools", tools);
-    let image = mapped_request(
+    let image = map_body(
         "anthropic",
         "chat",
         "claude-sonnet-4-5",
-        "openai/chat_image_json.json",
+        fixture_without("openai/chat_image_json.json", &["response_format"]),
     );
     assert_eq!(image["body"]["max_tokens"], 4096, "the configured default");
     snapshot!("anthropic_request_image_stream", image);
@@ -570,7 +584,10 @@ fn declared_message_mappings_leave_richer_conversations_to_the_scripts() {
     }
     // Through the provider they still map, by the script.
     for fixture in ["openai/chat_tools.json", "openai/chat_image_json.json"] {
-        let (declared, scripted) = both_ways("gemini", &json_fixture(fixture));
+        let (declared, scripted) = both_ways(
+            "gemini",
+            &fixture_without(fixture, &["parallel_tool_calls"]),
+        );
         assert_eq!(declared, scripted, "{fixture}");
     }
 }
@@ -734,5 +751,208 @@ fn a_declaration_with_no_room_in_the_scripts_body_leaves_the_request_to_the_scri
         mapped.body,
         json!({"c": 5, "n": 1}),
         "the script saw the messages"
+    );
+}
+
+/// The field a provider refuses `body` for, by the relay's own mapping.
+fn refused(provider: &str, endpoint: &str, body: Value) -> String {
+    let stream = body["stream"] == json!(true);
+    match self::provider(provider)
+        .mapping
+        .request
+        .map(&target(endpoint, "m", stream), body)
+    {
+        Err(MapError::Refused { param, message }) => {
+            assert!(message.contains(provider), "{message}");
+            param
+        }
+        other => panic!("{provider} did not refuse: {other:?}"),
+    }
+}
+
+#[test]
+fn fields_the_target_cannot_take_are_refused_by_name() {
+    let user =
+        |content: Value| json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+    let with = |field: &str, value: Value| {
+        let mut body = user(json!("hi"));
+        body[field] = value;
+        body
+    };
+    // Fields of OpenAI's API with no equivalent: refused when they ask for something, before any key is used.
+    let anthropic_refuses = [
+        ("response_format", json!({"type": "json_object"})),
+        ("logit_bias", json!({"50256": -100})),
+        ("logprobs", json!(true)),
+        ("n", json!(2)),
+        ("presence_penalty", json!(0.5)),
+        ("seed", json!(7)),
+    ];
+    for (field, value) in anthropic_refuses {
+        assert_eq!(refused("anthropic", "chat", with(field, value)), field);
+    }
+    for (field, value) in [
+        ("parallel_tool_calls", json!(false)),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+    ] {
+        assert_eq!(refused("gemini", "chat", with(field, value)), field);
+    }
+    // Anthropic's `thinking` has Gemini's equivalent (-1: a budget of the model's choosing).
+    for (thinking, budget) in [
+        (
+            json!({"type": "enabled", "budget_tokens": 1024}),
+            json!(1024),
+        ),
+        (json!({"type": "disabled"}), json!(0)),
+        (json!({"type": "enabled"}), json!(-1)),
+    ] {
+        let mapped = map_body("gemini", "chat", "m", with("thinking", thinking));
+        assert_eq!(
+            mapped["body"]["generationConfig"]["thinkingConfig"]["thinkingBudget"],
+            budget
+        );
+        assert!(mapped["body"].get("thinking").is_none());
+    }
+    assert_eq!(
+        refused(
+            "gemini",
+            "chat",
+            fixture_without("openai/chat_tools.json", &[])
+        ),
+        "parallel_tool_calls"
+    );
+    assert_eq!(
+        refused(
+            "anthropic",
+            "chat",
+            json_fixture("openai/chat_image_json.json")
+        ),
+        "response_format"
+    );
+    // Their defaults, and hints that change nothing in the answer, pass.
+    let mut defaults = user(json!("hi"));
+    for (field, value) in [
+        ("n", json!(1)),
+        ("logprobs", json!(false)),
+        ("logit_bias", json!({})),
+        ("presence_penalty", json!(0)),
+        ("response_format", json!({"type": "text"})),
+        ("service_tier", json!("auto")),
+        ("seed", Value::Null),
+        ("user", json!("u-1")),
+        ("metadata", json!({"team": "a"})),
+        ("prompt_cache_key", json!("k")),
+    ] {
+        defaults[field] = value;
+    }
+    for provider in ["anthropic", "gemini"] {
+        let mapped = map_body(provider, "chat", "m", defaults.clone());
+        assert!(mapped["body"].get("logit_bias").is_none(), "{mapped}");
+    }
+    // What the scripts find inside values: parts, tools and roles they have no place for.
+    let audio = json!([{"type": "text", "text": "listen"},
+                       {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]);
+    assert_eq!(
+        refused("anthropic", "chat", user(audio)),
+        "messages[0].content[1]"
+    );
+    let by_id = json!([{"type": "file", "file": {"file_id": "file-abc"}}]);
+    assert_eq!(
+        refused("anthropic", "chat", user(by_id.clone())),
+        "messages[0].content[0]"
+    );
+    assert_eq!(
+        refused("gemini", "chat", user(by_id)),
+        "messages[0].content[0]"
+    );
+    let search = with("tools", json!([{"type": "web_search"}]));
+    assert_eq!(
+        refused("anthropic", "chat", search.clone()),
+        "tools[0].type"
+    );
+    assert_eq!(refused("gemini", "chat", search), "tools[0].type");
+    let narrator = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                                                     {"role": "narrator", "content": "b"}]});
+    assert_eq!(
+        refused("anthropic", "chat", narrator.clone()),
+        "messages[1].role"
+    );
+    assert_eq!(refused("gemini", "chat", narrator), "messages[1].role");
+    let mut streamed = with("n", json!(2));
+    streamed["stream"] = json!(true);
+    assert_eq!(refused("gemini", "chat", streamed), "n");
+    let tokens = json!({"model": "m", "input": [[1, 2, 3]]});
+    assert_eq!(refused("gemini", "embeddings", tokens), "input");
+    assert_eq!(
+        refused(
+            "gemini",
+            "embeddings",
+            json!({"model": "m", "input": "a", "temperature": 1})
+        ),
+        "temperature"
+    );
+}
+
+#[test]
+fn fields_of_the_targets_own_api_pass_into_its_body() {
+    let mut body = json_fixture("openai/chat_basic.json");
+    body["safetySettings"] =
+        json!([{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]);
+    // An extra never replaces what the mapping wrote.
+    body["contents"] = json!("not this");
+    body["top_k"] = json!(20);
+    let gemini = map_body("gemini", "chat", "gemini-2.5-flash", body);
+    assert_eq!(
+        gemini["body"]["safetySettings"][0]["threshold"],
+        "BLOCK_NONE"
+    );
+    assert!(gemini["body"]["contents"].is_array(), "{gemini}");
+    assert_eq!(gemini["body"]["generationConfig"]["topK"], 20);
+    let mut body = json_fixture("openai/chat_basic.json");
+    body["container"] = json!("container_1");
+    let anthropic = map_body("anthropic", "chat", "claude-sonnet-4-5", body);
+    assert_eq!(anthropic["body"]["container"], "container_1");
+    // Thinking is the mapping's own field: kept out when the mapping leaves it out (answering tool calls).
+    let mut tools = json_fixture("openai/chat_tools.json");
+    tools["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
+    let answering = map_body("anthropic", "chat", "claude-sonnet-4-5", tools);
+    assert!(answering["body"].get("thinking").is_none(), "{answering}");
+}
+
+#[test]
+fn audio_files_and_tool_images_are_mapped_not_dropped() {
+    let parts = json!({"model": "m", "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is in these?"},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "mp3"}},
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}}
+        ]}
+    ]});
+    snapshot!(
+        "gemini_request_audio_file",
+        map_body("gemini", "chat", "gemini-2.5-flash", parts)
+    );
+    let tool_image = json!({"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0x"}}]},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "screenshot", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [
+            {"type": "text", "text": "the screen"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}
+    ]});
+    snapshot!(
+        "anthropic_request_file_tool_image",
+        map_body("anthropic", "chat", "claude-sonnet-4-5", tool_image)
+    );
+    // A tool parameter named like a schema keyword is the tool's own and stays.
+    let strict = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function",
+        "function": {"name": "f", "strict": true, "parameters": {"type": "object", "additionalProperties": false,
+            "properties": {"strict": {"type": "boolean"}, "additionalProperties": {"type": "string"}}}}}]});
+    let gemini = map_body("gemini", "chat", "gemini-2.5-flash", strict);
+    let schema = &gemini["body"]["tools"][0]["functionDeclarations"][0]["parameters"];
+    assert_eq!(
+        schema,
+        &json!({"type": "object", "properties": {"strict": {"type": "boolean"}, "additionalProperties": {"type": "string"}}})
     );
 }

@@ -769,3 +769,49 @@ async fn the_scripts_classifier_is_consulted_before_the_yaml_rules() {
         "cooling for the script's 30 s: {left} ms"
     );
 }
+
+#[tokio::test]
+async fn a_field_anthropic_cannot_take_is_refused_by_name_and_its_own_fields_pass() {
+    let mock = anthropic(false).await;
+    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let mut body = chat_body("anthropic/claude-sonnet-4-5", false);
+    body["logit_bias"] = json!({"50256": -100});
+    let (status, _, answer) = send(proxy.post("/v1/chat/completions", &body)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "logit_bias");
+    assert_eq!(answer["error"]["code"], "unsupported_parameter");
+    assert_eq!(answer["error"]["type"], "invalid_request_error");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`logit_bias` is not supported by anthropic"),
+        "{answer}"
+    );
+    // Found inside a message by the script: the same answer, naming where.
+    let mut audio = chat_body("anthropic/claude-sonnet-4-5", true);
+    audio["messages"][1]["content"] =
+        json!([{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]);
+    let (status, _, answer) = send(proxy.post("/v1/chat/completions", &audio)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "messages[1].content[0]");
+    assert!(mock.seen().is_empty(), "refused before any upstream call");
+    // Not a script failure: nothing counted against the script.
+    let providers: Value = serde_json::from_str(&proxy.get_text("/v1/providers").await).unwrap();
+    assert_eq!(providers["data"][0]["script_errors"], 0, "{providers}");
+
+    // Defaults pass; Anthropic's own fields go upstream as written.
+    let mut body = chat_body("anthropic/claude-sonnet-4-5", false);
+    body["n"] = json!(1);
+    body["logprobs"] = json!(false);
+    body["service_tier"] = json!("auto");
+    body["container"] = json!("container_1");
+    let (status, _, answer) = send(proxy.post("/v1/chat/completions", &body)).await;
+    assert_eq!(status, 200, "{answer}");
+    let seen = &mock.seen()[0].body;
+    assert_eq!(seen["container"], "container_1");
+    assert!(
+        seen.get("n").is_none() && seen.get("service_tier").is_none(),
+        "{seen}"
+    );
+}

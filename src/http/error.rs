@@ -13,6 +13,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
     pub retry_after: Option<u64>,
     pub served: Option<Served>,
     /// An upstream's own OpenAI-shaped error body, passed through as it came.
@@ -31,6 +33,7 @@ impl ApiError {
             kind,
             code,
             message: message.into(),
+            param: None,
             retry_after: None,
             served: None,
             upstream_body: None,
@@ -80,6 +83,7 @@ impl From<RelayError> for ApiError {
                     out.upstream_body = Some(body);
                 }
             }
+            RelayError::Unsupported { param, .. } => out.param = Some(param),
             RelayError::AllCooling { retry_after, .. } => {
                 out.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
             }
@@ -123,7 +127,14 @@ impl IntoResponse for ApiError {
         let body = match self.upstream_body {
             Some(body) => body,
             None => {
-                let v = json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
+                let v = match self.param {
+                    Some(param) => {
+                        json!({"error": {"message": self.message, "type": self.kind, "param": param, "code": self.code}})
+                    }
+                    None => {
+                        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
+                    }
+                };
                 Bytes::from(v.to_string())
             }
         };

@@ -24,6 +24,7 @@
 
 pub mod chunk;
 pub mod declared;
+pub mod fields;
 pub mod passthrough;
 pub mod scripted;
 mod stream;
@@ -87,10 +88,21 @@ impl Draft {
     }
 }
 
+/// Why a request was not mapped.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum MapError {
+    /// The client asked for what the upstream cannot do (a field it has no equivalent for): a 400 naming
+    /// `param`, the client's to fix; not the script's failure.
+    #[error("{message}")]
+    Refused { param: String, message: String },
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+}
+
 /// The request direction.
 pub trait RequestMapping: Send + Sync + fmt::Debug {
     /// The upstream call for the client's `body`.
-    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, ScriptError>;
+    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, MapError>;
     /// It may be slow (it runs a script): callers run it off the async workers.
     fn slow(&self) -> bool;
 }
@@ -206,6 +218,7 @@ impl Mapping {
             copies,
             answer,
             events,
+            fields,
         } = declared.clone();
         mapping.declared = Arc::new(declared);
         if script.has(Hook::Request) {
@@ -219,6 +232,12 @@ impl Mapping {
                     below,
                 })
             };
+            if let Some(rules) = fields {
+                mapping.request = Arc::new(fields::JudgedRequest {
+                    rules,
+                    below: mapping.request,
+                });
+            }
         }
         if script.has(Hook::Response) {
             let below = Arc::new(scripted::Scripted(script.clone()));

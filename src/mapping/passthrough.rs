@@ -3,7 +3,7 @@
 //! peeked at for what the proxy must know (a finish, usage, an in-band error) and forwarded as they came.
 
 use super::{
-    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, Part,
+    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, MapError, Part,
     RequestMapping, Step, Target,
 };
 use crate::script::ScriptError;
@@ -18,7 +18,7 @@ use serde_json::Value;
 pub struct Passthrough;
 
 impl RequestMapping for Passthrough {
-    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, ScriptError> {
+    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, MapError> {
         Ok(Draft {
             method: http::Method::POST,
             path: target.path.to_string(),

@@ -3,7 +3,7 @@
 //! Every call may be slow, so callers run them off the async workers.
 
 use super::{
-    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, Part,
+    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, MapError, Part,
     RequestMapping, Step, Target,
 };
 use crate::script::{Hook, ProviderScript, ScriptError, ScriptStream};
@@ -16,10 +16,10 @@ use std::sync::Arc;
 pub struct Scripted(pub Arc<ProviderScript>);
 
 impl RequestMapping for Scripted {
-    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, ScriptError> {
+    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, MapError> {
         let script = &self.0;
         let hooked = script.map_request(target.endpoint, target.model, target.stream, &body)?;
-        draft(hooked, target.model).map_err(|why| script.hook_error(Hook::Request, &why))
+        draft(hooked, target.model).map_err(|why| script.hook_error(Hook::Request, &why).into())
     }
 
     fn slow(&self) -> bool {

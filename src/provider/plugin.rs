@@ -73,13 +73,18 @@ pub(super) fn attach(
                 if !loaded.has(Hook::Request) {
                     return Err(vec![ConfigError::new(
                         Some(path),
-                        "`request.copy` and `request.messages` need a script with a request hook",
+                        "`request.copy`, `request.messages` and `request.fields` need a script with a request hook",
                     )]);
                 }
                 if let Some(messages) = request.messages.take() {
                     declared.messages(messages, path)?;
                 }
                 declared.copies(request.copy, path)?;
+                if let Some(fields) = request.fields.take() {
+                    declared.fields = Some(Arc::new(crate::mapping::fields::FieldRules::resolve(
+                        fields, path,
+                    )?));
+                }
             }
             if let Some(response) = response {
                 if !loaded.has(Hook::Response) {

@@ -96,7 +96,9 @@ impl Prices {
                 prices.exact.insert(model, price);
             }
         }
-        prices.patterns.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.len()));
+        prices
+            .patterns
+            .sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.len()));
         if problems.is_empty() {
             Ok(prices)
         } else {

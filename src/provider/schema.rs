@@ -143,4 +143,6 @@ pub(super) struct RawRequest {
     pub(super) copy: BTreeMap<String, String>,
     /// Plain-text conversations mapped in Rust; the script sees no `messages` then.
     pub(super) messages: Option<RawMessages>,
+    /// Per endpoint, the client fields the mapping honours, and what becomes of the others.
+    pub(super) fields: Option<BTreeMap<String, crate::mapping::fields::RawEndpointFields>>,
 }

@@ -167,6 +167,20 @@ fn build() -> Engine {
         map.insert("base64".into(), Dynamic::from(meta.ends_with(";base64")));
         Dynamic::from_map(map)
     });
+    // `refuse(field, message)`: the request asks for what the upstream cannot do; the client gets a 400 naming
+    // `field` (a request hook's answer, not a script failure).
+    e.register_fn(
+        "refuse",
+        |field: ImmutableString, message: ImmutableString| -> Result<(), Box<EvalAltResult>> {
+            Err(Box::new(EvalAltResult::ErrorRuntime(
+                Dynamic::from(Refusal {
+                    param: field.to_string(),
+                    message: message.to_string(),
+                }),
+                rhai::Position::NONE,
+            )))
+        },
+    );
     // `map.get_path("a.0.b")`: a nested value or (), without a chain of checks.
     e.register_fn(
         "get_path",
@@ -228,6 +242,27 @@ impl std::io::Write for Bounded {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// What `refuse(field, message)` throws.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub param: String,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The refusal a script's error carries, if it is one (thrown by `refuse`, from any depth of calls).
+    pub fn of(err: &EvalAltResult) -> Option<Refusal> {
+        let mut current = err;
+        while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = current {
+            current = inner;
+        }
+        match current {
+            EvalAltResult::ErrorRuntime(value, _) => value.clone().try_cast::<Refusal>(),
+            _ => None,
+        }
     }
 }
 

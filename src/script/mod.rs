@@ -19,8 +19,9 @@ mod engine;
 mod stream;
 
 use crate::config::ConfigError;
+use crate::mapping::MapError;
 use engine::engine;
-pub use engine::{Budget, ScriptError};
+pub use engine::{Budget, Refusal, ScriptError};
 use rhai::{AST, CallFnOptions, Dynamic, Map, Scope};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -192,6 +193,23 @@ impl ProviderScript {
         this: Option<&mut Dynamic>,
         arg: Dynamic,
     ) -> Result<Dynamic, ScriptError> {
+        self.run(hook, this, arg).map_err(|e| self.failed(hook, &e))
+    }
+
+    /// A hook's failure, counted and logged.
+    fn failed(&self, hook: Hook, e: &rhai::EvalAltResult) -> ScriptError {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let err = ScriptError::from_eval(&self.file, hook.fn_name(), e, &self.fn_lines);
+        tracing::warn!(error = %err, "provider script failed");
+        err
+    }
+
+    fn run(
+        &self,
+        hook: Hook,
+        this: Option<&mut Dynamic>,
+        arg: Dynamic,
+    ) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
         let mut scope = Scope::new();
         let mut options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         if let Some(this) = this {
@@ -217,12 +235,6 @@ impl ProviderScript {
                 ))),
             }
         })
-        .map_err(|e| {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            let err = ScriptError::from_eval(&self.file, hook.fn_name(), &e, &self.fn_lines);
-            tracing::warn!(error = %err, "provider script failed");
-            err
-        })
     }
 
     fn ctx(&self, entries: impl IntoIterator<Item = (&'static str, Dynamic)>) -> Dynamic {
@@ -241,17 +253,23 @@ impl ProviderScript {
         model: &str,
         stream: bool,
         body: &Value,
-    ) -> Result<MappedRequest, ScriptError> {
+    ) -> Result<MappedRequest, MapError> {
         let ctx = self.ctx([
             ("endpoint", Dynamic::from(endpoint.to_string())),
             ("model", Dynamic::from(model.to_string())),
             ("stream", Dynamic::from(stream)),
             ("body", to_dynamic(body)),
         ]);
-        let out = self.call(Hook::Request, None, ctx)?;
+        // A refusal is the request's fault, not the script's: not counted, not logged as a failure.
+        let out = self
+            .run(Hook::Request, None, ctx)
+            .map_err(|e| match Refusal::of(&e) {
+                Some(Refusal { param, message }) => MapError::Refused { param, message },
+                None => MapError::Script(self.failed(Hook::Request, &e)),
+            })?;
         let fail = |what: &str| self.hook_error(Hook::Request, what);
         let Some(map) = out.try_cast::<Map>() else {
-            return Err(fail("must return a map #{path, body, …}"));
+            return Err(fail("must return a map #{path, body, …}").into());
         };
         let text = |key: &str| map.get(key).and_then(|v| v.clone().into_string().ok());
         let pairs = |key: &str| -> Result<Vec<(String, String)>, ScriptError> {

@@ -237,8 +237,14 @@ mod tests {
                 r#"{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,"details":{"a":[1]}}"#,
                 (12, 9, 0),
             ),
-            (r#"{"prompt_tokens":"12","completion_tokens":-1}"#, (0, 0, 0)),
-            (r#"{"prompt_tokens":1.5,"completion_tokens":null}"#, (0, 0, 0)),
+            (
+                r#"{"prompt_tokens":"12","completion_tokens":-1}"#,
+                (0, 0, 0),
+            ),
+            (
+                r#"{"prompt_tokens":1.5,"completion_tokens":null}"#,
+                (0, 0, 0),
+            ),
             (
                 r#"{"prompt_tokens":{"n":1},"completion_tokens":[3]}"#,
                 (0, 0, 0),

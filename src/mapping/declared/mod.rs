@@ -14,7 +14,7 @@ pub mod json_path;
 pub mod messages;
 
 use super::{
-    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, Part,
+    Answer, AnswerMapping, ChunkWriter, Draft, Event, EventMapping, EventMappings, MapError, Part,
     RequestMapping, Step, Target,
 };
 use crate::config::ConfigError;
@@ -36,6 +36,8 @@ pub struct Declared {
     pub copies: Vec<(JsonPath, JsonPath)>,
     pub answer: Option<answer::AnswerRules>,
     pub events: Vec<events::EventRule>,
+    /// `request.fields`: what becomes of fields the mapping does not honour.
+    pub fields: Option<Arc<super::fields::FieldRules>>,
 }
 
 impl Declared {
@@ -97,7 +99,7 @@ impl RequestMapping for DeclaredRequest {
     /// A chat of plain text that the message rules map is mapped here: the layer below sees the body without
     /// `messages`, and the mapped turns are written into its draft. Then the copies, where the layer below
     /// left the target empty.
-    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, ScriptError> {
+    fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, MapError> {
         let declared = match (&self.messages, body.get("messages")) {
             (Some(rules), Some(messages)) if target.endpoint == "chat" => rules.map(messages),
             _ => None,
@@ -122,7 +124,8 @@ impl RequestMapping for DeclaredRequest {
                 draft = self.below.map(target, body.clone())?;
             }
         }
-        for (from, to) in &self.copies {
+        // Copies are chat fields: an embeddings request carries none to copy.
+        for (from, to) in self.copies.iter().filter(|_| target.endpoint == "chat") {
             if let Some(value) = from.get(&body)
                 && to.get(&draft.body).is_none()
             {
@@ -226,7 +229,7 @@ mod tests {
     }
 
     impl RequestMapping for Below {
-        fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, ScriptError> {
+        fn map(&self, target: &Target<'_>, body: Value) -> Result<Draft, MapError> {
             self.seen.lock().unwrap().push(body);
             Ok(Draft {
                 method: http::Method::POST,
