@@ -1,6 +1,8 @@
 //! Official clients against a real keyrelay: the OpenAI Python SDK (chat, streaming, embeddings, models, and the
 //! exception types for 401, 404 and 429), the OpenAI Node SDK (which asks for base64 embeddings and reads every
-//! header strictly) and LiteLLM's async client (`acompletion`, as its Router and proxy call it). Each fails,
+//! header strictly), LiteLLM's async client (`acompletion`, as its Router and proxy call it) and the Anthropic
+//! Python SDK (`/v1/messages` create, stream, tools, count_tokens and its exception types, over a provider that
+//! speaks OpenAI's API). Each fails,
 //! saying what to install, where its runtime or package is missing; `.ci/run` installs them.
 
 mod support;
@@ -88,4 +90,68 @@ async fn litellms_async_client_works_against_keyrelay() {
     );
     let (proxy, _mock, _limited) = proxy_for_clients().await;
     drive(&proxy, python, vec![sdk_file("litellm_async.py")]).await;
+}
+
+/// An OpenAI-speaking provider `mock` (tool calls when tools are offered and no result is back yet, else one
+/// text, streamed when asked) and `limited` (every key rate limited).
+async fn proxy_for_dialects() -> (Proxy, Mock, Mock) {
+    let mock = Mock::start(|seen, _| {
+        let tools = seen.body.get("tools").is_some();
+        let answered = seen.body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+        let stream = seen.body["stream"] == serde_json::json!(true);
+        if tools && !answered {
+            let call = serde_json::json!({"index": 0, "id": "call_7", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Porto\"}"}});
+            if stream {
+                let head = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": seen.model(),
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]}, "finish_reason": null}]});
+                let tail = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": seen.model(),
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]});
+                return Reply::sse(vec![head.to_string(), tail.to_string()], End::Done);
+            }
+            let mut call = call;
+            call.as_object_mut().unwrap().remove("index");
+            return Reply::ok(serde_json::json!({"id": "chatcmpl-t", "object": "chat.completion", "created": 0,
+                "model": seen.model(), "choices": [{"index": 0, "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": null, "tool_calls": [call]}}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}}));
+        }
+        if stream {
+            return Reply::sse(chunks(seen.model(), &["Sunny ", "in Porto."], true), End::Done);
+        }
+        Reply::ok(completion(seen.model(), "Sunny in Porto."))
+    })
+    .await;
+    let limited = Mock::start(|_, _| {
+        Reply::error(429, "slow down", "requests", "rate_limit_exceeded")
+            .with_header("retry-after", "120")
+    })
+    .await;
+    let setup = Setup::one(&mock, 2)
+        .provider("limited", provider_yaml(&limited.base_url, ""))
+        .env("LIMITED_API_KEY", &key(3))
+        .config("request_timeout: 3s\n");
+    (Proxy::start(setup).await, mock, limited)
+}
+
+#[tokio::test]
+async fn the_anthropic_python_sdk_works_against_keyrelay() {
+    let python = python_with("anthropic").expect(
+        "this test drives the official Anthropic Python SDK and python3 with the anthropic package was not \
+         found: run .ci/run (which installs it), or pip install anthropic",
+    );
+    let (proxy, mock, _limited) = proxy_for_dialects().await;
+    drive(&proxy, python, vec![sdk_file("anthropic_sdk.py")]).await;
+    // What the upstream saw was chat, with the system prompt first and the tool result as a tool message.
+    let chats = mock.chats();
+    assert_eq!(chats[0].body["messages"][0]["role"], "system");
+    assert!(chats.iter().any(|c| {
+        c.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["role"] == "tool" && m["content"] == "19 C")
+    }));
 }

@@ -1,7 +1,7 @@
 //! The proxy key: required on `/v1/*` and `/metrics` when one is configured, as `Authorization: Bearer` or
 //! `x-api-key`, compared in constant time.
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Shape};
 use axum::extract::Request;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 /// checks the headers and either calls the route or answers 401 (no boxing or cloning per request, as a
 /// `from_fn` middleware would).
 #[derive(Clone)]
-pub(super) struct RequireKey(pub(super) AppState);
+pub(super) struct RequireKey(pub(super) AppState, pub(super) Shape);
 
 impl<S> tower_layer::Layer<S> for RequireKey {
     type Service = KeyChecked<S>;
@@ -19,6 +19,7 @@ impl<S> tower_layer::Layer<S> for RequireKey {
         KeyChecked {
             inner,
             app: self.0.clone(),
+            shape: self.1,
         }
     }
 }
@@ -27,6 +28,8 @@ impl<S> tower_layer::Layer<S> for RequireKey {
 pub(super) struct KeyChecked<S> {
     inner: S,
     app: AppState,
+    /// The error shape of the routes it guards.
+    shape: Shape,
 }
 
 impl<S> tower_service::Service<Request> for KeyChecked<S>
@@ -50,13 +53,15 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         match refusal(&self.app, request.headers()) {
             None => futures_util::future::Either::Left(self.inner.call(request)),
-            Some(refused) => futures_util::future::Either::Right(std::future::ready(Ok(refused))),
+            Some(refused) => futures_util::future::Either::Right(std::future::ready(Ok(refused
+                .shaped(self.shape)
+                .into_response()))),
         }
     }
 }
 
 /// The 401 for a request without the right proxy key; `None` when it may pass.
-pub(super) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(super) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<ApiError> {
     let snapshot = app.relay.snapshot();
     let expected = snapshot.proxy_key.as_ref()?;
     let bearer = headers
@@ -74,9 +79,8 @@ pub(super) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     match bearer.or(api_key) {
         None => Some(ApiError::unauthorized(
             "missing proxy key: send it as `Authorization: Bearer <PROXY_API_KEY>` or `x-api-key: <PROXY_API_KEY>`",
-        )
-        .into_response()),
+        )),
         Some(given) if expected.matches(given) => None,
-        Some(_) => Some(ApiError::unauthorized("the proxy key is wrong").into_response()),
+        Some(_) => Some(ApiError::unauthorized("the proxy key is wrong")),
     }
 }

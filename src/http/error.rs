@@ -7,6 +7,16 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+/// Whose error shape the client reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"error":{"message","type","code"}}`
+    #[default]
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`
+    Anthropic,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -19,6 +29,7 @@ pub struct ApiError {
     pub served: Option<Served>,
     /// An upstream's own OpenAI-shaped error body, passed through as it came.
     pub upstream_body: Option<Bytes>,
+    pub shape: Shape,
 }
 
 impl ApiError {
@@ -37,7 +48,14 @@ impl ApiError {
             retry_after: None,
             served: None,
             upstream_body: None,
+            shape: Shape::OpenAi,
         }
+    }
+
+    /// This error in `shape`.
+    pub fn shaped(mut self, shape: Shape) -> Self {
+        self.shape = shape;
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -124,9 +142,13 @@ fn upstream_message(body: &[u8]) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = match self.upstream_body {
-            Some(body) => body,
-            None => {
+        let body = match (self.upstream_body, self.shape) {
+            (_, Shape::Anthropic) => Bytes::from(
+                crate::mapping::inbound::messages::error_body(self.status.as_u16(), &self.message)
+                    .to_string(),
+            ),
+            (Some(body), Shape::OpenAi) => body,
+            (None, Shape::OpenAi) => {
                 let v = match self.param {
                     Some(param) => {
                         json!({"error": {"message": self.message, "type": self.kind, "param": param, "code": self.code}})

@@ -12,6 +12,7 @@ mod browser;
 mod conn;
 mod error;
 mod listener;
+mod messages;
 mod service;
 mod status;
 
@@ -25,7 +26,7 @@ use axum::routing::{get, post};
 
 use auth::RequireKey;
 use body::json_body;
-pub use error::ApiError;
+pub use error::{ApiError, Shape};
 pub use listener::{Signals, connection_cap, raise_fd_limit, serve};
 use serde_json::{Value, json};
 use status::{dashboard, key_action, keys, liveness, metrics, providers};
@@ -69,15 +70,19 @@ pub fn router(state: AppState) -> Router {
         .route("/token-count", post(token_count))
         .route("/keys", get(keys))
         .route("/keys/{id}/{action}", post(key_action))
-        .route_layer(RequireKey(state.clone()));
+        .route_layer(RequireKey(state.clone(), Shape::OpenAi));
+    let anthropic = Router::new()
+        .route("/messages", post(messages::messages))
+        .route("/messages/count_tokens", post(messages::count_tokens))
+        .route_layer(RequireKey(state.clone(), Shape::Anthropic));
     let metrics = Router::new()
         .route("/metrics", get(metrics))
-        .route_layer(RequireKey(state.clone()));
+        .route_layer(RequireKey(state.clone(), Shape::OpenAi));
     Router::new()
         .route("/", get(liveness))
         .route("/dashboard", get(dashboard))
         .merge(metrics)
-        .nest("/v1", api)
+        .nest("/v1", api.merge(anthropic))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(browser::Browser(state.clone()))
@@ -136,23 +141,27 @@ fn render(reply: Reply) -> Response {
             );
             (r, served)
         }
-        Reply::Stream { body, served } => {
-            let mut r = Response::new(Body::from_stream(body));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert(
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            );
-            (r, served)
-        }
+        Reply::Stream { body, served } => return render_stream(body, &served),
     };
     served_headers(response.headers_mut(), &served);
     response
+}
+
+/// An SSE stream as the client receives it, with the `x-keyrelay-*` headers.
+pub(crate) fn render_stream(body: crate::relay::SseBody, served: &Served) -> Response {
+    let mut r = Response::new(Body::from_stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    served_headers(h, served);
+    r
 }
 
 /// The headers are taken from the request rather than extracted (axum's `HeaderMap` extractor copies them).

@@ -25,6 +25,7 @@
 pub mod chunk;
 pub mod declared;
 pub mod fields;
+pub mod inbound;
 pub mod passthrough;
 pub mod scripted;
 mod stream;

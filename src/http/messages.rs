@@ -1,0 +1,93 @@
+//! Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, every answer and error in
+//! Anthropic's shapes. The request is translated to chat ([`crate::mapping::inbound::messages`]) and served by
+//! the engine like any chat request, on any provider.
+
+use super::body::json_body;
+use super::{ApiError, AppState, Shape, render_stream, served_headers};
+use crate::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
+use crate::mapping::inbound::{Refused, Translated};
+use crate::relay::{Endpoint, Reply};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+fn refused(r: Refused) -> Response {
+    let mut e = ApiError::bad_request("unsupported_parameter", r.message).shaped(Shape::Anthropic);
+    e.param = Some(r.param);
+    e.into_response()
+}
+
+/// `POST /v1/messages`.
+pub(super) async fn messages(State(app): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match json_body(&app, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.shaped(Shape::Anthropic).into_response(),
+    };
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let chat = match to_chat(body) {
+        Ok(chat) => chat,
+        Err(r) => return refused(r),
+    };
+    match app.relay.send(Endpoint::Chat, chat).await {
+        Ok(Reply::Json { body, served }) => {
+            let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "bad_upstream_response",
+                    "the upstream's answer is not JSON",
+                )
+                .shaped(Shape::Anthropic)
+                .into_response();
+            };
+            let mut response =
+                (StatusCode::OK, from_chat(&answer, &model).to_string()).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            served_headers(response.headers_mut(), &served);
+            response
+        }
+        Ok(Reply::Stream { body, served }) => {
+            let events = Translated::new(body, MessagesStream::new(&model));
+            render_stream(Box::pin(events), &served)
+        }
+        Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),
+    }
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, counted as `/v1/token-count` counts.
+pub(super) async fn count_tokens(State(app): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match json_body(&app, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.shaped(Shape::Anthropic).into_response(),
+    };
+    let chat = match to_chat(body) {
+        Ok(chat) => chat,
+        Err(r) => return refused(r),
+    };
+    let model = chat
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    // Counting costs about a second per ten megabytes of text: off the async workers.
+    let counted = crate::offload::run(crate::offload::Pool::Requests, move || {
+        crate::tokens::count(&model, &chat)
+    })
+    .await;
+    match counted {
+        Ok(n) => axum::Json(json!({"input_tokens": n})).into_response(),
+        Err(message) => ApiError::bad_request("invalid_request", message)
+            .shaped(Shape::Anthropic)
+            .into_response(),
+    }
+}

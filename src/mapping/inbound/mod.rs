@@ -1,0 +1,147 @@
+//! Inbound dialects: other APIs' shapes spoken by clients, on the client side of the mapping seam.
+//!
+//! A dialect turns its request into an OpenAI chat body, which the engine serves like any chat request (with
+//! rotation, cooldowns, the deadline, fallbacks and stream continuation), and turns the chat answer, its stream
+//! and its errors back into its own shapes. One module per dialect:
+//!
+//! - [`messages`]: Anthropic's Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`).
+//!
+//! Each stream translation reads the OpenAI SSE frames the engine writes (chunks, then `[DONE]`, or an in-band
+//! error that ends the stream without one) and writes the dialect's events; [`Translated`] drives one over a
+//! stream body.
+
+pub mod messages;
+
+use crate::stream::SseBody;
+use crate::stream::sse::SseParser;
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::Value;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// The client asked for something this dialect's translation cannot carry: a 400 naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub param: String,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One stream's translation from OpenAI frames to a dialect's events.
+pub trait StreamTranslation: Send + Unpin + 'static {
+    /// One OpenAI frame's data: a chunk, `[DONE]`, or an in-band `{"error": …}`; the dialect's events are
+    /// written to `out`.
+    fn frame(&mut self, data: &str, out: &mut Vec<u8>);
+    /// The engine's stream ended; `clean` when its last frame was `[DONE]`. A stream that ended otherwise must
+    /// end with the dialect's error, never look complete.
+    fn end(&mut self, clean: bool, out: &mut Vec<u8>);
+}
+
+/// An OpenAI SSE body, translated frame by frame.
+pub struct Translated<T> {
+    inner: SseBody,
+    parser: SseParser,
+    translation: T,
+    /// The last frame was `[DONE]`.
+    clean: bool,
+    /// An in-band error came: nothing follows it.
+    failed: bool,
+    ended: bool,
+}
+
+impl<T: StreamTranslation> Translated<T> {
+    pub fn new(inner: SseBody, translation: T) -> Self {
+        Self {
+            inner,
+            parser: SseParser::new(),
+            translation,
+            clean: false,
+            failed: false,
+            ended: false,
+        }
+    }
+
+    /// Translates every complete frame buffered so far.
+    fn drain(&mut self, out: &mut Vec<u8>) {
+        while let Ok(Some(event)) = self.parser.next_event() {
+            self.frame(&event.data, out);
+        }
+    }
+
+    fn frame(&mut self, data: &str, out: &mut Vec<u8>) {
+        if self.failed || self.clean {
+            return;
+        }
+        self.clean = data.trim() == "[DONE]";
+        self.failed = data.starts_with("{\"error\"");
+        self.translation.frame(data, out);
+    }
+}
+
+impl<T: StreamTranslation> Stream for Translated<T> {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let mut out = Vec::new();
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(bytes))) => {
+                    // The engine's own frames: never oversized, but a parser refusal ends the stream as broken.
+                    if this.parser.push(&bytes).is_err() {
+                        this.ended = true;
+                        this.translation.end(false, &mut out);
+                    } else {
+                        this.drain(&mut out);
+                    }
+                }
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => {
+                    if let Some(event) = this.parser.finish() {
+                        this.frame(&event.data, &mut out);
+                    }
+                    this.ended = true;
+                    if !this.failed {
+                        this.translation.end(this.clean, &mut out);
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(out.into())));
+            }
+        }
+    }
+}
+
+/// Writes one SSE event: `event: <name>` and its JSON data.
+pub fn sse_event(out: &mut Vec<u8>, name: &str, data: &Value) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    // Serializing a Value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The message of an OpenAI in-band error frame's data.
+pub(crate) fn error_message(error: &Value) -> String {
+    error
+        .get("error")
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("the stream failed")
+        .to_string()
+}

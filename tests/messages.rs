@@ -1,0 +1,431 @@
+//! Anthropic's Messages API inbound (`POST /v1/messages`, `/v1/messages/count_tokens`), translated to chat for
+//! providers that do not speak it: the translations in both directions (snapshots), and the real server with an
+//! OpenAI-speaking mock upstream (answers, streams, tools, errors in Anthropic's shape).
+
+mod support;
+
+use keyrelay::mapping::inbound::StreamTranslation;
+use keyrelay::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
+use serde_json::{Value, json};
+use std::time::Duration;
+use support::*;
+
+fn object(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// The Anthropic events of a translated stream, as (name, data) pairs.
+fn translate_stream(frames: &[String], clean: bool) -> Vec<(String, Value)> {
+    let mut stream = MessagesStream::new("mock/m");
+    let mut out = Vec::new();
+    for frame in frames {
+        stream.frame(frame, &mut out);
+    }
+    stream.end(clean, &mut out);
+    events(&String::from_utf8(out).unwrap())
+}
+
+/// SSE text as (event name, JSON data) pairs.
+fn events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[test]
+fn requests_become_chat_bodies() {
+    let body = object(serde_json::from_str(&fixture("anthropic/request_example.json")).unwrap());
+    insta::assert_json_snapshot!("messages_request_to_chat", to_chat(body).unwrap());
+    let forced = object(
+        serde_json::from_str(&fixture("anthropic/request_example_forced_tool.json")).unwrap(),
+    );
+    let chat = to_chat(forced).unwrap();
+    assert_eq!(chat["stream_options"], json!({"include_usage": true}));
+    insta::assert_json_snapshot!("messages_request_forced_tool_to_chat", chat);
+    let rich = json!({"model": "p/m", "max_tokens": 100,
+    "system": [{"type": "text", "text": "one", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "two"}],
+    "thinking": {"type": "enabled", "budget_tokens": 10000},
+    "metadata": {"user_id": "u-1"},
+    "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+    "messages": [
+        {"role": "user", "content": [
+            {"type": "document", "title": "a.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+            {"type": "text", "text": "read these"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "tool_use", "id": "toolu_1", "name": "shot", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": true, "content": [
+                {"type": "text", "text": "failed"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+            {"type": "text", "text": "and now?"}]}
+    ]});
+    insta::assert_json_snapshot!(
+        "messages_request_rich_to_chat",
+        to_chat(object(rich)).unwrap()
+    );
+}
+
+#[test]
+fn what_a_chat_body_cannot_carry_is_refused_by_name() {
+    let base = || json!({"model": "p/m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let cases = [
+        (
+            "tools",
+            json!([{"type": "web_search_20250305", "name": "web_search"}]),
+            "tools[0]",
+        ),
+        ("container", json!("c-1"), "container"),
+        ("mcp_servers", json!([]), "mcp_servers"),
+        ("tool_choice", json!({"type": "sometimes"}), "tool_choice"),
+        ("system", json!([{"type": "image"}]), "system[0]"),
+    ];
+    for (field, value, param) in cases {
+        let mut body = base();
+        body[field] = value;
+        assert_eq!(to_chat(object(body)).unwrap_err().param, param);
+    }
+    let mut body = base();
+    body["messages"] = json!([{"role": "system", "content": "x"}]);
+    assert_eq!(to_chat(object(body)).unwrap_err().param, "messages[0].role");
+    let mut body = base();
+    body["messages"] = json!([{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://x"}}]}]);
+    assert_eq!(
+        to_chat(object(body)).unwrap_err().param,
+        "messages[0].content[0]"
+    );
+}
+
+#[test]
+fn chat_answers_become_messages() {
+    let mut text = completion("p/m", "Hello there");
+    text["usage"]["prompt_tokens_details"] = json!({"cached_tokens": 4});
+    insta::assert_json_snapshot!("messages_answer_text", from_chat(&text, "p/m"), {".id" => "[id]"});
+    let tools = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "reasoning_content": "The user wants weather.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Porto\"}"}},
+                           {"id": "call_2", "type": "function", "function": {"name": "broken", "arguments": "{not json"}}]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}});
+    insta::assert_json_snapshot!("messages_answer_tools", from_chat(&tools, "p/m"));
+}
+
+#[test]
+fn chat_streams_become_anthropic_event_sequences() {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 0, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+    };
+    let frames = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"reasoning_content": "Thinking..."}), Value::Null),
+        chunk(json!({"content": "Let me "}), Value::Null),
+        chunk(json!({"content": "check."}), Value::Null),
+        chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}), Value::Null),
+        chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}), Value::Null),
+        chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Porto\"}"}}]}), Value::Null),
+        chunk(json!({"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_air_quality", "arguments": "{}"}}]}), Value::Null),
+        chunk(json!({}), json!("tool_calls")),
+        json!({"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+               "usage": {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70, "prompt_tokens_details": {"cached_tokens": 10}}})
+        .to_string(),
+        "[DONE]".to_string(),
+    ];
+    let events = translate_stream(&frames, true);
+    assert_eq!(
+        names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    insta::assert_json_snapshot!("messages_stream_events", events, {"[][1].message.id" => "[id]"});
+
+    // An in-band error ends with Anthropic's error event, never with message_stop.
+    let error = json!({"error": {"message": "upstream broke", "type": "upstream_error", "code": "stream_broken"}}).to_string();
+    let broken = translate_stream(&[frames[2].clone(), error], false);
+    assert_eq!(
+        names(&broken),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "error"
+        ]
+    );
+    assert_eq!(broken[4].1["error"]["message"], "upstream broke");
+    // So does a stream that just stops.
+    let cut = translate_stream(&[frames[2].clone()], false);
+    assert_eq!(cut.last().unwrap().0, "error");
+}
+
+// ------------------------------------------------------------------------------------------ the real server
+
+/// An OpenAI-speaking upstream: tool calls when tools are offered, else text; streamed when asked.
+async fn upstream() -> Mock {
+    Mock::start(|seen, _| {
+        let stream = seen.body["stream"] == json!(true);
+        let tools = seen.body.get("tools").is_some();
+        let has_result = seen.body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+        if tools && !has_result {
+            let answer = json!({"id": "chatcmpl-t", "object": "chat.completion", "created": 0, "model": seen.model(),
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+                    "tool_calls": [{"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Porto\"}"}}]}}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}});
+            return Reply::ok(answer);
+        }
+        if stream {
+            return Reply::sse(chunks(seen.model(), &["Sunny ", "in Porto."], true), End::Done);
+        }
+        Reply::ok(completion(seen.model(), "Sunny in Porto."))
+    })
+    .await
+}
+
+fn anthropic_post(proxy: &Proxy, path: &str, body: &Value) -> reqwest::RequestBuilder {
+    http_client()
+        .post(format!("{}{path}", proxy.url))
+        .header("x-api-key", PROXY_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+}
+
+fn ask(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 200, "stream": stream, "system": "Be brief.",
+           "messages": [{"role": "user", "content": "Weather in Porto?"}]})
+}
+
+#[tokio::test]
+async fn messages_are_served_by_an_openai_provider() {
+    let mock = upstream().await;
+    let proxy = Proxy::start(Setup::one(&mock, 2)).await;
+    let (status, headers, body) = send(anthropic_post(
+        &proxy,
+        "/v1/messages",
+        &ask("mock/m", false),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["type"], "message");
+    assert_eq!(
+        body["content"],
+        json!([{"type": "text", "text": "Sunny in Porto."}])
+    );
+    assert_eq!(body["stop_reason"], "end_turn");
+    assert_eq!(body["usage"]["input_tokens"], 11);
+    assert_eq!(body["usage"]["output_tokens"], 7);
+    assert_eq!(header(&headers, "x-keyrelay-provider"), "mock");
+    let seen = &mock.chats()[0].body;
+    assert_eq!(seen["model"], "m");
+    assert_eq!(seen["max_tokens"], 200);
+    assert_eq!(
+        seen["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+
+    // Streamed: Anthropic's event sequence, usage from the upstream's usage chunk.
+    let response = anthropic_post(&proxy, "/v1/messages", &ask("mock/m", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(response.headers(), "content-type"),
+        "text/event-stream"
+    );
+    let events = events(&response.text().await.unwrap());
+    assert_eq!(
+        names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "Sunny in Porto.");
+    assert_eq!(events[6].1["usage"]["output_tokens"], 2);
+    assert_eq!(events[6].1["delta"]["stop_reason"], "end_turn");
+
+    // count_tokens counts the translated conversation.
+    let mut count = ask("mock/m", false);
+    count.as_object_mut().unwrap().remove("max_tokens");
+    let (status, _, counted) =
+        send(anthropic_post(&proxy, "/v1/messages/count_tokens", &count)).await;
+    assert_eq!(status, 200, "{counted}");
+    assert!(counted["input_tokens"].as_u64().unwrap() > 5, "{counted}");
+}
+
+#[tokio::test]
+async fn a_tool_round_trip_goes_through_chat() {
+    let mock = upstream().await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let tool = json!([{"name": "get_weather", "description": "Weather.", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let mut first = ask("mock/m", false);
+    first["tools"] = tool.clone();
+    let (status, _, answer) = send(anthropic_post(&proxy, "/v1/messages", &first)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["stop_reason"], "tool_use");
+    let call = &answer["content"][0];
+    assert_eq!(
+        (call["type"].as_str(), call["name"].as_str()),
+        (Some("tool_use"), Some("get_weather"))
+    );
+    assert_eq!(call["input"], json!({"city": "Porto"}));
+
+    let mut second = first.clone();
+    second["messages"] = json!([
+        first["messages"][0],
+        {"role": "assistant", "content": answer["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "19°C"}]}
+    ]);
+    let (status, _, answer) = send(anthropic_post(&proxy, "/v1/messages", &second)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["content"][0]["text"], "Sunny in Porto.");
+    let seen = &mock.chats()[1].body["messages"];
+    assert_eq!(seen[2]["tool_calls"][0]["id"], call["id"]);
+    assert_eq!(
+        seen[3],
+        json!({"role": "tool", "tool_call_id": call["id"], "content": "19°C"})
+    );
+}
+
+#[tokio::test]
+async fn errors_come_in_anthropics_shape() {
+    let mock = upstream().await;
+    let limited = Mock::start(|_, _| {
+        Reply::error(429, "slow down", "requests", "rate_limit_exceeded")
+            .with_header("retry-after", "120")
+    })
+    .await;
+    let setup = Setup::one(&mock, 1)
+        .provider("limited", provider_yaml(&limited.base_url, ""))
+        .env("LIMITED_API_KEY", &key(3))
+        .config("request_timeout: 2s\n");
+    let proxy = Proxy::start(setup).await;
+    let expect = |body: &Value, kind: &str| {
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], kind, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    };
+    let no_key = http_client()
+        .post(format!("{}/v1/messages", proxy.url))
+        .header("content-type", "application/json")
+        .body(ask("mock/m", false).to_string());
+    let (status, _, body) = send(no_key).await;
+    assert_eq!(status, 401);
+    expect(&body, "authentication_error");
+    let (status, _, body) = send(anthropic_post(
+        &proxy,
+        "/v1/messages",
+        &ask("nowhere/m", false),
+    ))
+    .await;
+    assert_eq!(status, 404);
+    expect(&body, "not_found_error");
+    let (status, headers, body) = send(anthropic_post(
+        &proxy,
+        "/v1/messages",
+        &ask("limited/m", false),
+    ))
+    .await;
+    assert_eq!(status, 429);
+    expect(&body, "rate_limit_error");
+    assert!(header(&headers, "retry-after").parse::<u64>().unwrap() > 100);
+    let broken = http_client()
+        .post(format!("{}/v1/messages", proxy.url))
+        .header("x-api-key", PROXY_KEY)
+        .header("content-type", "application/json")
+        .body("{not json");
+    let (status, _, body) = send(broken).await;
+    assert_eq!(status, 400);
+    expect(&body, "invalid_request_error");
+    let mut server_tool = ask("mock/m", false);
+    server_tool["tools"] = json!([{"type": "web_search_20250305", "name": "web_search"}]);
+    let (status, _, body) = send(anthropic_post(&proxy, "/v1/messages", &server_tool)).await;
+    assert_eq!(status, 400);
+    expect(&body, "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server tool")
+    );
+    assert!(
+        mock.chats().is_empty(),
+        "nothing refused reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_for_good_ends_with_an_error_event() {
+    let mock = Mock::start(|seen, _| Reply::Sse {
+        events: chunks(seen.model(), &["partial ", "answer"], false)[..2].to_vec(),
+        gap: Duration::from_millis(5),
+        end: End::Cut,
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let response = anthropic_post(&proxy, "/v1/messages", &ask("mock/m", true))
+        .send()
+        .await
+        .unwrap();
+    let events = events(&response.text().await.unwrap());
+    let last = events.last().unwrap();
+    assert_eq!(last.0, "error", "{events:?}");
+    assert_eq!(last.1["type"], "error");
+    assert!(!names(&events).contains(&"message_stop"));
+}
