@@ -22,7 +22,7 @@ fn translate_stream(frames: &[String], clean: bool) -> Vec<(String, Value)> {
     let mut stream = MessagesStream::new("mock/m");
     let mut out = Vec::new();
     for frame in frames {
-        stream.frame(frame, &mut out);
+        stream.frame(None, frame, &mut out);
     }
     stream.end(clean, &mut out);
     events(&String::from_utf8(out).unwrap())
@@ -427,5 +427,153 @@ async fn a_stream_cut_for_good_ends_with_an_error_event() {
     let last = events.last().unwrap();
     assert_eq!(last.0, "error", "{events:?}");
     assert_eq!(last.1["type"], "error");
+    assert!(!names(&events).contains(&"message_stop"));
+}
+
+// ------------------------------------------------------------------------- a provider that speaks Messages
+
+/// An Anthropic upstream answering with the wire-format fixtures; the first `overloaded` streams begin with an
+/// `error` event after `message_start` (as an overloaded model's do).
+async fn anthropic_upstream(overloaded: usize) -> Mock {
+    Mock::start(move |seen, i| {
+        let raw = |path: &str, content_type: &'static str| Reply::Raw {
+            status: 200,
+            content_type,
+            body: fixture(path),
+        };
+        if seen.body["stream"] == json!(true) {
+            if i < overloaded {
+                let body = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_x\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+                return Reply::Raw { status: 200, content_type: "text/event-stream", body: body.into() };
+            }
+            return raw("anthropic/stream_text.sse", "text/event-stream");
+        }
+        raw("anthropic/message_response_text.json", "application/json")
+    })
+    .await
+}
+
+fn anthropic_setup(mock: &Mock, keys: usize) -> Setup {
+    Setup {
+        env: mock_keys("ANTHROPIC", keys),
+        ..Setup::empty()
+    }
+    .provider("anthropic", shipped_provider("anthropic", &mock.base_url))
+    .shipped_plugin("anthropic.rhai")
+}
+
+#[tokio::test]
+async fn a_provider_that_speaks_messages_gets_them_as_written() {
+    let mock = anthropic_upstream(0).await;
+    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let body = json!({"model": "anthropic/claude-sonnet-4-5", "max_tokens": 300,
+        "system": [{"type": "text", "text": "Long, cached context.", "cache_control": {"type": "ephemeral"}}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}, "citations": {"enabled": true}},
+            {"type": "text", "text": "Summarise."}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "...", "signature": "c2ln"}, {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on."}],
+        "container": "container_1"});
+    let request = anthropic_post(&proxy, "/v1/messages", &body)
+        .header("anthropic-beta", "files-api-2025-04-14");
+    let (status, headers, answer) = send(request).await;
+    assert_eq!(status, 200, "{answer}");
+    // The answer is the upstream's, byte for byte in content.
+    let expected: Value =
+        serde_json::from_str(&fixture("anthropic/message_response_text.json")).unwrap();
+    assert_eq!(answer, expected);
+    assert_eq!(header(&headers, "x-keyrelay-provider"), "anthropic");
+    // The request went as written, but for the model's provider prefix.
+    let seen = &mock.seen()[0];
+    assert_eq!(seen.path, "/v1/messages");
+    let mut sent = body.clone();
+    sent["model"] = json!("claude-sonnet-4-5");
+    assert_eq!(seen.body, sent);
+    assert_eq!(
+        seen.headers.get("anthropic-beta").unwrap(),
+        "files-api-2025-04-14"
+    );
+    assert_eq!(seen.key, key(1));
+    // Usage is Anthropic's, cache reads included in the prompt.
+    let keys: Value = serde_json::from_str(&proxy.get_text("/v1/keys").await).unwrap();
+    let today = &keys["data"][0]["keys"][0]["today"];
+    assert_eq!(
+        (
+            today["prompt_tokens"].as_u64(),
+            today["completion_tokens"].as_u64()
+        ),
+        (Some(1560), Some(31))
+    );
+
+    // Streamed: every event as it came, named; no `[DONE]`.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let response = anthropic_post(&proxy, "/v1/messages", &streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert_eq!(events(&text), events(&fixture("anthropic/stream_text.sse")));
+    assert!(!text.contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn an_overloaded_native_stream_is_retried_unseen() {
+    let mock = anthropic_upstream(1).await;
+    let proxy = Proxy::start(anthropic_setup(&mock, 2).config("selection: sequential\n")).await;
+    let mut body = ask("anthropic/claude-sonnet-4-5", true);
+    body["max_tokens"] = json!(50);
+    let response = anthropic_post(&proxy, "/v1/messages", &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(response.headers(), "x-keyrelay-attempts"), "2");
+    let text = response.text().await.unwrap();
+    assert_eq!(events(&text), events(&fixture("anthropic/stream_text.sse")));
+    // Retried (an overload is retried, then rotated, as the provider's rules say) before the client saw a byte.
+    assert_eq!(mock.seen().len(), 2);
+    assert!(!text.contains("overloaded"));
+}
+
+#[tokio::test]
+async fn a_native_stream_cut_for_good_ends_with_an_error_event() {
+    let cut: String = fixture("anthropic/stream_text.sse")
+        .split("\n\n")
+        .take(4)
+        .map(|e| format!("{e}\n\n"))
+        .collect();
+    let mock = Mock::start(move |_, _| Reply::Raw {
+        status: 200,
+        content_type: "text/event-stream",
+        body: cut.clone(),
+    })
+    .await;
+    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let response = anthropic_post(
+        &proxy,
+        "/v1/messages",
+        &ask("anthropic/claude-sonnet-4-5", true),
+    )
+    .send()
+    .await
+    .unwrap();
+    let events = events(&response.text().await.unwrap());
+    assert_eq!(
+        names(&events)[..4],
+        [
+            "message_start",
+            "content_block_start",
+            "ping",
+            "content_block_delta"
+        ]
+    );
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.1["type"].as_str()),
+        ("error", Some("error"))
+    );
     assert!(!names(&events).contains(&"message_stop"));
 }

@@ -1,11 +1,14 @@
 //! Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, every answer and error in
-//! Anthropic's shapes. The request is translated to chat ([`crate::mapping::inbound::messages`]) and served by
-//! the engine like any chat request, on any provider.
+//! Anthropic's shapes. A model whose provider speaks the Messages API natively (`dialects: {messages: …}` in its
+//! file) gets the request as the client wrote it, and its answer and events as they came: `cache_control`,
+//! thinking blocks and their signatures, documents, citations and `anthropic-beta` all survive. Any other
+//! provider gets it translated to chat ([`crate::mapping::inbound::messages`]) and serves it like any chat
+//! request.
 
 use super::body::json_body;
 use super::{ApiError, AppState, Shape, render_stream, served_headers};
-use crate::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
-use crate::mapping::inbound::{Refused, Translated};
+use crate::mapping::inbound::messages::{MessagesStream, NativeMessagesStream, from_chat, to_chat};
+use crate::mapping::inbound::{Dialect, Refused, Translated};
 use crate::relay::{Endpoint, Reply};
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -30,6 +33,9 @@ pub(super) async fn messages(State(app): State<AppState>, request: Request) -> R
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    if app.relay.speaks(&model, Dialect::Messages) {
+        return native(&app, body, &parts.headers).await;
+    }
     let chat = match to_chat(body) {
         Ok(chat) => chat,
         Err(r) => return refused(r),
@@ -57,6 +63,46 @@ pub(super) async fn messages(State(app): State<AppState>, request: Request) -> R
         }
         Ok(Reply::Stream { body, served }) => {
             let events = Translated::new(body, MessagesStream::new(&model));
+            render_stream(Box::pin(events), &served)
+        }
+        Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),
+    }
+}
+
+/// A Messages request to a provider that speaks the API: sent as written (with `anthropic-beta`), answered as the
+/// upstream answered.
+async fn native(
+    app: &AppState,
+    body: serde_json::Map<String, Value>,
+    headers: &axum::http::HeaderMap,
+) -> Response {
+    let beta = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter(|v| v.to_str().is_ok())
+        .map(|v| {
+            (
+                axum::http::HeaderName::from_static("anthropic-beta"),
+                v.clone(),
+            )
+        })
+        .collect::<Vec<_>>();
+    match app
+        .relay
+        .send_with(Endpoint::Native(Dialect::Messages), body, &beta)
+        .await
+    {
+        Ok(Reply::Json { body, served }) => {
+            let mut response = (StatusCode::OK, body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            served_headers(response.headers_mut(), &served);
+            response
+        }
+        Ok(Reply::Stream { body, served }) => {
+            let events = Translated::new(body, NativeMessagesStream::default());
             render_stream(Box::pin(events), &served)
         }
         Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),

@@ -13,6 +13,13 @@ pub enum Part {
         usage: Option<Value>,
         usage_only: bool,
     },
+    /// A native dialect's event, forwarded as it came with its SSE event name; `usage` in OpenAI's shape.
+    Event {
+        name: Option<String>,
+        data: String,
+        usage: Option<Value>,
+        finish: bool,
+    },
     /// An in-band error object.
     Error(Value),
     /// The answer is complete (`[DONE]`, or a part `done: true`).

@@ -358,6 +358,15 @@ fn resolve(
     for problem in tuning.problems() {
         err(problem, "");
     }
+    for (dialect, path) in raw.dialects.iter().filter(|(_, p)| !p.starts_with('/')) {
+        err(
+            format!(
+                "dialects: {}: the path {path:?} must start with /",
+                dialect.name()
+            ),
+            "e.g. messages: /messages (relative to base_url)",
+        );
+    }
     for alias in raw.aliases.iter().filter(|a| !valid_name(a)) {
         err(
             format!("aliases: {alias:?} is not a valid provider name"),
@@ -395,6 +404,7 @@ fn resolve(
         stream_usage: raw.stream_usage,
         aliases: raw.aliases,
         prices,
+        dialects: raw.dialects.into_iter().collect(),
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),

@@ -65,6 +65,8 @@ pub struct Provider {
     pub aliases: Vec<String>,
     /// What its models' tokens cost.
     pub prices: Prices,
+    /// Inbound dialects it speaks natively, with their paths relative to the base URL.
+    pub dialects: Vec<(crate::mapping::inbound::Dialect, String)>,
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,
@@ -82,6 +84,14 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// Its path for `dialect`, when it speaks it natively.
+    pub fn dialect_path(&self, dialect: crate::mapping::inbound::Dialect) -> Option<&str> {
+        self.dialects
+            .iter()
+            .find(|(d, _)| *d == dialect)
+            .map(|(_, path)| path.as_str())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base_url, path)
     }

@@ -95,6 +95,9 @@ pub(super) struct RawProvider {
     pub(super) models: RawModels,
     #[serde(default)]
     pub(super) stream_usage: bool,
+    /// Inbound dialects the upstream speaks natively, with their paths.
+    #[serde(default)]
+    pub(super) dialects: BTreeMap<crate::mapping::inbound::Dialect, String>,
     /// Other names clients may use for this provider (LiteLLM's prefixes, say).
     #[serde(default)]
     pub(super) aliases: Vec<String>,

@@ -237,7 +237,7 @@ impl Attempt<'_> {
                         return Err(Failure::new(verdict, status, body.into())
                             .with(|f| f.unusable = unusable));
                     }
-                    Some(Part::Chunk { .. }) => {
+                    Some(Part::Chunk { .. } | Part::Event { .. }) => {
                         return Ok(Success::Stream(
                             Box::new(Started {
                                 events,

@@ -9,6 +9,7 @@ use crate::observe::Journal;
 use crate::provider::{Provider, UpstreamCall};
 use crate::secret::KeyId;
 use crate::snapshot::Snapshot;
+use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -49,6 +50,8 @@ pub(super) enum Start<'a> {
         fallbacks: &'a Fallbacks,
         /// The `provider/model` when this candidate is a fallback.
         fallback: Option<String>,
+        /// The client's headers that a native dialect sends upstream (`anthropic-beta`).
+        headers: &'a [(HeaderName, HeaderValue)],
     },
     /// The continuation of a broken stream, which skips the keys listed.
     Continuation { given_up: Vec<KeyId> },
@@ -65,13 +68,14 @@ impl Relay {
         journal: &mut Option<Journal>,
         start: Start<'_>,
     ) -> Result<(Job, Vec<KeyId>), RelayError> {
-        let (stream, fallbacks, fallback, given_up) = match start {
+        let (stream, fallbacks, fallback, given_up, headers) = match start {
             Start::Client {
                 stream,
                 fallbacks,
                 fallback,
-            } => (stream, Some(fallbacks), fallback, Vec::new()),
-            Start::Continuation { given_up } => (true, None, None, given_up),
+                headers,
+            } => (stream, Some(fallbacks), fallback, Vec::new(), headers),
+            Start::Continuation { given_up } => (true, None, None, given_up, &[][..]),
         };
         let snapshot = self.snapshot();
         let (provider, model) = resolve_model(&snapshot, body.get("model"))?;
@@ -88,7 +92,11 @@ impl Relay {
         // Kept only where a broken stream may be continued: the body as it came, to ask for the rest.
         let resume = fallbacks
             .filter(|_| {
-                stream && provider.continuation.is_some() && snapshot.settings.continue_streams
+                // Continuing writes chat: a native dialect's broken stream ends with its error event.
+                stream
+                    && endpoint == Endpoint::Chat
+                    && provider.continuation.is_some()
+                    && snapshot.settings.continue_streams
             })
             .map(|fallbacks| {
                 Arc::new(Resume {
@@ -106,7 +114,7 @@ impl Relay {
         let base64_embeddings = endpoint == Endpoint::Embeddings
             && body.get("encoding_format").and_then(Value::as_str) == Some("base64");
         body.insert("model".into(), Value::String(model.clone()));
-        if stream && provider.stream_usage && !wants_usage {
+        if stream && endpoint == Endpoint::Chat && provider.stream_usage && !wants_usage {
             let options = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Map::new()));
@@ -114,7 +122,8 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let call = upstream_call(&provider, endpoint, path, &model, stream, body).await?;
+        let mut call = upstream_call(&provider, endpoint, path, &model, stream, body).await?;
+        call.headers.extend(headers.iter().cloned());
         let job = Job {
             resume,
             label: format!("{}/{model}", provider.name),
@@ -143,7 +152,21 @@ impl Relay {
 impl Job {
     /// A new stream's mapping: the provider's declared rules and `stream_event` hook, or passthrough.
     pub(super) fn mapper(&self) -> EventMapper {
-        self.provider.mapping.stream(&self.model, &self.label)
+        match self.endpoint {
+            Endpoint::Native(dialect) => EventMapper::new(
+                dialect.events().start(&self.label),
+                crate::mapping::ChunkWriter::new(&self.model),
+            ),
+            _ => self.provider.mapping.stream(&self.model, &self.label),
+        }
+    }
+
+    /// How a JSON answer is mapped: by the provider's mapping, or not at all for a native dialect.
+    pub(super) fn answer_mapping(&self) -> Arc<dyn crate::mapping::AnswerMapping> {
+        match self.endpoint {
+            Endpoint::Native(_) => Arc::new(crate::mapping::passthrough::Passthrough),
+            _ => self.provider.mapping.answer.clone(),
+        }
     }
 }
 
@@ -157,7 +180,11 @@ async fn upstream_call(
     stream: bool,
     body: Map<String, Value>,
 ) -> Result<UpstreamCall, RelayError> {
-    let mapping = provider.mapping.request.clone();
+    // A native dialect goes as the client wrote it.
+    let mapping: Arc<dyn crate::mapping::RequestMapping> = match endpoint {
+        Endpoint::Native(_) => Arc::new(crate::mapping::passthrough::Passthrough),
+        _ => provider.mapping.request.clone(),
+    };
     let draft = if mapping.slow() {
         let (path, model) = (path.to_string(), model.to_string());
         crate::offload::run(crate::offload::Pool::Scripts, move || {

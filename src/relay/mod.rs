@@ -22,6 +22,7 @@ mod run;
 
 use crate::clock::Clock;
 use crate::keys::KeyStore;
+use crate::mapping::inbound::Dialect;
 use crate::observe::{Journal, Observer};
 use crate::provider::{ErrorClass, Provider};
 use crate::snapshot::Snapshot;
@@ -36,11 +37,13 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Which OpenAI endpoint a request is for.
+/// Which endpoint a request is for: OpenAI's, or an inbound dialect spoken natively by the provider (the body
+/// goes as the client wrote it, the answer and events come back as they came).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     Chat,
     Embeddings,
+    Native(Dialect),
 }
 
 impl Endpoint {
@@ -48,14 +51,16 @@ impl Endpoint {
         match self {
             Self::Chat => provider.paths.chat.as_deref(),
             Self::Embeddings => provider.paths.embeddings.as_deref(),
+            Self::Native(dialect) => provider.dialect_path(dialect),
         }
     }
 
-    /// The endpoint's name as scripts see it (`ctx.endpoint`).
+    /// The endpoint's name as scripts see it (`ctx.endpoint`), and in logs.
     fn hook_name(self) -> &'static str {
         match self {
             Self::Chat => "chat",
             Self::Embeddings => "embeddings",
+            Self::Native(dialect) => dialect.name(),
         }
     }
 
@@ -63,7 +68,13 @@ impl Endpoint {
         match self {
             Self::Chat => "chat completions",
             Self::Embeddings => "embeddings",
+            Self::Native(dialect) => dialect.title(),
         }
+    }
+
+    /// It streams when the body asks.
+    fn streams(self) -> bool {
+        self != Self::Embeddings
     }
 }
 
@@ -205,7 +216,28 @@ impl Relay {
     pub async fn send(
         &self,
         endpoint: Endpoint,
+        body: Map<String, Value>,
+    ) -> Result<Reply, RelayError> {
+        self.send_with(endpoint, body, &[]).await
+    }
+
+    /// Whether the provider of `model` (an alias resolved) speaks `dialect` natively.
+    pub fn speaks(&self, model: &str, dialect: Dialect) -> bool {
+        let snapshot = self.snapshot();
+        let model = snapshot.canonical(model);
+        model
+            .split_once('/')
+            .and_then(|(provider, _)| snapshot.providers.get(provider))
+            .is_some_and(|p| p.dialect_path(dialect).is_some())
+    }
+
+    /// [`Self::send`], with client headers sent upstream as they are (a native dialect's own, such as
+    /// `anthropic-beta`).
+    pub async fn send_with(
+        &self,
+        endpoint: Endpoint,
         mut body: Map<String, Value>,
+        headers: &[(http::HeaderName, http::HeaderValue)],
     ) -> Result<Reply, RelayError> {
         let snapshot = self.snapshot();
         let settings = &snapshot.settings;
@@ -221,8 +253,8 @@ impl Relay {
         if aliased {
             body.insert("model".into(), Value::String(requested.clone()));
         }
-        let stream = endpoint == Endpoint::Chat
-            && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream =
+            endpoint.streams() && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         // The client's own fallback lists are consumed here, never forwarded, and win over config.yaml's.
         let mut fallbacks = Fallbacks::new(
             fallback::take(&mut body, "fallbacks")?
@@ -276,6 +308,7 @@ impl Relay {
                 stream,
                 fallbacks: &fallbacks,
                 fallback: is_fallback.then(|| model.clone()),
+                headers,
             };
             let answered = async {
                 let (job, given_up) = self

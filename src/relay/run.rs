@@ -303,7 +303,7 @@ impl Relay {
                 upstream,
             } => {
                 served.upstream = upstream;
-                let mapping = job.provider.mapping.answer.clone();
+                let mapping = job.answer_mapping();
                 let endpoint = job.endpoint.hook_name();
                 let answer = if mapping.slow() {
                     // The key did its job even if the mapping fails.

@@ -1,7 +1,7 @@
 //! The client-facing stream: forwards an upstream stream after its first parts were seen, and reports the
 //! request when it ends.
 
-use super::frame::{error_frame, frame, upstream_error_frame};
+use super::frame::{error_frame, frame, named_frame, upstream_error_frame};
 use super::peek::Usage;
 use super::{Break, Continuer, Resumed, Started, StreamFault, UpstreamEvents};
 use crate::clock::Clock;
@@ -209,6 +209,31 @@ impl Forward {
         Some(frame(&data))
     }
 
+    /// A native event's frame (its SSE name kept), with what the stream learns from it.
+    fn event_frame(
+        &mut self,
+        name: Option<String>,
+        data: String,
+        usage: Option<Value>,
+        finish: bool,
+    ) -> Bytes {
+        self.saw_finish |= finish;
+        let data = match self.lease.as_ref().map(|l| l.key().redact(&data)) {
+            Some(std::borrow::Cow::Owned(redacted)) => redacted,
+            _ => data,
+        };
+        if let Some(usage) = usage {
+            self.usage = Usage::from_value(&usage);
+        }
+        if let Some(report) = &mut self.report {
+            report.sent(&data);
+        }
+        match name {
+            Some(name) => named_frame(&name, &data),
+            None => frame(&data),
+        }
+    }
+
     /// Pulls what the upstream connection already holds (`UpstreamEvents::pull_at_hand`) while the stream is
     /// plainly forwarding and nothing else waits to be decided.
     async fn pull_at_hand(&mut self) -> bool {
@@ -240,6 +265,12 @@ impl Forward {
                         return Some(frame);
                     }
                 }
+                Some(Part::Event {
+                    name,
+                    data,
+                    usage,
+                    finish,
+                }) => return Some(self.event_frame(name, data, usage, finish)),
                 Some(other) => {
                     self.pending.push_front(other);
                     return None;
@@ -298,6 +329,12 @@ impl Forward {
                         Some(frame) => return Some(frame),
                         None => continue,
                     },
+                    Part::Event {
+                        name,
+                        data,
+                        usage,
+                        finish,
+                    } => return Some(self.event_frame(name, data, usage, finish)),
                 }
             }
             let cut = match self.upstream.next().await {

@@ -28,6 +28,18 @@ pub fn frame(data: &str) -> Bytes {
     out.into()
 }
 
+/// An SSE frame with an event name: `event: <name>`, then `data` as [`frame`] writes it.
+pub fn named_frame(name: &str, data: &str) -> Bytes {
+    let data = frame(data);
+    let mut out = Vec::with_capacity(name.len() + 8 + data.len());
+    out.extend_from_slice(b"event: ");
+    // A name never holds a line break: the parser split lines there.
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(&data);
+    out.into()
+}
+
 /// The in-band error that ends a stream which broke after it started: no `[DONE]` follows.
 pub fn error_frame(message: &str, kind: &str, code: &str) -> Bytes {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});

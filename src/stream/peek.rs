@@ -127,7 +127,9 @@ impl Usage {
 }
 
 /// Reads a `usage` value without building it: counts that are not whole non-negative numbers, and a usage that
-/// is not an object, read as zero; never an error.
+/// is not an object, read as zero; never an error. Besides OpenAI chat's names, it reads the `input_tokens` /
+/// `output_tokens` family of native dialects: Anthropic's (whose input excludes its cache reads and writes,
+/// counted apart) and OpenAI Responses' (whose input includes `input_tokens_details.cached_tokens`).
 impl<'de> Deserialize<'de> for Usage {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Count(u64);
@@ -172,19 +174,40 @@ impl<'de> Deserialize<'de> for Usage {
                 mut map: A,
             ) -> Result<Usage, A::Error> {
                 let mut usage = Usage::default();
+                let mut chat = false;
+                // input, output, cache reads, cache writes, cached (Responses)
+                let mut native = [0u64; 5];
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     match &*key {
-                        "prompt_tokens" => usage.prompt_tokens = map.next_value::<Count>()?.0,
+                        "prompt_tokens" => {
+                            chat = true;
+                            usage.prompt_tokens = map.next_value::<Count>()?.0
+                        }
                         "completion_tokens" => {
+                            chat = true;
                             usage.completion_tokens = map.next_value::<Count>()?.0
                         }
                         "prompt_tokens_details" => {
+                            chat = true;
                             usage.cached_tokens = map.next_value::<Cached>()?.0
                         }
+                        "input_tokens" => native[0] = map.next_value::<Count>()?.0,
+                        "output_tokens" => native[1] = map.next_value::<Count>()?.0,
+                        "cache_read_input_tokens" => native[2] = map.next_value::<Count>()?.0,
+                        "cache_creation_input_tokens" => native[3] = map.next_value::<Count>()?.0,
+                        "input_tokens_details" => native[4] = map.next_value::<Cached>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
+                }
+                if !chat {
+                    let [input, output, read, write, cached] = native;
+                    usage = Usage {
+                        prompt_tokens: input.saturating_add(read).saturating_add(write),
+                        completion_tokens: output,
+                        cached_tokens: if read > 0 { read } else { cached },
+                    };
                 }
                 Ok(usage)
             }
@@ -255,6 +278,34 @@ mod tests {
             (r#""twelve""#, (0, 0, 0)),
             (r#"[1,2]"#, (0, 0, 0)),
             (r#"7"#, (0, 0, 0)),
+            (
+                r#"{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":5,"audio_tokens":0}}"#,
+                (9, 0, 5),
+            ),
+            (r#"{"prompt_tokens_details":null}"#, (0, 0, 0)),
+            (
+                r#"{"prompt_tokens_details":[1],"completion_tokens":2}"#,
+                (0, 2, 0),
+            ),
+            (
+                r#"{"prompt_tokens_details":{"cached_tokens":-3}}"#,
+                (0, 0, 0),
+            ),
+            // Anthropic's: input excludes its cache reads and writes.
+            (
+                r#"{"input_tokens":10,"output_tokens":4,"cache_read_input_tokens":100,"cache_creation_input_tokens":5}"#,
+                (115, 4, 100),
+            ),
+            // OpenAI Responses': input includes the cached tokens.
+            (
+                r#"{"input_tokens":50,"output_tokens":9,"input_tokens_details":{"cached_tokens":20}}"#,
+                (50, 9, 20),
+            ),
+            // Chat's names win where both appear.
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"input_tokens":99}"#,
+                (3, 1, 0),
+            ),
         ] {
             let read: Usage = serde_json::from_str(text).unwrap();
             assert_eq!(

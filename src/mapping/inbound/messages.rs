@@ -9,6 +9,8 @@
 //! blocks of earlier turns (their signatures only mean something to Anthropic).
 
 use super::{Refused, StreamTranslation, error_message, sse_event};
+use crate::mapping::{ChunkWriter, Event, EventMapping, EventMappings, Part, Step};
+use crate::script::ScriptError;
 use crate::stream::Usage;
 use serde_json::{Map, Value, json};
 
@@ -569,7 +571,7 @@ impl MessagesStream {
 }
 
 impl StreamTranslation for MessagesStream {
-    fn frame(&mut self, data: &str, out: &mut Vec<u8>) {
+    fn frame(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
         if self.failed || data.trim() == "[DONE]" {
             return;
         }
@@ -603,5 +605,153 @@ impl StreamTranslation for MessagesStream {
             "usage": usage_json(&self.usage)});
         sse_event(out, "message_delta", &delta);
         sse_event(out, "message_stop", &json!({"type": "message_stop"}));
+    }
+}
+
+// ---------------------------------------------------------------------------------------- native streams
+
+/// How a native Messages stream is read: every event forwarded as it came, with what the engine must know. The
+/// preamble (`message_start`, `ping`) is held until the first other event, so that an `error` event in its place
+/// (an overloaded model) is judged like an error status and the request moves to another key, the client having
+/// seen nothing.
+#[derive(Debug)]
+pub struct NativeEvents;
+
+impl EventMappings for NativeEvents {
+    fn start(&self, _: &str) -> Box<dyn EventMapping> {
+        Box::new(NativeStream::default())
+    }
+}
+
+#[derive(Default)]
+struct NativeStream {
+    held: Vec<Part>,
+    started: bool,
+    /// Anthropic's usage so far: `message_start`'s, updated by `message_delta`'s.
+    usage: Map<String, Value>,
+}
+
+impl NativeStream {
+    fn parts(&mut self, event: Event) -> Vec<Part> {
+        let (name, data) = (event.sse.event, event.sse.data);
+        let parsed = serde_json::from_str::<Value>(&data).ok();
+        let kind = parsed
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str)
+            .or(name.as_deref())
+            .unwrap_or("")
+            .to_string();
+        let mut usage = None;
+        let mut finish = false;
+        match kind.as_str() {
+            "error" => {
+                self.held.clear();
+                let error = parsed
+                    .as_ref()
+                    .and_then(|v| v.get("error"))
+                    .cloned()
+                    .unwrap_or_else(|| json!({"message": data}));
+                return vec![Part::Error(error)];
+            }
+            "message_start" | "message_delta" => {
+                let found = parsed.as_ref().and_then(|v| {
+                    v.get("usage")
+                        .or_else(|| v.get("message").and_then(|m| m.get("usage")))
+                });
+                if let Some(Value::Object(found)) = found {
+                    for (k, v) in found {
+                        if !v.is_null() {
+                            self.usage.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+                if kind == "message_delta" {
+                    let u = Usage::from_value(&Value::Object(self.usage.clone()));
+                    usage = Some(json!({"prompt_tokens": u.prompt_tokens,
+                        "completion_tokens": u.completion_tokens,
+                        "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}));
+                    finish = parsed
+                        .as_ref()
+                        .is_some_and(|v| !v["delta"]["stop_reason"].is_null());
+                }
+            }
+            _ => {}
+        }
+        let part = Part::Event {
+            name,
+            data,
+            usage,
+            finish,
+        };
+        let preamble = matches!(kind.as_str(), "message_start" | "ping");
+        if preamble && !self.started {
+            self.held.push(part);
+            return Vec::new();
+        }
+        self.started = true;
+        let mut parts = std::mem::take(&mut self.held);
+        parts.push(part);
+        if kind == "message_stop" {
+            parts.push(Part::Done);
+        }
+        parts
+    }
+}
+
+impl EventMapping for NativeStream {
+    fn map(&mut self, event: Event, _: &mut ChunkWriter) -> Result<Step, ScriptError> {
+        Ok(Step::Mapped(self.parts(event)))
+    }
+
+    fn map_slow(&mut self, event: Event, _: &mut ChunkWriter) -> Result<Vec<Part>, ScriptError> {
+        Ok(self.parts(event))
+    }
+}
+
+/// A native Messages stream on its way to the client: its events as they came; the engine's own frames made
+/// Anthropic's (its in-band error an `error` event; its `[DONE]` dropped, since `message_stop` said it).
+#[derive(Default)]
+pub struct NativeMessagesStream {
+    failed: bool,
+}
+
+impl StreamTranslation for NativeMessagesStream {
+    fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>) {
+        if self.failed {
+            return;
+        }
+        match event {
+            Some(name) => {
+                // A native event: forwarded with its name, its data line by line.
+                out.extend_from_slice(b"event: ");
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'\n');
+                out.extend_from_slice(&crate::stream::frame(data));
+            }
+            None if data.trim() == "[DONE]" => {}
+            None => {
+                let message = serde_json::from_str::<Value>(data)
+                    .map(|v| error_message(&v))
+                    .unwrap_or_else(|_| "the stream failed".into());
+                sse_event(
+                    out,
+                    "error",
+                    &json!({"type": "error", "error": {"type": "api_error", "message": message}}),
+                );
+                self.failed = true;
+            }
+        }
+    }
+
+    fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
+        if !clean && !self.failed {
+            sse_event(
+                out,
+                "error",
+                &json!({"type": "error", "error": {"type": "api_error",
+                        "message": "the stream ended before the answer was complete"}}),
+            );
+        }
     }
 }

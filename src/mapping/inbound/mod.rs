@@ -12,6 +12,7 @@
 
 pub mod messages;
 
+use super::EventMappings;
 use crate::stream::SseBody;
 use crate::stream::sse::SseParser;
 use bytes::Bytes;
@@ -19,6 +20,38 @@ use futures_util::Stream;
 use serde_json::Value;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+/// An inbound dialect a provider may speak natively (`dialects:` in its file, with its path): requests in it then
+/// go to that provider as the client wrote them, and its answers and events come back as they came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    /// Anthropic's Messages API.
+    Messages,
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Messages => "messages",
+        }
+    }
+
+    /// What the API is called in messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Messages => "the Anthropic Messages API",
+        }
+    }
+
+    /// How a native stream of this dialect is read: its events forwarded as they come, with what the engine
+    /// must know of them (content started, usage, the end, errors).
+    pub fn events(self) -> std::sync::Arc<dyn EventMappings> {
+        match self {
+            Self::Messages => std::sync::Arc::new(messages::NativeEvents),
+        }
+    }
+}
 
 /// The client asked for something this dialect's translation cannot carry: a 400 naming the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +71,9 @@ impl Refused {
 
 /// One stream's translation from OpenAI frames to a dialect's events.
 pub trait StreamTranslation: Send + Unpin + 'static {
-    /// One OpenAI frame's data: a chunk, `[DONE]`, or an in-band `{"error": …}`; the dialect's events are
-    /// written to `out`.
-    fn frame(&mut self, data: &str, out: &mut Vec<u8>);
+    /// One frame of the engine's stream: its SSE event name (a native stream's own) and data (an OpenAI chunk,
+    /// a native event, `[DONE]`, or the engine's in-band `{"error": …}`); the dialect's events go to `out`.
+    fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>);
     /// The engine's stream ended; `clean` when its last frame was `[DONE]`. A stream that ended otherwise must
     /// end with the dialect's error, never look complete.
     fn end(&mut self, clean: bool, out: &mut Vec<u8>);
@@ -73,17 +106,17 @@ impl<T: StreamTranslation> Translated<T> {
     /// Translates every complete frame buffered so far.
     fn drain(&mut self, out: &mut Vec<u8>) {
         while let Ok(Some(event)) = self.parser.next_event() {
-            self.frame(&event.data, out);
+            self.frame(event.event.as_deref(), &event.data, out);
         }
     }
 
-    fn frame(&mut self, data: &str, out: &mut Vec<u8>) {
+    fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>) {
         if self.failed || self.clean {
             return;
         }
         self.clean = data.trim() == "[DONE]";
-        self.failed = data.starts_with("{\"error\"");
-        self.translation.frame(data, out);
+        self.failed = event.is_none() && data.starts_with("{\"error\"");
+        self.translation.frame(event, data, out);
     }
 }
 
@@ -111,7 +144,7 @@ impl<T: StreamTranslation> Stream for Translated<T> {
                 Poll::Ready(Some(Err(never))) => match never {},
                 Poll::Ready(None) => {
                     if let Some(event) = this.parser.finish() {
-                        this.frame(&event.data, &mut out);
+                        this.frame(event.event.as_deref(), &event.data, &mut out);
                     }
                     this.ended = true;
                     if !this.failed {
