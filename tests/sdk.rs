@@ -37,11 +37,21 @@ async fn proxy_for_clients() -> (Proxy, Mock, Mock) {
 
 /// Runs `program` with `args` against `proxy` and checks that it reports success.
 async fn drive(proxy: &Proxy, program: &str, args: Vec<String>) {
+    drive_with(proxy, program, args, &[]).await
+}
+
+/// [`drive`] with more environment variables.
+async fn drive_with(proxy: &Proxy, program: &str, args: Vec<String>, env: &[(&str, &str)]) {
     let url = format!("{}/v1", proxy.url);
     let program = program.to_string();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(program)
             .args(args)
+            .envs(env)
             .env("KEYRELAY_URL", url)
             .env("KEYRELAY_KEY", PROXY_KEY)
             .output()
@@ -92,9 +102,58 @@ async fn litellms_async_client_works_against_keyrelay() {
     drive(&proxy, python, vec![sdk_file("litellm_async.py")]).await;
 }
 
+/// An Anthropic upstream answering like `proxy_for_dialects`' OpenAI one: the same text, tool call and counts.
+async fn anthropic_speaking() -> Mock {
+    use serde_json::json;
+    Mock::start(|seen, _| {
+        let tools = seen.body.get("tools").is_some();
+        let answered = seen.body["messages"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["content"][0]["type"] == "tool_result")
+        });
+        let calling = tools && !answered;
+        if seen.body["stream"] != json!(true) {
+            let content = if calling {
+                json!([{"type": "tool_use", "id": "toolu_7", "name": "get_weather", "input": {"city": "Porto"}}])
+            } else {
+                json!([{"type": "text", "text": "Sunny in Porto."}])
+            };
+            return Reply::ok(json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                "content": content, "stop_reason": if calling { "tool_use" } else { "end_turn" }, "stop_sequence": null,
+                "usage": {"input_tokens": 11, "output_tokens": 7}}));
+        }
+        let event = |data: serde_json::Value| {
+            format!("event: {}\ndata: {data}\n\n", data["type"].as_str().unwrap())
+        };
+        let mut body = event(json!({"type": "message_start", "message": {"id": "msg_2", "type": "message",
+            "role": "assistant", "model": "claude-sonnet-4-5", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 11, "output_tokens": 1}}}));
+        let deltas = if calling {
+            body += &event(json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_8", "name": "get_weather", "input": {}}}));
+            vec![json!({"type": "input_json_delta", "partial_json": "{\"city\":"}),
+                 json!({"type": "input_json_delta", "partial_json": "\"Porto\"}"})]
+        } else {
+            body += &event(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+            vec![json!({"type": "text_delta", "text": "Sunny "}), json!({"type": "text_delta", "text": "in Porto."})]
+        };
+        body += &event(json!({"type": "ping"}));
+        for delta in deltas {
+            body += &event(json!({"type": "content_block_delta", "index": 0, "delta": delta}));
+        }
+        body += &event(json!({"type": "content_block_stop", "index": 0}));
+        body += &event(json!({"type": "message_delta", "delta": {"stop_reason": if calling { "tool_use" } else { "end_turn" },
+            "stop_sequence": null}, "usage": {"output_tokens": 2}}));
+        body += &event(json!({"type": "message_stop"}));
+        Reply::Raw { status: 200, content_type: "text/event-stream", body }
+    })
+    .await
+}
+
 /// An OpenAI-speaking provider `mock` (tool calls when tools are offered and no result is back yet, else one
-/// text, streamed when asked) and `limited` (every key rate limited).
-async fn proxy_for_dialects() -> (Proxy, Mock, Mock) {
+/// text, streamed when asked), `limited` (every key rate limited) and `anthropic` (speaking Anthropic's API,
+/// answering alike).
+async fn proxy_for_dialects() -> (Proxy, Mock, Mock, Mock) {
     let mock = Mock::start(|seen, _| {
         let tools = seen.body.get("tools").is_some();
         let answered = seen.body["messages"]
@@ -129,11 +188,15 @@ async fn proxy_for_dialects() -> (Proxy, Mock, Mock) {
             .with_header("retry-after", "120")
     })
     .await;
+    let native = anthropic_speaking().await;
     let setup = Setup::one(&mock, 2)
         .provider("limited", provider_yaml(&limited.base_url, ""))
         .env("LIMITED_API_KEY", &key(3))
+        .provider("anthropic", shipped_provider("anthropic", &native.base_url))
+        .shipped_plugin("anthropic.rhai")
+        .env("ANTHROPIC_API_KEY", &key(4))
         .config("request_timeout: 3s\n");
-    (Proxy::start(setup).await, mock, limited)
+    (Proxy::start(setup).await, mock, limited, native)
 }
 
 #[tokio::test]
@@ -142,8 +205,33 @@ async fn the_anthropic_python_sdk_works_against_keyrelay() {
         "this test drives the official Anthropic Python SDK and python3 with the anthropic package was not \
          found: run .ci/run (which installs it), or pip install anthropic",
     );
-    let (proxy, mock, _limited) = proxy_for_dialects().await;
-    drive(&proxy, python, vec![sdk_file("anthropic_sdk.py")]).await;
+    let (proxy, mock, _limited, native) = proxy_for_dialects().await;
+    let script = || vec![sdk_file("anthropic_sdk.py")];
+    drive_with(
+        &proxy,
+        python,
+        script(),
+        &[("KEYRELAY_MODEL", "mock/claude-stand-in")],
+    )
+    .await;
+    drive_with(
+        &proxy,
+        python,
+        script(),
+        &[
+            ("KEYRELAY_MODEL", "anthropic/claude-sonnet-4-5"),
+            ("KEYRELAY_NATIVE", "1"),
+        ],
+    )
+    .await;
+    // The provider that speaks the API got what the SDK wrote: the tool result as Anthropic's block.
+    assert!(native.seen().iter().any(|s| {
+        s.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["content"][0]["type"] == "tool_result")
+    }));
     // What the upstream saw was chat, with the system prompt first and the tool result as a tool message.
     let chats = mock.chats();
     assert_eq!(chats[0].body["messages"][0]["role"], "system");

@@ -1,7 +1,9 @@
 """Drives a running keyrelay with the official Anthropic Python SDK (run by tests/sdk.rs), as Claude Code and
-tools built on the Anthropic API do, against an OpenAI-speaking provider behind it.
+tools built on the Anthropic API do: against a provider that speaks OpenAI's API (translated) and one that
+speaks Anthropic's (passed through), both answering the same conversation.
 
-Environment: KEYRELAY_URL (base URL with /v1), KEYRELAY_KEY (the proxy key). Exits non-zero on any failure.
+Environment: KEYRELAY_URL (base URL with /v1), KEYRELAY_KEY (the proxy key), KEYRELAY_MODEL (the model to ask),
+KEYRELAY_NATIVE (set when its provider speaks the Messages API). Exits non-zero on any failure.
 """
 
 import os
@@ -11,7 +13,8 @@ import anthropic
 base_url = os.environ["KEYRELAY_URL"].removesuffix("/v1")
 key = os.environ["KEYRELAY_KEY"]
 client = anthropic.Anthropic(base_url=base_url, api_key=key, max_retries=0)
-MODEL = "mock/claude-stand-in"
+MODEL = os.environ["KEYRELAY_MODEL"]
+NATIVE = bool(os.environ.get("KEYRELAY_NATIVE"))
 ask = [{"role": "user", "content": "Weather in Porto?"}]
 
 # Create
@@ -99,12 +102,13 @@ try:
 except anthropic.RateLimitError as e:
     assert int(e.response.headers["retry-after"]) > 0
 
-try:
-    client.messages.create(
-        model=MODEL, max_tokens=10, messages=ask, tools=[{"type": "web_search_20250305", "name": "web_search"}]
-    )
-    raise SystemExit("a server tool was accepted for an OpenAI provider")
-except anthropic.BadRequestError as e:
-    assert e.body["error"]["type"] == "invalid_request_error" and "server tool" in e.message, e.body
+if not NATIVE:
+    try:
+        client.messages.create(
+            model=MODEL, max_tokens=10, messages=ask, tools=[{"type": "web_search_20250305", "name": "web_search"}]
+        )
+        raise SystemExit("a server tool was accepted for an OpenAI provider")
+    except anthropic.BadRequestError as e:
+        assert e.body["error"]["type"] == "invalid_request_error" and "server tool" in e.message, e.body
 
-print("anthropic sdk: all checks passed")
+print(f"anthropic sdk ({'native' if NATIVE else 'translated'}): all checks passed")
