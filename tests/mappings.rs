@@ -121,6 +121,7 @@ fn mapped_stream(name: &str, model: &str, fixture_path: &str) -> Vec<Value> {
         for part in mapper.map_blocking(event).unwrap() {
             out.push(match part {
                 Part::Chunk { data, .. } => serde_json::from_str(&data).unwrap(),
+                Part::Event { name, data, .. } => json!({"event": name, "data": data}),
                 Part::Error(e) => json!({"in_band_error": e}),
                 Part::Done => json!("[DONE]"),
             });
