@@ -84,6 +84,26 @@ fn requests_become_chat_bodies() {
         "messages_request_rich_to_chat",
         to_chat(object(rich)).unwrap()
     );
+    // As Claude Code (2.1) writes them: a system turn mid-conversation, adaptive thinking with an effort,
+    // context editing (Anthropic trims its own copy; nothing the answer depends on).
+    let claude_code =
+        object(serde_json::from_str(&fixture("anthropic/request_claude_code.json")).unwrap());
+    let chat = to_chat(claude_code).unwrap();
+    assert_eq!(
+        chat["reasoning_effort"], "high",
+        "output_config.effort wins"
+    );
+    assert_eq!(
+        chat["messages"][2],
+        json!({"role": "system", "content": "Tools are available."})
+    );
+    insta::assert_json_snapshot!("messages_request_claude_code_to_chat", chat);
+    let schema = json!({"model": "p/m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}});
+    assert_eq!(
+        to_chat(object(schema)).unwrap()["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}})
+    );
 }
 
 #[test]
@@ -99,6 +119,11 @@ fn what_a_chat_body_cannot_carry_is_refused_by_name() {
         ("mcp_servers", json!([]), "mcp_servers"),
         ("tool_choice", json!({"type": "sometimes"}), "tool_choice"),
         ("system", json!([{"type": "image"}]), "system[0]"),
+        (
+            "output_config",
+            json!({"task_budget": 5}),
+            "output_config.task_budget",
+        ),
     ];
     for (field, value, param) in cases {
         let mut body = base();
@@ -106,7 +131,7 @@ fn what_a_chat_body_cannot_carry_is_refused_by_name() {
         assert_eq!(to_chat(object(body)).unwrap_err().param, param);
     }
     let mut body = base();
-    body["messages"] = json!([{"role": "system", "content": "x"}]);
+    body["messages"] = json!([{"role": "narrator", "content": "x"}]);
     assert_eq!(to_chat(object(body)).unwrap_err().param, "messages[0].role");
     let mut body = base();
     body["messages"] = json!([{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://x"}}]}]);

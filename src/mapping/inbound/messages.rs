@@ -23,6 +23,8 @@ pub fn to_chat(body: Body) -> Result<Body, Refused> {
     let mut messages = Vec::new();
     let mut system = None;
     let mut stream = false;
+    // `output_config.effort` wins over the effort a `thinking` budget implies.
+    let (mut effort, mut thinking_effort) = (None, None);
     for (field, value) in body {
         if value.is_null() {
             continue;
@@ -56,16 +58,40 @@ pub fn to_chat(body: Body) -> Result<Body, Refused> {
             "tool_choice" => tool_choice(&value, &mut chat)?,
             "thinking" => {
                 if value.get("type").and_then(Value::as_str) != Some("disabled") {
+                    // Adaptive thinking has no budget: the model decides, as at medium effort.
                     let budget = value
                         .get("budget_tokens")
                         .and_then(Value::as_u64)
                         .unwrap_or(8192);
-                    let effort = match budget {
+                    thinking_effort = Some(match budget {
                         0..4096 => "low",
                         4096..16384 => "medium",
                         _ => "high",
-                    };
-                    chat.insert("reasoning_effort".into(), json!(effort));
+                    });
+                }
+            }
+            "output_config" => {
+                let Value::Object(config) = value else {
+                    return Err(Refused::new(
+                        "output_config",
+                        "`output_config` must be an object",
+                    ));
+                };
+                for (key, value) in config {
+                    match key.as_str() {
+                        "effort" => effort = value.as_str().map(str::to_string),
+                        "format" if value["type"] == "json_schema" => {
+                            let format = json!({"type": "json_schema",
+                                "json_schema": {"name": "output", "schema": value["schema"]}});
+                            chat.insert("response_format".into(), format);
+                        }
+                        _ => {
+                            return Err(Refused::new(
+                                format!("output_config.{key}"),
+                                "a chat translation takes `effort` and a JSON schema `format`",
+                            ));
+                        }
+                    }
                 }
             }
             "metadata" => {
@@ -74,11 +100,11 @@ pub fn to_chat(body: Body) -> Result<Body, Refused> {
                 }
             }
             // The client's own fallback lists, as on chat.
-            "fallbacks" | "context_fallbacks" | "service_tier" => {
-                if field != "service_tier" {
-                    chat.insert(field, value);
-                }
+            "fallbacks" | "context_fallbacks" => {
+                chat.insert(field, value);
             }
+            // How Anthropic serves or trims the conversation on its side: nothing the answer depends on.
+            "service_tier" | "context_management" => {}
             other => {
                 return Err(Refused::new(
                     other,
@@ -89,6 +115,9 @@ pub fn to_chat(body: Body) -> Result<Body, Refused> {
                 ));
             }
         }
+    }
+    if let Some(effort) = effort.or(thinking_effort.map(str::to_string)) {
+        chat.insert("reasoning_effort".into(), json!(effort));
     }
     messages.splice(0..0, system);
     chat.insert("messages".into(), Value::Array(messages));
@@ -130,10 +159,17 @@ fn turn_to_chat(turn: Value, i: usize, out: &mut Vec<Value>) -> Result<(), Refus
     let at = format!("messages[{i}]");
     let role = match turn.get("role").and_then(Value::as_str) {
         Some(role @ ("user" | "assistant")) => role.to_string(),
+        // A system turn in mid-conversation (Claude Code sends them): a chat system message there.
+        Some("system") => {
+            let text = system_text(turn.get("content").unwrap_or(&Value::Null))
+                .map_err(|r| Refused::new(format!("{at}.content"), r.message))?;
+            out.push(json!({"role": "system", "content": text}));
+            return Ok(());
+        }
         _ => {
             return Err(Refused::new(
                 format!("{at}.role"),
-                "a turn's role is user or assistant",
+                "a turn's role is user, assistant or system",
             ));
         }
     };
