@@ -6,7 +6,7 @@
 //! request.
 
 use super::body::json_body;
-use super::{ApiError, AppState, Shape, render_stream, served_headers};
+use super::{ApiError, AppState, Shape, render_stream, served_headers, translated};
 use crate::mapping::inbound::messages::{MessagesStream, NativeMessagesStream, from_chat, to_chat};
 use crate::mapping::inbound::{Dialect, Refused, Translated};
 use crate::relay::{Endpoint, Reply};
@@ -42,24 +42,9 @@ pub(super) async fn messages(State(app): State<AppState>, request: Request) -> R
     };
     match app.relay.send(Endpoint::Chat, chat).await {
         Ok(Reply::Json { body, served }) => {
-            let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "bad_upstream_response",
-                    "the upstream's answer is not JSON",
-                )
-                .shaped(Shape::Anthropic)
-                .into_response();
-            };
-            let mut response =
-                (StatusCode::OK, from_chat(&answer, &model).to_string()).into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            served_headers(response.headers_mut(), &served);
-            response
+            translated(&body, &served, Shape::Anthropic, |answer| {
+                from_chat(answer, &model)
+            })
         }
         Ok(Reply::Stream { body, served }) => {
             let events = Translated::new(body, MessagesStream::new(&model));

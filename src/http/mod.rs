@@ -9,6 +9,7 @@
 mod auth;
 mod body;
 mod browser;
+mod completions;
 mod conn;
 mod error;
 mod listener;
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/chat/completions", post(chat))
         .route("/embeddings", post(embeddings))
+        .route("/completions", post(completions::completions))
         .route("/models", get(models))
         .route("/models/{*id}", get(model))
         .route("/providers", get(providers))
@@ -131,7 +133,34 @@ pub(crate) fn served_headers(headers: &mut HeaderMap, served: &Served) {
     }
 }
 
-fn render(reply: Reply) -> Response {
+/// A JSON answer in a dialect's shape (`translate` of the chat answer), with the `x-keyrelay-*` headers; a 502 in
+/// `shape` when the answer is not JSON.
+pub(crate) fn translated(
+    body: &[u8],
+    served: &Served,
+    shape: Shape,
+    translate: impl FnOnce(&Value) -> Value,
+) -> Response {
+    let Ok(answer) = serde_json::from_slice::<Value>(body) else {
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "bad_upstream_response",
+            "the upstream's answer is not JSON",
+        )
+        .shaped(shape)
+        .into_response();
+    };
+    let mut response = (StatusCode::OK, translate(&answer).to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    served_headers(response.headers_mut(), served);
+    response
+}
+
+pub(crate) fn render(reply: Reply) -> Response {
     let (mut response, served) = match reply {
         Reply::Json { body, served } => {
             let mut r = (StatusCode::OK, body).into_response();

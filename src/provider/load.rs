@@ -358,11 +358,20 @@ fn resolve(
     for problem in tuning.problems() {
         err(problem, "");
     }
-    for (dialect, path) in raw.dialects.iter().filter(|(_, p)| !p.starts_with('/')) {
+    let dialects: Vec<(
+        crate::mapping::inbound::Dialect,
+        crate::mapping::inbound::DialectRoute,
+    )> = raw
+        .dialects
+        .into_iter()
+        .map(|(d, r)| (d, r.into()))
+        .collect();
+    for (dialect, route) in dialects.iter().filter(|(_, r)| !r.path.starts_with('/')) {
         err(
             format!(
-                "dialects: {}: the path {path:?} must start with /",
-                dialect.name()
+                "dialects: {}: the path {:?} must start with /",
+                dialect.name(),
+                route.path
             ),
             "e.g. messages: /messages (relative to base_url)",
         );
@@ -404,7 +413,7 @@ fn resolve(
         stream_usage: raw.stream_usage,
         aliases: raw.aliases,
         prices,
-        dialects: raw.dialects.into_iter().collect(),
+        dialects,
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),

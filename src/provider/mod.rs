@@ -66,7 +66,10 @@ pub struct Provider {
     /// What its models' tokens cost.
     pub prices: Prices,
     /// Inbound dialects it speaks natively, with their paths relative to the base URL.
-    pub dialects: Vec<(crate::mapping::inbound::Dialect, String)>,
+    pub dialects: Vec<(
+        crate::mapping::inbound::Dialect,
+        crate::mapping::inbound::DialectRoute,
+    )>,
     pub classifier: Classifier,
     pub tuning: Tuning,
     pub keys: Vec<ApiKey>,
@@ -84,12 +87,20 @@ pub struct Provider {
 }
 
 impl Provider {
-    /// Its path for `dialect`, when it speaks it natively.
-    pub fn dialect_path(&self, dialect: crate::mapping::inbound::Dialect) -> Option<&str> {
+    /// Its path for `dialect`, when it speaks it natively for `model` (without the provider prefix).
+    pub fn dialect_path(
+        &self,
+        dialect: crate::mapping::inbound::Dialect,
+        model: &str,
+    ) -> Option<&str> {
         self.dialects
             .iter()
-            .find(|(d, _)| *d == dialect)
-            .map(|(_, path)| path.as_str())
+            .find(|(d, route)| {
+                *d == dialect
+                    && (route.models.is_empty()
+                        || route.models.iter().any(|g| crate::glob::matches(g, model)))
+            })
+            .map(|(_, route)| route.path.as_str())
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -97,7 +97,8 @@ pub(super) struct RawProvider {
     pub(super) stream_usage: bool,
     /// Inbound dialects the upstream speaks natively, with their paths.
     #[serde(default)]
-    pub(super) dialects: BTreeMap<crate::mapping::inbound::Dialect, String>,
+    pub(super) dialects:
+        BTreeMap<crate::mapping::inbound::Dialect, crate::mapping::inbound::RawDialectRoute>,
     /// Other names clients may use for this provider (LiteLLM's prefixes, say).
     #[serde(default)]
     pub(super) aliases: Vec<String>,

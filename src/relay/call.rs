@@ -83,7 +83,7 @@ impl Relay {
             j.provider = provider.name.clone();
             j.model = model.clone();
         }
-        let Some(path) = endpoint.path(&provider) else {
+        let Some(path) = endpoint.path(&provider, &model) else {
             return Err(RelayError::EndpointMissing {
                 provider: provider.name.clone(),
                 endpoint: endpoint.name(),
@@ -114,7 +114,11 @@ impl Relay {
         let base64_embeddings = endpoint == Endpoint::Embeddings
             && body.get("encoding_format").and_then(Value::as_str) == Some("base64");
         body.insert("model".into(), Value::String(model.clone()));
-        if stream && endpoint == Endpoint::Chat && provider.stream_usage && !wants_usage {
+        let openai_shaped = match endpoint {
+            Endpoint::Native(dialect) => dialect.openai_shaped(),
+            _ => endpoint == Endpoint::Chat,
+        };
+        if stream && openai_shaped && provider.stream_usage && !wants_usage {
             let options = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Map::new()));
@@ -139,9 +143,9 @@ impl Relay {
             max_response: snapshot.settings.max_response_bytes,
             // Only fallbacks that could serve count: a model with nowhere real to go is not given up early.
             has_fallbacks: fallbacks.is_some_and(|f| {
-                f.left()
-                    .iter()
-                    .any(|m| resolve(&snapshot, m).is_ok_and(|(p, _)| endpoint.path(&p).is_some()))
+                f.left().iter().any(|m| {
+                    resolve(&snapshot, m).is_ok_and(|(p, name)| endpoint.path(&p, &name).is_some())
+                })
             }),
             fallback,
         };

@@ -47,11 +47,12 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self, provider: &Provider) -> Option<&str> {
+    /// The provider's path for this endpoint and `model`, if it offers it.
+    fn path<'p>(self, provider: &'p Provider, model: &str) -> Option<&'p str> {
         match self {
             Self::Chat => provider.paths.chat.as_deref(),
             Self::Embeddings => provider.paths.embeddings.as_deref(),
-            Self::Native(dialect) => provider.dialect_path(dialect),
+            Self::Native(dialect) => provider.dialect_path(dialect, model),
         }
     }
 
@@ -225,10 +226,12 @@ impl Relay {
     pub fn speaks(&self, model: &str, dialect: Dialect) -> bool {
         let snapshot = self.snapshot();
         let model = snapshot.canonical(model);
-        model
-            .split_once('/')
-            .and_then(|(provider, _)| snapshot.providers.get(provider))
-            .is_some_and(|p| p.dialect_path(dialect).is_some())
+        model.split_once('/').is_some_and(|(provider, name)| {
+            snapshot
+                .providers
+                .get(provider)
+                .is_some_and(|p| p.dialect_path(dialect, name).is_some())
+        })
     }
 
     /// [`Self::send`], with client headers sent upstream as they are (a native dialect's own, such as

@@ -33,6 +33,22 @@ for chunk in client.chat.completions.create(
 assert text == "Hello from the SDK test", text
 assert usage is not None and usage.completion_tokens > 0, usage
 
+# Legacy completions, plain and streamed (translated to chat for this provider)
+done = client.completions.create(model="mock/gpt-sdk", prompt="Say hello", max_tokens=20)
+assert done.object == "text_completion" and done.choices[0].text == "Hello from the SDK test", done
+assert done.usage.total_tokens == 18, done.usage
+streamed = "".join(
+    c.choices[0].text
+    for c in client.completions.create(model="mock/gpt-sdk", prompt="Say hello", max_tokens=20, stream=True)
+    if c.choices
+)
+assert streamed == "Hello from the SDK test", streamed
+try:
+    client.completions.create(model="mock/gpt-sdk", prompt="x", echo=True)
+    raise SystemExit("echo was accepted through a chat translation")
+except openai.BadRequestError as e:
+    assert e.param == "echo", e.body
+
 # Embeddings, string and list
 one = client.embeddings.create(model="mock/embed", input="a")
 assert len(one.data) == 1 and one.data[0].embedding[0] == 0.25, one

@@ -4,12 +4,18 @@
 //! rotation, cooldowns, the deadline, fallbacks and stream continuation), and turns the chat answer, its stream
 //! and its errors back into its own shapes. One module per dialect:
 //!
-//! - [`messages`]: Anthropic's Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`).
+//! - [`messages`]: Anthropic's Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`);
+//! - [`completions`]: OpenAI's legacy completions (`POST /v1/completions`).
+//!
+//! A provider that declares it speaks a dialect natively ([`Dialect`], `dialects:` in its file) gets such
+//! requests as the client wrote them instead (`relay::Endpoint::Native`), its answers and events read only for
+//! what the engine must know.
 //!
 //! Each stream translation reads the OpenAI SSE frames the engine writes (chunks, then `[DONE]`, or an in-band
 //! error that ends the stream without one) and writes the dialect's events; [`Translated`] drives one over a
 //! stream body.
 
+pub mod completions;
 pub mod messages;
 
 use super::EventMappings;
@@ -28,12 +34,15 @@ use std::task::{Context, Poll};
 pub enum Dialect {
     /// Anthropic's Messages API.
     Messages,
+    /// OpenAI's legacy completions (`prompt` in, `text` out).
+    Completions,
 }
 
 impl Dialect {
     pub fn name(self) -> &'static str {
         match self {
             Self::Messages => "messages",
+            Self::Completions => "completions",
         }
     }
 
@@ -41,7 +50,14 @@ impl Dialect {
     pub fn title(self) -> &'static str {
         match self {
             Self::Messages => "the Anthropic Messages API",
+            Self::Completions => "legacy completions",
         }
+    }
+
+    /// Its answers and stream chunks are OpenAI's kind (`choices`, `usage`, `[DONE]`): a native stream passes
+    /// through as chat's does, usage asked for the same way.
+    pub fn openai_shaped(self) -> bool {
+        self == Self::Completions
     }
 
     /// How a native stream of this dialect is read: its events forwarded as they come, with what the engine
@@ -49,6 +65,38 @@ impl Dialect {
     pub fn events(self) -> std::sync::Arc<dyn EventMappings> {
         match self {
             Self::Messages => std::sync::Arc::new(messages::NativeEvents),
+            Self::Completions => std::sync::Arc::new(super::passthrough::Passthrough),
+        }
+    }
+}
+
+/// Where a provider speaks a dialect: its path, and the models it speaks it for (globs; empty: all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialectRoute {
+    pub path: String,
+    pub models: Vec<String>,
+}
+
+/// `dialects.<name>` as written: a path, or a path and the models that speak the dialect.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum RawDialectRoute {
+    Path(String),
+    Routed {
+        path: String,
+        #[serde(default)]
+        models: Vec<String>,
+    },
+}
+
+impl From<RawDialectRoute> for DialectRoute {
+    fn from(raw: RawDialectRoute) -> Self {
+        match raw {
+            RawDialectRoute::Path(path) => Self {
+                path,
+                models: Vec::new(),
+            },
+            RawDialectRoute::Routed { path, models } => Self { path, models },
         }
     }
 }
