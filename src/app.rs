@@ -161,6 +161,7 @@ pub async fn start(
         started: std::time::Instant::now(),
         reloader: reloader.clone(),
         metrics,
+        conversations: Default::default(),
     }));
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));

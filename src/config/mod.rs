@@ -44,6 +44,24 @@ struct RawRequestLogging {
     max_total_size: Option<ByteSize>,
 }
 
+/// `responses:`, the conversations kept for `previous_response_id`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResponses {
+    max_entries: Option<usize>,
+    max_size: Option<ByteSize>,
+    #[serde(default, with = "serde_human::option")]
+    max_age: Option<Duration>,
+}
+
+/// Bounds on the conversations kept for OpenAI Responses' `previous_response_id`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResponsesStore {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
 /// `server:`, the inbound HTTP edge.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +118,7 @@ struct RawConfig {
     #[serde(default, with = "serde_human::option")]
     shutdown_grace: Option<Duration>,
     request_logging: Option<RawRequestLogging>,
+    responses: Option<RawResponses>,
     #[serde(default)]
     fallbacks: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -194,6 +213,8 @@ pub struct Settings {
     pub cors_origins: Option<std::sync::Arc<[String]>>,
     /// Model names clients may use for a `provider/model` (`fast: openai/gpt-4o-mini`).
     pub model_aliases: BTreeMap<String, String>,
+    /// What is kept for `previous_response_id`.
+    pub responses: ResponsesStore,
 }
 
 /// Where request logs go and how much room they may take.
@@ -351,6 +372,14 @@ impl Settings {
             continue_streams: raw.continue_streams.unwrap_or(true),
             cors_origins,
             model_aliases: raw.aliases,
+            responses: {
+                let r = raw.responses.unwrap_or_default();
+                ResponsesStore {
+                    max_entries: r.max_entries.unwrap_or(10_000),
+                    max_bytes: r.max_size.map_or(64 << 20, |b| b.0),
+                    max_age: r.max_age.unwrap_or(Duration::from_secs(3600)),
+                }
+            },
         };
         if errors.is_empty() {
             Ok(settings)

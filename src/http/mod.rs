@@ -14,6 +14,7 @@ mod conn;
 mod error;
 mod listener;
 mod messages;
+mod responses;
 mod service;
 mod status;
 
@@ -44,6 +45,8 @@ pub struct App {
     /// Present when the configuration is live-reloaded; `GET /` reports its status.
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
     pub metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
+    /// What `previous_response_id` continues (OpenAI Responses translated to chat).
+    pub conversations: std::sync::Arc<crate::mapping::inbound::conversations::Conversations>,
 }
 
 impl AppState {
@@ -66,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/chat/completions", post(chat))
         .route("/embeddings", post(embeddings))
         .route("/completions", post(completions::completions))
+        .route("/responses", post(responses::responses))
         .route("/models", get(models))
         .route("/models/{*id}", get(model))
         .route("/providers", get(providers))

@@ -16,7 +16,9 @@
 //! stream body.
 
 pub mod completions;
+pub mod conversations;
 pub mod messages;
+pub mod responses;
 
 use super::EventMappings;
 use crate::stream::SseBody;

@@ -1,0 +1,67 @@
+//! OpenAI's Responses API: `POST /v1/responses`, translated to chat for any provider
+//! ([`crate::mapping::inbound::responses`]); `previous_response_id` continues a conversation kept in process.
+//! Errors keep OpenAI's shape; a stream that fails after it started ends with `error` and `response.failed`.
+
+use super::body::json_body;
+use super::{ApiError, AppState, Shape, render_stream, translated};
+use crate::mapping::inbound::Translated;
+use crate::mapping::inbound::responses::{ResponsesStream, from_chat, new_id, to_chat};
+use crate::relay::{Endpoint, Reply};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+/// `POST /v1/responses`.
+pub(super) async fn responses(State(app): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match json_body(&app, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let limits = app.relay.snapshot().settings.responses;
+    let translation = match to_chat(body, |id| app.conversations.get(id, &limits)) {
+        Ok(t) => t,
+        Err(r) => {
+            let code = if r.param == "previous_response_id" {
+                "previous_response_not_found"
+            } else {
+                "unsupported_parameter"
+            };
+            let mut e = ApiError::bad_request(code, r.message);
+            e.param = Some(r.param);
+            return e.into_response();
+        }
+    };
+    let id = new_id("resp");
+    let (chat, echo, history, store) = (
+        translation.chat,
+        translation.echo,
+        translation.history,
+        translation.store,
+    );
+    match app.relay.send(Endpoint::Chat, chat).await {
+        Ok(Reply::Json { body, served }) => translated(&body, &served, Shape::OpenAi, |answer| {
+            let (object, kept) = from_chat(answer, &echo, &id);
+            if store {
+                let mut history = history;
+                history.push(kept);
+                app.conversations.keep(id.clone(), history, &limits);
+            }
+            object
+        }),
+        Ok(Reply::Stream { body, served }) => {
+            let on_complete = store.then(|| {
+                let conversations = app.conversations.clone();
+                let id = id.clone();
+                Box::new(move |kept: Value| {
+                    let mut history = history;
+                    history.push(kept);
+                    conversations.keep(id, history, &limits);
+                }) as crate::mapping::inbound::responses::OnComplete
+            });
+            let events = Translated::new(body, ResponsesStream::new(id, echo, on_complete));
+            render_stream(Box::pin(events), &served)
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

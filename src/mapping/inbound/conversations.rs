@@ -1,0 +1,142 @@
+//! The conversations kept for OpenAI Responses' `previous_response_id`, in process: each answer's id with the
+//! chat messages that led to it and the answer itself, so that a follow-up naming it continues the conversation
+//! on any provider. Bounded in entries, bytes and age (`responses:` in config.yaml); the oldest go first.
+
+use crate::config::ResponsesStore;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One kept conversation: its chat messages, the answer's included (instructions are not carried over, as
+/// OpenAI does not carry them).
+pub type Conversation = Arc<Vec<Value>>;
+
+struct Entry {
+    messages: Conversation,
+    bytes: usize,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Kept {
+    entries: HashMap<String, Entry>,
+    /// Ids, oldest first.
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+pub struct Conversations {
+    kept: Mutex<Kept>,
+}
+
+impl Conversations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `messages` under `id`, then drops the oldest until within `limits`. A conversation larger than the
+    /// whole store is not kept.
+    pub fn keep(&self, id: String, messages: Vec<Value>, limits: &ResponsesStore) {
+        let bytes = messages.iter().map(|m| m.to_string().len()).sum::<usize>();
+        if bytes > limits.max_bytes || limits.max_entries == 0 {
+            return;
+        }
+        let mut kept = self.lock();
+        // Ids are ours and fresh: one kept already stays as it was.
+        if kept.entries.contains_key(&id) {
+            return;
+        }
+        kept.bytes += bytes;
+        kept.order.push_back(id.clone());
+        let at = Instant::now();
+        kept.entries.insert(
+            id,
+            Entry {
+                messages: Arc::new(messages),
+                bytes,
+                at,
+            },
+        );
+        Self::trim(&mut kept, limits, at);
+    }
+
+    /// The conversation kept under `id`, if it is and is not too old.
+    pub fn get(&self, id: &str, limits: &ResponsesStore) -> Option<Conversation> {
+        let mut kept = self.lock();
+        Self::trim(&mut kept, limits, Instant::now());
+        kept.entries.get(id).map(|e| e.messages.clone())
+    }
+
+    fn trim(kept: &mut Kept, limits: &ResponsesStore, now: Instant) {
+        while let Some(oldest) = kept.order.front() {
+            let stale = kept.entries.get(oldest).is_none_or(|e| {
+                now.saturating_duration_since(e.at) > limits.max_age
+                    || kept.entries.len() > limits.max_entries
+                    || kept.bytes > limits.max_bytes
+            });
+            if !stale {
+                break;
+            }
+            let id = kept.order.pop_front().expect("a front exists");
+            if let Some(e) = kept.entries.remove(&id) {
+                kept.bytes -= e.bytes;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn limits(max_entries: usize, max_bytes: usize, max_age: Duration) -> ResponsesStore {
+        ResponsesStore {
+            max_entries,
+            max_bytes,
+            max_age,
+        }
+    }
+
+    #[test]
+    fn keeps_within_entries_bytes_and_age() {
+        let store = Conversations::default();
+        let l = limits(2, 1 << 20, Duration::from_secs(60));
+        for id in ["a", "b", "c"] {
+            store.keep(id.into(), vec![json!({"role": "user", "content": id})], &l);
+        }
+        assert!(store.get("a", &l).is_none(), "the oldest went");
+        assert_eq!(store.get("c", &l).unwrap()[0]["content"], "c");
+        assert_eq!(store.len(), 2);
+
+        let small = limits(10, 100, Duration::from_secs(60));
+        let store = Conversations::default();
+        let big = vec![json!({"content": "x".repeat(60)})];
+        store.keep("1".into(), big.clone(), &small);
+        store.keep("2".into(), big.clone(), &small);
+        assert!(store.get("1", &small).is_none() && store.get("2", &small).is_some());
+        store.keep("huge".into(), vec![json!("y".repeat(200))], &small);
+        assert!(
+            store.get("huge", &small).is_none(),
+            "larger than the store: not kept"
+        );
+
+        let young = limits(10, 1 << 20, Duration::ZERO);
+        let store = Conversations::default();
+        store.keep("old".into(), vec![json!(1)], &young);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(store.get("old", &young).is_none());
+        assert!(store.is_empty());
+    }
+}

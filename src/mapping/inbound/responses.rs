@@ -1,0 +1,835 @@
+//! OpenAI's Responses API spoken by the client (`POST /v1/responses`): `input` (a string or items: messages,
+//! `function_call`, `function_call_output`) and `instructions` as a chat, and the chat answer as a response
+//! object (output items: reasoning, message, function calls; usage in Responses' names) or, streamed, as its
+//! event sequence (`response.created`, `response.output_item.added`, `response.output_text.delta`,
+//! `response.function_call_arguments.delta`, the `…done` events, `response.completed`; `error` and
+//! `response.failed` on a failure).
+//!
+//! `previous_response_id` continues a conversation kept by [`super::conversations`]. What a chat cannot carry
+//! is refused by name: hosted tools (web search, file search, ...), files and images by id, `background`,
+//! server-side `conversation`s and prompt templates.
+
+use super::conversations::Conversation;
+use super::{Refused, StreamTranslation, error_message, sse_event};
+use crate::stream::Usage;
+use serde_json::{Map, Value, json};
+
+type Body = Map<String, Value>;
+
+/// A Responses request as a chat, with what its answer must echo and what the conversation keeps.
+#[derive(Debug)]
+pub struct Translation {
+    pub chat: Body,
+    /// The request's settings, as the response object repeats them.
+    pub echo: Echo,
+    /// The conversation so far, without the instructions (OpenAI does not carry them over): kept, with the
+    /// answer, under the response's id when `store` is not false.
+    pub history: Vec<Value>,
+    pub store: bool,
+}
+
+/// What a response object repeats of its request.
+#[derive(Clone, Debug, Default)]
+pub struct Echo {
+    pub model: String,
+    fields: Body,
+}
+
+/// A field a response repeats, and its default.
+type Echoed = (&'static str, fn() -> Value);
+
+/// The fields a response repeats, with OpenAI's defaults.
+const ECHOED: [Echoed; 13] = [
+    ("instructions", || Value::Null),
+    ("max_output_tokens", || Value::Null),
+    ("metadata", || json!({})),
+    ("parallel_tool_calls", || json!(true)),
+    ("previous_response_id", || Value::Null),
+    ("reasoning", || json!({"effort": null, "summary": null})),
+    ("store", || json!(true)),
+    ("temperature", || json!(1.0)),
+    ("text", || json!({"format": {"type": "text"}})),
+    ("tool_choice", || json!("auto")),
+    ("tools", || json!([])),
+    ("top_p", || json!(1.0)),
+    ("user", || Value::Null),
+];
+
+impl Echo {
+    fn of(body: &Body) -> Self {
+        let fields = ECHOED
+            .iter()
+            .map(|(name, default)| {
+                let value = body
+                    .get(*name)
+                    .filter(|v| !v.is_null())
+                    .cloned()
+                    .unwrap_or_else(default);
+                (name.to_string(), value)
+            })
+            .collect();
+        Self {
+            model: body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            fields,
+        }
+    }
+}
+
+/// A Responses request as a chat body. `previous` finds a kept conversation by response id.
+pub fn to_chat(
+    body: Body,
+    previous: impl Fn(&str) -> Option<Conversation>,
+) -> Result<Translation, Refused> {
+    let echo = Echo::of(&body);
+    let mut chat = Body::new();
+    let mut history: Vec<Value> = Vec::new();
+    let mut instructions = None;
+    let mut stream = false;
+    let mut store = true;
+    for (field, value) in body {
+        if value.is_null() {
+            continue;
+        }
+        match field.as_str() {
+            "model"
+            | "temperature"
+            | "top_p"
+            | "parallel_tool_calls"
+            | "user"
+            | "fallbacks"
+            | "context_fallbacks"
+            | "service_tier"
+            | "prompt_cache_key"
+            | "safety_identifier"
+            | "top_logprobs" => {
+                chat.insert(field, value);
+            }
+            "instructions" => match value {
+                Value::String(text) => instructions = Some(text),
+                _ => {
+                    return Err(Refused::new(
+                        "instructions",
+                        "`instructions` must be a string",
+                    ));
+                }
+            },
+            "previous_response_id" => {
+                let id = value.as_str().unwrap_or("");
+                match previous(id) {
+                    Some(conversation) => {
+                        history.splice(0..0, conversation.iter().cloned());
+                    }
+                    None => {
+                        return Err(Refused::new(
+                            "previous_response_id",
+                            format!(
+                                "no response {id:?} is kept: it is unknown, expired (responses.max_age), or was \
+                                 made with store: false"
+                            ),
+                        ));
+                    }
+                };
+            }
+            "input" => input_to_chat(value, &mut history)?,
+            "tools" => {
+                chat.insert("tools".into(), tools(value)?);
+            }
+            "tool_choice" => {
+                chat.insert("tool_choice".into(), tool_choice(&value)?);
+            }
+            "text" => {
+                if let Some(format) = value.get("format") {
+                    match format.get("type").and_then(Value::as_str) {
+                        Some("text") | None => {}
+                        Some("json_object") => {
+                            chat.insert("response_format".into(), json!({"type": "json_object"}));
+                        }
+                        Some("json_schema") => {
+                            let mut schema = json!({"name": format.get("name").cloned().unwrap_or(json!("output")),
+                                                    "schema": format["schema"]});
+                            for key in ["strict", "description"] {
+                                if let Some(v) = format.get(key).filter(|v| !v.is_null()) {
+                                    schema[key] = v.clone();
+                                }
+                            }
+                            chat.insert(
+                                "response_format".into(),
+                                json!({"type": "json_schema", "json_schema": schema}),
+                            );
+                        }
+                        Some(other) => {
+                            return Err(Refused::new(
+                                "text.format.type",
+                                format!("unknown format {other:?}"),
+                            ));
+                        }
+                    }
+                }
+                if let Some(verbosity) = value.get("verbosity").filter(|v| !v.is_null()) {
+                    chat.insert("verbosity".into(), verbosity.clone());
+                }
+            }
+            "reasoning" => {
+                if let Some(effort) = value.get("effort").filter(|v| !v.is_null()) {
+                    chat.insert("reasoning_effort".into(), effort.clone());
+                }
+            }
+            "max_output_tokens" => {
+                chat.insert("max_tokens".into(), value);
+            }
+            "stream" => {
+                stream = value.as_bool().unwrap_or(false);
+                chat.insert(field, value);
+            }
+            "store" => store = value.as_bool().unwrap_or(true),
+            // What the answer does not depend on: extra output OpenAI would include, its own context
+            // trimming, labels, and stream obfuscation.
+            "include" | "truncation" | "metadata" | "stream_options" => {}
+            "background" | "conversation" | "prompt" => {
+                return Err(Refused::new(
+                    field.as_str(),
+                    format!(
+                        "`{field}` needs OpenAI's own servers; only a provider that speaks the Responses API natively takes it"
+                    ),
+                ));
+            }
+            _ => {
+                chat.insert(field, value);
+            }
+        }
+    }
+    let mut messages = Vec::with_capacity(history.len() + 1);
+    if let Some(text) = instructions {
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    messages.extend(history.iter().cloned());
+    chat.insert("messages".into(), Value::Array(messages));
+    if stream {
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(Translation {
+        chat,
+        echo,
+        history,
+        store,
+    })
+}
+
+/// `input` as chat messages appended to `out`.
+fn input_to_chat(input: Value, out: &mut Vec<Value>) -> Result<(), Refused> {
+    let items = match input {
+        Value::String(text) => {
+            out.push(json!({"role": "user", "content": text}));
+            return Ok(());
+        }
+        Value::Array(items) => items,
+        _ => {
+            return Err(Refused::new(
+                "input",
+                "`input` must be a string or a list of items",
+            ));
+        }
+    };
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("input[{i}]");
+        let kind = item.get("type").and_then(Value::as_str);
+        match (kind, item.get("role").and_then(Value::as_str)) {
+            (None | Some("message"), Some(role)) => {
+                let role = match role {
+                    "user" | "system" | "developer" | "assistant" => role,
+                    _ => {
+                        return Err(Refused::new(
+                            format!("{at}.role"),
+                            "a message's role is user, system, developer or assistant",
+                        ));
+                    }
+                };
+                let content = content_to_chat(&item["content"], role, &at)?;
+                out.push(json!({"role": role, "content": content}));
+            }
+            (Some("function_call"), _) => {
+                let call = json!({"id": item["call_id"], "type": "function",
+                                  "function": {"name": item["name"], "arguments": item["arguments"]}});
+                // Calls made together travel in one assistant message, after its text if it had one.
+                match out.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => out
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            (Some("function_call_output"), _) => {
+                let output = match &item["output"] {
+                    Value::String(text) => text.clone(),
+                    Value::Array(parts) => parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect(),
+                    other => other.to_string(),
+                };
+                out.push(
+                    json!({"role": "tool", "tool_call_id": item["call_id"], "content": output}),
+                );
+            }
+            // Earlier reasoning: only OpenAI can read its encrypted form.
+            (Some("reasoning"), _) => {}
+            (kind, _) => {
+                return Err(Refused::new(
+                    format!("{at}.type"),
+                    format!(
+                        "a chat translation takes messages, function_call and function_call_output items, not {}",
+                        kind.unwrap_or("this item")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A message's content in chat's terms: text for the assistant, parts for the others.
+fn content_to_chat(content: &Value, role: &str, at: &str) -> Result<Value, Refused> {
+    let parts = match content {
+        Value::String(text) => return Ok(json!(text)),
+        Value::Array(parts) => parts,
+        _ => {
+            return Err(Refused::new(
+                format!("{at}.content"),
+                "`content` must be a string or a list of parts",
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let here = || format!("{at}.content[{j}]");
+        match part.get("type").and_then(Value::as_str).unwrap_or("") {
+            "input_text" | "output_text" | "text" => {
+                out.push(json!({"type": "text", "text": part["text"]}))
+            }
+            "refusal" => out.push(json!({"type": "text", "text": part["refusal"]})),
+            "input_image" if part["image_url"].is_string() => {
+                let mut image = json!({"url": part["image_url"]});
+                if let Some(detail) = part.get("detail").filter(|d| d.is_string()) {
+                    image["detail"] = detail.clone();
+                }
+                out.push(json!({"type": "image_url", "image_url": image}));
+            }
+            "input_file" if part["file_data"].is_string() => {
+                let mut file = json!({"file_data": part["file_data"]});
+                if let Some(name) = part.get("filename").filter(|n| n.is_string()) {
+                    file["filename"] = name.clone();
+                }
+                out.push(json!({"type": "file", "file": file}));
+            }
+            other => {
+                return Err(Refused::new(
+                    here(),
+                    format!(
+                        "a chat translation takes text, images by URL and files as data, not {other:?} parts or files by id"
+                    ),
+                ));
+            }
+        }
+    }
+    if role == "assistant" {
+        let text: String = out.iter().filter_map(|p| p["text"].as_str()).collect();
+        return Ok(json!(text));
+    }
+    Ok(Value::Array(out))
+}
+
+fn tools(value: Value) -> Result<Value, Refused> {
+    let Value::Array(tools) = value else {
+        return Err(Refused::new("tools", "`tools` must be a list"));
+    };
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.into_iter().enumerate() {
+        if tool.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(Refused::new(
+                format!("tools[{i}].type"),
+                format!(
+                    "{} is a tool OpenAI hosts; a chat translation takes function tools",
+                    tool.get("type").unwrap_or(&Value::Null)
+                ),
+            ));
+        }
+        let mut function = json!({"name": tool["name"]});
+        for key in ["description", "parameters", "strict"] {
+            if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+                function[key] = v.clone();
+            }
+        }
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(Value::Array(out))
+}
+
+fn tool_choice(choice: &Value) -> Result<Value, Refused> {
+    match choice {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
+            Ok(choice.clone())
+        }
+        Value::Object(c) if c.get("type").and_then(Value::as_str) == Some("function") => {
+            Ok(json!({"type": "function", "function": {"name": c.get("name")}}))
+        }
+        _ => Err(Refused::new(
+            "tool_choice",
+            "a chat translation takes auto, none, required or a function",
+        )),
+    }
+}
+
+/// A new id with OpenAI's prefix for its kind (`resp`, `msg`, `fc`, `rs`).
+pub fn new_id(prefix: &str) -> String {
+    let mut id = String::with_capacity(prefix.len() + 33);
+    id.push_str(prefix);
+    id.push('_');
+    id.extend((0..32).map(|_| fastrand::alphanumeric()));
+    id
+}
+
+/// Usage in Responses' names.
+fn usage_json(usage: &Usage, reasoning_tokens: u64) -> Value {
+    json!({
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": usage.prompt_tokens.saturating_add(usage.completion_tokens),
+    })
+}
+
+/// `status` and `incomplete_details` for a chat finish reason.
+fn status(finish: Option<&str>) -> (&'static str, Value) {
+    match finish {
+        Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
+        Some("content_filter") => ("incomplete", json!({"reason": "content_filter"})),
+        _ => ("completed", Value::Null),
+    }
+}
+
+/// The response object around `output`.
+fn response_object(
+    id: &str,
+    echo: &Echo,
+    created_at: i64,
+    status: &str,
+    output: Vec<Value>,
+    usage: Option<Value>,
+    incomplete: Value,
+) -> Value {
+    let mut out = json!({
+        "id": id, "object": "response", "created_at": created_at, "status": status,
+        "error": null, "incomplete_details": incomplete, "model": echo.model,
+        "output": output, "truncation": "disabled", "usage": usage,
+    });
+    for (k, v) in &echo.fields {
+        out[k.as_str()] = v.clone();
+    }
+    out
+}
+
+/// The output items of a chat answer's message, and the message itself as chat keeps it.
+fn output_items(message: &Value) -> (Vec<Value>, Value) {
+    let mut items = Vec::new();
+    if let Some(reasoning) = message["reasoning_content"]
+        .as_str()
+        .filter(|r| !r.is_empty())
+    {
+        items.push(json!({"type": "reasoning", "id": new_id("rs"),
+                          "summary": [{"type": "summary_text", "text": reasoning}]}));
+    }
+    let text = message["content"].as_str().unwrap_or("");
+    if !text.is_empty() {
+        items.push(json!({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}));
+    }
+    let calls = message["tool_calls"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for call in &calls {
+        items.push(json!({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}));
+    }
+    let mut kept = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+    if !calls.is_empty() {
+        kept["tool_calls"] = Value::Array(calls);
+    }
+    (items, kept)
+}
+
+/// A chat completion as a response object with the id `id`; with the assistant message as chat keeps it.
+pub fn from_chat(chat: &Value, echo: &Echo, id: &str) -> (Value, Value) {
+    let choice = &chat["choices"][0];
+    let (items, kept) = output_items(&choice["message"]);
+    let usage = chat.get("usage").map(Usage::from_value).unwrap_or_default();
+    let reasoning = chat["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    let (status, incomplete) = status(choice["finish_reason"].as_str());
+    let created = chat["created"]
+        .as_i64()
+        .unwrap_or_else(crate::mapping::chunk::unix_seconds);
+    let object = response_object(
+        id,
+        echo,
+        created,
+        status,
+        items,
+        Some(usage_json(&usage, reasoning)),
+        incomplete,
+    );
+    (object, kept)
+}
+
+/// The open output item of a translated stream.
+#[derive(Clone, Debug, PartialEq)]
+enum Open {
+    Reasoning {
+        id: String,
+        text: String,
+    },
+    Message {
+        id: String,
+        text: String,
+    },
+    Call {
+        n: u64,
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+/// Called with the assistant message (as chat keeps it) when a stream completes.
+pub type OnComplete = Box<dyn FnOnce(Value) + Send>;
+
+/// Chat chunks as the Responses event sequence.
+pub struct ResponsesStream {
+    id: String,
+    echo: Echo,
+    created_at: i64,
+    sequence: u64,
+    started: bool,
+    open: Option<Open>,
+    /// Finished output items.
+    output: Vec<Value>,
+    /// The answer as chat keeps it: text and tool calls.
+    text: String,
+    calls: Vec<Value>,
+    finish: Option<String>,
+    usage: Option<Usage>,
+    reasoning_tokens: u64,
+    failed: bool,
+    on_complete: Option<OnComplete>,
+}
+
+impl ResponsesStream {
+    pub fn new(id: String, echo: Echo, on_complete: Option<OnComplete>) -> Self {
+        Self {
+            id,
+            echo,
+            created_at: crate::mapping::chunk::unix_seconds(),
+            sequence: 0,
+            started: false,
+            open: None,
+            output: Vec::new(),
+            text: String::new(),
+            calls: Vec::new(),
+            finish: None,
+            usage: None,
+            reasoning_tokens: 0,
+            failed: false,
+            on_complete,
+        }
+    }
+
+    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut data: Value) {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.sequence);
+        self.sequence += 1;
+        sse_event(out, kind, &data);
+    }
+
+    fn snapshot(&self, status: &str, incomplete: Value, usage: Option<Value>) -> Value {
+        response_object(
+            &self.id,
+            &self.echo,
+            self.created_at,
+            status,
+            self.output.clone(),
+            usage,
+            incomplete,
+        )
+    }
+
+    fn start(&mut self, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let response = self.snapshot("in_progress", Value::Null, None);
+        self.emit(out, "response.created", json!({"response": response}));
+        self.emit(out, "response.in_progress", json!({"response": response}));
+    }
+
+    fn index(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Ends the open item: its `…done` events, and the item among the output.
+    fn close(&mut self, out: &mut Vec<u8>) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        let index = self.index();
+        let item = match open {
+            Open::Reasoning { id, text } => {
+                let part = json!({"type": "summary_text", "text": text});
+                self.emit(
+                    out,
+                    "response.reasoning_summary_text.done",
+                    json!({"item_id": id, "output_index": index, "summary_index": 0, "text": text}),
+                );
+                self.emit(
+                    out,
+                    "response.reasoning_summary_part.done",
+                    json!({"item_id": id, "output_index": index, "summary_index": 0, "part": part}),
+                );
+                json!({"type": "reasoning", "id": id, "summary": [part]})
+            }
+            Open::Message { id, text } => {
+                let part = json!({"type": "output_text", "text": text, "annotations": []});
+                self.emit(out, "response.output_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
+                self.emit(
+                    out,
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                );
+                json!({"type": "message", "id": id, "status": "completed", "role": "assistant", "content": [part]})
+            }
+            Open::Call {
+                id,
+                call_id,
+                name,
+                arguments,
+                ..
+            } => {
+                self.emit(
+                    out,
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": index, "arguments": arguments}),
+                );
+                self.calls.push(json!({"id": call_id, "type": "function",
+                                       "function": {"name": name, "arguments": arguments}}));
+                json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
+                       "arguments": arguments, "status": "completed"})
+            }
+        };
+        self.emit(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        self.output.push(item);
+    }
+
+    /// Opens `open` as the next output item, announcing it.
+    fn open(&mut self, open: Open, out: &mut Vec<u8>) {
+        self.close(out);
+        let index = self.index();
+        let item = match &open {
+            Open::Reasoning { id, .. } => json!({"type": "reasoning", "id": id, "summary": []}),
+            Open::Message { id, .. } => {
+                json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []})
+            }
+            Open::Call {
+                id, call_id, name, ..
+            } => json!({"type": "function_call", "id": id,
+                "call_id": call_id, "name": name, "arguments": "", "status": "in_progress"}),
+        };
+        self.emit(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        match &open {
+            Open::Reasoning { id, .. } => self.emit(
+                out,
+                "response.reasoning_summary_part.added",
+                json!({"item_id": id, "output_index": index, "summary_index": 0,
+                       "part": {"type": "summary_text", "text": ""}}),
+            ),
+            Open::Message { id, .. } => self.emit(
+                out,
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": index, "content_index": 0,
+                       "part": {"type": "output_text", "text": "", "annotations": []}}),
+            ),
+            Open::Call { .. } => {}
+        }
+        self.open = Some(open);
+    }
+
+    fn chunk(&mut self, chunk: &Value, out: &mut Vec<u8>) {
+        self.start(out);
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(Usage::from_value(usage));
+            self.reasoning_tokens = usage["completion_tokens_details"]["reasoning_tokens"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        let Some(choice) = chunk["choices"].get(0) else {
+            return;
+        };
+        let delta = &choice["delta"];
+        if let Some(text) = delta["reasoning_content"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+        {
+            if !matches!(self.open, Some(Open::Reasoning { .. })) {
+                let id = new_id("rs");
+                self.open(
+                    Open::Reasoning {
+                        id,
+                        text: String::new(),
+                    },
+                    out,
+                );
+            }
+            if let Some(Open::Reasoning { id, text: all }) = &mut self.open {
+                all.push_str(text);
+                let data = json!({"item_id": id, "output_index": self.output.len(), "summary_index": 0, "delta": text});
+                self.emit(out, "response.reasoning_summary_text.delta", data);
+            }
+        }
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            if !matches!(self.open, Some(Open::Message { .. })) {
+                let id = new_id("msg");
+                self.open(
+                    Open::Message {
+                        id,
+                        text: String::new(),
+                    },
+                    out,
+                );
+            }
+            self.text.push_str(text);
+            if let Some(Open::Message { id, text: all }) = &mut self.open {
+                all.push_str(text);
+                let data = json!({"item_id": id, "output_index": self.output.len(), "content_index": 0,
+                                  "delta": text, "logprobs": []});
+                self.emit(out, "response.output_text.delta", data);
+            }
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let n = call["index"].as_u64().unwrap_or(0);
+            if !matches!(&self.open, Some(Open::Call { n: open, .. }) if *open == n) {
+                let call_id = call["id"]
+                    .as_str()
+                    .map_or_else(|| new_id("call"), str::to_string);
+                let name = call["function"]["name"].as_str().unwrap_or("").to_string();
+                let open = Open::Call {
+                    n,
+                    id: new_id("fc"),
+                    call_id,
+                    name,
+                    arguments: String::new(),
+                };
+                self.open(open, out);
+            }
+            if let Some(arguments) = call["function"]["arguments"]
+                .as_str()
+                .filter(|a| !a.is_empty())
+                && let Some(Open::Call {
+                    id, arguments: all, ..
+                }) = &mut self.open
+            {
+                all.push_str(arguments);
+                let data =
+                    json!({"item_id": id, "output_index": self.output.len(), "delta": arguments});
+                self.emit(out, "response.function_call_arguments.delta", data);
+            }
+        }
+        if let Some(finish) = choice["finish_reason"].as_str() {
+            self.finish = Some(finish.to_string());
+        }
+    }
+
+    fn fail(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
+        self.start(out);
+        self.failed = true;
+        self.emit(
+            out,
+            "error",
+            json!({"code": code, "message": message, "param": null}),
+        );
+        let mut response = self.snapshot("failed", Value::Null, None);
+        response["error"] = json!({"code": code, "message": message});
+        self.emit(out, "response.failed", json!({"response": response}));
+    }
+}
+
+impl StreamTranslation for ResponsesStream {
+    fn frame(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
+        if self.failed || data.trim() == "[DONE]" {
+            return;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        if value.get("error").is_some() {
+            let code = value["error"]["code"]
+                .as_str()
+                .unwrap_or("stream_failed")
+                .to_string();
+            self.fail(&code, &error_message(&value), out);
+            return;
+        }
+        self.chunk(&value, out);
+    }
+
+    fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
+        if self.failed {
+            return;
+        }
+        if !clean {
+            self.fail(
+                "stream_interrupted",
+                "the stream ended before the answer was complete",
+                out,
+            );
+            return;
+        }
+        self.start(out);
+        self.close(out);
+        let (status, incomplete) = status(self.finish.as_deref());
+        let usage = self.usage.map(|u| usage_json(&u, self.reasoning_tokens));
+        let response = self.snapshot(status, incomplete, usage);
+        let kind = if status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        self.emit(out, kind, json!({"response": response}));
+        if let Some(on_complete) = self.on_complete.take() {
+            let mut kept = json!({"role": "assistant",
+                "content": if self.text.is_empty() { Value::Null } else { json!(self.text) }});
+            if !self.calls.is_empty() {
+                kept["tool_calls"] = Value::Array(std::mem::take(&mut self.calls));
+            }
+            on_complete(kept);
+        }
+    }
+}
