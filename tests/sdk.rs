@@ -2,7 +2,8 @@
 //! exception types for 401, 404 and 429), the OpenAI Node SDK (which asks for base64 embeddings and reads every
 //! header strictly), LiteLLM's async client (`acompletion`, as its Router and proxy call it) and the Anthropic
 //! Python SDK (`/v1/messages` create, stream, tools, count_tokens and its exception types, over a provider that
-//! speaks OpenAI's API). Each fails,
+//! speaks OpenAI's API and one that speaks Anthropic's), and the OpenAI Python SDK's Responses API (plain,
+//! streamed, function tools continued by `previous_response_id`) and legacy completions. Each fails,
 //! saying what to install, where its runtime or package is missing; `.ci/run` installs them.
 
 mod support;
@@ -241,5 +242,29 @@ async fn the_anthropic_python_sdk_works_against_keyrelay() {
             .unwrap()
             .iter()
             .any(|m| m["role"] == "tool" && m["content"] == "19 C")
+    }));
+}
+
+#[tokio::test]
+async fn the_openai_python_sdk_responses_api_works_against_keyrelay() {
+    let python = python_with("openai").expect(
+        "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \
+         run .ci/run (which installs it), or pip install openai",
+    );
+    let (proxy, mock, _limited, _native) = proxy_for_dialects().await;
+    drive_with(
+        &proxy,
+        python,
+        vec![sdk_file("openai_responses.py")],
+        &[("KEYRELAY_MODEL", "mock/gpt-stand-in")],
+    )
+    .await;
+    // The follow-up carried the conversation: the call and its output, as chat.
+    assert!(mock.chats().iter().any(|c| {
+        let m = c.body["messages"].as_array().unwrap();
+        m.iter()
+            .any(|m| m["role"] == "tool" && m["content"] == "19 C")
+            && m.iter()
+                .any(|m| m["tool_calls"][0]["function"]["name"] == "get_weather")
     }));
 }
