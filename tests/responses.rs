@@ -310,3 +310,96 @@ async fn a_conversation_continues_by_previous_response_id() {
     let again = json!({"model": "mock/m", "input": "y", "previous_response_id": body["id"]});
     assert_eq!(send(proxy.post("/v1/responses", &again)).await.0, 400);
 }
+
+// ------------------------------------------------------------------- a provider that speaks Responses
+
+fn native_setup(mock: &Mock) -> Setup {
+    Setup::one(mock, 2)
+        .provider(
+            "native",
+            provider_yaml(&mock.base_url, "dialects:\n  responses: /responses\n"),
+        )
+        .env("NATIVE_API_KEY_1", &key(3))
+        .env("NATIVE_API_KEY_2", &key(4))
+}
+
+#[tokio::test]
+async fn a_provider_that_speaks_responses_gets_them_as_written() {
+    let mock = responses_upstream(0).await;
+    let proxy = Proxy::start(native_setup(&mock)).await;
+    let body = json!({"model": "native/gpt-x", "input": "Weather?", "include": ["reasoning.encrypted_content"],
+                      "tools": [{"type": "web_search"}], "previous_response_id": "resp_openai_side"});
+    let (status, headers, answer) = send(proxy.post("/v1/responses", &body)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "x-keyrelay-provider"), "native");
+    assert_eq!(answer["id"], "resp_up", "the upstream's own answer");
+    let seen = mock.seen().pop().unwrap();
+    assert_eq!(seen.path, "/v1/responses");
+    let mut sent = body.clone();
+    sent["model"] = json!("gpt-x");
+    assert_eq!(
+        seen.body, sent,
+        "as written: hosted tools and the upstream's own ids go along"
+    );
+    let keys: Value = serde_json::from_str(&proxy.get_text("/v1/keys").await).unwrap();
+    let native = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "native")
+        .unwrap();
+    let today: u64 = native["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["today"]["completion_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(today, 7, "usage read from the Responses answer");
+
+    let stream = json!({"model": "native/gpt-x", "input": "Weather?", "stream": true});
+    let text = proxy.post_text("/v1/responses", &stream).await;
+    assert!(text.starts_with("event: response.created\n"), "{text}");
+    assert!(
+        text.trim_end().ends_with('}') && text.contains("event: response.completed"),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn a_native_stream_failing_at_its_start_is_retried_unseen() {
+    let mock = responses_upstream(1).await;
+    let proxy = Proxy::start(native_setup(&mock)).await;
+    let stream = json!({"model": "native/gpt-x", "input": "Weather?", "stream": true});
+    let response = proxy.post("/v1/responses", &stream).send().await.unwrap();
+    assert_eq!(header(response.headers(), "x-keyrelay-attempts"), "2");
+    let text = response.text().await.unwrap();
+    assert!(
+        !text.contains("response.failed") && text.contains("event: response.completed"),
+        "{text}"
+    );
+    assert_eq!(text.matches("event: response.created").count(), 1);
+}
+
+#[tokio::test]
+async fn a_conversation_kept_here_continues_here_even_on_a_native_provider() {
+    let chat = upstream().await;
+    let native = responses_upstream(0).await;
+    let setup = Setup::one(&chat, 1)
+        .provider(
+            "native",
+            provider_yaml(&native.base_url, "dialects:\n  responses: /responses\n"),
+        )
+        .env("NATIVE_API_KEY", &key(3));
+    let proxy = Proxy::start(setup).await;
+    let (_, _, first) =
+        send(proxy.post("/v1/responses", &json!({"model": "mock/m", "input": "Hi"}))).await;
+    let follow =
+        json!({"model": "native/gpt-x", "input": "More", "previous_response_id": first["id"]});
+    let (status, _, answer) = send(proxy.post("/v1/responses", &follow)).await;
+    assert_eq!(status, 200, "{answer}");
+    // Translated to chat for the native provider, the conversation carried: it knows nothing of our id.
+    let seen = native.seen().pop().unwrap();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.body["messages"].as_array().unwrap().len(), 3);
+}

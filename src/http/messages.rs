@@ -7,7 +7,8 @@
 
 use super::body::json_body;
 use super::{ApiError, AppState, Shape, render_stream, served_headers, translated};
-use crate::mapping::inbound::messages::{MessagesStream, NativeMessagesStream, from_chat, to_chat};
+use crate::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
+use crate::mapping::inbound::native::NativeOut;
 use crate::mapping::inbound::{Dialect, Refused, Translated};
 use crate::relay::{Endpoint, Reply};
 use axum::extract::{Request, State};
@@ -87,7 +88,7 @@ async fn native(
             response
         }
         Ok(Reply::Stream { body, served }) => {
-            let events = Translated::new(body, NativeMessagesStream::default());
+            let events = Translated::new(body, NativeOut::new(Dialect::Messages));
             render_stream(Box::pin(events), &served)
         }
         Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),

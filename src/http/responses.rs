@@ -1,11 +1,14 @@
-//! OpenAI's Responses API: `POST /v1/responses`, translated to chat for any provider
-//! ([`crate::mapping::inbound::responses`]); `previous_response_id` continues a conversation kept in process.
-//! Errors keep OpenAI's shape; a stream that fails after it started ends with `error` and `response.failed`.
+//! OpenAI's Responses API: `POST /v1/responses`. A model whose provider speaks it natively (`dialects:
+//! {responses: …}`) gets the request as written, its `previous_response_id` kept by that provider; any other is
+//! translated to chat ([`crate::mapping::inbound::responses`]), `previous_response_id` continuing a conversation
+//! kept in process (also when it names one of those for a native provider). Errors keep OpenAI's shape; a stream
+//! that fails after it started ends with `error` (and, translated, `response.failed`).
 
 use super::body::json_body;
-use super::{ApiError, AppState, Shape, render_stream, translated};
-use crate::mapping::inbound::Translated;
+use super::{ApiError, AppState, Shape, render, render_stream, translated};
+use crate::mapping::inbound::native::NativeOut;
 use crate::mapping::inbound::responses::{ResponsesStream, from_chat, new_id, to_chat};
+use crate::mapping::inbound::{Dialect, Translated};
 use crate::relay::{Endpoint, Reply};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +22,25 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         Err(e) => return e.into_response(),
     };
     let limits = app.relay.snapshot().settings.responses;
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    let ours = body
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| app.conversations.get(id, &limits).is_some());
+    if !ours && app.relay.speaks(model, Dialect::Responses) {
+        return match app
+            .relay
+            .send(Endpoint::Native(Dialect::Responses), body)
+            .await
+        {
+            Ok(Reply::Stream { body, served }) => render_stream(
+                Box::pin(Translated::new(body, NativeOut::new(Dialect::Responses))),
+                &served,
+            ),
+            Ok(reply) => render(reply),
+            Err(e) => ApiError::from(e).into_response(),
+        };
+    }
     let translation = match to_chat(body, |id| app.conversations.get(id, &limits)) {
         Ok(t) => t,
         Err(r) => {

@@ -18,6 +18,7 @@
 pub mod completions;
 pub mod conversations;
 pub mod messages;
+pub mod native;
 pub mod responses;
 
 use super::EventMappings;
@@ -36,6 +37,8 @@ use std::task::{Context, Poll};
 pub enum Dialect {
     /// Anthropic's Messages API.
     Messages,
+    /// OpenAI's Responses API.
+    Responses,
     /// OpenAI's legacy completions (`prompt` in, `text` out).
     Completions,
 }
@@ -44,6 +47,7 @@ impl Dialect {
     pub fn name(self) -> &'static str {
         match self {
             Self::Messages => "messages",
+            Self::Responses => "responses",
             Self::Completions => "completions",
         }
     }
@@ -52,6 +56,7 @@ impl Dialect {
     pub fn title(self) -> &'static str {
         match self {
             Self::Messages => "the Anthropic Messages API",
+            Self::Responses => "the OpenAI Responses API",
             Self::Completions => "legacy completions",
         }
     }
@@ -66,7 +71,8 @@ impl Dialect {
     /// must know of them (content started, usage, the end, errors).
     pub fn events(self) -> std::sync::Arc<dyn EventMappings> {
         match self {
-            Self::Messages => std::sync::Arc::new(messages::NativeEvents),
+            Self::Messages => std::sync::Arc::new(native::Native(&native::MESSAGES)),
+            Self::Responses => std::sync::Arc::new(native::Native(&native::RESPONSES)),
             Self::Completions => std::sync::Arc::new(super::passthrough::Passthrough),
         }
     }
