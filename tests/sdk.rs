@@ -259,6 +259,21 @@ async fn the_openai_python_sdk_responses_api_works_against_keyrelay() {
         &[("KEYRELAY_MODEL", "mock/gpt-stand-in")],
     )
     .await;
+    // And against a provider that speaks the Responses API itself: passed through.
+    let native = responses_upstream(0).await;
+    let setup = Setup::one(&native, 1).provider(
+        "mock",
+        provider_yaml(&native.base_url, "dialects:\n  responses: /responses\n"),
+    );
+    let native_proxy = Proxy::start(setup).await;
+    drive_with(
+        &native_proxy,
+        python,
+        vec![sdk_file("openai_responses.py")],
+        &[("KEYRELAY_MODEL", "mock/gpt-native"), ("KEYRELAY_NATIVE", "1")],
+    )
+    .await;
+    assert!(native.seen().iter().all(|s| s.path == "/v1/responses"));
     // The follow-up carried the conversation: the call and its output, as chat.
     assert!(mock.chats().iter().any(|c| {
         let m = c.body["messages"].as_array().unwrap();
