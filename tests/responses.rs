@@ -55,7 +55,11 @@ fn requests_become_chat_bodies() {
     assert_eq!(plain.chat["stream_options"], json!({"include_usage": true}));
 
     for (field, value, param) in [
-        ("tools", json!([{"type": "web_search"}]), "tools[0].type"),
+        (
+            "tools",
+            json!([{"type": "custom", "name": "grammar"}]),
+            "tools[0].type",
+        ),
         (
             "input",
             json!([{"type": "item_reference", "id": "x"}]),
@@ -402,4 +406,57 @@ async fn a_conversation_kept_here_continues_here_even_on_a_native_provider() {
     let seen = native.seen().pop().unwrap();
     assert_eq!(seen.path, "/v1/chat/completions");
     assert_eq!(seen.body["messages"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn codex_shaped_requests_translate_with_namespaces_and_hosted_tools_left_out() {
+    let body = json!({"model": "p/m", "stream": true, "store": false, "parallel_tool_calls": true,
+    "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k",
+    "client_metadata": {"turn_id": "t"}, "tool_choice": "auto",
+    "tools": [
+        {"type": "function", "name": "exec_command", "strict": false, "parameters": {"type": "object"}},
+        {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+         "tools": [{"type": "function", "name": "close_agent", "parameters": {"type": "object"}}]},
+        {"type": "web_search", "external_web_access": false}
+    ],
+    "input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Sandbox rules."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List files"}]},
+        {"type": "function_call", "call_id": "call_1", "namespace": "multi_agent_v1", "name": "close_agent", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "closed"}
+    ]});
+    let t = to_chat(object(body), |_| None).unwrap();
+    assert_eq!(t.omitted, ["tools[2]"]);
+    assert!(!t.store);
+    insta::assert_json_snapshot!("responses_request_codex_to_chat", t.chat);
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_2", "type": "function", "function": {"name": "multi_agent_v1__close_agent", "arguments": "{}"}},
+                           {"id": "call_3", "type": "function", "function": {"name": "exec_command", "arguments": "{\"cmd\":\"ls\"}"}}]}}]});
+    let (object, kept) = from_chat(&answer, &t.echo, "resp_c");
+    let calls = object["output"].as_array().unwrap();
+    assert_eq!(
+        (calls[0]["namespace"].as_str(), calls[0]["name"].as_str()),
+        (Some("multi_agent_v1"), Some("close_agent"))
+    );
+    assert_eq!(
+        (calls[1].get("namespace"), calls[1]["name"].as_str()),
+        (None, Some("exec_command"))
+    );
+    assert_eq!(
+        kept["tool_calls"][0]["function"]["name"], "multi_agent_v1__close_agent",
+        "kept as chat names it"
+    );
+}
+
+#[tokio::test]
+async fn hosted_tools_left_out_are_named_in_a_header() {
+    let mock = upstream().await;
+    let proxy = Proxy::start(Setup::one(&mock, 1)).await;
+    let body = json!({"model": "mock/m", "input": "News?", "tools": [{"type": "web_search"}, {"type": "file_search"}]});
+    let (status, headers, answer) = send(proxy.post("/v1/responses", &body)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "x-keyrelay-omitted"), "tools[0],tools[1]");
+    assert!(mock.chats()[0].body.get("tools").is_none());
+    assert_eq!(answer["output"][0]["content"][0]["text"], "Sunny in Porto.");
 }

@@ -270,7 +270,10 @@ async fn the_openai_python_sdk_responses_api_works_against_keyrelay() {
         &native_proxy,
         python,
         vec![sdk_file("openai_responses.py")],
-        &[("KEYRELAY_MODEL", "mock/gpt-native"), ("KEYRELAY_NATIVE", "1")],
+        &[
+            ("KEYRELAY_MODEL", "mock/gpt-native"),
+            ("KEYRELAY_NATIVE", "1"),
+        ],
     )
     .await;
     assert!(native.seen().iter().all(|s| s.path == "/v1/responses"));

@@ -61,7 +61,8 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         translation.history,
         translation.store,
     );
-    match app.relay.send(Endpoint::Chat, chat).await {
+    let omitted = translation.omitted.join(",");
+    let mut response = match app.relay.send(Endpoint::Chat, chat).await {
         Ok(Reply::Json { body, served }) => translated(&body, &served, Shape::OpenAi, |answer| {
             let (object, kept) = from_chat(answer, &echo, &id);
             if store {
@@ -85,5 +86,15 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
             render_stream(Box::pin(events), &served)
         }
         Err(e) => ApiError::from(e).into_response(),
+    };
+    // Tools only OpenAI runs were left out: said, not silent.
+    if !omitted.is_empty()
+        && let Ok(value) = axum::http::HeaderValue::from_str(&omitted)
+    {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_static("x-keyrelay-omitted"),
+            value,
+        );
     }
+    response
 }

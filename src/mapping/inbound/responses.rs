@@ -20,6 +20,9 @@ type Body = Map<String, Value>;
 #[derive(Debug)]
 pub struct Translation {
     pub chat: Body,
+    /// Tools the model may use at its discretion that only OpenAI runs (web search, file search, ...): left
+    /// out, and named to the client (`x-keyrelay-omitted`).
+    pub omitted: Vec<String>,
     /// The request's settings, as the response object repeats them.
     pub echo: Echo,
     /// The conversation so far, without the instructions (OpenAI does not carry them over): kept, with the
@@ -33,6 +36,8 @@ pub struct Translation {
 pub struct Echo {
     pub model: String,
     fields: Body,
+    /// The tool namespaces of the request: a chat function `<namespace>__<name>` is that namespace's tool.
+    namespaces: Vec<String>,
 }
 
 /// A field a response repeats, and its default.
@@ -68,6 +73,14 @@ impl Echo {
                 (name.to_string(), value)
             })
             .collect();
+        let namespaces = body
+            .get("tools")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|t| t["type"] == "namespace")
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .collect();
         Self {
             model: body
                 .get("model")
@@ -75,7 +88,36 @@ impl Echo {
                 .unwrap_or("")
                 .to_string(),
             fields,
+            namespaces,
         }
+    }
+
+    /// A chat function's name as the client's tool: its namespace, if it has one, and its own name.
+    fn tool_name<'a>(&self, chat_name: &'a str) -> (Option<&'a str>, &'a str) {
+        match chat_name.split_once(NAMESPACE_SEPARATOR) {
+            Some((ns, name)) if self.namespaces.iter().any(|n| n == ns) => (Some(ns), name),
+            _ => (None, chat_name),
+        }
+    }
+
+    /// A function call item's `name`, and `namespace` when it has one.
+    fn call_fields(&self, chat_name: &str, item: &mut Value) {
+        let (namespace, name) = self.tool_name(chat_name);
+        item["name"] = json!(name);
+        if let Some(ns) = namespace {
+            item["namespace"] = json!(ns);
+        }
+    }
+}
+
+/// Joins a namespace and a tool's name into one chat function name.
+const NAMESPACE_SEPARATOR: &str = "__";
+
+/// A namespaced tool's chat function name.
+fn chat_name(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}{NAMESPACE_SEPARATOR}{name}"),
+        None => name.to_string(),
     }
 }
 
@@ -86,6 +128,7 @@ pub fn to_chat(
 ) -> Result<Translation, Refused> {
     let echo = Echo::of(&body);
     let mut chat = Body::new();
+    let mut omitted = Vec::new();
     let mut history: Vec<Value> = Vec::new();
     let mut instructions = None;
     let mut stream = false;
@@ -136,7 +179,10 @@ pub fn to_chat(
             }
             "input" => input_to_chat(value, &mut history)?,
             "tools" => {
-                chat.insert("tools".into(), tools(value)?);
+                let tools = tools(value, &mut omitted)?;
+                if tools.as_array().is_some_and(|t| !t.is_empty()) {
+                    chat.insert("tools".into(), tools);
+                }
             }
             "tool_choice" => {
                 chat.insert("tool_choice".into(), tool_choice(&value)?);
@@ -188,7 +234,7 @@ pub fn to_chat(
             "store" => store = value.as_bool().unwrap_or(true),
             // What the answer does not depend on: extra output OpenAI would include, its own context
             // trimming, labels, and stream obfuscation.
-            "include" | "truncation" | "metadata" | "stream_options" => {}
+            "include" | "truncation" | "metadata" | "stream_options" | "client_metadata" => {}
             "background" | "conversation" | "prompt" => {
                 return Err(Refused::new(
                     field.as_str(),
@@ -213,6 +259,7 @@ pub fn to_chat(
     }
     Ok(Translation {
         chat,
+        omitted,
         echo,
         history,
         store,
@@ -249,11 +296,17 @@ fn input_to_chat(input: Value, out: &mut Vec<Value>) -> Result<(), Refused> {
                     }
                 };
                 let content = content_to_chat(&item["content"], role, &at)?;
+                // Developer messages are system messages to every chat upstream, older ones included.
+                let role = if role == "developer" { "system" } else { role };
                 out.push(json!({"role": role, "content": content}));
             }
             (Some("function_call"), _) => {
+                let name = chat_name(
+                    item["namespace"].as_str(),
+                    item["name"].as_str().unwrap_or(""),
+                );
                 let call = json!({"id": item["call_id"], "type": "function",
-                                  "function": {"name": item["name"], "arguments": item["arguments"]}});
+                                  "function": {"name": name, "arguments": item["arguments"]}});
                 // Calls made together travel in one assistant message, after its text if it had one.
                 match out.last_mut() {
                     Some(last) if last["role"] == "assistant" => {
@@ -346,30 +399,49 @@ fn content_to_chat(content: &Value, role: &str, at: &str) -> Result<Value, Refus
     Ok(Value::Array(out))
 }
 
-fn tools(value: Value) -> Result<Value, Refused> {
+/// Function tools as chat functions, a namespace's flattened (`<namespace>__<name>`). Tools OpenAI hosts are
+/// offers the model may take up or not: they are left out, their places listed in `omitted`.
+fn tools(value: Value, omitted: &mut Vec<String>) -> Result<Value, Refused> {
     let Value::Array(tools) = value else {
         return Err(Refused::new("tools", "`tools` must be a list"));
     };
     let mut out = Vec::with_capacity(tools.len());
     for (i, tool) in tools.into_iter().enumerate() {
-        if tool.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(Refused::new(
-                format!("tools[{i}].type"),
-                format!(
-                    "{} is a tool OpenAI hosts; a chat translation takes function tools",
-                    tool.get("type").unwrap_or(&Value::Null)
-                ),
-            ));
-        }
-        let mut function = json!({"name": tool["name"]});
-        for key in ["description", "parameters", "strict"] {
-            if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
-                function[key] = v.clone();
+        match tool.get("type").and_then(Value::as_str) {
+            Some("function") => out.push(function(&tool, None)),
+            Some("namespace") => {
+                let ns = tool["name"].as_str().unwrap_or("");
+                for (j, inner) in tool["tools"].as_array().into_iter().flatten().enumerate() {
+                    if inner["type"] != "function" {
+                        return Err(Refused::new(
+                            format!("tools[{i}].tools[{j}].type"),
+                            "a chat translation takes function tools",
+                        ));
+                    }
+                    out.push(function(inner, Some(ns)));
+                }
             }
+            Some("custom") | None => {
+                return Err(Refused::new(
+                    format!("tools[{i}].type"),
+                    "a chat translation takes function tools, not free-form custom tools",
+                ));
+            }
+            Some(_) => omitted.push(format!("tools[{i}]")),
         }
-        out.push(json!({"type": "function", "function": function}));
     }
     Ok(Value::Array(out))
+}
+
+fn function(tool: &Value, namespace: Option<&str>) -> Value {
+    let name = chat_name(namespace, tool["name"].as_str().unwrap_or(""));
+    let mut function = json!({"name": name});
+    for key in ["description", "parameters", "strict"] {
+        if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+            function[key] = v.clone();
+        }
+    }
+    json!({"type": "function", "function": function})
 }
 
 fn tool_choice(choice: &Value) -> Result<Value, Refused> {
@@ -378,7 +450,11 @@ fn tool_choice(choice: &Value) -> Result<Value, Refused> {
             Ok(choice.clone())
         }
         Value::Object(c) if c.get("type").and_then(Value::as_str) == Some("function") => {
-            Ok(json!({"type": "function", "function": {"name": c.get("name")}}))
+            let name = chat_name(
+                c.get("namespace").and_then(Value::as_str),
+                c.get("name").and_then(Value::as_str).unwrap_or(""),
+            );
+            Ok(json!({"type": "function", "function": {"name": name}}))
         }
         _ => Err(Refused::new(
             "tool_choice",
@@ -438,7 +514,7 @@ fn response_object(
 }
 
 /// The output items of a chat answer's message, and the message itself as chat keeps it.
-fn output_items(message: &Value) -> (Vec<Value>, Value) {
+fn output_items(message: &Value, echo: &Echo) -> (Vec<Value>, Value) {
     let mut items = Vec::new();
     if let Some(reasoning) = message["reasoning_content"]
         .as_str()
@@ -457,8 +533,10 @@ fn output_items(message: &Value) -> (Vec<Value>, Value) {
         .cloned()
         .unwrap_or_default();
     for call in &calls {
-        items.push(json!({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}));
+        let mut item = json!({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+            "arguments": call["function"]["arguments"], "status": "completed"});
+        echo.call_fields(call["function"]["name"].as_str().unwrap_or(""), &mut item);
+        items.push(item);
     }
     let mut kept = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
     if !calls.is_empty() {
@@ -470,7 +548,7 @@ fn output_items(message: &Value) -> (Vec<Value>, Value) {
 /// A chat completion as a response object with the id `id`; with the assistant message as chat keeps it.
 pub fn from_chat(chat: &Value, echo: &Echo, id: &str) -> (Value, Value) {
     let choice = &chat["choices"][0];
-    let (items, kept) = output_items(&choice["message"]);
+    let (items, kept) = output_items(&choice["message"], echo);
     let usage = chat.get("usage").map(Usage::from_value).unwrap_or_default();
     let reasoning = chat["usage"]["completion_tokens_details"]["reasoning_tokens"]
         .as_u64()
@@ -631,10 +709,12 @@ impl ResponsesStream {
                     "response.function_call_arguments.done",
                     json!({"item_id": id, "output_index": index, "arguments": arguments}),
                 );
+                let mut item = json!({"type": "function_call", "id": id, "call_id": call_id,
+                       "arguments": arguments, "status": "completed"});
+                self.echo.call_fields(&name, &mut item);
                 self.calls.push(json!({"id": call_id, "type": "function",
                                        "function": {"name": name, "arguments": arguments}}));
-                json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
-                       "arguments": arguments, "status": "completed"})
+                item
             }
         };
         self.emit(
@@ -656,8 +736,12 @@ impl ResponsesStream {
             }
             Open::Call {
                 id, call_id, name, ..
-            } => json!({"type": "function_call", "id": id,
-                "call_id": call_id, "name": name, "arguments": "", "status": "in_progress"}),
+            } => {
+                let mut item = json!({"type": "function_call", "id": id,
+                    "call_id": call_id, "arguments": "", "status": "in_progress"});
+                self.echo.call_fields(name, &mut item);
+                item
+            }
         };
         self.emit(
             out,
