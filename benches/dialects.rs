@@ -5,6 +5,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use keyrelay::mapping::inbound::StreamTranslation;
 use keyrelay::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
+use keyrelay::mapping::inbound::{completions, responses};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
 
@@ -41,6 +42,45 @@ fn benches(c: &mut Criterion) {
     let mut out = Vec::with_capacity(4096);
     stream.frame(None, &delta, &mut out);
     c.bench_function("messages/stream/text delta", |b| {
+        b.iter(|| {
+            out.clear();
+            stream.frame(None, black_box(&delta), &mut out);
+        })
+    });
+
+    let request = object(json!({
+        "model": "openai/gpt-4o-mini", "instructions": "You are a concise assistant.", "max_output_tokens": 1024,
+        "input": [
+            {"role": "user", "content": "What is a tide pool?"},
+            {"role": "assistant", "content": "A pool of seawater left on a rocky shore at low tide."},
+            {"role": "user", "content": "What lives in one?"}
+        ]
+    }));
+    c.bench_function("responses/request/plain text", |b| {
+        b.iter(|| responses::to_chat(black_box(request.clone()), |_| None).unwrap())
+    });
+    let echo = responses::to_chat(request.clone(), |_| None).unwrap().echo;
+    c.bench_function("responses/answer/one text", |b| {
+        b.iter(|| responses::from_chat(black_box(&answer), &echo, "resp_bench"))
+    });
+    let mut stream = responses::ResponsesStream::new("resp_bench".into(), echo.clone(), None);
+    stream.frame(None, &delta, &mut out);
+    c.bench_function("responses/stream/text delta", |b| {
+        b.iter(|| {
+            out.clear();
+            stream.frame(None, black_box(&delta), &mut out);
+        })
+    });
+
+    let request = object(json!({"model": "openai/gpt-4o-mini", "prompt": "Once upon a time", "max_tokens": 64}));
+    c.bench_function("completions/request/plain text", |b| {
+        b.iter(|| completions::to_chat(black_box(request.clone())).unwrap())
+    });
+    c.bench_function("completions/answer/one text", |b| {
+        b.iter(|| completions::from_chat(black_box(&answer)))
+    });
+    let mut stream = completions::CompletionsStream;
+    c.bench_function("completions/stream/text delta", |b| {
         b.iter(|| {
             out.clear();
             stream.frame(None, black_box(&delta), &mut out);

@@ -131,7 +131,10 @@ impl StreamTranslation for CompletionsStream {
         if let Some(usage) = usage {
             converted["usage"] = usage.clone();
         }
-        write(out, &converted.to_string());
+        // Written straight into the frame: serialized JSON holds no line break.
+        out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(&mut *out, &converted);
+        out.extend_from_slice(b"\n\n");
     }
 
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
