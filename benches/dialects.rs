@@ -72,7 +72,9 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let request = object(json!({"model": "openai/gpt-4o-mini", "prompt": "Once upon a time", "max_tokens": 64}));
+    let request = object(
+        json!({"model": "openai/gpt-4o-mini", "prompt": "Once upon a time", "max_tokens": 64}),
+    );
     c.bench_function("completions/request/plain text", |b| {
         b.iter(|| completions::to_chat(black_box(request.clone())).unwrap())
     });
