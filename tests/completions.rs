@@ -144,3 +144,28 @@ async fn completions_are_served_by_chat_or_natively_as_declared() {
     assert_eq!(body["error"]["param"], "echo");
     assert_eq!(body["error"]["code"], "unsupported_parameter");
 }
+
+#[tokio::test]
+async fn a_provider_renames_chat_fields_it_knows_by_another_name() {
+    let mock = upstream().await;
+    let provider = provider_yaml(
+        &mock.base_url,
+        "renames:\n  max_tokens: max_completion_tokens\n",
+    );
+    let proxy = Proxy::start(Setup::one(&mock, 1).provider("mock", provider)).await;
+    let (status, _, _) = send(proxy.post(
+        "/v1/completions",
+        &json!({"model": "mock/m", "prompt": "x"}),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    let chat =
+        json!({"model": "mock/m", "max_tokens": 9, "messages": [{"role": "user", "content": "y"}]});
+    let (status, _, _) = send(proxy.post("/v1/chat/completions", &chat)).await;
+    assert_eq!(status, 200);
+    let seen = mock.chats();
+    for (s, expected) in seen.iter().zip([16, 9]) {
+        assert_eq!(s.body["max_completion_tokens"], expected, "{}", s.body);
+        assert!(s.body.get("max_tokens").is_none());
+    }
+}

@@ -602,3 +602,33 @@ async fn a_native_stream_cut_for_good_ends_with_an_error_event() {
     );
     assert!(!names(&events).contains(&"message_stop"));
 }
+
+#[tokio::test]
+async fn a_native_request_that_may_fall_back_elsewhere_is_translated() {
+    let anthropic = anthropic_upstream(0).await;
+    let openai = upstream().await;
+    let setup = anthropic_setup(&anthropic, 1)
+        .provider("mock", provider_yaml(&openai.base_url, ""))
+        .env("MOCK_API_KEY", &key(2));
+    let proxy = Proxy::start(setup).await;
+    let mut body = ask("anthropic/claude-sonnet-4-5", false);
+    body["system"] =
+        json!([{"type": "text", "text": "Cached.", "cache_control": {"type": "ephemeral"}}]);
+    // Alone, it goes as written.
+    let (status, _, _) = send(anthropic_post(&proxy, "/v1/messages", &body)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        anthropic.seen()[0].body["system"][0]["cache_control"]["type"],
+        "ephemeral"
+    );
+    // With a fallback that does not speak Messages, translated, so that the fallback could serve it too.
+    body["fallbacks"] = json!(["mock/m"]);
+    let (status, _, answer) = send(anthropic_post(&proxy, "/v1/messages", &body)).await;
+    assert_eq!(status, 200, "{answer}");
+    let seen = &anthropic.seen()[1].body;
+    assert_eq!(
+        seen["system"], "Cached.",
+        "mapped from chat by the provider's script: {seen}"
+    );
+    assert!(seen.get("fallbacks").is_none());
+}

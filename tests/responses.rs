@@ -41,7 +41,7 @@ fn rich_request() -> Value {
 fn requests_become_chat_bodies() {
     let t = to_chat(object(rich_request()), |_| None).unwrap();
     assert!(t.store);
-    assert_eq!(t.history.len(), 4, "instructions are not kept");
+    assert_eq!(t.input.len(), 4, "instructions are not kept");
     insta::assert_json_snapshot!("responses_request_to_chat", t.chat);
     let plain = to_chat(
         object(json!({"model": "p/m", "input": "Hi", "stream": true})),

@@ -9,7 +9,6 @@ use crate::mapping::inbound::{Dialect, Translated};
 use crate::relay::{Endpoint, Reply};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 
 /// `POST /v1/completions`.
 pub(super) async fn completions(State(app): State<AppState>, request: Request) -> Response {
@@ -18,8 +17,7 @@ pub(super) async fn completions(State(app): State<AppState>, request: Request) -
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
-    if app.relay.speaks(model, Dialect::Completions) {
+    if app.relay.speaks(&body, Dialect::Completions) {
         return match app
             .relay
             .send(Endpoint::Native(Dialect::Completions), body)
@@ -31,11 +29,7 @@ pub(super) async fn completions(State(app): State<AppState>, request: Request) -
     }
     let chat = match to_chat(body) {
         Ok(chat) => chat,
-        Err(r) => {
-            let mut e = ApiError::bad_request("unsupported_parameter", r.message);
-            e.param = Some(r.param);
-            return e.into_response();
-        }
+        Err(r) => return ApiError::refused(r).into_response(),
     };
     match app.relay.send(Endpoint::Chat, chat).await {
         Ok(Reply::Json { body, served }) => translated(&body, &served, Shape::OpenAi, from_chat),

@@ -76,6 +76,13 @@ impl ApiError {
         )
     }
 
+    /// A 400 `unsupported_parameter` naming the field at fault.
+    pub fn refused(refused: crate::mapping::Refused) -> Self {
+        let mut e = Self::bad_request("unsupported_parameter", refused.message);
+        e.param = Some(refused.param);
+        e
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -101,7 +108,7 @@ impl From<RelayError> for ApiError {
                     out.upstream_body = Some(body);
                 }
             }
-            RelayError::Unsupported { param, .. } => out.param = Some(param),
+            RelayError::Unsupported(refused) => out.param = Some(refused.param),
             RelayError::AllCooling { retry_after, .. } => {
                 out.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
             }

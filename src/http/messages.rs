@@ -6,20 +6,18 @@
 //! request.
 
 use super::body::json_body;
-use super::{ApiError, AppState, Shape, render_stream, served_headers, translated};
+use super::{ApiError, AppState, Shape, render_native, render_stream, translated};
 use crate::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
-use crate::mapping::inbound::native::NativeOut;
 use crate::mapping::inbound::{Dialect, Refused, Translated};
 use crate::relay::{Endpoint, Reply};
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 fn refused(r: Refused) -> Response {
-    let mut e = ApiError::bad_request("unsupported_parameter", r.message).shaped(Shape::Anthropic);
-    e.param = Some(r.param);
-    e.into_response()
+    ApiError::refused(r)
+        .shaped(Shape::Anthropic)
+        .into_response()
 }
 
 /// `POST /v1/messages`.
@@ -34,7 +32,7 @@ pub(super) async fn messages(State(app): State<AppState>, request: Request) -> R
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    if app.relay.speaks(&model, Dialect::Messages) {
+    if app.relay.speaks(&body, Dialect::Messages) {
         return native(&app, body, &parts.headers).await;
     }
     let chat = match to_chat(body) {
@@ -73,26 +71,11 @@ async fn native(
             )
         })
         .collect::<Vec<_>>();
-    match app
+    let result = app
         .relay
         .send_with(Endpoint::Native(Dialect::Messages), body, &beta)
-        .await
-    {
-        Ok(Reply::Json { body, served }) => {
-            let mut response = (StatusCode::OK, body).into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            served_headers(response.headers_mut(), &served);
-            response
-        }
-        Ok(Reply::Stream { body, served }) => {
-            let events = Translated::new(body, NativeOut::new(Dialect::Messages));
-            render_stream(Box::pin(events), &served)
-        }
-        Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),
-    }
+        .await;
+    render_native(result, Dialect::Messages, Shape::Anthropic)
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, counted as `/v1/token-count` counts.

@@ -180,6 +180,26 @@ pub(crate) fn render(reply: Reply) -> Response {
     response
 }
 
+/// A reply in a dialect the provider spoke natively: a JSON answer as it came, a stream as it came but for the
+/// engine's own frames, made the dialect's ([`crate::mapping::inbound::native::NativeOut`]); errors in `shape`.
+pub(crate) fn render_native(
+    result: Result<Reply, crate::relay::RelayError>,
+    dialect: crate::mapping::inbound::Dialect,
+    shape: Shape,
+) -> Response {
+    match result {
+        Ok(Reply::Stream { body, served }) => {
+            let events = crate::mapping::inbound::Translated::new(
+                body,
+                crate::mapping::inbound::native::NativeOut::new(dialect),
+            );
+            render_stream(Box::pin(events), &served)
+        }
+        Ok(reply) => render(reply),
+        Err(e) => ApiError::from(e).shaped(shape).into_response(),
+    }
+}
+
 /// An SSE stream as the client receives it, with the `x-keyrelay-*` headers.
 pub(crate) fn render_stream(body: crate::relay::SseBody, served: &Served) -> Response {
     let mut r = Response::new(Body::from_stream(body));

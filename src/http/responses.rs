@@ -5,8 +5,8 @@
 //! that fails after it started ends with `error` (and, translated, `response.failed`).
 
 use super::body::json_body;
-use super::{ApiError, AppState, Shape, render, render_stream, translated};
-use crate::mapping::inbound::native::NativeOut;
+use super::{ApiError, AppState, Shape, render_native, render_stream, translated};
+use crate::mapping::inbound::conversations::Conversation;
 use crate::mapping::inbound::responses::{ResponsesStream, from_chat, new_id, to_chat};
 use crate::mapping::inbound::{Dialect, Translated};
 use crate::relay::{Endpoint, Reply};
@@ -22,43 +22,35 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         Err(e) => return e.into_response(),
     };
     let limits = app.relay.snapshot().settings.responses;
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
-    let ours = body
+    let prior = body
         .get("previous_response_id")
         .and_then(Value::as_str)
-        .is_some_and(|id| app.conversations.get(id, &limits).is_some());
-    if !ours && app.relay.speaks(model, Dialect::Responses) {
-        return match app
+        .and_then(|id| app.conversations.get(id, &limits));
+    // A conversation kept here continues here, translated: a provider that speaks the API knows nothing of it.
+    if prior.is_none() && app.relay.speaks(&body, Dialect::Responses) {
+        let result = app
             .relay
             .send(Endpoint::Native(Dialect::Responses), body)
-            .await
-        {
-            Ok(Reply::Stream { body, served }) => render_stream(
-                Box::pin(Translated::new(body, NativeOut::new(Dialect::Responses))),
-                &served,
-            ),
-            Ok(reply) => render(reply),
-            Err(e) => ApiError::from(e).into_response(),
-        };
+            .await;
+        return render_native(result, Dialect::Responses, Shape::OpenAi);
     }
-    let translation = match to_chat(body, |id| app.conversations.get(id, &limits)) {
+    let translation = match to_chat(body, |_| prior.clone()) {
         Ok(t) => t,
         Err(r) => {
-            let code = if r.param == "previous_response_id" {
-                "previous_response_not_found"
-            } else {
-                "unsupported_parameter"
-            };
-            let mut e = ApiError::bad_request(code, r.message);
-            e.param = Some(r.param);
+            let unknown = r.param == "previous_response_id";
+            let mut e = ApiError::refused(r);
+            if unknown {
+                e.code = "previous_response_not_found";
+            }
             return e.into_response();
         }
     };
     let id = new_id("resp");
-    let (chat, echo, history, store) = (
+    let (chat, echo, previous, mut input, store) = (
         translation.chat,
         translation.echo,
-        translation.history,
+        translation.previous,
+        translation.input,
         translation.store,
     );
     let omitted = translation.omitted.join(",");
@@ -66,9 +58,9 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         Ok(Reply::Json { body, served }) => translated(&body, &served, Shape::OpenAi, |answer| {
             let (object, kept) = from_chat(answer, &echo, &id);
             if store {
-                let mut history = history;
-                history.push(kept);
-                app.conversations.keep(id.clone(), history, &limits);
+                input.push(kept);
+                let turn = Conversation::new(previous, input);
+                app.conversations.keep(id.clone(), turn, &limits);
             }
             object
         }),
@@ -77,9 +69,8 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
                 let conversations = app.conversations.clone();
                 let id = id.clone();
                 Box::new(move |kept: Value| {
-                    let mut history = history;
-                    history.push(kept);
-                    conversations.keep(id, history, &limits);
+                    input.push(kept);
+                    conversations.keep(id, Conversation::new(previous, input), &limits);
                 }) as crate::mapping::inbound::responses::OnComplete
             });
             let events = Translated::new(body, ResponsesStream::new(id, echo, on_complete));

@@ -13,7 +13,7 @@
 //! is refused likewise. Fields keyrelay itself reads (`model`, `stream`, `stream_options`, `encoding_format`)
 //! always pass.
 
-use super::{Draft, MapError, RequestMapping, Target};
+use super::{Draft, MapError, Refused, RequestMapping, Target};
 use crate::config::ConfigError;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -191,10 +191,7 @@ impl FieldRules {
                 )),
             };
             if let Some(message) = refused {
-                return Err(MapError::Refused {
-                    param: field.clone(),
-                    message,
-                });
+                return Err(Refused::new(field.as_str(), message).into());
             }
         }
         Ok(extras)
@@ -239,7 +236,7 @@ mod tests {
     fn judge(rules: &FieldRules, endpoint: &str, body: Value) -> Result<Vec<String>, String> {
         match rules.judge(endpoint, body.as_object().unwrap()) {
             Ok(extras) => Ok(extras.into_iter().map(|(k, _)| k).collect()),
-            Err(MapError::Refused { param, message }) => {
+            Err(MapError::Refused(Refused { param, message })) => {
                 assert!(message.contains(&format!("`{param}`")), "{message}");
                 Err(param)
             }

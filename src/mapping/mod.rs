@@ -89,13 +89,30 @@ impl Draft {
     }
 }
 
+/// The client asked for what the target cannot do (a field it has no equivalent for): a 400 naming `param`,
+/// the client's to fix. Made by field rules, scripts (`refuse`) and inbound dialects alike.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub param: String,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Why a request was not mapped.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum MapError {
-    /// The client asked for what the upstream cannot do (a field it has no equivalent for): a 400 naming
-    /// `param`, the client's to fix; not the script's failure.
-    #[error("{message}")]
-    Refused { param: String, message: String },
+    /// Not the script's failure: the request's.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error(transparent)]
     Script(#[from] ScriptError),
 }

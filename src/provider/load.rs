@@ -414,6 +414,7 @@ fn resolve(
         aliases: raw.aliases,
         prices,
         dialects,
+        renames: raw.renames.into_iter().collect(),
         classifier: Classifier { rules, retry_after },
         tuning,
         keys: Vec::new(),

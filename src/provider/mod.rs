@@ -65,6 +65,8 @@ pub struct Provider {
     pub aliases: Vec<String>,
     /// What its models' tokens cost.
     pub prices: Prices,
+    /// Chat request fields renamed before the request goes up (`max_tokens` -> `max_completion_tokens`).
+    pub renames: Vec<(String, String)>,
     /// Inbound dialects it speaks natively, with their paths relative to the base URL.
     pub dialects: Vec<(
         crate::mapping::inbound::Dialect,

@@ -95,6 +95,9 @@ pub(super) struct RawProvider {
     pub(super) models: RawModels,
     #[serde(default)]
     pub(super) stream_usage: bool,
+    /// Chat fields the upstream knows by another name (`max_tokens: max_completion_tokens`).
+    #[serde(default)]
+    pub(super) renames: BTreeMap<String, String>,
     /// Inbound dialects the upstream speaks natively, with their paths.
     #[serde(default)]
     pub(super) dialects:

@@ -114,6 +114,15 @@ impl Relay {
         let base64_embeddings = endpoint == Endpoint::Embeddings
             && body.get("encoding_format").and_then(Value::as_str) == Some("base64");
         body.insert("model".into(), Value::String(model.clone()));
+        if endpoint == Endpoint::Chat {
+            for (from, to) in &provider.renames {
+                if !body.contains_key(to)
+                    && let Some(value) = body.remove(from)
+                {
+                    body.insert(to.clone(), value);
+                }
+            }
+        }
         let openai_shaped = match endpoint {
             Endpoint::Native(dialect) => dialect.openai_shaped(),
             _ => endpoint == Endpoint::Chat,
@@ -235,7 +244,10 @@ pub(super) fn resolve_model(
 }
 
 /// [`resolve_model`] for a model name (an alias resolved first).
-fn resolve(snapshot: &Snapshot, model: &str) -> Result<(Arc<Provider>, String), RelayError> {
+pub(super) fn resolve(
+    snapshot: &Snapshot,
+    model: &str,
+) -> Result<(Arc<Provider>, String), RelayError> {
     let model = &*snapshot.canonical(model);
     if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
         return Err(RelayError::BadRequest(format!(

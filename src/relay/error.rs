@@ -125,16 +125,14 @@ pub enum RelayError {
     #[error("{0}")]
     Script(#[from] crate::script::ScriptError),
     /// The request asks for what the provider cannot do (a field it has no equivalent for).
-    #[error("{message}")]
-    Unsupported { param: String, message: String },
+    #[error(transparent)]
+    Unsupported(#[from] crate::mapping::Refused),
 }
 
 impl From<crate::mapping::MapError> for RelayError {
     fn from(e: crate::mapping::MapError) -> Self {
         match e {
-            crate::mapping::MapError::Refused { param, message } => {
-                Self::Unsupported { param, message }
-            }
+            crate::mapping::MapError::Refused(refused) => Self::Unsupported(refused),
             crate::mapping::MapError::Script(e) => Self::Script(e),
         }
     }
@@ -177,7 +175,7 @@ impl RelayError {
         match self {
             Self::BadRequest(_) => (400, "invalid_request_error", "invalid_model"),
             Self::InvalidField(_) => (400, "invalid_request_error", "invalid_request"),
-            Self::Unsupported { .. } => (400, "invalid_request_error", "unsupported_parameter"),
+            Self::Unsupported(_) => (400, "invalid_request_error", "unsupported_parameter"),
             Self::UnknownProvider(_) => (404, "invalid_request_error", "unknown_provider"),
             Self::NoKeys(_) => (404, "invalid_request_error", "provider_without_keys"),
             Self::ModelDenied(_) => (404, "invalid_request_error", "model_not_found"),

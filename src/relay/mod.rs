@@ -222,16 +222,34 @@ impl Relay {
         self.send_with(endpoint, body, &[]).await
     }
 
-    /// Whether the provider of `model` (an alias resolved) speaks `dialect` natively.
-    pub fn speaks(&self, model: &str, dialect: Dialect) -> bool {
+    /// Whether a request `body` in `dialect` can go natively: its model's provider speaks the dialect, and so
+    /// does every fallback it may move to (its own `fallbacks`, else config.yaml's). Otherwise it is translated,
+    /// so that any candidate can serve it.
+    pub fn speaks(&self, body: &Map<String, Value>, dialect: Dialect) -> bool {
         let snapshot = self.snapshot();
-        let model = snapshot.canonical(model);
-        model.split_once('/').is_some_and(|(provider, name)| {
-            snapshot
-                .providers
-                .get(provider)
-                .is_some_and(|p| p.dialect_path(dialect, name).is_some())
-        })
+        let Some(model) = body.get("model").and_then(Value::as_str) else {
+            return false;
+        };
+        let speaks = |model: &str| {
+            call::resolve(&snapshot, model)
+                .is_ok_and(|(p, name)| p.dialect_path(dialect, &name).is_some())
+        };
+        let listed = |list: &[String]| list.iter().all(|m| speaks(m));
+        speaks(model)
+            && match body.get("fallbacks") {
+                Some(Value::Array(own)) => own.iter().all(|m| m.as_str().is_some_and(speaks)),
+                Some(_) => false,
+                None => snapshot
+                    .settings
+                    .fallbacks
+                    .get(&*snapshot.canonical(model))
+                    .is_none_or(|list| listed(list)),
+            }
+            && snapshot
+                .settings
+                .context_fallbacks
+                .get(&*snapshot.canonical(model))
+                .is_none_or(|list| listed(list))
     }
 
     /// [`Self::send`], with client headers sent upstream as they are (a native dialect's own, such as

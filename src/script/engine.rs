@@ -3,6 +3,7 @@
 //! Scripts cannot reach files, the network, the environment or other modules (imports resolve nothing), cannot
 //! `eval`, and every call is bounded. `print` and `debug` go to the log.
 
+use crate::mapping::Refused;
 use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -173,10 +174,7 @@ fn build() -> Engine {
         "refuse",
         |field: ImmutableString, message: ImmutableString| -> Result<(), Box<EvalAltResult>> {
             Err(Box::new(EvalAltResult::ErrorRuntime(
-                Dynamic::from(Refusal {
-                    param: field.to_string(),
-                    message: message.to_string(),
-                }),
+                Dynamic::from(Refused::new(field.as_str(), message.as_str())),
                 rhai::Position::NONE,
             )))
         },
@@ -245,24 +243,15 @@ impl std::io::Write for Bounded {
     }
 }
 
-/// What `refuse(field, message)` throws.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Refusal {
-    pub param: String,
-    pub message: String,
-}
-
-impl Refusal {
-    /// The refusal a script's error carries, if it is one (thrown by `refuse`, from any depth of calls).
-    pub fn of(err: &EvalAltResult) -> Option<Refusal> {
-        let mut current = err;
-        while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = current {
-            current = inner;
-        }
-        match current {
-            EvalAltResult::ErrorRuntime(value, _) => value.clone().try_cast::<Refusal>(),
-            _ => None,
-        }
+/// The refusal a script's error carries, if it is one (thrown by `refuse`, from any depth of calls).
+pub fn refusal(err: &EvalAltResult) -> Option<Refused> {
+    let mut current = err;
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = current {
+        current = inner;
+    }
+    match current {
+        EvalAltResult::ErrorRuntime(value, _) => value.clone().try_cast::<Refused>(),
+        _ => None,
     }
 }
 

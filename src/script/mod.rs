@@ -21,7 +21,7 @@ mod stream;
 use crate::config::ConfigError;
 use crate::mapping::MapError;
 use engine::engine;
-pub use engine::{Budget, Refusal, ScriptError};
+pub use engine::{Budget, ScriptError};
 use rhai::{AST, CallFnOptions, Dynamic, Map, Scope};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -263,8 +263,8 @@ impl ProviderScript {
         // A refusal is the request's fault, not the script's: not counted, not logged as a failure.
         let out = self
             .run(Hook::Request, None, ctx)
-            .map_err(|e| match Refusal::of(&e) {
-                Some(Refusal { param, message }) => MapError::Refused { param, message },
+            .map_err(|e| match engine::refusal(&e) {
+                Some(refused) => MapError::Refused(refused),
                 None => MapError::Script(self.failed(Hook::Request, &e)),
             })?;
         let fail = |what: &str| self.hook_error(Hook::Request, what);

@@ -614,8 +614,7 @@ impl StreamTranslation for MessagesStream {
         };
         if value.get("error").is_some() {
             // The engine's in-band error: Anthropic's error event ends the stream, without message_stop.
-            let error = json!({"type": "error", "error": {"type": "api_error", "message": error_message(&value)}});
-            sse_event(out, "error", &error);
+            sse_event(out, "error", &error_body(500, &error_message(&value)));
             self.failed = true;
             return;
         }
@@ -627,9 +626,11 @@ impl StreamTranslation for MessagesStream {
             return;
         }
         if !clean {
-            let error = json!({"type": "error", "error": {"type": "api_error",
-                                "message": "the stream ended before the answer was complete"}});
-            sse_event(out, "error", &error);
+            sse_event(
+                out,
+                "error",
+                &error_body(500, "the stream ended before the answer was complete"),
+            );
             return;
         }
         self.start(None, out);

@@ -22,6 +22,7 @@ pub mod native;
 pub mod responses;
 
 use super::EventMappings;
+pub use super::Refused;
 use crate::stream::SseBody;
 use crate::stream::sse::SseParser;
 use bytes::Bytes;
@@ -105,22 +106,6 @@ impl From<RawDialectRoute> for DialectRoute {
                 models: Vec::new(),
             },
             RawDialectRoute::Routed { path, models } => Self { path, models },
-        }
-    }
-}
-
-/// The client asked for something this dialect's translation cannot carry: a 400 naming the field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused {
-    pub param: String,
-    pub message: String,
-}
-
-impl Refused {
-    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: param.into(),
-            message: message.into(),
         }
     }
 }

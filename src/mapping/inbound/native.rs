@@ -51,6 +51,9 @@ pub static RESPONSES: NativeRules = NativeRules {
     error: &["/response/error", "/error"],
 };
 
+/// Preamble events held before the first other one, at most.
+const MAX_HELD: usize = 4;
+
 /// Native streams read by a dialect's rules.
 #[derive(Debug)]
 pub struct Native(pub &'static NativeRules);
@@ -126,7 +129,8 @@ impl NativeStream {
             usage: usage.filter(|_| (rules.finishes)(&parsed)),
             finish: (rules.finishes)(&parsed),
         };
-        if rules.preamble.contains(&kind.as_str()) && !self.started {
+        // Held, but never more than a few: an upstream repeating its preamble starts the stream instead.
+        if rules.preamble.contains(&kind.as_str()) && !self.started && self.held.len() < MAX_HELD {
             self.held.push(part);
             return Vec::new();
         }
@@ -151,10 +155,15 @@ impl EventMapping for NativeStream {
 }
 
 /// A native stream on its way to the client: its events as they came; the engine's own frames made the
-/// dialect's (its in-band error an `error` event; its `[DONE]` dropped, since the dialect's last event said it).
+/// dialect's (its in-band error an `error` event; its `[DONE]` dropped, since the dialect's last event said it,
+/// or, where the upstream closed after its finish without saying so, that last event written in its place).
 pub struct NativeOut {
     dialect: Dialect,
     failed: bool,
+    /// The last event was the dialect's end.
+    ended: bool,
+    /// The last `sequence_number` forwarded (Responses numbers its events).
+    sequence: Option<u64>,
 }
 
 impl NativeOut {
@@ -162,21 +171,32 @@ impl NativeOut {
         Self {
             dialect,
             failed: false,
+            ended: false,
+            sequence: None,
         }
     }
 
     fn error(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
         self.failed = true;
         let error = match self.dialect {
-            Dialect::Messages => {
-                json!({"type": "error", "error": {"type": "api_error", "message": message}})
-            }
+            Dialect::Messages => super::messages::error_body(500, message),
             _ => {
-                json!({"type": "error", "code": code, "message": message, "param": null, "sequence_number": 0})
+                let next = self.sequence.map_or(0, |n| n + 1);
+                json!({"type": "error", "code": code, "message": message, "param": null, "sequence_number": next})
             }
         };
         sse_event(out, "error", &error);
     }
+}
+
+/// The number after `"sequence_number":` in an event's data, read without parsing it.
+fn sequence_number(data: &str) -> Option<u64> {
+    let at = data.find("\"sequence_number\":")? + "\"sequence_number\":".len();
+    let digits: &str = data[at..].trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 impl StreamTranslation for NativeOut {
@@ -184,22 +204,34 @@ impl StreamTranslation for NativeOut {
         if self.failed {
             return;
         }
-        match event {
-            Some(name) => {
-                out.extend_from_slice(b"event: ");
-                out.extend_from_slice(name.as_bytes());
-                out.push(b'\n');
-                out.extend_from_slice(&crate::stream::frame(data));
+        let is_error = event.is_none() && data.starts_with("{\"error\"");
+        if is_error {
+            let parsed = serde_json::from_str::<Value>(data).unwrap_or(Value::Null);
+            let code = parsed["error"]["code"]
+                .as_str()
+                .unwrap_or("stream_failed")
+                .to_string();
+            self.error(&code, &error_message(&parsed), out);
+            return;
+        }
+        if data.trim() == "[DONE]" {
+            if !self.ended && self.dialect == Dialect::Messages {
+                sse_event(out, "message_stop", &json!({"type": "message_stop"}));
             }
-            None if data.trim() == "[DONE]" => {}
-            None => {
-                let parsed = serde_json::from_str::<Value>(data).unwrap_or(Value::Null);
-                let code = parsed["error"]["code"]
-                    .as_str()
-                    .unwrap_or("stream_failed")
-                    .to_string();
-                self.error(&code, &error_message(&parsed), out);
-            }
+            return;
+        }
+        if let Some(name) = event {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'\n');
+        }
+        out.extend_from_slice(&crate::stream::frame(data));
+        self.ended = matches!(
+            event,
+            Some("message_stop" | "response.completed" | "response.incomplete")
+        );
+        if self.dialect == Dialect::Responses {
+            self.sequence = sequence_number(data).or(self.sequence);
         }
     }
 
@@ -211,5 +243,104 @@ impl StreamTranslation for NativeOut {
                 out,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::sse::SseEvent;
+
+    fn out(dialect: Dialect, frames: &[(Option<&str>, &str)], clean: bool) -> String {
+        let mut native = NativeOut::new(dialect);
+        let mut out = Vec::new();
+        for (event, data) in frames {
+            native.frame(*event, data, &mut out);
+        }
+        native.end(clean, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn native_events_pass_as_they_came_and_the_engines_frames_become_the_dialects() {
+        // Named and unnamed events pass; `[DONE]` is dropped after the dialect's own end.
+        let text = out(
+            Dialect::Responses,
+            &[
+                (
+                    Some("response.created"),
+                    r#"{"type":"response.created","sequence_number":0}"#,
+                ),
+                (
+                    None,
+                    r#"{"type":"response.output_text.delta","sequence_number":1}"#,
+                ),
+                (
+                    Some("response.completed"),
+                    r#"{"type":"response.completed","sequence_number":2}"#,
+                ),
+                (None, "[DONE]"),
+            ],
+            true,
+        );
+        assert_eq!(
+            text,
+            "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0}\n\n\
+             data: {\"type\":\"response.output_text.delta\",\"sequence_number\":1}\n\n\
+             event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2}\n\n"
+        );
+        // The engine's in-band error: the dialect's error event, numbered after the last event.
+        let text = out(
+            Dialect::Responses,
+            &[
+                (
+                    Some("response.created"),
+                    r#"{"type":"response.created","sequence_number": 7}"#,
+                ),
+                (
+                    None,
+                    r#"{"error":{"message":"cut","code":"stream_interrupted"}}"#,
+                ),
+            ],
+            false,
+        );
+        assert!(text.ends_with("event: error\ndata: {\"code\":\"stream_interrupted\",\"message\":\"cut\",\"param\":null,\"sequence_number\":8,\"type\":\"error\"}\n\n"), "{text}");
+        // An upstream that closed after its finish without message_stop: message_stop is written.
+        let text = out(
+            Dialect::Messages,
+            &[
+                (Some("message_delta"), r#"{"type":"message_delta"}"#),
+                (None, "[DONE]"),
+            ],
+            true,
+        );
+        assert!(
+            text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            "{text}"
+        );
+        let text = out(Dialect::Messages, &[(Some("ping"), "{}")], false);
+        assert!(
+            text.ends_with("\"type\":\"error\"}\n\n") && text.contains("api_error"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_preamble_is_held_but_never_more_than_a_few_events() {
+        let mut stream = Native(&MESSAGES).start("t");
+        let mut chunks = ChunkWriter::new("m");
+        let ping = || {
+            Event::new(SseEvent {
+                event: Some("ping".into()),
+                data: r#"{"type":"ping"}"#.into(),
+            })
+        };
+        let mut released = 0;
+        for _ in 0..MAX_HELD + 3 {
+            if let Ok(Step::Mapped(parts)) = stream.map(ping(), &mut chunks) {
+                released += parts.len();
+            }
+        }
+        assert_eq!(released, MAX_HELD + 3, "past the cap, the stream starts");
     }
 }

@@ -25,9 +25,11 @@ pub struct Translation {
     pub omitted: Vec<String>,
     /// The request's settings, as the response object repeats them.
     pub echo: Echo,
-    /// The conversation so far, without the instructions (OpenAI does not carry them over): kept, with the
-    /// answer, under the response's id when `store` is not false.
-    pub history: Vec<Value>,
+    /// The conversation `previous_response_id` named, if any.
+    pub previous: Option<Conversation>,
+    /// This request's messages, without the instructions (OpenAI does not carry them over): kept after
+    /// `previous`, with the answer, under the response's id when `store` is not false.
+    pub input: Vec<Value>,
     pub store: bool,
 }
 
@@ -129,7 +131,8 @@ pub fn to_chat(
     let echo = Echo::of(&body);
     let mut chat = Body::new();
     let mut omitted = Vec::new();
-    let mut history: Vec<Value> = Vec::new();
+    let mut input = Vec::new();
+    let mut before = None;
     let mut instructions = None;
     let mut stream = false;
     let mut store = true;
@@ -144,12 +147,14 @@ pub fn to_chat(
             | "parallel_tool_calls"
             | "user"
             | "fallbacks"
-            | "context_fallbacks"
-            | "service_tier"
-            | "prompt_cache_key"
-            | "safety_identifier"
-            | "top_logprobs" => {
+            | "context_fallbacks" => {
                 chat.insert(field, value);
+            }
+            "top_logprobs" if value != json!(0) => {
+                return Err(Refused::new(
+                    "top_logprobs",
+                    "a chat translation carries no log probabilities",
+                ));
             }
             "instructions" => match value {
                 Value::String(text) => instructions = Some(text),
@@ -163,9 +168,7 @@ pub fn to_chat(
             "previous_response_id" => {
                 let id = value.as_str().unwrap_or("");
                 match previous(id) {
-                    Some(conversation) => {
-                        history.splice(0..0, conversation.iter().cloned());
-                    }
+                    Some(conversation) => before = Some(conversation),
                     None => {
                         return Err(Refused::new(
                             "previous_response_id",
@@ -177,7 +180,7 @@ pub fn to_chat(
                     }
                 };
             }
-            "input" => input_to_chat(value, &mut history)?,
+            "input" => input_to_chat(value, &mut input)?,
             "tools" => {
                 let tools = tools(value, &mut omitted)?;
                 if tools.as_array().is_some_and(|t| !t.is_empty()) {
@@ -234,7 +237,8 @@ pub fn to_chat(
             "store" => store = value.as_bool().unwrap_or(true),
             // What the answer does not depend on: extra output OpenAI would include, its own context
             // trimming, labels, and stream obfuscation.
-            "include" | "truncation" | "metadata" | "stream_options" | "client_metadata" => {}
+            "include" | "truncation" | "metadata" | "stream_options" | "client_metadata"
+            | "service_tier" | "prompt_cache_key" | "safety_identifier" | "top_logprobs" => {}
             "background" | "conversation" | "prompt" => {
                 return Err(Refused::new(
                     field.as_str(),
@@ -248,11 +252,14 @@ pub fn to_chat(
             }
         }
     }
-    let mut messages = Vec::with_capacity(history.len() + 1);
+    let mut messages = Vec::new();
     if let Some(text) = instructions {
         messages.push(json!({"role": "system", "content": text}));
     }
-    messages.extend(history.iter().cloned());
+    if let Some(before) = &before {
+        messages.extend(before.messages());
+    }
+    messages.extend(input.iter().cloned());
     chat.insert("messages".into(), Value::Array(messages));
     if stream {
         chat.insert("stream_options".into(), json!({"include_usage": true}));
@@ -261,7 +268,8 @@ pub fn to_chat(
         chat,
         omitted,
         echo,
-        history,
+        previous: before,
+        input,
         store,
     })
 }
@@ -513,6 +521,15 @@ fn response_object(
     out
 }
 
+/// An answer as a conversation keeps it: chat's assistant message.
+fn kept_answer(text: &str, calls: Vec<Value>) -> Value {
+    let mut kept = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+    if !calls.is_empty() {
+        kept["tool_calls"] = Value::Array(calls);
+    }
+    kept
+}
+
 /// The output items of a chat answer's message, and the message itself as chat keeps it.
 fn output_items(message: &Value, echo: &Echo) -> (Vec<Value>, Value) {
     let mut items = Vec::new();
@@ -538,11 +555,7 @@ fn output_items(message: &Value, echo: &Echo) -> (Vec<Value>, Value) {
         echo.call_fields(call["function"]["name"].as_str().unwrap_or(""), &mut item);
         items.push(item);
     }
-    let mut kept = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
-    if !calls.is_empty() {
-        kept["tool_calls"] = Value::Array(calls);
-    }
-    (items, kept)
+    (items, kept_answer(text, calls))
 }
 
 /// A chat completion as a response object with the id `id`; with the assistant message as chat keeps it.
@@ -908,12 +921,7 @@ impl StreamTranslation for ResponsesStream {
         };
         self.emit(out, kind, json!({"response": response}));
         if let Some(on_complete) = self.on_complete.take() {
-            let mut kept = json!({"role": "assistant",
-                "content": if self.text.is_empty() { Value::Null } else { json!(self.text) }});
-            if !self.calls.is_empty() {
-                kept["tool_calls"] = Value::Array(std::mem::take(&mut self.calls));
-            }
-            on_complete(kept);
+            on_complete(kept_answer(&self.text, std::mem::take(&mut self.calls)));
         }
     }
 }
