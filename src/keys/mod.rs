@@ -11,6 +11,7 @@ pub mod limits;
 mod memory;
 mod persist;
 pub mod policy;
+pub mod redis;
 mod state;
 
 use crate::clock::UnixMs;

@@ -1,0 +1,487 @@
+//! Key state shared through Redis (issue 14, work in progress): several instances apply one pool's leases,
+//! cooldowns, streaks, usage and manual states.
+//!
+//! The rules stay the policy's ([`super::policy`]), in Rust: a store reads state, lets the policy decide, and
+//! claims or updates atomically.
+//!
+//! - Each key's [`KeyState`] is one JSON field of the provider's hash, with a version; an outcome is settled by
+//!   reading it, applying [`policy::settle`], and writing it back only if the version is unchanged (retried).
+//! - Leases are members of sorted sets per key and per key and model, scored by their expiry and renewed while
+//!   held: a crashed instance's leases free themselves within the lease time.
+//! - Claiming re-checks, in the script, that the chosen key is still eligible (not cooling, not disabled, under
+//!   its caps): a lost race asks the policy again.
+//!
+//! Keys are hash-tagged per provider (`{prefix:provider}`), so a Cluster keeps one provider in one slot.
+//! Provider keys are never written: only their ids (hashes) and masked forms.
+//!
+//! Not yet: shared proactive limits (requests and tokens per minute), the provider pause, the shared daily
+//! reset, the sequential cursor, pub/sub wakeups across instances, degraded mode when Redis is away.
+
+use super::policy::{self, Standing};
+use super::state::{KeyState, ModelState};
+use super::{
+    Ask, BoxFuture, Grant, KeyAction, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy,
+    Unavailable,
+};
+use crate::clock::{Clock, UnixMs};
+use crate::config::Tuning;
+use crate::secret::{ApiKey, KeyId};
+use redis::aio::ConnectionManager;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How long a lease lives without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// Claims retried after a lost race before the request waits like any other.
+const CLAIM_TRIES: usize = 4;
+
+/// Reads, for each key: its state (or ""), its version, and its live leases for the key and for the model.
+/// KEYS: the provider's hash, then per key its key lease set and its model lease set. ARGV: now, then the ids.
+const READ: &str = r#"
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  local lk, lm = KEYS[2 * i - 2], KEYS[2 * i - 1]
+  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', lm, '-inf', now)
+  out[#out + 1] = redis.call('HGET', KEYS[1], 's:' .. ARGV[i]) or ''
+  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[i]) or '0')
+  out[#out + 1] = redis.call('ZCARD', lk)
+  out[#out + 1] = redis.call('ZCARD', lm)
+end
+return out
+"#;
+
+/// Claims a lease if the key is still eligible: not disabled, not cooling (whole key or this model), under its
+/// caps. KEYS: hash, key lease set, model lease set. ARGV: id, model, member, expiry, cap per key (0: none), cap
+/// per key and model, now. Returns 1 when claimed.
+const CLAIM: &str = r#"
+local id, model, member, expiry = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local per_key, per_model, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local raw = redis.call('HGET', KEYS[1], 's:' .. id)
+if raw then
+  local s = cjson.decode(raw)
+  if s.disabled then return 0 end
+  if type(s.cooldown) == 'table' and s.cooldown['until'] > now then return 0 end
+  local m = type(s.models) == 'table' and s.models[model]
+  if type(m) == 'table' and type(m.cooldown) == 'table' and m.cooldown['until'] > now then return 0 end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if per_key > 0 and redis.call('ZCARD', KEYS[2]) >= per_key then return 0 end
+if per_model > 0 and redis.call('ZCARD', KEYS[3]) >= per_model then return 0 end
+redis.call('ZADD', KEYS[2], expiry, member)
+redis.call('ZADD', KEYS[3], expiry, member)
+return 1
+"#;
+
+/// Writes a key's state if its version is still `expected`, and frees a lease (idempotent).
+/// KEYS: hash, key lease set, model lease set. ARGV: id, expected version, state, member. Returns 1 when written.
+const SETTLE: &str = r#"
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[4])
+local v = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '0')
+if v ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[3], 'v:' .. ARGV[1], v + 1)
+return 1
+"#;
+
+/// Extends the leases held (only those still there).
+/// KEYS: lease sets. ARGV: expiry, then one member per key.
+const RENEW: &str = r#"
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', ARGV[1], ARGV[i + 1]) end
+return 1
+"#;
+
+/// A lease this instance holds, for renewal.
+#[derive(Clone, Debug)]
+struct Held {
+    key_set: String,
+    model_set: String,
+    member: String,
+}
+
+pub struct RedisStore {
+    /// Itself, for work done in the background (releases never block).
+    this: std::sync::Weak<RedisStore>,
+    conn: ConnectionManager,
+    prefix: String,
+    /// Distinguishes this instance's lease members.
+    instance: String,
+    clock: Clock,
+    next_lease: AtomicU64,
+    held: Mutex<HashMap<LeaseId, Held>>,
+    wakeups: Mutex<HashMap<String, Arc<Notify>>>,
+    policy: Mutex<StorePolicy>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    read: redis::Script,
+    claim: redis::Script,
+    settle: redis::Script,
+    renew: redis::Script,
+}
+
+/// A key's state as read: the state, its version, and its leases (key, model).
+struct Read {
+    state: Option<KeyState>,
+    version: i64,
+    leases: (u32, u32),
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://`, `unix://`); key names start with `prefix`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        clock: Clock,
+        policy: StorePolicy,
+    ) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        let store = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
+            conn,
+            prefix: prefix.to_string(),
+            instance: (0..12).map(|_| fastrand::alphanumeric()).collect(),
+            clock,
+            next_lease: AtomicU64::new(0),
+            held: Mutex::default(),
+            wakeups: Mutex::default(),
+            policy: Mutex::new(policy),
+            scripts: Scripts {
+                read: redis::Script::new(READ),
+                claim: redis::Script::new(CLAIM),
+                settle: redis::Script::new(SETTLE),
+                renew: redis::Script::new(RENEW),
+            },
+        });
+        tokio::spawn(renew(Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    fn hash(&self, provider: &str) -> String {
+        format!("{{{}:{provider}}}:state", self.prefix)
+    }
+
+    fn key_set(&self, provider: &str, id: &KeyId) -> String {
+        format!("{{{}:{provider}}}:lease:{id}", self.prefix)
+    }
+
+    fn model_set(&self, provider: &str, id: &KeyId, model: &str) -> String {
+        format!("{{{}:{provider}}}:lease:{id}:{model}", self.prefix)
+    }
+
+    async fn read(
+        &self,
+        provider: &str,
+        keys: &[ApiKey],
+        model: &str,
+    ) -> redis::RedisResult<Vec<Read>> {
+        let mut invocation = self.scripts.read.prepare_invoke();
+        invocation.key(self.hash(provider));
+        invocation.arg(self.clock.now());
+        for key in keys {
+            invocation
+                .key(self.key_set(provider, &key.id))
+                .key(self.model_set(provider, &key.id, model))
+                .arg(key.id.to_string());
+        }
+        let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in raw.chunks(4) {
+            let [state, version, key_leases, model_leases] = chunk else {
+                break;
+            };
+            let text: String = redis::from_redis_value(state.clone()).unwrap_or_default();
+            out.push(Read {
+                state: serde_json::from_str(&text).ok(),
+                version: redis::from_redis_value(version.clone()).unwrap_or(0),
+                leases: (
+                    redis::from_redis_value(key_leases.clone()).unwrap_or(0),
+                    redis::from_redis_value(model_leases.clone()).unwrap_or(0),
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn try_acquire(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
+        for _ in 0..CLAIM_TRIES {
+            let now = self.clock.now();
+            let read = self.read(ask.provider, ask.keys, ask.model).await?;
+            let standings: Vec<Standing> = ask
+                .keys
+                .iter()
+                .zip(&read)
+                .map(|(key, r)| {
+                    let mut state = r.state.clone();
+                    if let Some(s) = &mut state {
+                        s.in_flight = r.leases.0;
+                        if let Some(m) = s.models.get_mut(ask.model) {
+                            m.in_flight = r.leases.1;
+                        }
+                    }
+                    let excluded = ask.exclude.contains(&key.id);
+                    policy::standing(state.as_ref(), ask.model, excluded, ask.tuning, now)
+                })
+                .collect();
+            let order = policy::preference(&standings, ask.tuning.selection, None, false);
+            let Some(index) = order.into_iter().next() else {
+                return Ok(Err(policy::unavailable(&standings)));
+            };
+            let key = &ask.keys[index];
+            let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
+            let held = Held {
+                key_set: self.key_set(ask.provider, &key.id),
+                model_set: self.model_set(ask.provider, &key.id, ask.model),
+                member: format!("{}:{}", self.instance, lease.0),
+            };
+            let claimed: i64 = self
+                .scripts
+                .claim
+                .key(self.hash(ask.provider))
+                .key(&held.key_set)
+                .key(&held.model_set)
+                .arg(key.id.to_string())
+                .arg(ask.model)
+                .arg(&held.member)
+                .arg(now + LEASE_TTL.as_millis() as UnixMs)
+                .arg(ask.tuning.per_key)
+                .arg(ask.tuning.per_key_model)
+                .arg(now)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            if claimed == 1 {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(lease, held);
+                return Ok(Ok(Grant {
+                    lease,
+                    provider: ask.provider.into(),
+                    model: ask.model.into(),
+                    key: key.clone(),
+                }));
+            }
+        }
+        Ok(Err(Unavailable {
+            busy: ask.keys.len(),
+            ..Unavailable::default()
+        }))
+    }
+
+    /// Applies `change` to a key's state and frees `member`'s lease, retrying when another instance wrote first.
+    async fn update(
+        &self,
+        provider: &str,
+        key: &ApiKey,
+        model: &str,
+        member: &str,
+        change: impl Fn(&mut KeyState),
+    ) -> redis::RedisResult<()> {
+        loop {
+            let read = self
+                .read(provider, std::slice::from_ref(key), model)
+                .await?;
+            let Some(current) = read.into_iter().next() else {
+                return Ok(());
+            };
+            let mut state = current.state.unwrap_or_else(|| KeyState {
+                provider: provider.to_string(),
+                masked: key.masked.to_string(),
+                ..KeyState::default()
+            });
+            change(&mut state);
+            let text = serde_json::to_string(&state).map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Client, "state", e.to_string()))
+            })?;
+            let written: i64 = self
+                .scripts
+                .settle
+                .key(self.hash(provider))
+                .key(self.key_set(provider, &key.id))
+                .key(self.model_set(provider, &key.id, model))
+                .arg(key.id.to_string())
+                .arg(current.version)
+                .arg(text)
+                .arg(member)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            if written == 1 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Renews the leases held, every third of their lifetime, while the store lives.
+async fn renew(store: std::sync::Weak<RedisStore>) {
+    loop {
+        tokio::time::sleep(LEASE_TTL / 3).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let held: Vec<Held> = store
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let expiry = store.clock.now() + LEASE_TTL.as_millis() as UnixMs;
+        let mut invocation = store.scripts.renew.prepare_invoke();
+        invocation.arg(expiry);
+        for h in &held {
+            invocation
+                .key(&h.key_set)
+                .arg(&h.member)
+                .key(&h.model_set)
+                .arg(&h.member);
+        }
+        if let Err(e) = invocation
+            .invoke_async::<i64>(&mut store.conn.clone())
+            .await
+        {
+            tracing::warn!(error = %e, "renewing leases in Redis failed");
+        }
+    }
+}
+
+impl KeyStore for RedisStore {
+    fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
+        Box::pin(async move {
+            match self.try_acquire(ask).await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis unreachable: no key granted");
+                    Err(Unavailable {
+                        busy: ask.keys.len(),
+                        ..Unavailable::default()
+                    })
+                }
+            }
+        })
+    }
+
+    fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
+        let Some(held) = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&grant.lease)
+        else {
+            return;
+        };
+        // Release never blocks: settled in the background. The store outlives its requests (the engine holds
+        // it for the process).
+        let grant = grant.clone();
+        let tuning = tuning.clone();
+        let store = self.self_ref();
+        tokio::spawn(async move {
+            let Some(store) = store else { return };
+            let next_reset = store.next_reset();
+            let model = grant.model.clone();
+            let result = store
+                .update(&grant.provider, &grant.key, &model, &held.member, |state| {
+                    let now = store.clock.now();
+                    let ms: &mut ModelState = state.models.entry(model.to_string()).or_default();
+                    ms.today.requests += 1;
+                    ms.lifetime.requests += 1;
+                    ms.last_used = Some(now);
+                    policy::settle(state, &model, &outcome, &tuning, now, next_reset);
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "settling a lease in Redis failed");
+            }
+            store.wakeup(&grant.provider).notify_waiters();
+        });
+    }
+
+    fn wakeup(&self, provider: &str) -> Arc<Notify> {
+        let mut map = self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(provider.to_string()).or_default().clone()
+    }
+
+    fn configure(&self, policy: StorePolicy) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    fn retire(&self, _: &HashSet<KeyId>, _: &HashSet<KeyId>) {}
+
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool {
+        let (provider, key, action) = (provider.to_string(), key.clone(), action.clone());
+        let Some(store) = self.self_ref() else {
+            return false;
+        };
+        tokio::spawn(async move {
+            let _ = store
+                .update(&provider, &key, "-", "", |state| state.control(&action))
+                .await;
+            store.wakeup(&provider).notify_waiters();
+        });
+        true
+    }
+
+    fn report<'a>(
+        &'a self,
+        provider: &'a str,
+        keys: &'a [ApiKey],
+    ) -> BoxFuture<'a, Vec<KeyStatus>> {
+        Box::pin(async move {
+            let now = self.clock.now();
+            let read = self.read(provider, keys, "-").await.unwrap_or_default();
+            keys.iter()
+                .zip(read)
+                .map(|(key, r)| {
+                    let state = r.state.unwrap_or_default();
+                    let mut status = KeyStatus {
+                        key: key.masked.to_string(),
+                        id: key.id.to_string(),
+                        in_flight: r.leases.0,
+                        cooling_until: state.cooldown.filter(|c| c.until > now).map(|c| c.until),
+                        cooling_reason: state.cooldown.filter(|c| c.until > now).map(|c| c.reason),
+                        model_cooldowns: Vec::new(),
+                        streak: state.streak,
+                        today: Default::default(),
+                        lifetime: Default::default(),
+                        models: Vec::new(),
+                        last_error: state.last_error.map(|e| (e.reason, e.until)),
+                        disabled: state.disabled,
+                    };
+                    for (model, ms) in &state.models {
+                        status.today.add(&ms.today);
+                        status.lifetime.add(&ms.lifetime);
+                        status.models.push((model.clone(), ms.today, ms.lifetime));
+                        if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
+                            status
+                                .model_cooldowns
+                                .push((model.clone(), c.until, c.reason));
+                        }
+                    }
+                    status
+                })
+                .collect()
+        })
+    }
+}
+
+impl RedisStore {
+    fn next_reset(&self) -> UnixMs {
+        let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        policy.daily_reset.next_after(self.clock.now())
+    }
+
+    /// A strong reference to this store, for work done in the background.
+    fn self_ref(&self) -> Option<Arc<RedisStore>> {
+        self.this.upgrade()
+    }
+}

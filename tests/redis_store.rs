@@ -1,0 +1,194 @@
+//! Key state shared through a real `redis-server` (issue 14, work in progress): two stores stand for two
+//! instances of keyrelay.
+
+use keyrelay::clock::Clock;
+use keyrelay::config::{DailyReset, Tuning};
+use keyrelay::keys::redis::RedisStore;
+use keyrelay::keys::{Ask, KeyStore, Outcome, StorePolicy};
+use keyrelay::provider::{Cost, ErrorClass, Scope};
+use keyrelay::secret::ApiKey;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A `redis-server` on a free loopback port, without persistence, stopped when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("this test needs redis-server: run .ci/run (which installs it), or apt-get install redis-server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy() -> StorePolicy {
+    StorePolicy {
+        daily_reset: DailyReset::parse("03:00", "UTC").unwrap(),
+        pause: None,
+    }
+}
+
+async fn stores(redis: &Redis, n: usize) -> Vec<Arc<RedisStore>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            RedisStore::connect(&redis.url(), "kr", Clock::system(), policy())
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+fn keys(n: usize) -> Vec<ApiKey> {
+    (0..n)
+        .map(|i| ApiKey::new("p", &format!("key-number-{i:04}")))
+        .collect()
+}
+
+fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning) -> Ask<'a> {
+    Ask {
+        provider: "p",
+        model: "m",
+        keys,
+        exclude: &[],
+        tuning,
+    }
+}
+
+const SUCCESS: Outcome = Outcome::Success {
+    prompt_tokens: 3,
+    completion_tokens: 2,
+    cost: Cost(0),
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_of_one_per_key_and_model_holds_across_instances_and_usage_adds_up() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = Arc::new(keys(2));
+    let tuning = Arc::new(Tuning {
+        per_key_model: 1,
+        ..Tuning::default()
+    });
+    let in_flight: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..32 {
+        let store = stores[client % 2].clone();
+        let (keys, tuning, in_flight, most) = (
+            keys.clone(),
+            tuning.clone(),
+            in_flight.clone(),
+            most.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let grant = loop {
+                match store.acquire(ask(&keys, &tuning)).await {
+                    Ok(grant) => break grant,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            };
+            let i = keys.iter().position(|k| k.id == grant.key.id).unwrap();
+            let now = in_flight[i].fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            in_flight[i].fetch_sub(1, Ordering::SeqCst);
+            store.release(&grant, SUCCESS, &tuning);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "one request per key and model, pool-wide"
+    );
+    // Releases settle in the background: the pool-wide count reaches 32.
+    let mut total = 0;
+    for _ in 0..200 {
+        let report = stores[1].report("p", &keys).await;
+        total = report.iter().map(|k| k.today.requests).sum::<u64>();
+        if total == 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(total, 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = keys(2);
+    let tuning = Tuning::default();
+    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    let limited = grant.key.id.clone();
+    stores[0].release(
+        &grant,
+        Outcome::Failure {
+            class: ErrorClass::RateLimit,
+            scope: Scope::Model,
+            retry_after: Some(Duration::from_secs(60)),
+        },
+        &tuning,
+    );
+    let mut seen_cooling = false;
+    for _ in 0..200 {
+        let report = stores[1].report("p", &keys).await;
+        if report
+            .iter()
+            .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty())
+        {
+            seen_cooling = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen_cooling, "the other instance sees the cooldown");
+    for _ in 0..5 {
+        let grant = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
+        assert_ne!(grant.key.id, limited, "the cooling key is not granted");
+        stores[1].release(&grant, SUCCESS, &tuning);
+    }
+}
