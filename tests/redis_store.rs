@@ -4,7 +4,7 @@
 use keyrelay::clock::Clock;
 use keyrelay::config::{DailyReset, Tuning};
 use keyrelay::keys::redis::RedisStore;
-use keyrelay::keys::{Ask, KeyStore, Outcome, StorePolicy};
+use keyrelay::keys::{Ask, KeyStore, MemoryStore, Outcome, StorePolicy};
 use keyrelay::provider::{Cost, ErrorClass, Scope};
 use keyrelay::secret::ApiKey;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,10 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -70,12 +74,16 @@ async fn stores(redis: &Redis, n: usize) -> Vec<Arc<RedisStore>> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
-            RedisStore::connect(&redis.url(), "kr", Clock::system(), policy())
+            RedisStore::connect(&redis.url(), "kr", Clock::system(), policy(), local())
                 .await
                 .unwrap(),
         );
     }
     out
+}
+
+fn local() -> Arc<MemoryStore> {
+    Arc::new(MemoryStore::new(Clock::system(), policy()))
 }
 
 fn keys(n: usize) -> Vec<ApiKey> {
@@ -191,4 +199,41 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
         assert_ne!(grant.key.id, limited, "the cooling key is not granted");
         stores[1].release(&grant, SUCCESS, &tuning);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_away_is_served_locally_and_rejoined_when_back() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let stores = stores(&redis, 1).await;
+    let store = &stores[0];
+    let keys = keys(2);
+    let tuning = Tuning::default();
+    let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+    store.release(&grant, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(redis);
+    // Every request still gets a key, from this instance's own state.
+    for _ in 0..5 {
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        store.release(&grant, SUCCESS, &tuning);
+    }
+    assert!(store.degraded());
+    // Back, and empty: rejoined within the probe's period, and seeded with what this instance knew.
+    let redis = Redis::start_on(port);
+    let mut back = false;
+    for _ in 0..100 {
+        if !store.degraded() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "rejoined Redis");
+    let report = store.report("p", &keys).await;
+    assert!(
+        report.iter().map(|k| k.today.requests).sum::<u64>() >= 6,
+        "{report:?}"
+    );
+    drop(redis);
 }

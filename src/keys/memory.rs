@@ -129,6 +129,23 @@ impl MemoryStore {
         }
     }
 
+    /// Puts `state` in place of what this store knows of key `id` (its leases in flight kept): a shared store
+    /// keeps its local copy current, to serve from when the shared one is away.
+    pub fn put(&self, id: &KeyId, mut state: KeyState) {
+        let mut guard = self.lock();
+        // The day is this store's: rolled first, so that a state put today is not taken for yesterday's.
+        guard.roll(self.clock.now());
+        if let Some(old) = guard.keys.get(id) {
+            state.in_flight = old.in_flight;
+            for (model, ms) in &mut state.models {
+                ms.in_flight = old.models.get(model).map_or(0, |m| m.in_flight);
+            }
+        }
+        guard.keys.insert(id.clone(), state);
+        drop(guard);
+        self.changed.notify_one();
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-written in a way that matters more than
         // refusing all further requests would: keep serving.

@@ -14,9 +14,15 @@
 //! Keys are hash-tagged per provider (`{prefix:provider}`), so a Cluster keeps one provider in one slot.
 //! Provider keys are never written: only their ids (hashes) and masked forms.
 //!
+//! Redis trouble never becomes a client error: an operation that fails or takes longer than
+//! [`OPERATION_TIMEOUT`] is served by the local [`MemoryStore`] instead (kept current with what Redis said), the
+//! store says it is degraded (once in the log, and in [`RedisStore::degraded`]), and a probe rejoins Redis when
+//! it answers again, seeding it with what this instance knows when it came back empty.
+//!
 //! Not yet: shared proactive limits (requests and tokens per minute), the provider pause, the shared daily
-//! reset, the sequential cursor, pub/sub wakeups across instances, degraded mode when Redis is away.
+//! reset, the sequential cursor, pub/sub wakeups across instances.
 
+use super::MemoryStore;
 use super::policy::{self, Standing};
 use super::state::{KeyState, ModelState};
 use super::{
@@ -28,10 +34,15 @@ use crate::config::Tuning;
 use crate::secret::{ApiKey, KeyId};
 use redis::aio::ConnectionManager;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// The longest a Redis operation may take before the local store serves instead.
+const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
+/// Leases granted by the local store while degraded carry this bit.
+const LOCAL: u64 = 1 << 63;
 
 /// How long a lease lives without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(15);
@@ -114,9 +125,11 @@ pub struct RedisStore {
     clock: Clock,
     next_lease: AtomicU64,
     held: Mutex<HashMap<LeaseId, Held>>,
-    wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     policy: Mutex<StorePolicy>,
     scripts: Scripts,
+    /// Serves while Redis is away; kept current with the states Redis returns.
+    local: Arc<MemoryStore>,
+    degraded: AtomicBool,
 }
 
 struct Scripts {
@@ -134,15 +147,20 @@ struct Read {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://`, `unix://`); key names start with `prefix`.
+    /// Connects to `url` (`redis://`, `unix://`); key names start with `prefix`. `local` serves while Redis is
+    /// away (and holds what this instance knew before).
     pub async fn connect(
         url: &str,
         prefix: &str,
         clock: Clock,
         policy: StorePolicy,
+        local: Arc<MemoryStore>,
     ) -> Result<Arc<Self>, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OPERATION_TIMEOUT))
+            .set_response_timeout(Some(OPERATION_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         let store = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             conn,
@@ -151,7 +169,6 @@ impl RedisStore {
             clock,
             next_lease: AtomicU64::new(0),
             held: Mutex::default(),
-            wakeups: Mutex::default(),
             policy: Mutex::new(policy),
             scripts: Scripts {
                 read: redis::Script::new(READ),
@@ -159,9 +176,41 @@ impl RedisStore {
                 settle: redis::Script::new(SETTLE),
                 renew: redis::Script::new(RENEW),
             },
+            local,
+            degraded: AtomicBool::new(false),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
+        tokio::spawn(probe(Arc::downgrade(&store)));
         Ok(store)
+    }
+
+    /// Redis is away: the local store serves.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn degrade(&self, e: &dyn std::fmt::Display) {
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "Redis is unreachable: serving from this instance's own key state until it is back");
+        }
+    }
+
+    /// Writes what this instance knows of keys Redis has no state for (Redis restarted empty).
+    async fn seed(&self) -> redis::RedisResult<()> {
+        let known = self.local.export();
+        let mut pipe = redis::pipe();
+        for (id, state) in &known.keys {
+            let Ok(text) = serde_json::to_string(state) else {
+                continue;
+            };
+            let hash = self.hash(&state.provider);
+            pipe.cmd("HSETNX")
+                .arg(&hash)
+                .arg(format!("s:{id}"))
+                .arg(text)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await
     }
 
     fn hash(&self, provider: &str) -> String {
@@ -210,7 +259,7 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn try_acquire(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
+    async fn claim(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
             let read = self.read(ask.provider, ask.keys, ask.model).await?;
@@ -313,8 +362,31 @@ impl RedisStore {
                 .invoke_async(&mut self.conn.clone())
                 .await?;
             if written == 1 {
+                // The local copy follows, to serve from if Redis goes away.
+                self.local.put(&key.id, state);
                 return Ok(());
             }
+        }
+    }
+}
+
+/// While degraded, asks Redis every second whether it is back; when it is, seeds it with what this instance
+/// knows (keys it has no state for) and serves from it again.
+async fn probe(store: std::sync::Weak<RedisStore>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if !store.degraded() {
+            continue;
+        }
+        let ping = redis::cmd("PING")
+            .query_async::<String>(&mut store.conn.clone())
+            .await;
+        if ping.is_ok() && store.seed().await.is_ok() {
+            store.degraded.store(false, Ordering::Relaxed);
+            tracing::info!("Redis is back: serving from the shared key state again");
         }
     }
 }
@@ -358,20 +430,28 @@ async fn renew(store: std::sync::Weak<RedisStore>) {
 impl KeyStore for RedisStore {
     fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
         Box::pin(async move {
-            match self.try_acquire(ask).await {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Redis unreachable: no key granted");
-                    Err(Unavailable {
-                        busy: ask.keys.len(),
-                        ..Unavailable::default()
-                    })
+            if !self.degraded() {
+                match tokio::time::timeout(2 * OPERATION_TIMEOUT, self.claim(ask)).await {
+                    Ok(Ok(result)) => return result,
+                    Ok(Err(e)) => self.degrade(&e),
+                    Err(_) => self.degrade(&"no answer in time"),
                 }
             }
+            // Served locally; the lease says so.
+            self.local.try_acquire(ask).map(|mut grant| {
+                grant.lease = LeaseId(grant.lease.0 | LOCAL);
+                grant
+            })
         })
     }
 
     fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
+        if grant.lease.0 & LOCAL != 0 {
+            let mut local = grant.clone();
+            local.lease = LeaseId(grant.lease.0 & !LOCAL);
+            self.local.release(&local, outcome, tuning);
+            return;
+        }
         let Some(held) = self
             .held
             .lock()
@@ -400,24 +480,28 @@ impl KeyStore for RedisStore {
                 })
                 .await;
             if let Err(e) = result {
-                tracing::warn!(error = %e, "settling a lease in Redis failed");
+                // TODO(issue 14): keep the outcome for Redis's return instead of only the local copy's.
+                store.degrade(&e);
             }
             store.wakeup(&grant.provider).notify_waiters();
         });
     }
 
     fn wakeup(&self, provider: &str) -> Arc<Notify> {
-        let mut map = self.wakeups.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(provider.to_string()).or_default().clone()
+        self.local.wakeup(provider)
     }
 
     fn configure(&self, policy: StorePolicy) {
+        self.local.configure(policy.clone());
         *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
     }
 
-    fn retire(&self, _: &HashSet<KeyId>, _: &HashSet<KeyId>) {}
+    fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
+        self.local.retire(removed, live);
+    }
 
     fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool {
+        self.local.control(provider, key, action);
         let (provider, key, action) = (provider.to_string(), key.clone(), action.clone());
         let Some(store) = self.self_ref() else {
             return false;
@@ -438,7 +522,14 @@ impl KeyStore for RedisStore {
     ) -> BoxFuture<'a, Vec<KeyStatus>> {
         Box::pin(async move {
             let now = self.clock.now();
-            let read = self.read(provider, keys, "-").await.unwrap_or_default();
+            let read = match self.read(provider, keys, "-").await {
+                Ok(read) if !self.degraded() => read,
+                Ok(_) => return self.local.status(provider, keys),
+                Err(e) => {
+                    self.degrade(&e);
+                    return self.local.status(provider, keys);
+                }
+            };
             keys.iter()
                 .zip(read)
                 .map(|(key, r)| {
