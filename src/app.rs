@@ -120,7 +120,30 @@ pub async fn start(
         .map_err(|source| StartError::Bind { addr, source })?;
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
-    let store: Arc<dyn KeyStore> = store;
+    let store: Arc<dyn KeyStore> = match &settings.store {
+        crate::config::Store::Memory => store,
+        crate::config::Store::Redis { url, prefix } => {
+            match crate::keys::redis::RedisStore::connect(
+                url,
+                prefix,
+                clock,
+                policy.clone(),
+                store.clone(),
+            )
+            .await
+            {
+                Ok(shared) => {
+                    tracing::info!(prefix = %prefix, "key state shared through Redis");
+                    shared
+                }
+                Err(e) => {
+                    // TODO(issue 14): start degraded and join Redis once it answers.
+                    tracing::error!(error = %e, "Redis is unreachable at start: serving from this instance's own key state");
+                    store
+                }
+            }
+        }
+    };
     let metrics = Arc::new(Metrics::default());
     let request_log = match &settings.request_logging {
         Some(logging) => Some(

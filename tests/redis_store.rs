@@ -1,67 +1,18 @@
 //! Key state shared through a real `redis-server` (issue 14, work in progress): two stores stand for two
 //! instances of keyrelay.
 
+mod support;
+
 use keyrelay::clock::Clock;
 use keyrelay::config::{DailyReset, Tuning};
 use keyrelay::keys::redis::RedisStore;
 use keyrelay::keys::{Ask, KeyStore, MemoryStore, Outcome, StorePolicy};
 use keyrelay::provider::{Cost, ErrorClass, Scope};
 use keyrelay::secret::ApiKey;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-/// A `redis-server` on a free loopback port, without persistence, stopped when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("this test needs redis-server: run .ci/run (which installs it), or apt-get install redis-server");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::redis::Redis;
 
 fn policy() -> StorePolicy {
     StorePolicy {

@@ -44,6 +44,30 @@ struct RawRequestLogging {
     max_total_size: Option<ByteSize>,
 }
 
+/// `store:` as written: `memory`, or `{redis: {url, prefix}}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawStore {
+    Name(String),
+    Redis { redis: RawRedis },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+    prefix: Option<String>,
+}
+
+/// Where key state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// In this process (the default).
+    Memory,
+    /// Shared through Redis with every instance using the same URL and prefix.
+    Redis { url: String, prefix: String },
+}
+
 /// `responses:`, the conversations kept for `previous_response_id`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +143,7 @@ struct RawConfig {
     shutdown_grace: Option<Duration>,
     request_logging: Option<RawRequestLogging>,
     responses: Option<RawResponses>,
+    store: Option<RawStore>,
     #[serde(default)]
     fallbacks: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -215,6 +240,8 @@ pub struct Settings {
     pub model_aliases: BTreeMap<String, String>,
     /// What is kept for `previous_response_id`.
     pub responses: ResponsesStore,
+    /// Where key state lives (`store:`, else `REDIS_URL` from the environment).
+    pub store: Store,
 }
 
 /// Where request logs go and how much room they may take.
@@ -372,6 +399,26 @@ impl Settings {
             continue_streams: raw.continue_streams.unwrap_or(true),
             cors_origins,
             model_aliases: raw.aliases,
+            store: match raw.store {
+                None => match std::env::var("REDIS_URL") {
+                    Ok(url) if !url.is_empty() => Store::Redis {
+                        url,
+                        prefix: "keyrelay".into(),
+                    },
+                    _ => Store::Memory,
+                },
+                Some(RawStore::Name(name)) if name == "memory" => Store::Memory,
+                Some(RawStore::Name(name)) => {
+                    err(format!(
+                        "store: {name:?} is not a store; write memory, or {{redis: {{url: redis://host:6379}}}}"
+                    ));
+                    Store::Memory
+                }
+                Some(RawStore::Redis { redis }) => Store::Redis {
+                    url: redis.url,
+                    prefix: redis.prefix.unwrap_or_else(|| "keyrelay".into()),
+                },
+            },
             responses: {
                 let r = raw.responses.unwrap_or_default();
                 ResponsesStore {

@@ -29,6 +29,7 @@ pub(super) async fn liveness(State(app): State<AppState>, headers: HeaderMap) ->
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs(),
         "providers": snapshot.serving().count(),
+        "store": app.relay.store().kind(),
         "config": {
             "generation": status.generation,
             "loaded_at": time(status.loaded_at),
@@ -231,6 +232,7 @@ pub(super) async fn metrics(State(app): State<AppState>) -> Response {
         }
         None => gauges.config_generation = snapshot.generation,
     }
+    gauges.store = app.relay.store().kind();
     let mut response = app.metrics.render(&gauges).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -183,4 +183,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The state of `keys` of `provider`, for operators.
     fn report<'a>(&'a self, provider: &'a str, keys: &'a [ApiKey])
     -> BoxFuture<'a, Vec<KeyStatus>>;
+
+    /// Where the state lives now: `memory`, `redis`, or `degraded` (a shared store away, this instance serving
+    /// from its own).
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
 }

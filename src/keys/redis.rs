@@ -89,14 +89,16 @@ redis.call('ZADD', KEYS[3], expiry, member)
 return 1
 "#;
 
-/// Writes a key's state if its version is still `expected`, and frees a lease (idempotent).
-/// KEYS: hash, key lease set, model lease set. ARGV: id, expected version, state, member. Returns 1 when written.
+/// Writes a key's state if its version is still `expected`, frees a lease (idempotent), and tells every
+/// instance that a key of the provider may be free. KEYS: hash, key lease set, model lease set. ARGV: id,
+/// expected version, state, member, wakeup channel, provider. Returns 1 when written.
 const SETTLE: &str = r#"
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[4])
 local v = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '0')
 if v ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[3], 'v:' .. ARGV[1], v + 1)
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 "#;
 
@@ -157,6 +159,7 @@ impl RedisStore {
         local: Arc<MemoryStore>,
     ) -> Result<Arc<Self>, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        let listener = client.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OPERATION_TIMEOUT))
             .set_response_timeout(Some(OPERATION_TIMEOUT));
@@ -181,6 +184,7 @@ impl RedisStore {
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         tokio::spawn(probe(Arc::downgrade(&store)));
+        tokio::spawn(listen(Arc::downgrade(&store), listener));
         Ok(store)
     }
 
@@ -211,6 +215,11 @@ impl RedisStore {
                 .ignore();
         }
         pipe.query_async::<()>(&mut self.conn.clone()).await
+    }
+
+    /// Where instances say that a key of a provider may be free (a release, a change of state).
+    fn channel(&self) -> String {
+        format!("{}:wake", self.prefix)
     }
 
     fn hash(&self, provider: &str) -> String {
@@ -359,6 +368,8 @@ impl RedisStore {
                 .arg(current.version)
                 .arg(text)
                 .arg(member)
+                .arg(self.channel())
+                .arg(provider)
                 .invoke_async(&mut self.conn.clone())
                 .await?;
             if written == 1 {
@@ -367,6 +378,32 @@ impl RedisStore {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Wakes this instance's waiting requests when another instance says a key of their provider may be free:
+/// one subscription per instance, no polling. Resubscribes after a lost connection.
+async fn listen(store: std::sync::Weak<RedisStore>, client: redis::Client) {
+    use futures_util::StreamExt;
+    loop {
+        let channel = match store.upgrade() {
+            Some(s) => s.channel(),
+            None => return,
+        };
+        if let Ok(mut pubsub) = client.get_async_pubsub().await
+            && pubsub.subscribe(&channel).await.is_ok()
+        {
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                if let Ok(provider) = message.get_payload::<String>() {
+                    store.local.wakeup(&provider).notify_waiters();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -494,6 +531,10 @@ impl KeyStore for RedisStore {
     fn configure(&self, policy: StorePolicy) {
         self.local.configure(policy.clone());
         *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.degraded() { "degraded" } else { "redis" }
     }
 
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {

@@ -42,6 +42,8 @@ pub struct Gauges {
     pub reload_failures: u64,
     /// provider -> script failures of its current script (counted from zero again when a reload loads it anew).
     pub script_errors: BTreeMap<String, u64>,
+    /// Where key state lives now (`memory`, `redis`, `degraded`).
+    pub store: &'static str,
 }
 
 pub struct Metrics {
@@ -310,6 +312,8 @@ impl Metrics {
                 counter!("keyrelay_script_errors_total", "provider" => label(p)).absolute(*total);
             }
             gauge!("keyrelay_config_generation").set(gauges.config_generation as f64);
+            // 1 while a shared store is away and this instance serves from its own key state.
+            gauge!("keyrelay_store_degraded").set(f64::from(u8::from(gauges.store == "degraded")));
             counter!("keyrelay_config_reload_failures_total").absolute(gauges.reload_failures);
         });
         self.handle.render()

@@ -3,6 +3,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod binary;
+#[allow(dead_code)]
+pub mod redis;
 pub use binary::*;
 
 use axum::body::{Body, Bytes};

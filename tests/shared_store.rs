@@ -1,0 +1,100 @@
+//! Several keyrelay processes, one pool, through a real `redis-server` (issue 14, work in progress).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+use support::redis::Redis;
+use support::*;
+
+/// A keyrelay process in its own directory, sharing key state through `redis`.
+fn instance(mock: &Mock, redis: &Redis, extra: &str) -> (tempfile::TempDir, binary::Served) {
+    let config = format!(
+        "store: {{redis: {{url: \"{}\"}}}}\nconcurrency: {{per_key_model: 1}}\n{extra}",
+        redis.url()
+    );
+    let dir = binary::mock_dir(mock, &config);
+    let served = binary::start(dir.path(), &[], None);
+    (dir, served)
+}
+
+async fn chat(url: &str) -> u16 {
+    http_client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(PROXY_KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]}"#)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_hold_one_cap_and_count_one_usage() {
+    let redis = Redis::start();
+    let mock = Arc::new(
+        Mock::start(|seen, _| {
+            Reply::ok(completion(seen.model(), "ok")).delayed(Duration::from_millis(20))
+        })
+        .await,
+    );
+    let (_a_dir, a) = instance(&mock, &redis, "");
+    let (_b_dir, b) = instance(&mock, &redis, "");
+    let mut clients = Vec::new();
+    for i in 0..16 {
+        let url = if i % 2 == 0 {
+            a.url.clone()
+        } else {
+            b.url.clone()
+        };
+        clients.push(tokio::spawn(async move { chat(&url).await }));
+    }
+    for c in clients {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(
+        mock.max_in_flight(),
+        1,
+        "one request at a time on the one key, across both instances"
+    );
+    // Both report the pool's usage.
+    for served in [&a, &b] {
+        let keys: serde_json::Value = serde_json::from_str(
+            &http_client()
+                .get(format!("{}/v1/keys", served.url))
+                .bearer_auth(PROXY_KEY)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let mut requests = 0;
+        for _ in 0..100 {
+            requests = keys["data"][0]["keys"][0]["today"]["requests"]
+                .as_u64()
+                .unwrap_or(0);
+            if requests == 16 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(requests >= 15, "{keys}");
+    }
+    let live: serde_json::Value = serde_json::from_str(
+        &http_client()
+            .get(format!("{}/", a.url))
+            .bearer_auth(PROXY_KEY)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(live["store"], "redis");
+}
