@@ -122,13 +122,18 @@ pub async fn start(
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
     let store: Arc<dyn KeyStore> = match &settings.store {
         crate::config::Store::Memory => store,
-        crate::config::Store::Redis { url, prefix } => {
+        crate::config::Store::Redis {
+            url,
+            prefix,
+            lease_ttl,
+        } => {
             match crate::keys::redis::RedisStore::connect(
                 url,
                 prefix,
                 clock,
                 policy.clone(),
                 store.clone(),
+                *lease_ttl,
             )
             .await
             {

@@ -25,9 +25,16 @@ async fn stores(redis: &Redis, n: usize) -> Vec<Arc<RedisStore>> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
-            RedisStore::connect(&redis.url(), "kr", Clock::system(), policy(), local())
-                .await
-                .unwrap(),
+            RedisStore::connect(
+                &redis.url(),
+                "kr",
+                Clock::system(),
+                policy(),
+                local(),
+                Duration::from_secs(15),
+            )
+            .await
+            .unwrap(),
         );
     }
     out

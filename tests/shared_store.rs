@@ -98,3 +98,49 @@ async fn two_instances_hold_one_cap_and_count_one_usage() {
     .unwrap();
     assert_eq!(live["store"], "redis");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_leases_free_themselves_within_the_lease_time() {
+    let redis = Redis::start();
+    // The first request hangs upstream; later ones answer.
+    let mock = Arc::new(
+        Mock::start(|seen, i| {
+            if i == 0 {
+                Reply::Hang
+            } else {
+                Reply::ok(completion(seen.model(), "ok"))
+            }
+        })
+        .await,
+    );
+    let ttl = "store: {redis: {url: \"URL\", lease_ttl: 2s}}\nconcurrency: {per_key_model: 1}\n"
+        .replace("URL", &redis.url());
+    let dir_a = binary::mock_dir(&mock, &ttl);
+    let dir_b = binary::mock_dir(&mock, &ttl);
+    let mut a = binary::start(dir_a.path(), &[], None);
+    let b = binary::start(dir_b.path(), &[], None);
+    let a_url = a.url.clone();
+    let _hanging = tokio::spawn(async move { chat(&a_url).await });
+    // Wait until A holds the one key.
+    for _ in 0..100 {
+        if !mock.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mock.seen().len(), 1);
+    a.child.kill().unwrap(); // SIGKILL: no release is ever sent
+    a.child.wait().unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        chat(&b.url).await,
+        200,
+        "B gets the key once A's lease expired: {:?}",
+        b.log()
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(6),
+        "freed within the lease time: {waited:?}"
+    );
+}

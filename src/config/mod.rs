@@ -57,6 +57,8 @@ enum RawStore {
 struct RawRedis {
     url: String,
     prefix: Option<String>,
+    #[serde(default, with = "serde_human::option")]
+    lease_ttl: Option<Duration>,
 }
 
 /// Where key state lives.
@@ -65,7 +67,12 @@ pub enum Store {
     /// In this process (the default).
     Memory,
     /// Shared through Redis with every instance using the same URL and prefix.
-    Redis { url: String, prefix: String },
+    Redis {
+        url: String,
+        prefix: String,
+        /// A crashed instance's leases are free after this.
+        lease_ttl: Duration,
+    },
 }
 
 /// `responses:`, the conversations kept for `previous_response_id`.
@@ -404,6 +411,7 @@ impl Settings {
                     Ok(url) if !url.is_empty() => Store::Redis {
                         url,
                         prefix: "keyrelay".into(),
+                        lease_ttl: crate::keys::redis::LEASE_TTL,
                     },
                     _ => Store::Memory,
                 },
@@ -417,6 +425,7 @@ impl Settings {
                 Some(RawStore::Redis { redis }) => Store::Redis {
                     url: redis.url,
                     prefix: redis.prefix.unwrap_or_else(|| "keyrelay".into()),
+                    lease_ttl: redis.lease_ttl.unwrap_or(crate::keys::redis::LEASE_TTL),
                 },
             },
             responses: {

@@ -45,7 +45,7 @@ const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
 const LOCAL: u64 = 1 << 63;
 
 /// How long a lease lives without renewal.
-const LEASE_TTL: Duration = Duration::from_secs(15);
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Claims retried after a lost race before the request waits like any other.
 const CLAIM_TRIES: usize = 4;
 
@@ -132,6 +132,8 @@ pub struct RedisStore {
     /// Serves while Redis is away; kept current with the states Redis returns.
     local: Arc<MemoryStore>,
     degraded: AtomicBool,
+    /// How long a lease lives without renewal: a crashed instance's leases are free after this.
+    lease_ttl: Duration,
 }
 
 struct Scripts {
@@ -157,6 +159,7 @@ impl RedisStore {
         clock: Clock,
         policy: StorePolicy,
         local: Arc<MemoryStore>,
+        lease_ttl: Duration,
     ) -> Result<Arc<Self>, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let listener = client.clone();
@@ -181,6 +184,7 @@ impl RedisStore {
             },
             local,
             degraded: AtomicBool::new(false),
+            lease_ttl,
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         tokio::spawn(probe(Arc::downgrade(&store)));
@@ -204,7 +208,10 @@ impl RedisStore {
         let known = self.local.export();
         let mut pipe = redis::pipe();
         for (id, state) in &known.keys {
-            let Ok(text) = serde_json::to_string(state) else {
+            // The local store rolls one day for all its keys: their counters are of its day.
+            let mut state = state.clone();
+            state.day = state.day.max(known.day_start);
+            let Ok(text) = serde_json::to_string(&state) else {
                 continue;
             };
             let hash = self.hash(&state.provider);
@@ -250,14 +257,24 @@ impl RedisStore {
                 .arg(key.id.to_string());
         }
         let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let (now, day_start) = {
+            let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+            let now = self.clock.now();
+            (now, policy.daily_reset.last_at_or_before(now))
+        };
         let mut out = Vec::with_capacity(keys.len());
         for chunk in raw.chunks(4) {
             let [state, version, key_leases, model_leases] = chunk else {
                 break;
             };
             let text: String = redis::from_redis_value(state.clone()).unwrap_or_default();
+            let mut state: Option<KeyState> = serde_json::from_str(&text).ok();
+            // The day turns for each key as it is read; the next write keeps it turned.
+            if let Some(s) = &mut state {
+                s.roll(day_start, now);
+            }
             out.push(Read {
-                state: serde_json::from_str(&text).ok(),
+                state,
                 version: redis::from_redis_value(version.clone()).unwrap_or(0),
                 leases: (
                     redis::from_redis_value(key_leases.clone()).unwrap_or(0),
@@ -277,20 +294,28 @@ impl RedisStore {
                 .iter()
                 .zip(&read)
                 .map(|(key, r)| {
-                    let mut state = r.state.clone();
-                    if let Some(s) = &mut state {
-                        s.in_flight = r.leases.0;
-                        if let Some(m) = s.models.get_mut(ask.model) {
-                            m.in_flight = r.leases.1;
-                        }
-                    }
+                    // The leases in flight are the sets', whether or not the key has a state yet.
+                    let mut state = r.state.clone().unwrap_or_default();
+                    state.in_flight = r.leases.0;
+                    state
+                        .models
+                        .entry(ask.model.to_string())
+                        .or_default()
+                        .in_flight = r.leases.1;
                     let excluded = ask.exclude.contains(&key.id);
-                    policy::standing(state.as_ref(), ask.model, excluded, ask.tuning, now)
+                    policy::standing(Some(&state), ask.model, excluded, ask.tuning, now)
                 })
                 .collect();
             let order = policy::preference(&standings, ask.tuning.selection, None, false);
             let Some(index) = order.into_iter().next() else {
-                return Ok(Err(policy::unavailable(&standings)));
+                let mut why = policy::unavailable(&standings);
+                // A busy key frees on a release (published) or, its holder gone, when its lease runs out: look
+                // again then, whatever is heard.
+                if why.busy > 0 {
+                    let expiry = now + self.lease_ttl.as_millis() as UnixMs;
+                    why.ready_at = Some(why.ready_at.map_or(expiry, |at| at.min(expiry)));
+                }
+                return Ok(Err(why));
             };
             let key = &ask.keys[index];
             let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
@@ -308,7 +333,7 @@ impl RedisStore {
                 .arg(key.id.to_string())
                 .arg(ask.model)
                 .arg(&held.member)
-                .arg(now + LEASE_TTL.as_millis() as UnixMs)
+                .arg(now + self.lease_ttl.as_millis() as UnixMs)
                 .arg(ask.tuning.per_key)
                 .arg(ask.tuning.per_key_model)
                 .arg(now)
@@ -327,8 +352,10 @@ impl RedisStore {
                 }));
             }
         }
+        // Lost every race: busy, as far as this instance can tell; look again soon.
         Ok(Err(Unavailable {
             busy: ask.keys.len(),
+            ready_at: Some(self.clock.now() + 50),
             ..Unavailable::default()
         }))
     }
@@ -352,6 +379,7 @@ impl RedisStore {
             let mut state = current.state.unwrap_or_else(|| KeyState {
                 provider: provider.to_string(),
                 masked: key.masked.to_string(),
+                day: self.day_start(),
                 ..KeyState::default()
             });
             change(&mut state);
@@ -431,7 +459,11 @@ async fn probe(store: std::sync::Weak<RedisStore>) {
 /// Renews the leases held, every third of their lifetime, while the store lives.
 async fn renew(store: std::sync::Weak<RedisStore>) {
     loop {
-        tokio::time::sleep(LEASE_TTL / 3).await;
+        let ttl = match store.upgrade() {
+            Some(s) => s.lease_ttl,
+            None => return,
+        };
+        tokio::time::sleep(ttl / 3).await;
         let Some(store) = store.upgrade() else {
             return;
         };
@@ -445,7 +477,7 @@ async fn renew(store: std::sync::Weak<RedisStore>) {
         if held.is_empty() {
             continue;
         }
-        let expiry = store.clock.now() + LEASE_TTL.as_millis() as UnixMs;
+        let expiry = store.clock.now() + store.lease_ttl.as_millis() as UnixMs;
         let mut invocation = store.scripts.renew.prepare_invoke();
         invocation.arg(expiry);
         for h in &held {
@@ -607,6 +639,11 @@ impl KeyStore for RedisStore {
 }
 
 impl RedisStore {
+    fn day_start(&self) -> UnixMs {
+        let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        policy.daily_reset.last_at_or_before(self.clock.now())
+    }
+
     fn next_reset(&self) -> UnixMs {
         let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
         policy.daily_reset.next_after(self.clock.now())

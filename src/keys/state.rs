@@ -83,6 +83,8 @@ pub struct KeyState {
     pub models: BTreeMap<String, ModelState>,
     /// Taken out of rotation by an operator until enabled again (kept in the usage file).
     pub disabled: bool,
+    /// The start of the day its `today` counters count (a shared store rolls each key's day when it reads it).
+    pub day: UnixMs,
 }
 
 impl KeyState {
@@ -104,6 +106,24 @@ impl KeyState {
                     m.cooldown = None;
                     m.streak = 0;
                 }
+            }
+        }
+    }
+
+    /// Starts the day beginning at `day_start` if the key's counters are older: today's counters go to zero and
+    /// streaks whose cooldown has ended are forgotten.
+    pub fn roll(&mut self, day_start: UnixMs, now: UnixMs) {
+        if self.day >= day_start {
+            return;
+        }
+        self.day = day_start;
+        if self.cooldown.is_none_or(|c| c.until <= now) {
+            self.streak = 0;
+        }
+        for model in self.models.values_mut() {
+            model.today = Counters::default();
+            if model.cooldown.is_none_or(|c| c.until <= now) {
+                model.streak = 0;
             }
         }
     }
