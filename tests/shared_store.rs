@@ -144,3 +144,34 @@ async fn a_killed_instances_leases_free_themselves_within_the_lease_time() {
         "freed within the lease time: {waited:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_per_minute_limit_holds_pool_wide() {
+    let redis = Redis::start();
+    let mock = Arc::new(Mock::echo("ok").await);
+    let limited = "limits: {requests_per_minute: 3}\nrequest_timeout: 5s\n";
+    let config = format!("store: {{redis: {{url: \"{}\"}}}}\n", redis.url());
+    let make = || {
+        let dir = binary::mock_dir(&mock, &config);
+        binary::write(
+            dir.path(),
+            "providers/mock.yaml",
+            &provider_yaml(&mock.base_url, limited.split('\n').next().unwrap()),
+        );
+        dir
+    };
+    let (dir_a, dir_b) = (make(), make());
+    let a = binary::start(dir_a.path(), &[], None);
+    let b = binary::start(dir_b.path(), &[], None);
+    // Three requests per minute on the one key, wherever they arrive.
+    let mut codes = Vec::new();
+    for url in [&a.url, &b.url, &a.url, &b.url, &a.url] {
+        codes.push(chat(url).await);
+    }
+    assert_eq!(
+        codes,
+        [200, 200, 200, 429, 429],
+        "the fourth and fifth exceed the pool's minute"
+    );
+    assert_eq!(mock.chats().len(), 3);
+}

@@ -67,11 +67,14 @@ return out
 "#;
 
 /// Claims a lease if the key is still eligible: not disabled, not cooling (whole key or this model), under its
-/// caps. KEYS: hash, key lease set, model lease set. ARGV: id, model, member, expiry, cap per key (0: none), cap
-/// per key and model, now. Returns 1 when claimed.
+/// caps, and within its declared limits over the last minute (requests, tokens; shared windows). KEYS: hash, key
+/// lease set, model lease set, the key's request window, its token window. ARGV: id, model, member, expiry, cap
+/// per key (0: none), cap per key and model, now, requests per minute (0: none), tokens per minute (0: none).
+/// Returns 1 when claimed, 0 when the key is not eligible, or the time a window has room again.
 const CLAIM: &str = r#"
 local id, model, member, expiry = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local per_key, per_model, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local rpm, tpm = tonumber(ARGV[8]), tonumber(ARGV[9])
 local raw = redis.call('HGET', KEYS[1], 's:' .. id)
 if raw then
   local s = cjson.decode(raw)
@@ -84,20 +87,47 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if per_key > 0 and redis.call('ZCARD', KEYS[2]) >= per_key then return 0 end
 if per_model > 0 and redis.call('ZCARD', KEYS[3]) >= per_model then return 0 end
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[4]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    return tonumber(oldest[2]) + 60000
+  end
+end
+if tpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - 60000)
+  local used = 0
+  for _, entry in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+    used = used + tonumber(string.match(entry, '^(%d+)'))
+  end
+  if used >= tpm then
+    local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    return tonumber(oldest[2]) + 60000
+  end
+end
 redis.call('ZADD', KEYS[2], expiry, member)
 redis.call('ZADD', KEYS[3], expiry, member)
+if rpm > 0 then
+  redis.call('ZADD', KEYS[4], now, member)
+  redis.call('PEXPIRE', KEYS[4], 61000)
+end
 return 1
 "#;
 
-/// Writes a key's state if its version is still `expected`, frees a lease (idempotent), and tells every
-/// instance that a key of the provider may be free. KEYS: hash, key lease set, model lease set. ARGV: id,
-/// expected version, state, member, wakeup channel, provider. Returns 1 when written.
+/// Writes a key's state if its version is still `expected`, frees a lease (idempotent), counts the tokens spent
+/// in the key's token window, and tells every instance that a key of the provider may be free. KEYS: hash, key
+/// lease set, model lease set, token window. ARGV: id, expected version, state, member, wakeup channel,
+/// provider, tokens, now. Returns 1 when written.
 const SETTLE: &str = r#"
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[4])
 local v = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '0')
 if v ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[3], 'v:' .. ARGV[1], v + 1)
+if tonumber(ARGV[7]) > 0 then
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7] .. ':' .. ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], 61000)
+end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 "#;
@@ -237,6 +267,11 @@ impl RedisStore {
         format!("{{{}:{provider}}}:lease:{id}", self.prefix)
     }
 
+    /// The key's window of requests (`requests`) or tokens (`tokens`) over the last minute.
+    fn window(&self, provider: &str, id: &KeyId, what: &str) -> String {
+        format!("{{{}:{provider}}}:{what}:{id}", self.prefix)
+    }
+
     fn model_set(&self, provider: &str, id: &KeyId, model: &str) -> String {
         format!("{{{}:{provider}}}:lease:{id}:{model}", self.prefix)
     }
@@ -289,7 +324,7 @@ impl RedisStore {
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
             let read = self.read(ask.provider, ask.keys, ask.model).await?;
-            let standings: Vec<Standing> = ask
+            let mut standings: Vec<Standing> = ask
                 .keys
                 .iter()
                 .zip(&read)
@@ -303,54 +338,97 @@ impl RedisStore {
                         .or_default()
                         .in_flight = r.leases.1;
                     let excluded = ask.exclude.contains(&key.id);
-                    policy::standing(Some(&state), ask.model, excluded, ask.tuning, now)
+                    let standing =
+                        policy::standing(Some(&state), ask.model, excluded, ask.tuning, now);
+                    // Requests per day count today's requests, all instances' (the state's).
+                    let requests_today: u64 = state.models.values().map(|m| m.today.requests).sum();
+                    match (
+                        &standing,
+                        ask.tuning.limits.as_ref().and_then(|l| l.requests_per_day),
+                    ) {
+                        (Standing::Free(_), Some(max)) if requests_today >= max => {
+                            Standing::Cooling(super::Cooldown {
+                                until: self.next_reset(),
+                                reason: crate::provider::ErrorClass::Quota,
+                            })
+                        }
+                        _ => standing,
+                    }
                 })
                 .collect();
-            let order = policy::preference(&standings, ask.tuning.selection, None, false);
-            let Some(index) = order.into_iter().next() else {
-                let mut why = policy::unavailable(&standings);
-                // A busy key frees on a release (published) or, its holder gone, when its lease runs out: look
-                // again then, whatever is heard.
-                if why.busy > 0 {
-                    let expiry = now + self.lease_ttl.as_millis() as UnixMs;
-                    why.ready_at = Some(why.ready_at.map_or(expiry, |at| at.min(expiry)));
+            let limits = ask.tuning.limits.as_ref();
+            let rpm = limits
+                .and_then(|l| l.requests_per_minute)
+                .map_or(0, |n| n.get());
+            let tpm = limits.and_then(|l| l.tokens_per_minute).unwrap_or(0);
+            let order =
+                policy::preference(&standings, ask.tuning.selection, None, limits.is_some());
+            // The first key of the order whose claim holds; a key out of room in its windows waits like a
+            // cooling one.
+            let mut lost = false;
+            for index in order {
+                let key = &ask.keys[index];
+                let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
+                let held = Held {
+                    key_set: self.key_set(ask.provider, &key.id),
+                    model_set: self.model_set(ask.provider, &key.id, ask.model),
+                    member: format!("{}:{}", self.instance, lease.0),
+                };
+                let claimed: i64 = self
+                    .scripts
+                    .claim
+                    .key(self.hash(ask.provider))
+                    .key(&held.key_set)
+                    .key(&held.model_set)
+                    .key(self.window(ask.provider, &key.id, "requests"))
+                    .key(self.window(ask.provider, &key.id, "tokens"))
+                    .arg(key.id.to_string())
+                    .arg(ask.model)
+                    .arg(&held.member)
+                    .arg(now + self.lease_ttl.as_millis() as UnixMs)
+                    .arg(ask.tuning.per_key)
+                    .arg(ask.tuning.per_key_model)
+                    .arg(now)
+                    .arg(rpm)
+                    .arg(tpm)
+                    .invoke_async(&mut self.conn.clone())
+                    .await?;
+                match claimed {
+                    1 => {
+                        self.held
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(lease, held);
+                        return Ok(Ok(Grant {
+                            lease,
+                            provider: ask.provider.into(),
+                            model: ask.model.into(),
+                            key: key.clone(),
+                        }));
+                    }
+                    0 => {
+                        lost = true;
+                        break;
+                    }
+                    until => {
+                        standings[index] = Standing::Cooling(super::Cooldown {
+                            until,
+                            reason: crate::provider::ErrorClass::RateLimit,
+                        })
+                    }
                 }
-                return Ok(Err(why));
-            };
-            let key = &ask.keys[index];
-            let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
-            let held = Held {
-                key_set: self.key_set(ask.provider, &key.id),
-                model_set: self.model_set(ask.provider, &key.id, ask.model),
-                member: format!("{}:{}", self.instance, lease.0),
-            };
-            let claimed: i64 = self
-                .scripts
-                .claim
-                .key(self.hash(ask.provider))
-                .key(&held.key_set)
-                .key(&held.model_set)
-                .arg(key.id.to_string())
-                .arg(ask.model)
-                .arg(&held.member)
-                .arg(now + self.lease_ttl.as_millis() as UnixMs)
-                .arg(ask.tuning.per_key)
-                .arg(ask.tuning.per_key_model)
-                .arg(now)
-                .invoke_async(&mut self.conn.clone())
-                .await?;
-            if claimed == 1 {
-                self.held
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(lease, held);
-                return Ok(Ok(Grant {
-                    lease,
-                    provider: ask.provider.into(),
-                    model: ask.model.into(),
-                    key: key.clone(),
-                }));
             }
+            if lost {
+                continue;
+            }
+            let mut why = policy::unavailable(&standings);
+            // A busy key frees on a release (published) or, its holder gone, when its lease runs out: look
+            // again then, whatever is heard.
+            if why.busy > 0 {
+                let expiry = now + self.lease_ttl.as_millis() as UnixMs;
+                why.ready_at = Some(why.ready_at.map_or(expiry, |at| at.min(expiry)));
+            }
+            return Ok(Err(why));
         }
         // Lost every race: busy, as far as this instance can tell; look again soon.
         Ok(Err(Unavailable {
@@ -367,6 +445,7 @@ impl RedisStore {
         key: &ApiKey,
         model: &str,
         member: &str,
+        tokens: u64,
         change: impl Fn(&mut KeyState),
     ) -> redis::RedisResult<()> {
         loop {
@@ -392,12 +471,15 @@ impl RedisStore {
                 .key(self.hash(provider))
                 .key(self.key_set(provider, &key.id))
                 .key(self.model_set(provider, &key.id, model))
+                .key(self.window(provider, &key.id, "tokens"))
                 .arg(key.id.to_string())
                 .arg(current.version)
                 .arg(text)
                 .arg(member)
                 .arg(self.channel())
                 .arg(provider)
+                .arg(tokens)
+                .arg(self.clock.now())
                 .invoke_async(&mut self.conn.clone())
                 .await?;
             if written == 1 {
@@ -538,15 +620,31 @@ impl KeyStore for RedisStore {
             let Some(store) = store else { return };
             let next_reset = store.next_reset();
             let model = grant.model.clone();
+            let tokens = match &outcome {
+                Outcome::Success {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => prompt_tokens.saturating_add(*completion_tokens),
+                _ => 0,
+            };
             let result = store
-                .update(&grant.provider, &grant.key, &model, &held.member, |state| {
-                    let now = store.clock.now();
-                    let ms: &mut ModelState = state.models.entry(model.to_string()).or_default();
-                    ms.today.requests += 1;
-                    ms.lifetime.requests += 1;
-                    ms.last_used = Some(now);
-                    policy::settle(state, &model, &outcome, &tuning, now, next_reset);
-                })
+                .update(
+                    &grant.provider,
+                    &grant.key,
+                    &model,
+                    &held.member,
+                    tokens,
+                    |state| {
+                        let now = store.clock.now();
+                        let ms: &mut ModelState =
+                            state.models.entry(model.to_string()).or_default();
+                        ms.today.requests += 1;
+                        ms.lifetime.requests += 1;
+                        ms.last_used = Some(now);
+                        policy::settle(state, &model, &outcome, &tuning, now, next_reset);
+                    },
+                )
                 .await;
             if let Err(e) = result {
                 // TODO(issue 14): keep the outcome for Redis's return instead of only the local copy's.
@@ -581,7 +679,7 @@ impl KeyStore for RedisStore {
         };
         tokio::spawn(async move {
             let _ = store
-                .update(&provider, &key, "-", "", |state| state.control(&action))
+                .update(&provider, &key, "-", "", 0, |state| state.control(&action))
                 .await;
             store.wakeup(&provider).notify_waiters();
         });
