@@ -142,8 +142,8 @@ pub async fn start(
                     shared
                 }
                 Err(e) => {
-                    // TODO(issue 14): start degraded and join Redis once it answers.
-                    tracing::error!(error = %e, "Redis is unreachable at start: serving from this instance's own key state");
+                    // Only a URL the client cannot use gets here; config.yaml's check refuses those first.
+                    tracing::error!(error = %e, "the Redis URL cannot be used: key state stays in this process");
                     store
                 }
             }

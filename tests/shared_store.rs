@@ -175,3 +175,108 @@ async fn a_requests_per_minute_limit_holds_pool_wide() {
     );
     assert_eq!(mock.chats().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let mock = Arc::new(
+        Mock::start(|seen, _| {
+            Reply::ok(completion(seen.model(), "ok")).delayed(Duration::from_millis(5))
+        })
+        .await,
+    );
+    let (_a_dir, a) = instance(&mock, &redis, "");
+    let (_b_dir, b) = instance(&mock, &redis, "");
+    let urls = [a.url.clone(), b.url.clone()];
+    let load = |n: usize| {
+        let urls = urls.clone();
+        tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for i in 0..n {
+                codes.push(chat(&urls[i % 2]).await);
+            }
+            codes
+        })
+    };
+    let before = load(40);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(redis);
+    let during = load(40);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis = Redis::start_on(port);
+    let after = load(40);
+    for codes in [
+        before.await.unwrap(),
+        during.await.unwrap(),
+        after.await.unwrap(),
+    ] {
+        assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    }
+    // Both rejoin.
+    for served in [&a, &b] {
+        let mut store = String::new();
+        for _ in 0..100 {
+            let live: serde_json::Value = serde_json::from_str(
+                &http_client()
+                    .get(format!("{}/", served.url))
+                    .bearer_auth(PROXY_KEY)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            store = live["store"].as_str().unwrap_or("").to_string();
+            if store == "redis" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(store, "redis");
+    }
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_while_redis_is_away_serves_and_joins_it_later() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mock = Arc::new(Mock::echo("ok").await);
+    let config = format!("store: {{redis: {{url: \"redis://127.0.0.1:{port}\"}}}}\n");
+    let dir = binary::mock_dir(&mock, &config);
+    let a = binary::start(dir.path(), &[], None);
+    let store = || async {
+        let live: serde_json::Value = serde_json::from_str(
+            &http_client()
+                .get(format!("{}/", a.url))
+                .bearer_auth(PROXY_KEY)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        live["store"].as_str().unwrap_or("").to_string()
+    };
+    assert_eq!(store().await, "degraded");
+    assert_eq!(chat(&a.url).await, 200);
+    let _redis = Redis::start_on(port);
+    let mut now = String::new();
+    for _ in 0..100 {
+        now = store().await;
+        if now == "redis" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(now, "redis");
+    assert_eq!(chat(&a.url).await, 200);
+}

@@ -423,7 +423,14 @@ impl Settings {
                     Store::Memory
                 }
                 Some(RawStore::Redis { redis }) => Store::Redis {
-                    url: redis.url,
+                    url: {
+                        if let Err(e) = redis::Client::open(redis.url.as_str()) {
+                            err(format!(
+                                "store.redis.url is not a Redis URL ({e}); e.g. redis://127.0.0.1:6379, rediss://host:6380, unix:///run/redis.sock"
+                            ));
+                        }
+                        redis.url
+                    },
                     prefix: redis.prefix.unwrap_or_else(|| "keyrelay".into()),
                     lease_ttl: redis.lease_ttl.unwrap_or(crate::keys::redis::LEASE_TTL),
                 },

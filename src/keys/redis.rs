@@ -150,7 +150,9 @@ struct Held {
 pub struct RedisStore {
     /// Itself, for work done in the background (releases never block).
     this: std::sync::Weak<RedisStore>,
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Made at start, or once Redis first answers.
+    conn: Mutex<Option<ConnectionManager>>,
     prefix: String,
     /// Distinguishes this instance's lease members.
     instance: String,
@@ -192,14 +194,10 @@ impl RedisStore {
         lease_ttl: Duration,
     ) -> Result<Arc<Self>, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let listener = client.clone();
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OPERATION_TIMEOUT))
-            .set_response_timeout(Some(OPERATION_TIMEOUT));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
         let store = Arc::new_cyclic(|this| Self {
             this: this.clone(),
-            conn,
+            client: client.clone(),
+            conn: Mutex::new(None),
             prefix: prefix.to_string(),
             instance: (0..12).map(|_| fastrand::alphanumeric()).collect(),
             clock,
@@ -217,9 +215,37 @@ impl RedisStore {
             lease_ttl,
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
+        // Redis away at start is Redis away: this instance serves from its own state until it answers.
+        if let Err(e) = store.connection().await {
+            store.degrade(&e);
+        }
         tokio::spawn(probe(Arc::downgrade(&store)));
-        tokio::spawn(listen(Arc::downgrade(&store), listener));
+        tokio::spawn(listen(Arc::downgrade(&store), client));
         Ok(store)
+    }
+
+    /// The connection, when there is one.
+    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Io, "not connected to Redis yet"))
+            })
+    }
+
+    /// The connection, made if there is none yet.
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Ok(conn) = self.conn() {
+            return Ok(conn);
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OPERATION_TIMEOUT))
+            .set_response_timeout(Some(OPERATION_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Redis is away: the local store serves.
@@ -251,7 +277,7 @@ impl RedisStore {
                 .arg(text)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await
+        pipe.query_async::<()>(&mut self.conn()?).await
     }
 
     /// Where instances say that a key of a provider may be free (a release, a change of state).
@@ -291,7 +317,7 @@ impl RedisStore {
                 .key(self.model_set(provider, &key.id, model))
                 .arg(key.id.to_string());
         }
-        let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
         let (now, day_start) = {
             let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
             let now = self.clock.now();
@@ -391,7 +417,7 @@ impl RedisStore {
                     .arg(now)
                     .arg(rpm)
                     .arg(tpm)
-                    .invoke_async(&mut self.conn.clone())
+                    .invoke_async(&mut self.conn()?)
                     .await?;
                 match claimed {
                     1 => {
@@ -480,7 +506,7 @@ impl RedisStore {
                 .arg(provider)
                 .arg(tokens)
                 .arg(self.clock.now())
-                .invoke_async(&mut self.conn.clone())
+                .invoke_async(&mut self.conn()?)
                 .await?;
             if written == 1 {
                 // The local copy follows, to serve from if Redis goes away.
@@ -528,9 +554,10 @@ async fn probe(store: std::sync::Weak<RedisStore>) {
         if !store.degraded() {
             continue;
         }
-        let ping = redis::cmd("PING")
-            .query_async::<String>(&mut store.conn.clone())
-            .await;
+        let ping = match store.connection().await {
+            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
+            Err(e) => Err(e),
+        };
         if ping.is_ok() && store.seed().await.is_ok() {
             store.degraded.store(false, Ordering::Relaxed);
             tracing::info!("Redis is back: serving from the shared key state again");
@@ -569,10 +596,11 @@ async fn renew(store: std::sync::Weak<RedisStore>) {
                 .key(&h.model_set)
                 .arg(&h.member);
         }
-        if let Err(e) = invocation
-            .invoke_async::<i64>(&mut store.conn.clone())
-            .await
-        {
+        let renewed = match store.conn() {
+            Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = renewed {
             tracing::warn!(error = %e, "renewing leases in Redis failed");
         }
     }
