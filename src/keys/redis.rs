@@ -166,6 +166,9 @@ pub struct RedisStore {
     degraded: AtomicBool,
     /// How long a lease lives without renewal: a crashed instance's leases are free after this.
     lease_ttl: Duration,
+    /// Keys with a failure this instance is still writing to Redis: not granted meanwhile, so that a retry does
+    /// not meet the same failure before its cooldown is recorded.
+    settling: Mutex<HashSet<KeyId>>,
 }
 
 struct Scripts {
@@ -213,6 +216,7 @@ impl RedisStore {
             local,
             degraded: AtomicBool::new(false),
             lease_ttl,
+            settling: Mutex::default(),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
@@ -363,6 +367,17 @@ impl RedisStore {
                         .entry(ask.model.to_string())
                         .or_default()
                         .in_flight = r.leases.1;
+                    let settling = self
+                        .settling
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&key.id);
+                    if settling {
+                        return Standing::Cooling(super::Cooldown {
+                            until: now + 50,
+                            reason: crate::provider::ErrorClass::RateLimit,
+                        });
+                    }
                     let excluded = ask.exclude.contains(&key.id);
                     let standing =
                         policy::standing(Some(&state), ask.model, excluded, ask.tuning, now);
@@ -644,6 +659,13 @@ impl KeyStore for RedisStore {
         let grant = grant.clone();
         let tuning = tuning.clone();
         let store = self.self_ref();
+        let failed = matches!(outcome, Outcome::Failure { .. });
+        if failed {
+            self.settling
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(grant.key.id.clone());
+        }
         tokio::spawn(async move {
             let Some(store) = store else { return };
             let next_reset = store.next_reset();
@@ -674,6 +696,13 @@ impl KeyStore for RedisStore {
                     },
                 )
                 .await;
+            if failed {
+                store
+                    .settling
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&grant.key.id);
+            }
             if let Err(e) = result {
                 // TODO(issue 14): keep the outcome for Redis's return instead of only the local copy's.
                 store.degrade(&e);
