@@ -84,6 +84,15 @@ impl Snapshot {
     pub fn build(mut settings: Settings, env: &Env) -> Result<Self, LoadErrors> {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
+        if !settings.store_set
+            && let Some(url) = env.get("REDIS_URL")
+        {
+            settings.store = crate::config::Store::Redis {
+                url: url.to_string(),
+                prefix: "keyrelay".into(),
+                lease_ttl: crate::keys::redis::LEASE_TTL,
+            };
+        }
         // How the Python proxy's variables were read, for `keyrelay check` and warnings.
         let mut legacy = Vec::new();
         if let Some(timeout) = crate::config::legacy::global_timeout(env, &mut legacy)

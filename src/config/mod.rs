@@ -247,8 +247,10 @@ pub struct Settings {
     pub model_aliases: BTreeMap<String, String>,
     /// What is kept for `previous_response_id`.
     pub responses: ResponsesStore,
-    /// Where key state lives (`store:`, else `REDIS_URL` from the environment).
+    /// Where key state lives (`store:`, else `REDIS_URL` from the environment or `.env`).
     pub store: Store,
+    /// `store:` was written in config.yaml (then `REDIS_URL` does not replace it).
+    pub store_set: bool,
 }
 
 /// Where request logs go and how much room they may take.
@@ -406,15 +408,9 @@ impl Settings {
             continue_streams: raw.continue_streams.unwrap_or(true),
             cors_origins,
             model_aliases: raw.aliases,
+            store_set: raw.store.is_some(),
             store: match raw.store {
-                None => match std::env::var("REDIS_URL") {
-                    Ok(url) if !url.is_empty() => Store::Redis {
-                        url,
-                        prefix: "keyrelay".into(),
-                        lease_ttl: crate::keys::redis::LEASE_TTL,
-                    },
-                    _ => Store::Memory,
-                },
+                None => Store::Memory,
                 Some(RawStore::Name(name)) if name == "memory" => Store::Memory,
                 Some(RawStore::Name(name)) => {
                     err(format!(
