@@ -331,3 +331,65 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
         "the cooling key is left alone by the other instance"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
+    let redis = Redis::start();
+    let mock = Arc::new(Mock::echo("ok").await);
+    let (a_dir, a) = instance(&mock, &redis, "");
+    let (_b_dir, b) = instance(&mock, &redis, "");
+    for url in [&a.url, &b.url, &a.url] {
+        assert_eq!(chat(url).await, 200);
+    }
+    let get = |url: String, path: &'static str| async move {
+        serde_json::from_str::<serde_json::Value>(
+            &http_client()
+                .get(format!("{url}{path}"))
+                .bearer_auth(PROXY_KEY)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let requests =
+        |keys: serde_json::Value| keys["data"][0]["keys"][0]["today"]["requests"].as_u64();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(requests(get(b.url.clone(), "/v1/keys").await), Some(3));
+    // A's provider file changes: A reloads.
+    let generation = get(a.url.clone(), "/").await["config"]["generation"]
+        .as_u64()
+        .unwrap();
+    binary::write(
+        a_dir.path(),
+        "providers/mock.yaml",
+        &provider_yaml(
+            &mock.base_url,
+            "models:\n  static: [static-model, another]\n",
+        )
+        .replace("models:\n  list: both\n  static: [static-model]\n", ""),
+    );
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if get(a.url.clone(), "/").await["config"]["generation"]
+            .as_u64()
+            .unwrap()
+            > generation
+        {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "A reloaded");
+    assert_eq!(
+        requests(get(b.url.clone(), "/v1/keys").await),
+        Some(3),
+        "the pool's usage is untouched"
+    );
+    assert_eq!(requests(get(a.url.clone(), "/v1/keys").await), Some(3));
+    assert_eq!(chat(&a.url).await, 200);
+}
