@@ -195,3 +195,42 @@ async fn redis_away_is_served_locally_and_rejoined_when_back() {
     );
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_when_it_answers_again() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = keys(1);
+    let tuning = Tuning::default();
+    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    // Redis stops answering for a while (its data kept).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let sleeper = tokio::spawn(async move {
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // Its own answer comes after its client stopped waiting: whatever it says.
+        let _ = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(1.5)
+            .query_async::<()>(&mut conn)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stores[0].release(&grant, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(stores[0].degraded(), "the release could not reach Redis");
+    sleeper.await.unwrap();
+    let mut requests = 0;
+    for _ in 0..100 {
+        if !stores[0].degraded() {
+            requests = stores[1].report("p", &keys).await[0].today.requests;
+            if requests == 1 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        requests, 1,
+        "the other instance sees the outcome Redis missed"
+    );
+}

@@ -129,6 +129,11 @@ impl MemoryStore {
         }
     }
 
+    /// What this store knows of key `id`.
+    pub fn get(&self, id: &KeyId) -> Option<KeyState> {
+        self.lock().keys.get(id).cloned()
+    }
+
     /// Puts `state` in place of what this store knows of key `id` (its leases in flight kept): a shared store
     /// keeps its local copy current, to serve from when the shared one is away.
     pub fn put(&self, id: &KeyId, mut state: KeyState) {

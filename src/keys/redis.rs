@@ -44,6 +44,36 @@ const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
 /// Leases granted by the local store while degraded carry this bit.
 const LOCAL: u64 = 1 << 63;
 
+/// Outcomes kept for a Redis that is away, at most; the oldest go first.
+const MAX_PENDING: usize = 10_000;
+
+/// What an outcome does to a key's state: a request counted, then the policy's verdict.
+fn apply(
+    state: &mut KeyState,
+    model: &str,
+    outcome: &Outcome,
+    tuning: &Tuning,
+    now: UnixMs,
+    next_reset: UnixMs,
+) {
+    let ms: &mut ModelState = state.models.entry(model.to_string()).or_default();
+    ms.today.requests += 1;
+    ms.lifetime.requests += 1;
+    ms.last_used = Some(now);
+    policy::settle(state, model, outcome, tuning, now, next_reset);
+}
+
+/// An outcome Redis has not heard of yet (it was away when the lease ended).
+struct Pending {
+    provider: Arc<str>,
+    key: ApiKey,
+    model: Arc<str>,
+    outcome: Outcome,
+    tuning: Tuning,
+    at: UnixMs,
+    next_reset: UnixMs,
+}
+
 /// How long a lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Claims retried after a lost race before the request waits like any other.
@@ -169,6 +199,8 @@ pub struct RedisStore {
     /// Keys with a failure this instance is still writing to Redis: not granted meanwhile, so that a retry does
     /// not meet the same failure before its cooldown is recorded.
     settling: Mutex<HashSet<KeyId>>,
+    /// Outcomes to give Redis when it is back.
+    pending: Mutex<std::collections::VecDeque<Pending>>,
 }
 
 struct Scripts {
@@ -217,11 +249,22 @@ impl RedisStore {
             degraded: AtomicBool::new(false),
             lease_ttl,
             settling: Mutex::default(),
+            pending: Mutex::default(),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
-        if let Err(e) = store.connection().await {
-            store.degrade(&e);
+        match store.connection().await {
+            Ok(mut conn) => {
+                let marked = redis::cmd("SET")
+                    .arg(store.marker())
+                    .arg(1)
+                    .query_async::<()>(&mut conn)
+                    .await;
+                if let Err(e) = marked {
+                    store.degrade(&e);
+                }
+            }
+            Err(e) => store.degrade(&e),
         }
         tokio::spawn(probe(Arc::downgrade(&store)));
         tokio::spawn(listen(Arc::downgrade(&store), client));
@@ -260,6 +303,64 @@ impl RedisStore {
     fn degrade(&self, e: &dyn std::fmt::Display) {
         if !self.degraded.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %e, "Redis is unreachable: serving from this instance's own key state until it is back");
+        }
+    }
+
+    /// The key that says Redis still holds the pool's state (it is set when a store first connects).
+    fn marker(&self) -> String {
+        format!("{}:alive", self.prefix)
+    }
+
+    /// Back from an outage. A Redis that kept its data hears the outcomes it missed; one that came back empty
+    /// (no marker) is seeded with what this instance knows, those outcomes included.
+    async fn rejoin(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn()?;
+        let kept: bool = redis::cmd("EXISTS")
+            .arg(self.marker())
+            .query_async(&mut conn)
+            .await?;
+        if !kept {
+            self.seed().await?;
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            return redis::cmd("SET")
+                .arg(self.marker())
+                .arg(1)
+                .query_async(&mut conn)
+                .await;
+        }
+        loop {
+            let next = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(p) = next else {
+                return Ok(());
+            };
+            let change = |state: &mut KeyState| {
+                apply(state, &p.model, &p.outcome, &p.tuning, p.at, p.next_reset)
+            };
+            let tokens = match &p.outcome {
+                Outcome::Success {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => prompt_tokens.saturating_add(*completion_tokens),
+                _ => 0,
+            };
+            if let Err(e) = self
+                .update(&p.provider, &p.key, &p.model, "", tokens, change)
+                .await
+            {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_front(p);
+                return Err(e);
+            }
         }
     }
 
@@ -573,7 +674,7 @@ async fn probe(store: std::sync::Weak<RedisStore>) {
             Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
             Err(e) => Err(e),
         };
-        if ping.is_ok() && store.seed().await.is_ok() {
+        if ping.is_ok() && store.rejoin().await.is_ok() {
             store.degraded.store(false, Ordering::Relaxed);
             tracing::info!("Redis is back: serving from the shared key state again");
         }
@@ -678,6 +779,9 @@ impl KeyStore for RedisStore {
                 } => prompt_tokens.saturating_add(*completion_tokens),
                 _ => 0,
             };
+            let now = store.clock.now();
+            let change =
+                |state: &mut KeyState| apply(state, &model, &outcome, &tuning, now, next_reset);
             let result = store
                 .update(
                     &grant.provider,
@@ -685,15 +789,7 @@ impl KeyStore for RedisStore {
                     &model,
                     &held.member,
                     tokens,
-                    |state| {
-                        let now = store.clock.now();
-                        let ms: &mut ModelState =
-                            state.models.entry(model.to_string()).or_default();
-                        ms.today.requests += 1;
-                        ms.lifetime.requests += 1;
-                        ms.last_used = Some(now);
-                        policy::settle(state, &model, &outcome, &tuning, now, next_reset);
-                    },
+                    change,
                 )
                 .await;
             if failed {
@@ -704,8 +800,28 @@ impl KeyStore for RedisStore {
                     .remove(&grant.key.id);
             }
             if let Err(e) = result {
-                // TODO(issue 14): keep the outcome for Redis's return instead of only the local copy's.
+                // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
                 store.degrade(&e);
+                let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
+                    provider: grant.provider.to_string(),
+                    masked: grant.key.masked.to_string(),
+                    ..KeyState::default()
+                });
+                change(&mut state);
+                store.local.put(&grant.key.id, state);
+                let mut pending = store.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if pending.len() >= MAX_PENDING {
+                    pending.pop_front();
+                }
+                pending.push_back(Pending {
+                    provider: grant.provider.clone(),
+                    key: grant.key.clone(),
+                    model: model.clone(),
+                    outcome: outcome.clone(),
+                    tuning: tuning.clone(),
+                    at: now,
+                    next_reset,
+                });
             }
             store.wakeup(&grant.provider).notify_waiters();
         });
