@@ -234,3 +234,41 @@ async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_when_it_answe
         "the other instance sees the outcome Redis missed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_pause_applies_as_this_instance_sees_it() {
+    let redis = Redis::start();
+    let pausing = StorePolicy {
+        pause: Some(keyrelay::config::PauseRule {
+            keys: 2,
+            window: Duration::from_secs(10),
+        }),
+        ..policy()
+    };
+    let store = RedisStore::connect(
+        &redis.url(),
+        "kr",
+        Clock::system(),
+        pausing,
+        local(),
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    let keys = keys(3);
+    let tuning = Tuning::default();
+    let limited = Outcome::Failure {
+        class: ErrorClass::RateLimit,
+        scope: Scope::Model,
+        retry_after: Some(Duration::from_secs(30)),
+    };
+    for _ in 0..2 {
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        store.release(&grant, limited.clone(), &tuning);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two keys limited within the window: the whole provider rests, the third key included.
+    let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
+    assert_eq!(why.cooling, 3, "{why:?}");
+    assert!(why.ready_at.is_some());
+}

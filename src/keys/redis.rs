@@ -48,6 +48,7 @@ const LOCAL: u64 = 1 << 63;
 const MAX_PENDING: usize = 10_000;
 
 /// What an outcome does to a key's state: a request counted, then the policy's verdict.
+/// Returns the cooldown it started, if any.
 fn apply(
     state: &mut KeyState,
     model: &str,
@@ -55,12 +56,12 @@ fn apply(
     tuning: &Tuning,
     now: UnixMs,
     next_reset: UnixMs,
-) {
+) -> Option<super::Cooldown> {
     let ms: &mut ModelState = state.models.entry(model.to_string()).or_default();
     ms.today.requests += 1;
     ms.lifetime.requests += 1;
     ms.last_used = Some(now);
-    policy::settle(state, model, outcome, tuning, now, next_reset);
+    policy::settle(state, model, outcome, tuning, now, next_reset)
 }
 
 /// An outcome Redis has not heard of yet (it was away when the lease ended).
@@ -201,6 +202,9 @@ pub struct RedisStore {
     settling: Mutex<HashSet<KeyId>>,
     /// Outcomes to give Redis when it is back.
     pending: Mutex<std::collections::VecDeque<Pending>>,
+    /// `provider_pause`, as this instance sees it (not shared yet): recent rate limits and the pause's end, by
+    /// provider.
+    pauses: Mutex<HashMap<String, (std::collections::VecDeque<(UnixMs, KeyId)>, UnixMs)>>,
 }
 
 struct Scripts {
@@ -250,6 +254,7 @@ impl RedisStore {
             lease_ttl,
             settling: Mutex::default(),
             pending: Mutex::default(),
+            pauses: Mutex::default(),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
@@ -306,6 +311,32 @@ impl RedisStore {
         }
     }
 
+    /// Applies `provider_pause` to a rate limit that started a cooldown (as this instance sees them).
+    fn pause_on(&self, grant: &Grant, started: Option<super::Cooldown>, now: UnixMs) {
+        let rule = self.policy.lock().unwrap_or_else(|e| e.into_inner()).pause;
+        let (Some(rule), Some(cooldown)) = (rule, started) else {
+            return;
+        };
+        if cooldown.reason != crate::provider::ErrorClass::RateLimit {
+            return;
+        }
+        let mut pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner());
+        let (recent, until) = pauses.entry(grant.provider.to_string()).or_default();
+        if let Some(end) = policy::pause(recent, rule, &grant.key.id, now, cooldown.until) {
+            *until = (*until).max(end);
+            tracing::warn!(provider = %grant.provider, pause_ms = end - now, "several keys rate-limited at once: pausing the provider");
+        }
+    }
+
+    /// When the provider's pause ends, if it is paused.
+    fn paused(&self, provider: &str, now: UnixMs) -> Option<UnixMs> {
+        let pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner());
+        pauses
+            .get(provider)
+            .map(|(_, until)| *until)
+            .filter(|until| *until > now)
+    }
+
     /// The key that says Redis still holds the pool's state (it is set when a store first connects).
     fn marker(&self) -> String {
         format!("{}:alive", self.prefix)
@@ -341,7 +372,7 @@ impl RedisStore {
                 return Ok(());
             };
             let change = |state: &mut KeyState| {
-                apply(state, &p.model, &p.outcome, &p.tuning, p.at, p.next_reset)
+                apply(state, &p.model, &p.outcome, &p.tuning, p.at, p.next_reset);
             };
             let tokens = match &p.outcome {
                 Outcome::Success {
@@ -454,6 +485,13 @@ impl RedisStore {
     async fn claim(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
+            if let Some(until) = self.paused(ask.provider, now) {
+                return Ok(Err(Unavailable {
+                    cooling: ask.keys.len(),
+                    ready_at: Some(until),
+                    ..Unavailable::default()
+                }));
+            }
             let read = self.read(ask.provider, ask.keys, ask.model).await?;
             let mut standings: Vec<Standing> = ask
                 .keys
@@ -780,8 +818,11 @@ impl KeyStore for RedisStore {
                 _ => 0,
             };
             let now = store.clock.now();
-            let change =
-                |state: &mut KeyState| apply(state, &model, &outcome, &tuning, now, next_reset);
+            let started = Mutex::new(None);
+            let change = |state: &mut KeyState| {
+                *started.lock().unwrap_or_else(|e| e.into_inner()) =
+                    apply(state, &model, &outcome, &tuning, now, next_reset);
+            };
             let result = store
                 .update(
                     &grant.provider,
@@ -792,6 +833,8 @@ impl KeyStore for RedisStore {
                     change,
                 )
                 .await;
+            let started = started.lock().unwrap_or_else(|e| e.into_inner()).take();
+            store.pause_on(&grant, started, now);
             if failed {
                 store
                     .settling
