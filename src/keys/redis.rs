@@ -64,6 +64,9 @@ fn apply(
     policy::settle(state, model, outcome, tuning, now, next_reset)
 }
 
+/// A provider's recent rate limits (time, key) and its pause's end.
+type Pause = (std::collections::VecDeque<(UnixMs, KeyId)>, UnixMs);
+
 /// An outcome Redis has not heard of yet (it was away when the lease ended).
 struct Pending {
     provider: Arc<str>,
@@ -204,7 +207,7 @@ pub struct RedisStore {
     pending: Mutex<std::collections::VecDeque<Pending>>,
     /// `provider_pause`, as this instance sees it (not shared yet): recent rate limits and the pause's end, by
     /// provider.
-    pauses: Mutex<HashMap<String, (std::collections::VecDeque<(UnixMs, KeyId)>, UnixMs)>>,
+    pauses: Mutex<HashMap<String, Pause>>,
 }
 
 struct Scripts {
