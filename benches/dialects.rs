@@ -40,11 +40,11 @@ fn benches(c: &mut Criterion) {
     .to_string();
     let mut stream = MessagesStream::new("openai/gpt-4o-mini");
     let mut out = Vec::with_capacity(4096);
-    stream.frame(None, &delta, &mut out);
+    stream.event(None, &delta, &mut out);
     c.bench_function("messages/stream/text delta", |b| {
         b.iter(|| {
             out.clear();
-            stream.frame(None, black_box(&delta), &mut out);
+            stream.event(None, black_box(&delta), &mut out);
         })
     });
 
@@ -64,11 +64,11 @@ fn benches(c: &mut Criterion) {
         b.iter(|| responses::from_chat(black_box(&answer), &echo, "resp_bench"))
     });
     let mut stream = responses::ResponsesStream::new("resp_bench".into(), echo.clone(), None);
-    stream.frame(None, &delta, &mut out);
+    stream.event(None, &delta, &mut out);
     c.bench_function("responses/stream/text delta", |b| {
         b.iter(|| {
             out.clear();
-            stream.frame(None, black_box(&delta), &mut out);
+            stream.event(None, black_box(&delta), &mut out);
         })
     });
 
@@ -85,7 +85,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("completions/stream/text delta", |b| {
         b.iter(|| {
             out.clear();
-            stream.frame(None, black_box(&delta), &mut out);
+            stream.event(None, black_box(&delta), &mut out);
         })
     });
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use keyrelay::mapping::inbound::StreamTranslation;
+use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::completions::{CompletionsStream, from_chat, to_chat};
 use serde_json::{Value, json};
 use support::*;
@@ -46,13 +46,10 @@ fn prompts_become_chats_and_answers_text_completions() {
         "prompt"
     );
 
-    let mut stream = CompletionsStream;
-    let mut out = Vec::new();
-    for frame in chunks("m", &["there ", "was"], true) {
-        stream.frame(None, &frame, &mut out);
-    }
-    stream.frame(None, "[DONE]", &mut out);
-    let text = String::from_utf8(out).unwrap();
+    let mut chunks = chunks("m", &["there ", "was"], true);
+    chunks.push("[DONE]".into());
+    let frames: Vec<(Option<&str>, &str)> = chunks.iter().map(|f| (None, f.as_str())).collect();
+    let text = String::from_utf8(Translated::translate_all(CompletionsStream, &frames)).unwrap();
     let frames: Vec<Value> = sse_data(&text)
         .iter()
         .map(|d| serde_json::from_str(d).unwrap_or(json!(d)))

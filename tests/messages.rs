@@ -4,7 +4,7 @@
 
 mod support;
 
-use keyrelay::mapping::inbound::StreamTranslation;
+use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -17,14 +17,11 @@ fn object(v: Value) -> serde_json::Map<String, Value> {
     }
 }
 
-/// The Anthropic events of a translated stream, as (name, data) pairs.
-fn translate_stream(frames: &[String], clean: bool) -> Vec<(String, Value)> {
-    let mut stream = MessagesStream::new("mock/m");
-    let mut out = Vec::new();
-    for frame in frames {
-        stream.frame(None, frame, &mut out);
-    }
-    stream.end(clean, &mut out);
+/// The Anthropic events of a translated stream (complete when its frames end in `[DONE]`), as (name, data)
+/// pairs.
+fn translate_stream(frames: &[String]) -> Vec<(String, Value)> {
+    let frames: Vec<(Option<&str>, &str)> = frames.iter().map(|f| (None, f.as_str())).collect();
+    let out = Translated::translate_all(MessagesStream::new("mock/m"), &frames);
     events(&String::from_utf8(out).unwrap())
 }
 
@@ -177,7 +174,7 @@ fn chat_streams_become_anthropic_event_sequences() {
         .to_string(),
         "[DONE]".to_string(),
     ];
-    let events = translate_stream(&frames, true);
+    let events = translate_stream(&frames);
     assert_eq!(
         names(&events),
         [
@@ -205,7 +202,7 @@ fn chat_streams_become_anthropic_event_sequences() {
 
     // An in-band error ends with Anthropic's error event, never with message_stop.
     let error = json!({"error": {"message": "upstream broke", "type": "upstream_error", "code": "stream_broken"}}).to_string();
-    let broken = translate_stream(&[frames[2].clone(), error], false);
+    let broken = translate_stream(&[frames[2].clone(), error]);
     assert_eq!(
         names(&broken),
         [
@@ -218,7 +215,7 @@ fn chat_streams_become_anthropic_event_sequences() {
     );
     assert_eq!(broken[4].1["error"]["message"], "upstream broke");
     // So does a stream that just stops.
-    let cut = translate_stream(&[frames[2].clone()], false);
+    let cut = translate_stream(&[frames[2].clone()]);
     assert_eq!(cut.last().unwrap().0, "error");
 }
 

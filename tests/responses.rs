@@ -3,7 +3,7 @@
 
 mod support;
 
-use keyrelay::mapping::inbound::StreamTranslation;
+use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::responses::{ResponsesStream, from_chat, to_chat};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
@@ -109,23 +109,21 @@ fn chat_answers_become_response_objects() {
     );
 }
 
-/// The events of a translated stream, as (name, data) pairs.
-fn stream_events(frames: &[String], clean: bool) -> (Vec<(String, Value)>, Option<Value>) {
+/// The events of a translated stream (complete when its frames end in `[DONE]`), as (name, data) pairs, and
+/// the answer kept when it completed.
+fn stream_events(frames: &[String]) -> (Vec<(String, Value)>, Option<Value>) {
     let kept = Arc::new(Mutex::new(None));
     let sink = kept.clone();
     let echo = to_chat(object(json!({"model": "p/m", "input": "x"})), |_| None)
         .unwrap()
         .echo;
-    let mut stream = ResponsesStream::new(
+    let stream = ResponsesStream::new(
         "resp_s".into(),
         echo,
         Some(Box::new(move |m| *sink.lock().unwrap() = Some(m))),
     );
-    let mut out = Vec::new();
-    for frame in frames {
-        stream.frame(None, frame, &mut out);
-    }
-    stream.end(clean, &mut out);
+    let frames: Vec<(Option<&str>, &str)> = frames.iter().map(|f| (None, f.as_str())).collect();
+    let out = Translated::translate_all(stream, &frames);
     let text = String::from_utf8(out).unwrap();
     let events = text
         .split("\n\n")
@@ -160,7 +158,7 @@ fn chat_streams_become_the_responses_event_sequence() {
                "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}}).to_string(),
         "[DONE]".into(),
     ];
-    let (events, kept) = stream_events(&frames, true);
+    let (events, kept) = stream_events(&frames);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
@@ -206,7 +204,7 @@ fn chat_streams_become_the_responses_event_sequence() {
 
     // A failure after the start: `error`, then `response.failed`; never `response.completed`, never kept.
     let error = json!({"error": {"message": "upstream broke", "type": "upstream_error", "code": "stream_interrupted"}}).to_string();
-    let (events, kept) = stream_events(&[frames[1].clone(), error], false);
+    let (events, kept) = stream_events(&[frames[1].clone(), error]);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(&names[names.len() - 2..], ["error", "response.failed"]);
     assert_eq!(
@@ -214,7 +212,7 @@ fn chat_streams_become_the_responses_event_sequence() {
         "stream_interrupted"
     );
     assert!(kept.is_none());
-    let (events, _) = stream_events(&[frames[1].clone()], false);
+    let (events, _) = stream_events(&[frames[1].clone()]);
     assert_eq!(events.last().unwrap().0, "response.failed");
 }
 

@@ -103,16 +103,10 @@ pub fn from_chat(chat: &Value) -> Value {
 pub struct CompletionsStream;
 
 impl StreamTranslation for CompletionsStream {
-    fn frame(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
-        let write =
-            |out: &mut Vec<u8>, data: &str| out.extend_from_slice(&crate::stream::frame(data));
+    fn event(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
         let Ok(chunk) = serde_json::from_str::<Value>(data) else {
-            // `[DONE]`.
-            return write(out, data);
+            return;
         };
-        if chunk.get("error").is_some() {
-            return write(out, data);
-        }
         let mut choices = Vec::new();
         for c in chunk["choices"].as_array().into_iter().flatten() {
             let text = c["delta"]["content"].as_str().unwrap_or("");
@@ -137,8 +131,15 @@ impl StreamTranslation for CompletionsStream {
         out.extend_from_slice(b"\n\n");
     }
 
+    /// Completions errors are chat's: the engine's error frame as it is.
+    fn error(&mut self, error: &Value, out: &mut Vec<u8>) {
+        out.extend_from_slice(&crate::stream::frame(&json!({"error": error}).to_string()));
+    }
+
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
-        if !clean {
+        if clean {
+            out.extend_from_slice(&crate::stream::frame("[DONE]"));
+        } else {
             out.extend_from_slice(&crate::stream::error_frame(
                 "the stream ended before the answer was complete",
                 "upstream_error",

@@ -477,8 +477,6 @@ pub struct MessagesStream {
     next_index: usize,
     finish: Option<String>,
     usage: Usage,
-    /// An error event was sent: the stream is over.
-    failed: bool,
 }
 
 impl MessagesStream {
@@ -490,7 +488,6 @@ impl MessagesStream {
             next_index: 0,
             finish: None,
             usage: Usage::default(),
-            failed: false,
         }
     }
 
@@ -605,26 +602,18 @@ impl MessagesStream {
 }
 
 impl StreamTranslation for MessagesStream {
-    fn frame(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
-        if self.failed || data.trim() == "[DONE]" {
-            return;
+    fn event(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
+        if let Ok(chunk) = serde_json::from_str::<Value>(data) {
+            self.chunk(&chunk, out);
         }
-        let Ok(value) = serde_json::from_str::<Value>(data) else {
-            return;
-        };
-        if value.get("error").is_some() {
-            // The engine's in-band error: Anthropic's error event ends the stream, without message_stop.
-            sse_event(out, "error", &error_body(500, &error_message(&value)));
-            self.failed = true;
-            return;
-        }
-        self.chunk(&value, out);
+    }
+
+    /// Anthropic's error event ends the stream, without message_stop.
+    fn error(&mut self, error: &Value, out: &mut Vec<u8>) {
+        sse_event(out, "error", &error_body(500, error_message(error)));
     }
 
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
-        if self.failed {
-            return;
-        }
         if !clean {
             sse_event(
                 out,

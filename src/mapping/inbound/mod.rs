@@ -110,14 +110,28 @@ impl From<RawDialectRoute> for DialectRoute {
     }
 }
 
-/// One stream's translation from OpenAI frames to a dialect's events.
+/// One stream's translation from the engine's frames to a dialect's events. [`Translated`] reads the frames and
+/// tells the translation what each is: an event, the engine's in-band error (after which nothing follows), or
+/// the end.
 pub trait StreamTranslation: Send + Unpin + 'static {
-    /// One frame of the engine's stream: its SSE event name (a native stream's own) and data (an OpenAI chunk,
-    /// a native event, `[DONE]`, or the engine's in-band `{"error": …}`); the dialect's events go to `out`.
-    fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>);
-    /// The engine's stream ended; `clean` when its last frame was `[DONE]`. A stream that ended otherwise must
-    /// end with the dialect's error, never look complete.
+    /// One event of the engine's stream (an OpenAI chunk, or a native stream's own event with its SSE name);
+    /// the dialect's events go to `out`.
+    fn event(&mut self, name: Option<&str>, data: &str, out: &mut Vec<u8>);
+    /// The engine's in-band error (`{"message", "type", "code"}`): the stream ends with the dialect's error.
+    fn error(&mut self, error: &Value, out: &mut Vec<u8>);
+    /// The engine's stream ended without an error; `clean` when its last frame was `[DONE]`. A stream that
+    /// ended otherwise must end with the dialect's error, never look complete.
     fn end(&mut self, clean: bool, out: &mut Vec<u8>);
+}
+
+/// The code of an engine error, `stream_failed` when it has none.
+pub(crate) fn error_code(error: &Value) -> &str {
+    error["code"].as_str().unwrap_or("stream_failed")
+}
+
+/// The message of an engine error.
+pub(crate) fn error_message(error: &Value) -> &str {
+    error["message"].as_str().unwrap_or("the stream failed")
 }
 
 /// An OpenAI SSE body, translated frame by frame.
@@ -151,13 +165,42 @@ impl<T: StreamTranslation> Translated<T> {
         }
     }
 
+    /// Reads one frame: `[DONE]`, the engine's in-band error (unnamed, `{"error": …}`), or an event.
     fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>) {
         if self.failed || self.clean {
             return;
         }
-        self.clean = data.trim() == "[DONE]";
-        self.failed = event.is_none() && data.starts_with("{\"error\"");
-        self.translation.frame(event, data, out);
+        if event.is_none() && data.trim() == "[DONE]" {
+            self.clean = true;
+        } else if event.is_none() && data.starts_with("{\"error\"") {
+            self.failed = true;
+            let parsed = serde_json::from_str::<Value>(data).unwrap_or(Value::Null);
+            self.translation.error(&parsed["error"], out);
+        } else {
+            self.translation.event(event, data, out);
+        }
+    }
+
+    /// The engine's stream is over: the translation ends, unless an error already ended it.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if let Some(event) = self.parser.finish() {
+            self.frame(event.event.as_deref(), &event.data, out);
+        }
+        self.ended = true;
+        if !self.failed {
+            self.translation.end(self.clean, out);
+        }
+    }
+
+    /// What `translation` makes of frames already at hand, the stream ending after them (tools, tests).
+    pub fn translate_all(translation: T, frames: &[(Option<&str>, &str)]) -> Vec<u8> {
+        let mut translated = Self::new(Box::pin(futures_util::stream::empty()), translation);
+        let mut out = Vec::new();
+        for (event, data) in frames {
+            translated.frame(*event, data, &mut out);
+        }
+        translated.finish(&mut out);
+        out
     }
 }
 
@@ -183,15 +226,7 @@ impl<T: StreamTranslation> Stream for Translated<T> {
                     }
                 }
                 Poll::Ready(Some(Err(never))) => match never {},
-                Poll::Ready(None) => {
-                    if let Some(event) = this.parser.finish() {
-                        this.frame(event.event.as_deref(), &event.data, &mut out);
-                    }
-                    this.ended = true;
-                    if !this.failed {
-                        this.translation.end(this.clean, &mut out);
-                    }
-                }
+                Poll::Ready(None) => this.finish(&mut out),
             }
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(out.into())));
@@ -208,14 +243,4 @@ pub fn sse_event(out: &mut Vec<u8>, name: &str, data: &Value) {
     // Serializing a Value into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, data);
     out.extend_from_slice(b"\n\n");
-}
-
-/// The message of an OpenAI in-band error frame's data.
-pub(crate) fn error_message(error: &Value) -> String {
-    error
-        .get("error")
-        .and_then(|e| e.get("message"))
-        .and_then(Value::as_str)
-        .unwrap_or("the stream failed")
-        .to_string()
 }

@@ -7,7 +7,7 @@
 //! `response.in_progress`) is held until the first other event, so that an error in its place (an overloaded
 //! model) is judged like an error status and the request moves on, the client having seen nothing.
 
-use super::{Dialect, StreamTranslation, error_message, sse_event};
+use super::{Dialect, StreamTranslation, error_code, error_message, sse_event};
 use crate::mapping::{ChunkWriter, Event, EventMapping, EventMappings, Part, Step};
 use crate::script::ScriptError;
 use crate::stream::Usage;
@@ -159,7 +159,6 @@ impl EventMapping for NativeStream {
 /// or, where the upstream closed after its finish without saying so, that last event written in its place).
 pub struct NativeOut {
     dialect: Dialect,
-    failed: bool,
     /// The last event was the dialect's end.
     ended: bool,
     /// The last `sequence_number` forwarded (Responses numbers its events).
@@ -170,14 +169,12 @@ impl NativeOut {
     pub fn new(dialect: Dialect) -> Self {
         Self {
             dialect,
-            failed: false,
             ended: false,
             sequence: None,
         }
     }
 
-    fn error(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
-        self.failed = true;
+    fn fail(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
         let error = match self.dialect {
             Dialect::Messages => super::messages::error_body(500, message),
             _ => {
@@ -200,26 +197,7 @@ fn sequence_number(data: &str) -> Option<u64> {
 }
 
 impl StreamTranslation for NativeOut {
-    fn frame(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>) {
-        if self.failed {
-            return;
-        }
-        let is_error = event.is_none() && data.starts_with("{\"error\"");
-        if is_error {
-            let parsed = serde_json::from_str::<Value>(data).unwrap_or(Value::Null);
-            let code = parsed["error"]["code"]
-                .as_str()
-                .unwrap_or("stream_failed")
-                .to_string();
-            self.error(&code, &error_message(&parsed), out);
-            return;
-        }
-        if data.trim() == "[DONE]" {
-            if !self.ended && self.dialect == Dialect::Messages {
-                sse_event(out, "message_stop", &json!({"type": "message_stop"}));
-            }
-            return;
-        }
+    fn event(&mut self, event: Option<&str>, data: &str, out: &mut Vec<u8>) {
         if let Some(name) = event {
             out.extend_from_slice(b"event: ");
             out.extend_from_slice(name.as_bytes());
@@ -235,13 +213,21 @@ impl StreamTranslation for NativeOut {
         }
     }
 
+    fn error(&mut self, error: &Value, out: &mut Vec<u8>) {
+        self.fail(error_code(error), error_message(error), out);
+    }
+
+    /// `[DONE]` said the answer was complete: where the upstream closed after its finish without its last
+    /// event, that event is written in its place.
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
-        if !clean && !self.failed {
-            self.error(
+        if !clean {
+            self.fail(
                 "stream_interrupted",
                 "the stream ended before the answer was complete",
                 out,
             );
+        } else if !self.ended && self.dialect == Dialect::Messages {
+            sse_event(out, "message_stop", &json!({"type": "message_stop"}));
         }
     }
 }
@@ -249,16 +235,11 @@ impl StreamTranslation for NativeOut {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mapping::inbound::Translated;
     use crate::stream::sse::SseEvent;
 
-    fn out(dialect: Dialect, frames: &[(Option<&str>, &str)], clean: bool) -> String {
-        let mut native = NativeOut::new(dialect);
-        let mut out = Vec::new();
-        for (event, data) in frames {
-            native.frame(*event, data, &mut out);
-        }
-        native.end(clean, &mut out);
-        String::from_utf8(out).unwrap()
+    fn out(dialect: Dialect, frames: &[(Option<&str>, &str)]) -> String {
+        String::from_utf8(Translated::translate_all(NativeOut::new(dialect), frames)).unwrap()
     }
 
     #[test]
@@ -281,7 +262,6 @@ mod tests {
                 ),
                 (None, "[DONE]"),
             ],
-            true,
         );
         assert_eq!(
             text,
@@ -302,7 +282,6 @@ mod tests {
                     r#"{"error":{"message":"cut","code":"stream_interrupted"}}"#,
                 ),
             ],
-            false,
         );
         assert!(text.ends_with("event: error\ndata: {\"code\":\"stream_interrupted\",\"message\":\"cut\",\"param\":null,\"sequence_number\":8,\"type\":\"error\"}\n\n"), "{text}");
         // An upstream that closed after its finish without message_stop: message_stop is written.
@@ -312,13 +291,12 @@ mod tests {
                 (Some("message_delta"), r#"{"type":"message_delta"}"#),
                 (None, "[DONE]"),
             ],
-            true,
         );
         assert!(
             text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
             "{text}"
         );
-        let text = out(Dialect::Messages, &[(Some("ping"), "{}")], false);
+        let text = out(Dialect::Messages, &[(Some("ping"), "{}")]);
         assert!(
             text.ends_with("\"type\":\"error\"}\n\n") && text.contains("api_error"),
             "{text}"

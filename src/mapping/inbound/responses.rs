@@ -10,7 +10,7 @@
 //! server-side `conversation`s and prompt templates.
 
 use super::conversations::Conversation;
-use super::{Refused, StreamTranslation, error_message, sse_event};
+use super::{Refused, StreamTranslation, error_code, error_message, sse_event};
 use crate::stream::Usage;
 use serde_json::{Map, Value, json};
 
@@ -621,7 +621,6 @@ pub struct ResponsesStream {
     finish: Option<String>,
     usage: Option<Usage>,
     reasoning_tokens: u64,
-    failed: bool,
     on_complete: Option<OnComplete>,
 }
 
@@ -640,7 +639,6 @@ impl ResponsesStream {
             finish: None,
             usage: None,
             reasoning_tokens: 0,
-            failed: false,
             on_complete,
         }
     }
@@ -866,7 +864,6 @@ impl ResponsesStream {
 
     fn fail(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
         self.start(out);
-        self.failed = true;
         self.emit(
             out,
             "error",
@@ -879,28 +876,17 @@ impl ResponsesStream {
 }
 
 impl StreamTranslation for ResponsesStream {
-    fn frame(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
-        if self.failed || data.trim() == "[DONE]" {
-            return;
+    fn event(&mut self, _: Option<&str>, data: &str, out: &mut Vec<u8>) {
+        if let Ok(chunk) = serde_json::from_str::<Value>(data) {
+            self.chunk(&chunk, out);
         }
-        let Ok(value) = serde_json::from_str::<Value>(data) else {
-            return;
-        };
-        if value.get("error").is_some() {
-            let code = value["error"]["code"]
-                .as_str()
-                .unwrap_or("stream_failed")
-                .to_string();
-            self.fail(&code, &error_message(&value), out);
-            return;
-        }
-        self.chunk(&value, out);
+    }
+
+    fn error(&mut self, error: &Value, out: &mut Vec<u8>) {
+        self.fail(error_code(error), error_message(error), out);
     }
 
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
-        if self.failed {
-            return;
-        }
         if !clean {
             self.fail(
                 "stream_interrupted",
