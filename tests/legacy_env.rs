@@ -3,7 +3,6 @@
 
 mod support;
 
-use serde_json::Value;
 use support::*;
 
 fn old_proxy_dir(mock: &Mock) -> tempfile::TempDir {
@@ -72,18 +71,7 @@ async fn the_python_proxys_env_carries_over() {
 
     let served = start(dir.path(), &[], None);
     let client = http_client();
-    let models: Value = serde_json::from_str(
-        &client
-            .get(format!("{}/v1/models", served.url))
-            .bearer_auth(PROXY_KEY)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let models = served.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -475,19 +475,10 @@ async fn anthropic_upstream(overloaded: usize) -> Mock {
     .await
 }
 
-fn anthropic_setup(mock: &Mock, keys: usize) -> Setup {
-    Setup {
-        env: mock_keys("ANTHROPIC", keys),
-        ..Setup::empty()
-    }
-    .provider("anthropic", shipped_provider("anthropic", &mock.base_url))
-    .shipped_plugin("anthropic.rhai")
-}
-
 #[tokio::test]
 async fn a_provider_that_speaks_messages_gets_them_as_written() {
     let mock = anthropic_upstream(0).await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 1)).await;
     let body = json!({"model": "anthropic/claude-sonnet-4-5", "max_tokens": 300,
         "system": [{"type": "text", "text": "Long, cached context.", "cache_control": {"type": "ephemeral"}}],
         "thinking": {"type": "enabled", "budget_tokens": 1024},
@@ -544,7 +535,7 @@ async fn a_provider_that_speaks_messages_gets_them_as_written() {
 #[tokio::test]
 async fn an_overloaded_native_stream_is_retried_unseen() {
     let mock = anthropic_upstream(1).await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 2).config("selection: sequential\n")).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 2).config("selection: sequential\n")).await;
     let mut body = ask("anthropic/claude-sonnet-4-5", true);
     body["max_tokens"] = json!(50);
     let response = anthropic_post(&proxy, "/v1/messages", &body)
@@ -573,7 +564,7 @@ async fn a_native_stream_cut_for_good_ends_with_an_error_event() {
         body: cut.clone(),
     })
     .await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 1)).await;
     let response = anthropic_post(
         &proxy,
         "/v1/messages",
@@ -604,7 +595,7 @@ async fn a_native_stream_cut_for_good_ends_with_an_error_event() {
 async fn a_native_request_that_may_fall_back_elsewhere_is_translated() {
     let anthropic = anthropic_upstream(0).await;
     let openai = upstream().await;
-    let setup = anthropic_setup(&anthropic, 1)
+    let setup = Setup::anthropic(&anthropic, 1)
         .provider("mock", provider_yaml(&openai.base_url, ""))
         .env("MOCK_API_KEY", &key(2));
     let proxy = Proxy::start(setup).await;

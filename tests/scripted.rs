@@ -401,19 +401,10 @@ async fn anthropic(overloaded_first: bool) -> Mock {
     .await
 }
 
-fn anthropic_setup(mock: &Mock, keys: usize) -> Setup {
-    Setup {
-        env: mock_keys("ANTHROPIC", keys),
-        ..Setup::empty()
-    }
-    .provider("anthropic", shipped_provider("anthropic", &mock.base_url))
-    .shipped_plugin("anthropic.rhai")
-}
-
 #[tokio::test]
 async fn anthropic_chat_streams_and_tools() {
     let mock = anthropic(false).await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 1)).await;
     let (status, _, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 200, "{body}");
     let upstream = fixture_json("anthropic/message_response_text.json");
@@ -492,7 +483,7 @@ async fn anthropic_chat_streams_and_tools() {
 #[tokio::test]
 async fn anthropic_overload_is_retried_and_errors_classified() {
     let mock = anthropic(true).await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 1).config("retries: {backoff: 5ms}\n")).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 1).config("retries: {backoff: 5ms}\n")).await;
     let (status, headers, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -507,7 +498,7 @@ async fn anthropic_overload_is_retried_and_errors_classified() {
         body: fixture("anthropic/error_429_rate_limit.json"),
     })
     .await;
-    let proxy = Proxy::start(anthropic_setup(&limited, 1).config("request_timeout: 2s\n")).await;
+    let proxy = Proxy::start(Setup::anthropic(&limited, 1).config("request_timeout: 2s\n")).await;
     let (status, headers, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 429, "{body}");
     assert!(!header(&headers, "retry-after").is_empty());
@@ -518,7 +509,7 @@ async fn anthropic_overload_is_retried_and_errors_classified() {
         body: fixture("anthropic/error_400_context.json"),
     })
     .await;
-    let proxy = Proxy::start(anthropic_setup(&context, 2)).await;
+    let proxy = Proxy::start(Setup::anthropic(&context, 2)).await;
     let (status, _, body) = ask(&proxy, "anthropic/claude-sonnet-4-5").await;
     assert_eq!(status, 400);
     assert_eq!(error_code(&body), "context_length_exceeded");
@@ -546,7 +537,7 @@ async fn an_anthropic_stream_broken_by_an_error_event_is_continued_by_prefill() 
         }
     })
     .await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 2).config("selection: sequential\n")).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 2).config("selection: sequential\n")).await;
     let text = proxy
         .post_text(
             "/v1/chat/completions",
@@ -773,7 +764,7 @@ async fn the_scripts_classifier_is_consulted_before_the_yaml_rules() {
 #[tokio::test]
 async fn a_field_anthropic_cannot_take_is_refused_by_name_and_its_own_fields_pass() {
     let mock = anthropic(false).await;
-    let proxy = Proxy::start(anthropic_setup(&mock, 1)).await;
+    let proxy = Proxy::start(Setup::anthropic(&mock, 1)).await;
     let mut body = chat_body("anthropic/claude-sonnet-4-5", false);
     body["logit_bias"] = json!({"50256": -100});
     let (status, _, answer) = send(proxy.post("/v1/chat/completions", &body)).await;

@@ -62,18 +62,7 @@ async fn two_instances_hold_one_cap_and_count_one_usage() {
     for served in [&a, &b] {
         let mut requests = 0;
         for _ in 0..100 {
-            let keys: serde_json::Value = serde_json::from_str(
-                &http_client()
-                    .get(format!("{}/v1/keys", served.url))
-                    .bearer_auth(PROXY_KEY)
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap(),
-            )
-            .unwrap();
+            let keys: serde_json::Value = served.get_json("/v1/keys").await;
             requests = keys["data"][0]["keys"][0]["today"]["requests"]
                 .as_u64()
                 .unwrap_or(0);
@@ -84,18 +73,7 @@ async fn two_instances_hold_one_cap_and_count_one_usage() {
         }
         assert_eq!(requests, 64);
     }
-    let live: serde_json::Value = serde_json::from_str(
-        &http_client()
-            .get(format!("{}/", a.url))
-            .bearer_auth(PROXY_KEY)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let live: serde_json::Value = a.get_json("/").await;
     assert_eq!(live["store"], "redis");
 }
 
@@ -217,18 +195,7 @@ async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
     for served in [&a, &b] {
         let mut store = String::new();
         for _ in 0..100 {
-            let live: serde_json::Value = serde_json::from_str(
-                &http_client()
-                    .get(format!("{}/", served.url))
-                    .bearer_auth(PROXY_KEY)
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap(),
-            )
-            .unwrap();
+            let live: serde_json::Value = served.get_json("/").await;
             store = live["store"].as_str().unwrap_or("").to_string();
             if store == "redis" {
                 break;
@@ -252,18 +219,7 @@ async fn an_instance_started_while_redis_is_away_serves_and_joins_it_later() {
     let dir = binary::mock_dir(&mock, &config);
     let a = binary::start(dir.path(), &[], None);
     let store = || async {
-        let live: serde_json::Value = serde_json::from_str(
-            &http_client()
-                .get(format!("{}/", a.url))
-                .bearer_auth(PROXY_KEY)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let live: serde_json::Value = a.get_json("/").await;
         live["store"].as_str().unwrap_or("").to_string()
     };
     assert_eq!(store().await, "degraded");
@@ -341,26 +297,12 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     for url in [&a.url, &b.url, &a.url] {
         assert_eq!(chat(url).await, 200);
     }
-    let get = |url: String, path: &'static str| async move {
-        serde_json::from_str::<serde_json::Value>(
-            &http_client()
-                .get(format!("{url}{path}"))
-                .bearer_auth(PROXY_KEY)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-        )
-        .unwrap()
-    };
     let requests =
         |keys: serde_json::Value| keys["data"][0]["keys"][0]["today"]["requests"].as_u64();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(requests(get(b.url.clone(), "/v1/keys").await), Some(3));
+    assert_eq!(requests(b.get_json("/v1/keys").await), Some(3));
     // A's provider file changes: A reloads.
-    let generation = get(a.url.clone(), "/").await["config"]["generation"]
+    let generation = a.get_json("/").await["config"]["generation"]
         .as_u64()
         .unwrap();
     binary::write(
@@ -374,7 +316,7 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     );
     let mut reloaded = false;
     for _ in 0..100 {
-        if get(a.url.clone(), "/").await["config"]["generation"]
+        if a.get_json("/").await["config"]["generation"]
             .as_u64()
             .unwrap()
             > generation
@@ -386,10 +328,10 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     }
     assert!(reloaded, "A reloaded");
     assert_eq!(
-        requests(get(b.url.clone(), "/v1/keys").await),
+        requests(b.get_json("/v1/keys").await),
         Some(3),
         "the pool's usage is untouched"
     );
-    assert_eq!(requests(get(a.url.clone(), "/v1/keys").await), Some(3));
+    assert_eq!(requests(a.get_json("/v1/keys").await), Some(3));
     assert_eq!(chat(&a.url).await, 200);
 }

@@ -64,6 +64,20 @@ impl Served {
         self.child.id()
     }
 
+    /// `GET path` with the proxy key; the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let text = super::http_client()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(super::PROXY_KEY)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {text}"))
+    }
+
     /// What it logged so far, one line per entry.
     pub fn log(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()

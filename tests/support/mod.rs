@@ -449,6 +449,16 @@ impl Setup {
         self
     }
 
+    /// The shipped anthropic provider and script at `mock`'s URL, with `keys` keys.
+    pub fn anthropic(mock: &Mock, keys: usize) -> Self {
+        Setup {
+            env: mock_keys("ANTHROPIC", keys),
+            ..Setup::empty()
+        }
+        .provider("anthropic", shipped_provider("anthropic", &mock.base_url))
+        .shipped_plugin("anthropic.rhai")
+    }
+
     /// Nothing configured.
     pub fn empty() -> Self {
         Self {
