@@ -89,17 +89,7 @@ pub(super) async fn count_tokens(State(app): State<AppState>, request: Request) 
         Ok(chat) => chat,
         Err(r) => return refused(r),
     };
-    let model = chat
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    // Counting costs about a second per ten megabytes of text: off the async workers.
-    let counted = crate::offload::run(crate::offload::Pool::Requests, move || {
-        crate::tokens::count(&model, &chat)
-    })
-    .await;
-    match counted {
+    match super::count_tokens(chat).await {
         Ok(n) => axum::Json(json!({"input_tokens": n})).into_response(),
         Err(message) => ApiError::bad_request("invalid_request", message)
             .shaped(Shape::Anthropic)

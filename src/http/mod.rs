@@ -279,20 +279,24 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    match count_tokens(body).await {
+        Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
+        Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
+    }
+}
+
+/// The tokens of a chat body (`model` and `messages` or `text`), counted offline. Counting costs about a second
+/// per ten megabytes of text: off the async workers.
+pub(crate) async fn count_tokens(body: serde_json::Map<String, Value>) -> Result<usize, String> {
     let model = body
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    // Counting costs about a second per ten megabytes of text: off the async workers.
-    let counted = crate::offload::run(crate::offload::Pool::Requests, move || {
+    crate::offload::run(crate::offload::Pool::Requests, move || {
         crate::tokens::count(&model, &body)
     })
-    .await;
-    match counted {
-        Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
-        Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
-    }
+    .await
 }
 
 async fn unknown_route(request: Request) -> Response {
