@@ -285,16 +285,10 @@ impl MemoryStore {
         let ms = model_slot(&mut ks.models, &grant.model);
         ms.in_flight = ms.in_flight.saturating_sub(1);
         let started = policy::settle(ks, &grant.model, &outcome, tuning, now, next_reset);
-        if let (
-            Outcome::Success {
-                prompt_tokens,
-                completion_tokens,
-                ..
-            },
-            Some(meter),
-        ) = (&outcome, state.meters.get_mut(&grant.key.id))
+        if let (Outcome::Success { .. }, Some(meter)) =
+            (&outcome, state.meters.get_mut(&grant.key.id))
         {
-            meter.spend_tokens(now, prompt_tokens.saturating_add(*completion_tokens));
+            meter.spend_tokens(now, outcome.tokens());
         }
         // A model the upstream refused outright (an unknown name, say) leaves no trace: clients cannot grow
         // the state with made-up model names.
@@ -423,35 +417,10 @@ impl MemoryStore {
         keys.iter()
             .map(|key| {
                 let ks = state.keys.get(&key.id);
-                let key_cooldown = ks.and_then(|k| k.cooldown).filter(|c| c.until > now);
-                let mut status = KeyStatus {
-                    key: key.masked.to_string(),
-                    id: key.id.to_string(),
-                    in_flight: ks.map_or(0, |k| k.in_flight),
-                    cooling_until: key_cooldown.map(|c| c.until),
-                    cooling_reason: key_cooldown.map(|c| c.reason),
-                    model_cooldowns: Vec::new(),
-                    streak: ks.map_or(0, |k| k.streak),
-                    today: Counters::default(),
-                    lifetime: Counters::default(),
-                    models: Vec::new(),
-                    last_error: ks.and_then(|k| k.last_error).map(|e| (e.reason, e.until)),
-                    disabled: ks.is_some_and(|k| k.disabled),
-                };
+                let mut status = KeyStatus::of(key, ks, ks.map_or(0, |k| k.in_flight), now);
                 if paused > now && status.cooling_until.is_none_or(|u| u < paused) {
                     status.cooling_until = Some(paused);
                     status.cooling_reason = Some(ErrorClass::RateLimit);
-                }
-                for (model, ms) in ks.map(|k| &k.models).into_iter().flatten() {
-                    status.today.add(&ms.today);
-                    status.lifetime.add(&ms.lifetime);
-                    status.models.push((model.clone(), ms.today, ms.lifetime));
-                    status.streak = status.streak.max(ms.streak);
-                    if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
-                        status
-                            .model_cooldowns
-                            .push((model.clone(), c.until, c.reason));
-                    }
                 }
                 status
             })

@@ -93,6 +93,20 @@ pub enum Outcome {
     Cancelled,
 }
 
+impl Outcome {
+    /// The tokens it spent (none but a success's).
+    pub fn tokens(&self) -> u64 {
+        match self {
+            Outcome::Success {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => prompt_tokens.saturating_add(*completion_tokens),
+            _ => 0,
+        }
+    }
+}
+
 /// Rules the store applies on its own: when the day turns, and when a provider pauses.
 #[derive(Clone, Debug)]
 pub struct StorePolicy {
@@ -125,6 +139,39 @@ pub struct KeyStatus {
 }
 
 impl KeyStatus {
+    /// The status of `key` from its state (if it has one) and its requests in flight.
+    pub fn of(key: &ApiKey, state: Option<&KeyState>, in_flight: u32, now: UnixMs) -> Self {
+        let cooldown = state.and_then(|k| k.cooldown).filter(|c| c.until > now);
+        let mut status = KeyStatus {
+            key: key.masked.to_string(),
+            id: key.id.to_string(),
+            in_flight,
+            cooling_until: cooldown.map(|c| c.until),
+            cooling_reason: cooldown.map(|c| c.reason),
+            model_cooldowns: Vec::new(),
+            streak: state.map_or(0, |k| k.streak),
+            today: Counters::default(),
+            lifetime: Counters::default(),
+            models: Vec::new(),
+            last_error: state
+                .and_then(|k| k.last_error)
+                .map(|e| (e.reason, e.until)),
+            disabled: state.is_some_and(|k| k.disabled),
+        };
+        for (model, ms) in state.map(|k| &k.models).into_iter().flatten() {
+            status.today.add(&ms.today);
+            status.lifetime.add(&ms.lifetime);
+            status.models.push((model.clone(), ms.today, ms.lifetime));
+            status.streak = status.streak.max(ms.streak);
+            if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
+                status
+                    .model_cooldowns
+                    .push((model.clone(), c.until, c.reason));
+            }
+        }
+        status
+    }
+
     /// `disabled` (by an operator), `benched` (whole key cooling), `cooling` (for some model), `busy` (serving) or
     /// `available`.
     pub fn state(&self) -> &'static str {

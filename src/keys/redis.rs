@@ -377,14 +377,7 @@ impl RedisStore {
             let change = |state: &mut KeyState| {
                 apply(state, &p.model, &p.outcome, &p.tuning, p.at, p.next_reset);
             };
-            let tokens = match &p.outcome {
-                Outcome::Success {
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                } => prompt_tokens.saturating_add(*completion_tokens),
-                _ => 0,
-            };
+            let tokens = p.outcome.tokens();
             if let Err(e) = self
                 .update(&p.provider, &p.key, &p.model, "", tokens, change)
                 .await
@@ -812,14 +805,7 @@ impl KeyStore for RedisStore {
             let Some(store) = store else { return };
             let next_reset = store.next_reset();
             let model = grant.model.clone();
-            let tokens = match &outcome {
-                Outcome::Success {
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                } => prompt_tokens.saturating_add(*completion_tokens),
-                _ => 0,
-            };
+            let tokens = outcome.tokens();
             let now = store.clock.now();
             let started = Mutex::new(None);
             let change = |state: &mut KeyState| {
@@ -922,34 +908,7 @@ impl KeyStore for RedisStore {
             };
             keys.iter()
                 .zip(read)
-                .map(|(key, r)| {
-                    let state = r.state.unwrap_or_default();
-                    let mut status = KeyStatus {
-                        key: key.masked.to_string(),
-                        id: key.id.to_string(),
-                        in_flight: r.leases.0,
-                        cooling_until: state.cooldown.filter(|c| c.until > now).map(|c| c.until),
-                        cooling_reason: state.cooldown.filter(|c| c.until > now).map(|c| c.reason),
-                        model_cooldowns: Vec::new(),
-                        streak: state.streak,
-                        today: Default::default(),
-                        lifetime: Default::default(),
-                        models: Vec::new(),
-                        last_error: state.last_error.map(|e| (e.reason, e.until)),
-                        disabled: state.disabled,
-                    };
-                    for (model, ms) in &state.models {
-                        status.today.add(&ms.today);
-                        status.lifetime.add(&ms.lifetime);
-                        status.models.push((model.clone(), ms.today, ms.lifetime));
-                        if let Some(c) = ms.cooldown.filter(|c| c.until > now) {
-                            status
-                                .model_cooldowns
-                                .push((model.clone(), c.until, c.reason));
-                        }
-                    }
-                    status
-                })
+                .map(|(key, r)| KeyStatus::of(key, r.state.as_ref(), r.leases.0, now))
                 .collect()
         })
     }
