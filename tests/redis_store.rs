@@ -1,5 +1,4 @@
-//! Key state shared through a real `redis-server` (issue 14, work in progress): two stores stand for two
-//! instances of keyrelay.
+//! Key state shared through a real `redis-server`: two stores stand for two instances of keyrelay.
 
 mod support;
 
@@ -236,25 +235,30 @@ async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_when_it_answe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provider_pause_applies_as_this_instance_sees_it() {
+async fn the_provider_pause_is_the_pools() {
     let redis = Redis::start();
-    let pausing = StorePolicy {
+    let pausing = || StorePolicy {
         pause: Some(keyrelay::config::PauseRule {
             keys: 2,
             window: Duration::from_secs(10),
         }),
         ..policy()
     };
-    let store = RedisStore::connect(
-        &redis.url(),
-        "kr",
-        Clock::system(),
-        pausing,
-        local(),
-        Duration::from_secs(15),
-    )
-    .await
-    .unwrap();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        stores.push(
+            RedisStore::connect(
+                &redis.url(),
+                "kr",
+                Clock::system(),
+                pausing(),
+                local(),
+                Duration::from_secs(15),
+            )
+            .await
+            .unwrap(),
+        );
+    }
     let keys = keys(3);
     let tuning = Tuning::default();
     let limited = Outcome::Failure {
@@ -262,13 +266,225 @@ async fn provider_pause_applies_as_this_instance_sees_it() {
         scope: Scope::Model,
         retry_after: Some(Duration::from_secs(30)),
     };
-    for _ in 0..2 {
+    // One key limited on each instance: neither saw two, the pool did.
+    for store in &stores {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, limited.clone(), &tuning);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Two keys limited within the window: the whole provider rests, the third key included.
-    let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
-    assert_eq!(why.cooling, 3, "{why:?}");
-    assert!(why.ready_at.is_some());
+    // The whole provider rests on both, the third key included.
+    for store in &stores {
+        let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
+        assert_eq!(why.cooling, 3, "{why:?}");
+        let rest = why.ready_at.unwrap() - Clock::system().now();
+        assert!((25_000..=30_000).contains(&rest), "{rest}");
+    }
+}
+
+/// Top-level commands Redis has served, by name (`INFO commandstats`).
+async fn commands(redis: &Redis) -> std::collections::HashMap<String, u64> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_string(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_takes_three_round_trips_two_to_claim_and_one_to_release() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 1).await;
+    let store = &stores[0];
+    // Enough keys that the rate limits below never leave the pool without one.
+    let keys = keys(12);
+    let tuning = Tuning::default();
+    // The first request loads the scripts (a round trip more, once).
+    let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+    store.release(&grant, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = commands(&redis).await;
+    let outcomes = [
+        SUCCESS,
+        Outcome::Failure {
+            class: ErrorClass::RateLimit,
+            scope: Scope::Model,
+            retry_after: Some(Duration::from_secs(60)),
+        },
+        SUCCESS,
+        Outcome::Cancelled,
+    ];
+    for n in 0..40 {
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        store.release(&grant, outcomes[n % 4].clone(), &tuning);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = commands(&redis).await;
+    // The commands a request sends itself; what the scripts call inside is not a round trip.
+    let sent: u64 = ["evalsha", "eval", "hmget"]
+        .iter()
+        .map(|c| after.get(*c).unwrap_or(&0) - before.get(*c).unwrap_or(&0))
+        .sum();
+    assert_eq!(sent, 40 * 3, "{before:?} {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_add_up_exactly_when_instances_race_on_one_key() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = Arc::new(keys(1));
+    let tuning = Arc::new(Tuning::default());
+    let mut tasks = Vec::new();
+    for client in 0..40 {
+        let (store, keys, tuning) = (stores[client % 2].clone(), keys.clone(), tuning.clone());
+        tasks.push(tokio::spawn(async move {
+            let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Failures that start no cooldown (a server error) change the verdict: its writes conflict.
+            let outcome = if client % 4 == 0 {
+                Outcome::Failure {
+                    class: ErrorClass::Server,
+                    scope: Scope::Model,
+                    retry_after: None,
+                }
+            } else {
+                Outcome::Success {
+                    prompt_tokens: 10,
+                    completion_tokens: 1,
+                    cost: Cost(7),
+                }
+            };
+            store.release(&grant, outcome, &tuning);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut today = Default::default();
+    for _ in 0..200 {
+        today = stores[1].report("p", &keys).await[0].today;
+        if today.successes + today.failures == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (today.requests, today.successes, today.failures),
+        (40, 30, 10)
+    );
+    assert_eq!((today.prompt_tokens, today.completion_tokens), (300, 30));
+    assert_eq!(today.cost, Cost(210));
+    let lifetime = stores[0].report("p", &keys).await[0].lifetime;
+    assert_eq!(lifetime, today);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_selection_stays_on_one_key_pool_wide() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = keys(3);
+    let tuning = Tuning {
+        selection: keyrelay::config::Selection::Sequential,
+        ..Tuning::default()
+    };
+    let first = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    assert_eq!(first.key.id, keys[0].id);
+    // A rate limit on the first key moves the pool on, and both instances stay on the next key.
+    stores[0].release(
+        &first,
+        Outcome::Failure {
+            class: ErrorClass::RateLimit,
+            scope: Scope::Model,
+            retry_after: Some(Duration::from_secs(60)),
+        },
+        &tuning,
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let moved = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
+    stores[1].release(&moved, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for n in 0..6 {
+        let store = &stores[n % 2];
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        assert_eq!(grant.key.id, moved.key.id, "request {n}");
+        store.release(&grant, SUCCESS, &tuning);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_the_upstream_refused_leaves_no_counters() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 1).await;
+    let keys = keys(1);
+    let tuning = Tuning::default();
+    let refused = |model: &'static str| Ask {
+        model,
+        ..ask(&keys, &tuning)
+    };
+    for n in 0..5 {
+        let model: &'static str = Box::leak(format!("made-up-{n}").into_boxed_str());
+        let grant = stores[0].acquire(refused(model)).await.unwrap();
+        stores[0].release(
+            &grant,
+            Outcome::Failure {
+                class: ErrorClass::InvalidRequest,
+                scope: Scope::Model,
+                retry_after: None,
+            },
+            &tuning,
+        );
+        // Until its failure is written, this instance leaves the key alone.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    stores[0].release(&grant, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = &stores[0].report("p", &keys).await[0];
+    let models: Vec<&str> = report.models.iter().map(|(m, ..)| m.as_str()).collect();
+    assert_eq!(models, ["m"], "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_decided_on_a_stale_read_is_decided_again_not_written_over() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = keys(1);
+    let tuning = Tuning::default();
+    // Both instances hold the key; the second's request is rate-limited first.
+    let early = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    let late = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
+    stores[1].release(
+        &late,
+        Outcome::Failure {
+            class: ErrorClass::RateLimit,
+            scope: Scope::Model,
+            retry_after: Some(Duration::from_secs(60)),
+        },
+        &tuning,
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = commands(&redis).await;
+    // The first succeeds, on the verdict it read before the rate limit: written as it was, the success would
+    // have erased the cooldown.
+    stores[0].release(&early, SUCCESS, &tuning);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = commands(&redis).await;
+    assert_eq!(
+        after.get("hmget"),
+        Some(&(before.get("hmget").unwrap_or(&0) + 1)),
+        "read again once"
+    );
+    let report = &stores[0].report("p", &keys).await[0];
+    assert_eq!(report.model_cooldowns.len(), 1, "{report:?}");
+    assert_eq!(report.streak, 0, "the success ended the streak: {report:?}");
+    assert_eq!((report.today.successes, report.today.failures), (1, 1));
 }

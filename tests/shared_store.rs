@@ -1,4 +1,4 @@
-//! Several keyrelay processes, one pool, through a real `redis-server` (issue 14, work in progress).
+//! Several keyrelay processes, one pool, through a real `redis-server`.
 
 mod support;
 

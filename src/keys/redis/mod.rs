@@ -1,0 +1,1004 @@
+//! Key state shared through Redis: several instances apply one pool's leases, cooldowns, streaks, usage,
+//! limits and manual states, as one instance would.
+//!
+//! The rules stay the policy's ([`super::policy`]), in Rust. Choosing a key takes two round trips: a script
+//! reads what the policy needs ([`scripts::READ`]), the policy chooses, and a script claims the key only if it
+//! is still eligible ([`scripts::CLAIM`]); a lost race asks the policy again. Releasing takes one: the outcome's
+//! counters are added outright, and the key's new verdict (decided on the verdict read when the key was
+//! claimed) is written only if no other instance changed it meanwhile ([`scripts::SETTLE`]); if one did, the
+//! verdict alone is decided again on a fresh read. How the state is laid out is in [`shape`] and [`scripts`].
+//!
+//! Leases are members of sorted sets scored by their expiry and renewed while held, so a crashed instance's
+//! leases free themselves within the lease time. Every release is published: waiting requests on every
+//! instance look again at once (one subscription per instance, no polling).
+//!
+//! Keys are hash-tagged per provider (`{prefix:provider}`), so a Cluster keeps one provider in one slot.
+//! Provider keys are never written: only their ids (hashes) and masked forms.
+//!
+//! Redis trouble never becomes a client error: an operation that fails or takes longer than
+//! [`OPERATION_TIMEOUT`] is served by the local [`MemoryStore`] instead (kept current with what Redis said), the
+//! store says it is degraded (once in the log, and in [`RedisStore::degraded`]), and a probe rejoins Redis when
+//! it answers again: a Redis that kept its data hears the outcomes it missed, one that came back empty is seeded
+//! with what this instance knows.
+//!
+//! Times are each instance's own clock: instances sharing a pool need synchronised clocks (NTP), as cooldown
+//! ends written by one are compared by the others. The store warns when its clock and Redis's differ by more
+//! than [`CLOCK_SKEW_WARNING`].
+
+mod scripts;
+mod shape;
+
+use super::MemoryStore;
+use super::policy::{self, Standing};
+use super::state::{Cooldown, KeyState};
+use super::{
+    Ask, BoxFuture, Grant, KeyAction, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy,
+    Unavailable,
+};
+use crate::clock::{Clock, UnixMs};
+use crate::config::{Selection, Tuning};
+use crate::provider::ErrorClass;
+use crate::secret::{ApiKey, KeyId};
+use redis::aio::ConnectionManager;
+use shape::Verdict;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The longest a Redis operation may take before the local store serves instead.
+const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
+/// Leases granted by the local store while degraded carry this bit.
+const LOCAL: u64 = 1 << 63;
+/// Outcomes kept for a Redis that is away, at most; the oldest go first.
+const MAX_PENDING: usize = 10_000;
+/// How long a lease lives without renewal, unless configured.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
+/// Claims retried after a lost race before the request waits like any other.
+const CLAIM_TRIES: usize = 4;
+/// A day's counters outlive it by a day, then go.
+const DAY_TTL_MS: i64 = 50 * 3600 * 1000;
+/// A difference between this instance's clock and Redis's worth a warning.
+pub const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
+
+/// An outcome Redis has not heard of yet (it was away when the lease ended).
+struct Pending {
+    provider: Arc<str>,
+    key: ApiKey,
+    model: Arc<str>,
+    outcome: Outcome,
+    tuning: Tuning,
+    at: UnixMs,
+    /// The request itself, when Redis never counted it (a lease granted locally).
+    requests: u64,
+}
+
+/// A lease this instance holds: for renewal, and the verdict it was claimed on.
+#[derive(Clone, Debug)]
+struct Held {
+    key_set: String,
+    model_set: String,
+    member: String,
+    version: i64,
+    verdict: Option<Verdict>,
+}
+
+/// What a verdict change is: applied to the key's state, returns the cooldown it started, if any.
+type Change<'a> = &'a (dyn Fn(&mut KeyState) -> Option<Cooldown> + Sync);
+
+/// One change to a key in Redis: counts to add, a lease to free, and a change of verdict.
+struct Settle<'a> {
+    provider: &'a str,
+    key: &'a ApiKey,
+    model: &'a str,
+    /// The lease to free ("": none).
+    member: &'a str,
+    counts: [u64; 6],
+    /// A model the upstream refused: its counters go unless it ever succeeded.
+    forget: bool,
+    change: Change<'a>,
+    /// The verdict as last read, with its version (none: read it first).
+    known: Option<(i64, Option<Verdict>)>,
+    now: UnixMs,
+}
+
+pub struct RedisStore {
+    /// Itself, for work done in the background (releases never block).
+    this: std::sync::Weak<RedisStore>,
+    client: redis::Client,
+    /// Made at start, or once Redis first answers.
+    conn: Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    /// Distinguishes this instance's lease members.
+    instance: String,
+    clock: Clock,
+    next_lease: AtomicU64,
+    held: Mutex<HashMap<LeaseId, Held>>,
+    policy: Mutex<StorePolicy>,
+    scripts: Scripts,
+    /// Serves while Redis is away; kept current with the states Redis returns.
+    local: Arc<MemoryStore>,
+    degraded: AtomicBool,
+    /// How long a lease lives without renewal: a crashed instance's leases are free after this.
+    lease_ttl: Duration,
+    /// Keys with a failure this instance is still writing to Redis: not granted meanwhile, so that a retry does
+    /// not meet the same failure before its cooldown is recorded.
+    settling: Mutex<HashSet<KeyId>>,
+    /// Outcomes to give Redis when it is back.
+    pending: Mutex<VecDeque<Pending>>,
+}
+
+struct Scripts {
+    read: redis::Script,
+    claim: redis::Script,
+    settle: redis::Script,
+    report: redis::Script,
+    seed: redis::Script,
+    renew: redis::Script,
+}
+
+/// A hash's fields and values, as read.
+type Fields = Vec<(String, String)>;
+
+/// A key as read for choosing.
+struct Read {
+    verdict: Option<Verdict>,
+    version: i64,
+    /// Leases in flight: the key's, and the key and model's.
+    leases: (u32, u32),
+    /// Requests today: the model's on this key, and the key's.
+    today: (u64, u64),
+}
+
+/// What choosing needs: the provider's pause, the model's sequential cursor, and the keys.
+struct Reading {
+    paused_until: UnixMs,
+    cursor: String,
+    keys: Vec<Read>,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://`, `rediss://`, `unix://`); key names start with `prefix`. `local` serves
+    /// while Redis is away (and holds what this instance knew before).
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        clock: Clock,
+        policy: StorePolicy,
+        local: Arc<MemoryStore>,
+        lease_ttl: Duration,
+    ) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let store = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
+            client: client.clone(),
+            conn: Mutex::new(None),
+            prefix: prefix.to_string(),
+            instance: (0..12).map(|_| fastrand::alphanumeric()).collect(),
+            clock,
+            next_lease: AtomicU64::new(0),
+            held: Mutex::default(),
+            policy: Mutex::new(policy),
+            scripts: Scripts {
+                read: redis::Script::new(scripts::READ),
+                claim: redis::Script::new(scripts::CLAIM),
+                settle: redis::Script::new(scripts::SETTLE),
+                report: redis::Script::new(scripts::REPORT),
+                seed: redis::Script::new(scripts::SEED),
+                renew: redis::Script::new(scripts::RENEW),
+            },
+            local,
+            degraded: AtomicBool::new(false),
+            lease_ttl,
+            settling: Mutex::default(),
+            pending: Mutex::default(),
+        });
+        tokio::spawn(renew(Arc::downgrade(&store)));
+        // Redis away at start is Redis away: this instance serves from its own state until it answers.
+        match store.connection().await {
+            Ok(mut conn) => {
+                let joined = async {
+                    store.check_clock(&mut conn).await?;
+                    redis::cmd("SET")
+                        .arg(store.marker())
+                        .arg(1)
+                        .query_async::<()>(&mut conn)
+                        .await
+                };
+                if let Err(e) = joined.await {
+                    store.degrade(&e);
+                }
+            }
+            Err(e) => store.degrade(&e),
+        }
+        tokio::spawn(probe(Arc::downgrade(&store)));
+        tokio::spawn(listen(Arc::downgrade(&store), client));
+        Ok(store)
+    }
+
+    /// The connection, when there is one.
+    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+        lock(&self.conn).clone().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "not connected to Redis yet"))
+        })
+    }
+
+    /// The connection, made if there is none yet.
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Ok(conn) = self.conn() {
+            return Ok(conn);
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OPERATION_TIMEOUT))
+            .set_response_timeout(Some(OPERATION_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        *lock(&self.conn) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Warns when this instance's clock and Redis's disagree: cooldown ends written by one instance are read by
+    /// the others' clocks.
+    async fn check_clock(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        let before = self.clock.now();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+        let after = self.clock.now();
+        let skew = secs * 1000 + micros / 1000 - (before + after) / 2;
+        if skew.unsigned_abs() > CLOCK_SKEW_WARNING.as_millis() as u64 {
+            tracing::warn!(
+                skew_ms = skew,
+                "this machine's clock differs from Redis's: instances sharing keys need synchronised clocks (NTP), or cooldowns end early or late"
+            );
+        }
+        Ok(())
+    }
+
+    /// Redis is away: the local store serves.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn degrade(&self, e: &dyn std::fmt::Display) {
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "Redis is unreachable: serving from this instance's own key state until it is back");
+        }
+    }
+
+    /// The key that says Redis still holds the pool's state (it is set when a store first connects).
+    fn marker(&self) -> String {
+        format!("{}:alive", self.prefix)
+    }
+
+    /// Where instances say that a key of a provider may be free (a release, a change of state).
+    fn channel(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+
+    /// A key name of `provider`'s, in its hash slot.
+    fn name(&self, provider: &str, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{{{}:{provider}}}:{rest}", self.prefix)
+    }
+
+    fn hash(&self, provider: &str) -> String {
+        self.name(provider, format_args!("state"))
+    }
+
+    fn key_set(&self, provider: &str, id: &KeyId) -> String {
+        self.name(provider, format_args!("lease:{id}"))
+    }
+
+    fn model_set(&self, provider: &str, id: &KeyId, model: &str) -> String {
+        self.name(provider, format_args!("lease:{id}:{model}"))
+    }
+
+    /// The key's window of requests (`requests`) or tokens (`tokens`) over the last minute.
+    fn window(&self, provider: &str, id: &KeyId, what: &str) -> String {
+        self.name(provider, format_args!("{what}:{id}"))
+    }
+
+    /// The key's counters of the day that started at `day_start`.
+    fn day(&self, provider: &str, id: &KeyId, day_start: UnixMs) -> String {
+        self.name(provider, format_args!("day:{day_start}:{id}"))
+    }
+
+    fn life(&self, provider: &str, id: &KeyId) -> String {
+        self.name(provider, format_args!("life:{id}"))
+    }
+
+    /// The start of the current day, and of the next.
+    fn days(&self, now: UnixMs) -> (UnixMs, UnixMs) {
+        let policy = lock(&self.policy);
+        (
+            policy.daily_reset.last_at_or_before(now),
+            policy.daily_reset.next_after(now),
+        )
+    }
+
+    /// Reads what choosing a key for `model` needs.
+    async fn read(&self, ask: &Ask<'_>, now: UnixMs) -> redis::RedisResult<Reading> {
+        let (day_start, _) = self.days(now);
+        let mut invocation = self.scripts.read.prepare_invoke();
+        invocation
+            .key(self.hash(ask.provider))
+            .key(self.name(ask.provider, format_args!("pause")))
+            .key(self.name(ask.provider, format_args!("cursor")))
+            .arg(now)
+            .arg(ask.model);
+        for key in ask.keys {
+            invocation
+                .key(self.key_set(ask.provider, &key.id))
+                .key(self.model_set(ask.provider, &key.id, ask.model))
+                .key(self.day(ask.provider, &key.id, day_start))
+                .arg(key.id.as_str());
+        }
+        let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
+        let value = |i: usize| raw.get(i).cloned().unwrap_or(redis::Value::Nil);
+        let int = |i: usize| redis::from_redis_value::<i64>(value(i)).unwrap_or(0);
+        let mut reading = Reading {
+            paused_until: int(0),
+            cursor: redis::from_redis_value(value(1)).unwrap_or_default(),
+            keys: Vec::with_capacity(ask.keys.len()),
+        };
+        for k in 0..ask.keys.len() {
+            let at = 2 + 6 * k;
+            let text: String = redis::from_redis_value(value(at)).unwrap_or_default();
+            reading.keys.push(Read {
+                verdict: Verdict::parse(&text),
+                version: int(at + 1),
+                leases: (int(at + 2) as u32, int(at + 3) as u32),
+                today: (int(at + 4).max(0) as u64, int(at + 5).max(0) as u64),
+            });
+        }
+        Ok(reading)
+    }
+
+    /// A key's verdict and its version, alone.
+    async fn read_verdict(
+        &self,
+        provider: &str,
+        key: &KeyId,
+    ) -> redis::RedisResult<(i64, Option<Verdict>)> {
+        let (text, version): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.hash(provider))
+            .arg(format!("s:{key}"))
+            .arg(format!("v:{key}"))
+            .query_async(&mut self.conn()?)
+            .await?;
+        Ok((
+            version.unwrap_or(0),
+            text.as_deref().and_then(Verdict::parse),
+        ))
+    }
+
+    async fn claim(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
+        for _ in 0..CLAIM_TRIES {
+            let now = self.clock.now();
+            let (day_start, next_reset) = self.days(now);
+            let reading = self.read(&ask, now).await?;
+            if reading.paused_until > now {
+                return Ok(Err(Unavailable {
+                    cooling: ask.keys.len(),
+                    ready_at: Some(reading.paused_until),
+                    ..Unavailable::default()
+                }));
+            }
+            let settling = lock(&self.settling).clone();
+            let requests_per_day = ask.tuning.limits.as_ref().and_then(|l| l.requests_per_day);
+            let mut standings: Vec<Standing> = ask
+                .keys
+                .iter()
+                .zip(&reading.keys)
+                .map(|(key, read)| {
+                    if settling.contains(&key.id) {
+                        return Standing::Cooling(Cooldown {
+                            until: now + 50,
+                            reason: ErrorClass::RateLimit,
+                        });
+                    }
+                    let mut state = read
+                        .verdict
+                        .as_ref()
+                        .map_or_else(KeyState::default, |v| v.state(ask.provider));
+                    state.roll(day_start, now);
+                    // In flight and today's requests are the pool's, whether or not the key has a verdict yet.
+                    state.in_flight = read.leases.0;
+                    let ms = state.models.entry(ask.model.to_string()).or_default();
+                    ms.in_flight = read.leases.1;
+                    ms.today.requests = read.today.0;
+                    let excluded = ask.exclude.contains(&key.id);
+                    match policy::standing(Some(&state), ask.model, excluded, ask.tuning, now) {
+                        Standing::Free(_)
+                            if requests_per_day.is_some_and(|max| read.today.1 >= max) =>
+                        {
+                            Standing::Cooling(Cooldown {
+                                until: next_reset,
+                                reason: ErrorClass::Quota,
+                            })
+                        }
+                        standing => standing,
+                    }
+                })
+                .collect();
+            let limits = ask.tuning.limits.as_ref();
+            let rpm = limits
+                .and_then(|l| l.requests_per_minute)
+                .map_or(0, |n| n.get());
+            let tpm = limits.and_then(|l| l.tokens_per_minute).unwrap_or(0);
+            let cursor = ask
+                .keys
+                .iter()
+                .position(|k| k.id.as_str() == reading.cursor);
+            let order =
+                policy::preference(&standings, ask.tuning.selection, cursor, limits.is_some());
+            // The first key of the order whose claim holds; a key out of room in its windows waits like a
+            // cooling one.
+            let mut lost = false;
+            for index in order {
+                let key = &ask.keys[index];
+                let read = &reading.keys[index];
+                let moves = ask.tuning.selection == Selection::Sequential
+                    && policy::moves_cursor(&standings, cursor);
+                let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
+                let held = Held {
+                    key_set: self.key_set(ask.provider, &key.id),
+                    model_set: self.model_set(ask.provider, &key.id, ask.model),
+                    member: format!("{}:{}", self.instance, lease.0),
+                    version: read.version,
+                    verdict: read.verdict.clone(),
+                };
+                let claimed: i64 = self
+                    .scripts
+                    .claim
+                    .key(self.hash(ask.provider))
+                    .key(&held.key_set)
+                    .key(&held.model_set)
+                    .key(self.window(ask.provider, &key.id, "requests"))
+                    .key(self.window(ask.provider, &key.id, "tokens"))
+                    .key(self.day(ask.provider, &key.id, day_start))
+                    .key(self.life(ask.provider, &key.id))
+                    .key(self.name(ask.provider, format_args!("pause")))
+                    .key(self.name(ask.provider, format_args!("cursor")))
+                    .arg(key.id.as_str())
+                    .arg(ask.model)
+                    .arg(&held.member)
+                    .arg(now + self.lease_ttl.as_millis() as UnixMs)
+                    .arg(ask.tuning.per_key)
+                    .arg(ask.tuning.per_key_model)
+                    .arg(now)
+                    .arg(rpm)
+                    .arg(tpm)
+                    .arg(DAY_TTL_MS)
+                    .arg(if moves { "1" } else { "0" })
+                    .invoke_async(&mut self.conn()?)
+                    .await?;
+                match claimed {
+                    1 => {
+                        lock(&self.held).insert(lease, held);
+                        return Ok(Ok(Grant {
+                            lease,
+                            provider: ask.provider.into(),
+                            model: ask.model.into(),
+                            key: key.clone(),
+                        }));
+                    }
+                    0 => {
+                        lost = true;
+                        break;
+                    }
+                    until => {
+                        standings[index] = Standing::Cooling(Cooldown {
+                            until,
+                            reason: ErrorClass::RateLimit,
+                        })
+                    }
+                }
+            }
+            if lost {
+                continue;
+            }
+            let mut why = policy::unavailable(&standings);
+            // A busy key frees on a release (published) or, its holder gone, when its lease runs out: look
+            // again then, whatever is heard.
+            if why.busy > 0 {
+                let expiry = now + self.lease_ttl.as_millis() as UnixMs;
+                why.ready_at = Some(why.ready_at.map_or(expiry, |at| at.min(expiry)));
+            }
+            return Ok(Err(why));
+        }
+        // Lost every race: busy, as far as this instance can tell; look again soon.
+        Ok(Err(Unavailable {
+            busy: ask.keys.len(),
+            ready_at: Some(self.clock.now() + 50),
+            ..Unavailable::default()
+        }))
+    }
+
+    /// Applies one change to a key: its counts at once, its verdict if no other instance changed it since it
+    /// was read (else decided again on a fresh read). The local copy follows, to serve from if Redis goes away.
+    async fn settle(&self, job: Settle<'_>) -> redis::RedisResult<()> {
+        let Settle {
+            provider,
+            key,
+            model,
+            mut member,
+            mut counts,
+            forget,
+            change,
+            mut known,
+            now,
+        } = job;
+        let (day_start, _) = self.days(now);
+        let pause = lock(&self.policy).pause;
+        loop {
+            let (version, stored) = match known.take() {
+                Some(known) => known,
+                None => self.read_verdict(provider, &key.id).await?,
+            };
+            let mut state = stored
+                .as_ref()
+                .map_or_else(KeyState::default, |v| v.state(provider));
+            state.masked = key.masked.to_string();
+            state.roll(day_start, now);
+            let started = change(&mut state);
+            if forget
+                && state
+                    .models
+                    .get(model)
+                    .is_some_and(|m| m.cooldown.is_none())
+            {
+                state.models.remove(model);
+            }
+            let verdict = Verdict::of(&state);
+            let changed = stored.as_ref() != Some(&verdict);
+            // A rate limit that started a cooldown counts towards the provider's pause.
+            let limited = match (pause, started) {
+                (
+                    Some(_),
+                    Some(Cooldown {
+                        until,
+                        reason: ErrorClass::RateLimit,
+                    }),
+                ) => until,
+                _ => 0,
+            };
+            let mut invocation = self.scripts.settle.prepare_invoke();
+            invocation
+                .key(self.hash(provider))
+                .key(self.key_set(provider, &key.id))
+                .key(self.model_set(provider, &key.id, model))
+                .key(self.window(provider, &key.id, "tokens"))
+                .key(self.day(provider, &key.id, day_start))
+                .key(self.life(provider, &key.id))
+                .key(self.name(provider, format_args!("pause")))
+                .key(self.name(provider, format_args!("limited")))
+                .arg(key.id.as_str())
+                .arg(member)
+                .arg(self.channel())
+                .arg(provider)
+                .arg(now)
+                .arg(model);
+            for n in counts {
+                invocation.arg(n);
+            }
+            invocation
+                .arg(DAY_TTL_MS)
+                .arg(if forget { "1" } else { "0" })
+                .arg(version)
+                .arg(if changed {
+                    verdict.to_json()
+                } else {
+                    String::new()
+                })
+                .arg(pause.map_or(0, |p| p.keys))
+                .arg(pause.map_or(0, |p| p.window.as_millis() as u64))
+                .arg(limited)
+                .arg("1");
+            let (written, paused, today, lifetime): (i64, i64, Fields, Fields) =
+                invocation.invoke_async(&mut self.conn()?).await?;
+            if paused > 0 {
+                tracing::warn!(provider = %provider, pause_ms = paused - now, "several keys rate-limited at once: pausing the provider");
+            }
+            if written == 0 {
+                // Another instance changed the verdict: the counts are in, the verdict is decided again.
+                member = "";
+                counts = [0; 6];
+                continue;
+            }
+            let mut whole = verdict.state(provider);
+            shape::add_counters(&mut whole, &today, true);
+            shape::add_counters(&mut whole, &lifetime, false);
+            self.local.put(&key.id, whole);
+            return Ok(());
+        }
+    }
+
+    /// Back from an outage. A Redis that kept its data (its marker is there) hears the outcomes it missed; one
+    /// that came back empty is seeded with what this instance knows, those outcomes included.
+    async fn rejoin(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn()?;
+        self.check_clock(&mut conn).await?;
+        let kept: bool = redis::cmd("EXISTS")
+            .arg(self.marker())
+            .query_async(&mut conn)
+            .await?;
+        if !kept {
+            self.seed().await?;
+            lock(&self.pending).clear();
+            return redis::cmd("SET")
+                .arg(self.marker())
+                .arg(1)
+                .query_async(&mut conn)
+                .await;
+        }
+        loop {
+            let Some(p) = lock(&self.pending).pop_front() else {
+                return Ok(());
+            };
+            let next_reset = self.days(p.at).1;
+            let change = |state: &mut KeyState| {
+                policy::settle(state, &p.model, &p.outcome, &p.tuning, p.at, next_reset)
+            };
+            let settled = self
+                .settle(Settle {
+                    provider: &p.provider,
+                    key: &p.key,
+                    model: &p.model,
+                    member: "",
+                    counts: shape::counts(p.requests, &p.outcome),
+                    forget: forgets(&p.outcome),
+                    change: &change,
+                    known: None,
+                    now: p.at,
+                })
+                .await;
+            if let Err(e) = settled {
+                lock(&self.pending).push_front(p);
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes what this instance knows of keys Redis has no verdict for (Redis came back empty).
+    async fn seed(&self) -> redis::RedisResult<()> {
+        let known = self.local.export();
+        let now = self.clock.now();
+        let (day_start, _) = self.days(now);
+        let mut conn = self.conn()?;
+        for (id, state) in &known.keys {
+            let mut verdict = Verdict::of(state);
+            // The local store rolls one day for all its keys: their counters are of its day.
+            verdict.day = verdict.day.max(known.day_start);
+            let (today, lifetime) = shape::counter_fields(state);
+            let today = if known.day_start == day_start {
+                today
+            } else {
+                Vec::new()
+            };
+            let mut invocation = self.scripts.seed.prepare_invoke();
+            invocation
+                .key(self.hash(&state.provider))
+                .key(self.day(&state.provider, id, day_start))
+                .key(self.life(&state.provider, id))
+                .arg(id.as_str())
+                .arg(verdict.to_json())
+                .arg(DAY_TTL_MS)
+                .arg(today.len());
+            for (field, n) in today.iter().chain(&lifetime) {
+                invocation.arg(field).arg(n);
+            }
+            invocation.invoke_async::<i64>(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A model the upstream refused outright (an unknown name, say) leaves no counters behind unless it ever
+/// succeeded: clients cannot grow the shared state with made-up model names.
+fn forgets(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Failure {
+            class: ErrorClass::InvalidRequest,
+            ..
+        }
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wakes this instance's waiting requests when another instance says a key of their provider may be free:
+/// one subscription per instance, no polling. Resubscribes after a lost connection.
+async fn listen(store: std::sync::Weak<RedisStore>, client: redis::Client) {
+    use futures_util::StreamExt;
+    loop {
+        let channel = match store.upgrade() {
+            Some(s) => s.channel(),
+            None => return,
+        };
+        if let Ok(mut pubsub) = client.get_async_pubsub().await
+            && pubsub.subscribe(&channel).await.is_ok()
+        {
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                if let Ok(provider) = message.get_payload::<String>() {
+                    store.local.wakeup(&provider).notify_waiters();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// While degraded, asks Redis every second whether it is back; when it is, catches it up and serves from it
+/// again.
+async fn probe(store: std::sync::Weak<RedisStore>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if !store.degraded() {
+            continue;
+        }
+        let ping = match store.connection().await {
+            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if ping.is_ok() && store.rejoin().await.is_ok() {
+            store.degraded.store(false, Ordering::Relaxed);
+            tracing::info!("Redis is back: serving from the shared key state again");
+        }
+    }
+}
+
+/// Renews the leases held, every third of their lifetime, while the store lives.
+async fn renew(store: std::sync::Weak<RedisStore>) {
+    loop {
+        let ttl = match store.upgrade() {
+            Some(s) => s.lease_ttl,
+            None => return,
+        };
+        tokio::time::sleep(ttl / 3).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let held: Vec<Held> = lock(&store.held).values().cloned().collect();
+        if held.is_empty() {
+            continue;
+        }
+        let expiry = store.clock.now() + store.lease_ttl.as_millis() as UnixMs;
+        let mut invocation = store.scripts.renew.prepare_invoke();
+        invocation.arg(expiry);
+        for h in &held {
+            invocation
+                .key(&h.key_set)
+                .arg(&h.member)
+                .key(&h.model_set)
+                .arg(&h.member);
+        }
+        let renewed = match store.conn() {
+            Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = renewed {
+            tracing::warn!(error = %e, "renewing leases in Redis failed");
+        }
+    }
+}
+
+impl KeyStore for RedisStore {
+    fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
+        Box::pin(async move {
+            if !self.degraded() {
+                match tokio::time::timeout(2 * OPERATION_TIMEOUT, self.claim(ask)).await {
+                    Ok(Ok(result)) => return result,
+                    Ok(Err(e)) => self.degrade(&e),
+                    Err(_) => self.degrade(&"no answer in time"),
+                }
+            }
+            // Served locally; the lease says so.
+            self.local.try_acquire(ask).map(|mut grant| {
+                grant.lease = LeaseId(grant.lease.0 | LOCAL);
+                grant
+            })
+        })
+    }
+
+    fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
+        let now = self.clock.now();
+        if grant.lease.0 & LOCAL != 0 {
+            // Granted while Redis was away: the local copy has it all, Redis hears of it when it is back.
+            let mut local = grant.clone();
+            local.lease = LeaseId(grant.lease.0 & !LOCAL);
+            self.local.release(&local, outcome.clone(), tuning);
+            self.postpone(grant, outcome, tuning, now, 1);
+            return;
+        }
+        let Some(held) = lock(&self.held).remove(&grant.lease) else {
+            return;
+        };
+        let failed = matches!(outcome, Outcome::Failure { .. });
+        if failed {
+            lock(&self.settling).insert(grant.key.id.clone());
+        }
+        // Release never blocks: settled in the background. The store outlives its requests (the engine holds
+        // it for the process).
+        let Some(store) = self.this.upgrade() else {
+            return;
+        };
+        let (grant, tuning) = (grant.clone(), tuning.clone());
+        tokio::spawn(async move {
+            let next_reset = store.days(now).1;
+            let change = |state: &mut KeyState| {
+                policy::settle(state, &grant.model, &outcome, &tuning, now, next_reset)
+            };
+            let settled = store
+                .settle(Settle {
+                    provider: &grant.provider,
+                    key: &grant.key,
+                    model: &grant.model,
+                    member: &held.member,
+                    counts: shape::counts(0, &outcome),
+                    forget: forgets(&outcome),
+                    change: &change,
+                    known: Some((held.version, held.verdict)),
+                    now,
+                })
+                .await;
+            if let Err(e) = settled {
+                // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
+                store.degrade(&e);
+                let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
+                    provider: grant.provider.to_string(),
+                    masked: grant.key.masked.to_string(),
+                    ..KeyState::default()
+                });
+                let ms = state.models.entry(grant.model.to_string()).or_default();
+                ms.today.requests += 1;
+                ms.lifetime.requests += 1;
+                change(&mut state);
+                store.local.put(&grant.key.id, state);
+                store.postpone(&grant, outcome, &tuning, now, 0);
+            }
+            if failed {
+                lock(&store.settling).remove(&grant.key.id);
+            }
+            store.wakeup(&grant.provider).notify_waiters();
+        });
+    }
+
+    fn wakeup(&self, provider: &str) -> Arc<Notify> {
+        self.local.wakeup(provider)
+    }
+
+    fn configure(&self, policy: StorePolicy) {
+        self.local.configure(policy.clone());
+        *lock(&self.policy) = policy;
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.degraded() { "degraded" } else { "redis" }
+    }
+
+    fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
+        self.local.retire(removed, live);
+    }
+
+    fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool {
+        self.local.control(provider, key, action);
+        let Some(store) = self.this.upgrade() else {
+            return false;
+        };
+        let (provider, key, action) = (provider.to_string(), key.clone(), action.clone());
+        tokio::spawn(async move {
+            let change = |state: &mut KeyState| {
+                state.control(&action);
+                None
+            };
+            let settled = store
+                .settle(Settle {
+                    provider: &provider,
+                    key: &key,
+                    model: "-",
+                    member: "",
+                    counts: [0; 6],
+                    forget: false,
+                    change: &change,
+                    known: None,
+                    now: store.clock.now(),
+                })
+                .await;
+            if let Err(e) = settled {
+                store.degrade(&e);
+            }
+            store.wakeup(&provider).notify_waiters();
+        });
+        true
+    }
+
+    fn report<'a>(
+        &'a self,
+        provider: &'a str,
+        keys: &'a [ApiKey],
+    ) -> BoxFuture<'a, Vec<KeyStatus>> {
+        Box::pin(async move {
+            if self.degraded() {
+                return self.local.status(provider, keys);
+            }
+            match self.pool_report(provider, keys).await {
+                Ok(report) => report,
+                Err(e) => {
+                    self.degrade(&e);
+                    self.local.status(provider, keys)
+                }
+            }
+        })
+    }
+}
+
+impl RedisStore {
+    /// The pool's state of `keys`, for operators.
+    async fn pool_report(
+        &self,
+        provider: &str,
+        keys: &[ApiKey],
+    ) -> redis::RedisResult<Vec<KeyStatus>> {
+        let now = self.clock.now();
+        let (day_start, _) = self.days(now);
+        let mut invocation = self.scripts.report.prepare_invoke();
+        invocation.key(self.hash(provider)).arg(now);
+        for key in keys {
+            invocation
+                .key(self.key_set(provider, &key.id))
+                .key(self.day(provider, &key.id, day_start))
+                .key(self.life(provider, &key.id))
+                .arg(key.id.as_str());
+        }
+        type Row = (String, u32, Fields, Fields);
+        let rows: Vec<Row> = invocation.invoke_async(&mut self.conn()?).await?;
+        Ok(keys
+            .iter()
+            .zip(rows)
+            .map(|(key, (verdict, in_flight, today, lifetime))| {
+                let known = Verdict::parse(&verdict);
+                let mut state = known
+                    .as_ref()
+                    .map_or_else(KeyState::default, |v| v.state(provider));
+                state.roll(day_start, now);
+                shape::add_counters(&mut state, &today, true);
+                shape::add_counters(&mut state, &lifetime, false);
+                let known = known.is_some() || !state.models.is_empty();
+                KeyStatus::of(key, known.then_some(&state), in_flight, now)
+            })
+            .collect())
+    }
+
+    /// Keeps an outcome for Redis, away now. `requests`: 1 when Redis never counted the request.
+    fn postpone(
+        &self,
+        grant: &Grant,
+        outcome: Outcome,
+        tuning: &Tuning,
+        at: UnixMs,
+        requests: u64,
+    ) {
+        let mut pending = lock(&self.pending);
+        if pending.len() >= MAX_PENDING {
+            pending.pop_front();
+        }
+        pending.push_back(Pending {
+            provider: grant.provider.clone(),
+            key: grant.key.clone(),
+            model: grant.model.clone(),
+            outcome,
+            tuning: tuning.clone(),
+            at,
+            requests,
+        });
+    }
+}
