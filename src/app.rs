@@ -126,9 +126,10 @@ pub async fn start(
             url,
             prefix,
             lease_ttl,
+            ca,
         } => {
             match crate::keys::redis::RedisStore::connect(
-                url,
+                crate::keys::redis::client(url, ca.as_deref()),
                 prefix,
                 clock,
                 policy.clone(),

@@ -91,6 +91,7 @@ impl Snapshot {
                 url: url.to_string(),
                 prefix: "keyrelay".into(),
                 lease_ttl: crate::keys::redis::LEASE_TTL,
+                ca: None,
             };
         }
         // How the Python proxy's variables were read, for `keyrelay check` and warnings.

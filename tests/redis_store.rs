@@ -25,7 +25,7 @@ async fn stores(redis: &Redis, n: usize) -> Vec<Arc<RedisStore>> {
     for _ in 0..n {
         out.push(
             RedisStore::connect(
-                &redis.url(),
+                redis::Client::open(redis.url()),
                 "kr",
                 Clock::system(),
                 policy(),
@@ -248,7 +248,7 @@ async fn the_provider_pause_is_the_pools() {
     for _ in 0..2 {
         stores.push(
             RedisStore::connect(
-                &redis.url(),
+                redis::Client::open(redis.url()),
                 "kr",
                 Clock::system(),
                 pausing(),

@@ -13,7 +13,12 @@ fn instance(mock: &Mock, redis: &Redis, extra: &str) -> (tempfile::TempDir, bina
         "store: {{redis: {{url: \"{}\"}}}}\nconcurrency: {{per_key_model: 1}}\n{extra}",
         redis.url()
     );
-    let dir = binary::mock_dir(mock, &config);
+    configured(mock, &config)
+}
+
+/// A keyrelay process in its own directory, with `config` as its config.yaml.
+fn configured(mock: &Mock, config: &str) -> (tempfile::TempDir, binary::Served) {
+    let dir = binary::mock_dir(mock, config);
     let served = binary::start(dir.path(), &[], None);
     (dir, served)
 }
@@ -334,4 +339,52 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     );
     assert_eq!(requests(a.get_json("/v1/keys").await), Some(3));
     assert_eq!(chat(&a.url).await, 200);
+}
+
+/// The pool's requests today on the one key, as `served` reports them, once `want` (settled in the background).
+async fn pool_requests(served: &binary::Served, want: u64) -> u64 {
+    let mut requests = 0;
+    for _ in 0..100 {
+        let keys: serde_json::Value = served.get_json("/v1/keys").await;
+        requests = keys["data"][0]["keys"][0]["today"]["requests"]
+            .as_u64()
+            .unwrap_or(0);
+        if requests == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_private_ca_and_over_a_unix_socket() {
+    let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "ok"))).await;
+    for redis in [Redis::start_tls(), Redis::start_unix()] {
+        let ca = redis
+            .ca_file()
+            .map(|ca| format!(", ca_file: \"{}\"", ca.display()))
+            .unwrap_or_default();
+        let config = format!("store: {{redis: {{url: \"{}\"{ca}}}}}\n", redis.url());
+        let (_a_dir, a) = configured(&mock, &config);
+        let (_b_dir, b) = configured(&mock, &config);
+        for served in [&a, &b, &a] {
+            assert_eq!(chat(&served.url).await, 200, "{}", redis.url());
+        }
+        let live: serde_json::Value = b.get_json("/").await;
+        assert_eq!(live["store"], "redis", "{}", redis.url());
+        assert_eq!(pool_requests(&b, 3).await, 3, "{}", redis.url());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_the_instance_cannot_verify_is_not_used() {
+    let redis = Redis::start_tls();
+    let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "ok"))).await;
+    // No CA file: the certificate is not one the system trusts.
+    let config = format!("store: {{redis: {{url: \"{}\"}}}}\n", redis.url());
+    let (_dir, served) = configured(&mock, &config);
+    assert_eq!(chat(&served.url).await, 200, "served from its own state");
+    let live: serde_json::Value = served.get_json("/").await;
+    assert_eq!(live["store"], "degraded");
 }

@@ -59,7 +59,13 @@ struct RawRedis {
     prefix: Option<String>,
     #[serde(default, with = "serde_human::option")]
     lease_ttl: Option<Duration>,
+    /// A PEM file of the certificate authority that signed a `rediss://` server's certificate, when it is not
+    /// one the system trusts.
+    ca_file: Option<PathBuf>,
 }
+
+/// The largest CA file read for a `rediss://` store.
+const MAX_CA_FILE: u64 = 1 << 20;
 
 /// Where key state lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +78,8 @@ pub enum Store {
         prefix: String,
         /// A crashed instance's leases are free after this.
         lease_ttl: Duration,
+        /// The certificate authority (PEM) a `rediss://` server is checked against, in place of the system's.
+        ca: Option<Vec<u8>>,
     },
 }
 
@@ -261,6 +269,29 @@ pub struct RequestLogging {
     pub max_total_bytes: u64,
 }
 
+/// Reads the CA file of a `rediss://` store: bounded, and a PEM certificate.
+fn read_ca(path: &Path, url: &str) -> Result<Vec<u8>, String> {
+    if !url.starts_with("rediss://") {
+        return Err("a CA file applies to rediss:// URLs only".into());
+    }
+    let mut pem = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(|e| e.to_string())?,
+            MAX_CA_FILE + 1,
+        ),
+        &mut pem,
+    )
+    .map_err(|e| e.to_string())?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(format!("larger than {MAX_CA_FILE} bytes"));
+    }
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err("no PEM certificate in it (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(pem)
+}
+
 impl Settings {
     /// Reads `config.yaml` (or defaults when `path` is absent and `required` is false). Relative paths in it are
     /// resolved against the file's directory.
@@ -425,10 +456,17 @@ impl Settings {
                                 "store.redis.url is not a Redis URL ({e}); e.g. redis://127.0.0.1:6379, rediss://host:6380, unix:///run/redis.sock"
                             ));
                         }
-                        redis.url
+                        redis.url.clone()
                     },
                     prefix: redis.prefix.unwrap_or_else(|| "keyrelay".into()),
                     lease_ttl: redis.lease_ttl.unwrap_or(crate::keys::redis::LEASE_TTL),
+                    ca: redis.ca_file.map(resolve).and_then(|path| {
+                        read_ca(&path, &redis.url)
+                            .map_err(|e| {
+                                err(format!("store.redis.ca_file {}: {e}", path.display()))
+                            })
+                            .ok()
+                    }),
                 },
             },
             responses: {
@@ -490,6 +528,43 @@ mod tests {
         assert_eq!(s.request_timeout, Duration::from_secs(5));
         assert_eq!(s.max_body_bytes, 1 << 20);
         assert_eq!(s.tuning.per_key, 3);
+    }
+
+    #[test]
+    fn the_redis_store_and_its_ca_file() {
+        assert_eq!(parse("# nothing\n").unwrap().store, Store::Memory);
+        let s = parse("store: {redis: {url: redis://10.0.0.1:6379, prefix: kr, lease_ttl: 5s}}\n")
+            .unwrap();
+        assert_eq!(
+            s.store,
+            Store::Redis {
+                url: "redis://10.0.0.1:6379".into(),
+                prefix: "kr".into(),
+                lease_ttl: Duration::from_secs(5),
+                ca: None,
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, pem).unwrap();
+        let written = |url: &str, file: &Path| {
+            parse(&format!(
+                "store: {{redis: {{url: \"{url}\", ca_file: \"{}\"}}}}\n",
+                file.display()
+            ))
+        };
+        let Store::Redis { ca: Some(read), .. } = written("rediss://r:6380", &ca).unwrap().store
+        else {
+            panic!("no CA read");
+        };
+        assert_eq!(read, pem.as_bytes());
+        let refused = |url: &str, file: &Path| written(url, file).unwrap_err()[0].to_string();
+        assert!(refused("redis://r:6379", &ca).contains("rediss:// URLs only"));
+        assert!(refused("rediss://r:6380", &dir.path().join("absent.pem")).contains("absent.pem"));
+        let not_pem = dir.path().join("key.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        assert!(refused("rediss://r:6380", &not_pem).contains("no PEM certificate"));
     }
 
     #[test]

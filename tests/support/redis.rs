@@ -1,36 +1,106 @@
-//! A real `redis-server` for the shared store tests.
+//! A real `redis-server` for the shared store tests: over TCP, TLS (a certificate made for the test) or a unix
+//! socket.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// How clients reach the server.
+enum Listen {
+    Tcp,
+    /// TLS on the port, with this CA certificate (PEM) to trust.
+    Tls(PathBuf),
+    Unix(PathBuf),
+}
 
 /// A `redis-server` on a free loopback port, without persistence, stopped when dropped.
 pub struct Redis {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    listen: Listen,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Redis {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_on(free_port())
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::spawn(port, Listen::Tcp, tempfile::tempdir().unwrap(), &[])
+    }
+
+    /// TLS only, with a certificate for `localhost` that the system does not trust: clients need
+    /// [`Redis::ca_file`].
+    pub fn start_tls() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key, ca) = (
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("ca.pem"),
+        );
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&ca, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        let port = free_port();
+        let args = [
+            "--port".to_string(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        Self::spawn(port, Listen::Tls(ca), dir, &args)
+    }
+
+    /// A unix socket only.
+    pub fn start_unix() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("redis.sock");
+        let args = [
+            "--port".to_string(),
+            "0".into(),
+            "--unixsocket".into(),
+            socket.display().to_string(),
+        ];
+        Self::spawn(0, Listen::Unix(socket), dir, &args)
+    }
+
+    fn spawn(port: u16, listen: Listen, dir: tempfile::TempDir, args: &[String]) -> Self {
+        let mut command = Command::new("redis-server");
+        if let Listen::Tcp = listen {
+            command.args(["--port", &port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+            .args(args)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("this test needs redis-server: run .ci/run (which installs it), or apt-get install redis-server");
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let up = match &listen {
+                Listen::Unix(socket) => socket.exists(),
+                _ => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            };
+            if up {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -38,12 +108,30 @@ impl Redis {
         Self {
             child,
             port,
-            _dir: dir,
+            listen,
+            dir,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.listen {
+            Listen::Tcp => format!("redis://127.0.0.1:{}", self.port),
+            Listen::Tls(_) => format!("rediss://localhost:{}", self.port),
+            Listen::Unix(socket) => format!("unix://{}", socket.display()),
+        }
+    }
+
+    /// The CA certificate a TLS server's clients trust.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        match &self.listen {
+            Listen::Tls(ca) => Some(ca),
+            _ => None,
+        }
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 }
 

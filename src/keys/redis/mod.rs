@@ -158,18 +158,33 @@ struct Reading {
     keys: Vec<Read>,
 }
 
+/// A client of the Redis at `url` (`redis://`, `rediss://`, `unix://`); a `rediss://` server's certificate is
+/// checked against `ca` (PEM) when given, else against the system's authorities.
+pub fn client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match ca {
+        None => redis::Client::open(url),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
+}
+
 impl RedisStore {
-    /// Connects to `url` (`redis://`, `rediss://`, `unix://`); key names start with `prefix`. `local` serves
-    /// while Redis is away (and holds what this instance knew before).
+    /// Starts sharing key state through `client` (see [`client`]); key names start with `prefix`. `local`
+    /// serves while Redis is away (and holds what this instance knew before).
     pub async fn connect(
-        url: &str,
+        client: redis::RedisResult<redis::Client>,
         prefix: &str,
         clock: Clock,
         policy: StorePolicy,
         local: Arc<MemoryStore>,
         lease_ttl: Duration,
     ) -> Result<Arc<Self>, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        let client = client?;
         let store = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             client: client.clone(),
