@@ -7,6 +7,10 @@
 //! a million requests (by default) against keys of which a quarter rate-limit and a tenth are flaky, reporting
 //! client-visible errors and RSS over time. Table options: `levels=1,64` (chosen rows only), `runs=3` (each row
 //! measured three times, medians printed), `quick` (concurrency 16 only, no RSS runs).
+//!
+//! `cargo bench --bench load -- store=redis` compares the key stores instead: a real `redis-server` on loopback,
+//! keyrelay with the in-process store and with the Redis store at concurrency 1 (the latency Redis adds) and 64
+//! (throughput, with one and with two instances sharing the pool), and the Redis commands sent per request.
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
@@ -558,6 +562,200 @@ async fn table() {
     );
 }
 
+// ------------------------------------------------------------------------------------------- the stores
+
+/// A `redis-server` on a free loopback port, without persistence, in its own directory; killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_server() -> RedisServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect(
+            "store=redis needs redis-server (apt-get install redis-server; .ci/run installs it)",
+        );
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    RedisServer {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// Scripts Redis ran (`EVALSHA`, `EVAL`): each is one of keyrelay's round trips (the commands a script runs
+/// inside are not).
+async fn redis_round_trips(port: u16) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            let calls: u64 = rest.split(',').next()?.parse().ok()?;
+            ["evalsha", "eval"].contains(&name).then_some(calls)
+        })
+        .sum()
+}
+
+/// `concurrency` clients spread over `urls`, as one run.
+async fn load_spread(
+    client: &reqwest::Client,
+    urls: &[String],
+    concurrency: usize,
+    duration: Duration,
+) -> Run {
+    let runs = futures_util::future::join_all(urls.iter().map(|url| {
+        load(
+            client,
+            url,
+            concurrency / urls.len(),
+            false,
+            duration,
+            "mock/m",
+        )
+    }))
+    .await;
+    let mut all = Run {
+        requests: 0,
+        all: 0,
+        errors: 0,
+        elapsed: duration,
+        latencies: Vec::new(),
+    };
+    for run in runs {
+        all.requests += run.requests;
+        all.all += run.all;
+        all.errors += run.errors;
+        all.latencies.extend(run.latencies);
+    }
+    all.latencies.sort();
+    all
+}
+
+async fn stores() {
+    let mock = mock();
+    let base = format!("http://{}/v1", mock.addr);
+    let redis = redis_server();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let keys = |_| {
+        (1..=16)
+            .map(|i| format!("load-key-{i:04}-abcdefgh"))
+            .collect()
+    };
+    // One directory per instance; the Redis ones share the pool.
+    let instance = |store: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write_config(dir.path(), &base, 1, keys);
+        let config = dir.path().join("config.yaml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(store);
+        std::fs::write(&config, text).unwrap();
+        let process = keyrelay(dir.path());
+        let url = format!("http://{}/v1/chat/completions", process.addr);
+        (dir, process, url)
+    };
+    let memory = instance("store: memory\n");
+    let shared = format!(
+        "store: {{redis: {{url: \"redis://127.0.0.1:{}\"}}}}\n",
+        redis.port
+    );
+    let first = instance(&shared);
+    let second = instance(&shared);
+    let duration = Duration::from_secs(5);
+    println!(
+        "keyrelay key stores (zero-latency mock, redis-server {} on loopback, no persistence; JSON requests)",
+        redis_version()
+    );
+    println!(
+        "| store | instances | concurrency | req/s | p50 / p99 ms | Redis round trips per request | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut p50 = Vec::new();
+    for (name, urls, concurrency) in [
+        ("memory", vec![memory.2.clone()], 1),
+        ("redis", vec![first.2.clone()], 1),
+        ("memory", vec![memory.2.clone()], 64),
+        ("redis", vec![first.2.clone()], 64),
+        ("redis", vec![first.2.clone(), second.2.clone()], 64),
+    ] {
+        let before = redis_round_trips(redis.port).await;
+        let run = load_spread(&client, &urls, concurrency, duration).await;
+        let trips = redis_round_trips(redis.port).await - before;
+        let ms = |p: f64| run.percentile(p).as_secs_f64() * 1000.0;
+        if concurrency == 1 {
+            p50.push((ms(0.5), ms(0.99)));
+        }
+        println!(
+            "| {name} | {} | {concurrency} | {:.0} | {:.3} / {:.3} | {} | {} |",
+            urls.len(),
+            run.throughput(),
+            ms(0.5),
+            ms(0.99),
+            if name == "redis" {
+                format!("{:.2}", trips as f64 / run.all.max(1) as f64)
+            } else {
+                "-".into()
+            },
+            run.errors,
+        );
+    }
+    println!(
+        "\nlatency the Redis store adds at concurrency 1: p50 {:.3} ms, p99 {:.3} ms",
+        p50[1].0 - p50[0].0,
+        p50[1].1 - p50[0].1
+    );
+}
+
+fn redis_version() -> String {
+    let out = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .unwrap_or("?")
+        .to_string()
+}
+
 async fn soak(total: usize) {
     let mock = mock();
     let base = format!("http://{}/v1", mock.addr);
@@ -634,7 +832,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    if let Some(i) = args.iter().position(|a| a == "soak") {
+    if args.iter().any(|a| a == "store=redis") {
+        rt.block_on(stores());
+    } else if let Some(i) = args.iter().position(|a| a == "soak") {
         let total = args
             .get(i + 1)
             .and_then(|n| n.parse().ok())

@@ -127,19 +127,21 @@ pub async fn start(
             prefix,
             lease_ttl,
             ca,
+            cluster,
         } => {
-            match crate::keys::redis::RedisStore::connect(
-                crate::keys::redis::client(url, ca.as_deref()),
-                prefix,
-                clock,
-                policy.clone(),
-                store.clone(),
-                *lease_ttl,
-            )
-            .await
-            {
-                Ok(shared) => {
-                    tracing::info!(prefix = %prefix, "key state shared through Redis");
+            use crate::keys::redis::{RedisStore, Target};
+            match Target::new(url, ca.as_deref(), *cluster) {
+                Ok(target) => {
+                    let shared = RedisStore::connect(
+                        target,
+                        prefix,
+                        clock,
+                        policy.clone(),
+                        store.clone(),
+                        *lease_ttl,
+                    )
+                    .await;
+                    tracing::info!(prefix = %prefix, cluster = *cluster, "key state shared through Redis");
                     shared
                 }
                 Err(e) => {

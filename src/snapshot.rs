@@ -92,6 +92,7 @@ impl Snapshot {
                 prefix: "keyrelay".into(),
                 lease_ttl: crate::keys::redis::LEASE_TTL,
                 ca: None,
+                cluster: false,
             };
         }
         // How the Python proxy's variables were read, for `keyrelay check` and warnings.

@@ -62,6 +62,9 @@ struct RawRedis {
     /// A PEM file of the certificate authority that signed a `rediss://` server's certificate, when it is not
     /// one the system trusts.
     ca_file: Option<PathBuf>,
+    /// `url` is a node of a Redis Cluster.
+    #[serde(default)]
+    cluster: bool,
 }
 
 /// The largest CA file read for a `rediss://` store.
@@ -80,6 +83,8 @@ pub enum Store {
         lease_ttl: Duration,
         /// The certificate authority (PEM) a `rediss://` server is checked against, in place of the system's.
         ca: Option<Vec<u8>>,
+        /// `url` is a node of a Redis Cluster (the others are discovered).
+        cluster: bool,
     },
 }
 
@@ -467,6 +472,7 @@ impl Settings {
                             })
                             .ok()
                     }),
+                    cluster: redis.cluster,
                 },
             },
             responses: {
@@ -542,6 +548,7 @@ mod tests {
                 prefix: "kr".into(),
                 lease_ttl: Duration::from_secs(5),
                 ca: None,
+                cluster: false,
             }
         );
         let dir = tempfile::tempdir().unwrap();

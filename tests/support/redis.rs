@@ -141,3 +141,73 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// A Redis Cluster of `nodes` primaries on loopback (no replicas), made with `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Self {
+        let nodes: Vec<Redis> = (0..nodes)
+            .map(|_| {
+                let args = [
+                    "--cluster-enabled".to_string(),
+                    "yes".into(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ];
+                Redis::spawn(
+                    free_port(),
+                    Listen::Tcp,
+                    tempfile::tempdir().unwrap(),
+                    &args,
+                )
+            })
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("this test needs redis-cli (redis-tools, installed with redis-server)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        // Ready when every node says so.
+        for node in &nodes {
+            for _ in 0..300 {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// A node to start from (the client discovers the others).
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "dbsize"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}

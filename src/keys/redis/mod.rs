@@ -27,6 +27,7 @@
 
 mod scripts;
 mod shape;
+mod target;
 
 use super::MemoryStore;
 use super::policy::{self, Standing};
@@ -39,12 +40,13 @@ use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
 use crate::provider::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
-use redis::aio::ConnectionManager;
 use shape::Verdict;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use target::Conn;
+pub use target::Target;
 use tokio::sync::Notify;
 
 /// The longest a Redis operation may take before the local store serves instead.
@@ -57,6 +59,10 @@ const MAX_PENDING: usize = 10_000;
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Claims retried after a lost race before the request waits like any other.
 const CLAIM_TRIES: usize = 4;
+/// How old a reading may be to choose from (a claim checks it anyway).
+const VIEW_AGE_MS: UnixMs = 1000;
+/// Provider and model pairs whose last reading is kept, at most.
+const MAX_VIEWS: usize = 4096;
 /// A day's counters outlive it by a day, then go.
 const DAY_TTL_MS: i64 = 50 * 3600 * 1000;
 /// A difference between this instance's clock and Redis's worth a warning.
@@ -77,8 +83,8 @@ struct Pending {
 /// A lease this instance holds: for renewal, and the verdict it was claimed on.
 #[derive(Clone, Debug)]
 struct Held {
-    key_set: String,
-    model_set: String,
+    /// Renewals go per provider (one hash slot each).
+    provider: Arc<str>,
     member: String,
     version: i64,
     verdict: Option<Verdict>,
@@ -106,9 +112,9 @@ struct Settle<'a> {
 pub struct RedisStore {
     /// Itself, for work done in the background (releases never block).
     this: std::sync::Weak<RedisStore>,
-    client: redis::Client,
+    target: Target,
     /// Made at start, or once Redis first answers.
-    conn: Mutex<Option<ConnectionManager>>,
+    conn: Mutex<Option<Conn>>,
     prefix: String,
     /// Distinguishes this instance's lease members.
     instance: String,
@@ -127,6 +133,39 @@ pub struct RedisStore {
     settling: Mutex<HashSet<KeyId>>,
     /// Outcomes to give Redis when it is back.
     pending: Mutex<VecDeque<Pending>>,
+    /// What was last read per provider and model, to choose from.
+    views: Mutex<HashMap<(String, String), View>>,
+}
+
+/// A provider's keys for one model as last read.
+struct View {
+    at: UnixMs,
+    ids: Vec<KeyId>,
+    reading: Reading,
+}
+
+impl Reading {
+    /// From what a reading script returned, for `keys` keys.
+    fn parse(raw: &[redis::Value], keys: usize) -> Self {
+        let value = |i: usize| raw.get(i).cloned().unwrap_or(redis::Value::Nil);
+        let int = |i: usize| redis::from_redis_value::<i64>(value(i)).unwrap_or(0);
+        let mut reading = Reading {
+            paused_until: int(0),
+            cursor: redis::from_redis_value(value(1)).unwrap_or_default(),
+            keys: Vec::with_capacity(keys),
+        };
+        for k in 0..keys {
+            let at = 2 + 6 * k;
+            let text: String = redis::from_redis_value(value(at)).unwrap_or_default();
+            reading.keys.push(Read {
+                verdict: Verdict::parse(&text),
+                version: int(at + 1),
+                leases: (int(at + 2) as u32, int(at + 3) as u32),
+                today: (int(at + 4).max(0) as u64, int(at + 5).max(0) as u64),
+            });
+        }
+        reading
+    }
 }
 
 struct Scripts {
@@ -135,13 +174,36 @@ struct Scripts {
     settle: redis::Script,
     report: redis::Script,
     seed: redis::Script,
+    verdict: redis::Script,
     renew: redis::Script,
 }
 
 /// A hash's fields and values, as read.
 type Fields = Vec<(String, String)>;
+/// One key and model's counters as read, in [`shape::COUNTERS`] order, then its last use.
+type Counted = Vec<Option<u64>>;
+
+impl Scripts {
+    /// Loads every script, so that none costs a round trip more on its first use.
+    async fn load(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let all = [
+            &self.read,
+            &self.claim,
+            &self.settle,
+            &self.report,
+            &self.seed,
+            &self.verdict,
+            &self.renew,
+        ];
+        for script in all {
+            script.load_async(conn).await?;
+        }
+        Ok(())
+    }
+}
 
 /// A key as read for choosing.
+#[derive(Clone)]
 struct Read {
     verdict: Option<Verdict>,
     version: i64,
@@ -152,42 +214,27 @@ struct Read {
 }
 
 /// What choosing needs: the provider's pause, the model's sequential cursor, and the keys.
+#[derive(Clone)]
 struct Reading {
     paused_until: UnixMs,
     cursor: String,
     keys: Vec<Read>,
 }
 
-/// A client of the Redis at `url` (`redis://`, `rediss://`, `unix://`); a `rediss://` server's certificate is
-/// checked against `ca` (PEM) when given, else against the system's authorities.
-pub fn client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
-    match ca {
-        None => redis::Client::open(url),
-        Some(pem) => redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.to_vec()),
-            },
-        ),
-    }
-}
-
 impl RedisStore {
-    /// Starts sharing key state through `client` (see [`client`]); key names start with `prefix`. `local`
-    /// serves while Redis is away (and holds what this instance knew before).
+    /// Starts sharing key state through `target`; key names start with `prefix`. `local` serves while Redis is
+    /// away (and holds what this instance knew before).
     pub async fn connect(
-        client: redis::RedisResult<redis::Client>,
+        target: Target,
         prefix: &str,
         clock: Clock,
         policy: StorePolicy,
         local: Arc<MemoryStore>,
         lease_ttl: Duration,
-    ) -> Result<Arc<Self>, redis::RedisError> {
-        let client = client?;
+    ) -> Arc<Self> {
         let store = Arc::new_cyclic(|this| Self {
             this: this.clone(),
-            client: client.clone(),
+            target,
             conn: Mutex::new(None),
             prefix: prefix.to_string(),
             instance: (0..12).map(|_| fastrand::alphanumeric()).collect(),
@@ -201,6 +248,7 @@ impl RedisStore {
                 settle: redis::Script::new(scripts::SETTLE),
                 report: redis::Script::new(scripts::REPORT),
                 seed: redis::Script::new(scripts::SEED),
+                verdict: redis::Script::new(scripts::VERDICT),
                 renew: redis::Script::new(scripts::RENEW),
             },
             local,
@@ -208,6 +256,7 @@ impl RedisStore {
             lease_ttl,
             settling: Mutex::default(),
             pending: Mutex::default(),
+            views: Mutex::default(),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
@@ -215,6 +264,7 @@ impl RedisStore {
             Ok(mut conn) => {
                 let joined = async {
                     store.check_clock(&mut conn).await?;
+                    store.scripts.load(&mut conn).await?;
                     redis::cmd("SET")
                         .arg(store.marker())
                         .arg(1)
@@ -228,33 +278,30 @@ impl RedisStore {
             Err(e) => store.degrade(&e),
         }
         tokio::spawn(probe(Arc::downgrade(&store)));
-        tokio::spawn(listen(Arc::downgrade(&store), client));
-        Ok(store)
+        tokio::spawn(listen(Arc::downgrade(&store)));
+        store
     }
 
     /// The connection, when there is one.
-    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+    fn conn(&self) -> redis::RedisResult<Conn> {
         lock(&self.conn).clone().ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::Io, "not connected to Redis yet"))
         })
     }
 
     /// The connection, made if there is none yet.
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+    async fn connection(&self) -> redis::RedisResult<Conn> {
         if let Ok(conn) = self.conn() {
             return Ok(conn);
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OPERATION_TIMEOUT))
-            .set_response_timeout(Some(OPERATION_TIMEOUT));
-        let conn = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let conn = self.target.connect(OPERATION_TIMEOUT).await?;
         *lock(&self.conn) = Some(conn.clone());
         Ok(conn)
     }
 
     /// Warns when this instance's clock and Redis's disagree: cooldown ends written by one instance are read by
     /// the others' clocks.
-    async fn check_clock(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    async fn check_clock(&self, conn: &mut Conn) -> redis::RedisResult<()> {
         let before = self.clock.now();
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
         let after = self.clock.now();
@@ -298,12 +345,14 @@ impl RedisStore {
         self.name(provider, format_args!("state"))
     }
 
-    fn key_set(&self, provider: &str, id: &KeyId) -> String {
-        self.name(provider, format_args!("lease:{id}"))
+    /// The provider's leases in flight, scored by their expiry.
+    fn leases(&self, provider: &str) -> String {
+        self.name(provider, format_args!("leases"))
     }
 
-    fn model_set(&self, provider: &str, id: &KeyId, model: &str) -> String {
-        self.name(provider, format_args!("lease:{id}:{model}"))
+    /// The provider's counts of leases in flight, per key and per key and model.
+    fn inflight(&self, provider: &str) -> String {
+        self.name(provider, format_args!("inflight"))
     }
 
     /// The key's window of requests (`requests`) or tokens (`tokens`) over the last minute.
@@ -311,13 +360,14 @@ impl RedisStore {
         self.name(provider, format_args!("{what}:{id}"))
     }
 
-    /// The key's counters of the day that started at `day_start`.
-    fn day(&self, provider: &str, id: &KeyId, day_start: UnixMs) -> String {
-        self.name(provider, format_args!("day:{day_start}:{id}"))
+    /// The provider's counters of the day that started at `day_start`.
+    fn day(&self, provider: &str, day_start: UnixMs) -> String {
+        self.name(provider, format_args!("day:{day_start}"))
     }
 
-    fn life(&self, provider: &str, id: &KeyId) -> String {
-        self.name(provider, format_args!("life:{id}"))
+    /// The provider's counters of all time.
+    fn life(&self, provider: &str) -> String {
+        self.name(provider, format_args!("life"))
     }
 
     /// The start of the current day, and of the next.
@@ -329,42 +379,89 @@ impl RedisStore {
         )
     }
 
+    /// The keys every choosing script reads: state, pause, cursor, day hash, leases, in-flight counts.
+    fn reading_keys(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        provider: &str,
+        now: UnixMs,
+    ) {
+        let (day_start, _) = self.days(now);
+        invocation
+            .key(self.hash(provider))
+            .key(self.name(provider, format_args!("pause")))
+            .key(self.name(provider, format_args!("cursor")))
+            .key(self.day(provider, day_start))
+            .key(self.leases(provider))
+            .key(self.inflight(provider));
+    }
+
     /// Reads what choosing a key for `model` needs.
     async fn read(&self, ask: &Ask<'_>, now: UnixMs) -> redis::RedisResult<Reading> {
-        let (day_start, _) = self.days(now);
         let mut invocation = self.scripts.read.prepare_invoke();
-        invocation
-            .key(self.hash(ask.provider))
-            .key(self.name(ask.provider, format_args!("pause")))
-            .key(self.name(ask.provider, format_args!("cursor")))
-            .arg(now)
-            .arg(ask.model);
+        self.reading_keys(&mut invocation, ask.provider, now);
+        invocation.arg(now).arg(ask.model);
         for key in ask.keys {
-            invocation
-                .key(self.key_set(ask.provider, &key.id))
-                .key(self.model_set(ask.provider, &key.id, ask.model))
-                .key(self.day(ask.provider, &key.id, day_start))
-                .arg(key.id.as_str());
+            invocation.arg(key.id.as_str());
         }
         let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
-        let value = |i: usize| raw.get(i).cloned().unwrap_or(redis::Value::Nil);
-        let int = |i: usize| redis::from_redis_value::<i64>(value(i)).unwrap_or(0);
-        let mut reading = Reading {
-            paused_until: int(0),
-            cursor: redis::from_redis_value(value(1)).unwrap_or_default(),
-            keys: Vec::with_capacity(ask.keys.len()),
-        };
-        for k in 0..ask.keys.len() {
-            let at = 2 + 6 * k;
-            let text: String = redis::from_redis_value(value(at)).unwrap_or_default();
-            reading.keys.push(Read {
-                verdict: Verdict::parse(&text),
-                version: int(at + 1),
-                leases: (int(at + 2) as u32, int(at + 3) as u32),
-                today: (int(at + 4).max(0) as u64, int(at + 5).max(0) as u64),
-            });
-        }
+        let reading = Reading::parse(&raw, ask.keys.len());
+        self.remember(ask, &reading, now);
         Ok(reading)
+    }
+
+    /// What this instance last read of `ask`'s keys, if recent: a claim re-checks all that matters, so choosing
+    /// from it saves a round trip, and what the claim returns replaces it.
+    fn view(&self, ask: &Ask<'_>, now: UnixMs) -> Option<Reading> {
+        let views = lock(&self.views);
+        let view = views.get(&(ask.provider.to_string(), ask.model.to_string()))?;
+        let same_keys = view.ids.len() == ask.keys.len()
+            && view.ids.iter().zip(ask.keys).all(|(id, key)| *id == key.id);
+        (same_keys && now - view.at <= VIEW_AGE_MS).then(|| view.reading.clone())
+    }
+
+    fn remember(&self, ask: &Ask<'_>, reading: &Reading, now: UnixMs) {
+        let mut views = lock(&self.views);
+        // Model names come from clients: the views kept are bounded.
+        if views.len() >= MAX_VIEWS {
+            views.clear();
+        }
+        views.insert(
+            (ask.provider.to_string(), ask.model.to_string()),
+            View {
+                at: now,
+                ids: ask.keys.iter().map(|k| k.id.clone()).collect(),
+                reading: reading.clone(),
+            },
+        );
+    }
+
+    /// Puts a verdict this instance wrote into its views of the key, so that its next choices know of it.
+    fn note_verdict(&self, provider: &str, key: &KeyId, version: i64, verdict: &Verdict) {
+        let mut views = lock(&self.views);
+        for ((p, _), view) in views.iter_mut() {
+            if p != provider {
+                continue;
+            }
+            if let Some(i) = view.ids.iter().position(|id| id == key) {
+                view.reading.keys[i].version = version;
+                view.reading.keys[i].verdict = Some(verdict.clone());
+            }
+        }
+    }
+
+    /// Counts a claim on key `index` in the view at once, so that requests choosing meanwhile see it.
+    fn note_claim(&self, ask: &Ask<'_>, index: usize) {
+        let mut views = lock(&self.views);
+        if let Some(read) = views
+            .get_mut(&(ask.provider.to_string(), ask.model.to_string()))
+            .and_then(|v| v.reading.keys.get_mut(index))
+        {
+            read.leases.0 += 1;
+            read.leases.1 += 1;
+            read.today.0 += 1;
+            read.today.1 += 1;
+        }
     }
 
     /// A key's verdict and its version, alone.
@@ -373,11 +470,12 @@ impl RedisStore {
         provider: &str,
         key: &KeyId,
     ) -> redis::RedisResult<(i64, Option<Verdict>)> {
-        let (text, version): (Option<String>, Option<i64>) = redis::cmd("HMGET")
-            .arg(self.hash(provider))
-            .arg(format!("s:{key}"))
-            .arg(format!("v:{key}"))
-            .query_async(&mut self.conn()?)
+        let (text, version): (Option<String>, Option<i64>) = self
+            .scripts
+            .verdict
+            .key(self.hash(provider))
+            .arg(key.as_str())
+            .invoke_async(&mut self.conn()?)
             .await?;
         Ok((
             version.unwrap_or(0),
@@ -385,12 +483,31 @@ impl RedisStore {
         ))
     }
 
+    /// Chooses by the policy and claims. The choice is made on this instance's last reading when it is recent
+    /// (one round trip: the claim, which returns a fresh reading), else on a fresh one; a key is said
+    /// unavailable only on a fresh reading.
     async fn claim(&self, ask: Ask<'_>) -> redis::RedisResult<Result<Grant, Unavailable>> {
+        // A reading taken by this call (by a read or a claim), and whether the next choice needs one.
+        let mut fresh: Option<Reading> = None;
+        let mut must_read = false;
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
             let (day_start, next_reset) = self.days(now);
-            let reading = self.read(&ask, now).await?;
+            let view = if must_read {
+                None
+            } else {
+                self.view(&ask, now)
+            };
+            let (reading, is_fresh) = match (fresh.take(), view) {
+                (Some(reading), _) => (reading, true),
+                (None, Some(reading)) => (reading, false),
+                (None, None) => (self.read(&ask, now).await?, true),
+            };
             if reading.paused_until > now {
+                if !is_fresh {
+                    must_read = true;
+                    continue;
+                }
                 return Ok(Err(Unavailable {
                     cooling: ask.keys.len(),
                     ready_at: Some(reading.paused_until),
@@ -450,42 +567,43 @@ impl RedisStore {
             let mut lost = false;
             for index in order {
                 let key = &ask.keys[index];
-                let read = &reading.keys[index];
                 let moves = ask.tuning.selection == Selection::Sequential
                     && policy::moves_cursor(&standings, cursor);
                 let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
                 let held = Held {
-                    key_set: self.key_set(ask.provider, &key.id),
-                    model_set: self.model_set(ask.provider, &key.id, ask.model),
-                    member: format!("{}:{}", self.instance, lease.0),
-                    version: read.version,
-                    verdict: read.verdict.clone(),
+                    provider: ask.provider.into(),
+                    member: format!("{}:{}:{}:{}", key.id, self.instance, lease.0, ask.model),
+                    version: reading.keys[index].version,
+                    verdict: reading.keys[index].verdict.clone(),
                 };
-                let claimed: i64 = self
-                    .scripts
-                    .claim
-                    .key(self.hash(ask.provider))
-                    .key(&held.key_set)
-                    .key(&held.model_set)
+                self.note_claim(&ask, index);
+                let mut invocation = self.scripts.claim.prepare_invoke();
+                self.reading_keys(&mut invocation, ask.provider, now);
+                invocation
+                    .key(self.life(ask.provider))
                     .key(self.window(ask.provider, &key.id, "requests"))
                     .key(self.window(ask.provider, &key.id, "tokens"))
-                    .key(self.day(ask.provider, &key.id, day_start))
-                    .key(self.life(ask.provider, &key.id))
-                    .key(self.name(ask.provider, format_args!("pause")))
-                    .key(self.name(ask.provider, format_args!("cursor")))
-                    .arg(key.id.as_str())
+                    .arg(now)
                     .arg(ask.model)
+                    .arg(key.id.as_str())
                     .arg(&held.member)
                     .arg(now + self.lease_ttl.as_millis() as UnixMs)
                     .arg(ask.tuning.per_key)
                     .arg(ask.tuning.per_key_model)
-                    .arg(now)
                     .arg(rpm)
                     .arg(tpm)
                     .arg(DAY_TTL_MS)
-                    .arg(if moves { "1" } else { "0" })
-                    .invoke_async(&mut self.conn()?)
-                    .await?;
+                    .arg(if moves { "1" } else { "0" });
+                for key in ask.keys {
+                    invocation.arg(key.id.as_str());
+                }
+                let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
+                let claimed = raw
+                    .first()
+                    .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+                    .unwrap_or(0);
+                let after = Reading::parse(raw.get(1..).unwrap_or_default(), ask.keys.len());
+                self.remember(&ask, &after, now);
                 match claimed {
                     1 => {
                         lock(&self.held).insert(lease, held);
@@ -497,6 +615,8 @@ impl RedisStore {
                         }));
                     }
                     0 => {
+                        // Not eligible any more: choose again on what the claim read.
+                        fresh = Some(after);
                         lost = true;
                         break;
                     }
@@ -504,11 +624,14 @@ impl RedisStore {
                         standings[index] = Standing::Cooling(Cooldown {
                             until,
                             reason: ErrorClass::RateLimit,
-                        })
+                        });
+                        fresh = Some(after);
                     }
                 }
             }
-            if lost {
+            if lost || !is_fresh {
+                // Lost a race, or nothing claimed on an older reading: choose again on a fresh one.
+                must_read = true;
                 continue;
             }
             let mut why = policy::unavailable(&standings);
@@ -579,11 +702,11 @@ impl RedisStore {
             let mut invocation = self.scripts.settle.prepare_invoke();
             invocation
                 .key(self.hash(provider))
-                .key(self.key_set(provider, &key.id))
-                .key(self.model_set(provider, &key.id, model))
+                .key(self.leases(provider))
+                .key(self.inflight(provider))
                 .key(self.window(provider, &key.id, "tokens"))
-                .key(self.day(provider, &key.id, day_start))
-                .key(self.life(provider, &key.id))
+                .key(self.day(provider, day_start))
+                .key(self.life(provider))
                 .key(self.name(provider, format_args!("pause")))
                 .key(self.name(provider, format_args!("limited")))
                 .arg(key.id.as_str())
@@ -608,7 +731,7 @@ impl RedisStore {
                 .arg(pause.map_or(0, |p| p.window.as_millis() as u64))
                 .arg(limited)
                 .arg("1");
-            let (written, paused, today, lifetime): (i64, i64, Fields, Fields) =
+            let (written, paused, today, lifetime): (i64, i64, Counted, Counted) =
                 invocation.invoke_async(&mut self.conn()?).await?;
             if paused > 0 {
                 tracing::warn!(provider = %provider, pause_ms = paused - now, "several keys rate-limited at once: pausing the provider");
@@ -619,9 +742,21 @@ impl RedisStore {
                 counts = [0; 6];
                 continue;
             }
+            if written == 1 {
+                self.note_verdict(provider, &key.id, version + 1, &verdict);
+            }
+            // The local copy: this verdict, the model's counters as they are now, the other models' as known.
             let mut whole = verdict.state(provider);
-            shape::add_counters(&mut whole, &today, true);
-            shape::add_counters(&mut whole, &lifetime, false);
+            if let Some(known) = self.local.get(&key.id) {
+                for (name, ms) in known.models {
+                    let m = whole.models.entry(name).or_default();
+                    (m.today, m.lifetime, m.last_used) = (ms.today, ms.lifetime, ms.last_used);
+                }
+            }
+            let m = whole.models.entry(model.to_string()).or_default();
+            m.today = shape::counters(&today);
+            m.lifetime = shape::counters(&lifetime);
+            m.last_used = lifetime.get(6).copied().flatten().map(|at| at as UnixMs);
             self.local.put(&key.id, whole);
             return Ok(());
         }
@@ -632,6 +767,7 @@ impl RedisStore {
     async fn rejoin(&self) -> redis::RedisResult<()> {
         let mut conn = self.conn()?;
         self.check_clock(&mut conn).await?;
+        self.scripts.load(&mut conn).await?;
         let kept: bool = redis::cmd("EXISTS")
             .arg(self.marker())
             .query_async(&mut conn)
@@ -692,8 +828,8 @@ impl RedisStore {
             let mut invocation = self.scripts.seed.prepare_invoke();
             invocation
                 .key(self.hash(&state.provider))
-                .key(self.day(&state.provider, id, day_start))
-                .key(self.life(&state.provider, id))
+                .key(self.day(&state.provider, day_start))
+                .key(self.life(&state.provider))
                 .arg(id.as_str())
                 .arg(verdict.to_json())
                 .arg(DAY_TTL_MS)
@@ -725,11 +861,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Wakes this instance's waiting requests when another instance says a key of their provider may be free:
 /// one subscription per instance, no polling. Resubscribes after a lost connection.
-async fn listen(store: std::sync::Weak<RedisStore>, client: redis::Client) {
+async fn listen(store: std::sync::Weak<RedisStore>) {
     use futures_util::StreamExt;
     loop {
-        let channel = match store.upgrade() {
-            Some(s) => s.channel(),
+        let (channel, client) = match store.upgrade() {
+            Some(s) => (s.channel(), s.target.subscriber().clone()),
             None => return,
         };
         if let Ok(mut pubsub) = client.get_async_pubsub().await
@@ -782,26 +918,28 @@ async fn renew(store: std::sync::Weak<RedisStore>) {
         let Some(store) = store.upgrade() else {
             return;
         };
-        let held: Vec<Held> = lock(&store.held).values().cloned().collect();
-        if held.is_empty() {
-            continue;
+        // Per provider: a Cluster keeps each provider's leases in one slot.
+        let mut by_provider: HashMap<Arc<str>, Vec<Held>> = HashMap::new();
+        for h in lock(&store.held).values() {
+            by_provider
+                .entry(h.provider.clone())
+                .or_default()
+                .push(h.clone());
         }
         let expiry = store.clock.now() + store.lease_ttl.as_millis() as UnixMs;
-        let mut invocation = store.scripts.renew.prepare_invoke();
-        invocation.arg(expiry);
-        for h in &held {
-            invocation
-                .key(&h.key_set)
-                .arg(&h.member)
-                .key(&h.model_set)
-                .arg(&h.member);
-        }
-        let renewed = match store.conn() {
-            Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = renewed {
-            tracing::warn!(error = %e, "renewing leases in Redis failed");
+        for (provider, held) in &by_provider {
+            let mut invocation = store.scripts.renew.prepare_invoke();
+            invocation.key(store.leases(provider)).arg(expiry);
+            for h in held {
+                invocation.arg(&h.member);
+            }
+            let renewed = match store.conn() {
+                Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = renewed {
+                tracing::warn!(error = %e, "renewing leases in Redis failed");
+            }
         }
     }
 }
@@ -966,27 +1104,34 @@ impl RedisStore {
         let now = self.clock.now();
         let (day_start, _) = self.days(now);
         let mut invocation = self.scripts.report.prepare_invoke();
-        invocation.key(self.hash(provider)).arg(now);
+        invocation
+            .key(self.hash(provider))
+            .key(self.day(provider, day_start))
+            .key(self.life(provider))
+            .key(self.leases(provider))
+            .key(self.inflight(provider))
+            .arg(now);
         for key in keys {
-            invocation
-                .key(self.key_set(provider, &key.id))
-                .key(self.day(provider, &key.id, day_start))
-                .key(self.life(provider, &key.id))
-                .arg(key.id.as_str());
+            invocation.arg(key.id.as_str());
         }
-        type Row = (String, u32, Fields, Fields);
-        let rows: Vec<Row> = invocation.invoke_async(&mut self.conn()?).await?;
+        let (today, lifetime, rows): (Fields, Fields, Vec<(String, u32)>) =
+            invocation.invoke_async(&mut self.conn()?).await?;
+        let today = shape::by_key(&today);
+        let lifetime = shape::by_key(&lifetime);
         Ok(keys
             .iter()
             .zip(rows)
-            .map(|(key, (verdict, in_flight, today, lifetime))| {
+            .map(|(key, (verdict, in_flight))| {
                 let known = Verdict::parse(&verdict);
                 let mut state = known
                     .as_ref()
                     .map_or_else(KeyState::default, |v| v.state(provider));
                 state.roll(day_start, now);
-                shape::add_counters(&mut state, &today, true);
-                shape::add_counters(&mut state, &lifetime, false);
+                for (all, is_today) in [(&today, true), (&lifetime, false)] {
+                    if let Some(fields) = all.get(key.id.as_str()) {
+                        shape::add_counters(&mut state, fields, is_today);
+                    }
+                }
                 let known = known.is_some() || !state.models.is_empty();
                 KeyStatus::of(key, known.then_some(&state), in_flight, now)
             })

@@ -9,7 +9,7 @@ use crate::clock::UnixMs;
 use crate::keys::state::{Cooldown, Counters, KeyState};
 use crate::provider::Cost;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The part of a key's state the policy decides on.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -100,8 +100,42 @@ pub fn counts(requests: u64, outcome: &crate::keys::Outcome) -> [u64; 6] {
     }
 }
 
+/// The counters the scripts keep, in their order.
+pub const COUNTERS: [&str; 6] = [
+    "requests",
+    "successes",
+    "failures",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nano_usd",
+];
+
+/// Counters read in [`COUNTERS`] order (absent: zero).
+pub fn counters(values: &[Option<u64>]) -> Counters {
+    let n = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+    Counters {
+        requests: n(0),
+        successes: n(1),
+        failures: n(2),
+        prompt_tokens: n(3),
+        completion_tokens: n(4),
+        cost: Cost(n(5)),
+    }
+}
+
+/// A provider's counter fields (`<id>:<counter>:<model>`) by key id, without the id.
+pub fn by_key(fields: &[(String, String)]) -> HashMap<&str, Vec<(&str, &str)>> {
+    let mut out: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+    for (field, value) in fields {
+        if let Some((id, rest)) = field.split_once(':') {
+            out.entry(id).or_default().push((rest, value));
+        }
+    }
+    out
+}
+
 /// Puts counters read from a hash (`<counter>:<model>` to value) into `state`: `today`'s or `lifetime`'s.
-pub fn add_counters(state: &mut KeyState, fields: &[(String, String)], today: bool) {
+pub fn add_counters(state: &mut KeyState, fields: &[(&str, &str)], today: bool) {
     for (field, value) in fields {
         let Some((name, model)) = field.split_once(':') else {
             continue;
@@ -144,14 +178,15 @@ pub fn counter_fields(state: &KeyState) -> (Vec<Field>, Vec<Field>) {
         for (model, ms) in &state.models {
             let c = if today { &ms.today } else { &ms.lifetime };
             requests = requests.saturating_add(c.requests);
-            for (name, n) in [
-                ("requests", c.requests),
-                ("successes", c.successes),
-                ("failures", c.failures),
-                ("prompt_tokens", c.prompt_tokens),
-                ("completion_tokens", c.completion_tokens),
-                ("cost_nano_usd", c.cost.0),
-            ] {
+            let values = [
+                c.requests,
+                c.successes,
+                c.failures,
+                c.prompt_tokens,
+                c.completion_tokens,
+                c.cost.0,
+            ];
+            for (name, n) in COUNTERS.into_iter().zip(values) {
                 if n > 0 {
                     fields.push((format!("{name}:{model}"), n));
                 }
@@ -202,12 +237,16 @@ mod tests {
         assert_eq!(verdict.models.keys().collect::<Vec<_>>(), ["a:b"]);
         assert!(!verdict.to_json().contains("requests"));
         let (today, life) = counter_fields(&s);
-        let text = |v: Vec<Field>| -> Vec<(String, String)> {
-            v.into_iter().map(|(f, n)| (f, n.to_string())).collect()
+        let text = |v: &[Field]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(f, n)| (format!("id:{f}"), n.to_string()))
+                .collect()
         };
+        let (today, life) = (text(&today), text(&life));
+        let (today, life) = (by_key(&today), by_key(&life));
         let mut back = verdict.state("p");
-        add_counters(&mut back, &text(today), true);
-        add_counters(&mut back, &text(life), false);
+        add_counters(&mut back, &today["id"], true);
+        add_counters(&mut back, &life["id"], false);
         assert_eq!(back.models["a:b"].today, s.models["a:b"].today);
         assert_eq!(back.models["a:b"].lifetime, s.models["a:b"].lifetime);
         assert_eq!(back.models["a:b"].last_used, s.models["a:b"].last_used);
