@@ -17,7 +17,7 @@ pub struct Target {
 
 enum Servers {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 impl Target {
@@ -38,7 +38,7 @@ impl Target {
             if ca.is_some() {
                 builder = builder.certs(certificates());
             }
-            Servers::Cluster(builder.build()?)
+            Servers::Cluster(Box::new(builder.build()?))
         } else {
             Servers::Single(subscriber.clone())
         };
