@@ -9,15 +9,10 @@ use std::time::Duration;
 
 /// The Redis to share key state through.
 pub struct Target {
-    servers: Servers,
-    /// Where wakeups are heard: the server, or the Cluster's first node (a Cluster passes every message on to
-    /// all its nodes).
-    subscriber: redis::Client,
-}
-
-enum Servers {
-    Single(redis::Client),
-    Cluster(Box<redis::cluster::ClusterClient>),
+    /// The server; with a Cluster, its first node, where wakeups are heard (a Cluster passes every published
+    /// message on to all its nodes).
+    server: redis::Client,
+    cluster: Option<Box<redis::cluster::ClusterClient>>,
 }
 
 impl Target {
@@ -29,36 +24,34 @@ impl Target {
             client_tls: None,
             root_cert: ca.map(<[u8]>::to_vec),
         };
-        let subscriber = match ca {
+        let server = match ca {
             None => redis::Client::open(url)?,
             Some(_) => redis::Client::build_with_tls(url, certificates())?,
         };
-        let servers = if cluster {
-            let mut builder = redis::cluster::ClusterClient::builder([url]);
-            if ca.is_some() {
-                builder = builder.certs(certificates());
+        let cluster = match cluster {
+            false => None,
+            true => {
+                let mut builder = redis::cluster::ClusterClient::builder([url]);
+                if ca.is_some() {
+                    builder = builder.certs(certificates());
+                }
+                Some(Box::new(builder.build()?))
             }
-            Servers::Cluster(Box::new(builder.build()?))
-        } else {
-            Servers::Single(subscriber.clone())
         };
-        Ok(Self {
-            servers,
-            subscriber,
-        })
+        Ok(Self { server, cluster })
     }
 
     /// A connection that reconnects by itself; every operation gives up after `timeout`.
     pub(super) async fn connect(&self, timeout: Duration) -> RedisResult<Conn> {
-        match &self.servers {
-            Servers::Single(client) => {
+        match &self.cluster {
+            None => {
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout));
-                let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+                let conn = ConnectionManager::new_with_config(self.server.clone(), config).await?;
                 Ok(Conn::Single(conn))
             }
-            Servers::Cluster(client) => {
+            Some(client) => {
                 let config = redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout);
@@ -69,7 +62,7 @@ impl Target {
     }
 
     pub(super) fn subscriber(&self) -> &redis::Client {
-        &self.subscriber
+        &self.server
     }
 }
 
