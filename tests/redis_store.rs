@@ -560,3 +560,63 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
     let spread = cluster.keys_per_node();
     assert!(spread.iter().filter(|&&n| n > 0).count() >= 2, "{spread:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_day_turns_for_the_whole_pool_at_the_daily_reset() {
+    let redis = Redis::start();
+    // Both instances' clocks read a second and a half before the reset.
+    let reset = policy().daily_reset.next_after(Clock::system().now());
+    let clock = Clock::starting_at(reset - 1_500);
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let target = Target::new(&redis.url(), None, false).unwrap();
+        let local = Arc::new(MemoryStore::new(clock, policy()));
+        let store = RedisStore::connect(
+            target,
+            "kr",
+            clock,
+            policy(),
+            local,
+            Duration::from_secs(15),
+        )
+        .await;
+        stores.push(store);
+    }
+    let keys = keys(1);
+    let tuning = Tuning {
+        limits: Some(keyrelay::keys::limits::KeyLimits {
+            requests_per_day: Some(2),
+            ..Default::default()
+        }),
+        ..Tuning::default()
+    };
+    for store in &stores {
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        store.release(&grant, SUCCESS, &tuning);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two requests today, pool-wide: the day's quota is spent on both instances, until the reset.
+    for store in &stores {
+        let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
+        assert_eq!(why.ready_at, Some(reset), "{why:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    // A new day: today's counts start again for both, the lifetime's stay.
+    let report = &stores[1].report("p", &keys).await[0];
+    assert_eq!(
+        (report.today.requests, report.lifetime.requests),
+        (0, 2),
+        "{report:?}"
+    );
+    for store in &stores {
+        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+        store.release(&grant, SUCCESS, &tuning);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = &stores[0].report("p", &keys).await[0];
+    assert_eq!(
+        (report.today.requests, report.lifetime.requests),
+        (2, 4),
+        "{report:?}"
+    );
+}

@@ -592,6 +592,8 @@ impl RedisStore {
                     .arg(ask.tuning.per_key_model)
                     .arg(rpm)
                     .arg(tpm)
+                    .arg(requests_per_day.unwrap_or(0))
+                    .arg(next_reset)
                     .arg(DAY_TTL_MS)
                     .arg(if moves { "1" } else { "0" });
                 for key in ask.keys {

@@ -86,20 +86,22 @@ return read(tonumber(ARGV[1]), ARGV[2], 3)
 );
 
 /// Claims a lease if the key is still eligible: the provider not paused, the key not disabled, not cooling (whole
-/// key or this model), under its caps, and within its limits over the last minute (requests, tokens). A claim
-/// counts the request, and reads what the next choice needs in the same round trip. KEYS: state, pause, cursor,
+/// key or this model), under its caps, and within its declared limits (requests and tokens per minute, requests
+/// per day): every rule that depends on the pool, since the choice may have been made on an older reading. A
+/// claim counts the request, and reads what the next choice needs in the same round trip. KEYS: state, pause, cursor,
 /// day hash, leases, in-flight counts, life hash, the key's request window, its token window. ARGV: now, model,
 /// id, member, lease expiry, cap per key (0: none), cap per key and model, requests per minute (0: none),
-/// tokens per minute (0: none), the day hash's time to live, 1 to move the model's cursor to this key, then the
-/// ids of the provider's keys. Returns 1 when claimed, 0 when the key is not eligible, or the time a window has
-/// room again; then what `read` returns, as it is after the claim.
+/// tokens per minute (0: none), requests per day (0: none), the next daily reset, the day hash's time to live,
+/// 1 to move the model's cursor to this key, then the ids of the provider's keys. Returns 1 when claimed, 0
+/// when the key is not eligible, or the time a window or the day's quota has room again; then what `read`
+/// returns, as it is after the claim.
 pub const CLAIM: &str = concat!(
     leases!(),
     read!(),
     r#"
 local now, model, id, member = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local expiry, per_key, per_model = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local rpm, tpm = tonumber(ARGV[8]), tonumber(ARGV[9])
+local rpm, tpm, rpd = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local function claim()
   if tonumber(redis.call('GET', KEYS[2]) or '0') > now then return 0 end
   local raw = redis.call('HGET', KEYS[1], 's:' .. id)
@@ -114,6 +116,9 @@ local function claim()
   local held = redis.call('HMGET', KEYS[6], id, id .. ':' .. model)
   if per_key > 0 and tonumber(held[1] or '0') >= per_key then return 0 end
   if per_model > 0 and tonumber(held[2] or '0') >= per_model then return 0 end
+  if rpd > 0 and tonumber(redis.call('HGET', KEYS[4], id .. ':requests') or '0') >= rpd then
+    return tonumber(ARGV[11])
+  end
   if rpm > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - 60000)
     if redis.call('ZCARD', KEYS[8]) >= rpm then
@@ -144,12 +149,12 @@ local function claim()
     redis.call('HINCRBY', h, id .. ':requests', 1)
   end
   redis.call('HSET', KEYS[7], id .. ':last_used:' .. model, now)
-  redis.call('PEXPIRE', KEYS[4], ARGV[10])
-  if ARGV[11] == '1' then redis.call('HSET', KEYS[3], model, id) end
+  redis.call('PEXPIRE', KEYS[4], ARGV[12])
+  if ARGV[13] == '1' then redis.call('HSET', KEYS[3], model, id) end
   return 1
 end
 local claimed = claim()
-local out = read(now, model, 12)
+local out = read(now, model, 14)
 table.insert(out, 1, claimed)
 return out
 "#
