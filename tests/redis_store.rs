@@ -194,43 +194,178 @@ async fn redis_away_is_served_locally_and_rejoined_when_back() {
     drop(redis);
 }
 
+/// Redis stops answering for `seconds` (its data kept); returns when it answers again.
+fn stall(redis: &Redis, seconds: f64) -> tokio::task::JoinHandle<()> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    tokio::spawn(async move {
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // Its own answer comes after its client stopped waiting: whatever it says.
+        let _ = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(seconds)
+            .query_async::<()>(&mut conn)
+            .await;
+    })
+}
+
+/// Waits until `store` rejoins Redis.
+async fn rejoined(store: &RedisStore) {
+    for _ in 0..100 {
+        if !store.degraded() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the store never rejoined Redis");
+}
+
+/// `store`'s pool-wide counts of today over `keys`, once `done` says they are all there.
+async fn today(
+    store: &RedisStore,
+    keys: &[ApiKey],
+    done: impl Fn(&keyrelay::keys::Counters) -> bool,
+) -> keyrelay::keys::Counters {
+    let mut counted = keyrelay::keys::Counters::default();
+    for _ in 0..100 {
+        counted = Default::default();
+        for key in store.report("p", keys).await {
+            counted.add(&key.today);
+        }
+        if done(&counted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    counted
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_when_it_answers_again() {
+async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_once() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
     let keys = keys(1);
     let tuning = Tuning::default();
     let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-    // Redis stops answering for a while (its data kept).
-    let client = redis::Client::open(redis.url()).unwrap();
-    let sleeper = tokio::spawn(async move {
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        // Its own answer comes after its client stopped waiting: whatever it says.
-        let _ = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(1.5)
-            .query_async::<()>(&mut conn)
-            .await;
-    });
+    let stalled = stall(&redis, 1.5);
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // Sent, applied when Redis wakes, its answer too late: kept as missed all the same.
     stores[0].release(&grant, SUCCESS, &tuning);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(stores[0].degraded(), "the release could not reach Redis");
-    sleeper.await.unwrap();
-    let mut requests = 0;
-    for _ in 0..100 {
-        if !stores[0].degraded() {
-            requests = stores[1].report("p", &keys).await[0].today.requests;
-            if requests == 1 {
-                break;
-            }
-        }
+    stalled.await.unwrap();
+    rejoined(&stores[0]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counted = today(&stores[1], &keys, |c| c.successes >= 1).await;
+    assert_eq!(
+        (counted.requests, counted.successes, counted.prompt_tokens),
+        (1, 1, 3),
+        "the other instance sees the outcome once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_happens_while_redis_is_away_reaches_it_once_it_is_back() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 2).await;
+    let keys = keys(2);
+    let tuning = Tuning::default();
+    let stalled = stall(&redis, 1.2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Granted from the instance's own state; one released while Redis is away, one after it is back.
+    let early = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    let late = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    assert!(stores[0].degraded());
+    stores[0].release(&early, SUCCESS, &tuning);
+    // An operator's action while Redis is away.
+    stores[0].control("p", &keys[1], &keyrelay::keys::KeyAction::Disable);
+    stalled.await.unwrap();
+    rejoined(&stores[0]).await;
+    stores[0].release(&late, SUCCESS, &tuning);
+    let counted = today(&stores[1], &keys, |c| c.successes >= 2).await;
+    assert_eq!((counted.requests, counted.successes), (2, 2), "{counted:?}");
+    let report = stores[1].report("p", &keys).await;
+    assert!(report[1].disabled, "{report:?}");
+    for _ in 0..4 {
+        let grant = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
+        assert_eq!(grant.key.id, keys[0].id, "the disabled key is left alone");
+        stores[1].release(&grant, SUCCESS, &tuning);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_token_count_neither_overflows_nor_stalls_the_store() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 1).await;
+    let keys = keys(1);
+    let tuning = Tuning::default();
+    for _ in 0..3 {
+        let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+        let absurd = Outcome::Success {
+            prompt_tokens: u64::MAX / 2,
+            completion_tokens: 1,
+            cost: Cost(u64::MAX),
+        };
+        stores[0].release(&grant, absurd, &tuning);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        requests, 1,
-        "the other instance sees the outcome Redis missed"
+    let counted = today(&stores[0], &keys, |c| c.successes == 3).await;
+    assert_eq!(counted.successes, 3);
+    assert!(!stores[0].degraded());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_a_reload_removed_are_not_granted() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 1).await;
+    let keys = keys(2);
+    let tuning = Tuning::default();
+    let removed: std::collections::HashSet<_> = [keys[0].id.clone()].into();
+    let live: std::collections::HashSet<_> = [keys[1].id.clone()].into();
+    stores[0].retire(&removed, &live);
+    // Requests still on the old configuration list both keys.
+    for _ in 0..4 {
+        let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+        assert_eq!(grant.key.id, keys[1].id);
+        stores[0].release(&grant, SUCCESS, &tuning);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
+    let redis = Redis::start();
+    let stores = stores(&redis, 1).await;
+    let keys = keys(2);
+    let tuning = Tuning::default();
+    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    let limited = grant.key.id.clone();
+    stores[0].release(
+        &grant,
+        Outcome::Failure {
+            class: ErrorClass::RateLimit,
+            scope: Scope::Model,
+            retry_after: Some(Duration::from_secs(120)),
+        },
+        &tuning,
     );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Redis loses everything without the connection ever failing (a FLUSHALL, a failover to an empty replica).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    // Within the ten-second check, the cooldown is back in Redis.
+    let mut back = false;
+    for _ in 0..60 {
+        let report = stores[0].report("p", &keys).await;
+        if report
+            .iter()
+            .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty())
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(back, "the cooldown was written back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,12 +405,17 @@ async fn the_provider_pause_is_the_pools() {
         store.release(&grant, limited.clone(), &tuning);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The whole provider rests on both, the third key included.
+    // The whole provider rests on both, the third key included, and both report it.
     for store in &stores {
         let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
         assert_eq!(why.cooling, 3, "{why:?}");
         let rest = why.ready_at.unwrap() - Clock::system().now();
         assert!((25_000..=30_000).contains(&rest), "{rest}");
+        let report = store.report("p", &keys).await;
+        assert!(
+            report.iter().all(|k| k.cooling_until.is_some()),
+            "{report:?}"
+        );
     }
 }
 

@@ -25,6 +25,7 @@
 //! ends written by one are compared by the others. The store warns when its clock and Redis's differ by more
 //! than [`CLOCK_SKEW_WARNING`].
 
+mod outage;
 mod scripts;
 mod shape;
 mod target;
@@ -53,8 +54,6 @@ use tokio::sync::Notify;
 const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
 /// Leases granted by the local store while degraded carry this bit.
 const LOCAL: u64 = 1 << 63;
-/// Outcomes kept for a Redis that is away, at most; the oldest go first.
-const MAX_PENDING: usize = 10_000;
 /// How long a lease lives without renewal, unless configured.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Claims retried after a lost race before the request waits like any other.
@@ -68,18 +67,6 @@ const DAY_TTL_MS: i64 = 50 * 3600 * 1000;
 /// A difference between this instance's clock and Redis's worth a warning.
 pub const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
 
-/// An outcome Redis has not heard of yet (it was away when the lease ended).
-struct Pending {
-    provider: Arc<str>,
-    key: ApiKey,
-    model: Arc<str>,
-    outcome: Outcome,
-    tuning: Tuning,
-    at: UnixMs,
-    /// The request itself, when Redis never counted it (a lease granted locally).
-    requests: u64,
-}
-
 /// A lease this instance holds: for renewal, and the verdict it was claimed on.
 #[derive(Clone, Debug)]
 struct Held {
@@ -90,6 +77,21 @@ struct Held {
     verdict: Option<Verdict>,
 }
 
+/// A claim sent and not answered yet. Dropped unanswered (this instance stopped waiting, or the answer was an
+/// error), it is kept for Redis, which may have run it all the same.
+struct Claiming<'a> {
+    store: &'a RedisStore,
+    pending: Option<outage::Pending>,
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.store.postpone(pending);
+        }
+    }
+}
+
 /// What a verdict change is: applied to the key's state, returns the cooldown it started, if any.
 type Change<'a> = &'a (dyn Fn(&mut KeyState) -> Option<Cooldown> + Sync);
 
@@ -97,10 +99,17 @@ type Change<'a> = &'a (dyn Fn(&mut KeyState) -> Option<Cooldown> + Sync);
 struct Settle<'a> {
     provider: &'a str,
     key: &'a ApiKey,
+    /// The model the counts are for ("": none, an operator's action).
     model: &'a str,
     /// The lease to free ("": none).
     member: &'a str,
-    counts: [u64; 6],
+    /// What to add to the counters (a claim that ran unbeknown to this instance is taken back with -1
+    /// requests).
+    counts: [i64; 6],
+    /// Given after an outage: applied only if Redis has not seen it (see [`scripts::SETTLE`]).
+    replay: bool,
+    /// The outcome's id, for a replayed lease granted while Redis was away ("": none).
+    op: &'a str,
     /// A model the upstream refused: its counters go unless it ever succeeded.
     forget: bool,
     change: Change<'a>,
@@ -131,8 +140,16 @@ pub struct RedisStore {
     /// Keys with a failure this instance is still writing to Redis: not granted meanwhile, so that a retry does
     /// not meet the same failure before its cooldown is recorded.
     settling: Mutex<HashSet<KeyId>>,
-    /// Outcomes to give Redis when it is back.
-    pending: Mutex<VecDeque<Pending>>,
+    /// Changes to give Redis when it is back.
+    pending: Mutex<VecDeque<outage::Pending>>,
+    /// Leases granted from the local copy and not yet released, by key, and whether Redis has their request
+    /// (written back from the local copy, which counts a request when it grants it).
+    local_leases: Mutex<HashMap<u64, (KeyId, bool)>>,
+    /// Keys a reload removed: never granted again.
+    retired: Mutex<HashSet<KeyId>>,
+    /// Keys whose request or token window, or day's quota, is known full until then (windows only fill up
+    /// meanwhile, so this holds whatever other instances do).
+    full: Mutex<HashMap<KeyId, UnixMs>>,
     /// What was last read per provider and model, to choose from.
     views: Mutex<HashMap<(String, String), View>>,
 }
@@ -256,28 +273,21 @@ impl RedisStore {
             lease_ttl,
             settling: Mutex::default(),
             pending: Mutex::default(),
+            retired: Mutex::default(),
+            local_leases: Mutex::default(),
+            full: Mutex::default(),
             views: Mutex::default(),
         });
         tokio::spawn(renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
-        match store.connection().await {
-            Ok(mut conn) => {
-                let joined = async {
-                    store.check_clock(&mut conn).await?;
-                    store.scripts.load(&mut conn).await?;
-                    redis::cmd("SET")
-                        .arg(store.marker())
-                        .arg(1)
-                        .query_async::<()>(&mut conn)
-                        .await
-                };
-                if let Err(e) = joined.await {
-                    store.degrade(&e);
-                }
-            }
-            Err(e) => store.degrade(&e),
+        let joined = match store.connection().await {
+            Ok(_) => store.rejoin().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = joined {
+            store.degrade(&e);
         }
-        tokio::spawn(probe(Arc::downgrade(&store)));
+        tokio::spawn(outage::probe(Arc::downgrade(&store)));
         tokio::spawn(listen(Arc::downgrade(&store)));
         store
     }
@@ -326,9 +336,9 @@ impl RedisStore {
         }
     }
 
-    /// The key that says Redis still holds the pool's state (it is set when a store first connects).
-    fn marker(&self) -> String {
-        format!("{}:alive", self.prefix)
+    /// Set once this or another instance wrote what it knows of `provider`'s keys: gone means Redis lost them.
+    fn marker(&self, provider: &str) -> String {
+        self.name(provider, format_args!("alive"))
     }
 
     /// Where instances say that a key of a provider may be free (a release, a change of state).
@@ -379,7 +389,8 @@ impl RedisStore {
         )
     }
 
-    /// The keys every choosing script reads: state, pause, cursor, day hash, leases, in-flight counts.
+    /// The keys every choosing script reads: state, pause, cursor, day hash, leases, in-flight counts, expired
+    /// leases.
     fn reading_keys(
         &self,
         invocation: &mut redis::ScriptInvocation<'_>,
@@ -393,7 +404,8 @@ impl RedisStore {
             .key(self.name(provider, format_args!("cursor")))
             .key(self.day(provider, day_start))
             .key(self.leases(provider))
-            .key(self.inflight(provider));
+            .key(self.inflight(provider))
+            .key(self.name(provider, format_args!("expired")));
     }
 
     /// Reads what choosing a key for `model` needs.
@@ -515,6 +527,8 @@ impl RedisStore {
                 }));
             }
             let settling = lock(&self.settling).clone();
+            let retired = lock(&self.retired).clone();
+            let full = lock(&self.full).clone();
             let requests_per_day = ask.tuning.limits.as_ref().and_then(|l| l.requests_per_day);
             let mut standings: Vec<Standing> = ask
                 .keys
@@ -524,6 +538,12 @@ impl RedisStore {
                     if settling.contains(&key.id) {
                         return Standing::Cooling(Cooldown {
                             until: now + 50,
+                            reason: ErrorClass::RateLimit,
+                        });
+                    }
+                    if let Some(&until) = full.get(&key.id).filter(|&&until| until > now) {
+                        return Standing::Cooling(Cooldown {
+                            until,
                             reason: ErrorClass::RateLimit,
                         });
                     }
@@ -537,7 +557,7 @@ impl RedisStore {
                     let ms = state.models.entry(ask.model.to_string()).or_default();
                     ms.in_flight = read.leases.1;
                     ms.today.requests = read.today.0;
-                    let excluded = ask.exclude.contains(&key.id);
+                    let excluded = ask.exclude.contains(&key.id) || retired.contains(&key.id);
                     match policy::standing(Some(&state), ask.model, excluded, ask.tuning, now) {
                         Standing::Free(_)
                             if requests_per_day.is_some_and(|max| read.today.1 >= max) =>
@@ -599,7 +619,21 @@ impl RedisStore {
                 for key in ask.keys {
                     invocation.arg(key.id.as_str());
                 }
+                // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
+                let mut claiming = Claiming {
+                    store: self,
+                    pending: Some(outage::Pending {
+                        provider: ask.provider.into(),
+                        key: key.clone(),
+                        what: outage::Missed::Claim {
+                            model: ask.model.into(),
+                            member: held.member.clone(),
+                        },
+                        at: now,
+                    }),
+                };
                 let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
+                claiming.pending = None;
                 let claimed = raw
                     .first()
                     .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
@@ -623,6 +657,11 @@ impl RedisStore {
                         break;
                     }
                     until => {
+                        // Full until then, whatever other instances do: not claimed again before.
+                        let mut full = lock(&self.full);
+                        full.retain(|_, at| *at > now);
+                        full.insert(key.id.clone(), until);
+                        drop(full);
                         standings[index] = Standing::Cooling(Cooldown {
                             until,
                             reason: ErrorClass::RateLimit,
@@ -655,22 +694,14 @@ impl RedisStore {
 
     /// Applies one change to a key: its counts at once, its verdict if no other instance changed it since it
     /// was read (else decided again on a fresh read). The local copy follows, to serve from if Redis goes away.
-    async fn settle(&self, job: Settle<'_>) -> redis::RedisResult<()> {
-        let Settle {
-            provider,
-            key,
-            model,
-            mut member,
-            mut counts,
-            forget,
-            change,
-            mut known,
-            now,
-        } = job;
+    /// What Redis has applied is cleared from `job` as it goes (its counts and lease, once counted), so that a
+    /// failure leaves in `job` exactly what remains to give it.
+    async fn settle(&self, job: &mut Settle<'_>) -> redis::RedisResult<()> {
+        let (provider, key, model, now) = (job.provider, job.key, job.model, job.now);
         let (day_start, _) = self.days(now);
         let pause = lock(&self.policy).pause;
         loop {
-            let (version, stored) = match known.take() {
+            let (version, stored) = match job.known.take() {
                 Some(known) => known,
                 None => self.read_verdict(provider, &key.id).await?,
             };
@@ -679,8 +710,8 @@ impl RedisStore {
                 .map_or_else(KeyState::default, |v| v.state(provider));
             state.masked = key.masked.to_string();
             state.roll(day_start, now);
-            let started = change(&mut state);
-            if forget
+            let started = (job.change)(&mut state);
+            if job.forget
                 && state
                     .models
                     .get(model)
@@ -711,18 +742,20 @@ impl RedisStore {
                 .key(self.life(provider))
                 .key(self.name(provider, format_args!("pause")))
                 .key(self.name(provider, format_args!("limited")))
+                .key(self.name(provider, format_args!("expired")))
+                .key(self.name(provider, format_args!("done:{}", job.op)))
                 .arg(key.id.as_str())
-                .arg(member)
+                .arg(job.member)
                 .arg(self.channel())
                 .arg(provider)
                 .arg(now)
                 .arg(model);
-            for n in counts {
+            for n in job.counts {
                 invocation.arg(n);
             }
             invocation
                 .arg(DAY_TTL_MS)
-                .arg(if forget { "1" } else { "0" })
+                .arg(if job.forget { "1" } else { "0" })
                 .arg(version)
                 .arg(if changed {
                     verdict.to_json()
@@ -732,20 +765,24 @@ impl RedisStore {
                 .arg(pause.map_or(0, |p| p.keys))
                 .arg(pause.map_or(0, |p| p.window.as_millis() as u64))
                 .arg(limited)
-                .arg("1");
+                .arg(if job.replay { "1" } else { "0" })
+                .arg(job.op);
             let (written, paused, today, lifetime): (i64, i64, Counted, Counted) =
                 invocation.invoke_async(&mut self.conn()?).await?;
+            // Whatever the verdict, the counts and the lease are Redis's now.
+            job.member = "";
+            job.counts = [0; 6];
+            job.replay = false;
             if paused > 0 {
                 tracing::warn!(provider = %provider, pause_ms = paused - now, "several keys rate-limited at once: pausing the provider");
             }
-            if written == 0 {
-                // Another instance changed the verdict: the counts are in, the verdict is decided again.
-                member = "";
-                counts = [0; 6];
-                continue;
-            }
-            if written == 1 {
-                self.note_verdict(provider, &key.id, version + 1, &verdict);
+            match written {
+                // Another instance changed the verdict: it is decided again.
+                0 => continue,
+                // A replay Redis had seen.
+                2 => return Ok(()),
+                1 => self.note_verdict(provider, &key.id, version + 1, &verdict),
+                _ => {}
             }
             // The local copy: this verdict, the model's counters as they are now, the other models' as known.
             let mut whole = verdict.state(provider);
@@ -755,93 +792,15 @@ impl RedisStore {
                     (m.today, m.lifetime, m.last_used) = (ms.today, ms.lifetime, ms.last_used);
                 }
             }
-            let m = whole.models.entry(model.to_string()).or_default();
-            m.today = shape::counters(&today);
-            m.lifetime = shape::counters(&lifetime);
-            m.last_used = lifetime.get(6).copied().flatten().map(|at| at as UnixMs);
+            if !model.is_empty() {
+                let m = whole.models.entry(model.to_string()).or_default();
+                m.today = shape::counters(&today);
+                m.lifetime = shape::counters(&lifetime);
+                m.last_used = lifetime.get(6).copied().flatten().map(|at| at as UnixMs);
+            }
             self.local.put(&key.id, whole);
             return Ok(());
         }
-    }
-
-    /// Back from an outage. A Redis that kept its data (its marker is there) hears the outcomes it missed; one
-    /// that came back empty is seeded with what this instance knows, those outcomes included.
-    async fn rejoin(&self) -> redis::RedisResult<()> {
-        let mut conn = self.conn()?;
-        self.check_clock(&mut conn).await?;
-        self.scripts.load(&mut conn).await?;
-        let kept: bool = redis::cmd("EXISTS")
-            .arg(self.marker())
-            .query_async(&mut conn)
-            .await?;
-        if !kept {
-            self.seed().await?;
-            lock(&self.pending).clear();
-            return redis::cmd("SET")
-                .arg(self.marker())
-                .arg(1)
-                .query_async(&mut conn)
-                .await;
-        }
-        loop {
-            let Some(p) = lock(&self.pending).pop_front() else {
-                return Ok(());
-            };
-            let next_reset = self.days(p.at).1;
-            let change = |state: &mut KeyState| {
-                policy::settle(state, &p.model, &p.outcome, &p.tuning, p.at, next_reset)
-            };
-            let settled = self
-                .settle(Settle {
-                    provider: &p.provider,
-                    key: &p.key,
-                    model: &p.model,
-                    member: "",
-                    counts: shape::counts(p.requests, &p.outcome),
-                    forget: forgets(&p.outcome),
-                    change: &change,
-                    known: None,
-                    now: p.at,
-                })
-                .await;
-            if let Err(e) = settled {
-                lock(&self.pending).push_front(p);
-                return Err(e);
-            }
-        }
-    }
-
-    /// Writes what this instance knows of keys Redis has no verdict for (Redis came back empty).
-    async fn seed(&self) -> redis::RedisResult<()> {
-        let known = self.local.export();
-        let now = self.clock.now();
-        let (day_start, _) = self.days(now);
-        let mut conn = self.conn()?;
-        for (id, state) in &known.keys {
-            let mut verdict = Verdict::of(state);
-            // The local store rolls one day for all its keys: their counters are of its day.
-            verdict.day = verdict.day.max(known.day_start);
-            let (today, lifetime) = shape::counter_fields(state);
-            let today = if known.day_start == day_start {
-                today
-            } else {
-                Vec::new()
-            };
-            let mut invocation = self.scripts.seed.prepare_invoke();
-            invocation
-                .key(self.hash(&state.provider))
-                .key(self.day(&state.provider, day_start))
-                .key(self.life(&state.provider))
-                .arg(id.as_str())
-                .arg(verdict.to_json())
-                .arg(DAY_TTL_MS)
-                .arg(today.len());
-            for (field, n) in today.iter().chain(&lifetime) {
-                invocation.arg(field).arg(n);
-            }
-            invocation.invoke_async::<i64>(&mut conn).await?;
-        }
-        Ok(())
     }
 }
 
@@ -887,28 +846,6 @@ async fn listen(store: std::sync::Weak<RedisStore>) {
     }
 }
 
-/// While degraded, asks Redis every second whether it is back; when it is, catches it up and serves from it
-/// again.
-async fn probe(store: std::sync::Weak<RedisStore>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        if !store.degraded() {
-            continue;
-        }
-        let ping = match store.connection().await {
-            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
-            Err(e) => Err(e),
-        };
-        if ping.is_ok() && store.rejoin().await.is_ok() {
-            store.degraded.store(false, Ordering::Relaxed);
-            tracing::info!("Redis is back: serving from the shared key state again");
-        }
-    }
-}
-
 /// Renews the leases held, every third of their lifetime, while the store lives.
 async fn renew(store: std::sync::Weak<RedisStore>) {
     loop {
@@ -921,26 +858,28 @@ async fn renew(store: std::sync::Weak<RedisStore>) {
             return;
         };
         // Per provider: a Cluster keeps each provider's leases in one slot.
-        let mut by_provider: HashMap<Arc<str>, Vec<Held>> = HashMap::new();
+        let mut by_provider: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for h in lock(&store.held).values() {
             by_provider
                 .entry(h.provider.clone())
                 .or_default()
-                .push(h.clone());
+                .push(h.member.clone());
         }
         let expiry = store.clock.now() + store.lease_ttl.as_millis() as UnixMs;
         for (provider, held) in &by_provider {
-            let mut invocation = store.scripts.renew.prepare_invoke();
-            invocation.key(store.leases(provider)).arg(expiry);
-            for h in held {
-                invocation.arg(&h.member);
-            }
-            let renewed = match store.conn() {
-                Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = renewed {
-                tracing::warn!(error = %e, "renewing leases in Redis failed");
+            for members in held.chunks(1000) {
+                let mut invocation = store.scripts.renew.prepare_invoke();
+                invocation
+                    .key(store.leases(provider))
+                    .arg(expiry)
+                    .arg(members);
+                let renewed = match store.conn() {
+                    Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = renewed {
+                    tracing::warn!(error = %e, "renewing leases in Redis failed");
+                }
             }
         }
     }
@@ -958,6 +897,7 @@ impl KeyStore for RedisStore {
             }
             // Served locally; the lease says so.
             self.local.try_acquire(ask).map(|mut grant| {
+                lock(&self.local_leases).insert(grant.lease.0, (grant.key.id.clone(), false));
                 grant.lease = LeaseId(grant.lease.0 | LOCAL);
                 grant
             })
@@ -966,12 +906,48 @@ impl KeyStore for RedisStore {
 
     fn release(&self, grant: &Grant, outcome: Outcome, tuning: &Tuning) {
         let now = self.clock.now();
+        // Release never blocks: Redis is told in the background. The store outlives its requests (the engine
+        // holds it for the process).
+        let Some(store) = self.this.upgrade() else {
+            return;
+        };
         if grant.lease.0 & LOCAL != 0 {
-            // Granted while Redis was away: the local copy has it all, Redis hears of it when it is back.
-            let mut local = grant.clone();
-            local.lease = LeaseId(grant.lease.0 & !LOCAL);
+            // Granted while Redis was away: the local copy takes it now, Redis when it answers (at once if it
+            // is back already).
+            let lease = grant.lease.0 & !LOCAL;
+            let local = Grant {
+                lease: LeaseId(lease),
+                ..grant.clone()
+            };
             self.local.release(&local, outcome.clone(), tuning);
-            self.postpone(grant, outcome, tuning, now, 1);
+            let known = lock(&self.local_leases).remove(&lease);
+            let pending = outage::Pending {
+                provider: grant.provider.clone(),
+                key: grant.key.clone(),
+                what: outage::Missed::Outcome {
+                    model: grant.model.clone(),
+                    outcome,
+                    tuning: Box::new(tuning.clone()),
+                    member: String::new(),
+                    op: format!("{}:{lease}", self.instance),
+                    requests: if known.is_some_and(|(_, counted)| counted) {
+                        0
+                    } else {
+                        1
+                    },
+                    counted: false,
+                },
+                at: now,
+            };
+            if self.degraded() {
+                self.postpone(pending);
+            } else {
+                tokio::spawn(async move {
+                    if let Err(e) = store.give(pending).await {
+                        store.degrade(&e);
+                    }
+                });
+            }
             return;
         }
         let Some(held) = lock(&self.held).remove(&grant.lease) else {
@@ -981,44 +957,61 @@ impl KeyStore for RedisStore {
         if failed {
             lock(&self.settling).insert(grant.key.id.clone());
         }
-        // Release never blocks: settled in the background. The store outlives its requests (the engine holds
-        // it for the process).
-        let Some(store) = self.this.upgrade() else {
-            return;
-        };
         let (grant, tuning) = (grant.clone(), tuning.clone());
         tokio::spawn(async move {
             let next_reset = store.days(now).1;
             let change = |state: &mut KeyState| {
                 policy::settle(state, &grant.model, &outcome, &tuning, now, next_reset)
             };
-            let settled = store
-                .settle(Settle {
-                    provider: &grant.provider,
-                    key: &grant.key,
-                    model: &grant.model,
-                    member: &held.member,
-                    counts: shape::counts(0, &outcome),
-                    forget: forgets(&outcome),
-                    change: &change,
-                    known: Some((held.version, held.verdict)),
-                    now,
-                })
-                .await;
-            if let Err(e) = settled {
-                // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
-                store.degrade(&e);
-                let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
-                    provider: grant.provider.to_string(),
-                    masked: grant.key.masked.to_string(),
-                    ..KeyState::default()
-                });
-                let ms = state.models.entry(grant.model.to_string()).or_default();
-                ms.today.requests += 1;
-                ms.lifetime.requests += 1;
-                change(&mut state);
-                store.local.put(&grant.key.id, state);
-                store.postpone(&grant, outcome, &tuning, now, 0);
+            let mut job = Settle {
+                provider: &grant.provider,
+                key: &grant.key,
+                model: &grant.model,
+                member: &held.member,
+                counts: shape::counts(0, &outcome),
+                replay: false,
+                op: "",
+                forget: forgets(&outcome),
+                change: &change,
+                known: Some((held.version, held.verdict)),
+                now,
+            };
+            let settled = store.settle(&mut job).await;
+            // Once Redis took the lease, only the verdict can be missing.
+            let counted = job.member.is_empty();
+            match settled {
+                Ok(()) => {}
+                Err(e) if outage::refused(&e) => {
+                    tracing::warn!(error = %e, provider = %grant.provider, "Redis refused an outcome: not counted");
+                }
+                Err(e) => {
+                    // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
+                    store.degrade(&e);
+                    let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
+                        provider: grant.provider.to_string(),
+                        masked: grant.key.masked.to_string(),
+                        ..KeyState::default()
+                    });
+                    let ms = state.models.entry(grant.model.to_string()).or_default();
+                    ms.today.requests += 1;
+                    ms.lifetime.requests += 1;
+                    change(&mut state);
+                    store.local.put(&grant.key.id, state);
+                    store.postpone(outage::Pending {
+                        provider: grant.provider.clone(),
+                        key: grant.key.clone(),
+                        what: outage::Missed::Outcome {
+                            model: grant.model.clone(),
+                            outcome,
+                            tuning: Box::new(tuning.clone()),
+                            member: held.member.clone(),
+                            op: String::new(),
+                            requests: 0,
+                            counted,
+                        },
+                        at: now,
+                    });
+                }
             }
             if failed {
                 lock(&store.settling).remove(&grant.key.id);
@@ -1042,6 +1035,9 @@ impl KeyStore for RedisStore {
 
     fn retire(&self, removed: &HashSet<KeyId>, live: &HashSet<KeyId>) {
         self.local.retire(removed, live);
+        let mut retired = lock(&self.retired);
+        retired.extend(removed.iter().cloned());
+        retired.retain(|id| !live.contains(id));
     }
 
     fn control(&self, provider: &str, key: &ApiKey, action: &KeyAction) -> bool {
@@ -1049,26 +1045,20 @@ impl KeyStore for RedisStore {
         let Some(store) = self.this.upgrade() else {
             return false;
         };
-        let (provider, key, action) = (provider.to_string(), key.clone(), action.clone());
+        let pending = outage::Pending {
+            provider: provider.into(),
+            key: key.clone(),
+            what: outage::Missed::Control(action.clone()),
+            at: self.clock.now(),
+        };
+        if self.degraded() {
+            // Redis hears of it when it is back.
+            self.postpone(pending);
+            return true;
+        }
+        let provider = pending.provider.clone();
         tokio::spawn(async move {
-            let change = |state: &mut KeyState| {
-                state.control(&action);
-                None
-            };
-            let settled = store
-                .settle(Settle {
-                    provider: &provider,
-                    key: &key,
-                    model: "-",
-                    member: "",
-                    counts: [0; 6],
-                    forget: false,
-                    change: &change,
-                    known: None,
-                    now: store.clock.now(),
-                })
-                .await;
-            if let Err(e) = settled {
+            if let Err(e) = store.give(pending).await {
                 store.degrade(&e);
             }
             store.wakeup(&provider).notify_waiters();
@@ -1112,11 +1102,13 @@ impl RedisStore {
             .key(self.life(provider))
             .key(self.leases(provider))
             .key(self.inflight(provider))
+            .key(self.name(provider, format_args!("expired")))
+            .key(self.name(provider, format_args!("pause")))
             .arg(now);
         for key in keys {
             invocation.arg(key.id.as_str());
         }
-        let (today, lifetime, rows): (Fields, Fields, Vec<(String, u32)>) =
+        let (today, lifetime, rows, paused): (Fields, Fields, Vec<(String, u32)>, UnixMs) =
             invocation.invoke_async(&mut self.conn()?).await?;
         let today = shape::by_key(&today);
         let lifetime = shape::by_key(&lifetime);
@@ -1135,32 +1127,14 @@ impl RedisStore {
                     }
                 }
                 let known = known.is_some() || !state.models.is_empty();
-                KeyStatus::of(key, known.then_some(&state), in_flight, now)
+                let mut status = KeyStatus::of(key, known.then_some(&state), in_flight, now);
+                // The provider's pause rests every key, as the memory store reports it.
+                if paused > now && status.cooling_until.is_none_or(|until| until < paused) {
+                    status.cooling_until = Some(paused);
+                    status.cooling_reason = Some(ErrorClass::RateLimit);
+                }
+                status
             })
             .collect())
-    }
-
-    /// Keeps an outcome for Redis, away now. `requests`: 1 when Redis never counted the request.
-    fn postpone(
-        &self,
-        grant: &Grant,
-        outcome: Outcome,
-        tuning: &Tuning,
-        at: UnixMs,
-        requests: u64,
-    ) {
-        let mut pending = lock(&self.pending);
-        if pending.len() >= MAX_PENDING {
-            pending.pop_front();
-        }
-        pending.push_back(Pending {
-            provider: grant.provider.clone(),
-            key: grant.key.clone(),
-            model: grant.model.clone(),
-            outcome,
-            tuning: tuning.clone(),
-            at,
-            requests,
-        });
     }
 }

@@ -86,10 +86,14 @@ impl Verdict {
     }
 }
 
+/// The most one outcome adds to a count: Redis counts in signed 64 bits, and an upstream's absurd token count
+/// must not make every later addition fail.
+const MAX_COUNT: u64 = 1 << 40;
+
 /// The counts one outcome adds, in the order the settle script takes them.
-pub fn counts(requests: u64, outcome: &crate::keys::Outcome) -> [u64; 6] {
+pub fn counts(requests: u64, outcome: &crate::keys::Outcome) -> [i64; 6] {
     use crate::keys::Outcome;
-    match *outcome {
+    let counts = match *outcome {
         Outcome::Success {
             prompt_tokens,
             completion_tokens,
@@ -97,7 +101,8 @@ pub fn counts(requests: u64, outcome: &crate::keys::Outcome) -> [u64; 6] {
         } => [requests, 1, 0, prompt_tokens, completion_tokens, cost.0],
         Outcome::Failure { .. } => [requests, 0, 1, 0, 0, 0],
         Outcome::Cancelled => [requests, 0, 0, 0, 0, 0],
-    }
+    };
+    counts.map(|n| n.min(MAX_COUNT) as i64)
 }
 
 /// The counters the scripts keep, in their order.
@@ -265,5 +270,11 @@ mod tests {
         };
         assert_eq!(counts(0, &success), [0, 1, 0, 3, 4, 5]);
         assert_eq!(counts(1, &Outcome::Cancelled), [1, 0, 0, 0, 0, 0]);
+        let absurd = Outcome::Success {
+            prompt_tokens: u64::MAX,
+            completion_tokens: 1,
+            cost: Cost(u64::MAX),
+        };
+        assert_eq!(counts(0, &absurd), [0, 1, 0, 1 << 40, 1, 1 << 40]);
     }
 }

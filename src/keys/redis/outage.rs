@@ -1,0 +1,321 @@
+//! When Redis is away: the changes it missed are kept and given to it when it is back, each exactly once, and
+//! what it lost is written back from what this instance knows.
+//!
+//! - An outcome whose release could not reach Redis is kept with its lease: Redis applies it later only if
+//!   that lease is still held or expired unreleased (it may have applied it already, its answer lost).
+//! - An outcome of a lease granted while Redis was away is kept with an id of its own, which Redis marks when
+//!   it applies it.
+//! - An outcome whose counts Redis took but whose verdict it did not is kept as the verdict alone.
+//! - An operator's action is kept as it is.
+//! - A claim this instance stopped waiting for is taken back if Redis ran it (its lease still held or
+//!   expired), as the request was served from the local copy instead.
+//!
+//! Each provider's state carries an `alive` mark, written once an instance has written what it knows of the
+//! provider's keys. A provider without it lost its state (Redis restarted empty, or a Cluster node lost its
+//! data): its keys Redis has no verdict for are written back from this instance's copy, which holds the changes
+//! it missed; the others get those changes. The mark is looked at on every rejoin and every ten seconds.
+
+use super::{RedisStore, Settle, Verdict, forgets, lock, shape};
+use crate::clock::UnixMs;
+use crate::config::Tuning;
+use crate::keys::Outcome;
+use crate::keys::state::{KeyAction, KeyState};
+use crate::secret::{ApiKey, KeyId};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Changes kept for a Redis that is away, at most; the oldest go first.
+const MAX_PENDING: usize = 10_000;
+/// How often a healthy store checks that Redis still holds what it wrote.
+const CHECK_EVERY: u32 = 10;
+
+/// A change Redis has not heard of.
+pub(super) struct Pending {
+    pub provider: Arc<str>,
+    pub key: ApiKey,
+    pub what: Missed,
+    pub at: UnixMs,
+}
+
+pub(super) enum Missed {
+    Outcome {
+        model: Arc<str>,
+        outcome: Outcome,
+        tuning: Box<Tuning>,
+        /// The lease it ended, when Redis granted it; else the outcome's own id.
+        member: String,
+        op: String,
+        /// The request itself, when Redis never counted it (a lease granted while it was away).
+        requests: u64,
+        /// Redis took its counts already: only the verdict is missing.
+        counted: bool,
+    },
+    Control(KeyAction),
+    /// A claim this instance stopped waiting for, which Redis may have run (a lease held and a request
+    /// counted that no request uses): taken back if it did.
+    Claim {
+        model: Arc<str>,
+        member: String,
+    },
+}
+
+impl RedisStore {
+    /// Keeps a change for Redis, away now.
+    pub(super) fn postpone(&self, pending: Pending) {
+        let mut kept = lock(&self.pending);
+        if kept.len() >= MAX_PENDING {
+            kept.pop_front();
+        }
+        kept.push_back(pending);
+    }
+
+    /// Gives Redis one change it missed. `Ok(false)`: Redis refused it (a bad value, not an outage), and it is
+    /// dropped. An error is an outage: what remains of the change is kept.
+    pub(super) async fn give(&self, pending: Pending) -> redis::RedisResult<bool> {
+        let Pending {
+            provider,
+            key,
+            what,
+            at,
+        } = pending;
+        let next_reset = self.days(at).1;
+        let result = match &what {
+            Missed::Outcome {
+                model,
+                outcome,
+                tuning,
+                member,
+                op,
+                requests,
+                counted,
+            } => {
+                let change = |state: &mut KeyState| {
+                    crate::keys::policy::settle(state, model, outcome, tuning, at, next_reset)
+                };
+                let mut job = Settle {
+                    provider: &provider,
+                    key: &key,
+                    model,
+                    member: if *counted { "" } else { member },
+                    counts: if *counted {
+                        [0; 6]
+                    } else {
+                        shape::counts(*requests, outcome)
+                    },
+                    replay: !*counted,
+                    op: if *counted { "" } else { op },
+                    forget: forgets(outcome),
+                    change: &change,
+                    known: None,
+                    now: at,
+                };
+                let result = self.settle(&mut job).await;
+                // Once Redis took the counts, the settle stops replaying.
+                let counted = *counted || !job.replay;
+                result.map_err(|e| (e, counted))
+            }
+            Missed::Control(action) => {
+                let change = |state: &mut KeyState| {
+                    state.control(action);
+                    None
+                };
+                let mut job = Settle::control(&provider, &key, &change, at);
+                self.settle(&mut job).await.map_err(|e| (e, false))
+            }
+            Missed::Claim { model, member } => {
+                let change = |_: &mut KeyState| None;
+                let mut job = Settle {
+                    model,
+                    member,
+                    counts: [-1, 0, 0, 0, 0, 0],
+                    replay: true,
+                    ..Settle::control(&provider, &key, &change, at)
+                };
+                self.settle(&mut job).await.map_err(|e| (e, false))
+            }
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err((e, _)) if refused(&e) => {
+                tracing::warn!(error = %e, provider = %provider, "Redis refused a change kept for it: dropped");
+                Ok(false)
+            }
+            Err((e, counted)) => {
+                let what = match what {
+                    Missed::Outcome {
+                        model,
+                        outcome,
+                        tuning,
+                        member,
+                        op,
+                        requests,
+                        counted: was,
+                    } => Missed::Outcome {
+                        model,
+                        outcome,
+                        tuning,
+                        member,
+                        op,
+                        requests,
+                        counted: was || counted,
+                    },
+                    control => control,
+                };
+                lock(&self.pending).push_front(Pending {
+                    provider,
+                    key,
+                    what,
+                    at,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Back from an outage, or started: checks the clocks, loads the scripts, and catches Redis up.
+    pub(super) async fn rejoin(&self) -> redis::RedisResult<()> {
+        let mut conn = self.connection().await?;
+        self.check_clock(&mut conn).await?;
+        self.scripts.load(&mut conn).await?;
+        self.catch_up().await
+    }
+
+    /// Writes back what Redis lost of the providers this instance knows, then gives it the changes it missed.
+    async fn catch_up(&self) -> redis::RedisResult<()> {
+        let known = self.local.export();
+        let mut providers: BTreeSet<String> =
+            known.keys.values().map(|s| s.provider.clone()).collect();
+        providers.extend(lock(&self.pending).iter().map(|p| p.provider.to_string()));
+        let mut written: HashSet<KeyId> = HashSet::new();
+        for provider in &providers {
+            let kept: bool = redis::cmd("EXISTS")
+                .arg(self.marker(provider))
+                .query_async(&mut self.conn()?)
+                .await?;
+            if !kept {
+                written.extend(self.seed(&known, provider).await?);
+                redis::cmd("SET")
+                    .arg(self.marker(provider))
+                    .arg(1)
+                    .query_async::<()>(&mut self.conn()?)
+                    .await?;
+            }
+        }
+        loop {
+            let Some(pending) = lock(&self.pending).pop_front() else {
+                return Ok(());
+            };
+            // A key written back from this instance's copy has the change already.
+            if written.contains(&pending.key.id) {
+                continue;
+            }
+            self.give(pending).await?;
+        }
+    }
+
+    /// Writes what this instance knows of `provider`'s keys that Redis has no verdict for; returns those keys.
+    async fn seed(
+        &self,
+        known: &crate::keys::memory::State,
+        provider: &str,
+    ) -> redis::RedisResult<Vec<KeyId>> {
+        let (day_start, _) = self.days(self.clock.now());
+        let mut written = Vec::new();
+        for (id, state) in known.keys.iter().filter(|(_, s)| s.provider == provider) {
+            let mut verdict = Verdict::of(state);
+            // The local store rolls one day for all its keys: their counters are of its day.
+            verdict.day = verdict.day.max(known.day_start);
+            let (today, lifetime) = shape::counter_fields(state);
+            let today = if known.day_start == day_start {
+                today
+            } else {
+                Vec::new()
+            };
+            let mut invocation = self.scripts.seed.prepare_invoke();
+            invocation
+                .key(self.hash(provider))
+                .key(self.day(provider, day_start))
+                .key(self.life(provider))
+                .arg(id.as_str())
+                .arg(verdict.to_json())
+                .arg(super::DAY_TTL_MS)
+                .arg(today.len());
+            for (field, n) in today.iter().chain(&lifetime) {
+                invocation.arg(field).arg(n);
+            }
+            if invocation.invoke_async::<i64>(&mut self.conn()?).await? == 1 {
+                // The local copy counted the requests of its leases still in flight: Redis has them now.
+                for (key, counted) in lock(&self.local_leases).values_mut() {
+                    *counted |= key == id;
+                }
+                written.push(id.clone());
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// Redis answered, with an error that trying again would not change (a value out of range, a script error, a
+/// permission): not an outage.
+pub(super) fn refused(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(S::ResponseError | S::ExecAbort | S::CrossSlot | S::NoPerm)
+    )
+}
+
+/// While degraded, asks Redis every second whether it is back, and rejoins when it is; while healthy, checks
+/// every ten seconds that Redis still holds what was written.
+pub(super) async fn probe(store: std::sync::Weak<RedisStore>) {
+    let mut ticks = 0u32;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        ticks = ticks.wrapping_add(1);
+        if !store.degraded() {
+            if ticks.is_multiple_of(CHECK_EVERY)
+                && let Err(e) = store.catch_up().await
+            {
+                store.degrade(&e);
+            }
+            continue;
+        }
+        let ping = match store.connection().await {
+            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if ping.is_ok() && store.rejoin().await.is_ok() {
+            store.degraded.store(false, Ordering::Relaxed);
+            tracing::info!("Redis is back: serving from the shared key state again");
+        }
+    }
+}
+
+impl<'a> Settle<'a> {
+    /// An operator's action on a key: no counts, no lease.
+    pub(super) fn control(
+        provider: &'a str,
+        key: &'a ApiKey,
+        change: super::Change<'a>,
+        now: UnixMs,
+    ) -> Self {
+        Settle {
+            provider,
+            key,
+            model: "",
+            member: "",
+            counts: [0; 6],
+            replay: false,
+            op: "",
+            forget: false,
+            change,
+            known: None,
+            now,
+        }
+    }
+}
