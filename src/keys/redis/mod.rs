@@ -110,6 +110,8 @@ struct Settle<'a> {
     replay: bool,
     /// The outcome's id, for a replayed lease granted while Redis was away ("": none).
     op: &'a str,
+    /// Spend the tokens in the key's window (a tokens-per-minute limit is declared).
+    window: bool,
     /// A model the upstream refused: its counters go unless it ever succeeded.
     forget: bool,
     change: Change<'a>,
@@ -162,8 +164,9 @@ struct View {
 }
 
 impl Reading {
-    /// From what a reading script returned, for `keys` keys.
-    fn parse(raw: &[redis::Value], keys: usize) -> Self {
+    /// From what a reading script returned, for `keys` keys; a verdict left out is the one `known` holds (the
+    /// reading whose versions the script was given).
+    fn parse(raw: &[redis::Value], keys: usize, known: Option<&Reading>) -> Self {
         let value = |i: usize| raw.get(i).cloned().unwrap_or(redis::Value::Nil);
         let int = |i: usize| redis::from_redis_value::<i64>(value(i)).unwrap_or(0);
         let mut reading = Reading {
@@ -173,9 +176,14 @@ impl Reading {
         };
         for k in 0..keys {
             let at = 2 + 6 * k;
-            let text: String = redis::from_redis_value(value(at)).unwrap_or_default();
+            let verdict = match value(at) {
+                redis::Value::Nil => known.and_then(|r| r.keys.get(k)?.verdict.clone()),
+                text => {
+                    Verdict::parse(&redis::from_redis_value::<String>(text).unwrap_or_default())
+                }
+            };
             reading.keys.push(Read {
-                verdict: Verdict::parse(&text),
+                verdict,
                 version: int(at + 1),
                 leases: (int(at + 2) as u32, int(at + 3) as u32),
                 today: (int(at + 4).max(0) as u64, int(at + 5).max(0) as u64),
@@ -408,16 +416,32 @@ impl RedisStore {
             .key(self.name(provider, format_args!("expired")));
     }
 
-    /// Reads what choosing a key for `model` needs.
-    async fn read(&self, ask: &Ask<'_>, now: UnixMs) -> redis::RedisResult<Reading> {
+    /// The keys of `ask` as the reading scripts take them: each id, with the version of its verdict `known`
+    /// holds (the script leaves out verdicts of those versions).
+    fn key_args(
+        invocation: &mut redis::ScriptInvocation<'_>,
+        ask: &Ask<'_>,
+        known: Option<&Reading>,
+    ) {
+        for (k, key) in ask.keys.iter().enumerate() {
+            let version = known.and_then(|r| r.keys.get(k)).map_or(-1, |r| r.version);
+            invocation.arg(key.id.as_str()).arg(version);
+        }
+    }
+
+    /// Reads what choosing a key for `model` needs; `known` is an older reading of the same keys.
+    async fn read(
+        &self,
+        ask: &Ask<'_>,
+        now: UnixMs,
+        known: Option<&Reading>,
+    ) -> redis::RedisResult<Reading> {
         let mut invocation = self.scripts.read.prepare_invoke();
         self.reading_keys(&mut invocation, ask.provider, now);
         invocation.arg(now).arg(ask.model);
-        for key in ask.keys {
-            invocation.arg(key.id.as_str());
-        }
+        Self::key_args(&mut invocation, ask, known);
         let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
-        let reading = Reading::parse(&raw, ask.keys.len());
+        let reading = Reading::parse(&raw, ask.keys.len(), known);
         self.remember(ask, &reading, now);
         Ok(reading)
     }
@@ -505,15 +529,10 @@ impl RedisStore {
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
             let (day_start, next_reset) = self.days(now);
-            let view = if must_read {
-                None
-            } else {
-                self.view(&ask, now)
-            };
-            let (reading, is_fresh) = match (fresh.take(), view) {
+            let (reading, is_fresh) = match (fresh.take(), self.view(&ask, now)) {
                 (Some(reading), _) => (reading, true),
-                (None, Some(reading)) => (reading, false),
-                (None, None) => (self.read(&ask, now).await?, true),
+                (None, Some(view)) if !must_read => (view, false),
+                (None, view) => (self.read(&ask, now, view.as_ref()).await?, true),
             };
             if reading.paused_until > now {
                 if !is_fresh {
@@ -616,9 +635,7 @@ impl RedisStore {
                     .arg(next_reset)
                     .arg(DAY_TTL_MS)
                     .arg(if moves { "1" } else { "0" });
-                for key in ask.keys {
-                    invocation.arg(key.id.as_str());
-                }
+                Self::key_args(&mut invocation, &ask, Some(&reading));
                 // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
                 let mut claiming = Claiming {
                     store: self,
@@ -638,7 +655,11 @@ impl RedisStore {
                     .first()
                     .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
                     .unwrap_or(0);
-                let after = Reading::parse(raw.get(1..).unwrap_or_default(), ask.keys.len());
+                let after = Reading::parse(
+                    raw.get(1..).unwrap_or_default(),
+                    ask.keys.len(),
+                    Some(&reading),
+                );
                 self.remember(&ask, &after, now);
                 match claimed {
                     1 => {
@@ -766,7 +787,8 @@ impl RedisStore {
                 .arg(pause.map_or(0, |p| p.window.as_millis() as u64))
                 .arg(limited)
                 .arg(if job.replay { "1" } else { "0" })
-                .arg(job.op);
+                .arg(job.op)
+                .arg(if job.window { "1" } else { "0" });
             let (written, paused, today, lifetime): (i64, i64, Counted, Counted) =
                 invocation.invoke_async(&mut self.conn()?).await?;
             // Whatever the verdict, the counts and the lease are Redis's now.
@@ -802,6 +824,14 @@ impl RedisStore {
             return Ok(());
         }
     }
+}
+
+/// Whether outcomes spend tokens in their key's window: only when a tokens-per-minute limit is declared.
+fn spends_tokens(tuning: &Tuning) -> bool {
+    tuning
+        .limits
+        .as_ref()
+        .is_some_and(|l| l.tokens_per_minute.is_some())
 }
 
 /// A model the upstream refused outright (an unknown name, say) leaves no counters behind unless it ever
@@ -971,6 +1001,7 @@ impl KeyStore for RedisStore {
                 counts: shape::counts(0, &outcome),
                 replay: false,
                 op: "",
+                window: spends_tokens(&tuning),
                 forget: forgets(&outcome),
                 change: &change,
                 known: Some((held.version, held.verdict)),

@@ -55,9 +55,10 @@ end
     };
 }
 
-/// `read(now, model, first)`: what choosing a key for `model` needs, for the keys whose ids are `ARGV[first]`
-/// onwards, with KEYS: state, pause, cursor, day hash, leases, in-flight counts, expired leases. Returns the
-/// pause's end (0: none), the model's cursor (""), then per key: verdict (""), version, leases of the key,
+/// `read(now, model, first)`: what choosing a key for `model` needs, for the keys given from `ARGV[first]` on
+/// as pairs of id and the version of its verdict the caller knows (-1: none), with KEYS: state, pause, cursor,
+/// day hash, leases, in-flight counts, expired leases. Returns the pause's end (0: none), the model's cursor
+/// (""), then per key: its verdict ("": none; nil: the version the caller knows), version, leases of the key,
 /// leases of the key and model, today's requests for the model, today's requests for the key.
 macro_rules! read {
     () => {
@@ -69,8 +70,10 @@ local function read(now, model, first)
   out[2] = redis.call('HGET', KEYS[3], model) or ''
   if #ARGV < first then return out end
   local states, counts, inflight = {}, {}, {}
-  for i = first, #ARGV do
+  local known = {}
+  for i = first, #ARGV, 2 do
     local id = ARGV[i]
+    known[#known + 1] = tonumber(ARGV[i + 1])
     states[#states + 1] = 's:' .. id
     states[#states + 1] = 'v:' .. id
     counts[#counts + 1] = id .. ':requests:' .. model
@@ -82,8 +85,9 @@ local function read(now, model, first)
   counts = hmget(KEYS[4], counts)
   inflight = hmget(KEYS[6], inflight)
   for k = 1, #states, 2 do
-    out[#out + 1] = states[k] or ''
-    out[#out + 1] = tonumber(states[k + 1] or '0')
+    local version = tonumber(states[k + 1] or '0')
+    if version == known[(k + 1) / 2] then out[#out + 1] = false else out[#out + 1] = states[k] or '' end
+    out[#out + 1] = version
     out[#out + 1] = tonumber(inflight[k] or '0')
     out[#out + 1] = tonumber(inflight[k + 1] or '0')
     out[#out + 1] = tonumber(counts[k] or '0')
@@ -96,7 +100,7 @@ end
 }
 
 /// What choosing a key needs (see `read!`). KEYS: state, pause, cursor, day hash, leases, in-flight counts,
-/// expired leases. ARGV: now, model, then the ids.
+/// expired leases. ARGV: now, model, then per key its id and the version of its verdict known.
 pub const READ: &str = concat!(
     leases!(),
     read!(),
@@ -112,9 +116,9 @@ return read(tonumber(ARGV[1]), ARGV[2], 3)
 /// cursor, day hash, leases, in-flight counts, expired leases, life hash, the key's request window, its token
 /// window. ARGV: now, model, id, member, lease expiry, cap per key (0: none), cap per key and model, requests
 /// per minute (0: none), tokens per minute (0: none), requests per day (0: none), the next daily reset, the day
-/// hash's time to live, 1 to move the model's cursor to this key, then the ids of the provider's keys. Returns
-/// 1 when claimed, 0 when the key is not eligible, or the time a window or the day's quota has room again; then
-/// what `read` returns, as it is after the claim.
+/// hash's time to live, 1 to move the model's cursor to this key, then the provider's keys as `read!` takes
+/// them. Returns 1 when claimed, 0 when the key is not eligible, or the time a window or the day's quota has
+/// room again; then what `read` returns, as it is after the claim.
 pub const CLAIM: &str = concat!(
     leases!(),
     read!(),
@@ -194,7 +198,8 @@ return out
 /// hash's time to live, 1 to forget the model's counters if it never succeeded (a model the upstream refused),
 /// the expected version, the verdict ("" leaves it), keys that pause the provider (0: no pause), their window,
 /// the end of the rate-limit cooldown the outcome started (0), 1 for a replay, the outcome's id (replays of
-/// leases granted while Redis was away). Returns: 1 when the verdict was written, 0 when its version had moved
+/// leases granted while Redis was away), 1 to spend the tokens in the key's window (a tokens-per-minute limit
+/// is declared). Returns: 1 when the verdict was written, 0 when its version had moved
 /// (the caller decides again), -1 when none was given, 2 for a replay Redis had seen; the pause started (0);
 /// the key and model's counters of the day and of its lifetime, in the order of `names` below, then its last
 /// use.
@@ -245,7 +250,7 @@ if ARGV[14] == '1' and not redis.call('HGET', KEYS[6], fields[2]) and not redis.
   end
 end
 local tokens = tonumber(ARGV[10]) + tonumber(ARGV[11])
-if tokens > 0 then
+if tokens > 0 and ARGV[22] == '1' then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
   redis.call('ZADD', KEYS[4], now, tokens .. ':' .. member .. ':' .. ARGV[21] .. ':' .. now)
   redis.call('PEXPIRE', KEYS[4], 61000)
