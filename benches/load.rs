@@ -613,9 +613,9 @@ fn redis_server() -> RedisServer {
     }
 }
 
-/// Scripts Redis ran (`EVALSHA`, `EVAL`): each is one of keyrelay's round trips (the commands a script runs
-/// inside are not).
-async fn redis_round_trips(port: u16) -> u64 {
+/// Scripts Redis ran (`EVALSHA`, `EVAL`), and the microseconds it spent in them: each is one of keyrelay's
+/// round trips (the commands a script runs inside are not).
+async fn redis_scripts(port: u16) -> (u64, u64) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let info: String = redis::cmd("INFO")
@@ -627,9 +627,16 @@ async fn redis_round_trips(port: u16) -> u64 {
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
             let calls: u64 = rest.split(',').next()?.parse().ok()?;
-            ["evalsha", "eval"].contains(&name).then_some(calls)
+            let usec: u64 = rest
+                .split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            ["evalsha", "eval"].contains(&name).then_some((calls, usec))
         })
-        .sum()
+        .fold((0, 0), |(c, u), (calls, usec)| (c + calls, u + usec))
 }
 
 /// `concurrency` clients spread over `urls`, as one run.
@@ -705,9 +712,9 @@ async fn stores() {
         redis_version()
     );
     println!(
-        "| store | instances | concurrency | req/s | p50 / p99 ms | Redis round trips per request | errors |"
+        "| store | instances | concurrency | req/s | p50 / p99 ms | Redis round trips per request | Redis time per request | errors |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut p50 = Vec::new();
     for (name, urls, concurrency) in [
         ("memory", vec![memory.2.clone()], 1),
@@ -716,21 +723,31 @@ async fn stores() {
         ("redis", vec![first.2.clone()], 64),
         ("redis", vec![first.2.clone(), second.2.clone()], 64),
     ] {
-        let before = redis_round_trips(redis.port).await;
+        let before = redis_scripts(redis.port).await;
         let run = load_spread(&client, &urls, concurrency, duration).await;
-        let trips = redis_round_trips(redis.port).await - before;
+        let after = redis_scripts(redis.port).await;
+        let per_request = |n: u64| n as f64 / run.all.max(1) as f64;
+        let (trips, usec) = (
+            per_request(after.0 - before.0),
+            per_request(after.1 - before.1),
+        );
         let ms = |p: f64| run.percentile(p).as_secs_f64() * 1000.0;
         if concurrency == 1 {
             p50.push((ms(0.5), ms(0.99)));
         }
         println!(
-            "| {name} | {} | {concurrency} | {:.0} | {:.3} / {:.3} | {} | {} |",
+            "| {name} | {} | {concurrency} | {:.0} | {:.3} / {:.3} | {} | {} | {} |",
             urls.len(),
             run.throughput(),
             ms(0.5),
             ms(0.99),
             if name == "redis" {
-                format!("{:.2}", trips as f64 / run.all.max(1) as f64)
+                format!("{trips:.2}")
+            } else {
+                "-".into()
+            },
+            if name == "redis" {
+                format!("{usec:.0} µs")
             } else {
                 "-".into()
             },

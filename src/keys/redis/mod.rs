@@ -60,7 +60,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(15);
 const CLAIM_TRIES: usize = 4;
 /// How old a reading may be to choose from (a claim checks it anyway).
 const VIEW_AGE_MS: UnixMs = 1000;
-/// Provider and model pairs whose last reading is kept, at most.
+/// How old a reading may be before a claim reads again as it claims (this instance's own claims and releases
+/// are in it already; other instances' show within this time).
+const REFRESH_MS: UnixMs = 100;
+/// Models of one provider whose last reading is kept, at most.
 const MAX_VIEWS: usize = 4096;
 /// A day's counters outlive it by a day, then go.
 const DAY_TTL_MS: i64 = 50 * 3600 * 1000;
@@ -153,7 +156,7 @@ pub struct RedisStore {
     /// meanwhile, so this holds whatever other instances do).
     full: Mutex<HashMap<KeyId, UnixMs>>,
     /// What was last read per provider and model, to choose from.
-    views: Mutex<HashMap<(String, String), View>>,
+    views: Mutex<HashMap<String, HashMap<String, View>>>,
 }
 
 /// A provider's keys for one model as last read.
@@ -446,24 +449,25 @@ impl RedisStore {
         Ok(reading)
     }
 
-    /// What this instance last read of `ask`'s keys, if recent: a claim re-checks all that matters, so choosing
-    /// from it saves a round trip, and what the claim returns replaces it.
-    fn view(&self, ask: &Ask<'_>, now: UnixMs) -> Option<Reading> {
+    /// What this instance last read of `ask`'s keys, if recent, and when it was read: a claim re-checks all
+    /// that matters, so choosing from it saves a round trip.
+    fn view(&self, ask: &Ask<'_>, now: UnixMs) -> Option<(Reading, UnixMs)> {
         let views = lock(&self.views);
-        let view = views.get(&(ask.provider.to_string(), ask.model.to_string()))?;
+        let view = views.get(ask.provider)?.get(ask.model)?;
         let same_keys = view.ids.len() == ask.keys.len()
             && view.ids.iter().zip(ask.keys).all(|(id, key)| *id == key.id);
-        (same_keys && now - view.at <= VIEW_AGE_MS).then(|| view.reading.clone())
+        (same_keys && now - view.at <= VIEW_AGE_MS).then(|| (view.reading.clone(), view.at))
     }
 
     fn remember(&self, ask: &Ask<'_>, reading: &Reading, now: UnixMs) {
         let mut views = lock(&self.views);
+        let models = views.entry(ask.provider.to_string()).or_default();
         // Model names come from clients: the views kept are bounded.
-        if views.len() >= MAX_VIEWS {
-            views.clear();
+        if models.len() >= MAX_VIEWS {
+            models.clear();
         }
-        views.insert(
-            (ask.provider.to_string(), ask.model.to_string()),
+        models.insert(
+            ask.model.to_string(),
             View {
                 at: now,
                 ids: ask.keys.iter().map(|k| k.id.clone()).collect(),
@@ -472,31 +476,15 @@ impl RedisStore {
         );
     }
 
-    /// Puts a verdict this instance wrote into its views of the key, so that its next choices know of it.
-    fn note_verdict(&self, provider: &str, key: &KeyId, version: i64, verdict: &Verdict) {
+    /// Applies `change` to key `id` in this instance's views of `provider`, with whether the view is of
+    /// `model`: its own claims, releases and verdicts, so that its next choices know of them before it reads
+    /// again.
+    fn note(&self, provider: &str, model: &str, id: &KeyId, change: impl Fn(&mut Read, bool)) {
         let mut views = lock(&self.views);
-        for ((p, _), view) in views.iter_mut() {
-            if p != provider {
-                continue;
+        for (name, view) in views.get_mut(provider).into_iter().flatten() {
+            if let Some(i) = view.ids.iter().position(|k| k == id) {
+                change(&mut view.reading.keys[i], name == model);
             }
-            if let Some(i) = view.ids.iter().position(|id| id == key) {
-                view.reading.keys[i].version = version;
-                view.reading.keys[i].verdict = Some(verdict.clone());
-            }
-        }
-    }
-
-    /// Counts a claim on key `index` in the view at once, so that requests choosing meanwhile see it.
-    fn note_claim(&self, ask: &Ask<'_>, index: usize) {
-        let mut views = lock(&self.views);
-        if let Some(read) = views
-            .get_mut(&(ask.provider.to_string(), ask.model.to_string()))
-            .and_then(|v| v.reading.keys.get_mut(index))
-        {
-            read.leases.0 += 1;
-            read.leases.1 += 1;
-            read.today.0 += 1;
-            read.today.1 += 1;
         }
     }
 
@@ -529,11 +517,16 @@ impl RedisStore {
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
             let (day_start, next_reset) = self.days(now);
-            let (reading, is_fresh) = match (fresh.take(), self.view(&ask, now)) {
-                (Some(reading), _) => (reading, true),
-                (None, Some(view)) if !must_read => (view, false),
-                (None, view) => (self.read(&ask, now, view.as_ref()).await?, true),
+            let (reading, read_at, is_fresh) = match (fresh.take(), self.view(&ask, now)) {
+                (Some(reading), _) => (reading, now, true),
+                (None, Some((view, at))) if !must_read => (view, at, false),
+                (None, view) => {
+                    let known = view.map(|(reading, _)| reading);
+                    (self.read(&ask, now, known.as_ref()).await?, now, true)
+                }
             };
+            // A claim also reads when what it chose on is getting old.
+            let read_after = now - read_at >= REFRESH_MS;
             if reading.paused_until > now {
                 if !is_fresh {
                     must_read = true;
@@ -615,7 +608,14 @@ impl RedisStore {
                     version: reading.keys[index].version,
                     verdict: reading.keys[index].verdict.clone(),
                 };
-                self.note_claim(&ask, index);
+                self.note(ask.provider, ask.model, &key.id, |read, same_model| {
+                    read.leases.0 += 1;
+                    if same_model {
+                        read.leases.1 += 1;
+                        read.today.0 += 1;
+                    }
+                    read.today.1 += 1;
+                });
                 let mut invocation = self.scripts.claim.prepare_invoke();
                 self.reading_keys(&mut invocation, ask.provider, now);
                 invocation
@@ -634,7 +634,8 @@ impl RedisStore {
                     .arg(requests_per_day.unwrap_or(0))
                     .arg(next_reset)
                     .arg(DAY_TTL_MS)
-                    .arg(if moves { "1" } else { "0" });
+                    .arg(if moves { "1" } else { "0" })
+                    .arg(if read_after { "1" } else { "0" });
                 Self::key_args(&mut invocation, &ask, Some(&reading));
                 // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
                 let mut claiming = Claiming {
@@ -655,12 +656,15 @@ impl RedisStore {
                     .first()
                     .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
                     .unwrap_or(0);
-                let after = Reading::parse(
-                    raw.get(1..).unwrap_or_default(),
-                    ask.keys.len(),
-                    Some(&reading),
-                );
-                self.remember(&ask, &after, now);
+                let after = read_after.then(|| {
+                    let after = Reading::parse(
+                        raw.get(1..).unwrap_or_default(),
+                        ask.keys.len(),
+                        Some(&reading),
+                    );
+                    self.remember(&ask, &after, now);
+                    after
+                });
                 match claimed {
                     1 => {
                         lock(&self.held).insert(lease, held);
@@ -672,8 +676,8 @@ impl RedisStore {
                         }));
                     }
                     0 => {
-                        // Not eligible any more: choose again on what the claim read.
-                        fresh = Some(after);
+                        // Not eligible any more: choose again on what the claim read, or read.
+                        fresh = after;
                         lost = true;
                         break;
                     }
@@ -687,7 +691,7 @@ impl RedisStore {
                             until,
                             reason: ErrorClass::RateLimit,
                         });
-                        fresh = Some(after);
+                        fresh = after.or(fresh);
                     }
                 }
             }
@@ -803,7 +807,10 @@ impl RedisStore {
                 0 => continue,
                 // A replay Redis had seen.
                 2 => return Ok(()),
-                1 => self.note_verdict(provider, &key.id, version + 1, &verdict),
+                1 => self.note(provider, model, &key.id, |read, _| {
+                    read.version = version + 1;
+                    read.verdict = Some(verdict.clone());
+                }),
                 _ => {}
             }
             // The local copy: this verdict, the model's counters as they are now, the other models' as known.
@@ -983,6 +990,17 @@ impl KeyStore for RedisStore {
         let Some(held) = lock(&self.held).remove(&grant.lease) else {
             return;
         };
+        self.note(
+            &grant.provider,
+            &grant.model,
+            &grant.key.id,
+            |read, same_model| {
+                read.leases.0 = read.leases.0.saturating_sub(1);
+                if same_model {
+                    read.leases.1 = read.leases.1.saturating_sub(1);
+                }
+            },
+        );
         let failed = matches!(outcome, Outcome::Failure { .. });
         if failed {
             lock(&self.settling).insert(grant.key.id.clone());

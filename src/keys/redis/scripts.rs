@@ -112,13 +112,13 @@ return read(tonumber(ARGV[1]), ARGV[2], 3)
 /// Claims a lease if the key is still eligible: the provider not paused, the key not disabled, not cooling (whole
 /// key or this model), under its caps, and within its declared limits (requests and tokens per minute, requests
 /// per day): every rule that depends on the pool, since the choice may have been made on an older reading. A
-/// claim counts the request, and reads what the next choice needs in the same round trip. KEYS: state, pause,
+/// claim counts the request, and can read what the next choice needs in the same round trip. KEYS: state, pause,
 /// cursor, day hash, leases, in-flight counts, expired leases, life hash, the key's request window, its token
 /// window. ARGV: now, model, id, member, lease expiry, cap per key (0: none), cap per key and model, requests
 /// per minute (0: none), tokens per minute (0: none), requests per day (0: none), the next daily reset, the day
-/// hash's time to live, 1 to move the model's cursor to this key, then the provider's keys as `read!` takes
-/// them. Returns 1 when claimed, 0 when the key is not eligible, or the time a window or the day's quota has
-/// room again; then what `read` returns, as it is after the claim.
+/// hash's time to live, 1 to move the model's cursor to this key, 1 to read as well, then the provider's keys
+/// as `read!` takes them. Returns 1 when claimed, 0 when the key is not eligible, or the time a window or the
+/// day's quota has room again; then, when asked, what `read` returns, as it is after the claim.
 pub const CLAIM: &str = concat!(
     leases!(),
     read!(),
@@ -178,7 +178,8 @@ local function claim()
   return 1
 end
 local claimed = claim()
-local out = read(now, model, 14)
+if ARGV[14] ~= '1' then return {claimed} end
+local out = read(now, model, 15)
 table.insert(out, 1, claimed)
 return out
 "#
