@@ -334,7 +334,7 @@ async fn keys_a_reload_removed_are_not_granted() {
 async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
-    let keys = keys(2);
+    let keys = keys(3);
     let tuning = Tuning::default();
     let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let limited = grant.key.id.clone();
@@ -347,25 +347,37 @@ async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
         },
         &tuning,
     );
+    let disabled = keys.iter().find(|k| k.id != limited).unwrap().clone();
+    stores[0].control("p", &disabled, &keyrelay::keys::KeyAction::Disable);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Redis loses everything without the connection ever failing (a FLUSHALL, a failover to an empty replica).
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    // Within the ten-second check, the cooldown is back in Redis.
+    // Before it is written back, the instance still leaves the cooling and the disabled key alone.
+    for _ in 0..4 {
+        let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+        assert!(grant.key.id != limited && grant.key.id != disabled.id);
+        stores[0].release(&grant, SUCCESS, &tuning);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Within the ten-second check, the cooldown and the disabled key are back in Redis.
     let mut back = false;
     for _ in 0..60 {
         let report = stores[0].report("p", &keys).await;
-        if report
+        let cooling = report
             .iter()
-            .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty())
-        {
+            .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty());
+        let off = report
+            .iter()
+            .any(|k| k.id == disabled.id.to_string() && k.disabled);
+        if cooling && off {
             back = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(back, "the cooldown was written back");
+    assert!(back, "the cooldown and the disabled key were written back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

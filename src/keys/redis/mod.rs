@@ -115,6 +115,8 @@ struct Settle<'a> {
     op: &'a str,
     /// Spend the tokens in the key's window (a tokens-per-minute limit is declared).
     window: bool,
+    /// Set once Redis took the counts and the lease: only the verdict can be missing after that.
+    applied: bool,
     /// A model the upstream refused: its counters go unless it ever succeeded.
     forget: bool,
     change: Change<'a>,
@@ -150,6 +152,8 @@ pub struct RedisStore {
     /// Leases granted from the local copy and not yet released, by key, and whether Redis has their request
     /// (written back from the local copy, which counts a request when it grants it).
     local_leases: Mutex<HashMap<u64, (KeyId, bool)>>,
+    /// The start of each provider's state in Redis as this instance last saw it (its `alive` mark).
+    epochs: Mutex<HashMap<String, UnixMs>>,
     /// Keys a reload removed: never granted again.
     retired: Mutex<HashSet<KeyId>>,
     /// Keys whose request or token window, or day's quota, is known full until then (windows only fill up
@@ -209,7 +213,7 @@ struct Scripts {
 /// A hash's fields and values, as read.
 type Fields = Vec<(String, String)>;
 /// One key and model's counters as read, in [`shape::COUNTERS`] order, then its last use.
-type Counted = Vec<Option<u64>>;
+type Counted = Vec<Option<i64>>;
 
 impl Scripts {
     /// Loads every script, so that none costs a round trip more on its first use.
@@ -285,6 +289,7 @@ impl RedisStore {
             settling: Mutex::default(),
             pending: Mutex::default(),
             retired: Mutex::default(),
+            epochs: Mutex::default(),
             local_leases: Mutex::default(),
             full: Mutex::default(),
             views: Mutex::default(),
@@ -347,7 +352,7 @@ impl RedisStore {
         }
     }
 
-    /// Set once this or another instance wrote what it knows of `provider`'s keys: gone means Redis lost them.
+    /// When `provider`'s state began in Redis: gone, or newer than last seen, means Redis lost what it had.
     fn marker(&self, provider: &str) -> String {
         self.name(provider, format_args!("alive"))
     }
@@ -488,6 +493,43 @@ impl RedisStore {
         }
     }
 
+    /// Notes, once per provider, when its state began in Redis, so that a later check can tell that Redis lost
+    /// it (in the background: one round trip per provider and instance).
+    fn learn_epoch(&self, provider: &str) {
+        let mut epochs = lock(&self.epochs);
+        if epochs.contains_key(provider) {
+            return;
+        }
+        // Asked already: not asked again meanwhile.
+        epochs.insert(provider.to_string(), UnixMs::MIN);
+        drop(epochs);
+        let (Some(store), provider) = (self.this.upgrade(), provider.to_string()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let Ok(mut conn) = store.conn() else { return };
+            let mark = redis::cmd("GET")
+                .arg(store.marker(&provider))
+                .query_async::<Option<UnixMs>>(&mut conn)
+                .await;
+            let mut epochs = lock(&store.epochs);
+            match mark {
+                Ok(Some(at)) => {
+                    epochs.entry(provider).and_modify(|e| *e = (*e).max(at));
+                }
+                // Asked again on the next claim.
+                _ => {
+                    epochs.remove(&provider);
+                }
+            }
+        });
+    }
+
+    /// What this instance knows of a key's verdict, for a key Redis has none for.
+    fn local_verdict(&self, id: &KeyId) -> Option<Verdict> {
+        self.local.get(id).map(|state| Verdict::of(&state))
+    }
+
     /// A key's verdict and its version, alone.
     async fn read_verdict(
         &self,
@@ -559,10 +601,11 @@ impl RedisStore {
                             reason: ErrorClass::RateLimit,
                         });
                     }
-                    let mut state = read
-                        .verdict
-                        .as_ref()
-                        .map_or_else(KeyState::default, |v| v.state(ask.provider));
+                    let known = match &read.verdict {
+                        Some(verdict) => Some(verdict.clone()),
+                        None => self.local_verdict(&key.id),
+                    };
+                    let mut state = known.map_or_else(KeyState::default, |v| v.state(ask.provider));
                     state.roll(day_start, now);
                     // In flight and today's requests are the pool's, whether or not the key has a verdict yet.
                     state.in_flight = read.leases.0;
@@ -622,6 +665,7 @@ impl RedisStore {
                     .key(self.life(ask.provider))
                     .key(self.window(ask.provider, &key.id, "requests"))
                     .key(self.window(ask.provider, &key.id, "tokens"))
+                    .key(self.marker(ask.provider))
                     .arg(now)
                     .arg(ask.model)
                     .arg(key.id.as_str())
@@ -668,6 +712,7 @@ impl RedisStore {
                 match claimed {
                     1 => {
                         lock(&self.held).insert(lease, held);
+                        self.learn_epoch(ask.provider);
                         return Ok(Ok(Grant {
                             lease,
                             provider: ask.provider.into(),
@@ -730,9 +775,13 @@ impl RedisStore {
                 Some(known) => known,
                 None => self.read_verdict(provider, &key.id).await?,
             };
-            let mut state = stored
-                .as_ref()
-                .map_or_else(KeyState::default, |v| v.state(provider));
+            // No verdict in Redis (a key never used, or state Redis lost): what this instance knows of it.
+            let mut state = match &stored {
+                Some(verdict) => verdict.state(provider),
+                None => self
+                    .local_verdict(&key.id)
+                    .map_or_else(KeyState::default, |v| v.state(provider)),
+            };
             state.masked = key.masked.to_string();
             state.roll(day_start, now);
             let started = (job.change)(&mut state);
@@ -796,6 +845,7 @@ impl RedisStore {
             let (written, paused, today, lifetime): (i64, i64, Counted, Counted) =
                 invocation.invoke_async(&mut self.conn()?).await?;
             // Whatever the verdict, the counts and the lease are Redis's now.
+            job.applied = true;
             job.member = "";
             job.counts = [0; 6];
             job.replay = false;
@@ -825,7 +875,7 @@ impl RedisStore {
                 let m = whole.models.entry(model.to_string()).or_default();
                 m.today = shape::counters(&today);
                 m.lifetime = shape::counters(&lifetime);
-                m.last_used = lifetime.get(6).copied().flatten().map(|at| at as UnixMs);
+                m.last_used = lifetime.get(6).copied().flatten();
             }
             self.local.put(&key.id, whole);
             return Ok(());
@@ -980,7 +1030,7 @@ impl KeyStore for RedisStore {
                 self.postpone(pending);
             } else {
                 tokio::spawn(async move {
-                    if let Err(e) = store.give(pending).await {
+                    if let Err(e) = store.give(pending, false).await {
                         store.degrade(&e);
                     }
                 });
@@ -1020,14 +1070,14 @@ impl KeyStore for RedisStore {
                 replay: false,
                 op: "",
                 window: spends_tokens(&tuning),
+                applied: false,
                 forget: forgets(&outcome),
                 change: &change,
                 known: Some((held.version, held.verdict)),
                 now,
             };
             let settled = store.settle(&mut job).await;
-            // Once Redis took the lease, only the verdict can be missing.
-            let counted = job.member.is_empty();
+            let counted = job.applied;
             match settled {
                 Ok(()) => {}
                 Err(e) if outage::refused(&e) => {
@@ -1074,6 +1124,8 @@ impl KeyStore for RedisStore {
     }
 
     fn configure(&self, policy: StorePolicy) {
+        // Limits may have changed: what was known full is looked at again.
+        lock(&self.full).clear();
         self.local.configure(policy.clone());
         *lock(&self.policy) = policy;
     }
@@ -1107,7 +1159,7 @@ impl KeyStore for RedisStore {
         }
         let provider = pending.provider.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.give(pending).await {
+            if let Err(e) = store.give(pending, false).await {
                 store.degrade(&e);
             }
             store.wakeup(&provider).notify_waiters();

@@ -10,10 +10,12 @@
 //! - A claim this instance stopped waiting for is taken back if Redis ran it (its lease still held or
 //!   expired), as the request was served from the local copy instead.
 //!
-//! Each provider's state carries an `alive` mark, written once an instance has written what it knows of the
-//! provider's keys. A provider without it lost its state (Redis restarted empty, or a Cluster node lost its
-//! data): its keys Redis has no verdict for are written back from this instance's copy, which holds the changes
-//! it missed; the others get those changes. The mark is looked at on every rejoin and every ten seconds.
+//! Each provider's state carries an `alive` mark: when it began (its first claim, or an instance writing back
+//! what it knows). A mark gone, or newer than this instance last saw, means Redis lost the provider's state
+//! (restarted empty, a failover to an empty replica, a Cluster node that lost its data). Its keys Redis has no
+//! verdict for are then written back from this instance's copy, which holds the changes it missed; changes
+//! older than the mark are applied whatever Redis once did with them. The mark is looked at on every rejoin
+//! and every ten seconds.
 
 use super::{RedisStore, Settle, Verdict, forgets, lock, shape};
 use crate::clock::UnixMs;
@@ -21,7 +23,7 @@ use crate::config::Tuning;
 use crate::keys::Outcome;
 use crate::keys::state::{KeyAction, KeyState};
 use crate::secret::{ApiKey, KeyId};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -71,9 +73,10 @@ impl RedisStore {
         kept.push_back(pending);
     }
 
-    /// Gives Redis one change it missed. `Ok(false)`: Redis refused it (a bad value, not an outage), and it is
-    /// dropped. An error is an outage: what remains of the change is kept.
-    pub(super) async fn give(&self, pending: Pending) -> redis::RedisResult<bool> {
+    /// Gives Redis one change it missed. `lost`: Redis lost its state since the change, so the change is
+    /// applied whatever Redis once did with it. `Ok(false)`: Redis refused it (a bad value, not an outage), and
+    /// it is dropped. An error is an outage: what remains of the change is kept.
+    pub(super) async fn give(&self, pending: Pending, lost: bool) -> redis::RedisResult<bool> {
         let Pending {
             provider,
             key,
@@ -94,27 +97,32 @@ impl RedisStore {
                 let change = |state: &mut KeyState| {
                     crate::keys::policy::settle(state, model, outcome, tuning, at, next_reset)
                 };
+                // Redis lost it all: the request too (its claim), and the lease is gone.
+                let (counted, requests, member) = match lost {
+                    true => (false, 1, ""),
+                    false => (*counted, *requests, member.as_str()),
+                };
                 let mut job = Settle {
                     provider: &provider,
                     key: &key,
                     model,
-                    member: if *counted { "" } else { member },
-                    counts: if *counted {
+                    member: if counted { "" } else { member },
+                    counts: if counted {
                         [0; 6]
                     } else {
-                        shape::counts(*requests, outcome)
+                        shape::counts(requests, outcome)
                     },
-                    replay: !*counted,
-                    op: if *counted { "" } else { op },
+                    replay: !counted && !lost,
+                    op: if counted || lost { "" } else { op },
                     window: super::spends_tokens(tuning),
+                    applied: false,
                     forget: forgets(outcome),
                     change: &change,
                     known: None,
                     now: at,
                 };
                 let result = self.settle(&mut job).await;
-                // Once Redis took the counts, the settle stops replaying.
-                let counted = *counted || !job.replay;
+                let counted = counted || job.applied;
                 result.map_err(|e| (e, counted))
             }
             Missed::Control(action) => {
@@ -125,6 +133,8 @@ impl RedisStore {
                 let mut job = Settle::control(&provider, &key, &change, at);
                 self.settle(&mut job).await.map_err(|e| (e, false))
             }
+            // Redis lost it with the rest.
+            Missed::Claim { .. } if lost => Ok(()),
             Missed::Claim { model, member } => {
                 let change = |_: &mut KeyState| None;
                 let mut job = Settle {
@@ -185,41 +195,73 @@ impl RedisStore {
 
     /// Writes back what Redis lost of the providers this instance knows, then gives it the changes it missed.
     async fn catch_up(&self) -> redis::RedisResult<()> {
+        // What this instance knows now: its copy, the local leases in flight, and the changes kept so far.
         let known = self.local.export();
+        let leases: HashSet<u64> = lock(&self.local_leases).keys().copied().collect();
+        let kept = lock(&self.pending).len();
         let mut providers: BTreeSet<String> =
             known.keys.values().map(|s| s.provider.clone()).collect();
         providers.extend(lock(&self.pending).iter().map(|p| p.provider.to_string()));
+        // When each provider's state began: changes older than that were lost with what Redis had before.
+        let mut since: HashMap<String, UnixMs> = HashMap::new();
         let mut written: HashSet<KeyId> = HashSet::new();
         for provider in &providers {
-            let kept: bool = redis::cmd("EXISTS")
+            let mark: Option<UnixMs> = redis::cmd("GET")
                 .arg(self.marker(provider))
                 .query_async(&mut self.conn()?)
                 .await?;
-            if !kept {
-                written.extend(self.seed(&known, provider).await?);
-                redis::cmd("SET")
-                    .arg(self.marker(provider))
-                    .arg(1)
-                    .query_async::<()>(&mut self.conn()?)
-                    .await?;
-            }
+            // (`MIN`: being learnt.)
+            let seen = lock(&self.epochs)
+                .get(provider)
+                .copied()
+                .filter(|&at| at != UnixMs::MIN);
+            let start = match mark {
+                Some(at) if seen.is_none_or(|seen| seen == at) => at,
+                // Gone, or begun again since this instance last looked: Redis lost what it had.
+                _ => {
+                    written.extend(self.seed(&known, &leases, provider).await?);
+                    let now = self.clock.now();
+                    let _: () = redis::cmd("SET")
+                        .arg(self.marker(provider))
+                        .arg(now)
+                        .arg("NX")
+                        .query_async(&mut self.conn()?)
+                        .await?;
+                    let at: Option<UnixMs> = redis::cmd("GET")
+                        .arg(self.marker(provider))
+                        .query_async(&mut self.conn()?)
+                        .await?;
+                    at.unwrap_or(now)
+                }
+            };
+            lock(&self.epochs).insert(provider.clone(), start);
+            since.insert(provider.clone(), start);
         }
+        let mut given = 0;
         loop {
             let Some(pending) = lock(&self.pending).pop_front() else {
                 return Ok(());
             };
-            // A key written back from this instance's copy has the change already.
-            if written.contains(&pending.key.id) {
+            given += 1;
+            // A key written back from this instance's copy has the changes kept before that copy was taken.
+            if given <= kept && written.contains(&pending.key.id) {
                 continue;
             }
-            self.give(pending).await?;
+            // A change older than the state Redis has now: whatever Redis did with it is gone.
+            let lost = since
+                .get(&*pending.provider)
+                .is_some_and(|at| pending.at < *at);
+            self.give(pending, lost).await?;
         }
     }
 
     /// Writes what this instance knows of `provider`'s keys that Redis has no verdict for; returns those keys.
+    /// The local copy counted the requests of the local `leases` in flight: where its day's counters are
+    /// written, Redis has those requests.
     async fn seed(
         &self,
         known: &crate::keys::memory::State,
+        leases: &HashSet<u64>,
         provider: &str,
     ) -> redis::RedisResult<Vec<KeyId>> {
         let (day_start, _) = self.days(self.clock.now());
@@ -246,11 +288,13 @@ impl RedisStore {
             for (field, n) in today.iter().chain(&lifetime) {
                 invocation.arg(field).arg(n);
             }
-            if invocation.invoke_async::<i64>(&mut self.conn()?).await? == 1 {
-                // The local copy counted the requests of its leases still in flight: Redis has them now.
-                for (key, counted) in lock(&self.local_leases).values_mut() {
-                    *counted |= key == id;
+            let seeded: i64 = invocation.invoke_async(&mut self.conn()?).await?;
+            if seeded == 2 {
+                for (lease, (key, counted)) in lock(&self.local_leases).iter_mut() {
+                    *counted |= key == id && leases.contains(lease);
                 }
+            }
+            if seeded > 0 {
                 written.push(id.clone());
             }
         }
@@ -265,6 +309,8 @@ pub(super) fn refused(e: &redis::RedisError) -> bool {
     matches!(
         e.kind(),
         ErrorKind::Server(S::ResponseError | S::ExecAbort | S::CrossSlot | S::NoPerm)
+            | ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
     )
 }
 
@@ -314,6 +360,7 @@ impl<'a> Settle<'a> {
             replay: false,
             op: "",
             window: false,
+            applied: false,
             forget: false,
             change,
             known: None,

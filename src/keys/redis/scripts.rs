@@ -16,7 +16,8 @@
 //! - `pause` (the provider's pause, until) and `limited` (its keys rate-limited lately);
 //! - `cursor`, a hash: the key each model stays on under sequential selection;
 //! - `done:<op>`, for a day: an outcome given after an outage that was applied (it is not applied twice);
-//! - `alive`: set once an instance wrote what it knows of the provider's keys; gone means Redis lost them.
+//! - `alive`: when the provider's state began (its first claim, or an instance writing back what it knows):
+//!   gone, or newer than an instance last saw, means Redis lost what it had before.
 
 /// The helpers every script that reads or frees leases starts with: `free` ends one lease (once: a lease freed
 /// twice is freed once), `expire` ends those whose holder stopped renewing them, and `hmget` reads any number
@@ -114,7 +115,7 @@ return read(tonumber(ARGV[1]), ARGV[2], 3)
 /// per day): every rule that depends on the pool, since the choice may have been made on an older reading. A
 /// claim counts the request, and can read what the next choice needs in the same round trip. KEYS: state, pause,
 /// cursor, day hash, leases, in-flight counts, expired leases, life hash, the key's request window, its token
-/// window. ARGV: now, model, id, member, lease expiry, cap per key (0: none), cap per key and model, requests
+/// window, the provider's `alive` mark (set if missing, to when). ARGV: now, model, id, member, lease expiry, cap per key (0: none), cap per key and model, requests
 /// per minute (0: none), tokens per minute (0: none), requests per day (0: none), the next daily reset, the day
 /// hash's time to live, 1 to move the model's cursor to this key, 1 to read as well, then the provider's keys
 /// as `read!` takes them. Returns 1 when claimed, 0 when the key is not eligible, or the time a window or the
@@ -175,6 +176,7 @@ local function claim()
   redis.call('HSET', KEYS[8], id .. ':last_used:' .. model, now)
   redis.call('PEXPIRE', KEYS[4], ARGV[12])
   if ARGV[13] == '1' then redis.call('HSET', KEYS[3], model, id) end
+  redis.call('SET', KEYS[11], now, 'NX')
   return 1
 end
 local claimed = claim()
@@ -227,19 +229,26 @@ if ARGV[20] == '1' then
     return {2, 0, seen[1], seen[2]}
   end
 end
-if member ~= '' then free(KEYS[2], KEYS[3], member) end
+if member ~= '' then
+  free(KEYS[2], KEYS[3], member)
+  redis.call('ZREM', KEYS[9], member)
+end
+-- Taking a request back (a claim that ran unbeknown to its instance) never takes a count below zero.
+local add = {}
+for i = 1, 6 do add[i] = ARGV[6 + i] end
+if tonumber(add[1]) < 0 and tonumber(redis.call('HGET', KEYS[5], fields[1]) or '0') <= 0 then add[1] = '0' end
 local counted = false
 for i = 1, 6 do
-  if ARGV[6 + i] ~= '0' then
-    redis.call('HINCRBY', KEYS[5], fields[i], ARGV[6 + i])
-    redis.call('HINCRBY', KEYS[6], fields[i], ARGV[6 + i])
+  if add[i] ~= '0' then
+    redis.call('HINCRBY', KEYS[5], fields[i], add[i])
+    redis.call('HINCRBY', KEYS[6], fields[i], add[i])
     counted = true
   end
 end
-if ARGV[7] ~= '0' then
-  redis.call('HINCRBY', KEYS[5], id .. ':requests', ARGV[7])
-  redis.call('HINCRBY', KEYS[6], id .. ':requests', ARGV[7])
-  redis.call('HSET', KEYS[6], fields[7], now)
+if add[1] ~= '0' then
+  redis.call('HINCRBY', KEYS[5], id .. ':requests', add[1])
+  redis.call('HINCRBY', KEYS[6], id .. ':requests', add[1])
+  if tonumber(add[1]) > 0 then redis.call('HSET', KEYS[6], fields[7], now) end
 end
 if counted then redis.call('PEXPIRE', KEYS[5], ARGV[13]) end
 -- A refused model leaves nothing, unless it ever succeeded or still serves a request.
@@ -301,20 +310,23 @@ return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]), keys, to
 /// Writes what an instance knows of a key that Redis has no verdict for (Redis lost the provider's state).
 /// Counters already there (other instances' requests since) are left as they are. KEYS: state, day hash, life
 /// hash. ARGV: id, verdict, the day hash's time to live, the number of day fields, then the day's fields
-/// (without the key's id) and values, then the lifetime's. Returns 1 when written.
+/// (without the key's id) and values, then the lifetime's. Returns 0 when the key has a verdict already, 2
+/// when the day's counters were written too, else 1.
 pub const SEED: &str = r#"
 if redis.call('HEXISTS', KEYS[1], 's:' .. ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2], 'v:' .. ARGV[1], 1)
 local n = tonumber(ARGV[4])
 local id = ARGV[1] .. ':'
+local written = 1
 if redis.call('HEXISTS', KEYS[2], id .. 'requests') == 0 then
   for i = 5, 4 + 2 * n, 2 do redis.call('HSET', KEYS[2], id .. ARGV[i], ARGV[i + 1]) end
   if n > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+  written = 2
 end
 if redis.call('HEXISTS', KEYS[3], id .. 'requests') == 0 then
   for i = 5 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[3], id .. ARGV[i], ARGV[i + 1]) end
 end
-return 1
+return written
 "#;
 
 /// A key's verdict and its version, to decide again after a lost race. KEYS: state. ARGV: id.

@@ -115,9 +115,9 @@ pub const COUNTERS: [&str; 6] = [
     "cost_nano_usd",
 ];
 
-/// Counters read in [`COUNTERS`] order (absent: zero).
-pub fn counters(values: &[Option<u64>]) -> Counters {
-    let n = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+/// Counters read in [`COUNTERS`] order (absent, or below zero: zero).
+pub fn counters(values: &[Option<i64>]) -> Counters {
+    let n = |i: usize| values.get(i).copied().flatten().unwrap_or(0).max(0) as u64;
     Counters {
         requests: n(0),
         successes: n(1),

@@ -20,6 +20,13 @@ impl Target {
     /// `rediss://` server's certificate is checked against `ca` (PEM) when given, else against the system's
     /// authorities.
     pub fn new(url: &str, ca: Option<&[u8]>, cluster: bool) -> RedisResult<Self> {
+        // The scripts' replies are read as RESP2 gives them (a Lua false is a nil there, a boolean in RESP3).
+        if url.contains("protocol=resp3") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "keyrelay speaks RESP2 to Redis: leave protocol=resp3 out of the URL",
+            )));
+        }
         let certificates = || redis::TlsCertificates {
             client_tls: None,
             root_cert: ca.map(<[u8]>::to_vec),
