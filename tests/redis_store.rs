@@ -654,20 +654,23 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
         .await;
         stores.push(store);
     }
-    let providers: Vec<String> = (0..6).map(|p| format!("provider{p}")).collect();
-    let keys = keys(1);
+    let providers: Vec<&'static str> = (0..6)
+        .map(|p| &*Box::leak(format!("provider{p}").into_boxed_str()))
+        .collect();
+    // One key per provider (a key's id depends on its provider).
+    let keys: Vec<Vec<ApiKey>> = providers
+        .iter()
+        .map(|p| vec![ApiKey::new(p, "key-number-0000")])
+        .collect();
     let tuning = Tuning {
         per_key_model: 1,
         ..Tuning::default()
     };
+    let index = |provider: &str| providers.iter().position(|p| *p == provider).unwrap();
     let on = |provider: &'static str| Ask {
         provider,
-        ..ask(&keys, &tuning)
+        ..ask(&keys[index(provider)], &tuning)
     };
-    let providers: Vec<&'static str> = providers
-        .into_iter()
-        .map(|p| &*Box::leak(p.into_boxed_str()))
-        .collect();
     // Each provider's one key, held by the first instance across three lease times: the second cannot take it.
     let mut held = Vec::new();
     for provider in &providers {
@@ -701,7 +704,7 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     for provider in &providers[1..] {
-        let report = &stores[0].report(provider, &keys).await[0];
+        let report = &stores[0].report(provider, &keys[index(provider)]).await[0];
         assert_eq!(
             (report.today.requests, report.today.successes),
             (2, 2),

@@ -526,8 +526,11 @@ impl RedisStore {
     }
 
     /// What this instance knows of a key's verdict, for a key Redis has none for.
-    fn local_verdict(&self, id: &KeyId) -> Option<Verdict> {
-        self.local.get(id).map(|state| Verdict::of(&state))
+    fn local_verdict(&self, provider: &str, id: &KeyId) -> Option<Verdict> {
+        self.local
+            .get(id)
+            .filter(|state| state.provider == provider)
+            .map(|state| Verdict::of(&state))
     }
 
     /// A key's verdict and its version, alone.
@@ -603,7 +606,7 @@ impl RedisStore {
                     }
                     let known = match &read.verdict {
                         Some(verdict) => Some(verdict.clone()),
-                        None => self.local_verdict(&key.id),
+                        None => self.local_verdict(ask.provider, &key.id),
                     };
                     let mut state = known.map_or_else(KeyState::default, |v| v.state(ask.provider));
                     state.roll(day_start, now);
@@ -779,7 +782,7 @@ impl RedisStore {
             let mut state = match &stored {
                 Some(verdict) => verdict.state(provider),
                 None => self
-                    .local_verdict(&key.id)
+                    .local_verdict(provider, &key.id)
                     .map_or_else(KeyState::default, |v| v.state(provider)),
             };
             state.masked = key.masked.to_string();
