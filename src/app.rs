@@ -120,6 +120,8 @@ pub async fn start(
         .map_err(|source| StartError::Bind { addr, source })?;
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    use crate::mapping::inbound::conversations::Conversations;
+    let mut conversations = Conversations::default();
     let store: Arc<dyn KeyStore> = match &settings.store {
         crate::config::Store::Memory => store,
         crate::config::Store::Redis {
@@ -142,6 +144,7 @@ pub async fn start(
                     )
                     .await;
                     tracing::info!(prefix = %prefix, cluster = *cluster, "key state shared through Redis");
+                    conversations = Conversations::shared(shared.clone());
                     shared
                 }
                 Err(e) => {
@@ -192,7 +195,7 @@ pub async fn start(
         started: std::time::Instant::now(),
         reloader: reloader.clone(),
         metrics,
-        conversations: Default::default(),
+        conversations: Arc::new(conversations),
     }));
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(persister.run(settings.usage_flush, writer_stop.clone()));

@@ -388,3 +388,57 @@ async fn a_tls_server_the_instance_cannot_verify_is_not_used() {
     let live: serde_json::Value = served.get_json("/").await;
     assert_eq!(live["store"], "degraded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responses_conversation_continues_on_another_instance() {
+    let redis = Redis::start();
+    let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "Noted."))).await;
+    let (_a_dir, a) = instance(&mock, &redis, "");
+    let (_b_dir, b) = instance(&mock, &redis, "");
+    let post = |url: String, body: serde_json::Value| async move {
+        let response = http_client()
+            .post(format!("{url}/v1/responses"))
+            .bearer_auth(PROXY_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        )
+    };
+    let (status, first) = post(
+        a.url.clone(),
+        serde_json::json!({"model": "mock/m", "input": "My name is Ada."}),
+    )
+    .await;
+    assert_eq!(status, 200, "{first}");
+    // Written in the background: the follow-up goes to the other instance a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, second) = post(
+        b.url.clone(),
+        serde_json::json!({"model": "mock/m", "input": "What is my name?", "previous_response_id": first["id"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    let messages = mock.chats().last().unwrap().body["messages"].clone();
+    assert_eq!(
+        messages,
+        serde_json::json!([
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "What is my name?"}
+        ])
+    );
+    let (status, unknown) = post(
+        b.url.clone(),
+        serde_json::json!({"model": "mock/m", "input": "?", "previous_response_id": "resp_unknown"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(unknown["error"]["code"], "previous_response_not_found");
+}

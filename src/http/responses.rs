@@ -1,7 +1,8 @@
 //! OpenAI's Responses API: `POST /v1/responses`. A model whose provider speaks it natively (`dialects:
 //! {responses: …}`) gets the request as written, its `previous_response_id` kept by that provider; any other is
 //! translated to chat ([`crate::mapping::inbound::responses`]), `previous_response_id` continuing a conversation
-//! kept in process (also when it names one of those for a native provider). Errors keep OpenAI's shape; a stream
+//! kept in process or, with a shared store, by another instance (also when it names one of those for a native
+//! provider). Errors keep OpenAI's shape; a stream
 //! that fails after it started ends with `error` (and, translated, `response.failed`).
 
 use super::body::json_body;
@@ -22,10 +23,10 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         Err(e) => return e.into_response(),
     };
     let limits = app.relay.snapshot().settings.responses;
-    let prior = body
-        .get("previous_response_id")
-        .and_then(Value::as_str)
-        .and_then(|id| app.conversations.get(id, &limits));
+    let prior = match body.get("previous_response_id").and_then(Value::as_str) {
+        Some(id) => app.conversations.find(id, &limits).await,
+        None => None,
+    };
     // A conversation kept here continues here, translated: a provider that speaks the API knows nothing of it.
     if prior.is_none() && app.relay.speaks(&body, Dialect::Responses) {
         let result = app

@@ -1242,3 +1242,43 @@ impl RedisStore {
             .collect())
     }
 }
+
+/// Conversations kept for OpenAI Responses' `previous_response_id`, shared between instances: each whole, under
+/// its id, for `max_age` (`{prefix}:conversation:<id>`). Redis away: nothing is written or found there.
+impl crate::mapping::inbound::conversations::Shared for RedisStore {
+    fn put(&self, id: &str, value: Vec<u8>, ttl: Duration) {
+        let (Some(store), false) = (self.this.upgrade(), self.degraded()) else {
+            return;
+        };
+        let key = format!("{}:conversation:{id}", self.prefix);
+        tokio::spawn(async move {
+            let Ok(mut conn) = store.conn() else { return };
+            let written = redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async::<()>(&mut conn)
+                .await;
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "a Responses conversation could not be shared through Redis");
+            }
+        });
+    }
+
+    fn fetch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            if self.degraded() {
+                return None;
+            }
+            let mut conn = self.conn().ok()?;
+            let key = format!("{}:conversation:{id}", self.prefix);
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<Vec<u8>>>(&mut conn)
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+}

@@ -2,6 +2,9 @@
 //! chat messages that led to it and the answer itself, so that a follow-up naming it continues the conversation
 //! on any provider. Bounded in entries, bytes and age (`responses:` in config.yaml); the oldest go first.
 //!
+//! With key state shared through Redis, each conversation is also written there (whole, for `max_age`), so that
+//! a follow-up sent to another instance finds it.
+//!
 //! A turn keeps only its own messages and shares the turns before it, so a long conversation costs each turn
 //! its own size. Each entry is accounted its whole conversation's size: shared turns are counted once per entry
 //! that reaches them, so what is accounted is never less than what is held.
@@ -67,12 +70,29 @@ struct Kept {
     bytes: usize,
 }
 
+/// Where conversations are also kept for other instances, by id, for a time.
+pub trait Shared: Send + Sync {
+    /// Keeps `value` under `id` for `ttl`, in the background.
+    fn put(&self, id: &str, value: Vec<u8>, ttl: std::time::Duration);
+    /// What is kept under `id`, if anything (nothing when the shared store is away).
+    fn fetch<'a>(&'a self, id: &'a str) -> crate::keys::BoxFuture<'a, Option<Vec<u8>>>;
+}
+
 #[derive(Default)]
 pub struct Conversations {
     kept: Mutex<Kept>,
+    shared: Option<Arc<dyn Shared>>,
 }
 
 impl Conversations {
+    /// Conversations kept here and in `shared` too.
+    pub fn shared(shared: Arc<dyn Shared>) -> Self {
+        Self {
+            kept: Mutex::default(),
+            shared: Some(shared),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -80,6 +100,37 @@ impl Conversations {
     /// Keeps `conversation` under `id`, then drops the oldest until within `limits`. A conversation larger than
     /// the whole store is not kept.
     pub fn keep(&self, id: String, conversation: Conversation, limits: &ResponsesStore) {
+        if let Some(shared) = &self.shared
+            && conversation.bytes() <= limits.max_bytes
+            && limits.max_entries > 0
+        {
+            let whole = Value::Array(conversation.messages()).to_string();
+            shared.put(&id, whole.into_bytes(), limits.max_age);
+        }
+        self.keep_local(id, conversation, limits);
+    }
+
+    /// The conversation kept under `id`, here or, failing that, by another instance.
+    pub async fn find(&self, id: &str, limits: &ResponsesStore) -> Option<Conversation> {
+        if let Some(found) = self.get(id, limits) {
+            return Some(found);
+        }
+        let shared = self.shared.as_ref()?;
+        let bytes = shared.fetch(id).await?;
+        // What another instance wrote is read as bounded as what this one keeps.
+        if bytes.len() > limits.max_bytes {
+            return None;
+        }
+        let Ok(Value::Array(messages)) = serde_json::from_slice(&bytes) else {
+            return None;
+        };
+        let conversation = Conversation::new(None, messages);
+        self.keep_local(id.to_string(), conversation.clone(), limits);
+        Some(conversation)
+    }
+
+    /// [`Conversations::keep`], here only.
+    fn keep_local(&self, id: String, conversation: Conversation, limits: &ResponsesStore) {
         let bytes = conversation.bytes();
         if bytes > limits.max_bytes || limits.max_entries == 0 {
             return;
