@@ -17,7 +17,8 @@
 //! older than the mark are applied whatever Redis once did with them. The mark is looked at on every rejoin
 //! and every ten seconds.
 
-use super::{RedisStore, Settle, Verdict, forgets, lock, shape};
+use super::settle::{Settle, forgets, spends_tokens};
+use super::{RedisStore, Verdict, lock, shape};
 use crate::clock::UnixMs;
 use crate::config::Tuning;
 use crate::keys::Outcome;
@@ -114,7 +115,7 @@ impl RedisStore {
                     },
                     replay: !counted && !lost,
                     op: if counted || lost { "" } else { op },
-                    window: super::spends_tokens(tuning),
+                    window: spends_tokens(tuning),
                     applied: false,
                     forget: forgets(outcome),
                     change: &change,
@@ -339,32 +340,6 @@ pub(super) async fn probe(store: std::sync::Weak<RedisStore>) {
         if ping.is_ok() && store.rejoin().await.is_ok() {
             store.degraded.store(false, Ordering::Relaxed);
             tracing::info!("Redis is back: serving from the shared key state again");
-        }
-    }
-}
-
-impl<'a> Settle<'a> {
-    /// An operator's action on a key: no counts, no lease.
-    pub(super) fn control(
-        provider: &'a str,
-        key: &'a ApiKey,
-        change: super::Change<'a>,
-        now: UnixMs,
-    ) -> Self {
-        Settle {
-            provider,
-            key,
-            model: "",
-            member: "",
-            counts: [0; 6],
-            replay: false,
-            op: "",
-            window: false,
-            applied: false,
-            forget: false,
-            change,
-            known: None,
-            now,
         }
     }
 }
