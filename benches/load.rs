@@ -564,78 +564,18 @@ async fn table() {
 
 // ------------------------------------------------------------------------------------------- the stores
 
-/// A `redis-server` on a free loopback port, without persistence, in its own directory; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis_server() -> RedisServer {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect(
-            "store=redis needs redis-server (apt-get install redis-server; .ci/run installs it)",
-        );
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    RedisServer {
-        child,
-        port,
-        _dir: dir,
-    }
-}
+/// The tests' `redis-server` (loopback, a free port, no persistence, killed on drop).
+#[path = "../tests/support/redis.rs"]
+#[allow(dead_code)]
+mod test_redis;
 
 /// Scripts Redis ran (`EVALSHA`, `EVAL`), and the microseconds it spent in them: each is one of keyrelay's
 /// round trips (the commands a script runs inside are not).
-async fn redis_scripts(port: u16) -> (u64, u64) {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            let calls: u64 = rest.split(',').next()?.parse().ok()?;
-            let usec: u64 = rest
-                .split("usec=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            ["evalsha", "eval"].contains(&name).then_some((calls, usec))
-        })
+async fn redis_scripts(redis: &test_redis::Redis) -> (u64, u64) {
+    let stats = redis.command_stats().await;
+    ["evalsha", "eval"]
+        .iter()
+        .filter_map(|name| stats.get(*name))
         .fold((0, 0), |(c, u), (calls, usec)| (c + calls, u + usec))
 }
 
@@ -677,7 +617,7 @@ async fn load_spread(
 async fn stores() {
     let mock = mock();
     let base = format!("http://{}/v1", mock.addr);
-    let redis = redis_server();
+    let redis = test_redis::Redis::start();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .build()
@@ -723,9 +663,9 @@ async fn stores() {
         ("redis", vec![first.2.clone()], 64),
         ("redis", vec![first.2.clone(), second.2.clone()], 64),
     ] {
-        let before = redis_scripts(redis.port).await;
+        let before = redis_scripts(&redis).await;
         let run = load_spread(&client, &urls, concurrency, duration).await;
-        let after = redis_scripts(redis.port).await;
+        let after = redis_scripts(&redis).await;
         let per_request = |n: u64| n as f64 / run.all.max(1) as f64;
         let (trips, usec) = (
             per_request(after.0 - before.0),

@@ -58,6 +58,15 @@ fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning) -> Ask<'a> {
     }
 }
 
+/// A rate limit on the model, to retry after `seconds`.
+fn rate_limited(seconds: u64) -> Outcome {
+    Outcome::Failure {
+        class: ErrorClass::RateLimit,
+        scope: Scope::Model,
+        retry_after: Some(Duration::from_secs(seconds)),
+    }
+}
+
 const SUCCESS: Outcome = Outcome::Success {
     prompt_tokens: 3,
     completion_tokens: 2,
@@ -128,15 +137,7 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
     let tuning = Tuning::default();
     let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let limited = grant.key.id.clone();
-    stores[0].release(
-        &grant,
-        Outcome::Failure {
-            class: ErrorClass::RateLimit,
-            scope: Scope::Model,
-            retry_after: Some(Duration::from_secs(60)),
-        },
-        &tuning,
-    );
+    stores[0].release(&grant, rate_limited(60), &tuning);
     let mut seen_cooling = false;
     for _ in 0..200 {
         let report = stores[1].report("p", &keys).await;
@@ -338,15 +339,7 @@ async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
     let tuning = Tuning::default();
     let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let limited = grant.key.id.clone();
-    stores[0].release(
-        &grant,
-        Outcome::Failure {
-            class: ErrorClass::RateLimit,
-            scope: Scope::Model,
-            retry_after: Some(Duration::from_secs(120)),
-        },
-        &tuning,
-    );
+    stores[0].release(&grant, rate_limited(120), &tuning);
     let disabled = keys.iter().find(|k| k.id != limited).unwrap().clone();
     stores[0].control("p", &disabled, &keyrelay::keys::KeyAction::Disable);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -406,11 +399,7 @@ async fn the_provider_pause_is_the_pools() {
     }
     let keys = keys(3);
     let tuning = Tuning::default();
-    let limited = Outcome::Failure {
-        class: ErrorClass::RateLimit,
-        scope: Scope::Model,
-        retry_after: Some(Duration::from_secs(30)),
-    };
+    let limited = rate_limited(30);
     // One key limited on each instance: neither saw two, the pool did.
     for store in &stores {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
@@ -431,20 +420,12 @@ async fn the_provider_pause_is_the_pools() {
     }
 }
 
-/// Top-level commands Redis has served, by name (`INFO commandstats`).
+/// Top-level commands Redis has served, by name.
 async fn commands(redis: &Redis) -> std::collections::HashMap<String, u64> {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_string(), rest.split(',').next()?.parse().ok()?))
-        })
+    let stats = redis.command_stats().await;
+    stats
+        .into_iter()
+        .map(|(name, (calls, _))| (name, calls))
         .collect()
 }
 
@@ -460,16 +441,7 @@ async fn a_request_takes_two_round_trips_one_to_claim_and_one_to_release() {
     store.release(&grant, SUCCESS, &tuning);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = commands(&redis).await;
-    let outcomes = [
-        SUCCESS,
-        Outcome::Failure {
-            class: ErrorClass::RateLimit,
-            scope: Scope::Model,
-            retry_after: Some(Duration::from_secs(60)),
-        },
-        SUCCESS,
-        Outcome::Cancelled,
-    ];
+    let outcomes = [SUCCESS, rate_limited(60), SUCCESS, Outcome::Cancelled];
     for n in 0..40 {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, outcomes[n % 4].clone(), &tuning);
@@ -548,15 +520,7 @@ async fn sequential_selection_stays_on_one_key_pool_wide() {
     let first = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     assert_eq!(first.key.id, keys[0].id);
     // A rate limit on the first key moves the pool on, and both instances stay on the next key.
-    stores[0].release(
-        &first,
-        Outcome::Failure {
-            class: ErrorClass::RateLimit,
-            scope: Scope::Model,
-            retry_after: Some(Duration::from_secs(60)),
-        },
-        &tuning,
-    );
+    stores[0].release(&first, rate_limited(60), &tuning);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let moved = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
     stores[1].release(&moved, SUCCESS, &tuning);
@@ -612,15 +576,7 @@ async fn a_verdict_decided_on_a_stale_read_is_decided_again_not_written_over() {
     // Both instances hold the key; the second's request is rate-limited first.
     let early = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let late = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
-    stores[1].release(
-        &late,
-        Outcome::Failure {
-            class: ErrorClass::RateLimit,
-            scope: Scope::Model,
-            retry_after: Some(Duration::from_secs(60)),
-        },
-        &tuning,
-    );
+    stores[1].release(&late, rate_limited(60), &tuning);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = commands(&redis).await;
     // The first succeeds, on the verdict it read before the rate limit: written as it was, the success would
@@ -684,15 +640,7 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
     assert!(!stores[0].degraded() && !stores[1].degraded());
     // Released: a rate limit on the first provider cools it for the second instance too.
     for (n, grant) in held.into_iter().enumerate() {
-        let outcome = if n == 0 {
-            Outcome::Failure {
-                class: ErrorClass::RateLimit,
-                scope: Scope::Model,
-                retry_after: Some(Duration::from_secs(60)),
-            }
-        } else {
-            SUCCESS
-        };
+        let outcome = if n == 0 { rate_limited(60) } else { SUCCESS };
         stores[0].release(&grant, outcome, &tuning);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

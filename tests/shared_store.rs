@@ -65,18 +65,7 @@ async fn two_instances_hold_one_cap_and_count_one_usage() {
     );
     // Both report the pool's usage (settled in the background: looked at until it is all there).
     for served in [&a, &b] {
-        let mut requests = 0;
-        for _ in 0..100 {
-            let keys: serde_json::Value = served.get_json("/v1/keys").await;
-            requests = keys["data"][0]["keys"][0]["today"]["requests"]
-                .as_u64()
-                .unwrap_or(0);
-            if requests == 64 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(requests, 64);
+        assert_eq!(pool_requests(served, 64).await, 64);
     }
     let live: serde_json::Value = a.get_json("/").await;
     assert_eq!(live["store"], "redis");

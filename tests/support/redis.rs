@@ -129,6 +129,34 @@ impl Redis {
         }
     }
 
+    /// What Redis counted of the commands it served, by name (`INFO commandstats`): calls, and microseconds
+    /// spent in them. A script counts once as `evalsha` (or `eval`); the commands it runs count under their
+    /// own names.
+    pub async fn command_stats(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        let client = ::redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let field = |rest: &str, name: &str| -> Option<u64> {
+            rest.split(',')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))?
+                .parse()
+                .ok()
+        };
+        info.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                Some((
+                    name.to_string(),
+                    (field(rest, "calls")?, field(rest, "usec")?),
+                ))
+            })
+            .collect()
+    }
+
     /// The server's working directory.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
