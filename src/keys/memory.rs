@@ -418,10 +418,7 @@ impl MemoryStore {
             .map(|key| {
                 let ks = state.keys.get(&key.id);
                 let mut status = KeyStatus::of(key, ks, ks.map_or(0, |k| k.in_flight), now);
-                if paused > now && status.cooling_until.is_none_or(|u| u < paused) {
-                    status.cooling_until = Some(paused);
-                    status.cooling_reason = Some(ErrorClass::RateLimit);
-                }
+                status.paused(paused, now);
                 status
             })
             .collect()

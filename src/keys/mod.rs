@@ -172,6 +172,15 @@ impl KeyStatus {
         status
     }
 
+    /// Reports the provider's pause (until `paused`, if later than `now`) as this key resting, unless it rests
+    /// longer already.
+    pub fn paused(&mut self, paused: UnixMs, now: UnixMs) {
+        if paused > now && self.cooling_until.is_none_or(|until| until < paused) {
+            self.cooling_until = Some(paused);
+            self.cooling_reason = Some(ErrorClass::RateLimit);
+        }
+    }
+
     /// `disabled` (by an operator), `benched` (whole key cooling), `cooling` (for some model), `busy` (serving) or
     /// `available`.
     pub fn state(&self) -> &'static str {

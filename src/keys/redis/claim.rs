@@ -10,7 +10,7 @@ use crate::keys::policy::{self, Standing};
 use crate::keys::state::{Cooldown, KeyState};
 use crate::keys::{Ask, Grant, LeaseId, Unavailable};
 use crate::provider::ErrorClass;
-use crate::secret::KeyId;
+use crate::secret::{ApiKey, KeyId};
 use std::sync::atomic::Ordering;
 
 /// Claims retried after a lost race before the request waits like any other.
@@ -27,14 +27,27 @@ const MAX_VIEWS: usize = 4096;
 /// error), it is kept for Redis, which may have run it all the same.
 struct Claiming<'a> {
     store: &'a RedisStore,
-    pending: Option<outage::Pending>,
+    ask: &'a Ask<'a>,
+    key: &'a ApiKey,
+    member: &'a str,
+    at: UnixMs,
+    answered: bool,
 }
 
 impl Drop for Claiming<'_> {
     fn drop(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            self.store.postpone(pending);
+        if self.answered {
+            return;
         }
+        self.store.postpone(outage::Pending {
+            provider: self.ask.provider.into(),
+            key: self.key.clone(),
+            what: outage::Missed::Claim {
+                model: self.ask.model.into(),
+                member: self.member.to_string(),
+            },
+            at: self.at,
+        });
     }
 }
 
@@ -367,18 +380,15 @@ impl RedisStore {
                 // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
                 let mut claiming = Claiming {
                     store: self,
-                    pending: Some(outage::Pending {
-                        provider: ask.provider.into(),
-                        key: key.clone(),
-                        what: outage::Missed::Claim {
-                            model: ask.model.into(),
-                            member: held.member.clone(),
-                        },
-                        at: now,
-                    }),
+                    ask: &ask,
+                    key,
+                    member: &held.member,
+                    at: now,
+                    answered: false,
                 };
                 let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
-                claiming.pending = None;
+                claiming.answered = true;
+                drop(claiming);
                 let claimed = raw
                     .first()
                     .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())

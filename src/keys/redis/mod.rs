@@ -41,7 +41,6 @@ use super::{
 };
 use crate::clock::{Clock, UnixMs};
 use crate::config::Tuning;
-use crate::provider::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
 use claim::View;
 use settle::{Settle, forgets, spends_tokens};
@@ -626,11 +625,7 @@ impl RedisStore {
                 }
                 let known = known.is_some() || !state.models.is_empty();
                 let mut status = KeyStatus::of(key, known.then_some(&state), in_flight, now);
-                // The provider's pause rests every key, as the memory store reports it.
-                if paused > now && status.cooling_until.is_none_or(|until| until < paused) {
-                    status.cooling_until = Some(paused);
-                    status.cooling_reason = Some(ErrorClass::RateLimit);
-                }
+                status.paused(paused, now);
                 status
             })
             .collect())

@@ -155,26 +155,10 @@ impl RedisStore {
                 Ok(false)
             }
             Err((e, counted)) => {
-                let what = match what {
-                    Missed::Outcome {
-                        model,
-                        outcome,
-                        tuning,
-                        member,
-                        op,
-                        requests,
-                        counted: was,
-                    } => Missed::Outcome {
-                        model,
-                        outcome,
-                        tuning,
-                        member,
-                        op,
-                        requests,
-                        counted: was || counted,
-                    },
-                    control => control,
-                };
+                let mut what = what;
+                if let Missed::Outcome { counted: was, .. } = &mut what {
+                    *was |= counted;
+                }
                 lock(&self.pending).push_front(Pending {
                     provider,
                     key,
