@@ -37,7 +37,7 @@ impl ConfigError {
             None => message,
         };
         let hint = if message.contains("unknown field") {
-            Some("check the spelling; the README lists every setting".to_string())
+            Some("check the spelling; docs/CONFIGURATION.md lists every setting".to_string())
         } else {
             None
         };
