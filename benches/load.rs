@@ -565,7 +565,7 @@ async fn table() {
 // ------------------------------------------------------------------------------------------- the stores
 
 /// The tests' `redis-server` (loopback, a free port, no persistence, killed on drop).
-#[path = "../tests/support/redis.rs"]
+#[path = "../tests/it/support/redis.rs"]
 #[allow(dead_code)]
 mod test_redis;
 

@@ -5,7 +5,7 @@
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use keyrelay::config::Tuning;
 use keyrelay::mapping::{EventMapper, Target};
-use keyrelay::stream::sse::{SseEvent, SseParser};
+use keyrelay::sse::{SseEvent, SseParser};
 use serde_json::{Map, Value, json};
 use std::hint::black_box;
 use std::path::Path;

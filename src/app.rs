@@ -1,6 +1,7 @@
 //! Wiring: the key store and its usage file, the relay, the HTTP server, and graceful shutdown.
 
 use crate::clock::Clock;
+use crate::config::is_loopback;
 use crate::http::{AppState, router};
 use crate::keys::{KeyStore, MemoryStore, Persister, StorePolicy};
 use crate::observe::Observatory;
@@ -10,7 +11,7 @@ use crate::relay::Relay;
 use crate::reload::{Reloader, spawn_watcher};
 use crate::snapshot::{LoadOptions, Snapshot};
 use arc_swap::ArcSwap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +33,6 @@ pub enum StartError {
     Watch(notify::Error),
     #[error("cannot write request logs to {dir}: {source}")]
     RequestLog { dir: String, source: std::io::Error },
-}
-
-/// Whether `host` only accepts connections from this machine.
-pub fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A server running in the background.
@@ -120,7 +115,7 @@ pub async fn start(
         .map_err(|source| StartError::Bind { addr, source })?;
 
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
-    use crate::mapping::inbound::conversations::Conversations;
+    use crate::conversations::Conversations;
     let mut conversations = Conversations::default();
     let store: Arc<dyn KeyStore> = match &settings.store {
         crate::config::Store::Memory => store,

@@ -171,7 +171,7 @@ pub enum DemoError {
 
 /// Starts the fake provider and keyrelay in front of it. `state` holds the demo's usage file.
 pub async fn start(host: &str, port: u16, state: &std::path::Path) -> Result<Running, DemoError> {
-    if !crate::app::is_loopback(host) {
+    if !crate::config::is_loopback(host) {
         return Err(DemoError::NotLoopback);
     }
     let base = fake_provider().await.map_err(DemoError::Fake)?;

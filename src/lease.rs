@@ -1,9 +1,10 @@
-//! The RAII handle on a granted key.
+//! The engine's handle on a granted key: the store's grant, and the provider whose rules judge how its use ended.
 
-use super::{Grant, KeyStore, Outcome};
-use crate::provider::{Cost, Provider, Verdict};
+use crate::keys::{Grant, KeyStore, Outcome};
+use crate::provider::{Provider, Verdict};
 use crate::secret::ApiKey;
-use crate::stream::Usage;
+use crate::usage::Cost;
+use crate::usage::Usage;
 use std::sync::Arc;
 
 /// A key held by one request. Dropping it releases the key; the outcome recorded before (if any) decides what

@@ -3,36 +3,43 @@
 //!
 //! # Layout
 //!
-//! A request walks down this list, one call at a time, never back up:
+//! The modules form layers, listed here from the top down. A request walks down them, one call at a time, and a
+//! module imports only modules of the layers below its own: never one above it, never one beside it.
+//! `tests/it/layers.rs` reads this list and fails on any import that breaks it.
 //!
-//! - [`http`]: the inbound edge — the accept loop and its connection bounds (`listener`, `conn`), routes, the
-//!   proxy key (`auth`), request bodies (`body`), operator routes (`status`), errors in the API's shape.
-//! - [`relay`]: one request's journey — the fallback loop (`mod`), one candidate's call (`call`), its attempts,
-//!   retries, rotation and waits (`run`), one attempt (`attempt`), the per-model breaker, stream continuation,
-//!   all inside one deadline. Also the `/v1/models` catalog.
-//! - [`stream`]: reading upstream SSE (`events`), what is read of chunks (`peek`), frames, and the
-//!   client-facing stream (`forward`), which owns the upstream response and the key's lease.
-//! - [`mapping`]: the seam between wire formats — one trait per direction (request, answer, stream event),
-//!   implemented by `passthrough`, `declared` rules and `scripted` hooks, composed in layers per provider;
-//!   OpenAI chunks from parts (`chunk`).
-//! - [`keys`]: key state behind the [`keys::KeyStore`] trait — the rules (`policy`: selection, outcomes, the
-//!   pause; `cooldown`: the schedule; `limits`: admission), the per-key state, the in-process store, leases and
-//!   the usage file.
-//! - [`provider`]: provider files as data — the file as written (`schema`), loading and checking (`load`), the
-//!   script and declared mappings attached (`plugin`), the resolved [`provider::Provider`] with its composed
-//!   mapping, and error classification.
-//! - [`script`]: everything Rhai — the sandboxed engine with its budgets and the provider hooks (request,
-//!   response, stream events, error classification, model lists); no other module touches Rhai.
-//! - [`offload`]: where slow work runs (blocking threads, one job per core per pool).
-//! - [`secret`]: keys and the proxy key, masked, hashed, redacted; [`files`]: owner-only files; [`alloc`]: the
-//!   allocator that counts what script calls build.
-//! - [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
-//! - [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
-//!   validates and atomically swaps the snapshot.
-//! - [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, tuning layers, key
-//!   discovery, errors that name file and line, sizes and the daily reset.
-//! - [`observe`]: the console line, request logs and metrics; [`app`] and [`cli`]: wiring, graceful shutdown,
-//!   and the command line.
+//! 1. [`cli`], [`demo`]: the command line (`serve`, `check`), and the demo in front of a fake provider.
+//! 2. [`app`]: wiring — the key store and usage file, the relay, the server, reloads, graceful shutdown.
+//! 3. [`http`]: the inbound edge — accepting connections and their bounds (`listener`, `conn`), routes, the proxy
+//!    key (`auth`), request bodies, the inbound dialects' routes, operator routes (`status`), the dashboard and
+//!    browser guards, errors in each API's shape.
+//! 4. [`reload`]: live configuration — a directory watcher and SIGHUP signal one reload path that rebuilds,
+//!    validates and atomically swaps the snapshot.
+//! 5. [`relay`]: one request's journey — the fallback loop, one candidate's call, its attempts, retries,
+//!    rotation and waits, one attempt, the per-model breaker, stream continuation, all inside one deadline; and
+//!    the `/v1/models` catalog.
+//! 6. [`stream`]: the client-facing stream (`forward`), which owns the upstream response and the key's lease,
+//!    over the upstream's events (`events`).
+//! 7. [`lease`]: a granted key held by one request, released when dropped.
+//! 8. [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
+//! 9. [`provider`]: provider files as data — as written (`schema`), loaded and checked (`load`), the script and
+//!    declared mappings attached (`plugin`), prices, error classification, the resolved [`provider::Provider`].
+//! 10. [`mapping`]: the seam between wire formats — one trait per direction (request, answer, stream event),
+//!     implemented by `passthrough`, `declared` rules and `scripted` hooks, composed in layers per provider; the
+//!     inbound dialects (`inbound`: Anthropic Messages, OpenAI Responses, legacy completions) on the client side.
+//! 11. [`conversations`]: the Responses conversations kept for `previous_response_id`, in process and in Redis;
+//!     [`script`]: everything Rhai — the sandboxed engine with its budgets and the provider hooks; no other module
+//!     touches Rhai.
+//! 12. [`keys`]: key state behind the [`keys::KeyStore`] trait — the rules (`policy`, `cooldown`, `limits`), the
+//!     in-process store, the store shared through Redis, the usage file; [`observe`]: the console line, request
+//!     logs and metrics.
+//! 13. [`config`]: `config.yaml` and `.env` — raw serde structures, validated settings, tuning layers, key
+//!     discovery, errors that name file and line.
+//! 14. [`tokens`]: token counting for `/v1/token-count`.
+//! 15. The vocabulary every layer shares, each module free of the others: [`failure`] (error classes, scopes,
+//!     refusals), [`usage`] (tokens and costs), [`sse`] (parsing, frames, chunk peeks), [`upstream`] (the HTTP
+//!     client and the upstream call), [`secret`] (keys masked, hashed, redacted), [`offload`] (where slow work
+//!     runs), [`glob`], [`files`] (owner-only files), [`duration`], [`clock`], [`alloc`] (the allocator that
+//!     counts what script calls build).
 //!
 //! The engine never names a provider: everything provider-specific is in `providers/*.yaml` and
 //! `plugins/*.rhai`.
@@ -79,12 +86,15 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod conversations;
 pub mod demo;
 pub mod duration;
+pub mod failure;
 pub mod files;
 pub mod glob;
 pub mod http;
 pub mod keys;
+pub mod lease;
 pub mod mapping;
 pub mod observe;
 pub mod offload;
@@ -94,9 +104,11 @@ pub mod reload;
 pub mod script;
 pub mod secret;
 pub mod snapshot;
+pub mod sse;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;
 
 pub use relay::{Relay, Reply};
 pub use snapshot::Snapshot;

@@ -128,6 +128,7 @@ impl Reloader {
             ),
             ("request_logging", a.request_logging != b.request_logging),
             ("shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+            ("store", a.store != b.store),
             (
                 "server (connections)",
                 a.edge.max_connections != b.edge.max_connections
@@ -178,7 +179,7 @@ impl Reloader {
     /// has vanished (a checkout or sync under way, most likely) and serving without it would drop providers or
     /// keys.
     fn refusal(&self, new: &Snapshot) -> Option<String> {
-        if new.proxy_key.is_none() && !crate::app::is_loopback(&self.host) {
+        if new.proxy_key.is_none() && !crate::config::is_loopback(&self.host) {
             return Some(format!(
                 "PROXY_API_KEY is no longer set while keyrelay listens on {}: that would let anyone use it; keeping the running configuration (restore the key, or restart on a loopback host)",
                 self.host

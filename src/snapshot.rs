@@ -90,7 +90,7 @@ impl Snapshot {
             settings.store = crate::config::Store::Redis {
                 url: url.to_string(),
                 prefix: "keyrelay".into(),
-                lease_ttl: crate::keys::redis::LEASE_TTL,
+                lease_ttl: crate::config::LEASE_TTL,
                 ca: None,
                 cluster: false,
             };
@@ -204,7 +204,7 @@ impl Snapshot {
                     p.list = provider::ListSource::Both;
                 }
             }
-            p.fingerprint = provider::fingerprint((
+            p.fingerprint = crate::config::fingerprint((
                 p.fingerprint,
                 &p.base_url,
                 &p.filter.allow,

@@ -7,6 +7,7 @@ mod dotenv;
 pub mod env;
 mod error;
 pub mod legacy;
+mod store;
 pub mod tuning;
 mod values;
 
@@ -16,7 +17,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-pub use tuning::{Selection, Tuning, TuningPatch};
+pub use store::{LEASE_TTL, ResponsesStore, Store};
+use store::{RawResponses, RawStore};
+pub use tuning::{KeyLimits, Selection, Tuning, TuningPatch};
 pub use values::{ByteSize, DailyReset};
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,68 +45,6 @@ struct RawRequestLogging {
     dir: Option<PathBuf>,
     max_file_size: Option<ByteSize>,
     max_total_size: Option<ByteSize>,
-}
-
-/// `store:` as written: `memory`, or `{redis: {url, prefix}}`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawStore {
-    Name(String),
-    Redis { redis: RawRedis },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRedis {
-    url: String,
-    prefix: Option<String>,
-    #[serde(default, with = "serde_human::option")]
-    lease_ttl: Option<Duration>,
-    /// A PEM file of the certificate authority that signed a `rediss://` server's certificate, when it is not
-    /// one the system trusts.
-    ca_file: Option<PathBuf>,
-    /// `url` is a node of a Redis Cluster.
-    #[serde(default)]
-    cluster: bool,
-}
-
-/// The largest CA file read for a `rediss://` store.
-const MAX_CA_FILE: u64 = 1 << 20;
-
-/// Where key state lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Store {
-    /// In this process (the default).
-    Memory,
-    /// Shared through Redis with every instance using the same URL and prefix.
-    Redis {
-        url: String,
-        prefix: String,
-        /// A crashed instance's leases are free after this.
-        lease_ttl: Duration,
-        /// The certificate authority (PEM) a `rediss://` server is checked against, in place of the system's.
-        ca: Option<Vec<u8>>,
-        /// `url` is a node of a Redis Cluster (the others are discovered).
-        cluster: bool,
-    },
-}
-
-/// `responses:`, the conversations kept for `previous_response_id`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawResponses {
-    max_entries: Option<usize>,
-    max_size: Option<ByteSize>,
-    #[serde(default, with = "serde_human::option")]
-    max_age: Option<Duration>,
-}
-
-/// Bounds on the conversations kept for OpenAI Responses' `previous_response_id`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResponsesStore {
-    pub max_entries: usize,
-    pub max_bytes: usize,
-    pub max_age: Duration,
 }
 
 /// `server:`, the inbound HTTP edge.
@@ -274,29 +215,6 @@ pub struct RequestLogging {
     pub max_total_bytes: u64,
 }
 
-/// Reads the CA file of a `rediss://` store: bounded, and a PEM certificate.
-fn read_ca(path: &Path, url: &str) -> Result<Vec<u8>, String> {
-    if !url.starts_with("rediss://") {
-        return Err("a CA file applies to rediss:// URLs only".into());
-    }
-    let mut pem = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(
-            std::fs::File::open(path).map_err(|e| e.to_string())?,
-            MAX_CA_FILE + 1,
-        ),
-        &mut pem,
-    )
-    .map_err(|e| e.to_string())?;
-    if pem.len() as u64 > MAX_CA_FILE {
-        return Err(format!("larger than {MAX_CA_FILE} bytes"));
-    }
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-        return Err("no PEM certificate in it (-----BEGIN CERTIFICATE-----)".into());
-    }
-    Ok(pem)
-}
-
 impl Settings {
     /// Reads `config.yaml` (or defaults when `path` is absent and `required` is false). Relative paths in it are
     /// resolved against the file's directory.
@@ -445,44 +363,8 @@ impl Settings {
             cors_origins,
             model_aliases: raw.aliases,
             store_set: raw.store.is_some(),
-            store: match raw.store {
-                None => Store::Memory,
-                Some(RawStore::Name(name)) if name == "memory" => Store::Memory,
-                Some(RawStore::Name(name)) => {
-                    err(format!(
-                        "store: {name:?} is not a store; write memory, or {{redis: {{url: redis://host:6379}}}}"
-                    ));
-                    Store::Memory
-                }
-                Some(RawStore::Redis { redis }) => Store::Redis {
-                    url: {
-                        if let Err(e) = redis::Client::open(redis.url.as_str()) {
-                            err(format!(
-                                "store.redis.url is not a Redis URL ({e}); e.g. redis://127.0.0.1:6379, rediss://host:6380, unix:///run/redis.sock"
-                            ));
-                        }
-                        redis.url.clone()
-                    },
-                    prefix: redis.prefix.unwrap_or_else(|| "keyrelay".into()),
-                    lease_ttl: redis.lease_ttl.unwrap_or(crate::keys::redis::LEASE_TTL),
-                    ca: redis.ca_file.map(resolve).and_then(|path| {
-                        read_ca(&path, &redis.url)
-                            .map_err(|e| {
-                                err(format!("store.redis.ca_file {}: {e}", path.display()))
-                            })
-                            .ok()
-                    }),
-                    cluster: redis.cluster,
-                },
-            },
-            responses: {
-                let r = raw.responses.unwrap_or_default();
-                ResponsesStore {
-                    max_entries: r.max_entries.unwrap_or(10_000),
-                    max_bytes: r.max_size.map_or(64 << 20, |b| b.0),
-                    max_age: r.max_age.unwrap_or(Duration::from_secs(3600)),
-                }
-            },
+            store: Store::from_raw(raw.store, &resolve, &mut err),
+            responses: ResponsesStore::from_raw(raw.responses.unwrap_or_default()),
         };
         if errors.is_empty() {
             Ok(settings)
@@ -490,6 +372,23 @@ impl Settings {
             Err(errors)
         }
     }
+}
+
+/// Whether `host` only accepts connections from this machine.
+pub fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A fingerprint of a piece of configuration (a file's text, a provider's settings): reloads compare them to
+/// tell what changed.
+pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 /// `*`, or `scheme://host[:port]` as a browser sends it in `Origin`.

@@ -5,6 +5,7 @@
 
 use crate::duration::serde_human;
 use serde::{Deserialize, Serialize};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// How a key is picked among the usable ones.
@@ -78,7 +79,7 @@ pub struct TuningPatch {
     pub retries: Option<RetriesPatch>,
     pub timeouts: Option<TimeoutsPatch>,
     /// Per-key limits (replaced whole, not merged).
-    pub limits: Option<crate::keys::limits::KeyLimits>,
+    pub limits: Option<KeyLimits>,
     pub scripts: Option<ScriptsPatch>,
 }
 
@@ -115,7 +116,7 @@ pub struct Tuning {
     /// How long one script call may run.
     pub script_time: Duration,
     /// Declared per-key limits; keys without capacity are skipped.
-    pub limits: Option<crate::keys::limits::KeyLimits>,
+    pub limits: Option<KeyLimits>,
 }
 
 impl Default for Tuning {
@@ -221,6 +222,15 @@ impl Tuning {
             .min(self.backoff_max);
         step.mul_f64(0.5 + fastrand::f64() * 0.5)
     }
+}
+
+/// A provider's declared limits, each per key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_day: Option<u64>,
 }
 
 #[cfg(test)]

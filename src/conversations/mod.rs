@@ -9,7 +9,10 @@
 //! its own size. Each entry is accounted its whole conversation's size: shared turns are counted once per entry
 //! that reaches them, so what is accounted is never less than what is held.
 
+mod redis;
+
 use crate::config::ResponsesStore;
+use crate::keys::redis::RedisStore;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -70,23 +73,16 @@ struct Kept {
     bytes: usize,
 }
 
-/// Where conversations are also kept for other instances, by id, for a time.
-pub trait Shared: Send + Sync {
-    /// Keeps `value` under `id` for `ttl`, in the background.
-    fn put(&self, id: &str, value: Vec<u8>, ttl: std::time::Duration);
-    /// What is kept under `id`, if anything (nothing when the shared store is away).
-    fn fetch<'a>(&'a self, id: &'a str) -> crate::keys::BoxFuture<'a, Option<Vec<u8>>>;
-}
-
 #[derive(Default)]
 pub struct Conversations {
     kept: Mutex<Kept>,
-    shared: Option<Arc<dyn Shared>>,
+    /// Where conversations are also kept for other instances.
+    shared: Option<Arc<RedisStore>>,
 }
 
 impl Conversations {
     /// Conversations kept here and in `shared` too.
-    pub fn shared(shared: Arc<dyn Shared>) -> Self {
+    pub fn shared(shared: Arc<RedisStore>) -> Self {
         Self {
             kept: Mutex::default(),
             shared: Some(shared),
@@ -105,7 +101,7 @@ impl Conversations {
             && limits.max_entries > 0
         {
             let whole = Value::Array(conversation.messages()).to_string();
-            shared.put(&id, whole.into_bytes(), limits.max_age);
+            redis::put(shared, &id, whole.into_bytes(), limits.max_age);
         }
         self.keep_local(id, conversation, limits);
     }
@@ -116,7 +112,7 @@ impl Conversations {
             return Some(found);
         }
         let shared = self.shared.as_ref()?;
-        let bytes = shared.fetch(id).await?;
+        let bytes = redis::fetch(shared, id).await?;
         // What another instance wrote is read as bounded as what this one keeps.
         if bytes.len() > limits.max_bytes {
             return None;

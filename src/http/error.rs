@@ -77,7 +77,7 @@ impl ApiError {
     }
 
     /// A 400 `unsupported_parameter` naming the field at fault.
-    pub fn refused(refused: crate::mapping::Refused) -> Self {
+    pub fn refused(refused: crate::failure::Refused) -> Self {
         let mut e = Self::bad_request("unsupported_parameter", refused.message);
         e.param = Some(refused.param);
         e

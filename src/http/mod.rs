@@ -46,7 +46,7 @@ pub struct App {
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
     pub metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
     /// What `previous_response_id` continues (OpenAI Responses translated to chat).
-    pub conversations: std::sync::Arc<crate::mapping::inbound::conversations::Conversations>,
+    pub conversations: std::sync::Arc<crate::conversations::Conversations>,
 }
 
 impl AppState {
@@ -201,7 +201,7 @@ pub(crate) fn render_native(
 }
 
 /// An SSE stream as the client receives it, with the `x-keyrelay-*` headers.
-pub(crate) fn render_stream(body: crate::relay::SseBody, served: &Served) -> Response {
+pub(crate) fn render_stream(body: crate::sse::SseBody, served: &Served) -> Response {
     let mut r = Response::new(Body::from_stream(body));
     let h = r.headers_mut();
     h.insert(

@@ -7,7 +7,7 @@
 
 use super::body::json_body;
 use super::{ApiError, AppState, Shape, render_native, render_stream, translated};
-use crate::mapping::inbound::conversations::Conversation;
+use crate::conversations::Conversation;
 use crate::mapping::inbound::responses::{ResponsesStream, from_chat, new_id, to_chat};
 use crate::mapping::inbound::{Dialect, Translated};
 use crate::relay::{Endpoint, Reply};

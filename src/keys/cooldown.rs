@@ -2,7 +2,7 @@
 
 use crate::clock::UnixMs;
 use crate::config::Tuning;
-use crate::provider::ErrorClass;
+use crate::failure::ErrorClass;
 use std::time::Duration;
 
 /// Upstream-stated waits are trusted up to this long; a misbehaving upstream cannot bench a key for a year.

@@ -1,66 +1,39 @@
-//! Proactive per-key limits, declared per provider (free tiers publish them): requests per minute (a
-//! `governor` rate limiter per key), tokens per minute (a sliding minute of reported usage) and requests per day
-//! (today's counters). A key without capacity is skipped by selection, like a cooling one, so known limits never
-//! turn into a 429 upstream.
+//! Proactive per-key limits, declared per provider (free tiers publish them): requests per minute and tokens per
+//! minute over a sliding minute, and requests per day (today's counters). A key without capacity is skipped by
+//! selection, like a cooling one, so known limits never turn into a 429 upstream.
+//!
+//! A per-minute limit of N is kept in every 60-second window, not on average: a request is admitted only while
+//! fewer than N were admitted in the minute before it, and room returns a minute after the oldest of them. The
+//! Redis store's claim script applies the same rule to the same windows (`keys/redis/scripts.rs`), and a test
+//! feeds both stores the same requests and requires the same admissions.
 
 use crate::clock::UnixMs;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
-use serde::Deserialize;
+use crate::config::KeyLimits;
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
-
-/// A provider's declared limits, each per key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyLimits {
-    pub requests_per_minute: Option<NonZeroU32>,
-    pub tokens_per_minute: Option<u64>,
-    pub requests_per_day: Option<u64>,
-}
-
-/// governor's clock reading the store's time, which is set before each check: the limiter runs on the same
-/// clock as every other rule (tests that pause time move it too, and a shared store can feed it its own).
-#[derive(Clone, Debug, Default)]
-struct StoreTime(Arc<AtomicI64>);
-
-impl governor::clock::Clock for StoreTime {
-    /// Time since the Unix epoch.
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed).max(0) as u64)
-    }
-}
-
-type Limiter = RateLimiter<NotKeyed, InMemoryState, StoreTime, NoOpMiddleware<Duration>>;
 
 /// One key's use against its limits.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Meter {
-    /// The limiter and the rate it was built for (a reload may change it).
-    requests: Option<(NonZeroU32, Limiter)>,
-    time: StoreTime,
+    /// When each request admitted in the last minute was, oldest first (at most the limit's size, plus what a
+    /// reload that lowered the limit left to age out).
+    requests: VecDeque<UnixMs>,
     /// Tokens reported in the last minute: (time, tokens).
     tokens: VecDeque<(UnixMs, u64)>,
 }
 
-impl std::fmt::Debug for Meter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Meter")
-            .field("tokens", &self.tokens.len())
-            .finish()
+/// A window's length. An entry stamped `at` is in the window at `now` while `now - at < MINUTE`.
+const MINUTE: i64 = 60_000;
+
+/// Drops what left the window ending at `now`.
+fn slide<T>(window: &mut VecDeque<T>, now: UnixMs, at: impl Fn(&T) -> UnixMs) {
+    while window.front().is_some_and(|e| now - at(e) >= MINUTE) {
+        window.pop_front();
     }
 }
 
-const MINUTE: i64 = 60_000;
-
 impl Meter {
-    /// Takes one request from the key's allowance, or says when it will have room.
+    /// Takes one request from the key's allowance, or says when it will have room. The checks run in the
+    /// order the Redis claim runs them (day, requests, tokens), so both name the same time.
     pub fn admit(
         &mut self,
         limits: &KeyLimits,
@@ -74,26 +47,23 @@ impl Meter {
         {
             return Err(next_reset);
         }
+        slide(&mut self.requests, now, |at| *at);
+        if let Some(rpm) = limits.requests_per_minute
+            && self.requests.len() >= rpm.get() as usize
+        {
+            let oldest = self.requests.front().copied().unwrap_or(now);
+            return Err(oldest + MINUTE);
+        }
         if let Some(max) = limits.tokens_per_minute {
-            self.tokens.retain(|(at, _)| now - at < MINUTE);
+            slide(&mut self.tokens, now, |(at, _)| *at);
             let used: u64 = self.tokens.iter().map(|(_, n)| n).sum();
             if used >= max {
                 let oldest = self.tokens.front().map_or(now, |(at, _)| *at);
                 return Err(oldest + MINUTE);
             }
         }
-        if let Some(rpm) = limits.requests_per_minute {
-            if self.requests.as_ref().is_none_or(|(rate, _)| *rate != rpm) {
-                let limiter =
-                    RateLimiter::direct_with_clock(Quota::per_minute(rpm), self.time.clone());
-                self.requests = Some((rpm, limiter));
-            }
-            let (_, limiter) = self.requests.as_ref().expect("set above");
-            self.time.0.store(now, Ordering::Relaxed);
-            if let Err(not_until) = limiter.check() {
-                let wait = not_until.wait_time_from(Duration::from_millis(now.max(0) as u64));
-                return Err(now + wait.as_millis() as i64 + 1);
-            }
+        if limits.requests_per_minute.is_some() {
+            self.requests.push_back(now);
         }
         Ok(())
     }
@@ -102,13 +72,7 @@ impl Meter {
     pub fn spend_tokens(&mut self, now: UnixMs, tokens: u64) {
         // Only the last minute counts: older spends go here too, so a key without a tokens-per-minute limit
         // (whose admission never prunes) keeps a minute's worth at most.
-        while self
-            .tokens
-            .front()
-            .is_some_and(|(at, _)| now - at >= MINUTE)
-        {
-            self.tokens.pop_front();
-        }
+        slide(&mut self.tokens, now, |(at, _)| *at);
         if tokens > 0 {
             self.tokens.push_back((now, tokens));
         }
@@ -118,6 +82,7 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::num::NonZeroU32;
 
     #[test]
     fn each_limit_holds_and_says_when_room_returns() {
@@ -127,13 +92,13 @@ mod tests {
             ..Default::default()
         };
         assert!(m.admit(&rpm, 0, 0, 0).is_ok());
-        assert!(m.admit(&rpm, 0, 0, 0).is_ok());
-        let ready = m.admit(&rpm, 0, 1_000, 0).unwrap_err();
-        assert!(ready > 1_000 && ready <= 1_000 + 30_001, "{ready}");
-        // The limiter runs on the store's time, not the machine's: room returns when that time says so.
-        assert!(m.admit(&rpm, 0, ready - 2, 0).is_err());
-        assert!(m.admit(&rpm, 0, ready, 0).is_ok());
-        assert!(m.admit(&rpm, 0, ready, 0).is_err());
+        assert!(m.admit(&rpm, 0, 10_000, 0).is_ok());
+        assert_eq!(m.admit(&rpm, 0, 20_000, 0), Err(60_000));
+        // Room returns a minute after the oldest, one request at a time: never 3 in any minute.
+        assert_eq!(m.admit(&rpm, 0, 59_999, 0), Err(60_000));
+        assert!(m.admit(&rpm, 0, 60_000, 0).is_ok());
+        assert_eq!(m.admit(&rpm, 0, 60_000, 0), Err(70_000));
+        assert!(m.admit(&rpm, 0, 70_000, 0).is_ok());
 
         let tpm = KeyLimits {
             tokens_per_minute: Some(100),
@@ -155,5 +120,36 @@ mod tests {
         };
         assert_eq!(Meter::default().admit(&rpd, 3, 10, 99), Err(99));
         assert!(Meter::default().admit(&rpd, 2, 10, 99).is_ok());
+    }
+
+    /// The case: `requests_per_minute: 6` once let 8 through within 25 s (a token bucket refills on top
+    /// of a full burst). Whatever the arrival pattern, no 60-second window holds more than the limit.
+    #[test]
+    fn no_window_of_a_minute_holds_more_than_the_limit() {
+        let limits = KeyLimits {
+            requests_per_minute: NonZeroU32::new(6),
+            ..Default::default()
+        };
+        let mut m = Meter::default();
+        let mut admitted = Vec::new();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut now = 0;
+        for _ in 0..5_000 {
+            now += rng.i64(0..4_000);
+            if m.admit(&limits, 0, now, i64::MAX).is_ok() {
+                admitted.push(now);
+            }
+        }
+        for (i, start) in admitted.iter().enumerate() {
+            let within = admitted[i..]
+                .iter()
+                .take_while(|at| **at - start < MINUTE)
+                .count();
+            assert!(within <= 6, "{within} requests in the minute from {start}");
+        }
+        assert!(
+            admitted.len() > 5_000 * 2 / 60 * 6 / 2,
+            "the limit admits its share"
+        );
     }
 }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::clock::{Clock, UnixMs};
 use crate::config::{Selection, Tuning};
-use crate::provider::ErrorClass;
+use crate::failure::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

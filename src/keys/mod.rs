@@ -6,7 +6,6 @@
 //! gives it back when dropped: on success, error, client disconnect and panic alike.
 
 mod cooldown;
-mod lease;
 pub mod limits;
 mod memory;
 mod persist;
@@ -16,10 +15,10 @@ mod state;
 
 use crate::clock::UnixMs;
 use crate::config::{DailyReset, PauseRule, Tuning};
-use crate::provider::{Cost, ErrorClass, Scope};
+use crate::failure::{ErrorClass, Scope};
 use crate::secret::{ApiKey, KeyId};
+use crate::usage::Cost;
 pub use cooldown::cooldown_until;
-pub use lease::Lease;
 pub use memory::MemoryStore;
 pub use persist::{
     Persister, USAGE_FILE_VERSION, UsageFileError, load as load_usage, remove_leftovers,

@@ -8,7 +8,7 @@ use super::state::{Cooldown, KeyState};
 use super::{Outcome, Unavailable, cooldown_until};
 use crate::clock::UnixMs;
 use crate::config::{PauseRule, Selection, Tuning};
-use crate::provider::{ErrorClass, Scope};
+use crate::failure::{ErrorClass, Scope};
 use crate::secret::KeyId;
 use std::collections::VecDeque;
 
@@ -351,7 +351,7 @@ mod tests {
         let ok = Outcome::Success {
             prompt_tokens: 5,
             completion_tokens: u64::MAX,
-            cost: crate::provider::Cost(u64::MAX),
+            cost: crate::usage::Cost(u64::MAX),
         };
         settle(&mut key, "m", &ok, &tuning, 1, 0);
         let m = &key.models["m"];

@@ -2,7 +2,8 @@
 //! key and model. Persisted (the usage file) and, with a shared store, shared.
 
 use crate::clock::UnixMs;
-use crate::provider::{Cost, ErrorClass};
+use crate::failure::ErrorClass;
+use crate::usage::Cost;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -33,9 +33,11 @@ mod stream;
 pub use chunk::{ChunkWriter, Part};
 pub use stream::EventMapper;
 
-use crate::provider::UpstreamCall;
+pub use crate::failure::Refused;
+pub use crate::script::MapError;
 use crate::script::{Hook, ProviderScript, ScriptError};
-use crate::stream::sse::SseEvent;
+use crate::sse::SseEvent;
+use crate::upstream::UpstreamCall;
 use http::header::{HeaderName, HeaderValue};
 use serde_json::Value;
 use std::fmt;
@@ -87,34 +89,6 @@ impl Draft {
             body,
         })
     }
-}
-
-/// The client asked for what the target cannot do (a field it has no equivalent for): a 400 naming `param`,
-/// the client's to fix. Made by field rules, scripts (`refuse`) and inbound dialects alike.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Refused {
-    pub param: String,
-    pub message: String,
-}
-
-impl Refused {
-    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: param.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Why a request was not mapped.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum MapError {
-    /// Not the script's failure: the request's.
-    #[error(transparent)]
-    Refused(#[from] Refused),
-    #[error(transparent)]
-    Script(#[from] ScriptError),
 }
 
 /// The request direction.

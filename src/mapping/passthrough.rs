@@ -7,9 +7,9 @@ use super::{
     RequestMapping, Step, Target,
 };
 use crate::script::ScriptError;
-use crate::stream::is_done;
-use crate::stream::peek::ChunkPeek;
-use crate::stream::sse::SseEvent;
+use crate::sse::ChunkPeek;
+use crate::sse::SseEvent;
+use crate::sse::is_done;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 

@@ -3,7 +3,7 @@
 
 use super::{ChunkWriter, Event, EventMapping, Part, Step};
 use crate::script::ScriptError;
-use crate::stream::sse::SseEvent;
+use crate::sse::SseEvent;
 
 /// A stream's mapping layers and the chunk writer they share.
 pub struct EventMapper {

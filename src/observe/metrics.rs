@@ -5,7 +5,7 @@
 //! rest counted as `other`), outcome, error class, key state. A key never appears.
 
 use super::Journal;
-use crate::provider::ErrorClass;
+use crate::failure::ErrorClass;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use metrics_util::MetricKindMask;
@@ -405,7 +405,7 @@ mod tests {
         j.status = if error.is_none() { 200 } else { 502 };
         j.error = error.map(String::from);
         j.prompt_tokens = 5;
-        j.cost = error.is_none().then_some(crate::provider::Cost(1500));
+        j.cost = error.is_none().then_some(crate::usage::Cost(1500));
         j.first_byte_ms = 51.0;
         j
     }

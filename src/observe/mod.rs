@@ -9,7 +9,8 @@ pub mod request_log;
 pub mod throttle;
 
 use crate::clock::UnixMs;
-use crate::provider::{Cost, ErrorClass};
+use crate::failure::ErrorClass;
+use crate::usage::Cost;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;

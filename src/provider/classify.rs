@@ -2,82 +2,9 @@
 //! by status; and finding how long the upstream asked us to wait.
 
 use crate::clock::UnixMs;
+use crate::failure::{ErrorClass, Scope};
 use http::header::{HeaderMap, HeaderName};
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
-
-/// What went wrong with one upstream attempt; it decides what the engine does next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorClass {
-    /// Too many requests for now: cool this key for this model, rotate.
-    RateLimit,
-    /// A daily quota or credit is exhausted: cool this key for this model until the daily reset.
-    Quota,
-    /// The key is invalid: cool the whole key, rotate.
-    Auth,
-    /// The key may not do this: cool the whole key, rotate.
-    Forbidden,
-    /// The client's request is wrong: answer at once, no other key.
-    InvalidRequest,
-    /// The prompt does not fit the model: answer at once, no other key.
-    ContextWindow,
-    /// The upstream's content filter refused the request: answer at once, no other key (a fallback only when
-    /// `fallback_on_content_filter`).
-    ContentFilter,
-    /// The upstream failed: retry the same key with backoff, then rotate.
-    Server,
-    /// No connection, or it broke: like `Server`.
-    Connection,
-    /// The upstream did not answer in time: like `Server`.
-    Timeout,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RateLimit => "rate_limit",
-            Self::Quota => "quota",
-            Self::Auth => "auth",
-            Self::Forbidden => "forbidden",
-            Self::InvalidRequest => "invalid_request",
-            Self::ContextWindow => "context_window",
-            Self::ContentFilter => "content_filter",
-            Self::Server => "server",
-            Self::Connection => "connection",
-            Self::Timeout => "timeout",
-        }
-    }
-
-    /// The client's own mistake: no other key would answer differently.
-    pub fn is_client_error(self) -> bool {
-        matches!(
-            self,
-            Self::InvalidRequest | Self::ContextWindow | Self::ContentFilter
-        )
-    }
-
-    /// A transient fault worth retrying on the same key.
-    pub fn is_transient(self) -> bool {
-        matches!(self, Self::Server | Self::Connection | Self::Timeout)
-    }
-
-    /// Where a cooldown applies when no rule says otherwise.
-    pub fn default_scope(self) -> Scope {
-        match self {
-            Self::Auth | Self::Forbidden => Scope::Key,
-            _ => Scope::Model,
-        }
-    }
-}
-
-/// What a cooldown covers: this key for this model, or this key for every model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scope {
-    Model,
-    Key,
-}
 
 /// Which HTTP statuses a rule covers.
 #[derive(Clone, Debug)]

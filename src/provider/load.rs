@@ -11,14 +11,6 @@ use crate::glob::ModelFilter;
 use http::header::{HeaderName, HeaderValue};
 use std::path::Path;
 
-/// A hash of anything hashable, to tell whether a file or setting changed between loads (not for security).
-pub fn fingerprint(value: impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    value.hash(&mut h);
-    h.finish()
-}
-
 /// A provider's base URL, checked: an absolute `http://` or `https://` URL without credentials, its trailing `/`
 /// dropped. The error (what is wrong, how to fix it) shows the URL without anything that could be a secret.
 pub fn base_url(url: &str) -> Result<String, (String, &'static str)> {
@@ -80,8 +72,8 @@ pub fn load_file(
     let mut raw: RawProvider = parse_yaml(path, &text).map_err(|e| vec![e])?;
     let plugin = super::plugin::RawPlugin::take(&mut raw);
     let mut provider = resolve(name, Some(path), raw, global, user)?;
-    let fingerprint =
-        self::fingerprint(&text) ^ super::plugin::attach(&mut provider, path, plugins, plugin)?;
+    let fingerprint = crate::config::fingerprint(&text)
+        ^ super::plugin::attach(&mut provider, path, plugins, plugin)?;
     provider.fingerprint = fingerprint;
     Ok(provider)
 }
@@ -428,7 +420,7 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::ErrorClass;
+    use crate::failure::ErrorClass;
     use std::io::Write;
 
     fn load(text: &str) -> Result<Provider, Vec<ConfigError>> {

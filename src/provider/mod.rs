@@ -10,18 +10,18 @@ mod prices;
 mod schema;
 
 use crate::config::Tuning;
+use crate::failure::{ErrorClass, Scope};
 use crate::glob::ModelFilter;
 use crate::script::{Hook, ProviderScript, ScriptError};
 use crate::secret::ApiKey;
-pub use classify::{
-    Classifier, ErrorClass, ErrorRule, RetryAfterSource, Scope, StatusMatch, Verdict,
-};
+use crate::upstream::UpstreamCall;
+pub use classify::{Classifier, ErrorRule, RetryAfterSource, StatusMatch, Verdict};
 use http::header::{HeaderName, HeaderValue};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use load::{base_url, fingerprint, load_file, openai_compatible, valid_name};
-pub use prices::{Cost, Price, Prices};
+pub use load::{base_url, load_file, openai_compatible, valid_name};
+pub use prices::{Price, Prices};
 pub use schema::ListSource;
 
 /// How the key reaches the upstream.
@@ -207,40 +207,5 @@ impl Provider {
             }
         }
         Ok(self.classifier.classify(status, headers, body, now))
-    }
-}
-
-/// One upstream HTTP call, before a key is added: what the request hook (or passthrough) decided.
-#[derive(Clone, Debug)]
-pub struct UpstreamCall {
-    pub method: http::Method,
-    /// Relative to the base URL.
-    pub path: String,
-    pub query: Vec<(String, String)>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: bytes::Bytes,
-}
-
-impl UpstreamCall {
-    pub fn get(path: &str) -> Self {
-        Self {
-            method: http::Method::GET,
-            path: path.to_string(),
-            query: Vec::new(),
-            headers: Vec::new(),
-            body: bytes::Bytes::new(),
-        }
-    }
-
-    pub fn post_json(path: &str, body: bytes::Bytes) -> Self {
-        Self {
-            method: http::Method::POST,
-            headers: vec![(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-            ..Self::get(path)
-        }
     }
 }

@@ -14,8 +14,8 @@
 //! model has no such price; every other prompt token at `input`, completion tokens (reasoning included) at
 //! `output`. Costs are kept as whole nano-dollars, so that counters add up exactly.
 
-use crate::stream::Usage;
-use serde::{Deserialize, Serialize};
+use crate::usage::{Cost, Usage};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 
 /// USD per million tokens.
@@ -25,21 +25,6 @@ pub struct Price {
     pub input: f64,
     pub output: f64,
     pub cached_input: Option<f64>,
-}
-
-/// An amount in nano-dollars (10⁻⁹ USD).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Cost(pub u64);
-
-impl Cost {
-    pub fn usd(self) -> f64 {
-        self.0 as f64 / 1e9
-    }
-
-    pub fn plus(self, other: Cost) -> Cost {
-        Cost(self.0.saturating_add(other.0))
-    }
 }
 
 /// `prices:` exactly as written.

@@ -1,6 +1,6 @@
 //! Provider files exactly as written: the serde structures, before anything is checked or resolved.
 
-use super::{ErrorClass, Scope};
+use crate::failure::{ErrorClass, Scope};
 use crate::mapping::declared::{RawMessages, RawResponse, RawStream};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -115,7 +115,7 @@ pub(super) struct RawProvider {
     pub(super) cooldowns: Option<crate::config::tuning::CooldownsPatch>,
     pub(super) retries: Option<crate::config::tuning::RetriesPatch>,
     pub(super) timeouts: Option<crate::config::tuning::TimeoutsPatch>,
-    pub(super) limits: Option<crate::keys::limits::KeyLimits>,
+    pub(super) limits: Option<crate::config::KeyLimits>,
     pub(super) scripts: Option<crate::config::tuning::ScriptsPatch>,
     /// A Rhai script in the plugins directory.
     pub(super) script: Option<String>,

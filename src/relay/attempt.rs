@@ -3,12 +3,15 @@
 //! at the start can still be retried or rotated.
 
 use crate::clock::Clock;
+use crate::failure::ErrorClass;
 use crate::mapping::{EventMapper, Part};
-use crate::provider::{ErrorClass, Provider, UpstreamCall, Verdict};
+use crate::provider::{Provider, Verdict};
 use crate::script::ScriptError;
 use crate::secret::ApiKey;
-use crate::stream::{Started, UpstreamEvents, Usage};
+use crate::stream::{Started, StreamFault, UpstreamEvents};
+use crate::upstream::UpstreamCall;
 use crate::upstream::{HttpClient, UpstreamError};
+use crate::usage::Usage;
 use bytes::Bytes;
 use http::header::HeaderValue;
 use serde::Deserialize;
@@ -203,6 +206,11 @@ impl Attempt<'_> {
                         return Err(Failure::unusable(
                             "the upstream stream ended before any content",
                         ));
+                    }
+                    // Before any content, a timer that fires (the stream's idle timer included, which may
+                    // fire before `first_event` when the two are equal) means no answer, like a silent head.
+                    Err(fault @ StreamFault::Stalled(_)) => {
+                        return Err(Failure::silence(fault.to_string()));
                     }
                     Err(fault) => {
                         return Err(AttemptError::Upstream(Failure::transport(

@@ -56,7 +56,8 @@ impl Relay {
                     .await;
                 let attempts = journal.map(|j| j.attempts).unwrap_or_default();
                 (resumed, attempts)
-            }) as crate::keys::BoxFuture<'static, (Option<Resumed>, Vec<AttemptRecord>)>
+            })
+                as futures_util::future::BoxFuture<'static, (Option<Resumed>, Vec<AttemptRecord>)>
         }))
     }
 

@@ -1,8 +1,8 @@
 //! What can go wrong with a relayed request, and what the engine tried before giving up.
 
 use super::Served;
+use crate::failure::ErrorClass;
 use crate::keys::Unavailable;
-use crate::provider::ErrorClass;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -126,7 +126,7 @@ pub enum RelayError {
     Script(#[from] crate::script::ScriptError),
     /// The request asks for what the provider cannot do (a field it has no equivalent for).
     #[error(transparent)]
-    Unsupported(#[from] crate::mapping::Refused),
+    Unsupported(#[from] crate::failure::Refused),
 }
 
 impl From<crate::mapping::MapError> for RelayError {

@@ -21,10 +21,11 @@ pub mod models;
 mod run;
 
 use crate::clock::Clock;
+use crate::failure::ErrorClass;
 use crate::keys::KeyStore;
 use crate::mapping::inbound::Dialect;
 use crate::observe::{Journal, Observer};
-use crate::provider::{ErrorClass, Provider};
+use crate::provider::Provider;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -123,7 +124,7 @@ pub(crate) fn upstream_headers(
         .collect()
 }
 
-pub use crate::stream::SseBody;
+pub use crate::sse::SseBody;
 
 /// A successful reply.
 pub enum Reply {

@@ -197,7 +197,7 @@ async fn fetch(provider: &Provider, http: &HttpClient, limit: usize) -> Result<V
     let mut last = String::from("no keys");
     for key in provider.keys.iter().take(2) {
         let Ok(request) = provider.request(
-            &crate::provider::UpstreamCall::get(path),
+            &crate::upstream::UpstreamCall::get(path),
             key,
             http::HeaderValue::from_static("*/*"),
         ) else {

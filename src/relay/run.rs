@@ -10,12 +10,14 @@
 use super::attempt::{Attempt, AttemptError, Failure, Success};
 use super::call::Job;
 use super::{Relay, RelayError, Reply, Tried};
-use crate::keys::{Ask, Lease, Unavailable};
+use crate::failure::ErrorClass;
+use crate::keys::{Ask, Unavailable};
+use crate::lease::Lease;
 use crate::mapping::Answer;
 use crate::observe::{AttemptRecord, Journal};
-use crate::provider::ErrorClass;
 use crate::secret::KeyId;
-use crate::stream::{Forward, Report, Usage};
+use crate::stream::{Forward, Report};
+use crate::usage::Usage;
 use std::time::Duration;
 use tokio::time::Instant;
 

@@ -3,7 +3,7 @@
 //! Scripts cannot reach files, the network, the environment or other modules (imports resolve nothing), cannot
 //! `eval`, and every call is bounded. `print` and `debug` go to the log.
 
-use crate::mapping::Refused;
+use crate::failure::Refused;
 use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map};
 use std::cell::Cell;
 use std::path::PathBuf;

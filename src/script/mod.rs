@@ -19,7 +19,7 @@ mod engine;
 mod stream;
 
 use crate::config::ConfigError;
-use crate::mapping::MapError;
+use crate::failure::Refused;
 use engine::engine;
 pub use engine::{Budget, ScriptError};
 use rhai::{AST, CallFnOptions, Dynamic, Map, Scope};
@@ -27,6 +27,16 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 pub use stream::ScriptStream;
+
+/// Why a request was not mapped.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum MapError {
+    /// Not the script's failure: the request's.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+}
 
 /// The hooks a script may define.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +175,7 @@ impl ProviderScript {
             return Err(errors);
         }
         let options = rhai::serde::to_dynamic(options).unwrap_or(Dynamic::UNIT);
-        let fingerprint = crate::provider::fingerprint(&text);
+        let fingerprint = crate::config::fingerprint(&text);
         Ok(Self {
             file: file.to_path_buf(),
             ast,

@@ -1,6 +1,6 @@
 //! SSE frames as the client receives them.
 
-use super::sse::SseEvent;
+use super::SseEvent;
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -47,7 +47,7 @@ pub fn error_frame(message: &str, kind: &str, code: &str) -> Bytes {
 }
 
 /// An upstream's in-band error in OpenAI's shape, whatever shape it came in.
-pub(super) fn upstream_error_frame(error: &Value) -> Bytes {
+pub fn upstream_error_frame(error: &Value) -> Bytes {
     let text = |v: Option<&Value>| match v {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
@@ -69,7 +69,7 @@ mod tests {
     fn every_line_of_the_data_is_a_data_line() {
         assert_eq!(&frame("{}")[..], b"data: {}\n\n");
         assert_eq!(&frame("a\nb\r\nc")[..], b"data: a\ndata: b\ndata: c\n\n");
-        let mut parser = super::super::sse::SseParser::new();
+        let mut parser = crate::sse::SseParser::new();
         parser.push(&frame("line one\nline two")).unwrap();
         assert_eq!(
             parser.next_event().unwrap().unwrap().data,

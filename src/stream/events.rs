@@ -2,7 +2,7 @@
 //! take what the connection already holds without waiting.
 
 use super::StreamFault;
-use super::sse::{SseEvent, SseParser};
+use crate::sse::{SseEvent, SseParser};
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 use std::pin::Pin;

@@ -1,15 +1,16 @@
 //! The client-facing stream: forwards an upstream stream after its first parts were seen, and reports the
 //! request when it ends.
 
-use super::frame::{error_frame, frame, named_frame, upstream_error_frame};
-use super::peek::Usage;
 use super::{Break, Continuer, Resumed, Started, StreamFault, UpstreamEvents};
 use crate::clock::Clock;
-use crate::keys::Lease;
+use crate::failure::ErrorClass;
+use crate::lease::Lease;
 use crate::mapping::{Event, EventMapper, Part, Step};
 use crate::observe::{Journal, Observer};
-use crate::provider::{ErrorClass, Verdict};
+use crate::provider::Verdict;
 use crate::script::ScriptError;
+use crate::sse::{error_frame, frame, named_frame, upstream_error_frame};
+use crate::usage::Usage;
 use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::Value;

@@ -5,25 +5,14 @@
 
 mod events;
 mod forward;
-mod frame;
-pub(crate) mod peek;
-pub mod sse;
 
-use crate::keys::BoxFuture;
+use crate::failure::ErrorClass;
 use crate::mapping::{EventMapper, Part};
-use crate::provider::ErrorClass;
-use bytes::Bytes;
 pub use events::UpstreamEvents;
 pub use forward::{Forward, Report};
-pub use frame::{error_frame, frame, is_done};
-use futures_util::Stream;
-pub use peek::Usage;
+use futures_util::future::BoxFuture;
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::time::Duration;
-
-/// The bytes of a client-facing SSE stream.
-pub type SseBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::convert::Infallible>> + Send>>;
 
 /// A broken stream, as the continuer is told of it.
 pub struct Break {
@@ -39,7 +28,7 @@ pub struct Break {
 /// A stream that takes over after a break: its first parts and the lease of the key that serves it.
 pub struct Resumed {
     pub started: Started,
-    pub lease: crate::keys::Lease,
+    pub lease: crate::lease::Lease,
     /// The `provider/model` that serves it, for logs.
     pub label: String,
     /// Its `provider/model` when it is a fallback model.

@@ -3,7 +3,10 @@
 //! `https://` and `socks5://` ones), redirects never followed; the upstream URL of a call; bounded reads of
 //! bodies; and errors in words that never include the URL (which may carry a key in its query string).
 
+mod call;
+
 use bytes::Bytes;
+pub use call::UpstreamCall;
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use std::collections::HashMap;

@@ -1,10 +1,8 @@
 //! Other names for models and providers: config.yaml's `aliases:` (`fast: openai/gpt-4o-mini`) and a provider
 //! file's `aliases:` (LiteLLM's `together_ai/` for `together/`).
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test]
 async fn model_and_provider_aliases_reach_the_model_they_stand_for() {

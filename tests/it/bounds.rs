@@ -1,11 +1,9 @@
 //! Everything an upstream or a script hands keyrelay is bounded: bodies, model lists, script memory and time, and
 //! slow work never runs where it could stall other requests.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::*;
 
 #[tokio::test]
 async fn an_endless_upstream_body_is_cut_at_max_response_size_and_the_process_stays_small() {

@@ -1,11 +1,9 @@
 //! Browsers: CORS for web chat interfaces with a proxy key, and the guards of a proxy without one (other web
 //! pages must not spend the pool through localhost).
 
-mod support;
-
+use crate::support::*;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::*;
 
 const ORIGIN: &str = "https://chat.example";
 

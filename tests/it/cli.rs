@@ -1,13 +1,11 @@
 //! The `keyrelay` binary as users run it: `check`, start-up failures, graceful shutdown, and the usage file
 //! across restarts and `kill -9`.
 
-mod support;
-
+use crate::support::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::*;
 
 #[test]
 fn check_accepts_a_valid_configuration_and_masks_keys() {

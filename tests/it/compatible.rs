@@ -1,10 +1,8 @@
 //! Providers defined only by `<NAME>_API_BASE` follow OpenAI's conventions: quota is not a per-minute limit,
 //! context-window errors reach `context_fallbacks`, and streams count tokens even when the client did not ask.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// A proxy whose only provider, `local`, is defined by `LOCAL_API_BASE` pointing at `mock`, with two keys.
 async fn local(mock: &Mock, config: &str) -> Proxy {

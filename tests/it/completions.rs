@@ -1,12 +1,10 @@
 //! Legacy completions inbound (`POST /v1/completions`): a prompt translated to a one-turn chat for providers
 //! that only chat, passed through as written where a provider declares it serves completions natively.
 
-mod support;
-
+use crate::support::*;
 use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::completions::{CompletionsStream, from_chat, to_chat};
 use serde_json::{Value, json};
-use support::*;
 
 fn object(v: Value) -> serde_json::Map<String, Value> {
     match v {

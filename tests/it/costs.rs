@@ -2,10 +2,8 @@
 //! console line, today's and lifetime cost per key and model in `/v1/keys` (kept across restarts), and a cost
 //! counter in `/metrics`.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// $0.15 / $0.60 / $0.075 per million tokens for `priced`; `glob-*` at $1 / $2; nothing for other models.
 const PRICES: &str = "prices:\n  taken: 2026-11-29\n  source: a test\n  models:\n    priced: {input: 0.15, output: 0.6, cached_input: 0.075}\n    'glob-*': {input: 1, output: 2}\n";

@@ -1,11 +1,9 @@
 //! The HTTP edge against hostile and broken clients: a connection cap that silent connections cannot fill, a time
 //! bound on every phase of a connection, and every answer, even to a malformed request, in the API's error shape.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,11 +1,9 @@
 //! Model fallbacks: from config.yaml and per request, a separate list for context-window errors, content
 //! filters answered unless configured, and the answering model reported.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::*;
 
 /// A primary provider `main` whose upstream fails with `failure`, and a `backup` provider that answers.
 async fn pair(

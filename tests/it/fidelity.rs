@@ -2,10 +2,8 @@
 //! its request: refusals about a model stop after two keys, a skipped fallback never hides the real answer, a
 //! "retry now" is not taken literally, and a request that cannot even be built blames no key.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 #[tokio::test]
 async fn a_model_refused_on_two_keys_is_answered_without_benching_the_rest() {

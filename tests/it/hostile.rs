@@ -2,10 +2,8 @@
 //! reach other upstream paths, keys echoed back by upstreams, details for strangers, and reloads that would
 //! weaken it.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 fn gemini_allowing(mock: &Mock, allow: &str) -> Setup {
     Setup {

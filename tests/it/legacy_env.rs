@@ -1,9 +1,7 @@
 //! A `.env` written for the Python key proxy keyrelay succeeds: what keyrelay has the concept for is honoured,
 //! the rest is named in a warning, and `keyrelay check` shows how each variable was read.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 fn old_proxy_dir(mock: &Mock) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

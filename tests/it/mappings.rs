@@ -5,7 +5,7 @@ use keyrelay::config::Tuning;
 use keyrelay::mapping::declared::Declared;
 use keyrelay::mapping::{Answer, Draft, MapError, Mapping, Part, Target};
 use keyrelay::script::ProviderScript;
-use keyrelay::stream::sse::SseParser;
+use keyrelay::sse::SseParser;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -473,7 +473,7 @@ fn a_blocked_prompt_in_a_gemini_stream_ends_with_content_filter() {
     let mut mapper = provider("gemini").mapping.stream("m", "gemini/m");
     let blocked = json_fixture("gemini/generate_response_prompt_blocked.json").to_string();
     let parts = mapper
-        .map_blocking(keyrelay::stream::sse::SseEvent {
+        .map_blocking(keyrelay::sse::SseEvent {
             event: None,
             data: blocked,
         })
@@ -763,7 +763,7 @@ fn refused(provider: &str, endpoint: &str, body: Value) -> String {
         .request
         .map(&target(endpoint, "m", stream), body)
     {
-        Err(MapError::Refused(keyrelay::mapping::Refused { param, message })) => {
+        Err(MapError::Refused(keyrelay::failure::Refused { param, message })) => {
             assert!(message.contains(provider), "{message}");
             param
         }

@@ -2,13 +2,11 @@
 //! providers that do not speak it: the translations in both directions (snapshots), and the real server with an
 //! OpenAI-speaking mock upstream (answers, streams, tools, errors in Anthropic's shape).
 
-mod support;
-
+use crate::support::*;
 use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::messages::{MessagesStream, from_chat, to_chat};
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::*;
 
 fn object(v: Value) -> serde_json::Map<String, Value> {
     match v {

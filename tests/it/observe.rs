@@ -1,14 +1,12 @@
 //! Seeing it work: request logs, the console log, `/v1/keys`, `/metrics` and the dashboard, and that no key or
 //! proxy key ever shows in any of them.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::*;
 
 /// A mock where key 1 is rate-limited for `retry_after` seconds (and echoes the key it refused, as some
 /// upstreams do) and other keys answer, streaming when asked.
@@ -358,6 +356,7 @@ fn chromium() -> Option<String> {
 }
 
 #[tokio::test]
+#[ignore = "needs chromium; .ci/run installs it"]
 async fn the_dashboard_shows_keys_states_and_cooldowns_in_a_real_browser() {
     let browser = chromium().expect(
         "this test drives headless Chromium and none was found: run .ci/run (which installs it), or \

@@ -1,10 +1,8 @@
 //! Operator controls over HTTP: ending a key's cooldowns, and taking a key out of rotation by hand (kept across
 //! restarts).
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// The id `/v1/keys` shows for the key masked as `masked`.
 async fn key_id(proxy: &Proxy, masked: &str) -> String {

@@ -1,10 +1,8 @@
 //! Black-box tests of the HTTP API: a real keyrelay on a loopback port in front of a mock OpenAI-compatible
 //! upstream.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test]
 async fn chat_non_stream_is_relayed_with_the_key_and_served_headers() {

@@ -1,17 +1,16 @@
 //! Key state shared through a real `redis-server`: two stores stand for two instances of keyrelay.
 
-mod support;
-
+use crate::support::redis::Redis;
 use keyrelay::clock::Clock;
 use keyrelay::config::{DailyReset, Tuning};
+use keyrelay::failure::{ErrorClass, Scope};
 use keyrelay::keys::redis::{RedisStore, Target};
 use keyrelay::keys::{Ask, KeyStore, MemoryStore, Outcome, StorePolicy};
-use keyrelay::provider::{Cost, ErrorClass, Scope};
 use keyrelay::secret::ApiKey;
+use keyrelay::usage::Cost;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use support::redis::Redis;
 
 fn policy() -> StorePolicy {
     StorePolicy {
@@ -74,6 +73,7 @@ const SUCCESS: Outcome = Outcome::Success {
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_cap_of_one_per_key_and_model_holds_across_instances_and_usage_adds_up() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -130,6 +130,7 @@ async fn a_cap_of_one_per_key_and_model_holds_across_instances_and_usage_adds_up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -159,6 +160,7 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn redis_away_is_served_locally_and_rejoined_when_back() {
     let redis = Redis::start();
     let port = redis.port;
@@ -241,6 +243,7 @@ async fn today(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_once() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -265,6 +268,7 @@ async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn what_happens_while_redis_is_away_reaches_it_once_it_is_back() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -294,6 +298,7 @@ async fn what_happens_while_redis_is_away_reaches_it_once_it_is_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn an_absurd_token_count_neither_overflows_nor_stalls_the_store() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
@@ -315,6 +320,7 @@ async fn an_absurd_token_count_neither_overflows_nor_stalls_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn keys_a_reload_removed_are_not_granted() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
@@ -332,6 +338,7 @@ async fn keys_a_reload_removed_are_not_granted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
@@ -374,6 +381,7 @@ async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn the_provider_pause_is_the_pools() {
     let redis = Redis::start();
     let pausing = || StorePolicy {
@@ -430,6 +438,7 @@ async fn commands(redis: &Redis) -> std::collections::HashMap<String, u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_request_takes_two_round_trips_one_to_claim_and_one_to_release() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
@@ -459,6 +468,7 @@ async fn a_request_takes_two_round_trips_one_to_claim_and_one_to_release() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn counts_add_up_exactly_when_instances_race_on_one_key() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -509,6 +519,7 @@ async fn counts_add_up_exactly_when_instances_race_on_one_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn sequential_selection_stays_on_one_key_pool_wide() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -535,6 +546,7 @@ async fn sequential_selection_stays_on_one_key_pool_wide() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_model_the_upstream_refused_leaves_no_counters() {
     let redis = Redis::start();
     let stores = stores(&redis, 1).await;
@@ -568,6 +580,7 @@ async fn a_model_the_upstream_refused_leaves_no_counters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_verdict_decided_on_a_stale_read_is_decided_again_not_written_over() {
     let redis = Redis::start();
     let stores = stores(&redis, 2).await;
@@ -593,8 +606,9 @@ async fn a_verdict_decided_on_a_stale_read_is_decided_again_not_written_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and redis-cli; .ci/run installs them"]
 async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
-    let cluster = support::redis::Cluster::start(3);
+    let cluster = crate::support::redis::Cluster::start(3);
     let mut stores = Vec::new();
     for _ in 0..2 {
         let target = Target::new(&cluster.url(), None, true).unwrap();
@@ -665,6 +679,7 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn the_day_turns_for_the_whole_pool_at_the_daily_reset() {
     let redis = Redis::start();
     // Both instances' clocks read a second and a half before the reset.
@@ -687,7 +702,7 @@ async fn the_day_turns_for_the_whole_pool_at_the_daily_reset() {
     }
     let keys = keys(1);
     let tuning = Tuning {
-        limits: Some(keyrelay::keys::limits::KeyLimits {
+        limits: Some(keyrelay::config::KeyLimits {
             requests_per_day: Some(2),
             ..Default::default()
         }),

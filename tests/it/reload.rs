@@ -1,13 +1,11 @@
 //! Live configuration: files edited under a running keyrelay take effect without a restart, broken edits are
 //! rejected while the last good configuration keeps serving, and key state survives reloads.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
-use support::*;
 
 /// Polls `check` until it holds, for at most ten seconds (reloads take well under one; this only bounds a
 /// failing test).

@@ -1,13 +1,11 @@
 //! OpenAI's Responses API inbound (`POST /v1/responses`), translated to chat: the translations (snapshots), the
 //! conversation kept for `previous_response_id`, and the real server against an OpenAI chat mock.
 
-mod support;
-
+use crate::support::*;
 use keyrelay::mapping::inbound::Translated;
 use keyrelay::mapping::inbound::responses::{ResponsesStream, from_chat, to_chat};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use support::*;
 
 fn object(v: Value) -> serde_json::Map<String, Value> {
     match v {

@@ -1,12 +1,10 @@
 //! Black-box tests of key rotation, concurrency, cooldowns, retries and deadlines: a real keyrelay in front of a
 //! mock upstream that fails on command and records every attempt.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
-use support::*;
 
 fn per_key(seen: &[Seen]) -> HashMap<String, usize> {
     let mut out = HashMap::new();

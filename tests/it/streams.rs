@@ -2,13 +2,11 @@
 //! other is left), logged as one request, and bounded; a model that does not answer, or keeps failing, is left
 //! for its fallback at once.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use support::*;
 
 /// The first chunks of an answer, without its finish.
 fn unfinished(model: &str, parts: &[&str]) -> Vec<String> {
@@ -166,8 +164,7 @@ async fn a_model_that_does_not_answer_is_left_for_its_fallback_at_once() {
     .await;
     let closing = unanswering_upstream().await;
     let backup = Mock::echo("from the backup").await;
-    let setup = |main: &str| {
-        let timeouts = "timeouts: {response: 300ms, first_event: 300ms}\n";
+    let setup = |main: &str, timeouts: &str| {
         Setup {
             env: [mock_keys("MAIN", 3), mock_keys("BACKUP", 1)].concat(),
             ..Setup::empty()
@@ -176,12 +173,27 @@ async fn a_model_that_does_not_answer_is_left_for_its_fallback_at_once() {
         .provider("backup", provider_yaml(&backup.base_url, ""))
         .config("request_logging: {enabled: true}\n")
     };
-    for (what, base, stream) in [
-        ("no response head", hanging.base_url.clone(), false),
-        ("no first event", mute.base_url.clone(), true),
-        ("closed unanswered", closing.clone(), false),
+    let timeouts = "timeouts: {response: 300ms, first_event: 300ms}\n";
+    // Whichever timer fires first before any content, the answer is the same: the stream's idle timer (here
+    // shorter than first_event) means no answer too.
+    let idle_first = "timeouts: {response: 300ms, first_event: 300ms, stream_idle: 100ms}\n";
+    for (what, base, stream, timeouts) in [
+        (
+            "no response head",
+            hanging.base_url.clone(),
+            false,
+            timeouts,
+        ),
+        ("no first event", mute.base_url.clone(), true, timeouts),
+        (
+            "no event, idle timer first",
+            mute.base_url.clone(),
+            true,
+            idle_first,
+        ),
+        ("closed unanswered", closing.clone(), false, timeouts),
     ] {
-        let proxy = Proxy::start(setup(&base)).await;
+        let proxy = Proxy::start(setup(&base, timeouts)).await;
         let mut body = stream_body("main/m");
         body["stream"] = json!(stream);
         body["fallbacks"] = json!(["backup/b"]);

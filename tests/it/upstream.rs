@@ -2,13 +2,11 @@
 //! environment): HTTPS upstreams verified against the trust store, HTTP/2 when an upstream offers it (one
 //! connection for concurrent requests) and HTTP/1.1 when it does not, and SOCKS5 proxies.
 
-mod support;
-
+use crate::support::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use support::*;
 
 /// What an HTTPS mock saw: connections accepted and the HTTP version of each request.
 #[derive(Default)]

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::DailyReset;
-use crate::provider::Cost;
+use crate::usage::Cost;
 use std::time::Duration;
 
 fn policy() -> StorePolicy {

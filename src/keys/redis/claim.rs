@@ -6,10 +6,10 @@ use super::shape::Verdict;
 use super::{DAY_TTL_MS, Held, RedisStore, lock, outage};
 use crate::clock::UnixMs;
 use crate::config::Selection;
+use crate::failure::ErrorClass;
 use crate::keys::policy::{self, Standing};
 use crate::keys::state::{Cooldown, KeyState};
 use crate::keys::{Ask, Grant, LeaseId, Unavailable};
-use crate::provider::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
 use std::sync::atomic::Ordering;
 

@@ -49,8 +49,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use target::Conn;
-pub use target::Target;
+pub use target::{Conn, Target};
 use tokio::sync::Notify;
 
 /// The longest a Redis operation may take before the local store serves instead.
@@ -237,6 +236,15 @@ impl RedisStore {
     /// Redis is away: the local store serves.
     pub fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// A connection for data kept beside the key state (the Responses conversations), while Redis is up, and the
+    /// prefix of the store's names.
+    pub fn beside(&self) -> Option<(Conn, &str)> {
+        if self.degraded() {
+            return None;
+        }
+        Some((self.conn().ok()?, &self.prefix))
     }
 
     fn degrade(&self, e: &dyn std::fmt::Display) {
@@ -629,45 +637,5 @@ impl RedisStore {
                 status
             })
             .collect())
-    }
-}
-
-/// Conversations kept for OpenAI Responses' `previous_response_id`, shared between instances: each whole, under
-/// its id, for `max_age` (`{prefix}:conversation:<id>`). Redis away: nothing is written or found there.
-impl crate::mapping::inbound::conversations::Shared for RedisStore {
-    fn put(&self, id: &str, value: Vec<u8>, ttl: Duration) {
-        let (Some(store), false) = (self.this.upgrade(), self.degraded()) else {
-            return;
-        };
-        let key = format!("{}:conversation:{id}", self.prefix);
-        tokio::spawn(async move {
-            let Ok(mut conn) = store.conn() else { return };
-            let written = redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl.as_millis().max(1) as u64)
-                .query_async::<()>(&mut conn)
-                .await;
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "a Responses conversation could not be shared through Redis");
-            }
-        });
-    }
-
-    fn fetch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Vec<u8>>> {
-        Box::pin(async move {
-            if self.degraded() {
-                return None;
-            }
-            let mut conn = self.conn().ok()?;
-            let key = format!("{}:conversation:{id}", self.prefix);
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<Vec<u8>>>(&mut conn)
-                .await
-                .ok()
-                .flatten()
-        })
     }
 }

@@ -5,9 +5,9 @@ use super::shape::{self, Verdict};
 use super::{Counted, DAY_TTL_MS, RedisStore, lock};
 use crate::clock::UnixMs;
 use crate::config::Tuning;
+use crate::failure::ErrorClass;
 use crate::keys::Outcome;
 use crate::keys::state::{Cooldown, KeyState};
-use crate::provider::ErrorClass;
 use crate::secret::{ApiKey, KeyId};
 
 /// What a verdict change is: applied to the key's state, returns the cooldown it started, if any.

@@ -7,7 +7,7 @@
 
 use crate::clock::UnixMs;
 use crate::keys::state::{Cooldown, Counters, KeyState};
-use crate::provider::Cost;
+use crate::usage::Cost;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -210,8 +210,8 @@ pub fn counter_fields(state: &KeyState) -> (Vec<Field>, Vec<Field>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::ErrorClass;
     use crate::keys::Outcome;
-    use crate::provider::ErrorClass;
 
     fn state() -> KeyState {
         let mut s = KeyState {

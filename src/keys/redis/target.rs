@@ -75,7 +75,7 @@ impl Target {
 
 /// A connection to one server or to a Cluster.
 #[derive(Clone)]
-pub(super) enum Conn {
+pub enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }

@@ -359,7 +359,7 @@ mod tests {
         let mut stream = layers.start("p/m");
         let mut chunks = ChunkWriter::new("m");
         let sse = |event: &str, data: &str| {
-            Event::new(crate::stream::sse::SseEvent {
+            Event::new(crate::sse::SseEvent {
                 event: Some(event.into()),
                 data: data.into(),
             })

@@ -133,14 +133,14 @@ impl StreamTranslation for CompletionsStream {
 
     /// Completions errors are chat's: the engine's error frame as it is.
     fn error(&mut self, error: &Value, out: &mut Vec<u8>) {
-        out.extend_from_slice(&crate::stream::frame(&json!({"error": error}).to_string()));
+        out.extend_from_slice(&crate::sse::frame(&json!({"error": error}).to_string()));
     }
 
     fn end(&mut self, clean: bool, out: &mut Vec<u8>) {
         if clean {
-            out.extend_from_slice(&crate::stream::frame("[DONE]"));
+            out.extend_from_slice(&crate::sse::frame("[DONE]"));
         } else {
-            out.extend_from_slice(&crate::stream::error_frame(
+            out.extend_from_slice(&crate::sse::error_frame(
                 "the stream ended before the answer was complete",
                 "upstream_error",
                 "stream_interrupted",

@@ -9,7 +9,7 @@
 //! blocks of earlier turns (their signatures only mean something to Anthropic).
 
 use super::{Refused, StreamTranslation, error_message, sse_event};
-use crate::stream::Usage;
+use crate::usage::Usage;
 use serde_json::{Map, Value, json};
 
 type Body = Map<String, Value>;

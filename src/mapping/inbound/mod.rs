@@ -16,15 +16,14 @@
 //! stream body.
 
 pub mod completions;
-pub mod conversations;
 pub mod messages;
 pub mod native;
 pub mod responses;
 
 use super::EventMappings;
 pub use super::Refused;
-use crate::stream::SseBody;
-use crate::stream::sse::SseParser;
+use crate::sse::SseBody;
+use crate::sse::SseParser;
 use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::Value;

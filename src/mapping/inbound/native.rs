@@ -10,7 +10,7 @@
 use super::{Dialect, StreamTranslation, error_code, error_message, sse_event};
 use crate::mapping::{ChunkWriter, Event, EventMapping, EventMappings, Part, Step};
 use crate::script::ScriptError;
-use crate::stream::Usage;
+use crate::usage::Usage;
 use serde_json::{Map, Value, json};
 
 /// What a dialect's events mean to the engine, by their `type`.
@@ -203,7 +203,7 @@ impl StreamTranslation for NativeOut {
             out.extend_from_slice(name.as_bytes());
             out.push(b'\n');
         }
-        out.extend_from_slice(&crate::stream::frame(data));
+        out.extend_from_slice(&crate::sse::frame(data));
         self.ended = matches!(
             event,
             Some("message_stop" | "response.completed" | "response.incomplete")
@@ -236,7 +236,7 @@ impl StreamTranslation for NativeOut {
 mod tests {
     use super::*;
     use crate::mapping::inbound::Translated;
-    use crate::stream::sse::SseEvent;
+    use crate::sse::SseEvent;
 
     fn out(dialect: Dialect, frames: &[(Option<&str>, &str)]) -> String {
         String::from_utf8(Translated::translate_all(NativeOut::new(dialect), frames)).unwrap()

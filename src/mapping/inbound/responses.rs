@@ -9,9 +9,9 @@
 //! is refused by name: hosted tools (web search, file search, ...), files and images by id, `background`,
 //! server-side `conversation`s and prompt templates.
 
-use super::conversations::Conversation;
 use super::{Refused, StreamTranslation, error_code, error_message, sse_event};
-use crate::stream::Usage;
+use crate::conversations::Conversation;
+use crate::usage::Usage;
 use serde_json::{Map, Value, json};
 
 type Body = Map<String, Value>;
