@@ -2,10 +2,9 @@
 //! resolving it (with `<NAME>_API_BASE` and `config.yaml`'s overrides applied by the snapshot) into a
 //! [`Provider`].
 
+use super::rules::Problems;
 use super::schema::*;
-use super::{
-    Auth, Classifier, ErrorRule, ListSource, Paths, Prices, Provider, RetryAfterSource, StatusMatch,
-};
+use super::{Auth, ListSource, Paths, Prices, Provider};
 use crate::config::{ConfigError, Tuning, TuningPatch, parse_yaml};
 use crate::glob::ModelFilter;
 use http::header::{HeaderName, HeaderValue};
@@ -136,205 +135,11 @@ fn resolve(
             String::new()
         }
     };
-
-    let auth = match (raw.auth.query, raw.auth.header, raw.auth.value) {
-        (Some(param), None, None) => Auth::Query { param },
-        (Some(_), _, _) => {
-            err(
-                "auth: use either query or header/value, not both".into(),
-                "",
-            );
-            Auth::Query {
-                param: "key".into(),
-            }
-        }
-        (None, header, value) => {
-            let header = header.unwrap_or_else(|| "Authorization".into());
-            let value = value.unwrap_or_else(|| "Bearer {key}".into());
-            let name = HeaderName::try_from(header.as_str()).unwrap_or_else(|_| {
-                err(
-                    format!("auth.header {header:?} is not a valid header name"),
-                    "",
-                );
-                HeaderName::from_static("authorization")
-            });
-            match value.split_once("{key}") {
-                Some((prefix, suffix)) => Auth::Header {
-                    name,
-                    prefix: prefix.to_string(),
-                    suffix: suffix.to_string(),
-                },
-                None => {
-                    err(
-                        format!("auth.value {value:?} must contain {{key}}"),
-                        "e.g. value: \"Bearer {key}\"",
-                    );
-                    Auth::Header {
-                        name,
-                        prefix: String::new(),
-                        suffix: String::new(),
-                    }
-                }
-            }
-        }
-    };
-
-    let mut headers = Vec::new();
-    for (k, v) in raw.headers {
-        match (
-            HeaderName::try_from(k.as_str()),
-            HeaderValue::try_from(v.as_str()),
-        ) {
-            (Ok(k), Ok(v)) => headers.push((k, v)),
-            _ => err(format!("headers: {k:?} is not a valid header"), ""),
-        }
-    }
-
-    let path_or = |p: Option<Option<String>>, default: &str| -> Option<String> {
-        p.unwrap_or_else(|| Some(default.to_string())).map(|p| {
-            if p.starts_with('/') {
-                p
-            } else {
-                format!("/{p}")
-            }
-        })
-    };
-    let paths = Paths {
-        chat: path_or(raw.paths.chat, "/chat/completions"),
-        embeddings: path_or(raw.paths.embeddings, "/embeddings"),
-        models: path_or(raw.paths.models, "/models"),
-    };
-    let list = raw.models.list.unwrap_or(if paths.models.is_some() {
-        if raw.models.static_list.is_empty() {
-            ListSource::Upstream
-        } else {
-            ListSource::Both
-        }
-    } else {
-        ListSource::Static
-    });
-    if list != ListSource::Static && paths.models.is_none() {
-        err(
-            "models.list asks for the upstream list but paths.models is null".into(),
-            "set paths.models or use list: static",
-        );
-    }
-
-    let retry_sources = |raw: Vec<RawRetrySource>, at: &str, err: &mut dyn FnMut(String, &str)| {
-        raw.into_iter()
-            .enumerate()
-            .filter_map(|(i, s)| match (s.header, s.body) {
-                (Some(h), None) => match HeaderName::try_from(h.as_str()) {
-                    Ok(h) => Some(RetryAfterSource::Header(h)),
-                    Err(_) => {
-                        err(
-                            format!("{at}[{i}].header {h:?} is not a valid header name"),
-                            "",
-                        );
-                        None
-                    }
-                },
-                (None, Some(re)) => match regex_lite::Regex::new(&re) {
-                    Ok(re) if re.captures_len() > 1 => Some(RetryAfterSource::Body(re)),
-                    Ok(_) => {
-                        err(
-                            format!("{at}[{i}].body needs a capture group around the value"),
-                            "e.g. '\"retryDelay\"\\s*:\\s*\"([^\"]+)\"'",
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        err(format!("{at}[{i}].body is not a valid regex: {e}"), "");
-                        None
-                    }
-                },
-                _ => {
-                    err(
-                        format!("{at}[{i}] must have exactly one of header or body"),
-                        "",
-                    );
-                    None
-                }
-            })
-            .collect::<Vec<_>>()
-    };
-    let retry_after = match raw.retry_after {
-        Some(list) => retry_sources(list, "retry_after", &mut err),
-        None => Classifier::default_retry_after(),
-    };
-
-    let mut rules = Vec::new();
-    for (i, r) in raw.errors.into_iter().enumerate() {
-        let status = match r.status {
-            None => None,
-            Some(RawStatus::One(code)) => Some(StatusMatch::Codes(vec![code])),
-            Some(RawStatus::Many(codes)) => Some(StatusMatch::Codes(codes)),
-            Some(RawStatus::Pattern(p)) => match p.to_ascii_lowercase().as_str() {
-                "4xx" => Some(StatusMatch::Hundreds(4)),
-                "5xx" => Some(StatusMatch::Hundreds(5)),
-                _ => {
-                    err(
-                        format!(
-                            "errors[{i}].status {p:?} must be a code, a list of codes, 4xx or 5xx"
-                        ),
-                        "",
-                    );
-                    None
-                }
-            },
-        };
-        let body_regex = r.body_regex.and_then(|re| {
-            regex_lite::Regex::new(&re)
-                .map_err(|e| {
-                    err(
-                        format!("errors[{i}].body_regex is not a valid regex: {e}"),
-                        "",
-                    )
-                })
-                .ok()
-        });
-        let header = r.header.and_then(|h| {
-            HeaderName::try_from(h.as_str())
-                .map_err(|_| {
-                    err(
-                        format!("errors[{i}].header {h:?} is not a valid header name"),
-                        "",
-                    )
-                })
-                .ok()
-        });
-        let rule_retry = r
-            .retry_after
-            .map(|list| retry_sources(list, &format!("errors[{i}].retry_after"), &mut err));
-        let until = r.cool_until.and_then(|text| {
-            let parsed = text
-                .split_once(' ')
-                .ok_or_else(|| "expected \"HH:MM Zone\"".to_string())
-                .and_then(|(time, zone)| {
-                    crate::config::DailyReset::parse(time.trim(), zone.trim())
-                });
-            parsed
-                .map_err(|e| {
-                    err(
-                        format!("errors[{i}].cool_until {text:?}: {e}"),
-                        "e.g. cool_until: \"00:00 America/Los_Angeles\"",
-                    )
-                })
-                .ok()
-        });
-        rules.push(ErrorRule {
-            status,
-            body: r.body.map(|b| b.to_lowercase()),
-            body_regex,
-            header,
-            class: r.class,
-            scope: r.scope,
-            retry_after: rule_retry,
-            until,
-        });
-    }
-
-    let file_patch = TuningPatch {
+    let auth = auth(raw.auth, &mut err);
+    let headers = headers(raw.headers, &mut err);
+    let (paths, list) = paths(raw.paths, &raw.models, &mut err);
+    let classifier = super::rules::classifier(raw.retry_after, raw.errors, &mut err);
+    let file_tuning = TuningPatch {
         selection: raw.selection,
         concurrency: raw.concurrency,
         cooldowns: raw.cooldowns,
@@ -343,13 +148,7 @@ fn resolve(
         limits: raw.limits,
         scripts: raw.scripts,
     };
-    let mut tuning = global.patched(&file_patch);
-    if let Some(user) = user {
-        tuning = tuning.patched(user);
-    }
-    for problem in tuning.problems() {
-        err(problem, "");
-    }
+    let tuning = tuning(file_tuning, global, user, &mut err);
     let dialects: Vec<(
         crate::mapping::inbound::Dialect,
         crate::mapping::inbound::DialectRoute,
@@ -407,7 +206,7 @@ fn resolve(
         prices,
         dialects,
         renames: raw.renames.into_iter().collect(),
-        classifier: Classifier { rules, retry_after },
+        classifier,
         tuning,
         keys: Vec::new(),
         script: None,
@@ -415,6 +214,122 @@ fn resolve(
         continuation: raw.continuation.map(|c| c.assistant),
         fingerprint: 0,
     })
+}
+
+/// `auth:`, checked: a query parameter, or a header whose value template contains `{key}`.
+fn auth(raw: RawAuth, err: Problems<'_>) -> Auth {
+    match (raw.query, raw.header, raw.value) {
+        (Some(param), None, None) => Auth::Query { param },
+        (Some(_), _, _) => {
+            err(
+                "auth: use either query or header/value, not both".into(),
+                "",
+            );
+            Auth::Query {
+                param: "key".into(),
+            }
+        }
+        (None, header, value) => {
+            let header = header.unwrap_or_else(|| "Authorization".into());
+            let value = value.unwrap_or_else(|| "Bearer {key}".into());
+            let name = HeaderName::try_from(header.as_str()).unwrap_or_else(|_| {
+                err(
+                    format!("auth.header {header:?} is not a valid header name"),
+                    "",
+                );
+                HeaderName::from_static("authorization")
+            });
+            match value.split_once("{key}") {
+                Some((prefix, suffix)) => Auth::Header {
+                    name,
+                    prefix: prefix.to_string(),
+                    suffix: suffix.to_string(),
+                },
+                None => {
+                    err(
+                        format!("auth.value {value:?} must contain {{key}}"),
+                        "e.g. value: \"Bearer {key}\"",
+                    );
+                    Auth::Header {
+                        name,
+                        prefix: String::new(),
+                        suffix: String::new(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `headers:`, checked.
+fn headers(
+    raw: std::collections::BTreeMap<String, String>,
+    err: Problems<'_>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    for (k, v) in raw {
+        match (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            (Ok(k), Ok(v)) => headers.push((k, v)),
+            _ => err(format!("headers: {k:?} is not a valid header"), ""),
+        }
+    }
+
+    headers
+}
+
+/// `paths:` with their defaults, and where the model list comes from.
+fn paths(raw: RawPaths, models: &RawModels, err: Problems<'_>) -> (Paths, ListSource) {
+    let path_or = |p: Option<Option<String>>, default: &str| -> Option<String> {
+        p.unwrap_or_else(|| Some(default.to_string())).map(|p| {
+            if p.starts_with('/') {
+                p
+            } else {
+                format!("/{p}")
+            }
+        })
+    };
+    let paths = Paths {
+        chat: path_or(raw.chat, "/chat/completions"),
+        embeddings: path_or(raw.embeddings, "/embeddings"),
+        models: path_or(raw.models, "/models"),
+    };
+    let list = models.list.unwrap_or(if paths.models.is_some() {
+        if models.static_list.is_empty() {
+            ListSource::Upstream
+        } else {
+            ListSource::Both
+        }
+    } else {
+        ListSource::Static
+    });
+    if list != ListSource::Static && paths.models.is_none() {
+        err(
+            "models.list asks for the upstream list but paths.models is null".into(),
+            "set paths.models or use list: static",
+        );
+    }
+
+    (paths, list)
+}
+
+/// The provider's tuning: the global one, patched by the file, then by `config.yaml`'s entry for it.
+fn tuning(
+    file: TuningPatch,
+    global: &Tuning,
+    user: Option<&TuningPatch>,
+    err: Problems<'_>,
+) -> Tuning {
+    let mut tuning = global.patched(&file);
+    if let Some(user) = user {
+        tuning = tuning.patched(user);
+    }
+    for problem in tuning.problems() {
+        err(problem, "");
+    }
+    tuning
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod classify;
 mod load;
 mod plugin;
 mod prices;
+mod rules;
 mod schema;
 
 use crate::config::Tuning;

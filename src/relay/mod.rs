@@ -21,7 +21,6 @@ pub mod models;
 mod run;
 
 use crate::clock::Clock;
-use crate::failure::ErrorClass;
 use crate::keys::KeyStore;
 use crate::mapping::inbound::Dialect;
 use crate::observe::{Journal, Observer};
@@ -32,8 +31,8 @@ use bytes::Bytes;
 use call::Start;
 pub use continuation::MAX_CONTINUATIONS;
 pub use error::{RelayError, Tried};
-use fallback::Fallbacks;
 pub use fallback::MAX_FALLBACKS;
+use fallback::{Candidates, Fallbacks};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -278,15 +277,16 @@ impl Relay {
         let stream =
             endpoint.streams() && body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         // The client's own fallback lists are consumed here, never forwarded, and win over config.yaml's.
-        let mut fallbacks = Fallbacks::new(
+        let fallbacks = Fallbacks::new(
             fallback::take(&mut body, "fallbacks")?
                 .or_else(|| settings.fallbacks.get(&requested).cloned())
                 .unwrap_or_default(),
         );
-        let mut context_fallbacks = fallback::take(&mut body, "context_fallbacks")?
+        let context_fallbacks = fallback::take(&mut body, "context_fallbacks")?
             .or_else(|| settings.context_fallbacks.get(&requested).cloned())
             .filter(|list| !list.is_empty())
             .map(Fallbacks::new);
+        let mut candidates = Candidates::new(fallbacks, context_fallbacks);
         let mut journal = Journal::new(
             endpoint.hook_name(),
             "",
@@ -303,12 +303,8 @@ impl Relay {
 
         // The requested model, then its fallbacks, each with an even share of the time left.
         let mut model = requested.clone();
-        let mut earlier_attempts = 0;
-        let mut on_context_list = false;
-        // The error to answer with if no candidate serves.
-        let mut answer: Option<RelayError> = None;
         let result = loop {
-            let candidates_left = fallbacks.left().len() as u32 + 1;
+            let candidates_left = candidates.fallbacks.left().len() as u32 + 1;
             let share = deadline.saturating_duration_since(Instant::now()) / candidates_left;
             let this_deadline = if candidates_left == 1 {
                 deadline
@@ -320,15 +316,14 @@ impl Relay {
             if is_fallback {
                 body.insert("model".into(), Value::String(model.clone()));
             }
-            let last = fallbacks.is_empty() && context_fallbacks.is_none();
-            let this_body = if last {
+            let this_body = if candidates.last() {
                 std::mem::take(&mut body)
             } else {
                 body.clone()
             };
             let start = Start::Client {
                 stream,
-                fallbacks: &fallbacks,
+                fallbacks: &candidates.fallbacks,
                 fallback: is_fallback.then(|| model.clone()),
                 headers,
             };
@@ -348,69 +343,37 @@ impl Relay {
             };
             match answered.await {
                 Ok(mut reply) => {
-                    reply.served_mut().attempts += earlier_attempts;
+                    reply.served_mut().attempts += candidates.earlier_attempts;
                     break Ok(reply);
                 }
                 Err(e) => {
-                    // A prompt too long for this model moves to the context-window list only: the general
-                    // fallbacks are for a model that cannot serve, not one that is too small.
-                    let context = matches!(
+                    let time_left = Instant::now() < deadline;
+                    let fallback_on_content_filter = settings.fallback_on_content_filter;
+                    match candidates.after_failure(
+                        &model,
+                        is_fallback,
                         e,
-                        RelayError::Upstream {
-                            class: ErrorClass::ContextWindow,
-                            ..
-                        }
-                    );
-                    if context && let Some(list) = context_fallbacks.take() {
-                        fallbacks = list;
-                        on_context_list = true;
-                    }
-                    // A fallback that cannot be served at all (no keys, unknown, filtered) is skipped.
-                    let unservable = is_fallback
-                        && matches!(
-                            e,
-                            RelayError::UnknownProvider(_)
-                                | RelayError::NoKeys(_)
-                                | RelayError::ModelDenied(_)
-                                | RelayError::EndpointMissing { .. }
-                        );
-                    let move_on = if context {
-                        on_context_list
-                    } else {
-                        unservable || e.wants_fallback(settings.fallback_on_content_filter)
-                    };
-                    let next = if move_on && Instant::now() < deadline {
-                        fallbacks.pop()
-                    } else {
-                        None
-                    };
-                    earlier_attempts += e.served().map_or(0, |s| s.attempts);
-                    if let Some(next) = &next {
-                        tracing::info!(from = %model, to = %next, error = %e, "trying a fallback model");
-                    }
-                    // A fallback skipped as unservable never stands in for the answer a model that was tried
-                    // gave (a 429 keeps its Retry-After).
-                    if !unservable || answer.is_none() {
-                        answer = Some(e);
-                    }
-                    match next {
-                        Some(next) => model = next,
-                        None => {
-                            let mut e = answer.take().expect("set above");
-                            let own = e.served().map_or(0, |s| s.attempts);
-                            e.add_attempts(earlier_attempts - own);
-                            break Err(e);
-                        }
+                        fallback_on_content_filter,
+                        time_left,
+                    ) {
+                        Ok(next) => model = next,
+                        Err(e) => break Err(e),
                     }
                 }
             }
         };
 
-        // A stream takes its journal along and reports when it ends.
+        self.finish(journal, &result);
+        result
+    }
+
+    /// Reports a request that ended here. A stream takes its journal along and reports when it ends: `journal`
+    /// is `None` then.
+    fn finish(&self, journal: Option<Journal>, result: &Result<Reply, RelayError>) {
         if let Some(mut j) = journal {
             j.total_ms = j.elapsed_ms();
             j.first_byte_ms = j.total_ms;
-            match &result {
+            match result {
                 Ok(reply) => {
                     j.status = 200;
                     j.key = reply.served().key.clone();
@@ -428,7 +391,6 @@ impl Relay {
             }
             self.observer.finished(j);
         }
-        result
     }
 
     /// The merged model list of every provider with keys, as OpenAI model objects.

@@ -1,7 +1,7 @@
 //! One candidate model's attempts: lease a key, call, judge, and retry or rotate until an answer, a client error,
 //! or the deadline.
 //!
-//! The retry policy reads top to bottom in [`Relay::run`]: transient faults (server, connection, timeout) are
+//! The retry policy reads top to bottom in [`Relay::run`] (rotation) and `Relay::on_key` (one key): transient faults (server, connection, timeout) are
 //! retried on the same key with backoff while the deadline allows, then the key is left for this request; rate
 //! limits, quota and refusals cool the key and rotate at once; client errors are answered at once. A model that
 //! does not answer at all, or whose breaker is open, is left at once when the request has a fallback. Waiting for
@@ -28,6 +28,38 @@ pub(super) struct Won {
     pub tried: Tried,
 }
 
+/// What one key's attempts came to.
+enum OnKey {
+    Won(Won),
+    /// It failed in a way another key may not: rotate, with the lease still held.
+    Failed(Lease, Failure),
+}
+
+/// Notes one attempt in the request's journal.
+fn record(
+    job: &Job,
+    journal: &mut Option<Journal>,
+    key: &str,
+    started: Instant,
+    status: Option<u16>,
+    class: Option<ErrorClass>,
+    error: Option<String>,
+) {
+    if let Some(j) = journal.as_mut() {
+        j.attempts.push(AttemptRecord {
+            model: job.label.clone(),
+            key: key.to_string(),
+            started_ms: started
+                .duration_since(Instant::from_std(j.started))
+                .as_millis() as u64,
+            latency_ms: crate::observe::ms(started.elapsed()),
+            status,
+            class,
+            error: error.map(|e| crate::observe::truncate(&e, 2048)),
+        });
+    }
+}
+
 impl Relay {
     /// Attempts, retries and rotation until an answer, a client error, or the deadline.
     pub(super) async fn run(
@@ -46,125 +78,15 @@ impl Relay {
                 tried: Box::new(tried),
             });
         }
-        let record = |journal: &mut Option<Journal>,
-                      key: &str,
-                      started: Instant,
-                      status: Option<u16>,
-                      class: Option<ErrorClass>,
-                      error: Option<String>| {
-            if let Some(j) = journal.as_mut() {
-                j.attempts.push(AttemptRecord {
-                    model: job.label.clone(),
-                    key: key.to_string(),
-                    started_ms: started
-                        .duration_since(Instant::from_std(j.started))
-                        .as_millis() as u64,
-                    latency_ms: crate::observe::ms(started.elapsed()),
-                    status,
-                    class,
-                    error: error.map(|e| crate::observe::truncate(&e, 2048)),
-                });
-            }
-        };
         loop {
             let waiting = Instant::now();
             let lease = self.lease(job, &given_up, &mut tried).await;
             if let Some(j) = journal.as_mut() {
                 j.waited_ms += crate::observe::ms(waiting.elapsed());
             }
-            let mut lease = lease?;
-            let tuning = &job.provider.tuning;
-            let mut on_this_key = 0;
-            let failure = loop {
-                on_this_key += 1;
-                tried.attempts += 1;
-                let attempt = Attempt {
-                    http: &self.clients.get(job.provider.tuning.connect_timeout),
-                    clock: &self.clock,
-                    provider: &job.provider,
-                    max_response: job.max_response,
-                };
-                let mapper = job.stream.then(|| job.mapper());
-                let started = Instant::now();
-                let result = tokio::time::timeout_at(
-                    job.deadline,
-                    attempt.send(&job.call, lease.key(), mapper),
-                )
-                .await;
-                let masked = lease.key().masked.clone();
-                let failure = match result {
-                    Err(_) => {
-                        tried.note(ErrorClass::Timeout);
-                        let why = "the deadline passed during this attempt".to_string();
-                        record(
-                            journal,
-                            &masked,
-                            started,
-                            None,
-                            Some(ErrorClass::Timeout),
-                            Some(why),
-                        );
-                        return Err(RelayError::Deadline(Box::new(tried)));
-                    }
-                    Ok(Ok(success)) => {
-                        record(journal, &masked, started, Some(200), None, None);
-                        self.breakers.success(&job.label);
-                        return Ok(Won {
-                            success,
-                            lease,
-                            tried,
-                        });
-                    }
-                    // The script is at fault, not the key: release it without a verdict.
-                    Ok(Err(AttemptError::Script(e))) => {
-                        record(journal, &masked, started, None, None, Some(e.to_string()));
-                        return Err(e.into());
-                    }
-                    // Too large for any key: answered at once, the key released without a verdict.
-                    Ok(Err(AttemptError::TooLarge { limit })) => {
-                        let why = format!("the answer is larger than {limit} bytes");
-                        record(journal, &masked, started, Some(200), None, Some(why));
-                        let served = tried.served(Some(masked.to_string()));
-                        return Err(RelayError::ResponseTooLarge {
-                            limit,
-                            served: Box::new(served),
-                        });
-                    }
-                    Ok(Err(AttemptError::Upstream(failure))) => failure,
-                };
-                let status = (failure.status != 0).then_some(failure.status);
-                let body = String::from_utf8_lossy(&failure.body).into_owned();
-                let class = (!failure.blameless).then_some(failure.verdict.class);
-                record(journal, &masked, started, status, class, Some(body));
-                if failure.blameless {
-                    break failure;
-                }
-                tried.note(failure.verdict.class);
-                if failure.verdict.class.is_client_error() {
-                    lease.fail(&failure.verdict);
-                    return Err(upstream_answer(failure, &tried, &lease, job));
-                }
-                // Not even an answer (no response in time, no first event, a connection closed unanswered): a
-                // verdict on the model; with a fallback left, go to it rather than to another key.
-                if failure.silent && job.has_fallbacks {
-                    lease.fail(&failure.verdict);
-                    self.breakers.failure(&job.label);
-                    return Err(RelayError::ModelSilent(Box::new(tried)));
-                }
-                if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {
-                    let pause = tuning.backoff_after(on_this_key);
-                    // No time to wait for this key again: another key may answer at once.
-                    if Instant::now() + pause >= job.deadline {
-                        break failure;
-                    }
-                    tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
-                    tokio::time::sleep(pause).await;
-                    if let Some(j) = journal.as_mut() {
-                        j.waited_ms += crate::observe::ms(pause);
-                    }
-                    continue;
-                }
-                break failure;
+            let (mut lease, failure) = match self.on_key(job, journal, lease?, &mut tried).await? {
+                OnKey::Won(won) => return Ok(won),
+                OnKey::Failed(lease, failure) => (lease, failure),
             };
             tracing::info!(
                 provider = %job.provider.name,
@@ -217,6 +139,117 @@ impl Relay {
             {
                 return Err(upstream_answer(failure, &tried, &lease, job));
             }
+        }
+    }
+
+    /// Attempts on one leased key: the answer, a client's error, the deadline, or the failure that leaves the
+    /// key (after retries on it while the failure is transient and the deadline allows).
+    async fn on_key(
+        &self,
+        job: &Job,
+        journal: &mut Option<Journal>,
+        mut lease: Lease,
+        tried: &mut Tried,
+    ) -> Result<OnKey, RelayError> {
+        let tuning = &job.provider.tuning;
+        let mut on_this_key = 0;
+        loop {
+            on_this_key += 1;
+            tried.attempts += 1;
+            let attempt = Attempt {
+                http: &self.clients.get(job.provider.tuning.connect_timeout),
+                clock: &self.clock,
+                provider: &job.provider,
+                max_response: job.max_response,
+            };
+            let mapper = job.stream.then(|| job.mapper());
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout_at(job.deadline, attempt.send(&job.call, lease.key(), mapper))
+                    .await;
+            let masked = lease.key().masked.clone();
+            let failure = match result {
+                Err(_) => {
+                    tried.note(ErrorClass::Timeout);
+                    let why = "the deadline passed during this attempt".to_string();
+                    record(
+                        job,
+                        journal,
+                        &masked,
+                        started,
+                        None,
+                        Some(ErrorClass::Timeout),
+                        Some(why),
+                    );
+                    return Err(RelayError::Deadline(Box::new(std::mem::take(tried))));
+                }
+                Ok(Ok(success)) => {
+                    record(job, journal, &masked, started, Some(200), None, None);
+                    self.breakers.success(&job.label);
+                    return Ok(OnKey::Won(Won {
+                        success,
+                        lease,
+                        tried: std::mem::take(tried),
+                    }));
+                }
+                // The script is at fault, not the key: release it without a verdict.
+                Ok(Err(AttemptError::Script(e))) => {
+                    record(
+                        job,
+                        journal,
+                        &masked,
+                        started,
+                        None,
+                        None,
+                        Some(e.to_string()),
+                    );
+                    return Err(e.into());
+                }
+                // Too large for any key: answered at once, the key released without a verdict.
+                Ok(Err(AttemptError::TooLarge { limit })) => {
+                    let why = format!("the answer is larger than {limit} bytes");
+                    record(job, journal, &masked, started, Some(200), None, Some(why));
+                    let served = tried.served(Some(masked.to_string()));
+                    return Err(RelayError::ResponseTooLarge {
+                        limit,
+                        served: Box::new(served),
+                    });
+                }
+                Ok(Err(AttemptError::Upstream(failure))) => failure,
+            };
+            let status = (failure.status != 0).then_some(failure.status);
+            let body = String::from_utf8_lossy(&failure.body).into_owned();
+            let class = (!failure.blameless).then_some(failure.verdict.class);
+            record(job, journal, &masked, started, status, class, Some(body));
+            if failure.blameless {
+                return Ok(OnKey::Failed(lease, failure));
+            }
+            tried.note(failure.verdict.class);
+            if failure.verdict.class.is_client_error() {
+                lease.fail(&failure.verdict);
+                return Err(upstream_answer(failure, tried, &lease, job));
+            }
+            // Not even an answer (no response in time, no first event, a connection closed unanswered): a
+            // verdict on the model; with a fallback left, go to it rather than to another key.
+            if failure.silent && job.has_fallbacks {
+                lease.fail(&failure.verdict);
+                self.breakers.failure(&job.label);
+                return Err(RelayError::ModelSilent(Box::new(std::mem::take(tried))));
+            }
+            if failure.verdict.class.is_transient() && on_this_key < tuning.attempts {
+                let pause = tuning.backoff_after(on_this_key);
+                // No time to wait for this key again: another key may answer at once.
+                if Instant::now() + pause >= job.deadline {
+                    return Ok(OnKey::Failed(lease, failure));
+                }
+                tracing::debug!(provider = %job.provider.name, key = %lease.key().masked, class = failure.verdict.class.as_str(), ?pause, "retrying on the same key");
+                tokio::time::sleep(pause).await;
+                if let Some(j) = journal.as_mut() {
+                    j.waited_ms += crate::observe::ms(pause);
+                }
+                continue;
+            }
+            return Ok(OnKey::Failed(lease, failure));
         }
     }
 

@@ -254,7 +254,6 @@ impl RedisStore {
         let mut must_read = false;
         for _ in 0..CLAIM_TRIES {
             let now = self.clock.now();
-            let (day_start, next_reset) = self.days(now);
             let (reading, read_at, is_fresh) = match (fresh.take(), self.view(&ask, now)) {
                 (Some(reading), _) => (reading, now, true),
                 (None, Some((view, at))) if !must_read => (view, at, false),
@@ -276,57 +275,8 @@ impl RedisStore {
                     ..Unavailable::default()
                 }));
             }
-            let settling = lock(&self.settling).clone();
-            let retired = lock(&self.retired).clone();
-            let full = lock(&self.full).clone();
-            let requests_per_day = ask.tuning.limits.as_ref().and_then(|l| l.requests_per_day);
-            let mut standings: Vec<Standing> = ask
-                .keys
-                .iter()
-                .zip(&reading.keys)
-                .map(|(key, read)| {
-                    if settling.contains(&key.id) {
-                        return Standing::Cooling(Cooldown {
-                            until: now + 50,
-                            reason: ErrorClass::RateLimit,
-                        });
-                    }
-                    if let Some(&until) = full.get(&key.id).filter(|&&until| until > now) {
-                        return Standing::Cooling(Cooldown {
-                            until,
-                            reason: ErrorClass::RateLimit,
-                        });
-                    }
-                    let known = match &read.verdict {
-                        Some(verdict) => Some(verdict.clone()),
-                        None => self.local_verdict(ask.provider, &key.id),
-                    };
-                    let mut state = known.map_or_else(KeyState::default, |v| v.state(ask.provider));
-                    state.roll(day_start, now);
-                    // In flight and today's requests are the pool's, whether or not the key has a verdict yet.
-                    state.in_flight = read.leases.0;
-                    let ms = state.models.entry(ask.model.to_string()).or_default();
-                    ms.in_flight = read.leases.1;
-                    ms.today.requests = read.today.0;
-                    let excluded = ask.exclude.contains(&key.id) || retired.contains(&key.id);
-                    match policy::standing(Some(&state), ask.model, excluded, ask.tuning, now) {
-                        Standing::Free(_)
-                            if requests_per_day.is_some_and(|max| read.today.1 >= max) =>
-                        {
-                            Standing::Cooling(Cooldown {
-                                until: next_reset,
-                                reason: ErrorClass::Quota,
-                            })
-                        }
-                        standing => standing,
-                    }
-                })
-                .collect();
+            let mut standings = self.standings(&ask, &reading, now);
             let limits = ask.tuning.limits.as_ref();
-            let rpm = limits
-                .and_then(|l| l.requests_per_minute)
-                .map_or(0, |n| n.get());
-            let tpm = limits.and_then(|l| l.tokens_per_minute).unwrap_or(0);
             let cursor = ask
                 .keys
                 .iter()
@@ -340,68 +290,9 @@ impl RedisStore {
                 let key = &ask.keys[index];
                 let moves = ask.tuning.selection == Selection::Sequential
                     && policy::moves_cursor(&standings, cursor);
-                let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
-                let held = Held {
-                    provider: ask.provider.into(),
-                    member: format!("{}:{}:{}:{}", key.id, self.instance, lease.0, ask.model),
-                    version: reading.keys[index].version,
-                    verdict: reading.keys[index].verdict.clone(),
-                };
-                self.note(ask.provider, ask.model, &key.id, |read, same_model| {
-                    read.leases.0 += 1;
-                    if same_model {
-                        read.leases.1 += 1;
-                        read.today.0 += 1;
-                    }
-                    read.today.1 += 1;
-                });
-                let mut invocation = self.scripts.claim.prepare_invoke();
-                self.reading_keys(&mut invocation, ask.provider, now);
-                invocation
-                    .key(self.life(ask.provider))
-                    .key(self.window(ask.provider, &key.id, "requests"))
-                    .key(self.window(ask.provider, &key.id, "tokens"))
-                    .key(self.marker(ask.provider))
-                    .arg(now)
-                    .arg(ask.model)
-                    .arg(key.id.as_str())
-                    .arg(&held.member)
-                    .arg(now + self.lease_ttl.as_millis() as UnixMs)
-                    .arg(ask.tuning.per_key)
-                    .arg(ask.tuning.per_key_model)
-                    .arg(rpm)
-                    .arg(tpm)
-                    .arg(requests_per_day.unwrap_or(0))
-                    .arg(next_reset)
-                    .arg(DAY_TTL_MS)
-                    .arg(if moves { "1" } else { "0" })
-                    .arg(if read_after { "1" } else { "0" });
-                Self::key_args(&mut invocation, &ask, Some(&reading));
-                // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
-                let mut claiming = Claiming {
-                    store: self,
-                    ask: &ask,
-                    key,
-                    member: &held.member,
-                    at: now,
-                    answered: false,
-                };
-                let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
-                claiming.answered = true;
-                drop(claiming);
-                let claimed = raw
-                    .first()
-                    .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
-                    .unwrap_or(0);
-                let after = read_after.then(|| {
-                    let after = Reading::parse(
-                        raw.get(1..).unwrap_or_default(),
-                        ask.keys.len(),
-                        Some(&reading),
-                    );
-                    self.remember(&ask, &after, now);
-                    after
-                });
+                let (claimed, after, lease, held) = self
+                    .claim_one(&ask, index, &reading, now, moves, read_after)
+                    .await?;
                 match claimed {
                     1 => {
                         lock(&self.held).insert(lease, held);
@@ -453,5 +344,141 @@ impl RedisStore {
             ready_at: Some(self.clock.now() + 50),
             ..Unavailable::default()
         }))
+    }
+
+    /// Where each key stands for `ask` on `reading`: the policy's verdict on what Redis holds (or, for a key
+    /// Redis has no verdict for, what this instance knows), with the pool's leases and requests of the day; a
+    /// key being settled here, or known full until later, waits like a cooling one.
+    fn standings(&self, ask: &Ask<'_>, reading: &Reading, now: UnixMs) -> Vec<Standing> {
+        let (day_start, next_reset) = self.days(now);
+        let settling = lock(&self.settling).clone();
+        let retired = lock(&self.retired).clone();
+        let full = lock(&self.full).clone();
+        let requests_per_day = ask.tuning.limits.as_ref().and_then(|l| l.requests_per_day);
+        ask.keys
+            .iter()
+            .zip(&reading.keys)
+            .map(|(key, read)| {
+                if settling.contains(&key.id) {
+                    return Standing::Cooling(Cooldown {
+                        until: now + 50,
+                        reason: ErrorClass::RateLimit,
+                    });
+                }
+                if let Some(&until) = full.get(&key.id).filter(|&&until| until > now) {
+                    return Standing::Cooling(Cooldown {
+                        until,
+                        reason: ErrorClass::RateLimit,
+                    });
+                }
+                let known = match &read.verdict {
+                    Some(verdict) => Some(verdict.clone()),
+                    None => self.local_verdict(ask.provider, &key.id),
+                };
+                let mut state = known.map_or_else(KeyState::default, |v| v.state(ask.provider));
+                state.roll(day_start, now);
+                // In flight and today's requests are the pool's, whether or not the key has a verdict yet.
+                state.in_flight = read.leases.0;
+                let ms = state.models.entry(ask.model.to_string()).or_default();
+                ms.in_flight = read.leases.1;
+                ms.today.requests = read.today.0;
+                let excluded = ask.exclude.contains(&key.id) || retired.contains(&key.id);
+                match policy::standing(Some(&state), ask.model, excluded, ask.tuning, now) {
+                    Standing::Free(_)
+                        if requests_per_day.is_some_and(|max| read.today.1 >= max) =>
+                    {
+                        Standing::Cooling(Cooldown {
+                            until: next_reset,
+                            reason: ErrorClass::Quota,
+                        })
+                    }
+                    standing => standing,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs the claim script for the key at `index`: Redis's answer (1: claimed, 0: not eligible any more, else
+    /// the time its windows or quota have room), the reading it returned when asked, and the lease it is for.
+    async fn claim_one(
+        &self,
+        ask: &Ask<'_>,
+        index: usize,
+        reading: &Reading,
+        now: UnixMs,
+        moves: bool,
+        read_after: bool,
+    ) -> redis::RedisResult<(i64, Option<Reading>, LeaseId, Held)> {
+        let key = &ask.keys[index];
+        let (_, next_reset) = self.days(now);
+        let limits = ask.tuning.limits.as_ref();
+        let rpm = limits
+            .and_then(|l| l.requests_per_minute)
+            .map_or(0, |n| n.get());
+        let tpm = limits.and_then(|l| l.tokens_per_minute).unwrap_or(0);
+        let requests_per_day = limits.and_then(|l| l.requests_per_day);
+        let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
+        let held = Held {
+            provider: ask.provider.into(),
+            member: format!("{}:{}:{}:{}", key.id, self.instance, lease.0, ask.model),
+            version: reading.keys[index].version,
+            verdict: reading.keys[index].verdict.clone(),
+        };
+        self.note(ask.provider, ask.model, &key.id, |read, same_model| {
+            read.leases.0 += 1;
+            if same_model {
+                read.leases.1 += 1;
+                read.today.0 += 1;
+            }
+            read.today.1 += 1;
+        });
+        let mut invocation = self.scripts.claim.prepare_invoke();
+        self.reading_keys(&mut invocation, ask.provider, now);
+        invocation
+            .key(self.life(ask.provider))
+            .key(self.window(ask.provider, &key.id, "requests"))
+            .key(self.window(ask.provider, &key.id, "tokens"))
+            .key(self.marker(ask.provider))
+            .arg(now)
+            .arg(ask.model)
+            .arg(key.id.as_str())
+            .arg(&held.member)
+            .arg(now + self.lease_ttl.as_millis() as UnixMs)
+            .arg(ask.tuning.per_key)
+            .arg(ask.tuning.per_key_model)
+            .arg(rpm)
+            .arg(tpm)
+            .arg(requests_per_day.unwrap_or(0))
+            .arg(next_reset)
+            .arg(DAY_TTL_MS)
+            .arg(if moves { "1" } else { "0" })
+            .arg(if read_after { "1" } else { "0" });
+        Self::key_args(&mut invocation, ask, Some(reading));
+        // Until Redis answers, the claim may have run: if this instance stops waiting, it is taken back later.
+        let mut claiming = Claiming {
+            store: self,
+            ask,
+            key,
+            member: &held.member,
+            at: now,
+            answered: false,
+        };
+        let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
+        claiming.answered = true;
+        drop(claiming);
+        let claimed = raw
+            .first()
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            .unwrap_or(0);
+        let after = read_after.then(|| {
+            let after = Reading::parse(
+                raw.get(1..).unwrap_or_default(),
+                ask.keys.len(),
+                Some(reading),
+            );
+            self.remember(ask, &after, now);
+            after
+        });
+        Ok((claimed, after, lease, held))
     }
 }
