@@ -31,9 +31,9 @@ mod scripts;
 mod settle;
 mod shape;
 mod target;
+mod tasks;
 
 use super::MemoryStore;
-use super::policy;
 use super::state::KeyState;
 use super::{
     Ask, BoxFuture, Grant, KeyAction, KeyStatus, KeyStore, LeaseId, Outcome, StorePolicy,
@@ -43,7 +43,6 @@ use crate::clock::{Clock, UnixMs};
 use crate::config::Tuning;
 use crate::secret::{ApiKey, KeyId};
 use claim::View;
-use settle::{Settle, forgets, spends_tokens};
 use shape::Verdict;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -186,7 +185,7 @@ impl RedisStore {
             full: Mutex::default(),
             views: Mutex::default(),
         });
-        tokio::spawn(renew(Arc::downgrade(&store)));
+        tokio::spawn(tasks::renew(Arc::downgrade(&store)));
         // Redis away at start is Redis away: this instance serves from its own state until it answers.
         let joined = match store.connection().await {
             Ok(_) => store.rejoin().await,
@@ -196,7 +195,7 @@ impl RedisStore {
             store.degrade(&e);
         }
         tokio::spawn(outage::probe(Arc::downgrade(&store)));
-        tokio::spawn(listen(Arc::downgrade(&store)));
+        tokio::spawn(tasks::listen(Arc::downgrade(&store)));
         store
     }
 
@@ -311,71 +310,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Wakes this instance's waiting requests when another instance says a key of their provider may be free:
-/// one subscription per instance, no polling. Resubscribes after a lost connection.
-async fn listen(store: std::sync::Weak<RedisStore>) {
-    use futures_util::StreamExt;
-    loop {
-        let (channel, client) = match store.upgrade() {
-            Some(s) => (s.channel(), s.target.subscriber().clone()),
-            None => return,
-        };
-        if let Ok(mut pubsub) = client.get_async_pubsub().await
-            && pubsub.subscribe(&channel).await.is_ok()
-        {
-            let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
-                let Some(store) = store.upgrade() else {
-                    return;
-                };
-                if let Ok(provider) = message.get_payload::<String>() {
-                    store.local.wakeup(&provider).notify_waiters();
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// Renews the leases held, every third of their lifetime, while the store lives.
-async fn renew(store: std::sync::Weak<RedisStore>) {
-    loop {
-        let ttl = match store.upgrade() {
-            Some(s) => s.lease_ttl,
-            None => return,
-        };
-        tokio::time::sleep(ttl / 3).await;
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        // Per provider: a Cluster keeps each provider's leases in one slot.
-        let mut by_provider: HashMap<Arc<str>, Vec<String>> = HashMap::new();
-        for h in lock(&store.held).values() {
-            by_provider
-                .entry(h.provider.clone())
-                .or_default()
-                .push(h.member.clone());
-        }
-        let expiry = store.clock.now() + store.lease_ttl.as_millis() as UnixMs;
-        for (provider, held) in &by_provider {
-            for members in held.chunks(1000) {
-                let mut invocation = store.scripts.renew.prepare_invoke();
-                invocation
-                    .key(store.leases(provider))
-                    .arg(expiry)
-                    .arg(members);
-                let renewed = match store.conn() {
-                    Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = renewed {
-                    tracing::warn!(error = %e, "renewing leases in Redis failed");
-                }
-            }
-        }
-    }
-}
-
 impl KeyStore for RedisStore {
     fn acquire<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Grant, Unavailable>> {
         Box::pin(async move {
@@ -403,124 +337,10 @@ impl KeyStore for RedisStore {
             return;
         };
         if grant.lease.0 & LOCAL != 0 {
-            // Granted while Redis was away: the local copy takes it now, Redis when it answers (at once if it
-            // is back already).
-            let lease = grant.lease.0 & !LOCAL;
-            let local = Grant {
-                lease: LeaseId(lease),
-                ..grant.clone()
-            };
-            self.local.release(&local, outcome.clone(), tuning);
-            let known = lock(&self.local_leases).remove(&lease);
-            let pending = outage::Pending {
-                provider: grant.provider.clone(),
-                key: grant.key.clone(),
-                what: outage::Missed::Outcome {
-                    model: grant.model.clone(),
-                    outcome,
-                    tuning: Box::new(tuning.clone()),
-                    member: String::new(),
-                    op: format!("{}:{lease}", self.instance),
-                    requests: if known.is_some_and(|(_, counted)| counted) {
-                        0
-                    } else {
-                        1
-                    },
-                    counted: false,
-                },
-                at: now,
-            };
-            if self.degraded() {
-                self.postpone(pending);
-            } else {
-                tokio::spawn(async move {
-                    if let Err(e) = store.give(pending, false).await {
-                        store.degrade(&e);
-                    }
-                });
-            }
-            return;
+            store.release_local(grant, outcome, tuning, now);
+        } else {
+            store.release_held(grant, outcome, tuning, now);
         }
-        let Some(held) = lock(&self.held).remove(&grant.lease) else {
-            return;
-        };
-        self.note(
-            &grant.provider,
-            &grant.model,
-            &grant.key.id,
-            |read, same_model| {
-                read.leases.0 = read.leases.0.saturating_sub(1);
-                if same_model {
-                    read.leases.1 = read.leases.1.saturating_sub(1);
-                }
-            },
-        );
-        let failed = matches!(outcome, Outcome::Failure { .. });
-        if failed {
-            lock(&self.settling).insert(grant.key.id.clone());
-        }
-        let (grant, tuning) = (grant.clone(), tuning.clone());
-        tokio::spawn(async move {
-            let next_reset = store.days(now).1;
-            let change = |state: &mut KeyState| {
-                policy::settle(state, &grant.model, &outcome, &tuning, now, next_reset)
-            };
-            let mut job = Settle {
-                provider: &grant.provider,
-                key: &grant.key,
-                model: &grant.model,
-                member: &held.member,
-                counts: shape::counts(0, &outcome),
-                replay: false,
-                op: "",
-                window: spends_tokens(&tuning),
-                applied: false,
-                forget: forgets(&outcome),
-                change: &change,
-                known: Some((held.version, held.verdict)),
-                now,
-            };
-            let settled = store.settle(&mut job).await;
-            let counted = job.applied;
-            match settled {
-                Ok(()) => {}
-                Err(e) if outage::refused(&e) => {
-                    tracing::warn!(error = %e, provider = %grant.provider, "Redis refused an outcome: not counted");
-                }
-                Err(e) => {
-                    // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
-                    store.degrade(&e);
-                    let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
-                        provider: grant.provider.to_string(),
-                        masked: grant.key.masked.to_string(),
-                        ..KeyState::default()
-                    });
-                    let ms = state.models.entry(grant.model.to_string()).or_default();
-                    ms.today.requests += 1;
-                    ms.lifetime.requests += 1;
-                    change(&mut state);
-                    store.local.put(&grant.key.id, state);
-                    store.postpone(outage::Pending {
-                        provider: grant.provider.clone(),
-                        key: grant.key.clone(),
-                        what: outage::Missed::Outcome {
-                            model: grant.model.clone(),
-                            outcome,
-                            tuning: Box::new(tuning.clone()),
-                            member: held.member.clone(),
-                            op: String::new(),
-                            requests: 0,
-                            counted,
-                        },
-                        at: now,
-                    });
-                }
-            }
-            if failed {
-                lock(&store.settling).remove(&grant.key.id);
-            }
-            store.wakeup(&grant.provider).notify_waiters();
-        });
     }
 
     fn wakeup(&self, provider: &str) -> Arc<Notify> {

@@ -2,13 +2,14 @@
 //! (the `SETTLE` script), its verdict decided again on a fresh read when another instance changed it first.
 
 use super::shape::{self, Verdict};
-use super::{Counted, DAY_TTL_MS, RedisStore, lock};
+use super::{Counted, DAY_TTL_MS, LOCAL, RedisStore, lock, outage};
 use crate::clock::UnixMs;
 use crate::config::Tuning;
 use crate::failure::ErrorClass;
-use crate::keys::Outcome;
 use crate::keys::state::{Cooldown, KeyState};
+use crate::keys::{Grant, KeyStore, LeaseId, Outcome, policy};
 use crate::secret::{ApiKey, KeyId};
+use std::sync::Arc;
 
 /// What a verdict change is: applied to the key's state, returns the cooldown it started, if any.
 pub(super) type Change<'a> = &'a (dyn Fn(&mut KeyState) -> Option<Cooldown> + Sync);
@@ -224,5 +225,147 @@ impl<'a> Settle<'a> {
             known: None,
             now,
         }
+    }
+}
+
+impl RedisStore {
+    /// Releases a lease granted while Redis was away: the local copy takes it now, Redis when it answers (at
+    /// once if it is back already).
+    pub(super) fn release_local(
+        self: Arc<Self>,
+        grant: &Grant,
+        outcome: Outcome,
+        tuning: &Tuning,
+        now: UnixMs,
+    ) {
+        let store = self.clone();
+        // Granted while Redis was away: the local copy takes it now, Redis when it answers (at once if it
+        // is back already).
+        let lease = grant.lease.0 & !LOCAL;
+        let local = Grant {
+            lease: LeaseId(lease),
+            ..grant.clone()
+        };
+        self.local.release(&local, outcome.clone(), tuning);
+        let known = lock(&self.local_leases).remove(&lease);
+        let pending = outage::Pending {
+            provider: grant.provider.clone(),
+            key: grant.key.clone(),
+            what: outage::Missed::Outcome {
+                model: grant.model.clone(),
+                outcome,
+                tuning: Box::new(tuning.clone()),
+                member: String::new(),
+                op: format!("{}:{lease}", self.instance),
+                requests: if known.is_some_and(|(_, counted)| counted) {
+                    0
+                } else {
+                    1
+                },
+                counted: false,
+            },
+            at: now,
+        };
+        if self.degraded() {
+            self.postpone(pending);
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = store.give(pending, false).await {
+                    store.degrade(&e);
+                }
+            });
+        }
+    }
+
+    /// Releases a lease Redis granted: its outcome is settled in the background, and kept to be given again
+    /// later should Redis not take it now.
+    pub(super) fn release_held(
+        self: Arc<Self>,
+        grant: &Grant,
+        outcome: Outcome,
+        tuning: &Tuning,
+        now: UnixMs,
+    ) {
+        let store = self.clone();
+        let Some(held) = lock(&self.held).remove(&grant.lease) else {
+            return;
+        };
+        self.note(
+            &grant.provider,
+            &grant.model,
+            &grant.key.id,
+            |read, same_model| {
+                read.leases.0 = read.leases.0.saturating_sub(1);
+                if same_model {
+                    read.leases.1 = read.leases.1.saturating_sub(1);
+                }
+            },
+        );
+        let failed = matches!(outcome, Outcome::Failure { .. });
+        if failed {
+            lock(&self.settling).insert(grant.key.id.clone());
+        }
+        let (grant, tuning) = (grant.clone(), tuning.clone());
+        tokio::spawn(async move {
+            let next_reset = store.days(now).1;
+            let change = |state: &mut KeyState| {
+                policy::settle(state, &grant.model, &outcome, &tuning, now, next_reset)
+            };
+            let mut job = Settle {
+                provider: &grant.provider,
+                key: &grant.key,
+                model: &grant.model,
+                member: &held.member,
+                counts: shape::counts(0, &outcome),
+                replay: false,
+                op: "",
+                window: spends_tokens(&tuning),
+                applied: false,
+                forget: forgets(&outcome),
+                change: &change,
+                known: Some((held.version, held.verdict)),
+                now,
+            };
+            let settled = store.settle(&mut job).await;
+            let counted = job.applied;
+            match settled {
+                Ok(()) => {}
+                Err(e) if outage::refused(&e) => {
+                    tracing::warn!(error = %e, provider = %grant.provider, "Redis refused an outcome: not counted");
+                }
+                Err(e) => {
+                    // Nothing is lost: the local copy takes the outcome now, Redis when it is back.
+                    store.degrade(&e);
+                    let mut state = store.local.get(&grant.key.id).unwrap_or_else(|| KeyState {
+                        provider: grant.provider.to_string(),
+                        masked: grant.key.masked.to_string(),
+                        ..KeyState::default()
+                    });
+                    let ms = state.models.entry(grant.model.to_string()).or_default();
+                    ms.today.requests += 1;
+                    ms.lifetime.requests += 1;
+                    change(&mut state);
+                    store.local.put(&grant.key.id, state);
+                    store.postpone(outage::Pending {
+                        provider: grant.provider.clone(),
+                        key: grant.key.clone(),
+                        what: outage::Missed::Outcome {
+                            model: grant.model.clone(),
+                            outcome,
+                            tuning: Box::new(tuning.clone()),
+                            member: held.member.clone(),
+                            op: String::new(),
+                            requests: 0,
+                            counted,
+                        },
+                        at: now,
+                    });
+                }
+            }
+            if failed {
+                lock(&store.settling).remove(&grant.key.id);
+            }
+            store.wakeup(&grant.provider).notify_waiters();
+        });
     }
 }
