@@ -26,6 +26,29 @@ impl Usage {
         }
     }
 
+    /// Writes these counts into an OpenAI `usage` object (its other fields left as they are).
+    pub fn write_into(&self, usage: &mut Value) {
+        let Some(object) = usage.as_object_mut() else {
+            return;
+        };
+        object.insert("prompt_tokens".into(), self.prompt_tokens.into());
+        object.insert("completion_tokens".into(), self.completion_tokens.into());
+        object.insert(
+            "total_tokens".into(),
+            self.prompt_tokens
+                .saturating_add(self.completion_tokens)
+                .into(),
+        );
+        if self.cached_tokens > 0 || object.contains_key("prompt_tokens_details") {
+            let details = object
+                .entry("prompt_tokens_details")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(details) = details.as_object_mut() {
+                details.insert("cached_tokens".into(), self.cached_tokens.into());
+            }
+        }
+    }
+
     /// Reads an OpenAI `usage` object; missing or odd counts are zero (the same rules as reading it from JSON).
     pub fn from_value(usage: &Value) -> Self {
         Self::deserialize(usage).unwrap_or_default()

@@ -195,10 +195,15 @@ impl Forward {
             Some(std::borrow::Cow::Owned(redacted)) => redacted,
             _ => data,
         };
+        let mut data = data;
         if let Some(usage) = usage {
             self.usage = Usage::from_value(&usage);
             if usage_only && !self.wants_usage {
                 return None;
+            }
+            // A continued answer's usage is every segment's: the client is told the sum, as the logs are.
+            if self.usage_before != Usage::default() {
+                data = summed(&data, self.usage_before.plus(self.usage));
             }
         }
         if let Some(report) = &mut self.report {
@@ -527,4 +532,16 @@ impl Forward {
         }
         upstream_error_frame(error)
     }
+}
+
+/// An OpenAI chunk with `total` as its usage; as it was should it not be JSON.
+fn summed(data: &str, total: Usage) -> String {
+    let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
+        return data.to_string();
+    };
+    match chunk.get_mut("usage") {
+        Some(usage) => total.write_into(usage),
+        None => return data.to_string(),
+    }
+    chunk.to_string()
 }
