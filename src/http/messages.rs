@@ -39,14 +39,17 @@ pub(super) async fn messages(State(app): State<AppState>, request: Request) -> R
         Ok(chat) => chat,
         Err(r) => return refused(r),
     };
+    // The model that answered is named, a fallback's included, as a native answer names it.
     match app.relay.send(Endpoint::Chat, chat).await {
         Ok(Reply::Json { body, served }) => {
+            let model = served.fallback.as_deref().unwrap_or(&model);
             translated(&body, &served, Shape::Anthropic, |answer| {
-                from_chat(answer, &model)
+                from_chat(answer, model)
             })
         }
         Ok(Reply::Stream { body, served }) => {
-            let events = Translated::new(body, MessagesStream::new(&model));
+            let model = served.fallback.as_deref().unwrap_or(&model);
+            let events = Translated::new(body, MessagesStream::new(model));
             render_stream(Box::pin(events), &served)
         }
         Err(e) => ApiError::from(e).shaped(Shape::Anthropic).into_response(),

@@ -47,7 +47,7 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         }
     };
     let id = new_id("resp");
-    let (chat, echo, previous, mut input, store) = (
+    let (chat, mut echo, previous, mut input, store) = (
         translation.chat,
         translation.echo,
         translation.previous,
@@ -55,7 +55,14 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
         translation.store,
     );
     let omitted = translation.omitted.join(",");
-    let mut response = match app.relay.send(Endpoint::Chat, chat).await {
+    let reply = app.relay.send(Endpoint::Chat, chat).await;
+    // The model that answered is named, a fallback's included.
+    if let Ok(Reply::Json { served, .. } | Reply::Stream { served, .. }) = &reply
+        && let Some(fallback) = &served.fallback
+    {
+        echo.model = fallback.clone();
+    }
+    let mut response = match reply {
         Ok(Reply::Json { body, served }) => translated(&body, &served, Shape::OpenAi, |answer| {
             let (object, kept) = from_chat(answer, &echo, &id);
             if store {

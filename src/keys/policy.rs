@@ -153,6 +153,16 @@ pub fn unavailable(standings: &[Standing]) -> Unavailable {
     why
 }
 
+/// The key rests after an auth or permission refusal for a model other than `model`.
+fn refused_for_another_model(key: &KeyState, model: &str, now: UnixMs) -> bool {
+    key.models.iter().any(|(name, m)| {
+        name != model
+            && m.cooldown.is_some_and(|c| {
+                c.until > now && matches!(c.reason, ErrorClass::Auth | ErrorClass::Forbidden)
+            })
+    })
+}
+
 /// What an outcome does to a key and its state for `model`: counts, streaks and, for a failure, the cooldown of
 /// the schedule. Returns the cooldown started, if any. (Claims and releases are the store's.)
 pub fn settle(
@@ -163,6 +173,24 @@ pub fn settle(
     now: UnixMs,
     next_reset: UnixMs,
 ) -> Option<Cooldown> {
+    // Two keys refusing one request rest for its model only (the relay's call); one key refused for a second
+    // model while it still rests after a refusal on another is refused whatever it asks: it rests whole.
+    let escalated;
+    let outcome = match *outcome {
+        Outcome::Failure {
+            class: class @ (ErrorClass::Auth | ErrorClass::Forbidden),
+            scope: Scope::Model,
+            retry_after,
+        } if refused_for_another_model(key, model, now) => {
+            escalated = Outcome::Failure {
+                class,
+                scope: Scope::Key,
+                retry_after,
+            };
+            &escalated
+        }
+        _ => outcome,
+    };
     if !key.models.contains_key(model) {
         key.models.insert(model.to_string(), Default::default());
     }

@@ -144,6 +144,33 @@ fn fit(value: &mut Value, max: usize) {
     if size(value) > max {
         shorten_all(value, 32);
     }
+    // Many attempts (a long chain of failing fallbacks) are many small records: the middle ones go, counted.
+    if let Some(attempts) = value.get_mut("attempts").and_then(Value::as_array_mut) {
+        let mut sizes: Vec<usize> = attempts.iter().map(size).collect();
+        let mut total: usize = sizes.iter().sum();
+        let mut omitted = 0;
+        while attempts.len() > 2 && total > max / 2 {
+            let middle = attempts.len() / 2;
+            attempts.remove(middle);
+            total -= sizes.remove(middle);
+            omitted += 1;
+        }
+        if omitted > 0 {
+            value["attempts_omitted"] = Value::from(omitted);
+        }
+    }
+    // Whatever is left over the bound: only what says what happened.
+    if size(value) > max {
+        let mut summary = serde_json::Map::new();
+        for field in ["at", "provider", "model", "status", "error", "total_ms"] {
+            if let Some(v) = value.get(field) {
+                summary.insert(field.into(), v.clone());
+            }
+        }
+        summary.insert("shortened".into(), Value::Bool(true));
+        *value = Value::Object(summary);
+        shorten_all(value, 32);
+    }
 }
 
 /// The longest string anywhere in `value`.
@@ -232,6 +259,36 @@ mod tests {
         assert!(text.len() <= 4000, "{}", text.len());
         let v: Value = serde_json::from_str(&text).unwrap();
         assert!(v["model"].as_str().unwrap().starts_with("mmm"));
+
+        // Hundreds of attempts, each small: the file still fits, the first and last attempts kept.
+        let mut j = Journal::new("chat", "p", "m", false, 2);
+        for i in 0..500u64 {
+            j.attempts.push(super::super::AttemptRecord {
+                model: format!("fallback/model-{i}"),
+                key: "...abcd".into(),
+                started_ms: i,
+                latency_ms: 1.0,
+                status: Some(503),
+                class: None,
+                error: Some("the upstream failed".into()),
+            });
+        }
+        w.write(j).unwrap();
+        let newest = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let text = std::fs::read_to_string(newest).unwrap();
+        assert!(text.len() <= 4000, "{}", text.len());
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let attempts = v["attempts"].as_array().unwrap();
+        assert_eq!(attempts[0]["model"], "fallback/model-0");
+        assert_eq!(attempts.last().unwrap()["model"], "fallback/model-499");
+        assert_eq!(
+            v["attempts_omitted"].as_u64().unwrap() as usize + attempts.len(),
+            500
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -65,6 +65,9 @@ impl Tried {
         let w = &self.waiting;
         if w.cooling > 0 {
             let _ = write!(out, "; {} cooling down", plural(w.cooling as u32, "key"));
+            if w.benched > 0 {
+                let _ = write!(out, " ({} after auth refusals)", w.benched);
+            }
         }
         if w.busy > 0 {
             let _ = write!(out, "; {} busy", plural(w.busy as u32, "key"));
@@ -139,6 +142,14 @@ impl From<crate::mapping::MapError> for RelayError {
 }
 
 impl RelayError {
+    /// What was tried, when the error is that no key could serve.
+    pub fn tried(&self) -> Option<&Tried> {
+        match self {
+            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => Some(tried),
+            _ => None,
+        }
+    }
+
     /// Counts attempts made for earlier candidates (fallbacks) into this error's report.
     pub fn add_attempts(&mut self, earlier: u32) {
         match self {

@@ -10,11 +10,12 @@
 use super::attempt::{Attempt, AttemptError, Failure, Success};
 use super::call::Job;
 use super::{Relay, RelayError, Reply, Tried};
-use crate::failure::ErrorClass;
+use crate::failure::{ErrorClass, Scope};
 use crate::keys::{Ask, Unavailable};
 use crate::lease::Lease;
 use crate::mapping::Answer;
 use crate::observe::{AttemptRecord, Journal};
+use crate::provider::Verdict;
 use crate::secret::KeyId;
 use crate::stream::{Forward, Report};
 use crate::usage::Usage;
@@ -78,13 +79,32 @@ impl Relay {
                 tried: Box::new(tried),
             });
         }
+        // A refusal (auth, forbidden) may be about the key or about what the request asks (a model the key may
+        // not use): its verdict waits for the next key's answer, the lease held (and the key left) meanwhile. It
+        // stands as it is when the next key serves or fails otherwise; a second refusal makes it the model's.
+        let mut held_refusal: Option<(Lease, Failure)> = None;
         loop {
             let waiting = Instant::now();
             let lease = self.lease(job, &given_up, &mut tried).await;
             if let Some(j) = journal.as_mut() {
                 j.waited_ms += crate::observe::ms(waiting.elapsed());
             }
-            let (mut lease, failure) = match self.on_key(job, journal, lease?, &mut tried).await? {
+            let lease = match lease {
+                Ok(lease) => lease,
+                // No other key to ask: when others rest after refusals of this model, the held one joins them
+                // and the client gets the refusal.
+                Err(e) => match (held_refusal.take(), e.tried()) {
+                    (Some((mut first, failure)), Some(tried)) if tried.waiting.benched > 0 => {
+                        first.fail(&Verdict {
+                            scope: Scope::Model,
+                            ..failure.verdict.clone()
+                        });
+                        return Err(upstream_answer(failure, tried, &first, job));
+                    }
+                    _ => return Err(e),
+                },
+            };
+            let (mut lease, failure) = match self.on_key(job, journal, lease, &mut tried).await? {
                 OnKey::Won(won) => return Ok(won),
                 OnKey::Failed(lease, failure) => (lease, failure),
             };
@@ -124,20 +144,33 @@ impl Relay {
                     tried: Box::new(tried),
                 });
             }
-            // Two keys refused for one request are about the request (a model these keys may not use), not the
-            // keys: answer with the refusal rather than bench every key of the provider. (With no key left
-            // untried, the pool itself is exhausted, and the lease says so.)
-            let refusals = [ErrorClass::Auth, ErrorClass::Forbidden]
-                .iter()
-                .filter_map(|c| tried.classes.get(c))
-                .sum::<u32>();
-            if matches!(
+            if !matches!(
                 failure.verdict.class,
                 ErrorClass::Auth | ErrorClass::Forbidden
-            ) && refusals >= 2
-                && job.provider.keys.len() > tried.key_ids.len()
-            {
-                return Err(upstream_answer(failure, &tried, &lease, job));
+            ) {
+                continue;
+            }
+            match held_refusal.take() {
+                // Two keys refused one request: it is about the request (a model these keys may not use), not
+                // the keys. Both rest for this model only, and the client gets the refusal.
+                Some((mut first, held)) => {
+                    first.fail(&Verdict {
+                        scope: Scope::Model,
+                        ..held.verdict
+                    });
+                    lease.fail(&Verdict {
+                        scope: Scope::Model,
+                        ..failure.verdict.clone()
+                    });
+                    return Err(upstream_answer(failure, &tried, &lease, job));
+                }
+                // Another key may tell: this one waits for its verdict.
+                None if job.provider.keys.len() > tried.key_ids.len() => {
+                    given_up.push(lease.key().id.clone());
+                    held_refusal = Some((lease, failure));
+                }
+                // No other key to ask: the verdict stands.
+                None => {}
             }
         }
     }
