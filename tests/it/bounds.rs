@@ -165,6 +165,7 @@ async fn a_script_over_its_memory_or_time_budget_fails_its_request_and_the_next_
 /// The longest of several `GET /` round trips made while `busy` runs.
 async fn liveness_while<F: std::future::Future>(proxy: &Proxy, busy: F) -> Duration {
     let probe = async {
+        // The busy requests show nothing to wait for once under way: they get a head start.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut worst = Duration::ZERO;
         for _ in 0..8 {
@@ -172,6 +173,7 @@ async fn liveness_while<F: std::future::Future>(proxy: &Proxy, busy: F) -> Durat
             let (status, _, _) = send(proxy.get("/")).await;
             assert_eq!(status, 200);
             worst = worst.max(started.elapsed());
+            // The probes are spread over the busy time.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         worst
@@ -217,6 +219,8 @@ async fn large_token_counts_do_not_hold_up_other_requests() {
     };
     let counts = futures_util::future::join_all((0..4).map(|_| count()));
     let probe = async {
+        // The counts show nothing to wait for once under way: they get a head start, and their uploads (on this
+        // test's own thread) are over before the first probe is timed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut worst = Duration::ZERO;
         for _ in 0..8 {
@@ -224,6 +228,7 @@ async fn large_token_counts_do_not_hold_up_other_requests() {
             let (status, _, _) = send(client.get(format!("{}/", server.url))).await;
             assert_eq!(status, 200);
             worst = worst.max(started.elapsed());
+            // The probes are spread over the counting time.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         worst

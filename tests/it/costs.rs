@@ -107,24 +107,7 @@ async fn answers_are_priced_per_key_and_model_in_keys_logs_and_metrics() {
     );
 
     // Each request's log: its own cost, in dollars; none for the model without a price.
-    let dir = proxy.dir.path().join("logs");
-    let mut logs = Vec::new();
-    for _ in 0..200 {
-        logs = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| {
-                        serde_json::from_str::<Value>(&std::fs::read_to_string(e.path()).unwrap())
-                            .unwrap()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if logs.len() == 4 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let logs = request_logs(&proxy.dir.path().join("logs"), 4).await;
     assert_eq!(logs.len(), 4);
     let log = |model: &str, stream: bool| {
         logs.iter()

@@ -115,7 +115,10 @@ async fn refusals_at_the_cap_are_logged_once_a_minute() {
         tcp.write_all(request.as_bytes()).await.unwrap();
         busy.push(tcp);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("both requests reach the upstream", || async {
+        mock.seen().len() == 2
+    })
+    .await;
     for _ in 0..5 {
         let mut tcp = TcpStream::connect(addr(&server.url)).await.unwrap();
         assert!(
@@ -129,13 +132,14 @@ async fn refusals_at_the_cap_are_logged_once_a_minute() {
             "the requests in flight keep their connections"
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let warnings = server
-        .log()
-        .iter()
+    let log = server
+        .log_once("the refusals", |l| l.contains("connection limit reached"))
+        .await;
+    let warnings = log
+        .lines()
         .filter(|l| l.contains("connection limit reached"))
         .count();
-    assert_eq!(warnings, 1, "{:#?}", server.log());
+    assert_eq!(warnings, 1, "{log}");
 }
 
 #[tokio::test]
@@ -164,6 +168,7 @@ async fn every_phase_of_a_connection_is_bounded() {
             if writer.write_all(b"a").await.is_err() {
                 return;
             }
+            // The scenario: a client that sends its head a byte at a time.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });

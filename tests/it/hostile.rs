@@ -3,7 +3,7 @@
 //! weaken it.
 
 use crate::support::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn gemini_allowing(mock: &Mock, allow: &str) -> Setup {
     Setup {
@@ -181,7 +181,7 @@ async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
         );
     }
     // The request logs hold the same, masked.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    request_logs(&proxy.dir.path().join("logs"), 3).await;
     let logs = files_under(&proxy.dir.path().join("logs"));
     assert_eq!(logs.len(), 3);
     for (path, text) in &logs {
@@ -210,15 +210,13 @@ async fn strangers_learn_only_that_the_service_is_up_and_errors_never_quote_cred
         ),
     )
     .unwrap();
-    let mut detailed = Value::Null;
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        detailed = send(proxy.get("/")).await.2;
-        if !detailed["config"]["last_reload_error"].is_null() {
-            break;
-        }
-    }
-    let error = detailed["config"]["last_reload_error"].as_str().unwrap();
+    let error = eventually_some("the broken edit is rejected", || async {
+        let detailed = send(proxy.get("/")).await.2;
+        detailed["config"]["last_reload_error"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .await;
     assert!(
         error.contains("ACME_API_BASE") && error.contains("ftp://acme.test/v1"),
         "{error}"

@@ -6,7 +6,6 @@ use serde_json::{Value, json};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 /// A mock where key 1 is rate-limited for `retry_after` seconds (and echoes the key it refused, as some
 /// upstreams do) and other keys answer, streaming when asked.
@@ -32,28 +31,6 @@ async fn one_limited_key(retry_after: &'static str) -> Mock {
     .await
 }
 
-fn log_files(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
-        .iter()
-        .map(|f| serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap())
-        .collect()
-}
-
-async fn wait_for_logs(dir: &Path, n: usize) -> Vec<Value> {
-    for _ in 0..200 {
-        let logs = log_files(dir);
-        if logs.len() >= n {
-            return logs;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("expected {n} request logs in {}", dir.display());
-}
-
 fn assert_no_secret(text: &str, what: &str) {
     for i in 1..=3 {
         assert!(
@@ -76,7 +53,7 @@ async fn a_request_log_shows_both_attempts_of_a_rotation_and_no_secret() {
     assert!(text.ends_with("data: [DONE]\n\n"));
 
     let dir = proxy.dir.path().join("logs");
-    let logs = wait_for_logs(&dir, 2).await;
+    let logs = request_logs(&dir, 2).await;
     let first = logs.iter().find(|l| l["stream"] == false).unwrap();
     assert_eq!(first["request"]["messages"][0]["content"], "hello");
     let attempts = first["attempts"].as_array().unwrap();
@@ -199,19 +176,20 @@ async fn keys_and_metrics_show_a_cooldown_and_its_end() {
         "{metrics}"
     );
 
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (_, _, keys) = send(proxy.get("/v1/keys")).await;
-    let limited = keys["data"][0]["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["key"] == masked(1))
-        .unwrap()
-        .clone();
-    assert_eq!(
-        limited["state"], "available",
-        "the cooldown ended: {limited}"
-    );
+    // Its second of cooldown over, the key is available again.
+    let limited = eventually_some("the cooldown's end", || async {
+        let (_, _, keys) = send(proxy.get("/v1/keys")).await;
+        let limited = keys["data"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key"] == masked(1))
+            .unwrap()
+            .clone();
+        (limited["state"] != "cooling").then_some(limited)
+    })
+    .await;
+    assert_eq!(limited["state"], "available", "{limited}");
     let metrics = proxy.get_text("/metrics").await;
     assert!(
         metrics.contains("keyrelay_keys{provider=\"mock\",state=\"cooling\"} 0"),

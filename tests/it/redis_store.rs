@@ -1,8 +1,12 @@
-//! Key state shared through a real `redis-server`: two stores stand for two instances of keyrelay.
+//! Key state shared through a real `redis-server`: two stores stand for two instances of keyrelay, and hold one
+//! pool's caps, cooldowns, counts, pause, sequence and day between them, in two round trips a request. Redis away
+//! or emptied is in `redis_outage`.
 
 use crate::support::redis::Redis;
+use crate::support::stores::*;
+use crate::support::{eventually, eventually_some};
 use keyrelay::clock::Clock;
-use keyrelay::config::{DailyReset, Tuning};
+use keyrelay::config::Tuning;
 use keyrelay::failure::{ErrorClass, Scope};
 use keyrelay::keys::redis::{RedisStore, Target};
 use keyrelay::keys::{Ask, KeyStore, MemoryStore, Outcome, StorePolicy};
@@ -11,66 +15,6 @@ use keyrelay::usage::Cost;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-fn policy() -> StorePolicy {
-    StorePolicy {
-        daily_reset: DailyReset::parse("03:00", "UTC").unwrap(),
-        pause: None,
-    }
-}
-
-async fn stores(redis: &Redis, n: usize) -> Vec<Arc<RedisStore>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(
-            RedisStore::connect(
-                Target::new(&redis.url(), None, false).unwrap(),
-                "kr",
-                Clock::system(),
-                policy(),
-                local(),
-                Duration::from_secs(15),
-            )
-            .await,
-        );
-    }
-    out
-}
-
-fn local() -> Arc<MemoryStore> {
-    Arc::new(MemoryStore::new(Clock::system(), policy()))
-}
-
-fn keys(n: usize) -> Vec<ApiKey> {
-    (0..n)
-        .map(|i| ApiKey::new("p", &format!("key-number-{i:04}")))
-        .collect()
-}
-
-fn ask<'a>(keys: &'a [ApiKey], tuning: &'a Tuning) -> Ask<'a> {
-    Ask {
-        provider: "p",
-        model: "m",
-        keys,
-        exclude: &[],
-        tuning,
-    }
-}
-
-/// A rate limit on the model, to retry after `seconds`.
-fn rate_limited(seconds: u64) -> Outcome {
-    Outcome::Failure {
-        class: ErrorClass::RateLimit,
-        scope: Scope::Model,
-        retry_after: Some(Duration::from_secs(seconds)),
-    }
-}
-
-const SUCCESS: Outcome = Outcome::Success {
-    prompt_tokens: 3,
-    completion_tokens: 2,
-    cost: Cost(0),
-};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server; .ci/run installs it"]
@@ -97,12 +41,14 @@ async fn a_cap_of_one_per_key_and_model_holds_across_instances_and_usage_adds_up
             let grant = loop {
                 match store.acquire(ask(&keys, &tuning)).await {
                     Ok(grant) => break grant,
+                    // The scenario: a client that asks again a moment after being told no key is free.
                     Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
                 }
             };
             let i = keys.iter().position(|k| k.id == grant.key.id).unwrap();
             let now = in_flight[i].fetch_add(1, Ordering::SeqCst) + 1;
             most.fetch_max(now, Ordering::SeqCst);
+            // The scenario: the request takes a while upstream, holding its key.
             tokio::time::sleep(Duration::from_millis(5)).await;
             in_flight[i].fetch_sub(1, Ordering::SeqCst);
             store.release(&grant, SUCCESS, &tuning);
@@ -117,16 +63,8 @@ async fn a_cap_of_one_per_key_and_model_holds_across_instances_and_usage_adds_up
         "one request per key and model, pool-wide"
     );
     // Releases settle in the background: the pool-wide count reaches 32.
-    let mut total = 0;
-    for _ in 0..200 {
-        let report = stores[1].report("p", &keys).await;
-        total = report.iter().map(|k| k.today.requests).sum::<u64>();
-        if total == 32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(total, 32);
+    let counted = today(&stores[1], &keys, |c| c.successes == 32).await;
+    assert_eq!(counted.requests, 32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,160 +77,17 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
     let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let limited = grant.key.id.clone();
     stores[0].release(&grant, rate_limited(60), &tuning);
-    let mut seen_cooling = false;
-    for _ in 0..200 {
-        let report = stores[1].report("p", &keys).await;
-        if report
+    eventually("the other instance sees the cooldown", || async {
+        stores[1]
+            .report("p", &keys)
+            .await
             .iter()
             .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty())
-        {
-            seen_cooling = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen_cooling, "the other instance sees the cooldown");
+    })
+    .await;
     for _ in 0..5 {
         let grant = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
         assert_ne!(grant.key.id, limited, "the cooling key is not granted");
-        stores[1].release(&grant, SUCCESS, &tuning);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redis-server; .ci/run installs it"]
-async fn redis_away_is_served_locally_and_rejoined_when_back() {
-    let redis = Redis::start();
-    let port = redis.port;
-    let stores = stores(&redis, 1).await;
-    let store = &stores[0];
-    let keys = keys(2);
-    let tuning = Tuning::default();
-    let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
-    store.release(&grant, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(redis);
-    // Every request still gets a key, from this instance's own state.
-    for _ in 0..5 {
-        let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
-        store.release(&grant, SUCCESS, &tuning);
-    }
-    assert!(store.degraded());
-    // Back, and empty: rejoined within the probe's period, and seeded with what this instance knew.
-    let redis = Redis::start_on(port);
-    let mut back = false;
-    for _ in 0..100 {
-        if !store.degraded() {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(back, "rejoined Redis");
-    let report = store.report("p", &keys).await;
-    assert!(
-        report.iter().map(|k| k.today.requests).sum::<u64>() >= 6,
-        "{report:?}"
-    );
-    drop(redis);
-}
-
-/// Redis stops answering for `seconds` (its data kept); returns when it answers again.
-fn stall(redis: &Redis, seconds: f64) -> tokio::task::JoinHandle<()> {
-    let client = redis::Client::open(redis.url()).unwrap();
-    tokio::spawn(async move {
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        // Its own answer comes after its client stopped waiting: whatever it says.
-        let _ = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(seconds)
-            .query_async::<()>(&mut conn)
-            .await;
-    })
-}
-
-/// Waits until `store` rejoins Redis.
-async fn rejoined(store: &RedisStore) {
-    for _ in 0..100 {
-        if !store.degraded() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the store never rejoined Redis");
-}
-
-/// `store`'s pool-wide counts of today over `keys`, once `done` says they are all there.
-async fn today(
-    store: &RedisStore,
-    keys: &[ApiKey],
-    done: impl Fn(&keyrelay::keys::Counters) -> bool,
-) -> keyrelay::keys::Counters {
-    let mut counted = keyrelay::keys::Counters::default();
-    for _ in 0..100 {
-        counted = Default::default();
-        for key in store.report("p", keys).await {
-            counted.add(&key.today);
-        }
-        if done(&counted) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    counted
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redis-server; .ci/run installs it"]
-async fn an_outcome_redis_missed_while_unresponsive_is_given_to_it_once() {
-    let redis = Redis::start();
-    let stores = stores(&redis, 2).await;
-    let keys = keys(1);
-    let tuning = Tuning::default();
-    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-    let stalled = stall(&redis, 1.5);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Sent, applied when Redis wakes, its answer too late: kept as missed all the same.
-    stores[0].release(&grant, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(stores[0].degraded(), "the release could not reach Redis");
-    stalled.await.unwrap();
-    rejoined(&stores[0]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let counted = today(&stores[1], &keys, |c| c.successes >= 1).await;
-    assert_eq!(
-        (counted.requests, counted.successes, counted.prompt_tokens),
-        (1, 1, 3),
-        "the other instance sees the outcome once"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redis-server; .ci/run installs it"]
-async fn what_happens_while_redis_is_away_reaches_it_once_it_is_back() {
-    let redis = Redis::start();
-    let stores = stores(&redis, 2).await;
-    let keys = keys(2);
-    let tuning = Tuning::default();
-    let stalled = stall(&redis, 1.2);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Granted from the instance's own state; one released while Redis is away, one after it is back.
-    let early = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-    let late = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-    assert!(stores[0].degraded());
-    stores[0].release(&early, SUCCESS, &tuning);
-    // An operator's action while Redis is away.
-    stores[0].control("p", &keys[1], &keyrelay::keys::KeyAction::Disable);
-    stalled.await.unwrap();
-    rejoined(&stores[0]).await;
-    stores[0].release(&late, SUCCESS, &tuning);
-    let counted = today(&stores[1], &keys, |c| c.successes >= 2).await;
-    assert_eq!((counted.requests, counted.successes), (2, 2), "{counted:?}");
-    let report = stores[1].report("p", &keys).await;
-    assert!(report[1].disabled, "{report:?}");
-    for _ in 0..4 {
-        let grant = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
-        assert_eq!(grant.key.id, keys[0].id, "the disabled key is left alone");
         stores[1].release(&grant, SUCCESS, &tuning);
     }
 }
@@ -304,7 +99,7 @@ async fn an_absurd_token_count_neither_overflows_nor_stalls_the_store() {
     let stores = stores(&redis, 1).await;
     let keys = keys(1);
     let tuning = Tuning::default();
-    for _ in 0..3 {
+    for n in 1..=3 {
         let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
         let absurd = Outcome::Success {
             prompt_tokens: u64::MAX / 2,
@@ -312,10 +107,9 @@ async fn an_absurd_token_count_neither_overflows_nor_stalls_the_store() {
             cost: Cost(u64::MAX),
         };
         stores[0].release(&grant, absurd, &tuning);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let counted = today(&stores[0], &keys, |c| c.successes == n).await;
+        assert_eq!(counted.requests, n);
     }
-    let counted = today(&stores[0], &keys, |c| c.successes == 3).await;
-    assert_eq!(counted.successes, 3);
     assert!(!stores[0].degraded());
 }
 
@@ -335,49 +129,6 @@ async fn keys_a_reload_removed_are_not_granted() {
         assert_eq!(grant.key.id, keys[1].id);
         stores[0].release(&grant, SUCCESS, &tuning);
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redis-server; .ci/run installs it"]
-async fn state_redis_lost_while_the_instance_was_connected_is_written_back() {
-    let redis = Redis::start();
-    let stores = stores(&redis, 1).await;
-    let keys = keys(3);
-    let tuning = Tuning::default();
-    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-    let limited = grant.key.id.clone();
-    stores[0].release(&grant, rate_limited(120), &tuning);
-    let disabled = keys.iter().find(|k| k.id != limited).unwrap().clone();
-    stores[0].control("p", &disabled, &keyrelay::keys::KeyAction::Disable);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Redis loses everything without the connection ever failing (a FLUSHALL, a failover to an empty replica).
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    // Before it is written back, the instance still leaves the cooling and the disabled key alone.
-    for _ in 0..4 {
-        let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
-        assert!(grant.key.id != limited && grant.key.id != disabled.id);
-        stores[0].release(&grant, SUCCESS, &tuning);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Within the ten-second check, the cooldown and the disabled key are back in Redis.
-    let mut back = false;
-    for _ in 0..60 {
-        let report = stores[0].report("p", &keys).await;
-        let cooling = report
-            .iter()
-            .any(|k| k.id == limited.to_string() && !k.model_cooldowns.is_empty());
-        let off = report
-            .iter()
-            .any(|k| k.id == disabled.id.to_string() && k.disabled);
-        if cooling && off {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert!(back, "the cooldown and the disabled key were written back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,10 +160,18 @@ async fn the_provider_pause_is_the_pools() {
     let tuning = Tuning::default();
     let limited = rate_limited(30);
     // One key limited on each instance: neither saw two, the pool did.
-    for store in &stores {
+    for (n, store) in stores.iter().enumerate() {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, limited.clone(), &tuning);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        eventually("the rate limit in Redis", || async {
+            let report = store.report("p", &keys).await;
+            report
+                .iter()
+                .filter(|k| !k.model_cooldowns.is_empty())
+                .count()
+                == n + 1
+        })
+        .await;
     }
     // The whole provider rests on both, the third key included, and both report it.
     for store in &stores {
@@ -428,15 +187,6 @@ async fn the_provider_pause_is_the_pools() {
     }
 }
 
-/// Top-level commands Redis has served, by name.
-async fn commands(redis: &Redis) -> std::collections::HashMap<String, u64> {
-    let stats = redis.command_stats().await;
-    stats
-        .into_iter()
-        .map(|(name, (calls, _))| (name, calls))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server; .ci/run installs it"]
 async fn a_request_takes_two_round_trips_one_to_claim_and_one_to_release() {
@@ -448,23 +198,29 @@ async fn a_request_takes_two_round_trips_one_to_claim_and_one_to_release() {
     let tuning = Tuning::default();
     let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
     store.release(&grant, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    today(store, &keys, |c| c.successes == 1).await;
     let before = commands(&redis).await;
+    // Every round trip is a script; what the scripts call inside is not a round trip.
+    let scripts_since_before = || async {
+        let after = commands(&redis).await;
+        ["evalsha", "eval"]
+            .iter()
+            .map(|c| after.get(*c).unwrap_or(&0) - before.get(*c).unwrap_or(&0))
+            .sum::<u64>()
+    };
     let outcomes = [SUCCESS, rate_limited(60), SUCCESS, Outcome::Cancelled];
     for n in 0..40 {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, outcomes[n % 4].clone(), &tuning);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Released in the background: the next request comes once Redis has heard of this one.
+        eventually("the release to reach Redis", || async {
+            scripts_since_before().await >= 2 * (n as u64 + 1)
+        })
+        .await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let after = commands(&redis).await;
-    // Every round trip is a script; what the scripts call inside is not a round trip.
-    let sent: u64 = ["evalsha", "eval"]
-        .iter()
-        .map(|c| after.get(*c).unwrap_or(&0) - before.get(*c).unwrap_or(&0))
-        .sum();
+    let sent = scripts_since_before().await;
     // The claim chooses on what the previous claim read (a first request reads first: three round trips).
-    assert_eq!(sent, 40 * 2, "{before:?} {after:?}");
+    assert_eq!(sent, 40 * 2, "{before:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,6 +235,7 @@ async fn counts_add_up_exactly_when_instances_race_on_one_key() {
         let (store, keys, tuning) = (stores[client % 2].clone(), keys.clone(), tuning.clone());
         tasks.push(tokio::spawn(async move {
             let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
+            // The scenario: requests in flight together, so that their releases race.
             tokio::time::sleep(Duration::from_millis(2)).await;
             // Failures that start no cooldown (a server error) change the verdict: its writes conflict.
             let outcome = if client % 4 == 0 {
@@ -500,14 +257,7 @@ async fn counts_add_up_exactly_when_instances_race_on_one_key() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut today = Default::default();
-    for _ in 0..200 {
-        today = stores[1].report("p", &keys).await[0].today;
-        if today.successes + today.failures == 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let today = today(&stores[1], &keys, |c| c.successes + c.failures == 40).await;
     assert_eq!(
         (today.requests, today.successes, today.failures),
         (40, 30, 10)
@@ -532,16 +282,16 @@ async fn sequential_selection_stays_on_one_key_pool_wide() {
     assert_eq!(first.key.id, keys[0].id);
     // A rate limit on the first key moves the pool on, and both instances stay on the next key.
     stores[0].release(&first, rate_limited(60), &tuning);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    today(&stores[1], &keys, |c| c.failures == 1).await;
     let moved = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
     stores[1].release(&moved, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    today(&stores[0], &keys, |c| c.successes == 1).await;
     for n in 0..6 {
         let store = &stores[n % 2];
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         assert_eq!(grant.key.id, moved.key.id, "request {n}");
         store.release(&grant, SUCCESS, &tuning);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        today(&stores[(n + 1) % 2], &keys, |c| c.successes == n as u64 + 2).await;
     }
 }
 
@@ -558,7 +308,11 @@ async fn a_model_the_upstream_refused_leaves_no_counters() {
     };
     for n in 0..5 {
         let model: &'static str = Box::leak(format!("made-up-{n}").into_boxed_str());
-        let grant = stores[0].acquire(refused(model)).await.unwrap();
+        // Until the last failure is written, this instance leaves the key alone.
+        let grant = eventually_some("the key to be granted again", || async {
+            stores[0].acquire(refused(model)).await.ok()
+        })
+        .await;
         stores[0].release(
             &grant,
             Outcome::Failure {
@@ -568,12 +322,13 @@ async fn a_model_the_upstream_refused_leaves_no_counters() {
             },
             &tuning,
         );
-        // Until its failure is written, this instance leaves the key alone.
-        tokio::time::sleep(Duration::from_millis(60)).await;
     }
-    let grant = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
+    let grant = eventually_some("the key to be granted again", || async {
+        stores[0].acquire(ask(&keys, &tuning)).await.ok()
+    })
+    .await;
     stores[0].release(&grant, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    today(&stores[0], &keys, |c| c.successes == 1).await;
     let report = &stores[0].report("p", &keys).await[0];
     let models: Vec<&str> = report.models.iter().map(|(m, ..)| m.as_str()).collect();
     assert_eq!(models, ["m"], "{report:?}");
@@ -590,16 +345,29 @@ async fn a_verdict_decided_on_a_stale_read_is_decided_again_not_written_over() {
     let early = stores[0].acquire(ask(&keys, &tuning)).await.unwrap();
     let late = stores[1].acquire(ask(&keys, &tuning)).await.unwrap();
     stores[1].release(&late, rate_limited(60), &tuning);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the rate limit in Redis", || async {
+        stores[0].report("p", &keys).await[0].model_cooldowns.len() == 1
+    })
+    .await;
     let before = commands(&redis).await;
     // The first succeeds, on the verdict it read before the rate limit: written as it was, the success would
     // have erased the cooldown.
     stores[0].release(&early, SUCCESS, &tuning);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Each look at the report is a script too: counted, to be left out.
+    let looks = std::cell::Cell::new(0);
+    let report = eventually_some("the success's verdict to be written", || async {
+        looks.set(looks.get() + 1);
+        let report = stores[0].report("p", &keys).await.remove(0);
+        (report.streak == 0 && report.today.successes == 1).then_some(report)
+    })
+    .await;
     let after = commands(&redis).await;
     // The release, a read of the verdict alone, and the verdict written.
-    assert_eq!(after["evalsha"] - before["evalsha"], 3, "read again once");
-    let report = &stores[0].report("p", &keys).await[0];
+    assert_eq!(
+        after["evalsha"] - before["evalsha"] - looks.get(),
+        3,
+        "read again once"
+    );
     assert_eq!(report.model_cooldowns.len(), 1, "{report:?}");
     assert_eq!(report.streak, 0, "the success ended the streak: {report:?}");
     assert_eq!((report.today.successes, report.today.failures), (1, 1));
@@ -646,6 +414,7 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
     for provider in &providers {
         held.push(stores[0].acquire(on(provider)).await.unwrap());
     }
+    // The scenario: three lease times pass (nothing shows a renewal but the lease still being held).
     tokio::time::sleep(Duration::from_millis(2700)).await;
     for provider in &providers {
         let why = stores[1].acquire(on(provider)).await.unwrap_err();
@@ -657,16 +426,31 @@ async fn a_redis_cluster_holds_each_providers_state_on_the_node_that_owns_it() {
         let outcome = if n == 0 { rate_limited(60) } else { SUCCESS };
         stores[0].release(&grant, outcome, &tuning);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (n, provider) in providers.iter().enumerate() {
+        eventually("the releases in Redis", || async {
+            let report = &stores[1].report(provider, &keys[index(provider)]).await[0];
+            match n {
+                0 => !report.model_cooldowns.is_empty(),
+                _ => report.in_flight == 0 && report.today.successes == 1,
+            }
+        })
+        .await;
+    }
     let why = stores[1].acquire(on(providers[0])).await.unwrap_err();
     assert_eq!(why.cooling, 1, "{why:?}");
     for provider in &providers[1..] {
         let grant = stores[1].acquire(on(provider)).await.unwrap();
         stores[1].release(&grant, SUCCESS, &tuning);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for provider in &providers[1..] {
-        let report = &stores[0].report(provider, &keys[index(provider)]).await[0];
+        let report = eventually_some("the releases in Redis", || async {
+            let report = stores[0]
+                .report(provider, &keys[index(provider)])
+                .await
+                .remove(0);
+            (report.today.successes == 2).then_some(report)
+        })
+        .await;
         assert_eq!(
             (report.today.requests, report.today.successes),
             (2, 2),
@@ -712,15 +496,18 @@ async fn the_day_turns_for_the_whole_pool_at_the_daily_reset() {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, SUCCESS, &tuning);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    today(&stores[0], &keys, |c| c.successes == 2).await;
     // Two requests today, pool-wide: the day's quota is spent on both instances, until the reset.
     for store in &stores {
         let why = store.acquire(ask(&keys, &tuning)).await.unwrap_err();
         assert_eq!(why.ready_at, Some(reset), "{why:?}");
     }
-    tokio::time::sleep(Duration::from_millis(1_600)).await;
     // A new day: today's counts start again for both, the lifetime's stay.
-    let report = &stores[1].report("p", &keys).await[0];
+    let report = eventually_some("the day to turn", || async {
+        let report = stores[1].report("p", &keys).await.remove(0);
+        (report.today.requests == 0).then_some(report)
+    })
+    .await;
     assert_eq!(
         (report.today.requests, report.lifetime.requests),
         (0, 2),
@@ -730,8 +517,11 @@ async fn the_day_turns_for_the_whole_pool_at_the_daily_reset() {
         let grant = store.acquire(ask(&keys, &tuning)).await.unwrap();
         store.release(&grant, SUCCESS, &tuning);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let report = &stores[0].report("p", &keys).await[0];
+    let report = eventually_some("the releases in Redis", || async {
+        let report = stores[0].report("p", &keys).await.remove(0);
+        (report.today.successes == 2).then_some(report)
+    })
+    .await;
     assert_eq!(
         (report.today.requests, report.lifetime.requests),
         (2, 4),

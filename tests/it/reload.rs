@@ -3,26 +3,8 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
-
-/// Polls `check` until it holds, for at most ten seconds (reloads take well under one; this only bounds a
-/// failing test).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < until {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
-}
 
 async fn status(proxy: &Proxy) -> Value {
     send(proxy.get("/")).await.2
@@ -98,6 +80,7 @@ async fn save_and_expect(proxy: &Proxy, style: &str, path: &Path, text: &str, ex
         }
         "recreate" => {
             std::fs::remove_file(path).unwrap();
+            // The scenario: a moment when the file is gone, as an editor that deletes and writes anew leaves it.
             tokio::time::sleep(Duration::from_millis(20)).await;
             std::fs::write(path, text).unwrap();
         }
@@ -554,8 +537,11 @@ async fn files_that_are_not_configuration_trigger_no_reload() {
     for i in 0..5 {
         std::fs::write(proxy.dir.path().join("keyrelay.log"), format!("line {i}\n")).unwrap();
         std::fs::write(proxy.dir.path().join("providers/notes.txt"), "x").unwrap();
+        // Spread over more than the watcher's debounce, so that each write could trigger a reload of its own.
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    // What must not happen has nothing to wait for: time for a reload the writes wrongly triggered to be
+    // counted.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(failures().await, 1);
 }

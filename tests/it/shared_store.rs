@@ -93,13 +93,10 @@ async fn a_killed_instances_leases_free_themselves_within_the_lease_time() {
     let b = binary::start(dir_b.path(), &[], None);
     let a_url = a.url.clone();
     let _hanging = tokio::spawn(async move { chat(&a_url).await });
-    // Wait until A holds the one key.
-    for _ in 0..100 {
-        if !mock.seen().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("A to hold the one key", || async {
+        !mock.seen().is_empty()
+    })
+    .await;
     assert_eq!(mock.seen().len(), 1);
     a.child.kill().unwrap(); // SIGKILL: no release is ever sent
     a.child.wait().unwrap();
@@ -174,10 +171,18 @@ async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
         })
     };
     let before = load(40);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the load to be under way", || async {
+        mock.chats().len() >= 10
+    })
+    .await;
     drop(redis);
     let during = load(40);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for served in [&a, &b] {
+        eventually("both instances to find Redis gone", || async {
+            served.get_json("/").await["store"] == "degraded"
+        })
+        .await;
+    }
     let redis = Redis::start_on(port);
     let after = load(40);
     for codes in [
@@ -187,18 +192,11 @@ async fn redis_stopped_and_restarted_under_load_costs_no_client_an_error() {
     ] {
         assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
     }
-    // Both rejoin.
     for served in [&a, &b] {
-        let mut store = String::new();
-        for _ in 0..100 {
-            let live: serde_json::Value = served.get_json("/").await;
-            store = live["store"].as_str().unwrap_or("").to_string();
-            if store == "redis" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(store, "redis");
+        eventually("both instances to rejoin Redis", || async {
+            served.get_json("/").await["store"] == "redis"
+        })
+        .await;
     }
     drop(redis);
 }
@@ -222,15 +220,10 @@ async fn an_instance_started_while_redis_is_away_serves_and_joins_it_later() {
     assert_eq!(store().await, "degraded");
     assert_eq!(chat(&a.url).await, 200);
     let _redis = Redis::start_on(port);
-    let mut now = String::new();
-    for _ in 0..100 {
-        now = store().await;
-        if now == "redis" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(now, "redis");
+    eventually("the instance to join Redis", || async {
+        store().await == "redis"
+    })
+    .await;
     assert_eq!(chat(&a.url).await, 200);
 }
 
@@ -274,7 +267,15 @@ async fn a_rate_limit_seen_by_one_instance_cools_the_key_for_the_other() {
     assert_eq!(chat(&a.url).await, 200);
     let tried_first = mock.chats().len();
     assert_eq!(tried_first, 2);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("B to see key 1 cooling", || async {
+        let keys = b.get_json("/v1/keys").await;
+        keys["data"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key"] == masked(1) && k["state"] == "cooling")
+    })
+    .await;
     // B, which never saw the 429, does not try key 1.
     assert_eq!(chat(&b.url).await, 200);
     let after = mock.chats();
@@ -298,8 +299,7 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
     }
     let requests =
         |keys: serde_json::Value| keys["data"][0]["keys"][0]["today"]["requests"].as_u64();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(requests(b.get_json("/v1/keys").await), Some(3));
+    assert_eq!(pool_requests(&b, 3).await, 3);
     // A's provider file changes: A reloads.
     let generation = a.get_json("/").await["config"]["generation"]
         .as_u64()
@@ -313,19 +313,13 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
         )
         .replace("models:\n  list: both\n  static: [static-model]\n", ""),
     );
-    let mut reloaded = false;
-    for _ in 0..100 {
-        if a.get_json("/").await["config"]["generation"]
+    eventually("A to reload", || async {
+        a.get_json("/").await["config"]["generation"]
             .as_u64()
             .unwrap()
             > generation
-        {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reloaded, "A reloaded");
+    })
+    .await;
     assert_eq!(
         requests(b.get_json("/v1/keys").await),
         Some(3),
@@ -337,18 +331,12 @@ async fn a_reload_on_one_instance_leaves_the_shared_state_alone() {
 
 /// The pool's requests today on the one key, as `served` reports them, once `want` (settled in the background).
 async fn pool_requests(served: &binary::Served, want: u64) -> u64 {
-    let mut requests = 0;
-    for _ in 0..100 {
+    eventually_some(&format!("{want} requests in the pool's usage"), || async {
         let keys: serde_json::Value = served.get_json("/v1/keys").await;
-        requests = keys["data"][0]["keys"][0]["today"]["requests"]
-            .as_u64()
-            .unwrap_or(0);
-        if requests == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    requests
+        let requests = keys["data"][0]["keys"][0]["today"]["requests"].as_u64();
+        (requests == Some(want)).then_some(want)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,8 +402,23 @@ async fn a_responses_conversation_continues_on_another_instance() {
     )
     .await;
     assert_eq!(status, 200, "{first}");
-    // Written in the background: the follow-up goes to the other instance a moment later.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Written in the background: the follow-up goes to the other instance once it is in Redis.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("*:conversation:{}", first["id"].as_str().unwrap());
+    eventually("the conversation in Redis", || {
+        let mut conn = conn.clone();
+        let pattern = pattern.clone();
+        async move {
+            let found: Vec<String> = ::redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            !found.is_empty()
+        }
+    })
+    .await;
     let (status, second) = post(
         b.url.clone(),
         serde_json::json!({"model": "mock/m", "input": "What is my name?", "previous_response_id": first["id"]}),

@@ -37,21 +37,6 @@ fn stream_body(model: &str) -> Value {
     json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "What is the answer?"}]})
 }
 
-/// The request log files written so far, oldest first.
-async fn request_logs(proxy: &Proxy) -> Vec<Value> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let dir = proxy.dir.path().join("logs");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_cut_with_no_other_key_left_is_continued_by_the_same_key() {
     let mock = Mock::start(|seen, n| match n {
@@ -101,20 +86,33 @@ async fn a_continuation_that_breaks_is_continued_again_and_the_request_is_one_su
     })
     .await;
     let proxy = Proxy::start(continuing(&mock, 3, "timeouts: {stream_idle: 300ms}\n")).await;
-    let data = sse_data(
-        &proxy
-            .post_text("/v1/chat/completions", &stream_body("mock/m"))
-            .await,
-    );
+    let mut body = stream_body("mock/m");
+    body["stream_options"] = json!({"include_usage": true});
+    let data = sse_data(&proxy.post_text("/v1/chat/completions", &body).await);
     assert_eq!(reassemble(&data), "The answer is 42.");
     assert_eq!(data.last().unwrap(), "[DONE]");
+    // The client's usage is the whole answer's: every segment's, not the last one's.
+    let usage: Vec<Value> = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c.get("usage").filter(|u| !u.is_null()).cloned())
+        .collect();
+    assert_eq!(
+        usage.last().map(|u| (
+            u["prompt_tokens"].as_u64(),
+            u["completion_tokens"].as_u64(),
+            u["total_tokens"].as_u64()
+        )),
+        Some((Some(12), Some(3), Some(15))),
+        "{usage:?}"
+    );
     let chats = mock.chats();
     assert_eq!(chats.len(), 3);
     assert_eq!(
         chats[2].body["messages"][1]["content"], "The answer ",
         "the text sent so far accumulates"
     );
-    let logs = request_logs(&proxy).await;
+    let logs = request_logs(&proxy.dir.path().join("logs"), 1).await;
     assert_eq!(logs.len(), 1, "one request");
     let log = &logs[0];
     assert_eq!(log["error"], Value::Null, "{log}");
@@ -218,7 +216,7 @@ async fn a_model_that_does_not_answer_is_left_for_its_fallback_at_once() {
             text.contains("from") && text.contains("backup"),
             "{what}: {text}"
         );
-        let logs = request_logs(&proxy).await;
+        let logs = request_logs(&proxy.dir.path().join("logs"), 1).await;
         assert_eq!(
             logs[0]["fallback"], "backup/b",
             "{what}: logged as served by the fallback"
@@ -246,7 +244,7 @@ async fn first_event_runs_from_sending_the_request() {
             .await,
     );
     assert_eq!(reassemble(&data), "on time");
-    let logs = request_logs(&proxy).await;
+    let logs = request_logs(&proxy.dir.path().join("logs"), 1).await;
     let first = &logs[0]["attempts"][0];
     assert_eq!(first["class"], "timeout", "{first}");
     assert!(
@@ -280,6 +278,7 @@ async fn a_model_failing_on_every_key_is_skipped_for_a_while_then_tried_again() 
     .config("retries: {attempts: 1}\nfallbacks:\n  main/m: [backup/b]\n");
     let proxy = Proxy::start(setup).await;
     let (status, headers, _) = proxy.chat("main/m", "hi").await;
+    let tripped = std::time::Instant::now();
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-keyrelay-fallback"), "backup/b");
     assert_eq!(main.chats().len(), 3, "failed on its three keys");
@@ -293,11 +292,18 @@ async fn a_model_failing_on_every_key_is_skipped_for_a_while_then_tried_again() 
     assert_eq!(main.chats().len(), 3);
     // It recovers; within seconds it serves again.
     healthy.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (status, headers, body) = proxy.chat("main/m", "hi").await;
-    assert_eq!(status, 200);
-    assert_eq!(header(&headers, "x-keyrelay-provider"), "main", "{body}");
+    let body = eventually_some("the model is tried again and serves", || async {
+        let (status, headers, body) = proxy.chat("main/m", "hi").await;
+        assert_eq!(status, 200, "{body}");
+        (header(&headers, "x-keyrelay-provider") == "main").then_some(body)
+    })
+    .await;
     assert_eq!(body["choices"][0]["message"]["content"], "main is back");
+    assert!(
+        tripped.elapsed() < Duration::from_secs(2),
+        "skipped for the first step (1 s), not {:?}",
+        tripped.elapsed()
+    );
 }
 
 #[tokio::test]

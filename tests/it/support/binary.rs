@@ -83,21 +83,13 @@ impl Served {
         self.lines.lock().unwrap().clone()
     }
 
-    /// The log once a line `matches` (lines are written in batches), within 10 s; panics naming `what` when
-    /// none does.
+    /// The log once a line `matches` (lines are written in batches); panics naming `what` when none does.
     pub async fn log_once(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
+        super::eventually_some(&format!("a log line showing {what}"), || async {
             let log = self.log().join("\n");
-            if log.lines().any(&matches) {
-                return log;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "no line shows {what}: {log}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+            log.lines().any(&matches).then_some(log)
+        })
+        .await
     }
 
     /// Waits for the process to exit (after `terminate`).

@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+
+// benches/load.rs includes this file on its own: the polling helper (`support::wait`) comes with it.
+#[path = "wait.rs"]
+pub mod wait;
+use wait::eventually_blocking;
 
 /// How clients reach the server.
 enum Listen {
@@ -95,16 +99,13 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("this test needs redis-server: run .ci/run (which installs it), or apt-get install redis-server");
-        for _ in 0..200 {
+        eventually_blocking("redis-server to listen", || {
             let up = match &listen {
                 Listen::Unix(socket) => socket.exists(),
                 _ => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
             };
-            if up {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            up.then_some(())
+        });
         Self {
             child,
             port,
@@ -203,16 +204,15 @@ impl Cluster {
         assert!(created.success(), "redis-cli --cluster create failed");
         // Ready when every node says so.
         for node in &nodes {
-            for _ in 0..300 {
+            eventually_blocking("the cluster to be ready", || {
                 let info = Command::new("redis-cli")
                     .args(["-p", &node.port.to_string(), "cluster", "info"])
                     .output()
                     .unwrap();
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                String::from_utf8_lossy(&info.stdout)
+                    .contains("cluster_state:ok")
+                    .then_some(())
+            });
         }
         Self { nodes }
     }

@@ -1,0 +1,157 @@
+//! The second hardening pass, each finding through the real server: a refusal about one model never benches keys
+//! whole, the dialects name the model that answered, and a long chain of failing fallbacks still writes a
+//! request log within its size.
+
+use crate::support::*;
+use serde_json::{Value, json};
+
+/// A mock that refuses model `gated` with a bare 401 (its text does not say it is about the model) and answers
+/// every other model.
+async fn gating() -> Mock {
+    Mock::start(|seen, _| {
+        if seen.model() == "gated" {
+            return Reply::error(401, "Unauthorized", "invalid_request_error", "unauthorized");
+        }
+        Reply::ok(completion(seen.model(), "open"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_refusal_about_one_model_never_benches_the_pool() {
+    let mock = gating().await;
+    let proxy = Proxy::start(Setup::one(&mock, 5)).await;
+    // Two keys per request at most, then one (the others already rest for the model): each time the refusal.
+    for _ in 0..3 {
+        let (status, headers, body) = proxy.chat("mock/gated", "hi").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(header(&headers, "x-keyrelay-attempts") <= "2");
+    }
+    // Every key rests for that model now; asking again costs no upstream call.
+    let before = mock.chats().len();
+    let (status, _, body) = proxy.chat("mock/gated", "hi").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(mock.chats().len(), before);
+    let keys = proxy.key_status("mock").await;
+    assert!(
+        keys.iter().all(|k| k.cooling_until.is_none()),
+        "no key rests whole: {keys:?}"
+    );
+    // Every key still serves every other model.
+    let before = mock.chats().len();
+    for _ in 0..10 {
+        let (status, _, body) = proxy.chat("mock/open", "hi").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(mock.chats().len(), before + 10, "one attempt each");
+    let served: std::collections::HashSet<_> = mock.chats()[before..]
+        .iter()
+        .map(|c| c.key.clone())
+        .collect();
+    assert_eq!(served.len(), 5, "the whole pool serves");
+}
+
+#[tokio::test]
+async fn a_key_refused_for_two_models_is_benched_while_good_keys_serve() {
+    // Key 1 is dead; the others serve.
+    let mock = Mock::start(|seen, _| {
+        if seen.key == key(1) {
+            return Reply::error(401, "Unauthorized", "invalid_request_error", "unauthorized");
+        }
+        Reply::ok(completion(seen.model(), "open"))
+    })
+    .await;
+    let proxy = Proxy::start(Setup::one(&mock, 3).config("selection: sequential\n")).await;
+    for model in ["mock/a", "mock/b", "mock/c"] {
+        let (status, _, body) = proxy.chat(model, "hi").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let keys = proxy.key_status("mock").await;
+    let dead = keys.iter().find(|k| k.key == masked(1)).unwrap();
+    assert!(dead.cooling_until.is_some(), "{dead:?}");
+    assert!(
+        keys.iter()
+            .filter(|k| k.key != masked(1))
+            .all(|k| k.cooling_until.is_none())
+    );
+}
+
+/// A primary `main` that always fails and a `backup` that answers, with config.yaml's fallback between them.
+async fn main_and_backup() -> (Proxy, Mock) {
+    let main =
+        Mock::start(|_, _| Reply::error(503, "overloaded", "server_error", "overloaded")).await;
+    let backup = Mock::echo("from the backup").await;
+    let setup = Setup {
+        env: mock_keys("MAIN", 1),
+        ..Setup::empty()
+    }
+    .provider("main", provider_yaml(&main.base_url, ""))
+    .provider("backup", provider_yaml(&backup.base_url, ""))
+    .env("BACKUP_API_KEY", &key(3))
+    .config("retries: {attempts: 1}\nfallbacks:\n  main/big: [backup/small]\n");
+    (Proxy::start(setup).await, backup)
+}
+
+#[tokio::test]
+async fn the_dialects_name_the_fallback_that_answered() {
+    let (proxy, _backup) = main_and_backup().await;
+    let messages = json!({"model": "main/big", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let answer: Value =
+        serde_json::from_str(&proxy.post_text("/v1/messages", &messages).await).unwrap();
+    assert_eq!(answer["model"], "backup/small", "{answer}");
+    let mut streamed = messages.clone();
+    streamed["stream"] = json!(true);
+    let text = proxy.post_text("/v1/messages", &streamed).await;
+    let (_, start) = sse_events(&text)
+        .into_iter()
+        .find(|(name, _)| name == "message_start")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(start["message"]["model"], "backup/small", "{text}");
+
+    let responses = json!({"model": "main/big", "input": "hi"});
+    let answer: Value =
+        serde_json::from_str(&proxy.post_text("/v1/responses", &responses).await).unwrap();
+    assert_eq!(answer["model"], "backup/small", "{answer}");
+    let mut streamed = responses.clone();
+    streamed["stream"] = json!(true);
+    let text = proxy.post_text("/v1/responses", &streamed).await;
+    let (_, completed) = sse_events(&text)
+        .into_iter()
+        .find(|(name, _)| name == "response.completed")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(completed["response"]["model"], "backup/small", "{text}");
+}
+
+#[tokio::test]
+async fn sixteen_failing_fallbacks_write_a_request_log_within_its_size() {
+    // Many short attempt records: 17 models of 3 keys each, every one failing.
+    let failing = Mock::start(|_, _| Reply::error(503, "overloaded", "server_error", "x")).await;
+    let fallbacks: Vec<String> = (0..16).map(|i| format!("mock/fallback-{i}")).collect();
+    let setup = Setup::one(&failing, 3).config(
+        "retries: {attempts: 1}\nrequest_timeout: 20s\nrequest_logging: {enabled: true, max_file_size: 4KB}\n",
+    );
+    let proxy = Proxy::start(setup).await;
+    let body = json!({"model": "mock/m", "fallbacks": fallbacks, "messages": [{"role": "user", "content": "hi"}]});
+    let response = proxy
+        .post("/v1/chat/completions", &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(failing.chats().len(), 51);
+    let dir = proxy.dir.path().join("logs");
+    let logs = request_logs(&dir, 1).await;
+    let log = &logs[0];
+    for file in std::fs::read_dir(&dir).unwrap() {
+        let size = file.unwrap().metadata().unwrap().len();
+        assert!(size <= 4 * 1024, "a request log of {size} bytes");
+    }
+    assert_eq!(log["status"], 503, "{log}");
+    let attempts = log["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["model"], "mock/m", "the first attempt is kept");
+    assert_eq!(
+        attempts.len() as u64 + log["attempts_omitted"].as_u64().unwrap(),
+        51,
+        "the others are counted"
+    );
+}
