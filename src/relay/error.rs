@@ -145,7 +145,9 @@ impl RelayError {
     /// What was tried, when the error is that no key could serve.
     pub fn tried(&self) -> Option<&Tried> {
         match self {
-            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => Some(tried),
+            Self::AllCooling { tried, .. } | Self::Exhausted(tried) | Self::Deadline(tried) => {
+                Some(tried)
+            }
             _ => None,
         }
     }
