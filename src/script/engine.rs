@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Operations one hook call may perform (an infinite loop stops here, in about a millisecond).
-pub const MAX_OPERATIONS: u64 = 500_000;
-/// Bodies up to the request size limit must fit (base64 images).
+/// Operations one hook call may perform on a small input: an endless loop stops here, in about a millisecond.
+pub const BASE_OPERATIONS: u64 = 500_000;
+/// Operations allowed besides per byte of the call's input: a long conversation is mapped whole.
+pub const OPERATIONS_PER_BYTE: u64 = 8;
+/// The longest string one operation may build (`json_stringify`, `to_string` of a map or array), within the
+/// call's memory budget. Bodies up to the request size limit must fit (base64 images).
 pub const MAX_STRING: usize = 64 << 20;
-pub const MAX_ARRAY: usize = 100_000;
-pub const MAX_MAP: usize = 10_000;
 pub const MAX_CALL_LEVELS: usize = 48;
 
 /// What one call may spend (`scripts:` in `config.yaml` or a provider file).
@@ -44,19 +45,24 @@ struct Spending {
     /// count above it (memory it frees that it was handed, its input, does not make room for more).
     low: isize,
     until: Instant,
+    /// Operations it may perform.
+    operations: u64,
 }
 
 thread_local! {
     static SPENDING: Cell<Option<Spending>> = const { Cell::new(None) };
 }
 
-/// Runs `call` (one script call) on this thread within `budget`: past it, the script stops at its next operation
-/// with an error saying which budget it exceeded.
-pub fn within<T>(budget: Budget, call: impl FnOnce() -> T) -> T {
+/// Runs `call` (one script call, on an input of `input` bytes) on this thread within `budget` and an operation
+/// allowance that grows with its input: past either, the script stops at its next operation with an error
+/// saying which limit it reached.
+pub fn within<T>(budget: Budget, input: usize, call: impl FnOnce() -> T) -> T {
     let spending = Spending {
         budget,
         low: crate::alloc::thread_net(),
         until: Instant::now() + budget.time,
+        operations: BASE_OPERATIONS
+            .saturating_add(OPERATIONS_PER_BYTE.saturating_mul(input as u64)),
     };
     let outer = SPENDING.with(|s| s.replace(Some(spending)));
     let out = call();
@@ -89,6 +95,12 @@ fn overspent(operations: u64) -> Option<String> {
             s.budget.memory >> 20
         ));
     }
+    if operations > s.operations {
+        return Some(format!(
+            "it reached its operation limit ({} operations for its input)",
+            s.operations
+        ));
+    }
     // Reading the clock costs more than the rest of this check: every 64 operations is often enough.
     if operations.is_multiple_of(64) && Instant::now() >= s.until {
         return Some(format!(
@@ -109,12 +121,13 @@ fn build() -> Engine {
     e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     e.disable_symbol("eval");
     e.set_strict_variables(true);
-    e.set_max_operations(MAX_OPERATIONS);
     e.set_max_call_levels(MAX_CALL_LEVELS);
     e.set_max_expr_depths(64, 64);
-    e.set_max_string_size(MAX_STRING);
-    e.set_max_array_size(MAX_ARRAY);
-    e.set_max_map_size(MAX_MAP);
+    // No size limits of Rhai's own: it checks them by walking a value whole after each operation, which made a
+    // long conversation (one array of many maps) quadratic, and counted the entries of nested maps as one map's
+    // (a Gemini agent conversation of 900 tool turns failed). The call's memory budget bounds what it builds
+    // (checked before each operation), and the few functions that build as much as an argument asks are
+    // checked against it before they build (`sized`, below).
     e.set_max_variables(1_000);
     e.set_max_functions(1_000);
     e.set_max_modules(0);
@@ -122,6 +135,7 @@ fn build() -> Engine {
     e.on_print(|text| tracing::info!(target: "keyrelay::script", "{text}"));
     e.on_debug(|text, source, pos| tracing::debug!(target: "keyrelay::script", source, line = pos.line(), "{text}"));
 
+    sized(&mut e);
     e.register_fn(
         "json_parse",
         |text: &str| -> Result<Dynamic, Box<EvalAltResult>> {
@@ -335,4 +349,101 @@ impl ScriptError {
             message,
         }
     }
+}
+
+/// Refuses to build `bytes` more than the running call may still build.
+fn afford(bytes: u128, what: &str) -> Result<(), Box<EvalAltResult>> {
+    if bytes > memory_left() as u128 {
+        return Err(format!(
+            "{what} would be larger than the script's memory budget (scripts.memory)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The padding and blob functions, which build as much as an argument asks in one operation, checked against the
+/// call's memory budget before they build; otherwise as Rhai's own.
+fn sized(e: &mut Engine) {
+    fn wanted(len: rhai::INT) -> u128 {
+        u128::try_from(len).unwrap_or(0)
+    }
+    e.register_fn(
+        "pad",
+        |s: &mut ImmutableString, len: rhai::INT, c: char| -> Result<(), Box<EvalAltResult>> {
+            afford(wanted(len) * c.len_utf8() as u128, "pad")?;
+            let have = s.chars().count();
+            let len = wanted(len) as usize;
+            if len > have {
+                let p = s.make_mut();
+                p.extend(std::iter::repeat_n(c, len - have));
+            }
+            Ok(())
+        },
+    );
+    e.register_fn(
+        "pad",
+        |s: &mut ImmutableString,
+         len: rhai::INT,
+         padding: &str|
+         -> Result<(), Box<EvalAltResult>> {
+            afford(wanted(len) * 4, "pad")?;
+            let len = wanted(len) as usize;
+            let mut have = s.chars().count();
+            if padding.is_empty() || len <= have {
+                return Ok(());
+            }
+            let p = s.make_mut();
+            for c in padding.chars().cycle() {
+                if have >= len {
+                    break;
+                }
+                p.push(c);
+                have += 1;
+            }
+            Ok(())
+        },
+    );
+    e.register_fn(
+        "pad",
+        |array: &mut rhai::Array,
+         len: rhai::INT,
+         item: Dynamic|
+         -> Result<(), Box<EvalAltResult>> {
+            afford(wanted(len) * std::mem::size_of::<Dynamic>() as u128, "pad")?;
+            let len = wanted(len) as usize;
+            if len > array.len() {
+                array.resize(len, item);
+            }
+            Ok(())
+        },
+    );
+    e.register_fn(
+        "pad",
+        |blob: &mut rhai::Blob,
+         len: rhai::INT,
+         value: rhai::INT|
+         -> Result<(), Box<EvalAltResult>> {
+            afford(wanted(len), "pad")?;
+            let len = wanted(len) as usize;
+            if len > blob.len() {
+                blob.resize(len, (value & 0xff) as u8);
+            }
+            Ok(())
+        },
+    );
+    e.register_fn(
+        "blob",
+        |len: rhai::INT| -> Result<rhai::Blob, Box<EvalAltResult>> {
+            afford(wanted(len), "blob")?;
+            Ok(vec![0; wanted(len) as usize])
+        },
+    );
+    e.register_fn(
+        "blob",
+        |len: rhai::INT, value: rhai::INT| -> Result<rhai::Blob, Box<EvalAltResult>> {
+            afford(wanted(len), "blob")?;
+            Ok(vec![(value & 0xff) as u8; wanted(len) as usize])
+        },
+    );
 }

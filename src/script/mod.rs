@@ -225,7 +225,7 @@ impl ProviderScript {
         if let Some(this) = this {
             options = options.bind_this_ptr(this);
         }
-        engine::within(self.budget, || {
+        engine::within(self.budget, size_of(&arg), || {
             let out = engine().call_fn_with_options::<Dynamic>(
                 options,
                 &mut scope,

@@ -112,6 +112,15 @@ fn request(ctx) {
         for i in 0..50 { kept.push(s + i); }
         return #{ path: "/chat/completions", body: #{ n: kept.len() } };
     }
+    if last == "pad" {
+        let s = "x";
+        s.pad(2_000_000_000, 'y');
+        return #{ path: "/chat/completions", body: #{ s: s } };
+    }
+    if last == "blob" {
+        let b = blob(2_000_000_000);
+        return #{ path: "/chat/completions", body: #{ n: b.len() } };
+    }
     if last == "slow" {
         let s = "x"; for i in 0..23 { s += s; }
         loop { let t = s + "y"; }
@@ -142,6 +151,14 @@ async fn a_script_over_its_memory_or_time_budget_fails_its_request_and_the_next_
     for (trigger, reason) in [
         ("map", None),
         ("vars", Some("it built more than 64 MiB (scripts.memory)")),
+        (
+            "pad",
+            Some("pad would be larger than the script's memory budget"),
+        ),
+        (
+            "blob",
+            Some("blob would be larger than the script's memory budget"),
+        ),
         ("slow", Some("it ran longer than 2s (scripts.time)")),
     ] {
         let (status, _, body) = proxy.chat("greedy/m", trigger).await;

@@ -155,3 +155,42 @@ async fn sixteen_failing_fallbacks_write_a_request_log_within_its_size() {
         "the others are counted"
     );
 }
+
+/// An agent conversation of `turns` tool calls, each answered.
+fn agent_conversation(turns: usize) -> Value {
+    let mut messages = vec![json!({"role": "user", "content": "Look around the repository."})];
+    for i in 0..turns {
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\": \"src/file{i}.rs\"}}")}}]}));
+        messages.push(json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("{{\"text\": \"contents of file {i}\"}}")}));
+    }
+    json!({"model": "m", "messages": messages, "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]})
+}
+
+/// Once failed past about 900 tool turns ("Size of object map exceeds the size limit"): a script's data is
+/// bounded by its memory budget, not by a count of nested entries.
+#[test]
+fn long_agent_conversations_map_for_the_scripted_providers() {
+    use crate::support::mapping::map_body;
+    for turns in [1_000, 5_000] {
+        let gemini = map_body(
+            "gemini",
+            "chat",
+            "gemini-2.5-pro",
+            agent_conversation(turns),
+        );
+        let contents = gemini["body"]["contents"].as_array().unwrap();
+        assert_eq!(contents.len(), 2 * turns + 1, "{turns}");
+        assert_eq!(
+            contents[2 * turns]["parts"][0]["functionResponse"]["name"],
+            "read_file"
+        );
+        let anthropic = map_body(
+            "anthropic",
+            "chat",
+            "claude-sonnet-4-5",
+            agent_conversation(turns),
+        );
+        let messages = anthropic["body"]["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 2 * turns + 1, "{turns}");
+    }
+}
