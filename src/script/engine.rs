@@ -389,18 +389,12 @@ fn sized(e: &mut Engine) {
          -> Result<(), Box<EvalAltResult>> {
             afford(wanted(len) * 4, "pad")?;
             let len = wanted(len) as usize;
-            let mut have = s.chars().count();
+            let have = s.chars().count();
             if padding.is_empty() || len <= have {
                 return Ok(());
             }
             let p = s.make_mut();
-            for c in padding.chars().cycle() {
-                if have >= len {
-                    break;
-                }
-                p.push(c);
-                have += 1;
-            }
+            p.extend(padding.chars().cycle().take(len - have));
             Ok(())
         },
     );
