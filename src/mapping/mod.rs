@@ -28,6 +28,7 @@ pub mod fields;
 pub mod inbound;
 pub mod passthrough;
 pub mod scripted;
+pub mod shape;
 mod stream;
 
 pub use chunk::{ChunkWriter, Part};
@@ -230,6 +231,10 @@ impl Mapping {
                     below: mapping.request,
                 });
             }
+            // The request is translated: what the layers below read must have the shape they expect.
+            mapping.request = Arc::new(shape::Checked {
+                below: mapping.request,
+            });
         }
         if script.has(Hook::Response) {
             let below = Arc::new(scripted::Scripted(script.clone()));
