@@ -76,20 +76,33 @@ pub enum Scope {
     Key,
 }
 
-/// The client asked for what the target cannot do (a field it has no equivalent for): a 400 naming `param`,
-/// the client's to fix. Made by field rules, scripts (`refuse`) and inbound dialects alike.
+/// The client asked for what the target cannot do (a field it has no equivalent for), or sent a field of the wrong
+/// type: a 400 naming `param`, the client's to fix. Made by field rules, scripts (`refuse`), the shape check and
+/// inbound dialects alike.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Refused {
     pub param: String,
     pub message: String,
+    /// The error code the client gets: `unsupported_parameter`, or `invalid_type`.
+    pub code: &'static str,
 }
 
 impl Refused {
+    /// A field the target cannot honour.
     pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             param: param.into(),
             message: message.into(),
+            code: "unsupported_parameter",
+        }
+    }
+
+    /// A field of the wrong type.
+    pub fn invalid_type(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: "invalid_type",
+            ..Self::new(param, message)
         }
     }
 }

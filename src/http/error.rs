@@ -76,9 +76,9 @@ impl ApiError {
         )
     }
 
-    /// A 400 `unsupported_parameter` naming the field at fault.
+    /// A 400 naming the field at fault (`unsupported_parameter`, or `invalid_type`).
     pub fn refused(refused: crate::failure::Refused) -> Self {
-        let mut e = Self::bad_request("unsupported_parameter", refused.message);
+        let mut e = Self::bad_request(refused.code, refused.message);
         e.param = Some(refused.param);
         e
     }

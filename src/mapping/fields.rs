@@ -236,7 +236,7 @@ mod tests {
     fn judge(rules: &FieldRules, endpoint: &str, body: Value) -> Result<Vec<String>, String> {
         match rules.judge(endpoint, body.as_object().unwrap()) {
             Ok(extras) => Ok(extras.into_iter().map(|(k, _)| k).collect()),
-            Err(MapError::Refused(Refused { param, message })) => {
+            Err(MapError::Refused(Refused { param, message, .. })) => {
                 assert!(message.contains(&format!("`{param}`")), "{message}");
                 Err(param)
             }

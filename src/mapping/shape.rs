@@ -64,7 +64,7 @@ impl Is {
 }
 
 fn refuse(at: &str, what: &str) -> Refused {
-    Refused::new(at, format!("`{at}` must be {what}"))
+    Refused::invalid_type(at, format!("`{at}` must be {what}"))
 }
 
 /// `value[field]`, when present and not null, must be one of `kinds`.

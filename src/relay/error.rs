@@ -188,7 +188,7 @@ impl RelayError {
         match self {
             Self::BadRequest(_) => (400, "invalid_request_error", "invalid_model"),
             Self::InvalidField(_) => (400, "invalid_request_error", "invalid_request"),
-            Self::Unsupported(_) => (400, "invalid_request_error", "unsupported_parameter"),
+            Self::Unsupported(refused) => (400, "invalid_request_error", refused.code),
             Self::UnknownProvider(_) => (404, "invalid_request_error", "unknown_provider"),
             Self::NoKeys(_) => (404, "invalid_request_error", "provider_without_keys"),
             Self::ModelDenied(_) => (404, "invalid_request_error", "model_not_found"),

@@ -305,6 +305,7 @@ async fn malformed_requests_to_a_scripted_provider_get_400_naming_the_field() {
         let (status, _, answer) = send(proxy.post("/v1/chat/completions", &body)).await;
         assert_eq!(status, 400, "{answer}");
         assert_eq!(answer["error"]["param"], field, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_type", "{answer}");
         assert!(
             answer["error"]["message"].as_str().unwrap().contains(field),
             "{answer}"

@@ -14,7 +14,7 @@ fn refused(provider: &str, endpoint: &str, body: Value) -> String {
         .request
         .map(&target(endpoint, "m", stream), body)
     {
-        Err(MapError::Refused(keyrelay::failure::Refused { param, message })) => {
+        Err(MapError::Refused(keyrelay::failure::Refused { param, message, .. })) => {
             assert!(message.contains(provider), "{message}");
             param
         }
