@@ -84,14 +84,26 @@ impl Reloader {
     }
 
     /// Rebuilds the configuration from the files and publishes it if it is valid. Returns whether a new snapshot
-    /// was published.
-    pub async fn reload(&self) -> bool {
+    /// was published. `confirmed` (SIGHUP) accepts a configuration that narrows the running one on purpose (see
+    /// [`narrowing`]).
+    pub async fn reload(&self, confirmed: bool) -> bool {
         let _one_at_a_time = self.busy.lock().await;
         let opts = self.opts.clone();
         let built = tokio::task::spawn_blocking(move || Snapshot::load(&opts)).await;
         let old = self.config.load_full();
+        let refused = |new: &Snapshot| {
+            self.refusal(new).or_else(|| {
+                let narrowing = narrowing(&old, new);
+                (!confirmed && !narrowing.is_empty()).then(|| {
+                    format!(
+                        "the new configuration {}; keeping the running one (if this is meant, send SIGHUP to keyrelay, or restart it)",
+                        narrowing.join(", and ")
+                    )
+                })
+            })
+        };
         let mut new = match built {
-            Ok(Ok(new)) => match self.refusal(&new) {
+            Ok(Ok(new)) => match refused(&new) {
                 None => new,
                 Some(why) => {
                     self.reject(why, old.generation);
@@ -280,6 +292,36 @@ fn inputs<'a>(opts: &'a LoadOptions, snapshot: &'a Snapshot) -> [&'a Path; 4] {
     ]
 }
 
+/// How `new` narrows `old` in ways a file being rewritten, synced or unmounted produces by accident: served only
+/// when the operator confirms it.
+pub fn narrowing(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.proxy_key.is_some() && new.proxy_key.is_none() {
+        out.push(
+            "has no PROXY_API_KEY: the proxy would be open to anyone who can reach it".to_string(),
+        );
+    }
+    let from_files = |s: &Snapshot| s.providers.values().filter(|p| p.source.is_some()).count();
+    if from_files(old) > 0 && from_files(new) == 0 {
+        out.push("has no provider file left".to_string());
+    }
+    let generic: Vec<&str> = new
+        .providers
+        .iter()
+        .filter(|(name, p)| {
+            p.source.is_none() && old.providers.get(*name).is_some_and(|o| o.source.is_some())
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !generic.is_empty() {
+        out.push(format!(
+            "serves {} as a generic OpenAI-compatible provider (its file is gone, its <NAME>_API_BASE remains)",
+            generic.join(", ")
+        ));
+    }
+    out
+}
+
 /// Every key id in a snapshot.
 pub fn live_keys(snapshot: &Snapshot) -> HashSet<crate::secret::KeyId> {
     snapshot
@@ -352,8 +394,9 @@ pub fn spawn_watcher(
     reloader: Arc<Reloader>,
     stop: CancellationToken,
 ) -> Result<(), notify::Error> {
-    // One pending signal is enough: the reload reads everything anew.
+    // One pending signal is enough: the reload reads everything anew. A SIGHUP among them confirms it.
     let (tx, mut rx) = mpsc::channel::<()>(1);
+    let confirmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let filter = reloader.clone();
     let events = tx.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -374,6 +417,7 @@ pub fn spawn_watcher(
     {
         let stop = stop.clone();
         let tx = tx.clone();
+        let confirmed = confirmed.clone();
         tokio::spawn(async move {
             let Ok(mut hup) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -385,6 +429,7 @@ pub fn spawn_watcher(
                     _ = stop.cancelled() => return,
                     got = hup.recv() => {
                         if got.is_none() || tx.is_closed() { return }
+                        confirmed.store(true, std::sync::atomic::Ordering::Relaxed);
                         let _ = tx.try_send(());
                     }
                 }
@@ -400,7 +445,8 @@ pub fn spawn_watcher(
                 got = rx.recv() => if got.is_none() { return },
             }
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            reloader.reload().await;
+            let confirmed = confirmed.swap(false, std::sync::atomic::Ordering::Relaxed);
+            reloader.reload(confirmed).await;
             // Directories may have been replaced (symlink swaps) or renamed in settings: watch what is there now.
             rewatch(&mut watcher, &mut watching, reloader.watched_dirs());
         }

@@ -313,3 +313,83 @@ async fn malformed_requests_to_a_scripted_provider_get_400_naming_the_field() {
     }
     assert!(mock.chats().is_empty(), "nothing reached the upstream");
 }
+
+/// What a reload would lose by accident (every provider file moved away, `PROXY_API_KEY` gone from `.env`, a
+/// provider file replaced by a generic provider of the same name) is refused on any host until the operator
+/// confirms it with SIGHUP.
+#[tokio::test]
+async fn a_reload_that_empties_an_input_waits_for_the_operator() {
+    let mock = Mock::echo("from the file").await;
+    let dir = mock_dir(&mock, "");
+    // MOCK_API_BASE is there too: without the file, `mock` would be a generic provider at that URL.
+    let env = format!(
+        "PROXY_API_KEY={PROXY_KEY}\nMOCK_API_KEY_1={}\nMOCK_API_BASE={}\n",
+        key(1),
+        mock.base_url
+    );
+    write(dir.path(), ".env", &env);
+    let served = start(dir.path(), &[], None);
+    let client = http_client();
+    let chat = |auth: bool| {
+        let request = client
+            .post(format!("{}/v1/chat/completions", served.url))
+            .header("content-type", "application/json")
+            .body(r#"{"model": "mock/m", "messages": [{"role": "user", "content": "hi"}]}"#);
+        let request = if auth {
+            request.bearer_auth(PROXY_KEY)
+        } else {
+            request
+        };
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let last_error = || async {
+        let (_, _, status) = send(
+            client
+                .get(format!("{}/", served.url))
+                .bearer_auth(PROXY_KEY),
+        )
+        .await;
+        status["config"]["last_reload_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(chat(true).await, 200);
+
+    // The provider file moved away: refused, the file's provider keeps serving.
+    let moved = dir.path().join("mock.yaml.bak");
+    std::fs::rename(dir.path().join("providers/mock.yaml"), &moved).unwrap();
+    let error = eventually_some("the reload refused", || async {
+        Some(last_error().await).filter(|e| e.contains("no provider file left"))
+    })
+    .await;
+    assert!(
+        error.contains("generic OpenAI-compatible") && error.contains("SIGHUP"),
+        "{error}"
+    );
+    assert_eq!(chat(true).await, 200);
+    std::fs::rename(&moved, dir.path().join("providers/mock.yaml")).unwrap();
+
+    // The proxy key gone from .env on a loopback host: refused too, the key still required.
+    write(
+        dir.path(),
+        ".env",
+        &env.replace(&format!("PROXY_API_KEY={PROXY_KEY}\n"), ""),
+    );
+    eventually("the reload without the key refused", || async {
+        last_error().await.contains("no PROXY_API_KEY")
+    })
+    .await;
+    assert_eq!(chat(false).await, 401);
+
+    // The operator confirms.
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &served.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the confirmed reload serves without a key", || async {
+        chat(false).await == 200
+    })
+    .await;
+}

@@ -50,6 +50,10 @@ async fn a_dropped_provider_serves_a_deleted_one_404s_and_an_edited_url_moves_tr
     })
     .await;
 
+    // Another provider file, then the first deleted: its models 404. (Deleting the last provider file is a
+    // narrowing the operator confirms: tests/it/hardening.rs.)
+    let other = providers_dir(&proxy).join("other.yaml");
+    std::fs::write(&other, provider_yaml(&first.base_url, "")).unwrap();
     std::fs::remove_file(&file).unwrap();
     eventually("the deleted provider's models 404", || async {
         let (status, _, body) = proxy.chat("mock/m", "hi").await;
