@@ -28,7 +28,8 @@ impl ConfigError {
         self
     }
 
-    /// A YAML syntax or schema error, with its line when the parser knows it.
+    /// A YAML syntax or schema error, with its line when the parser knows it. The value at fault is described,
+    /// not quoted: it may be a secret written in the wrong place.
     pub fn yaml(file: &Path, err: &serde_yaml::Error) -> Self {
         let message = err.to_string();
         // The parser appends " at line L column C"; the line is reported in its own field.
@@ -36,6 +37,7 @@ impl ConfigError {
             Some(at) => message[..at].to_string(),
             None => message,
         };
+        let message = unquoted(&message);
         let hint = if message.contains("unknown field") {
             Some("check the spelling; docs/CONFIGURATION.md lists every setting".to_string())
         } else {
@@ -63,6 +65,32 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
+}
+
+/// A parser's message without the values it quotes: a string value becomes its length, and a name written in the
+/// file (an unknown field or variant) is kept only when it is short and looks like a name (a secret is longer).
+fn unquoted(message: &str) -> String {
+    static STRING: std::sync::OnceLock<regex_lite::Regex> = std::sync::OnceLock::new();
+    static NAME: std::sync::OnceLock<regex_lite::Regex> = std::sync::OnceLock::new();
+    let string =
+        STRING.get_or_init(|| regex_lite::Regex::new(r#"string "((?:[^"\\]|\\.)*)""#).unwrap());
+    let name =
+        NAME.get_or_init(|| regex_lite::Regex::new(r"(field|variant|key) `([^`]*)`").unwrap());
+    let message = string.replace_all(message, |c: &regex_lite::Captures<'_>| {
+        format!("a string of {} characters", c[1].chars().count())
+    });
+    let plain = |n: &str| {
+        n.len() <= 32
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    name.replace_all(&message, |c: &regex_lite::Captures<'_>| {
+        match plain(&c[2]) {
+            true => c[0].to_string(),
+            false => format!("{} of {} characters", &c[1], c[2].chars().count()),
+        }
+    })
+    .into_owned()
 }
 
 /// Every problem found in one load; nothing is applied unless this is empty.
@@ -95,4 +123,41 @@ pub fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
         return Ok(T::default());
     }
     serde_yaml::from_str(text).map_err(|e| ConfigError::yaml(file, &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_a_parser_quotes_are_described_not_repeated() {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Raw {
+            name: Option<std::collections::BTreeMap<String, String>>,
+            kind: Option<Kind>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            Balanced,
+        }
+        let secret = "sk-proj-aSecretThatWasPastedInTheWrongPlace0123456789";
+        for yaml in [
+            format!("name: {secret}\n"),
+            format!("kind: {secret}\n"),
+            format!("{secret}: 1\n"),
+        ] {
+            let err = parse_yaml::<Raw>(Path::new("c.yaml"), &yaml).unwrap_err();
+            assert!(!err.message.contains("aSecret"), "{}", err.message);
+            assert!(err.message.contains("characters"), "{}", err.message);
+        }
+        let err = parse_yaml::<Raw>(Path::new("c.yaml"), "nmae: 1\n").unwrap_err();
+        assert!(
+            err.message.contains("`nmae`"),
+            "short names stay: {}",
+            err.message
+        );
+    }
 }

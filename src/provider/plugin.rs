@@ -51,6 +51,21 @@ pub(super) fn attach(
     } = plugin;
     let mut fingerprint = 0;
     match script {
+        // A script is a file of `plugins/`, named plainly: no path leads anywhere else (`../.env`, `/etc/...`).
+        Some(script)
+            if !matches!(
+                Path::new(&script).components().collect::<Vec<_>>()[..],
+                [std::path::Component::Normal(_)]
+            ) =>
+        {
+            return Err(vec![
+                ConfigError::new(
+                    Some(path),
+                    "`script:` must name a file in the plugins directory, without a path",
+                )
+                .hint("e.g. script: my_provider.rhai"),
+            ]);
+        }
         Some(script) => {
             let loaded = ProviderScript::load(
                 &plugins.join(&script),

@@ -119,7 +119,7 @@ impl ProviderScript {
         options: &Value,
         budget: Budget,
     ) -> Result<Self, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
+        let text = read_bounded(file).map_err(|e| {
             vec![
                 ConfigError::new(Some(file), format!("cannot read the script: {e}"))
                     .hint("check the provider's `script:`"),
@@ -436,6 +436,25 @@ fn size_of(value: &Dynamic) -> usize {
     } else {
         16
     }
+}
+
+/// The largest script read.
+const MAX_SCRIPT: u64 = 4 << 20;
+
+/// A script's text, refused past [`MAX_SCRIPT`] bytes.
+fn read_bounded(file: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(file)?
+        .take(MAX_SCRIPT + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SCRIPT {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_SCRIPT >> 20
+        )));
+    }
+    Ok(text)
 }
 
 /// JSON to a script value.

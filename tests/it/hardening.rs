@@ -393,3 +393,45 @@ async fn a_reload_that_empties_an_input_waits_for_the_operator() {
     })
     .await;
 }
+
+/// A provider file cannot make keyrelay read a file outside `plugins/` as a script, and a secret written where a
+/// setting belongs is never repeated by the error about it (the log and `GET /` show these errors).
+#[test]
+fn configuration_errors_neither_read_outside_plugins_nor_quote_secrets() {
+    let secret = "sk-proj-aSecretPastedInTheWrongPlace0123456789abcdef";
+    for (file, text) in [
+        (
+            "providers/sneaky.yaml",
+            "base_url: https://example.com/v1\nscript: ../.env\n".to_string(),
+        ),
+        (
+            "providers/sneaky.yaml",
+            "base_url: https://example.com/v1\nscript: /etc/hostname\n".to_string(),
+        ),
+        ("config.yaml", format!("selection: {secret}\n")),
+        ("config.yaml", format!("aliases: {{fast: [{secret}]}}\n")),
+        (
+            "providers/typo.yaml",
+            format!("base_url: https://example.com/v1\n{secret}: 1\n"),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            ".env",
+            &format!("PROXY_API_KEY={PROXY_KEY}\nSNEAKY_API_KEY={secret}\n"),
+        );
+        write(dir.path(), "plugins/.keep", "");
+        write(dir.path(), file, &text);
+        let (ok, output) = check(dir.path());
+        assert!(!ok, "{file}: {text}\n{output}");
+        assert!(!output.contains("aSecret"), "{output}");
+        assert!(!output.contains("PROXY_API_KEY="), "{output}");
+        if text.contains("script:") {
+            assert!(
+                output.contains("must name a file in the plugins directory"),
+                "{output}"
+            );
+        }
+    }
+}
