@@ -74,84 +74,12 @@ pub(super) fn attach(
                 crate::script::Budget::of(&provider.tuning),
             )?;
             fingerprint = loaded.fingerprint;
-            let mut declared = crate::mapping::declared::Declared::default();
-            if let Some(stream) = stream {
-                if !loaded.has(Hook::StreamEvent) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`stream.fast` rules need a script with a stream_event hook",
-                    )]);
-                }
-                declared.events(stream, path)?;
-            }
-            if let Some(mut request) = request {
-                if !loaded.has(Hook::Request) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`request.copy`, `request.messages` and `request.fields` need a script with a request hook",
-                    )]);
-                }
-                if let Some(messages) = request.messages.take() {
-                    declared.messages(messages, path)?;
-                }
-                declared.copies(request.copy, path)?;
-                if let Some(fields) = request.fields.take() {
-                    declared.fields = Some(Arc::new(crate::mapping::fields::FieldRules::resolve(
-                        fields, path,
-                    )?));
-                }
-            }
-            if let Some(response) = response {
-                if !loaded.has(Hook::Response) {
-                    return Err(vec![ConfigError::new(
-                        Some(path),
-                        "`response.fast` needs a script with a response hook",
-                    )]);
-                }
-                declared.answer(response, path)?;
-            }
+            let declared = declarations(&loaded, path, stream, request, response)?;
             let loaded = Arc::new(loaded);
             let plain_chats = declared.messages.is_some();
             provider.mapping = crate::mapping::Mapping::compose(Some(&loaded), declared);
             if loaded.has(Hook::Request) {
-                // The one check only running the script can make: it maps an ordinary request, as it comes
-                // and, when `request.messages` takes plain chats, as the hook then sees one (no `messages`).
-                let model = provider
-                    .static_models
-                    .first()
-                    .map_or("sample-model", String::as_str);
-                let sample = serde_json::json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": "ping"}],
-                });
-                let target = crate::mapping::Target {
-                    endpoint: "chat",
-                    model,
-                    stream: false,
-                    path: provider
-                        .paths
-                        .chat
-                        .as_deref()
-                        .unwrap_or("/chat/completions"),
-                };
-                use crate::mapping::RequestMapping;
-                let mut checked = crate::mapping::scripted::Scripted(loaded.clone())
-                    .map(&target, sample.clone())
-                    .map(drop);
-                if checked.is_ok() && plain_chats {
-                    checked = provider.mapping.request.map(&target, sample).map(drop);
-                }
-                if let Err(e) = checked {
-                    return Err(vec![
-                        ConfigError::new(
-                            Some(path),
-                            format!(
-                                "the script's request hook fails on a sample chat request: {e}"
-                            ),
-                        )
-                        .hint("fix the script; the previous configuration keeps serving meanwhile"),
-                    ]);
-                }
+                try_sample(provider, &loaded, plain_chats, path)?;
             }
             provider.script = Some(loaded);
         }
@@ -172,4 +100,97 @@ pub(super) fn attach(
         None => {}
     }
     Ok(fingerprint)
+}
+
+/// The declared mappings of a provider file (`stream`, `request`, `response`), each needing the script hook it
+/// stands in front of.
+fn declarations(
+    loaded: &ProviderScript,
+    path: &Path,
+    stream: Option<RawStream>,
+    request: Option<RawRequest>,
+    response: Option<RawResponse>,
+) -> Result<crate::mapping::declared::Declared, Vec<ConfigError>> {
+    let mut declared = crate::mapping::declared::Declared::default();
+    if let Some(stream) = stream {
+        if !loaded.has(Hook::StreamEvent) {
+            return Err(vec![ConfigError::new(
+                Some(path),
+                "`stream.fast` rules need a script with a stream_event hook",
+            )]);
+        }
+        declared.events(stream, path)?;
+    }
+    if let Some(mut request) = request {
+        if !loaded.has(Hook::Request) {
+            return Err(vec![ConfigError::new(
+                Some(path),
+                "`request.copy`, `request.messages` and `request.fields` need a script with a request hook",
+            )]);
+        }
+        if let Some(messages) = request.messages.take() {
+            declared.messages(messages, path)?;
+        }
+        declared.copies(request.copy, path)?;
+        if let Some(fields) = request.fields.take() {
+            declared.fields = Some(Arc::new(crate::mapping::fields::FieldRules::resolve(
+                fields, path,
+            )?));
+        }
+    }
+    if let Some(response) = response {
+        if !loaded.has(Hook::Response) {
+            return Err(vec![ConfigError::new(
+                Some(path),
+                "`response.fast` needs a script with a response hook",
+            )]);
+        }
+        declared.answer(response, path)?;
+    }
+    Ok(declared)
+}
+
+/// The one check only running the script can make: it maps an ordinary request, as it comes and, when
+/// `request.messages` takes plain chats, as the hook then sees one (no `messages`).
+fn try_sample(
+    provider: &Provider,
+    loaded: &Arc<ProviderScript>,
+    plain_chats: bool,
+    path: &Path,
+) -> Result<(), Vec<ConfigError>> {
+    let model = provider
+        .static_models
+        .first()
+        .map_or("sample-model", String::as_str);
+    let sample = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "ping"}],
+    });
+    let target = crate::mapping::Target {
+        endpoint: "chat",
+        model,
+        stream: false,
+        path: provider
+            .paths
+            .chat
+            .as_deref()
+            .unwrap_or("/chat/completions"),
+    };
+    use crate::mapping::RequestMapping;
+    let mut checked = crate::mapping::scripted::Scripted(loaded.clone())
+        .map(&target, sample.clone())
+        .map(drop);
+    if checked.is_ok() && plain_chats {
+        checked = provider.mapping.request.map(&target, sample).map(drop);
+    }
+    if let Err(e) = checked {
+        return Err(vec![
+            ConfigError::new(
+                Some(path),
+                format!("the script's request hook fails on a sample chat request: {e}"),
+            )
+            .hint("fix the script; the previous configuration keeps serving meanwhile"),
+        ]);
+    }
+    Ok(())
 }
