@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-// benches/load.rs includes this file on its own: the polling helper (`support::wait`) comes with it.
+// benches/load/stores.rs includes this file on its own: the polling helper (`support::wait`) comes with it.
 #[path = "wait.rs"]
 pub mod wait;
 use wait::eventually_blocking;
