@@ -56,17 +56,15 @@ impl Conversation {
         Self(Arc::from(text))
     }
 
-    /// A conversation as another instance wrote it: a JSON array, or nothing.
-    pub fn from_json(text: Vec<u8>) -> Option<Self> {
-        // Checked without building anything, so that using it later cannot fail.
-        serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&text).ok()?;
-        Some(Self(Arc::from(text)))
+    /// A conversation as another instance wrote it (checked when it is used: [`Conversation::messages`]).
+    pub fn from_json(text: Vec<u8>) -> Self {
+        Self(Arc::from(text))
     }
 
-    /// Every message, oldest first, parsed now.
-    pub fn messages(&self) -> Vec<Value> {
-        // The text is ours, or checked when it was read.
-        serde_json::from_slice(&self.0).unwrap_or_default()
+    /// Every message, oldest first, parsed now; none if the text is not a JSON array (written by something
+    /// else than keyrelay).
+    pub fn messages(&self) -> Option<Vec<Value>> {
+        serde_json::from_slice(&self.0).ok()
     }
 
     /// The conversation as JSON text (an array of chat messages).
@@ -139,7 +137,7 @@ impl Conversations {
         let shared = self.shared.as_ref()?;
         // What another instance wrote is read as bounded as what this one keeps.
         let text = redis::fetch(shared, id, limits.max_bytes).await?;
-        let conversation = Conversation::from_json(text)?;
+        let conversation = Conversation::from_json(text);
         self.keep_local(id.to_string(), conversation.clone(), limits);
         Some(conversation)
     }
@@ -230,7 +228,10 @@ mod tests {
             store.keep(id.into(), one(id), &l);
         }
         assert!(store.get("a", &l).is_none(), "the oldest went");
-        assert_eq!(store.get("c", &l).unwrap().messages()[0]["content"], "c");
+        assert_eq!(
+            store.get("c", &l).unwrap().messages().unwrap()[0]["content"],
+            "c"
+        );
         assert_eq!(store.len(), 2);
 
         let small = limits(10, 2 * ENTRY_OVERHEAD + 150, Duration::from_secs(60));
@@ -260,7 +261,7 @@ mod tests {
         let first = one("a");
         let second = Conversation::new(Some(&first), &[json!("b"), json!("c")]);
         assert_eq!(
-            second.messages(),
+            second.messages().unwrap(),
             vec![
                 json!({"role": "user", "content": "a"}),
                 json!("b"),
@@ -297,10 +298,14 @@ mod tests {
     }
 
     #[test]
-    fn text_from_elsewhere_is_kept_only_as_a_json_array() {
-        assert!(Conversation::from_json(b"[{\"role\":\"user\"}]".to_vec()).is_some());
+    fn text_from_elsewhere_is_used_only_as_a_json_array() {
+        let good = Conversation::from_json(b"[{\"role\":\"user\"}]".to_vec());
+        assert_eq!(good.messages(), Some(vec![json!({"role": "user"})]));
         for bad in [&b"{}"[..], b"[", b"not json", b"[1,]", b""] {
-            assert!(Conversation::from_json(bad.to_vec()).is_none(), "{bad:?}");
+            assert!(
+                Conversation::from_json(bad.to_vec()).messages().is_none(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -35,18 +35,16 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
             .await;
         return render_native(result, Dialect::Responses, Shape::OpenAi);
     }
-    // Kept as text, parsed for this use: off the async workers when large, as a large body is.
+    // Kept as text, parsed for this use: off the async workers when large, as a large body is. Text that does not
+    // parse (written to Redis by something else) is no conversation.
     let mut prior = match prior {
         Some(conversation) if conversation.bytes() > 1 << 20 => {
             let parse = conversation.clone();
             let messages =
                 crate::offload::run(crate::offload::Pool::Requests, move || parse.messages()).await;
-            Some((conversation, messages))
+            messages.map(|m| (conversation, m))
         }
-        Some(conversation) => {
-            let messages = conversation.messages();
-            Some((conversation, messages))
-        }
+        Some(conversation) => conversation.messages().map(|m| (conversation, m)),
         None => None,
     };
     let translation = match to_chat(body, |_| prior.take()) {

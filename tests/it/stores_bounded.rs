@@ -232,6 +232,27 @@ async fn what_an_instance_writes_to_redis_is_bounded_in_bytes_and_count() {
             .any(|(id, _)| *id == huge),
         "a conversation over the bound was written"
     );
+    // What another writer left there is read as bounded: over the reader's own bound it is no conversation
+    // (to A, 4 MiB), within it one (to B), and text that is not a conversation is none either.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let large = json!([{"role": "user", "content": "z".repeat(5 << 20)}]).to_string();
+    for (id, text) in [("resp_large", large.as_str()), ("resp_bogus", "not json")] {
+        let _: () = ::redis::cmd("SET")
+            .arg(format!("keyrelay:conversation:{id}"))
+            .arg(text)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let unknown = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], "previous_response_not_found");
+    };
+    unknown(respond(&a.url, &follow("resp_large")).await);
+    let (status, answer) = respond(&b.url, &follow("resp_large")).await;
+    assert_eq!(status, 200, "{answer}");
+    unknown(respond(&b.url, &follow("resp_bogus")).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
