@@ -2,12 +2,15 @@
 //! chat messages that led to it and the answer itself, so that a follow-up naming it continues the conversation
 //! on any provider. Bounded in entries, bytes and age (`responses:` in config.yaml); the oldest go first.
 //!
-//! With key state shared through Redis, each conversation is also written there (whole, for `max_age`), so that
-//! a follow-up sent to another instance finds it.
+//! A conversation is kept as its JSON text, whole (one array of chat messages), and parsed only when a follow-up
+//! uses it: parsed values take tens of times their text's size (a part `{"type":"text","text":"a"}` is 27 bytes
+//! as text and about 700 parsed). Turns share nothing: each entry holds its own copy of the turns before it,
+//! so what is accounted is what is held, to the byte (plus [`ENTRY_OVERHEAD`] for the entry's bookkeeping), and
+//! dropping an entry frees what it was accounted.
 //!
-//! A turn keeps only its own messages and shares the turns before it, so a long conversation costs each turn
-//! its own size. Each entry is accounted its whole conversation's size: shared turns are counted once per entry
-//! that reaches them, so what is accounted is never less than what is held.
+//! With key state shared through Redis, each conversation is also written there, the same text, so that a
+//! follow-up sent to another instance finds it; what an instance writes there is bounded as what it keeps
+//! ([`redis`]).
 
 mod redis;
 
@@ -18,45 +21,65 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// One turn of a kept conversation: its chat messages (instructions are not carried over, as OpenAI does not
-/// carry them), after the turns before it.
-#[derive(Debug)]
-struct Turn {
-    messages: Vec<Value>,
-    before: Option<Conversation>,
-    /// The serialized size of this turn and every turn before it.
-    bytes: usize,
-}
+/// What an entry costs beyond its text: its id twice (the map's key and the order's), the map's slot, the
+/// order's slot and the text's shared header, rounded up.
+pub const ENTRY_OVERHEAD: usize = 256;
 
-/// A kept conversation, up to one answer.
+/// A kept conversation, up to one answer: its chat messages, oldest first, as one JSON array. Instructions are
+/// not carried over, as OpenAI does not carry them.
 #[derive(Clone, Debug)]
-pub struct Conversation(Arc<Turn>);
+pub struct Conversation(Arc<[u8]>);
 
 impl Conversation {
     /// `before` followed by `messages`.
-    pub fn new(before: Option<Conversation>, messages: Vec<Value>) -> Self {
-        let own: usize = messages.iter().map(|m| m.to_string().len()).sum();
-        let bytes = own + before.as_ref().map_or(0, |b| b.0.bytes);
-        Self(Arc::new(Turn {
-            messages,
-            before,
-            bytes,
-        }))
-    }
-
-    /// Every message, oldest first.
-    pub fn messages(&self) -> Vec<Value> {
-        let mut turns = Vec::new();
-        let mut at = Some(self);
-        while let Some(c) = at {
-            turns.push(&c.0.messages);
-            at = c.0.before.as_ref();
+    pub fn new(before: Option<&Conversation>, messages: &[Value]) -> Self {
+        let mut text = Vec::new();
+        match before {
+            // `[` and the messages before, without the closing `]`.
+            Some(before) if before.0.len() > 2 => {
+                let earlier = &before.0[..before.0.len() - 1];
+                text.reserve_exact(earlier.len() + 64 * messages.len() + 1);
+                text.extend_from_slice(earlier);
+                if !messages.is_empty() {
+                    text.push(b',');
+                }
+            }
+            _ => text.push(b'['),
         }
-        turns.into_iter().rev().flatten().cloned().collect()
+        for (i, message) in messages.iter().enumerate() {
+            if i > 0 {
+                text.push(b',');
+            }
+            serde_json::to_writer(&mut text, message).expect("a JSON value always serialises");
+        }
+        text.push(b']');
+        Self(Arc::from(text))
     }
 
+    /// A conversation as another instance wrote it (checked when it is used: [`Conversation::messages`]).
+    pub fn from_json(text: Vec<u8>) -> Self {
+        Self(Arc::from(text))
+    }
+
+    /// Every message, oldest first, parsed now; none if the text is not a JSON array (written by something
+    /// else than keyrelay).
+    pub fn messages(&self) -> Option<Vec<Value>> {
+        serde_json::from_slice(&self.0).ok()
+    }
+
+    /// The conversation as JSON text (an array of chat messages).
+    pub fn json(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The size of its text.
     pub fn bytes(&self) -> usize {
-        self.0.bytes
+        self.0.len()
+    }
+
+    /// What keeping it costs: its text and the entry's bookkeeping.
+    fn cost(&self) -> usize {
+        self.0.len() + ENTRY_OVERHEAD
     }
 }
 
@@ -70,6 +93,7 @@ struct Kept {
     entries: HashMap<String, Entry>,
     /// Ids, oldest first.
     order: VecDeque<String>,
+    /// What the entries cost ([`Conversation::cost`]).
     bytes: usize,
 }
 
@@ -94,14 +118,13 @@ impl Conversations {
     }
 
     /// Keeps `conversation` under `id`, then drops the oldest until within `limits`. A conversation larger than
-    /// the whole store is not kept.
+    /// the whole store is not kept, here or in Redis.
     pub fn keep(&self, id: String, conversation: Conversation, limits: &ResponsesStore) {
-        if let Some(shared) = &self.shared
-            && conversation.bytes() <= limits.max_bytes
-            && limits.max_entries > 0
-        {
-            let whole = Value::Array(conversation.messages()).to_string();
-            redis::put(shared, &id, whole.into_bytes(), limits.max_age);
+        if !fits(&conversation, limits) {
+            return;
+        }
+        if let Some(shared) = &self.shared {
+            redis::put(shared, &id, &conversation, limits);
         }
         self.keep_local(id, conversation, limits);
     }
@@ -112,23 +135,16 @@ impl Conversations {
             return Some(found);
         }
         let shared = self.shared.as_ref()?;
-        let bytes = redis::fetch(shared, id).await?;
         // What another instance wrote is read as bounded as what this one keeps.
-        if bytes.len() > limits.max_bytes {
-            return None;
-        }
-        let Ok(Value::Array(messages)) = serde_json::from_slice(&bytes) else {
-            return None;
-        };
-        let conversation = Conversation::new(None, messages);
+        let text = redis::fetch(shared, id, limits.max_bytes).await?;
+        let conversation = Conversation::from_json(text);
         self.keep_local(id.to_string(), conversation.clone(), limits);
         Some(conversation)
     }
 
     /// [`Conversations::keep`], here only.
     fn keep_local(&self, id: String, conversation: Conversation, limits: &ResponsesStore) {
-        let bytes = conversation.bytes();
-        if bytes > limits.max_bytes || limits.max_entries == 0 {
+        if !fits(&conversation, limits) {
             return;
         }
         let mut kept = self.lock();
@@ -136,7 +152,7 @@ impl Conversations {
         if kept.entries.contains_key(&id) {
             return;
         }
-        kept.bytes += bytes;
+        kept.bytes += conversation.cost();
         kept.order.push_back(id.clone());
         let at = Instant::now();
         kept.entries.insert(id, Entry { conversation, at });
@@ -162,7 +178,7 @@ impl Conversations {
             }
             let id = kept.order.pop_front().expect("a front exists");
             if let Some(e) = kept.entries.remove(&id) {
-                kept.bytes -= e.conversation.bytes();
+                kept.bytes -= e.conversation.cost();
             }
         }
     }
@@ -174,6 +190,16 @@ impl Conversations {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What the kept conversations cost, as accounted against `responses.max_size`.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+/// Whether a conversation may be kept at all: within the store's size on its own.
+fn fits(conversation: &Conversation, limits: &ResponsesStore) -> bool {
+    limits.max_entries > 0 && conversation.cost() <= limits.max_bytes
 }
 
 #[cfg(test)]
@@ -191,7 +217,7 @@ mod tests {
     }
 
     fn one(text: &str) -> Conversation {
-        Conversation::new(None, vec![json!({"role": "user", "content": text})])
+        Conversation::new(None, &[json!({"role": "user", "content": text})])
     }
 
     #[test]
@@ -202,16 +228,20 @@ mod tests {
             store.keep(id.into(), one(id), &l);
         }
         assert!(store.get("a", &l).is_none(), "the oldest went");
-        assert_eq!(store.get("c", &l).unwrap().messages()[0]["content"], "c");
+        assert_eq!(
+            store.get("c", &l).unwrap().messages().unwrap()[0]["content"],
+            "c"
+        );
         assert_eq!(store.len(), 2);
 
-        let small = limits(10, 100, Duration::from_secs(60));
+        let small = limits(10, 2 * ENTRY_OVERHEAD + 150, Duration::from_secs(60));
         let store = Conversations::default();
-        let big = || Conversation::new(None, vec![json!({"content": "x".repeat(60)})]);
+        let big = || Conversation::new(None, &[json!({"content": "x".repeat(60)})]);
         store.keep("1".into(), big(), &small);
         store.keep("2".into(), big(), &small);
         assert!(store.get("1", &small).is_none() && store.get("2", &small).is_some());
-        store.keep("huge".into(), one(&"y".repeat(200)), &small);
+        assert!(store.bytes() <= small.max_bytes);
+        store.keep("huge".into(), one(&"y".repeat(2 * ENTRY_OVERHEAD)), &small);
         assert!(
             store.get("huge", &small).is_none(),
             "larger than the store: not kept"
@@ -223,30 +253,59 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         assert!(store.get("old", &young).is_none());
         assert!(store.is_empty());
+        assert_eq!(store.bytes(), 0, "what went is no longer accounted");
     }
 
     #[test]
-    fn turns_share_what_came_before_and_are_accounted_whole() {
+    fn a_turn_holds_the_turns_before_it_and_is_accounted_what_it_holds() {
         let first = one("a");
-        let second = Conversation::new(Some(first.clone()), vec![json!("b"), json!("c")]);
-        let texts: Vec<Value> = second.messages();
+        let second = Conversation::new(Some(&first), &[json!("b"), json!("c")]);
         assert_eq!(
-            texts,
+            second.messages().unwrap(),
             vec![
                 json!({"role": "user", "content": "a"}),
                 json!("b"),
                 json!("c")
             ]
         );
-        assert_eq!(second.bytes(), first.bytes() + 6);
+        let plain = Conversation::new(None, &[json!("a")]);
+        let plain = Conversation::new(Some(&plain), &[json!("b"), json!({"c": [1]})]);
+        assert_eq!(plain.json(), br#"["a","b",{"c":[1]}]"#);
+        let empty = Conversation::new(None, &[]);
+        assert_eq!(empty.json(), b"[]");
+        assert_eq!(Conversation::new(Some(&empty), &[json!(1)]).json(), b"[1]");
+        assert_eq!(Conversation::new(Some(&first), &[]).json(), first.json());
+
+        // Accounted: each entry's text and its bookkeeping, exactly.
+        let store = Conversations::default();
+        let l = limits(100, 1 << 20, Duration::from_secs(60));
+        store.keep("1".into(), first.clone(), &l);
+        store.keep("2".into(), second.clone(), &l);
+        assert_eq!(
+            store.bytes(),
+            first.bytes() + second.bytes() + 2 * ENTRY_OVERHEAD
+        );
         // A chain longer than the store is not kept, however small each turn.
-        let l = limits(100, 50, Duration::from_secs(60));
+        let l = limits(100, ENTRY_OVERHEAD + 50, Duration::from_secs(60));
         let store = Conversations::default();
         let mut at = one("start");
         for i in 0..20 {
-            at = Conversation::new(Some(at), vec![json!("turn")]);
+            at = Conversation::new(Some(&at), &[json!("turn")]);
             store.keep(format!("r{i}"), at.clone(), &l);
         }
         assert!(store.get("r19", &l).is_none());
+        assert!(store.bytes() <= l.max_bytes);
+    }
+
+    #[test]
+    fn text_from_elsewhere_is_used_only_as_a_json_array() {
+        let good = Conversation::from_json(b"[{\"role\":\"user\"}]".to_vec());
+        assert_eq!(good.messages(), Some(vec![json!({"role": "user"})]));
+        for bad in [&b"{}"[..], b"[", b"not json", b"[1,]", b""] {
+            assert!(
+                Conversation::from_json(bad.to_vec()).messages().is_none(),
+                "{bad:?}"
+            );
+        }
     }
 }

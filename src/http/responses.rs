@@ -35,7 +35,19 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
             .await;
         return render_native(result, Dialect::Responses, Shape::OpenAi);
     }
-    let translation = match to_chat(body, |_| prior.clone()) {
+    // Kept as text, parsed for this use: off the async workers when large, as a large body is. Text that does not
+    // parse (written to Redis by something else) is no conversation.
+    let mut prior = match prior {
+        Some(conversation) if conversation.bytes() > 1 << 20 => {
+            let parse = conversation.clone();
+            let messages =
+                crate::offload::run(crate::offload::Pool::Requests, move || parse.messages()).await;
+            messages.map(|m| (conversation, m))
+        }
+        Some(conversation) => conversation.messages().map(|m| (conversation, m)),
+        None => None,
+    };
+    let translation = match to_chat(body, |_| prior.take()) {
         Ok(t) => t,
         Err(r) => {
             let unknown = r.param == "previous_response_id";
@@ -67,7 +79,7 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
             let (object, kept) = from_chat(answer, &echo, &id);
             if store {
                 input.push(kept);
-                let turn = Conversation::new(previous, input);
+                let turn = Conversation::new(previous.as_ref(), &input);
                 app.conversations.keep(id.clone(), turn, &limits);
             }
             object
@@ -78,7 +90,8 @@ pub(super) async fn responses(State(app): State<AppState>, request: Request) -> 
                 let id = id.clone();
                 Box::new(move |kept: Value| {
                     input.push(kept);
-                    conversations.keep(id, Conversation::new(previous, input), &limits);
+                    let turn = Conversation::new(previous.as_ref(), &input);
+                    conversations.keep(id, turn, &limits);
                 }) as crate::mapping::inbound::responses::OnComplete
             });
             let events = Translated::new(body, ResponsesStream::new(id, echo, on_complete));

@@ -151,6 +151,33 @@ impl MemoryStore {
         self.changed.notify_one();
     }
 
+    /// The operator's decision about key `id` this store knows: disabled or not, and when.
+    pub fn decision(&self, id: &KeyId) -> Option<(bool, UnixMs)> {
+        self.lock().keys.get(id).map(KeyState::decision)
+    }
+
+    /// Takes an operator's decision about `key` learnt elsewhere (another instance's, through a shared store),
+    /// if it is later than the one known here.
+    pub fn decide(&self, provider: &str, key: &ApiKey, disabled: bool, at: UnixMs) {
+        let mut state = self.lock();
+        let known = state.keys.get(&key.id).map(KeyState::decision);
+        if !super::state::later((disabled, at), known.unwrap_or((false, 0))) {
+            return;
+        }
+        let ks = state
+            .keys
+            .entry(key.id.clone())
+            .or_insert_with(|| KeyState {
+                provider: provider.to_string(),
+                masked: key.masked.to_string(),
+                ..KeyState::default()
+            });
+        ks.decide(disabled, at);
+        drop(state);
+        self.changed.notify_one();
+        self.wakeup(provider).notify_waiters();
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-written in a way that matters more than
         // refusing all further requests would: keep serving.
@@ -391,7 +418,7 @@ impl KeyStore for MemoryStore {
                 masked: key.masked.to_string(),
                 ..KeyState::default()
             });
-        ks.control(action);
+        ks.control(action, self.clock.now());
         drop(state);
         self.changed.notify_one();
         // A key back in rotation may serve requests waiting for one.

@@ -84,16 +84,25 @@ pub struct KeyState {
     pub models: BTreeMap<String, ModelState>,
     /// Taken out of rotation by an operator until enabled again (kept in the usage file).
     pub disabled: bool,
+    /// When an operator last disabled or enabled it (0: never, or before this was recorded): of two views of
+    /// the key, the later decision holds, so that a shared store that lost its state and was written again from
+    /// a copy that did not know the decision gets it back.
+    pub decided_at: UnixMs,
     /// The start of the day its `today` counters count (a shared store rolls each key's day when it reads it).
     pub day: UnixMs,
 }
 
 impl KeyState {
-    /// Applies an operator's action.
-    pub fn control(&mut self, action: &KeyAction) {
+    /// Applies an operator's action, taken at `at`.
+    pub fn control(&mut self, action: &KeyAction, at: UnixMs) {
         match action {
-            KeyAction::Disable => self.disabled = true,
-            KeyAction::Enable => self.disabled = false,
+            KeyAction::Disable | KeyAction::Enable => {
+                let disabled = *action == KeyAction::Disable;
+                // The decision stands as the latest known even if another one was stamped later by a clock
+                // ahead of this one.
+                let at = at.max(self.decided_at.saturating_add(1));
+                self.decide(disabled, at);
+            }
             KeyAction::Reset { model: None } => {
                 self.cooldown = None;
                 self.streak = 0;
@@ -109,6 +118,21 @@ impl KeyState {
                 }
             }
         }
+    }
+
+    /// The operator's decision about the key: disabled or not, and when it was taken.
+    pub fn decision(&self) -> (bool, UnixMs) {
+        (self.disabled, self.decided_at)
+    }
+
+    /// Takes an operator's decision (`disabled`, taken at `at`) if it is later than the one it holds; whether
+    /// it did.
+    pub fn decide(&mut self, disabled: bool, at: UnixMs) -> bool {
+        if !later((disabled, at), self.decision()) {
+            return false;
+        }
+        (self.disabled, self.decided_at) = (disabled, at);
+        true
     }
 
     /// Starts the day beginning at `day_start` if the key's counters are older: today's counters go to zero and
@@ -138,4 +162,10 @@ impl KeyState {
             (k, m) => k.or(m),
         }
     }
+}
+
+/// Whether operator decision `a` (disabled or not, when) overrides `b`: taken later, or at the same time as a
+/// different one and disabling (the safe side). A decision of unknown time (0) never overrides.
+pub fn later(a: (bool, UnixMs), b: (bool, UnixMs)) -> bool {
+    a.1 > 0 && (a.1 > b.1 || (a.1 == b.1 && a.0 && !b.0))
 }

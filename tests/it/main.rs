@@ -43,6 +43,7 @@ mod rotation;
 mod scripted;
 mod sdk;
 mod shared_store;
+mod stores_bounded;
 mod streams;
 mod target_fields;
 mod upstream;

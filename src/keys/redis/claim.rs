@@ -8,7 +8,7 @@ use crate::clock::UnixMs;
 use crate::config::Selection;
 use crate::failure::ErrorClass;
 use crate::keys::policy::{self, Standing};
-use crate::keys::state::{Cooldown, KeyState};
+use crate::keys::state::{Cooldown, KeyState, later};
 use crate::keys::{Ask, Grant, LeaseId, Unavailable};
 use crate::secret::{ApiKey, KeyId};
 use std::sync::atomic::Ordering;
@@ -71,14 +71,16 @@ impl Reading {
         };
         for k in 0..keys {
             let at = 2 + 6 * k;
-            let verdict = match value(at) {
-                redis::Value::Nil => known.and_then(|r| r.keys.get(k)?.verdict.clone()),
-                text => {
-                    Verdict::parse(&redis::from_redis_value::<String>(text).unwrap_or_default())
-                }
+            let (verdict, fresh) = match value(at) {
+                redis::Value::Nil => (known.and_then(|r| r.keys.get(k)?.verdict.clone()), false),
+                text => (
+                    Verdict::parse(&redis::from_redis_value::<String>(text).unwrap_or_default()),
+                    true,
+                ),
             };
             reading.keys.push(Read {
                 verdict,
+                fresh,
                 version: int(at + 1),
                 leases: (int(at + 2) as u32, int(at + 3) as u32),
                 today: (int(at + 4).max(0) as u64, int(at + 5).max(0) as u64),
@@ -92,6 +94,8 @@ impl Reading {
 #[derive(Clone)]
 pub(super) struct Read {
     pub(super) verdict: Option<Verdict>,
+    /// The verdict was read now, not carried over from an older reading.
+    pub(super) fresh: bool,
     pub(super) version: i64,
     /// Leases in flight: the key's, and the key and model's.
     pub(super) leases: (u32, u32),
@@ -152,7 +156,8 @@ impl RedisStore {
         invocation.arg(now).arg(ask.model);
         Self::key_args(&mut invocation, ask, known);
         let raw: Vec<redis::Value> = invocation.invoke_async(&mut self.conn()?).await?;
-        let reading = Reading::parse(&raw, ask.keys.len(), known);
+        let mut reading = Reading::parse(&raw, ask.keys.len(), known);
+        self.reconcile(ask, &mut reading);
         self.remember(ask, &reading, now);
         Ok(reading)
     }
@@ -232,6 +237,26 @@ impl RedisStore {
                 }
             }
         });
+    }
+
+    /// Operators' decisions in the verdicts just read, against this instance's copy: a later one in Redis is
+    /// learnt (so that it holds here even if Redis loses it), a later one here is what the choice is made on,
+    /// and is given back to Redis (which lost it, and was written again from a copy that had not heard of it).
+    fn reconcile(&self, ask: &Ask<'_>, reading: &mut Reading) {
+        for (key, read) in ask.keys.iter().zip(&mut reading.keys) {
+            let Some(verdict) = read.verdict.as_mut().filter(|_| read.fresh) else {
+                continue;
+            };
+            let redis = (verdict.disabled, verdict.decided_at);
+            let here = self.local.decision(&key.id).unwrap_or((false, 0));
+            if later(redis, here) {
+                self.local
+                    .decide(ask.provider, key, verdict.disabled, verdict.decided_at);
+            } else if later(here, redis) {
+                (verdict.disabled, verdict.decided_at) = here;
+                self.restore_decision(ask.provider, &key.id, &key.masked);
+            }
+        }
     }
 
     /// What this instance knows of a key's verdict, for a key Redis has none for.
@@ -471,11 +496,12 @@ impl RedisStore {
             .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
             .unwrap_or(0);
         let after = read_after.then(|| {
-            let after = Reading::parse(
+            let mut after = Reading::parse(
                 raw.get(1..).unwrap_or_default(),
                 ask.keys.len(),
                 Some(reading),
             );
+            self.reconcile(ask, &mut after);
             self.remember(ask, &after, now);
             after
         });

@@ -103,6 +103,8 @@ pub struct RedisStore {
     epochs: Mutex<HashMap<String, UnixMs>>,
     /// Keys a reload removed: never granted again.
     retired: Mutex<HashSet<KeyId>>,
+    /// Keys whose operator decision is being given back to Redis.
+    restoring: Mutex<HashSet<KeyId>>,
     /// Keys whose request or token window, or day's quota, is known full until then (windows only fill up
     /// meanwhile, so this holds whatever other instances do).
     full: Mutex<HashMap<KeyId, UnixMs>>,
@@ -180,6 +182,7 @@ impl RedisStore {
             settling: Mutex::default(),
             pending: Mutex::default(),
             retired: Mutex::default(),
+            restoring: Mutex::default(),
             epochs: Mutex::default(),
             local_leases: Mutex::default(),
             full: Mutex::default(),
@@ -244,6 +247,11 @@ impl RedisStore {
             return None;
         }
         Some((self.conn().ok()?, &self.prefix))
+    }
+
+    /// This instance's name among those sharing the store (random, for the life of the process).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     fn degrade(&self, e: &dyn std::fmt::Display) {
@@ -441,10 +449,16 @@ impl RedisStore {
             .iter()
             .zip(rows)
             .map(|(key, (verdict, in_flight))| {
-                let known = Verdict::parse(&verdict);
+                // What the choice is made on: Redis's verdict with the later operator decision of the two, or
+                // this instance's copy where Redis has none.
+                let known =
+                    Verdict::parse(&verdict).or_else(|| self.local_verdict(provider, &key.id));
                 let mut state = known
                     .as_ref()
                     .map_or_else(KeyState::default, |v| v.state(provider));
+                if let Some((disabled, at)) = self.local.decision(&key.id) {
+                    state.decide(disabled, at);
+                }
                 state.roll(day_start, now);
                 for (all, is_today) in [(&today, true), (&lifetime, false)] {
                     if let Some(fields) = all.get(key.id.as_str()) {

@@ -21,8 +21,8 @@ use super::settle::{Settle, forgets, spends_tokens};
 use super::{RedisStore, Verdict, lock, shape};
 use crate::clock::UnixMs;
 use crate::config::Tuning;
-use crate::keys::Outcome;
-use crate::keys::state::{KeyAction, KeyState};
+use crate::keys::state::{KeyAction, KeyState, later};
+use crate::keys::{KeyStore, Outcome};
 use crate::secret::{ApiKey, KeyId};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -105,7 +105,8 @@ impl RedisStore {
                 };
                 let mut job = Settle {
                     provider: &provider,
-                    key: &key,
+                    key: &key.id,
+                    masked: &key.masked,
                     model,
                     member: if counted { "" } else { member },
                     counts: if counted {
@@ -128,10 +129,16 @@ impl RedisStore {
             }
             Missed::Control(action) => {
                 let change = |state: &mut KeyState| {
-                    state.control(action);
+                    match action {
+                        // The later decision holds (this instance's copy, with its own, is merged in too).
+                        KeyAction::Disable | KeyAction::Enable => {
+                            state.decide(*action == KeyAction::Disable, at);
+                        }
+                        reset => state.control(reset, at),
+                    }
                     None
                 };
-                let mut job = Settle::control(&provider, &key, &change, at);
+                let mut job = Settle::control(&provider, &key.id, &key.masked, &change, at);
                 self.settle(&mut job).await.map_err(|e| (e, false))
             }
             // Redis lost it with the rest.
@@ -143,7 +150,7 @@ impl RedisStore {
                     member,
                     counts: [-1, 0, 0, 0, 0, 0],
                     replay: true,
-                    ..Settle::control(&provider, &key, &change, at)
+                    ..Settle::control(&provider, &key.id, &key.masked, &change, at)
                 };
                 self.settle(&mut job).await.map_err(|e| (e, false))
             }
@@ -274,6 +281,10 @@ impl RedisStore {
                 invocation.arg(field).arg(n);
             }
             let seeded: i64 = invocation.invoke_async(&mut self.conn()?).await?;
+            // Written again already, by an instance whose copy may not know an operator's later decision.
+            if seeded == 0 && state.decided_at > 0 {
+                self.restore_now(provider, id, &state.masked).await?;
+            }
             if seeded == 2 {
                 for (lease, (key, counted)) in lock(&self.local_leases).iter_mut() {
                     *counted |= key == id && leases.contains(lease);
@@ -284,6 +295,54 @@ impl RedisStore {
             }
         }
         Ok(written)
+    }
+}
+
+impl RedisStore {
+    /// Gives Redis back an operator's decision about a key that this instance knows of and Redis's verdict
+    /// lacks, in the background, one at a time per key.
+    pub(super) fn restore_decision(&self, provider: &str, id: &KeyId, masked: &str) {
+        if self.degraded() || !lock(&self.restoring).insert(id.clone()) {
+            return;
+        }
+        let Some(store) = self.this.upgrade() else {
+            return;
+        };
+        let (provider, id, masked) = (provider.to_string(), id.clone(), masked.to_string());
+        tokio::spawn(async move {
+            let restored = store.restore_now(&provider, &id, &masked).await;
+            lock(&store.restoring).remove(&id);
+            match restored {
+                Ok(()) => store.local.wakeup(&provider).notify_waiters(),
+                Err(e) if refused(&e) => {
+                    tracing::warn!(error = %e, provider = %provider, "Redis refused an operator's decision given back")
+                }
+                Err(e) => store.degrade(&e),
+            }
+        });
+    }
+
+    /// [`RedisStore::restore_decision`], now: written if Redis has no verdict for the key, or one with an
+    /// earlier decision than this instance's (the settle merges this instance's in).
+    async fn restore_now(
+        &self,
+        provider: &str,
+        id: &KeyId,
+        masked: &str,
+    ) -> redis::RedisResult<()> {
+        let (version, stored) = self.read_verdict(provider, id).await?;
+        let here = self.local.decision(id).unwrap_or((false, 0));
+        if let Some(verdict) = &stored
+            && !later(here, (verdict.disabled, verdict.decided_at))
+        {
+            return Ok(());
+        }
+        let change = |_: &mut KeyState| None;
+        let mut job = Settle {
+            known: Some((version, stored)),
+            ..Settle::control(provider, id, masked, &change, self.clock.now())
+        };
+        self.settle(&mut job).await
     }
 }
 

@@ -8,7 +8,7 @@ use crate::config::Tuning;
 use crate::failure::ErrorClass;
 use crate::keys::state::{Cooldown, KeyState};
 use crate::keys::{Grant, KeyStore, LeaseId, Outcome, policy};
-use crate::secret::{ApiKey, KeyId};
+use crate::secret::KeyId;
 use std::sync::Arc;
 
 /// What a verdict change is: applied to the key's state, returns the cooldown it started, if any.
@@ -17,7 +17,9 @@ pub(super) type Change<'a> = &'a (dyn Fn(&mut KeyState) -> Option<Cooldown> + Sy
 /// One change to a key in Redis: counts to add, a lease to free, and a change of verdict.
 pub(super) struct Settle<'a> {
     pub(super) provider: &'a str,
-    pub(super) key: &'a ApiKey,
+    pub(super) key: &'a KeyId,
+    /// The key's masked form, kept with its verdict.
+    pub(super) masked: &'a str,
     /// The model the counts are for ("": none, an operator's action).
     pub(super) model: &'a str,
     /// The lease to free ("": none).
@@ -43,7 +45,7 @@ pub(super) struct Settle<'a> {
 
 impl RedisStore {
     /// A key's verdict and its version, alone.
-    async fn read_verdict(
+    pub(super) async fn read_verdict(
         &self,
         provider: &str,
         key: &KeyId,
@@ -72,16 +74,23 @@ impl RedisStore {
         loop {
             let (version, stored) = match job.known.take() {
                 Some(known) => known,
-                None => self.read_verdict(provider, &key.id).await?,
+                None => self.read_verdict(provider, key).await?,
             };
             // No verdict in Redis (a key never used, or state Redis lost): what this instance knows of it.
             let mut state = match &stored {
                 Some(verdict) => verdict.state(provider),
                 None => self
-                    .local_verdict(provider, &key.id)
+                    .local_verdict(provider, key)
                     .map_or_else(KeyState::default, |v| v.state(provider)),
             };
-            state.masked = key.masked.to_string();
+            // An operator's decision this instance knows of and Redis does not (Redis lost it, and was written
+            // again from a copy that had not heard of it) is given back: the later decision holds.
+            if stored.is_some()
+                && let Some((disabled, at)) = self.local.decision(key)
+            {
+                state.decide(disabled, at);
+            }
+            state.masked = job.masked.to_string();
             state.roll(day_start, now);
             let started = (job.change)(&mut state);
             if job.forget
@@ -110,14 +119,14 @@ impl RedisStore {
                 .key(self.hash(provider))
                 .key(self.leases(provider))
                 .key(self.inflight(provider))
-                .key(self.window(provider, &key.id, "tokens"))
+                .key(self.window(provider, key, "tokens"))
                 .key(self.day(provider, day_start))
                 .key(self.life(provider))
                 .key(self.name(provider, format_args!("pause")))
                 .key(self.name(provider, format_args!("limited")))
                 .key(self.name(provider, format_args!("expired")))
                 .key(self.name(provider, format_args!("done:{}", job.op)))
-                .arg(key.id.as_str())
+                .arg(key.as_str())
                 .arg(job.member)
                 .arg(self.channel())
                 .arg(provider)
@@ -156,7 +165,7 @@ impl RedisStore {
                 0 => continue,
                 // A replay Redis had seen.
                 2 => return Ok(()),
-                1 => self.note(provider, model, &key.id, |read, _| {
+                1 => self.note(provider, model, key, |read, _| {
                     read.version = version + 1;
                     read.verdict = Some(verdict.clone());
                 }),
@@ -164,7 +173,7 @@ impl RedisStore {
             }
             // The local copy: this verdict, the model's counters as they are now, the other models' as known.
             let mut whole = verdict.state(provider);
-            if let Some(known) = self.local.get(&key.id) {
+            if let Some(known) = self.local.get(key) {
                 for (name, ms) in known.models {
                     let m = whole.models.entry(name).or_default();
                     (m.today, m.lifetime, m.last_used) = (ms.today, ms.lifetime, ms.last_used);
@@ -176,7 +185,7 @@ impl RedisStore {
                 m.lifetime = shape::counters(&lifetime);
                 m.last_used = lifetime.get(6).copied().flatten();
             }
-            self.local.put(&key.id, whole);
+            self.local.put(key, whole);
             return Ok(());
         }
     }
@@ -206,13 +215,15 @@ impl<'a> Settle<'a> {
     /// An operator's action on a key: no counts, no lease.
     pub(super) fn control(
         provider: &'a str,
-        key: &'a ApiKey,
+        key: &'a KeyId,
+        masked: &'a str,
         change: Change<'a>,
         now: UnixMs,
     ) -> Self {
         Settle {
             provider,
             key,
+            masked,
             model: "",
             member: "",
             counts: [0; 6],
@@ -313,7 +324,8 @@ impl RedisStore {
             };
             let mut job = Settle {
                 provider: &grant.provider,
-                key: &grant.key,
+                key: &grant.key.id,
+                masked: &grant.key.masked,
                 model: &grant.model,
                 member: &held.member,
                 counts: shape::counts(0, &outcome),

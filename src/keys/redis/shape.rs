@@ -20,6 +20,8 @@ pub struct Verdict {
     pub streak: u32,
     pub last_error: Option<Cooldown>,
     pub disabled: bool,
+    /// When an operator last disabled or enabled the key (0: never).
+    pub decided_at: UnixMs,
     pub day: UnixMs,
     /// Only models with a cooldown or a streak.
     pub models: BTreeMap<String, ModelVerdict>,
@@ -40,6 +42,7 @@ impl Verdict {
             streak: state.streak,
             last_error: state.last_error,
             disabled: state.disabled,
+            decided_at: state.decided_at,
             day: state.day,
             models: state
                 .models
@@ -74,6 +77,7 @@ impl Verdict {
             streak: self.streak,
             last_error: self.last_error,
             disabled: self.disabled,
+            decided_at: self.decided_at,
             day: self.day,
             ..KeyState::default()
         };

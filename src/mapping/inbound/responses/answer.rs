@@ -4,12 +4,27 @@ use super::Echo;
 use crate::usage::Usage;
 use serde_json::{Value, json};
 
-/// A new id with OpenAI's prefix for its kind (`resp`, `msg`, `fc`, `rs`).
+/// Letters and digits, as ids spell them.
+const ALPHANUMERIC: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A new id with OpenAI's prefix for its kind (`resp`, `msg`, `fc`, `rs`): 32 letters and digits drawn from the
+/// operating system's random source (about 190 bits). A response's id names the conversation kept for it, which
+/// anyone holding the proxy key can continue: it cannot be guessed from other ids.
 pub fn new_id(prefix: &str) -> String {
     let mut id = String::with_capacity(prefix.len() + 33);
     id.push_str(prefix);
     id.push('_');
-    id.extend((0..32).map(|_| fastrand::alphanumeric()));
+    let mut random = [0u8; 48];
+    let mut left = 32;
+    while left > 0 {
+        // Without the OS's random source nothing else would be safe either: a panic, caught and answered 500.
+        getrandom::getrandom(&mut random).expect("the operating system's random source answers");
+        // 248 is the largest multiple of 62 in a byte: every letter and digit equally likely.
+        for byte in random.iter().filter(|&&b| b < 248).take(left) {
+            id.push(ALPHANUMERIC[usize::from(byte % 62)] as char);
+            left -= 1;
+        }
+    }
     id
 }
 
@@ -113,4 +128,24 @@ pub fn from_chat(chat: &Value, echo: &Echo, id: &str) -> (Value, Value) {
         incomplete,
     );
     (object, kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_the_os_not_from_a_seedable_generator() {
+        // The same seed given to the process's fast generator twice: ids still differ.
+        fastrand::seed(7);
+        let first = new_id("resp");
+        fastrand::seed(7);
+        let second = new_id("resp");
+        assert_ne!(first, second);
+        assert_eq!(first.len(), "resp_".len() + 32);
+        assert!(
+            first[5..].bytes().all(|b| b.is_ascii_alphanumeric()),
+            "{first}"
+        );
+    }
 }

@@ -127,16 +127,18 @@ fn chat_name(namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-/// A Responses request as a chat body. `previous` finds a kept conversation by response id.
+/// A Responses request as a chat body. `previous` finds a kept conversation by response id, with its
+/// messages parsed.
 pub fn to_chat(
     body: Body,
-    previous: impl Fn(&str) -> Option<Conversation>,
+    mut previous: impl FnMut(&str) -> Option<(Conversation, Vec<Value>)>,
 ) -> Result<Translation, Refused> {
     let echo = Echo::of(&body);
     let mut chat = Body::new();
     let mut omitted = Vec::new();
     let mut input = Vec::new();
     let mut before = None;
+    let mut earlier = Vec::new();
     let mut instructions = None;
     let mut stream = false;
     let mut store = true;
@@ -172,7 +174,10 @@ pub fn to_chat(
             "previous_response_id" => {
                 let id = value.as_str().unwrap_or("");
                 match previous(id) {
-                    Some(conversation) => before = Some(conversation),
+                    Some((conversation, messages)) => {
+                        before = Some(conversation);
+                        earlier = messages;
+                    }
                     None => {
                         return Err(Refused::new(
                             "previous_response_id",
@@ -260,9 +265,7 @@ pub fn to_chat(
     if let Some(text) = instructions {
         messages.push(json!({"role": "system", "content": text}));
     }
-    if let Some(before) = &before {
-        messages.extend(before.messages());
-    }
+    messages.append(&mut earlier);
     messages.extend(input.iter().cloned());
     chat.insert("messages".into(), Value::Array(messages));
     if stream {
