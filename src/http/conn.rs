@@ -64,13 +64,11 @@ pub(super) struct ConnState {
     without_key: Arc<AtomicUsize>,
 }
 
-/// No request answered yet.
+/// What is known of the client (see the module's documentation): no request answered yet; one answered without
+/// the key, and none passed the key check; one passed it; no longer counted by the listener.
 const FRESH: u8 = 0;
-/// A request was answered without the proxy key, and none has passed the key check.
 const WITHOUT_KEY: u8 = 1;
-/// A request passed the key check.
 const PROVEN: u8 = 2;
-/// No longer counted by the listener.
 const GONE: u8 = 3;
 
 /// Eviction classes, most readily closed first (see the module's documentation).
@@ -548,11 +546,7 @@ mod tests {
         keyless.answered_without_key();
         keyless.answered_without_key();
         assert_eq!(without_key.load(Ordering::Relaxed), 1, "counted once");
-        let (k, f, p) = (
-            keyless.rank().unwrap(),
-            fresh.rank().unwrap(),
-            proven.rank().unwrap(),
-        );
+        let [k, f, p] = [&keyless, &fresh, &proven].map(|c| c.rank().unwrap());
         assert!(k.without_key() && !f.without_key() && !p.without_key());
         assert!(k < f && f < p, "{k:?} {f:?} {p:?}");
         keyless.write_blocked();
