@@ -77,8 +77,18 @@ pub async fn start(
     if snapshot.proxy_key.is_none() && !is_loopback(&settings.host) {
         return Err(StartError::OpenWithoutKey(addr));
     }
-    // Every client connection is a file: as many as the system allows this process.
-    crate::http::raise_fd_limit();
+    // Every client connection is a file: as many as the system allows this process, and no more connections than
+    // it can hold.
+    let cap = settings
+        .edge
+        .connection_cap(crate::config::raise_open_file_limit());
+    if let Some(why) = &cap.lowered {
+        tracing::warn!("{why}");
+    }
+    // The trust anchors for HTTPS upstreams, read now rather than at the first request.
+    if let Ok(Err(why)) = tokio::task::spawn_blocking(crate::upstream::load_trust_anchors).await {
+        tracing::warn!("{why}: {}", https_upstreams(&snapshot));
+    }
     let policy = StorePolicy {
         daily_reset: settings.daily_reset.clone(),
         pause: settings.provider_pause,
@@ -215,6 +225,27 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+/// Which providers a missing trust store stops, for the warning that says so.
+fn https_upstreams(snapshot: &Snapshot) -> String {
+    let https: Vec<String> = snapshot
+        .providers
+        .values()
+        .filter(|p| {
+            p.base_url
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        })
+        .map(|p| format!("{} ({})", p.name, crate::upstream::public_url(&p.base_url)))
+        .collect();
+    match https.len() {
+        0 => "no provider is reached over HTTPS now; http:// upstreams never need TLS".into(),
+        _ => format!(
+            "this stops the providers reached over HTTPS: {}; http:// upstreams never need TLS",
+            https.join(", ")
+        ),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -145,7 +145,8 @@ impl Reloader {
                 "server (connections)",
                 a.edge.max_connections != b.edge.max_connections
                     || a.edge.header_timeout != b.edge.header_timeout
-                    || a.edge.idle_timeout != b.edge.idle_timeout,
+                    || a.edge.idle_timeout != b.edge.idle_timeout
+                    || a.edge.write_timeout != b.edge.write_timeout,
             ),
         ];
         let pending: Vec<&str> = at_restart
@@ -158,6 +159,14 @@ impl Reloader {
                 "changes to {} take effect after a restart",
                 pending.join(", ")
             );
+        }
+        if a.edge.max_connections != b.edge.max_connections
+            && let Some(why) = b
+                .edge
+                .connection_cap(crate::config::raise_open_file_limit())
+                .lowered
+        {
+            tracing::warn!("at the next start: {why}");
         }
         new.generation = old.generation + 1;
         new.loaded_at = self.clock.now();

@@ -4,6 +4,7 @@
 //! name the file and line, so a typo never silently falls back to a default.
 
 mod dotenv;
+mod edge;
 pub mod env;
 mod error;
 pub mod legacy;
@@ -12,6 +13,7 @@ pub mod tuning;
 mod values;
 
 use crate::duration::serde_human;
+pub use edge::{ConnectionCap, EdgeLimits, raise_open_file_limit};
 pub use error::{ConfigError, LoadErrors, parse_yaml};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -58,6 +60,8 @@ struct RawServer {
     body_timeout: Option<Duration>,
     #[serde(default, with = "serde_human::option")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "serde_human::option")]
+    write_timeout: Option<Duration>,
 }
 
 /// `max_connections`: a number, or `auto`.
@@ -130,30 +134,6 @@ struct RawCors {
 pub struct PauseRule {
     pub keys: u32,
     pub window: Duration,
-}
-
-/// Bounds on client connections (`server:` in `config.yaml`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EdgeLimits {
-    /// Open client connections; `None` (`auto`): derived from the open-file limit at start.
-    pub max_connections: Option<usize>,
-    /// From a request's first byte to the end of its head.
-    pub header_timeout: Duration,
-    /// Reading a request body.
-    pub body_timeout: Duration,
-    /// A keep-alive connection waiting for its next request, or a response the client stopped reading.
-    pub idle_timeout: Duration,
-}
-
-impl Default for EdgeLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: None,
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
 }
 
 /// Validated engine settings from `config.yaml`, with command-line overrides applied.
@@ -288,13 +268,19 @@ impl Settings {
             header_timeout: server.header_timeout.unwrap_or(defaults.header_timeout),
             body_timeout: server.body_timeout.unwrap_or(defaults.body_timeout),
             idle_timeout: server.idle_timeout.unwrap_or(defaults.idle_timeout),
+            write_timeout: server.write_timeout.unwrap_or(defaults.write_timeout),
         };
-        if edge.header_timeout.is_zero()
-            || edge.body_timeout.is_zero()
-            || edge.idle_timeout.is_zero()
+        if [
+            edge.header_timeout,
+            edge.body_timeout,
+            edge.idle_timeout,
+            edge.write_timeout,
+        ]
+        .iter()
+        .any(Duration::is_zero)
         {
             err(
-                "server.header_timeout, body_timeout and idle_timeout must be greater than zero"
+                "server.header_timeout, body_timeout, idle_timeout and write_timeout must be greater than zero"
                     .into(),
             );
         }

@@ -1,23 +1,39 @@
-//! One client connection: which phase it is in, how long that phase may last, and the socket wrapper that tells
-//! the phases apart.
+//! One client connection: which phase it is in, how long that phase may last, whether it has shown the proxy key,
+//! and the socket wrapper that tells the phases apart.
 //!
 //! | phase | begins when | ends when | bound |
 //! |---|---|---|---|
 //! | idle | accepted, or a response finished | the first byte of a request arrives | `idle_timeout` |
 //! | head | that first byte arrives | the request head is complete and routed | `header_timeout` |
-//! | active | the request is routed | its response has been sent | the request's own deadline; a client that stops reading its response is closed after `idle_timeout` |
+//! | active | the request is routed | its response has been sent | the request's own deadline |
+//! | blocked | a write finds the socket full (the client does not read) | a write goes through | `write_timeout` |
 //!
-//! Only idle and head connections may be closed to make room for a new one (see `listener`): neither holds a
-//! request. The wrapper also rewrites the bare responses hyper writes for request heads it cannot parse (400,
-//! 414, 431: an empty body) into keyrelay's JSON error shape, so that every answer a client gets can be read the
-//! same way.
+//! Who is on the other end, as far as keyrelay can tell: a connection is *fresh* until a request on it is answered,
+//! *proven* once a request on it has passed the proxy-key check (any request on `/v1/*` or `/metrics` does when
+//! no key is configured), and *without the key* once a request on it was answered without passing it (liveness,
+//! the dashboard, a refusal: all that can be had without the key). A client with the key sends it with its first
+//! request, so it is never without the key. The listener closes connections to make room, most readily first, and
+//! within each class the one waiting longest first:
+//!
+//! 1. without the key and blocked;
+//! 2. without the key;
+//! 3. fresh (silent, or dripping its first head);
+//! 4. proven, idle or receiving a head;
+//! 5. proven and blocked.
+//!
+//! A proven connection serving a client that reads is never closed to make room. Connections without the key are
+//! counted, for the listener's share. While a connection is blocked, nothing more is read from it: pipelined
+//! requests wait in the socket.
+//!
+//! The wrapper also rewrites the bare responses hyper writes for request heads it cannot parse (400, 414, 431: an
+//! empty body) into keyrelay's JSON error shape, so that every answer a client gets can be read the same way.
 
 use bytes::Bytes;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -42,6 +58,39 @@ pub(super) struct ConnState {
     blocked: AtomicU64,
     /// The listener wants the connection closed now.
     killed: AtomicBool,
+    /// [`FRESH`], [`WITHOUT_KEY`], [`PROVEN`] or [`GONE`].
+    trust: AtomicU8,
+    /// The listener's count of connections without the key (this one while it is).
+    without_key: Arc<AtomicUsize>,
+}
+
+/// What is known of the client (see the module's documentation): no request answered yet; one answered without
+/// the key, and none passed the key check; one passed it; no longer counted by the listener.
+const FRESH: u8 = 0;
+const WITHOUT_KEY: u8 = 1;
+const PROVEN: u8 = 2;
+const GONE: u8 = 3;
+
+/// Eviction classes, most readily closed first (see the module's documentation).
+const KEYLESS_BLOCKED: u8 = 0;
+const KEYLESS: u8 = 1;
+const NEW: u8 = 2;
+const PROVEN_WAITING: u8 = 3;
+const PROVEN_BLOCKED: u8 = 4;
+
+/// How readily a connection is closed to make room: ordered by class, then by how long it has been waiting
+/// (the earliest first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Rank {
+    class: u8,
+    since: u64,
+}
+
+impl Rank {
+    /// A request on the connection was answered without the proxy key.
+    pub(super) fn without_key(&self) -> bool {
+        self.class < NEW
+    }
 }
 
 /// Why a connection was closed by its bounds.
@@ -53,7 +102,8 @@ pub(super) enum Expired {
 }
 
 impl ConnState {
-    pub(super) fn new(epoch: Instant) -> Self {
+    /// A new connection; `without_key` counts the listener's connections without the key.
+    pub(super) fn new(epoch: Instant, without_key: Arc<AtomicUsize>) -> Self {
         let state = Self {
             epoch,
             active: AtomicU32::new(0),
@@ -62,6 +112,8 @@ impl ConnState {
             since: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
             killed: AtomicBool::new(false),
+            trust: AtomicU8::new(FRESH),
+            without_key,
         };
         state.since.store(state.now(), Ordering::Relaxed);
         state
@@ -115,6 +167,46 @@ impl ConnState {
         }
     }
 
+    /// A write is waiting for the client to read.
+    fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed) != 0
+    }
+
+    /// A request on the connection passed the proxy-key check.
+    pub(super) fn prove(&self) {
+        let before = self
+            .trust
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t == FRESH || t == WITHOUT_KEY).then_some(PROVEN)
+            });
+        if before == Ok(WITHOUT_KEY) {
+            self.without_key.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn is_proven(&self) -> bool {
+        self.trust.load(Ordering::Relaxed) == PROVEN
+    }
+
+    /// A request was answered (its response is ready to be written) and the connection is not proven: the
+    /// request did not pass the key check.
+    pub(super) fn answered_without_key(&self) {
+        if self
+            .trust
+            .compare_exchange(FRESH, WITHOUT_KEY, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.without_key.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The listener no longer counts the connection (it closed, or was chosen to close).
+    pub(super) fn forget(&self) {
+        if self.trust.swap(GONE, Ordering::Relaxed) == WITHOUT_KEY {
+            self.without_key.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn write_went_through(&self) {
         if self.blocked.load(Ordering::Relaxed) != 0 {
             self.blocked.store(0, Ordering::Relaxed);
@@ -135,6 +227,34 @@ impl ConnState {
                 .is_ok()
     }
 
+    /// How readily the connection may be closed to make room; `None` when it may not be (proven, and serving a
+    /// client that reads, or already closing).
+    pub(super) fn rank(&self) -> Option<Rank> {
+        let active = self.active.load(Ordering::Relaxed);
+        if active == CLOSING {
+            return None;
+        }
+        let blocked = self.blocked.load(Ordering::Relaxed);
+        let idle = active == 0 && !self.flushing.load(Ordering::Relaxed);
+        let since = self.since();
+        let (class, since) = match self.trust.load(Ordering::Relaxed) {
+            WITHOUT_KEY if blocked != 0 && !idle => (KEYLESS_BLOCKED, blocked - 1),
+            WITHOUT_KEY => (KEYLESS, since),
+            PROVEN if idle => (PROVEN_WAITING, since),
+            PROVEN if blocked != 0 => (PROVEN_BLOCKED, blocked - 1),
+            PROVEN => return None,
+            _ => (NEW, since),
+        };
+        Some(Rank { class, since })
+    }
+
+    /// Claims the connection for closing if it may still be closed to make room: an idle one is marked closing
+    /// (no request starts on it any more); one holding a request only when it is not proven, or blocked on a
+    /// client that does not read.
+    pub(super) fn claim(&self) -> bool {
+        self.close_if_idle() || !self.is_proven() || self.is_blocked()
+    }
+
     pub(super) fn kill(&self) {
         self.killed.store(true, Ordering::Relaxed);
     }
@@ -149,8 +269,8 @@ impl ConnState {
     }
 
     /// Whether the phase has outlasted its bound, or else when to look again. Phases change without telling
-    /// the watchdog, so it looks again at least every `header_timeout`: a bound is then never missed by more
-    /// than the time between two looks at it is late, which is none (each look sets the next at its due time).
+    /// the watchdog, so it looks again at least every `header_timeout` (or `write_timeout`, when shorter): a bound
+    /// is then never missed, since each look sets the next at its due time.
     pub(super) fn check(&self, limits: &crate::config::EdgeLimits) -> Result<Instant, Expired> {
         let now = self.now();
         let active = self.active.load(Ordering::Relaxed);
@@ -159,8 +279,9 @@ impl ConnState {
         }
         let (start, bound, why) = if active > 0 || self.flushing.load(Ordering::Relaxed) {
             match self.blocked.load(Ordering::Relaxed) {
-                0 => (now, limits.idle_timeout, Expired::NotReading),
-                blocked => (blocked - 1, limits.idle_timeout, Expired::NotReading),
+                // Serving a client that reads: the request's own deadline bounds it.
+                0 => (now, limits.write_timeout, Expired::NotReading),
+                blocked => (blocked - 1, limits.write_timeout, Expired::NotReading),
             }
         } else if self.head.load(Ordering::Relaxed) {
             (self.since(), limits.header_timeout, Expired::Head)
@@ -171,7 +292,8 @@ impl ConnState {
         if now >= due {
             return Err(why);
         }
-        let look = due.min(now.saturating_add(limits.header_timeout.as_millis() as u64));
+        let every = limits.header_timeout.min(limits.write_timeout);
+        let look = due.min(now.saturating_add(every.as_millis() as u64));
         Ok(self.epoch + Duration::from_millis(look))
     }
 }
@@ -182,6 +304,8 @@ pub(super) struct Tracked<T> {
     state: Arc<ConnState>,
     /// Our version of hyper's automatic error response, still to be written; hyper's bytes are dropped.
     rewrite: Option<Bytes>,
+    /// A read put off while a write was blocked: woken when a write goes through.
+    read_waiting: Option<Waker>,
 }
 
 impl<T> Tracked<T> {
@@ -190,6 +314,7 @@ impl<T> Tracked<T> {
             io,
             state,
             rewrite: None,
+            read_waiting: None,
         }
     }
 
@@ -237,10 +362,15 @@ impl<T: AsyncWrite + Unpin> Tracked<T> {
         Poll::Ready(Ok(()))
     }
 
-    fn track<R>(&self, polled: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+    fn track<R>(&mut self, polled: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
         match &polled {
             Poll::Pending => self.state.write_blocked(),
-            Poll::Ready(_) => self.state.write_went_through(),
+            Poll::Ready(_) => {
+                self.state.write_went_through();
+                if let Some(reader) = self.read_waiting.take() {
+                    reader.wake();
+                }
+            }
         }
         polled
     }
@@ -252,6 +382,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        // Nothing more is read from a client that does not read its answer (its pipelined requests stay in the
+        // socket): the read is tried again once a write goes through.
+        if self.state.is_blocked() {
+            self.read_waiting = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -351,8 +487,9 @@ mod tests {
             header_timeout: Duration::from_secs(2),
             body_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(3),
         };
-        let state = ConnState::new(Instant::now());
+        let state = ConnState::new(Instant::now(), Default::default());
         assert!(state.check(&limits).is_ok());
         tokio::time::advance(Duration::from_secs(9)).await;
         state.bytes_in();
@@ -374,7 +511,9 @@ mod tests {
             "looked at again soon"
         );
         state.write_blocked();
-        tokio::time::advance(Duration::from_secs(11)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(state.check(&limits).is_ok());
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(state.check(&limits), Err(Expired::NotReading));
         state.write_went_through();
         state.request_ended();
@@ -391,9 +530,42 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn connections_without_the_key_are_closed_first_and_readers_never() {
+        let without_key = Arc::new(AtomicUsize::new(0));
+        let epoch = Instant::now();
+        let fresh = ConnState::new(epoch, without_key.clone());
+        let keyless = ConnState::new(epoch, without_key.clone());
+        let proven = ConnState::new(epoch, without_key.clone());
+        assert!(proven.request_started());
+        proven.prove();
+        proven.answered_without_key();
+        assert_eq!(proven.rank(), None, "serving a client that reads");
+        proven.write_blocked();
+        assert!(keyless.request_started());
+        keyless.answered_without_key();
+        keyless.answered_without_key();
+        assert_eq!(without_key.load(Ordering::Relaxed), 1, "counted once");
+        let [k, f, p] = [&keyless, &fresh, &proven].map(|c| c.rank().unwrap());
+        assert!(k.without_key() && !f.without_key() && !p.without_key());
+        assert!(k < f && f < p, "{k:?} {f:?} {p:?}");
+        keyless.write_blocked();
+        assert!(keyless.rank().unwrap() < k, "blocked before waiting");
+        assert!(keyless.claim(), "closed while serving: it has no key");
+        proven.write_went_through();
+        assert!(!proven.claim());
+        keyless.prove();
+        assert_eq!(without_key.load(Ordering::Relaxed), 0, "a key shown later");
+        fresh.answered_without_key();
+        fresh.forget();
+        fresh.prove();
+        assert_eq!(without_key.load(Ordering::Relaxed), 0);
+        assert!(!fresh.is_proven(), "forgotten for good");
+    }
+
     #[test]
     fn only_hypers_own_error_heads_are_rewritten() {
-        let state = Arc::new(ConnState::new(Instant::now()));
+        let state = Arc::new(ConnState::new(Instant::now(), Default::default()));
         let mut io = Tracked::new(Vec::<u8>::new(), state.clone());
         let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         assert!(!io.intercepts(ours));

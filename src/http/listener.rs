@@ -1,17 +1,20 @@
 //! The accept loop: every client connection is counted, bounded in time by its phase (see `conn`), and capped in
-//! number. At the cap, the connection that has waited longest without a request is closed to make room, so that
-//! silent or dripping connections can never keep a real client out; only when every connection is serving a
-//! request is a new one refused (logged at most once a minute).
+//! number. At the cap, the connection most readily closed (see `conn`: one answered without the proxy key first,
+//! then one without a request yet, then one waiting on its client, the longest waiting first) is closed to make
+//! room, so that connections without the key, silent, dripping or not reading, can never keep a client with the
+//! key out; only when every connection has shown the key and is serving a client that reads is a new one refused
+//! (logged at most once a minute). Connections answered without the key hold at most half the cap: past it, a
+//! new connection replaces one of them even below the cap.
 //!
 //! Shutdown: stop accepting, close connections without a request at once, let the others finish for the grace
 //! period, then tell streams to end (they send an in-band error) and close what is left.
 
 use super::conn::{ConnState, Tracked};
-use crate::config::EdgeLimits;
+use crate::config::{EdgeLimits, raise_open_file_limit};
 use crate::observe::throttle::Throttle;
 use axum::Router;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -20,45 +23,14 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// File descriptors kept for everything but client connections when the cap is derived (upstream
-/// connections, files, the watcher).
-const RESERVED_FDS: u64 = 64;
-
 /// How long streams told to end at the end of the grace period get to send their last frame.
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
-/// The open-file limit, raised to its hard limit (once per process); `None` where it cannot be read.
-pub fn raise_fd_limit() -> Option<u64> {
-    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        #[cfg(unix)]
-        {
-            use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-            let current = getrlimit(Resource::Nofile);
-            let raised = Rlimit {
-                current: current.maximum,
-                maximum: current.maximum,
-            };
-            let limit = match setrlimit(Resource::Nofile, raised) {
-                Ok(()) => raised.current,
-                Err(_) => current.current,
-            };
-            Some(limit.unwrap_or(u64::MAX))
-        }
-        #[cfg(not(unix))]
-        {
-            None
-        }
-    })
-}
-
 /// The connection cap: the configured one, or half of what the open-file limit leaves after a reserve (each
-/// client connection may need an upstream connection too).
+/// client connection may need an upstream connection too); a configured one the limit cannot hold is lowered to
+/// that (see [`EdgeLimits::connection_cap`]).
 pub fn connection_cap(limits: &EdgeLimits) -> usize {
-    limits.max_connections.unwrap_or_else(|| {
-        let fds = raise_fd_limit().unwrap_or(1024);
-        (fds.saturating_sub(RESERVED_FDS) / 2).clamp(16, 100_000) as usize
-    })
+    limits.connection_cap(raise_open_file_limit()).cap
 }
 
 struct Entry {
@@ -78,6 +50,10 @@ impl Entry {
 struct Registry {
     epoch: Instant,
     cap: usize,
+    /// The most connections answered without the proxy key.
+    without_key_cap: usize,
+    /// How many are (each connection counts itself, see `ConnState`).
+    without_key: Arc<AtomicUsize>,
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
     /// Notified when the last connection closes.
@@ -86,19 +62,35 @@ struct Registry {
 }
 
 impl Registry {
+    fn new(cap: usize) -> Self {
+        Self {
+            epoch: Instant::now(),
+            cap,
+            without_key_cap: (cap / 2).max(1),
+            without_key: Arc::default(),
+            next: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            empty: Notify::new(),
+            refusals: Throttle::per_minute(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A place for a new connection, closing the longest-waiting one without a request when at the cap; `None`
-    /// when every connection is serving a request.
+    /// A place for a new connection, closing another to make room when connections without the key hold their
+    /// share, or all are taken; `None` when none may be closed.
     fn admit(&self) -> Option<(u64, Arc<ConnState>, Arc<Notify>)> {
         let mut open = self.lock();
-        if open.len() >= self.cap && !evict_oldest(&mut open) {
+        if self.without_key.load(Ordering::Relaxed) >= self.without_key_cap {
+            evict(&mut open, true);
+        }
+        if open.len() >= self.cap && !evict(&mut open, false) {
             return None;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new(self.epoch));
+        let state = Arc::new(ConnState::new(self.epoch, self.without_key.clone()));
         let close = Arc::new(Notify::new());
         open.insert(
             id,
@@ -112,15 +104,17 @@ impl Registry {
 
     fn remove(&self, id: u64) {
         let mut open = self.lock();
-        open.remove(&id);
+        if let Some(entry) = open.remove(&id) {
+            entry.state.forget();
+        }
         if open.is_empty() {
             self.empty.notify_waiters();
         }
     }
 
-    /// Closes one connection without a request, to free a file descriptor; false when there is none.
+    /// Closes one connection to free a file descriptor; false when none may be closed.
     fn evict_one(&self) -> bool {
-        evict_oldest(&mut self.lock())
+        evict(&mut self.lock(), false)
     }
 
     fn close_all(&self) {
@@ -142,19 +136,25 @@ impl Registry {
     }
 }
 
-/// Removes (and closes) the connection that has waited longest without a request. A connection is marked
-/// closing before it is chosen, so that no request can start on it between the choice and the close.
-fn evict_oldest(open: &mut HashMap<u64, Entry>) -> bool {
-    let mut idle: Vec<(u64, u64)> = open
-        .iter()
-        .filter(|(_, e)| e.state.is_evictable())
-        .map(|(id, e)| (e.state.since(), *id))
-        .collect();
-    idle.sort_unstable();
-    for (_, id) in idle {
-        if open[&id].state.close_if_idle()
+/// Removes and closes the connection most readily closed (only among those answered without the key when
+/// `without_key`); false when there is none. A connection is claimed before it is closed, so that no request can
+/// start on an idle one between the choice and the close.
+fn evict(open: &mut HashMap<u64, Entry>, without_key: bool) -> bool {
+    // A claim fails only when a request started on the connection since its rank was read, which takes it out
+    // of the next choice; the bound is a guard.
+    for _ in 0..8 {
+        let victim = open
+            .iter()
+            .filter_map(|(id, e)| Some((e.state.rank()?, *id)))
+            .filter(|(rank, _)| !without_key || rank.without_key())
+            .min();
+        let Some((_, id)) = victim else {
+            return false;
+        };
+        if open[&id].state.claim()
             && let Some(entry) = open.remove(&id)
         {
+            entry.state.forget();
             entry.close();
             return true;
         }
@@ -174,14 +174,7 @@ pub struct Signals {
 /// Serves `app` on `listener` until `signals.stop`, then shuts down as described above.
 pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signals: Signals) {
     let app = super::protect(app);
-    let registry = Arc::new(Registry {
-        epoch: Instant::now(),
-        cap: connection_cap(&limits),
-        next: AtomicU64::new(0),
-        open: Mutex::new(HashMap::new()),
-        empty: Notify::new(),
-        refusals: Throttle::per_minute(),
-    });
+    let registry = Arc::new(Registry::new(connection_cap(&limits)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(None)
@@ -195,7 +188,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signa
         let tcp = match accepted {
             Ok((tcp, _)) => tcp,
             Err(e) => {
-                // Out of file descriptors: make room by closing a connection that holds no request.
+                // Out of file descriptors: make room by closing a connection, as at the cap.
                 let out_of_files = matches!(e.raw_os_error(), Some(23 | 24));
                 if out_of_files && registry.evict_one() {
                     // Let the closed connection's task give its descriptor back before accepting again.
@@ -214,7 +207,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signa
                 tracing::warn!(
                     cap = registry.cap,
                     refused_since_last_warning = held,
-                    "connection limit reached and every connection is serving a request; refusing new connections (server.max_connections)"
+                    "connection limit reached and every connection is serving a request with the proxy key; refusing new connections (server.max_connections)"
                 );
             }
             drop(tcp);

@@ -29,7 +29,7 @@ use axum::routing::{get, post};
 use auth::RequireKey;
 use body::json_body;
 pub use error::{ApiError, Shape};
-pub use listener::{Signals, connection_cap, raise_fd_limit, serve};
+pub use listener::{Signals, connection_cap, serve};
 use serde_json::{Value, json};
 use status::{dashboard, key_action, keys, liveness, metrics, providers};
 use std::time::Instant;

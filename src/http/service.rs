@@ -1,5 +1,6 @@
 //! The hyper service of one connection: each request goes through the app, and the connection's state learns
-//! when a request starts and when its response has been sent (its body ended or was dropped).
+//! when a request starts, when its response has been sent (its body ended or was dropped), and when a request
+//! passed the proxy-key check ([`Unproven`]).
 
 use super::conn::ConnState;
 use axum::Router;
@@ -24,6 +25,18 @@ impl Routed {
     }
 }
 
+/// Carried by the requests of a connection not proven yet: the key check proves the connection through it. (Once
+/// proven, its requests carry nothing.)
+#[derive(Clone)]
+pub(super) struct Unproven(Arc<ConnState>);
+
+impl Unproven {
+    /// The request passed the proxy-key check.
+    pub(super) fn prove(&self) {
+        self.0.prove();
+    }
+}
+
 /// Ends the connection's request when dropped.
 struct Finish(Arc<ConnState>);
 
@@ -38,7 +51,7 @@ impl hyper::service::Service<http::Request<Incoming>> for Routed {
     type Error = Infallible;
     type Future = RoutedFuture;
 
-    fn call(&self, request: http::Request<Incoming>) -> RoutedFuture {
+    fn call(&self, mut request: http::Request<Incoming>) -> RoutedFuture {
         if !self.state.request_started() {
             // The listener chose this connection to make room just before the request arrived.
             return RoutedFuture {
@@ -47,6 +60,11 @@ impl hyper::service::Service<http::Request<Incoming>> for Routed {
             };
         }
         let finish = Finish(self.state.clone());
+        if !self.state.is_proven() {
+            request
+                .extensions_mut()
+                .insert(Unproven(self.state.clone()));
+        }
         let inner = tower_service::Service::call(&mut self.app.clone(), request);
         RoutedFuture {
             inner: Some(inner),
@@ -79,8 +97,20 @@ impl Future for RoutedFuture {
             );
             return Poll::Ready(Ok(refused.map(|body| Observed { body, finish: None })));
         };
-        let Ok(response) = std::task::ready!(Pin::new(inner).poll(cx));
+        let Ok(mut response) = std::task::ready!(Pin::new(inner).poll(cx));
         let finish = self.finish.take();
+        // The key check, where there is one, is behind: a connection not proven by now asked without the key. Its
+        // answer is the last on the connection (a client with the key sends it with its first request), so that
+        // requests pipelined without the key cannot keep a connection, and the answers they ask for, going.
+        if let Some(Finish(state)) = &finish
+            && !state.is_proven()
+        {
+            state.answered_without_key();
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         Poll::Ready(Ok(response.map(|body| Observed { body, finish })))
     }
 }

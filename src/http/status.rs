@@ -241,7 +241,9 @@ pub(super) async fn metrics(State(app): State<AppState>) -> Response {
     response
 }
 
-/// `GET /dashboard`: one self-contained page; it asks for the proxy key and reads `/v1/keys`.
+/// `GET /dashboard`: one self-contained page; it asks for the proxy key and reads `/v1/keys`. No other site may
+/// frame it (a page could otherwise overlay it and steer the operator's clicks), and it is never sniffed as
+/// anything but HTML.
 pub(super) async fn dashboard() -> Response {
     let mut response = include_str!("dashboard.html").into_response();
     let h = response.headers_mut();
@@ -251,7 +253,12 @@ pub(super) async fn dashboard() -> Response {
     );
     h.insert(
         HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"),
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     response
 }

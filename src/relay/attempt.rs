@@ -55,8 +55,8 @@ pub struct Failure {
     pub body: Bytes,
     /// A 2xx answer that could not be used.
     pub unusable: bool,
-    /// Not the key's fault (the request could not even be built with it): the key is neither judged nor tried
-    /// again by this request.
+    /// Not the key's fault (the request could not even be built with it, or could not be sent for want of TLS
+    /// trust anchors): the key is neither judged nor tried again by this request.
     pub blameless: bool,
     /// No answer at all: no response or first event in time, or a connection closed unanswered. A verdict on
     /// the model more than on the key.
@@ -98,8 +98,11 @@ impl Failure {
         } else {
             ErrorClass::Connection
         };
-        let silent = e.unanswered;
-        Self::transport(class, e.message).with(|f| f.silent = silent)
+        let (silent, blameless) = (e.unanswered, e.blameless);
+        Self::transport(class, e.message).with(|f| {
+            f.silent = silent;
+            f.blameless = blameless;
+        })
     }
 
     /// Nothing came within a timeout.

@@ -1,17 +1,19 @@
-//! The HTTP client for upstreams: reqwest over rustls (the platform's trust store; HTTP/2 by ALPN, HTTP/1.1
-//! otherwise), with the environment's proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`; `http://`,
+//! The HTTP client for upstreams: reqwest over rustls (the platform's trust store, see `trust`; HTTP/2 by ALPN,
+//! HTTP/1.1 otherwise), with the environment's proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`; `http://`,
 //! `https://` and `socks5://` ones), redirects never followed; the upstream URL of a call; bounded reads of
 //! bodies; and errors in words that never include the URL (which may carry a key in its query string).
 
 mod call;
+mod trust;
 
 use bytes::Bytes;
 pub use call::UpstreamCall;
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
+pub use trust::{RETRY as TRUST_RETRY, load_trust_anchors};
 
 /// The body of an upstream's response, read as it arrives.
 pub type Incoming = reqwest::Body;
@@ -40,6 +42,7 @@ impl Clients {
 /// a header or the query) and the prompt to it.
 #[derive(Clone)]
 pub struct HttpClient {
+    /// An error only when reqwest refuses the settings, which do not change while the process runs.
     inner: Result<reqwest::Client, String>,
     connect_timeout: Duration,
 }
@@ -76,7 +79,17 @@ impl HttpClient {
             message: why.clone(),
             timed_out: false,
             unanswered: false,
+            blameless: true,
         })?;
+        // Without trust anchors, an HTTPS request fails here, before connecting: nothing about the key.
+        if request.url().scheme() == "https" {
+            trust::ready().await.map_err(|why| UpstreamError {
+                message: why,
+                timed_out: false,
+                unanswered: false,
+                blameless: true,
+            })?;
+        }
         match client.execute(request).await {
             Ok(response) => Ok(response.into()),
             Err(e) if e.is_connect() && e.is_timeout() => Err(UpstreamError {
@@ -86,6 +99,7 @@ impl HttpClient {
                 ),
                 timed_out: true,
                 unanswered: false,
+                blameless: false,
             }),
             Err(e) if e.is_connect() => Err(UpstreamError::from_reqwest("connection failed", e)),
             Err(e) => Err(UpstreamError::from_reqwest("request failed", e)),
@@ -93,22 +107,17 @@ impl HttpClient {
     }
 }
 
-/// TLS settings for upstreams: ring, the platform's trust store, HTTP/2 or HTTP/1.1. Built once per process; an
-/// error (no usable trust store) fails each upstream request instead of stopping the proxy.
+/// TLS settings for upstreams: ring, the trust anchors of `trust` (loaded at start, read again while they fail),
+/// HTTP/2 or HTTP/1.1.
 fn tls() -> Result<rustls::ClientConfig, String> {
-    static TLS: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
-    TLS.get_or_init(|| {
-        use rustls_platform_verifier::BuilderVerifierExt;
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_platform_verifier())
-            .map_err(|e| format!("TLS is unavailable: {e}"))?
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
-    })
-    .clone()
+    let mut config = rustls::ClientConfig::builder_with_provider(trust::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS is unavailable: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(trust::verifier())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Why an upstream request or its body failed, in words.
@@ -119,6 +128,8 @@ pub struct UpstreamError {
     pub timed_out: bool,
     /// The connection closed before any response came.
     pub unanswered: bool,
+    /// Nothing was sent, for a reason that is keyrelay's own (no TLS trust anchors): no key is to blame.
+    pub blameless: bool,
 }
 
 impl UpstreamError {
@@ -153,6 +164,7 @@ impl UpstreamError {
             message: format!("{kind}: {}", detail.unwrap_or(e)),
             timed_out,
             unanswered,
+            blameless: false,
         }
     }
 

@@ -186,11 +186,17 @@ async fn every_phase_of_a_connection_is_bounded() {
     assert_eq!(status, 408);
     assert_eq!(error_code(&body), "request_timeout");
 
-    // An answered request, then an idle keep-alive connection.
+    // An answered request, then an idle keep-alive connection (with the key: an answer without it is the last on
+    // its connection).
     let mut kept = TcpStream::connect(addr(&proxy.url)).await.unwrap();
-    kept.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    kept.write_all(
+        format!(
+            "GET /v1/providers HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {PROXY_KEY}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut first = [0u8; 12];
     kept.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");

@@ -19,6 +19,7 @@ mod completions;
 mod costs;
 mod declarations;
 mod edge;
+mod edge_hardening;
 mod fallbacks;
 mod faults;
 mod fidelity;

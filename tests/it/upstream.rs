@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 
 /// What an HTTPS mock saw: connections accepted and the HTTP version of each request.
 #[derive(Default)]
-struct TlsSeen {
-    connections: AtomicUsize,
-    versions: Mutex<Vec<http::Version>>,
+pub(crate) struct TlsSeen {
+    pub(crate) connections: AtomicUsize,
+    pub(crate) versions: Mutex<Vec<http::Version>>,
 }
 
 /// A self-signed certificate for `localhost`: (certificate PEM, certificate DER, PKCS#8 key DER).
-fn localhost_cert() -> (String, Vec<u8>, Vec<u8>) {
+pub(crate) fn localhost_cert() -> (String, Vec<u8>, Vec<u8>) {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     (
         made.cert.pem(),
@@ -26,7 +26,7 @@ fn localhost_cert() -> (String, Vec<u8>, Vec<u8>) {
 }
 
 /// An HTTPS chat upstream on loopback that offers `alpn` and answers every request with a completion.
-async fn tls_mock(cert: &[u8], key: &[u8], alpn: &[&[u8]]) -> (u16, Arc<TlsSeen>) {
+pub(crate) async fn tls_mock(cert: &[u8], key: &[u8], alpn: &[&[u8]]) -> (u16, Arc<TlsSeen>) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
