@@ -19,6 +19,7 @@ mod completions;
 mod costs;
 mod declarations;
 mod edge;
+mod fairness;
 mod fallbacks;
 mod faults;
 mod fidelity;
