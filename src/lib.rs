@@ -38,8 +38,8 @@
 //! 15. The vocabulary every layer shares, each module free of the others: [`failure`] (error classes, scopes,
 //!     refusals), [`usage`] (tokens and costs), [`sse`] (parsing, frames, chunk peeks), [`upstream`] (the HTTP
 //!     client and the upstream call), [`secret`] (keys masked, hashed, redacted), [`offload`] (where slow work
-//!     runs), [`glob`], [`files`] (owner-only files), [`duration`], [`clock`], [`alloc`] (the allocator that
-//!     counts what script calls build).
+//!     runs, clients taking turns), [`glob`], [`files`] (owner-only files), [`duration`], [`clock`],
+//!     [`alloc`] (the allocator that counts what script calls build).
 //!
 //! The engine never names a provider: everything provider-specific is in `providers/*.yaml` and
 //! `plugins/*.rhai`.

@@ -53,12 +53,13 @@ pub(super) async fn json_body(
             format!("cannot read the request body: {e}"),
         )
     })?;
-    // Parsing takes about a millisecond per megabyte: large bodies are parsed off the async workers.
+    // Parsing takes about a millisecond per megabyte: large bodies are parsed off the async workers, in the
+    // client's turn.
     let parsed = if bytes.len() > 1 << 20 {
-        crate::offload::run(crate::offload::Pool::Requests, move || {
+        crate::offload::admit(crate::offload::Pool::Requests, None, move || {
             serde_json::from_slice::<Value>(&bytes)
         })
-        .await
+        .await?
     } else {
         serde_json::from_slice::<Value>(&bytes)
     };

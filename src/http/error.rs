@@ -112,9 +112,17 @@ impl From<RelayError> for ApiError {
             RelayError::AllCooling { retry_after, .. } => {
                 out.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
             }
+            RelayError::Busy(busy) => out.retry_after = Some(busy.retry_after.as_secs().max(1)),
             _ => {}
         }
         out
+    }
+}
+
+/// 503 `server_busy` with `Retry-After`: no room for the request's slow work ([`crate::offload`]).
+impl From<crate::offload::Busy> for ApiError {
+    fn from(busy: crate::offload::Busy) -> Self {
+        RelayError::Busy(busy).into()
     }
 }
 

@@ -185,8 +185,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signa
             _ = signals.stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors: make room by closing a connection, as at the cap.
                 let out_of_files = matches!(e.raw_os_error(), Some(23 | 24));
@@ -226,10 +226,12 @@ pub async fn serve(listener: TcpListener, app: Router, limits: EdgeLimits, signa
             stop: signals.stop.clone(),
         };
         let registry = registry.clone();
-        tokio::spawn(async move {
+        // Slow work (scripts, token counts, large bodies) takes turns by client: the connection's address.
+        let client = crate::offload::Client::of(peer.ip());
+        tokio::spawn(crate::offload::serving(client, async move {
             task.run().await;
             registry.remove(id);
-        });
+        }));
     }
     drop(listener);
     if tokio::time::timeout(signals.grace, registry.wait_empty())

@@ -94,8 +94,6 @@ pub(super) async fn count_tokens(State(app): State<AppState>, request: Request) 
     };
     match super::count_tokens(chat).await {
         Ok(n) => axum::Json(json!({"input_tokens": n})).into_response(),
-        Err(message) => ApiError::bad_request("invalid_request", message)
-            .shaped(Shape::Anthropic)
-            .into_response(),
+        Err(e) => e.shaped(Shape::Anthropic).into_response(),
     }
 }

@@ -281,22 +281,24 @@ async fn token_count(State(app): State<AppState>, headers: HeaderMap, body: Body
     };
     match count_tokens(body).await {
         Ok(n) => axum::Json(json!({"token_count": n})).into_response(),
-        Err(message) => ApiError::bad_request("invalid_request", message).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
 /// The tokens of a chat body (`model` and `messages` or `text`), counted offline. Counting costs about a second
-/// per ten megabytes of text: off the async workers.
-pub(crate) async fn count_tokens(body: serde_json::Map<String, Value>) -> Result<usize, String> {
+/// per ten megabytes of text: off the async workers, in the client's turn (503 `server_busy` when it has too
+/// much waiting).
+pub(crate) async fn count_tokens(body: serde_json::Map<String, Value>) -> Result<usize, ApiError> {
     let model = body
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    crate::offload::run(crate::offload::Pool::Requests, move || {
+    crate::offload::admit(crate::offload::Pool::Requests, None, move || {
         crate::tokens::count(&model, &body)
     })
-    .await
+    .await?
+    .map_err(|message| ApiError::bad_request("invalid_request", message))
 }
 
 async fn unknown_route(request: Request) -> Response {

@@ -180,6 +180,18 @@ fn describe() {
         "keyrelay_config_reload_failures_total",
         "Reloads rejected because the files were invalid."
     );
+    describe_gauge!(
+        "keyrelay_slow_work_running",
+        "Slow jobs (script calls; token counts and large bodies) running, by pool."
+    );
+    describe_gauge!(
+        "keyrelay_slow_work_waiting",
+        "Slow jobs waiting for their client's turn, by pool."
+    );
+    describe_counter!(
+        "keyrelay_slow_work_refused_total",
+        "Requests refused with 503 server_busy: their client had too much waiting, or they waited too long."
+    );
 }
 
 /// A label value with every control character but the newline (which the exporter escapes) written as its
@@ -315,6 +327,15 @@ impl Metrics {
             // 1 while a shared store is away and this instance serves from its own key state.
             gauge!("keyrelay_store_degraded").set(f64::from(u8::from(gauges.store == "degraded")));
             counter!("keyrelay_config_reload_failures_total").absolute(gauges.reload_failures);
+            for pool in crate::offload::Pool::ALL {
+                let stats = crate::offload::stats(pool);
+                gauge!("keyrelay_slow_work_running", "pool" => pool.name())
+                    .set(stats.running as f64);
+                gauge!("keyrelay_slow_work_waiting", "pool" => pool.name())
+                    .set(stats.waiting as f64);
+                counter!("keyrelay_slow_work_refused_total", "pool" => pool.name())
+                    .absolute(stats.refused);
+            }
         });
         self.handle.render()
     }

@@ -69,6 +69,9 @@ impl Relay {
         journal: &mut Option<Journal>,
         start: Start<'_>,
     ) -> Result<(Job, Vec<KeyId>), RelayError> {
+        // A request is refused for want of room, if at all, before its first upstream attempt: a fallback follows
+        // attempts already made, a continuation a stream already begun.
+        let refusable = matches!(start, Start::Client { fallback: None, .. }).then_some(deadline);
         let (stream, fallbacks, fallback, given_up, headers) = match start {
             Start::Client {
                 stream,
@@ -136,7 +139,8 @@ impl Relay {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let mut call = upstream_call(&provider, endpoint, path, &model, stream, body).await?;
+        let mut call =
+            upstream_call(&provider, endpoint, path, &model, stream, body, refusable).await?;
         call.headers.extend(headers.iter().cloned());
         let job = Job {
             resume,
@@ -185,7 +189,7 @@ impl Job {
 }
 
 /// The upstream call for a body, by the provider's request mapping (off the async workers when it runs a
-/// script).
+/// script, in the client's turn; with `refusable`, the deadline, it may be refused as [`RelayError::Busy`]).
 async fn upstream_call(
     provider: &Arc<Provider>,
     endpoint: Endpoint,
@@ -193,6 +197,7 @@ async fn upstream_call(
     model: &str,
     stream: bool,
     body: Map<String, Value>,
+    refusable: Option<Instant>,
 ) -> Result<UpstreamCall, RelayError> {
     // A native dialect goes as the client wrote it.
     let mapping: Arc<dyn crate::mapping::RequestMapping> = match endpoint {
@@ -201,7 +206,7 @@ async fn upstream_call(
     };
     let draft = if mapping.slow() {
         let (path, model) = (path.to_string(), model.to_string());
-        crate::offload::run(crate::offload::Pool::Scripts, move || {
+        let job = move || {
             let target = Target {
                 endpoint: endpoint.hook_name(),
                 model: &model,
@@ -209,8 +214,12 @@ async fn upstream_call(
                 path: &path,
             };
             mapping.map(&target, Value::Object(body))
-        })
-        .await?
+        };
+        let pool = crate::offload::Pool::Scripts;
+        match refusable {
+            Some(deadline) => crate::offload::admit(pool, Some(deadline), job).await?,
+            None => crate::offload::run(pool, job).await,
+        }?
     } else {
         let target = Target {
             endpoint: endpoint.hook_name(),

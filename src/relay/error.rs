@@ -130,6 +130,9 @@ pub enum RelayError {
     /// The request asks for what the provider cannot do (a field it has no equivalent for).
     #[error(transparent)]
     Unsupported(#[from] crate::failure::Refused),
+    /// No room for the request's script work: its client has too much waiting, or it waited too long.
+    #[error("{0}")]
+    Busy(#[from] crate::offload::Busy),
 }
 
 impl From<crate::mapping::MapError> for RelayError {
@@ -220,6 +223,7 @@ impl RelayError {
             Self::ModelDown { .. } => (503, "upstream_error", "model_unavailable"),
             Self::ResponseTooLarge { .. } => (502, "upstream_error", "upstream_response_too_large"),
             Self::Script(_) => (502, "upstream_error", "script_error"),
+            Self::Busy(_) => (503, "server_error", "server_busy"),
         }
     }
 

@@ -20,6 +20,7 @@ mod costs;
 mod declarations;
 mod edge;
 mod edge_hardening;
+mod fairness;
 mod fallbacks;
 mod faults;
 mod fidelity;
