@@ -276,11 +276,7 @@ fn apply_env(
         &p.filter.deny,
         format!("{:?}", p.tuning),
     ));
-    p.keys = env
-        .provider_keys(name)
-        .iter()
-        .map(|k| ApiKey::new(name, k))
-        .collect();
+    p.keys = ApiKey::pool(name, &env.provider_keys(name));
 }
 
 /// Names in config.yaml that must refer to configured providers, and settings that need a proxy key.

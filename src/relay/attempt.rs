@@ -195,7 +195,12 @@ impl Attempt<'_> {
         }
 
         if let Some(mut mapper) = stream {
-            let mut events = UpstreamEvents::new(response.into_body(), tuning.stream_idle_timeout);
+            // Every key of the pool is masked in the events as they are read, before anything else sees them.
+            let mut events = UpstreamEvents::new(
+                response.into_body(),
+                tuning.stream_idle_timeout,
+                key.redactor().clone(),
+            );
             loop {
                 let next = match &first_by {
                     Some((at, why)) => tokio::time::timeout_at(*at, events.next())
@@ -242,9 +247,7 @@ impl Attempt<'_> {
                             502
                         };
                         let unusable = verdict.class == ErrorClass::Server;
-                        let body = key
-                            .redact(&serde_json::json!({"error": error}).to_string())
-                            .into_owned();
+                        let body = serde_json::json!({"error": error}).to_string();
                         return Err(Failure::new(verdict, status, body.into())
                             .with(|f| f.unusable = unusable));
                     }

@@ -35,10 +35,19 @@ pub struct UpstreamEvents {
     closing: Option<Closing>,
     /// When the stream must end, whatever comes (`timeouts.stream_total`).
     until: Option<Instant>,
+    /// Masks the pool's keys in the events; `None` when there is no key to look for.
+    mask: Option<super::mask::StreamMask>,
+    /// A fault met while masked events were still held: reported after them.
+    fault: Option<StreamFault>,
 }
 
 impl UpstreamEvents {
-    pub fn new(body: crate::upstream::Incoming, idle: Duration) -> Self {
+    /// The events of `body`, every key of `pool` masked in them.
+    pub fn new(
+        body: crate::upstream::Incoming,
+        idle: Duration,
+        pool: std::sync::Arc<crate::secret::Redactor>,
+    ) -> Self {
         let now = Instant::now();
         Self {
             body,
@@ -51,6 +60,8 @@ impl UpstreamEvents {
             stashed: None,
             closing: None,
             until: None,
+            mask: super::mask::StreamMask::new(pool),
+            fault: None,
         }
     }
 
@@ -143,17 +154,55 @@ impl UpstreamEvents {
     /// The next event if one is complete in what has been read already; never waits. A parser error is kept for
     /// `next` to report.
     pub(super) fn buffered(&mut self) -> Option<SseEvent> {
-        if self.oversized {
-            return None;
+        loop {
+            if let Some(event) = self.mask.as_mut().and_then(|m| m.pop()) {
+                return Some(event);
+            }
+            if self.oversized {
+                return None;
+            }
+            let event = self.parser.next_event().unwrap_or_else(|_| {
+                self.oversized = true;
+                None
+            })?;
+            match &mut self.mask {
+                Some(mask) => mask.push(event),
+                None => return Some(event),
+            }
         }
-        self.parser.next_event().unwrap_or_else(|_| {
-            self.oversized = true;
-            None
-        })
     }
 
     /// The next event, `None` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<SseEvent>, StreamFault> {
+        loop {
+            if let Some(event) = self.mask.as_mut().and_then(|m| m.pop()) {
+                return Ok(Some(event));
+            }
+            if let Some(fault) = self.fault.take() {
+                return Err(fault);
+            }
+            let read = self.read_event().await;
+            match (read, &mut self.mask) {
+                (Ok(Some(event)), Some(mask)) => mask.push(event),
+                (Ok(None), Some(mask)) => {
+                    mask.finish();
+                    match mask.pop() {
+                        Some(event) => return Ok(Some(event)),
+                        None => return Ok(None),
+                    }
+                }
+                // Events held for masking go first, masked as far as they can be.
+                (Err(fault), Some(mask)) => {
+                    mask.finish();
+                    self.fault = Some(fault);
+                }
+                (read, None) => return read,
+            }
+        }
+    }
+
+    /// The next event as the upstream sent it, `None` at the end of the stream.
+    async fn read_event(&mut self) -> Result<Option<SseEvent>, StreamFault> {
         if self.oversized {
             return Err(StreamFault::Oversized);
         }

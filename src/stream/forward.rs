@@ -190,11 +190,6 @@ impl Forward {
         usage_only: bool,
     ) -> Option<Bytes> {
         self.saw_finish |= finish;
-        // Upstreams have echoed keys even in answers.
-        let data = match self.lease.as_ref().map(|l| l.key().redact(&data)) {
-            Some(std::borrow::Cow::Owned(redacted)) => redacted,
-            _ => data,
-        };
         let mut data = data;
         if let Some(usage) = usage {
             self.usage = Usage::from_value(&usage);
@@ -224,10 +219,6 @@ impl Forward {
         finish: bool,
     ) -> Bytes {
         self.saw_finish |= finish;
-        let data = match self.lease.as_ref().map(|l| l.key().redact(&data)) {
-            Some(std::borrow::Cow::Owned(redacted)) => redacted,
-            _ => data,
-        };
         if let Some(usage) = usage {
             self.usage = Usage::from_value(&usage);
         }
@@ -505,17 +496,6 @@ impl Forward {
 
     /// An error the upstream sent mid-stream: judged by the provider's rules, forwarded in OpenAI's shape.
     async fn upstream_error(&mut self, error: &Value) -> Bytes {
-        // The key masked in the error's text; should the masked text no longer be JSON, it stays text.
-        let redacted = self
-            .lease
-            .as_ref()
-            .and_then(|l| match l.key().redact(&error.to_string()) {
-                std::borrow::Cow::Owned(text) => {
-                    Some(serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
-                }
-                std::borrow::Cow::Borrowed(_) => None,
-            });
-        let error = redacted.as_ref().unwrap_or(error);
         if let Some(mut lease) = self.lease.take() {
             let provider = lease.provider().clone();
             let verdict = provider

@@ -5,6 +5,7 @@
 
 mod events;
 mod forward;
+mod mask;
 
 use crate::failure::ErrorClass;
 use crate::mapping::{EventMapper, Part};

@@ -1,5 +1,8 @@
 //! Provider keys and the proxy key: how they are held, named in public (masked or hashed) and compared.
 
+mod redactor;
+
+pub use redactor::{Decoded, GRAM, MIN_FRAGMENT, MIN_KEY, Redactor, Run};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::Arc;
@@ -109,18 +112,32 @@ pub struct ApiKey {
     /// The masked form (`...a1b2`), the only way a key is named in public.
     pub masked: Arc<str>,
     secret: Arc<str>,
-    /// Finds the key's first [`MIN_PREFIX`] bytes written plainly: the fast test of [`ApiKey::redact`].
-    start: Arc<memchr::memmem::Finder<'static>>,
+    /// Every key of its pool, to be found in what the upstream writes: an upstream that echoes one key may
+    /// echo another of the same provider.
+    pool: Arc<Redactor>,
 }
 
 impl ApiKey {
+    /// A key alone in its pool.
     pub fn new(provider: &str, secret: &str) -> Self {
-        let start = &secret.as_bytes()[..secret.len().min(MIN_PREFIX)];
+        Self::in_pool(provider, secret, Arc::new(Redactor::new([secret])))
+    }
+
+    /// A provider's keys, sharing one [`Redactor`] that knows them all.
+    pub fn pool<S: AsRef<str>>(provider: &str, secrets: &[S]) -> Vec<Self> {
+        let pool = Arc::new(Redactor::new(secrets.iter().map(AsRef::as_ref)));
+        secrets
+            .iter()
+            .map(|s| Self::in_pool(provider, s.as_ref(), pool.clone()))
+            .collect()
+    }
+
+    fn in_pool(provider: &str, secret: &str, pool: Arc<Redactor>) -> Self {
         Self {
             id: KeyId::new(provider, secret),
             masked: mask(secret).into(),
             secret: secret.into(),
-            start: Arc::new(memchr::memmem::Finder::new(start).into_owned()),
+            pool,
         }
     }
 
@@ -129,16 +146,15 @@ impl ApiKey {
         &self.secret
     }
 
-    /// `text` with this key replaced by its masked form wherever it appears: whole or shortened to a prefix of
-    /// at least [`MIN_PREFIX`] characters, written plainly or with JSON escapes (`\u0041`, `\/`). Upstreams
-    /// echo keys in errors, and sometimes in answers; their words reach clients and logs.
+    /// The keys of its pool, as text is searched for them.
+    pub fn redactor(&self) -> &Arc<Redactor> {
+        &self.pool
+    }
+
+    /// `text` with every key of this key's pool replaced where it is recognised ([`Redactor::redact`]).
+    /// Upstreams echo keys in errors, and sometimes in answers; their words reach clients and logs.
     pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        // Nearly every text holds neither a JSON escape nor the key's start: one vectorised pass each says so.
-        let bytes = text.as_bytes();
-        if memchr::memchr(b'\\', bytes).is_none() && self.start.find(bytes).is_none() {
-            return std::borrow::Cow::Borrowed(text);
-        }
-        redact(&self.secret, &self.masked, text)
+        self.pool.redact(text)
     }
 
     /// [`ApiKey::redact`] for a body that may not be text.
@@ -147,8 +163,9 @@ impl ApiKey {
             Ok(std::borrow::Cow::Owned(text)) => text.into(),
             Ok(std::borrow::Cow::Borrowed(_)) => body,
             Err(_) => match self.redact(&String::from_utf8_lossy(&body)) {
-                std::borrow::Cow::Owned(text) if text.contains(&*self.masked) => text.into(),
-                _ => body,
+                // Not text: it changes only where a key was found, and then the lossy text goes.
+                std::borrow::Cow::Owned(text) => text.into(),
+                std::borrow::Cow::Borrowed(_) => body,
             },
         }
     }
@@ -170,83 +187,6 @@ pub fn mask(secret: &str) -> String {
     }
     let tail: String = chars[chars.len() - 4..].iter().collect();
     format!("...{tail}")
-}
-
-/// The shortest start of a key that counts as the key when an upstream shortens it.
-pub const MIN_PREFIX: usize = 8;
-
-/// `text` with every appearance of `secret` (see [`ApiKey::redact`]) replaced by `masked`.
-fn redact<'a>(secret: &str, masked: &str, text: &'a str) -> std::borrow::Cow<'a, str> {
-    let key = secret.as_bytes();
-    let Some(&first) = key.first() else {
-        return std::borrow::Cow::Borrowed(text);
-    };
-    let enough = key.len().min(MIN_PREFIX);
-    let bytes = text.as_bytes();
-    let mut out: Option<String> = None;
-    let (mut copied, mut at) = (0, 0);
-    while let Some(found) = memchr::memchr2(first, b'\\', &bytes[at..]) {
-        let start = at + found;
-        let (mut taken, mut matched) = spelled(key, &bytes[start..]);
-        // A key that is not ASCII may match part of a character: stop at the last whole one.
-        while matched > 0 && !text.is_char_boundary(start + taken) {
-            (taken, matched) = (taken - 1, matched - 1);
-        }
-        if matched >= enough {
-            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
-            o.push_str(&text[copied..start]);
-            o.push_str(masked);
-            copied = start + taken;
-            at = copied;
-        } else {
-            at = start + 1;
-        }
-    }
-    match out {
-        None => std::borrow::Cow::Borrowed(text),
-        Some(mut o) => {
-            o.push_str(&text[copied..]);
-            std::borrow::Cow::Owned(o)
-        }
-    }
-}
-
-/// How far the start of `text` spells a start of `key`, each key byte written plainly or as a JSON escape: bytes
-/// of text taken, bytes of key matched.
-fn spelled(key: &[u8], text: &[u8]) -> (usize, usize) {
-    let (mut taken, mut matched) = (0, 0);
-    while matched < key.len() && taken < text.len() {
-        let want = key[matched];
-        let step = if text[taken] == want {
-            1
-        } else {
-            match json_escape(&text[taken..]) {
-                Some((len, byte)) if byte == want => len,
-                _ => break,
-            }
-        };
-        taken += step;
-        matched += 1;
-    }
-    (taken, matched)
-}
-
-/// The ASCII byte a JSON escape at the start of `text` stands for, and the escape's length.
-fn json_escape(text: &[u8]) -> Option<(usize, u8)> {
-    if text.first() != Some(&b'\\') {
-        return None;
-    }
-    match text.get(1)? {
-        b'/' => Some((2, b'/')),
-        b'\\' => Some((2, b'\\')),
-        b'"' => Some((2, b'"')),
-        b'u' => {
-            let hex = std::str::from_utf8(text.get(2..6)?).ok()?;
-            let code = u16::from_str_radix(hex, 16).ok()?;
-            u8::try_from(code).ok().filter(u8::is_ascii).map(|b| (6, b))
-        }
-        _ => None,
-    }
 }
 
 /// A URL as it may be shown: without user info, query or fragment, which can hold credentials. Text that is not
@@ -307,33 +247,16 @@ mod tests {
     }
 
     #[test]
-    fn redacts_the_key_whole_shortened_and_escaped() {
-        let key = ApiKey::new("openai", "sk-proj-abc/defghi1234");
-        for (text, expected) in [
-            ("no key here, sk-", "no key here, sk-"),
-            ("bad key sk-proj-abc/defghi1234.", "bad key ...1234."),
-            (
-                "twice: sk-proj-abc/defghi1234 sk-proj-abc/defghi1234",
-                "twice: ...1234 ...1234",
-            ),
-            ("shortened: sk-proj-***1234", "shortened: ...1234***1234"),
-            ("seven: sk-proj", "seven: sk-proj"),
-            (r#"{"k":"sk-proj-abc\/defghi1234"}"#, r#"{"k":"...1234"}"#),
-            (
-                r#"{"k":"\u0073k-proj-\u0061bc\/def"}"#,
-                r#"{"k":"...1234"}"#,
-            ),
-            (
-                "caf\u{e9} sk-proj-abc/defghi1234 \u{e9}",
-                "caf\u{e9} ...1234 \u{e9}",
-            ),
-        ] {
-            assert_eq!(key.redact(text), expected, "{text}");
+    fn a_key_masks_every_key_of_its_pool() {
+        let keys = ApiKey::pool("p", &["first-key-abcdefghijklmn", "second-key-opqrstuvwxyz01"]);
+        let text = "echo first-key-abcdefghijklmn and second-key-opqrstuvwxyz01";
+        for key in &keys {
+            assert_eq!(key.redact(text), "echo ...klmn and ...yz01");
         }
-        let accented = ApiKey::new("p", "\u{e9}\u{e9}\u{e9}\u{e9}-accented-key");
+        let alone = ApiKey::new("p", "first-key-abcdefghijklmn");
         assert_eq!(
-            accented.redact("x \u{e9}\u{e9}\u{e9}\u{e8} y \u{e9}\u{e9}\u{e9}\u{e9}-accented-key"),
-            "x \u{e9}\u{e9}\u{e9}\u{e8} y ...-key",
+            alone.redact(text),
+            "echo ...klmn and second-key-opqrstuvwxyz01"
         );
     }
 
