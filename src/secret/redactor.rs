@@ -333,6 +333,8 @@ fn escape(text: &[u8]) -> Option<(u8, usize)> {
     }
     match text.get(1)? {
         b'/' => Some((b'/', 2)),
+        // Kept whole, so that the escape after an escaped backslash is not read as one.
+        b'\\' => Some((b'\\', 2)),
         b'u' => {
             let hex = std::str::from_utf8(text.get(2..6)?).ok()?;
             let code = u16::from_str_radix(hex, 16).ok()?;
@@ -377,6 +379,8 @@ mod tests {
             ("B6cDqW3xZ9m", "B6cDqW3xZ9m"),
             // Escaped as JSON writers may.
             (r#"{"k":"sk-proj-B6cD\u0071W3xZ9mK2pL7vT4n1234"}"#, r#"{"k":"...1234"}"#),
+            // An escaped backslash before `u0071` is text, not an escape.
+            (r#""x\\u0071W3xZ9mK2pL7""#, r#""x\\u0071W3xZ9mK2pL7""#),
             // A key too short for a fragment counts only whole and alone.
             ("tiny-key and tiny-keys", "... and tiny-keys"),
             ("short", "short"),

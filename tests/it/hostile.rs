@@ -120,8 +120,9 @@ fn mode(path: &std::path::Path) -> u32 {
 
 #[tokio::test]
 async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
-    // The key three ways: plainly, with its first letters JSON-escaped, and shortened to its first 8 characters.
-    let echoed = r#"plain mock-key-abcdefghijkl-0001, escaped \u006d\u006fck-key-abcdefghijkl-0001, short mock-key***"#;
+    // The key three ways: plainly, with its first letters JSON-escaped, and shortened; and its public prefix
+    // alone, which is ordinary text.
+    let echoed = r#"plain mock-key-abcdefghijkl-0001, escaped \u006d\u006fck-key-abcdefghijkl-0001, short mock-key-abcdefghijkl***, prefix mock-key-***"#;
     let answer = format!(
         r#"{{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{echoed}"}},"finish_reason":"stop"}}]}}"#
     );
@@ -162,7 +163,10 @@ async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
     let content = body["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(
         content,
-        format!("plain {m}, escaped {m}, short {m}***", m = masked(1))
+        format!(
+            "plain {m}, escaped {m}, short ...***, prefix mock-key-***",
+            m = masked(1)
+        )
     );
     let stream =
         json!({"model": "mock/m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
@@ -174,7 +178,7 @@ async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
     let (status, _, body) = proxy.chat("mock/m", "fail").await;
     assert_eq!(status, 400);
     let everything = [text, body.to_string(), content.to_string()].concat();
-    for leak in [secret.as_str(), "mock-key-", "\\u006d\\u006fck"] {
+    for leak in [secret.as_str(), "abcdefghijkl", "\\u006d\\u006fck"] {
         assert!(
             !everything.contains(leak),
             "{leak} reached the client: {everything}"
@@ -185,7 +189,7 @@ async fn keys_an_upstream_echoes_never_reach_clients_or_logs() {
     let logs = files_under(&proxy.dir.path().join("logs"));
     assert_eq!(logs.len(), 3);
     for (path, text) in &logs {
-        assert!(!text.contains("mock-key-"), "{}: {text}", path.display());
+        assert!(!text.contains("abcdefghijkl"), "{}: {text}", path.display());
         assert!(text.contains(&masked(1)), "{}", path.display());
         #[cfg(unix)]
         assert_eq!(mode(path), 0o600, "{}", path.display());

@@ -30,6 +30,7 @@ mod hostile;
 mod layers;
 mod legacy_env;
 mod lifecycle;
+mod masking;
 mod limits;
 mod mappings;
 mod messages;
