@@ -70,6 +70,10 @@ pub struct Journal {
     pub response: Option<Value>,
     #[serde(skip)]
     pub started: std::time::Instant,
+    /// The key pools of the providers tried: no key of theirs is written, whoever wrote it (an upstream, or a
+    /// client pasting one into a prompt).
+    #[serde(skip)]
+    pub pools: Vec<std::sync::Arc<crate::secret::Redactor>>,
 }
 
 impl Journal {
@@ -103,7 +107,26 @@ impl Journal {
             total_ms: 0.0,
             response: None,
             started: std::time::Instant::now(),
+            pools: Vec::new(),
         }
+    }
+
+    /// Keeps `pool` to mask what is written of this request.
+    pub fn masks(&mut self, pool: &std::sync::Arc<crate::secret::Redactor>) {
+        if !self.pools.iter().any(|p| std::sync::Arc::ptr_eq(p, pool)) {
+            self.pools.push(pool.clone());
+        }
+    }
+
+    /// `text` (this journal, written out) with every key of the pools tried masked.
+    pub fn masked<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut text = std::borrow::Cow::Borrowed(text);
+        for pool in &self.pools {
+            if let std::borrow::Cow::Owned(masked) = pool.redact(&text) {
+                text = std::borrow::Cow::Owned(masked);
+            }
+        }
+        text
     }
 
     pub fn elapsed_ms(&self) -> f64 {

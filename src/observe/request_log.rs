@@ -94,6 +94,12 @@ impl Writer {
             fit(&mut value, self.limits.max_file_bytes);
             bytes = serde_json::to_vec_pretty(&value).unwrap_or_default();
         }
+        // Masking only shortens: the file stays within its bound.
+        if let Ok(text) = std::str::from_utf8(&bytes)
+            && let std::borrow::Cow::Owned(masked) = journal.masked(text)
+        {
+            bytes = masked.into_bytes();
+        }
         let provider = if journal.provider.is_empty() {
             "unknown"
         } else {

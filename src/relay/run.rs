@@ -47,6 +47,9 @@ fn record(
     error: Option<String>,
 ) {
     if let Some(j) = journal.as_mut() {
+        if let Some(key) = job.provider.keys.first() {
+            j.masks(key.redactor());
+        }
         j.attempts.push(AttemptRecord {
             model: job.label.clone(),
             key: key.to_string(),

@@ -11,6 +11,7 @@ use crate::failure::ErrorClass;
 use crate::mapping::{EventMapper, Part};
 pub use events::UpstreamEvents;
 pub use forward::{Forward, Report};
+pub use mask::StreamMask;
 use futures_util::future::BoxFuture;
 use std::collections::VecDeque;
 use std::time::Duration;
