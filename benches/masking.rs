@@ -30,9 +30,10 @@ fn pool(n: usize) -> Arc<Redactor> {
 }
 
 fn answer() -> String {
-    let content = "Tide pools form where rocky shores trap seawater as the tide retreats, leaving homes for \
+    let content =
+        "Tide pools form where rocky shores trap seawater as the tide retreats, leaving homes for \
                    crabs and anemones. Set api_key=\"sk-proj-YOUR_KEY_HERE\" before you run it.\n"
-        .repeat(6);
+            .repeat(6);
     json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
@@ -50,7 +51,9 @@ fn chunk(text: &str) -> SseEvent {
 
 fn masking(c: &mut Criterion) {
     let answer = answer();
-    let words = [" tide", " pools", " form", " where", " rocky", " shores", " trap", " sea", "water"];
+    let words = [
+        " tide", " pools", " form", " where", " rocky", " shores", " trap", " sea", "water",
+    ];
     for n in [1, 100, 1000] {
         let pool = pool(n);
         eprintln!("{n} keys: automaton {} KiB", pool.memory_usage() >> 10);

@@ -82,7 +82,8 @@ fn mock() -> Process {
 /// keyrelay over `dir`, whose files the caller wrote: this build's binary, or the one `KEYRELAY_BIN` names (to
 /// compare builds run interleaved).
 fn keyrelay(dir: &Path) -> Process {
-    let bin = std::env::var("KEYRELAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyrelay").into());
+    let bin =
+        std::env::var("KEYRELAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyrelay").into());
     let mut cmd = Command::new(bin);
     cmd.current_dir(dir)
         .env_clear()

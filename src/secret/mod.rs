@@ -248,7 +248,10 @@ mod tests {
 
     #[test]
     fn a_key_masks_every_key_of_its_pool() {
-        let keys = ApiKey::pool("p", &["first-key-abcdefghijklmn", "second-key-opqrstuvwxyz01"]);
+        let keys = ApiKey::pool(
+            "p",
+            &["first-key-abcdefghijklmn", "second-key-opqrstuvwxyz01"],
+        );
         let text = "echo first-key-abcdefghijklmn and second-key-opqrstuvwxyz01";
         for key in &keys {
             assert_eq!(key.redact(text), "echo ...klmn and ...yz01");

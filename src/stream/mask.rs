@@ -52,6 +52,8 @@ pub struct StreamMask {
     ready: VecDeque<SseEvent>,
     channels: Vec<Channel>,
     scratch: Vec<u8>,
+    /// A tail's buffer, kept between fields so that following them allocates nothing.
+    spare: Vec<(u8, Place)>,
     literals: Vec<(Range<usize>, Range<usize>)>,
 }
 
@@ -65,6 +67,7 @@ impl StreamMask {
             ready: VecDeque::new(),
             channels: Vec::new(),
             scratch: Vec::new(),
+            spare: Vec::new(),
             literals: Vec::new(),
         })
     }
@@ -122,7 +125,10 @@ impl StreamMask {
                 Place {
                     held: Some((
                         seq,
-                        ((value.start + at.start) as u32, (value.start + at.end) as u32),
+                        (
+                            (value.start + at.start) as u32,
+                            (value.start + at.end) as u32,
+                        ),
                     )),
                     done: false,
                 }
@@ -144,20 +150,20 @@ impl StreamMask {
             }
         }
         let from = self.scratch.len() - keep;
-        let tail: Vec<(u8, Place)> = (from..self.scratch.len())
-            .map(|i| {
-                let p = if live < GRAM {
-                    OUT
-                } else if places.is_empty() {
-                    place(i, &self.channels[c].tail)
-                } else {
-                    places[i]
-                };
-                (self.scratch[i], p)
-            })
-            .collect();
+        let mut tail = std::mem::take(&mut self.spare);
+        tail.clear();
+        tail.extend((from..self.scratch.len()).map(|i| {
+            let p = if live < GRAM {
+                OUT
+            } else if places.is_empty() {
+                place(i, &self.channels[c].tail)
+            } else {
+                places[i]
+            };
+            (self.scratch[i], p)
+        }));
         let channel = &mut self.channels[c];
-        channel.tail = tail;
+        self.spare = std::mem::replace(&mut channel.tail, tail);
         channel.live = live >= GRAM;
     }
 
@@ -180,7 +186,9 @@ impl StreamMask {
             };
             let range = at.0 as usize..at.1 as usize;
             match held.edits.last_mut() {
-                Some((last, gone)) if gone.is_empty() && text.is_empty() && last.end == range.start => {
+                Some((last, gone))
+                    if gone.is_empty() && text.is_empty() && last.end == range.start =>
+                {
                     last.end = range.end;
                 }
                 _ => held.edits.push((range, text.to_string())),
@@ -338,7 +346,13 @@ mod tests {
 
     #[test]
     fn ordinary_text_passes_at_once_and_unchanged() {
-        let pieces = ["Hello", ", here is ", "how: api_key=", "\"sk-proj-YOUR_KEY_HERE\"", "."];
+        let pieces = [
+            "Hello",
+            ", here is ",
+            "how: api_key=",
+            "\"sk-proj-YOUR_KEY_HERE\"",
+            ".",
+        ];
         let out = through(&pieces);
         assert_eq!(joined(&out), pieces.concat());
         for (i, (_, when)) in out.iter().enumerate() {
@@ -349,7 +363,19 @@ mod tests {
     #[test]
     fn a_key_dripped_token_by_token_is_masked() {
         let pieces = [
-            "Your key: ", "sk", "-proj", "-B6", "cDq", "W3x", "Z9m", "K2p", "L7v", "T4n", "123", "4", " ok",
+            "Your key: ",
+            "sk",
+            "-proj",
+            "-B6",
+            "cDq",
+            "W3x",
+            "Z9m",
+            "K2p",
+            "L7v",
+            "T4n",
+            "123",
+            "4",
+            " ok",
         ];
         let out = through(&pieces);
         // "sk" ended an event before anything said it was a key; from "-proj" on, the events were held.

@@ -11,8 +11,8 @@ use crate::failure::ErrorClass;
 use crate::mapping::{EventMapper, Part};
 pub use events::UpstreamEvents;
 pub use forward::{Forward, Report};
-pub use mask::StreamMask;
 use futures_util::future::BoxFuture;
+pub use mask::StreamMask;
 use std::collections::VecDeque;
 use std::time::Duration;
 

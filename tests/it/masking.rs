@@ -107,7 +107,14 @@ async fn every_key_of_the_pool_is_masked_in_answers_errors_and_logs() {
     // the request log.
     let (status, _, _) = proxy.chat("mock/m", &format!("is {SECOND} valid?")).await;
     assert_eq!(status, 200);
-    assert!(mock.chats().last().unwrap().body.to_string().contains(SECOND));
+    assert!(
+        mock.chats()
+            .last()
+            .unwrap()
+            .body
+            .to_string()
+            .contains(SECOND)
+    );
     let logs = request_logs(&proxy.dir.path().join("logs"), 3).await;
     let logs = serde_json::to_string(&logs).unwrap();
     no_key_in(&logs);
@@ -133,7 +140,10 @@ async fn a_key_streamed_token_by_token_is_masked() {
     // Each key is recognised once twelve of its distinctive characters have come, and is held back from its
     // third: what ended an event before that passed ("sk", and "Hy" of the bare one). The rest says `...`: when
     // the key was recognised, its end had not been seen.
-    assert_eq!(content, "whole ...; other sk...; bare Hy...; shortened sk...***");
+    assert_eq!(
+        content,
+        "whole ...; other sk...; bare Hy...; shortened sk...***"
+    );
     let logs = request_logs(&proxy.dir.path().join("logs"), 1).await;
     no_key_in(&serde_json::to_string(&logs).unwrap());
 }
