@@ -1,5 +1,5 @@
 //! The layers `src/lib.rs` states are the layers the code has: every top-level module is listed once, and no
-//! module imports one of its own layer or of a layer above it.
+//! module imports one of its own layer or of a layer above it. And files stay small enough to hold in mind.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -126,6 +126,25 @@ fn every_import_points_down_the_layers_lib_rs_states() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// No file of the crate, its tests or its benchmarks is over 600 lines: past that, split it by responsibility.
+#[test]
+fn no_source_file_is_over_600_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["src", "tests", "benches"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    assert!(files.len() > 100, "{} files", files.len());
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let lines = std::fs::read_to_string(f).unwrap().lines().count();
+            (lines > 600).then(|| format!("{} ({lines} lines)", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "split these: {long:?}");
 }
 
 #[test]
