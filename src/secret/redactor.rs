@@ -316,6 +316,38 @@ impl Redactor {
         })
     }
 
+    /// Whether a JSON text can be passed over: it holds no stretch of key bytes long enough to be recognised, no
+    /// escape that could spell one, and no string value ending in [`GRAM`] bytes of a key. `false` says only that
+    /// it must be looked at. One pass over the bytes.
+    pub fn quiet_json(&self, json: &[u8]) -> bool {
+        if !matches!(json.first(), Some(b'{' | b'[')) {
+            return false;
+        }
+        let mut stretch = 0;
+        for (i, &b) in json.iter().enumerate() {
+            if self.bytes[b as usize] {
+                stretch += 1;
+                if stretch >= self.shortest {
+                    return false;
+                }
+                continue;
+            }
+            match b {
+                // The end of a string; not a field's name, which `:` follows.
+                b'"' if stretch >= GRAM && json.get(i + 1) != Some(&b':') => {
+                    let gram: [u8; GRAM] = json[i - GRAM..i].try_into().expect("GRAM bytes");
+                    if self.grams.contains_key(&gram) {
+                        return false;
+                    }
+                }
+                b'\\' if matches!(json.get(i + 1), Some(b'/' | b'u')) => return false,
+                _ => {}
+            }
+            stretch = 0;
+        }
+        true
+    }
+
     /// How many of the last bytes of `text` spell consecutive bytes of one key, when at least [`GRAM`] do; 0
     /// otherwise. A stream holds such a tail back: the next event may continue it into a recognised run.
     pub fn live_suffix(&self, text: &[u8]) -> usize {
@@ -538,6 +570,23 @@ mod tests {
         assert_eq!(pool.live_suffix(b"the key is sk"), 0);
         assert_eq!(pool.live_suffix(b"plain words"), 0);
         assert_eq!(pool.live_suffix(b"ab"), 0);
+    }
+
+    #[test]
+    fn quiet_json_is_passed_over_only_when_nothing_can_be_there() {
+        let pool = Redactor::new([KEY]);
+        let chunk = |content: &str| {
+            serde_json::json!({"id": "chatcmpl-1", "choices": [{"delta": {"content": content}}]}).to_string()
+        };
+        assert!(pool.quiet_json(chunk("Hello there").as_bytes()));
+        // The end of a value spells part of a key: the next event may go on with it.
+        assert!(!pool.quiet_json(chunk("key: sk-proj-B6c").as_bytes()));
+        // Long enough to be a key, escaped, or not JSON: looked at.
+        assert!(!pool.quiet_json(chunk("B6cDqW3xZ9mK2pL7").as_bytes()));
+        assert!(!pool.quiet_json(br#"{"a":"x\/y"}"#));
+        assert!(!pool.quiet_json(b"plain text"));
+        // A field's name is not a value.
+        assert!(pool.quiet_json(br#"{"sk-proj-B6c":1}"#));
     }
 
     #[test]

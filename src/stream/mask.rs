@@ -4,7 +4,8 @@
 //!
 //! An event whose field ends in [`GRAM`] or more characters that spell part of a key is held back until the next
 //! event shows whether the key goes on (or the stream ends); every other event passes at once. So at most the
-//! first `GRAM - 1` characters of a key can pass before it is recognised, and only when they end an event.
+//! first `GRAM - 1` characters of a key can pass before it is recognised, and only when they end an event; the
+//! key is then recognised by the characters that follow them.
 //! Events keep their order; what goes on (mappers, scripts, the client, the request log) sees them masked.
 
 use crate::secret::{Decoded, GRAM, Redactor};
@@ -79,6 +80,12 @@ impl StreamMask {
 
     /// Takes in the next event read.
     pub fn push(&mut self, event: SseEvent) {
+        // Nearly every event: no field is following a key, and nothing in this one can start or hold one.
+        if !self.channels.iter().any(|c| c.live) && self.pool.quiet_json(event.data.as_bytes()) {
+            debug_assert!(self.held.is_empty(), "only a live field holds events");
+            self.ready.push_back(event);
+            return;
+        }
         let seq = self.first + self.held.len() as u64;
         self.held.push_back(Held {
             event,
@@ -137,7 +144,7 @@ impl StreamMask {
         let keep = if live >= GRAM {
             live.min(self.pool.longest())
         } else {
-            (GRAM - 1).min(self.scratch.len())
+            0
         };
         let mut places: Vec<Place> = Vec::new();
         if !runs.is_empty() {
