@@ -264,6 +264,26 @@ impl Reloader {
     fn is_input(&self, path: &Path) -> bool {
         let snapshot = self.config.load();
         let s = &snapshot.settings;
+        // Most events are keyrelay's own writes (the usage file, logs): told apart by name alone, before paths
+        // are made absolute and compared.
+        let named = |p: &Path| p.file_name() == path.file_name();
+        let extension = path.extension().and_then(|e| e.to_str());
+        let maybe = [
+            &self.opts.config,
+            &self.opts.env_file,
+            &s.providers_dir,
+            &s.plugins_dir,
+        ]
+        .iter()
+        .any(|input| named(input))
+            || matches!(extension, Some("yaml" | "yml" | "rhai"))
+            || path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("..") && n != "..");
+        if !maybe {
+            return false;
+        }
         // The watcher reports absolute paths (`/srv/./config.yaml` for a watched `.`): compare absolute paths
         // without `.` components.
         let plain = |p: &Path| -> PathBuf {
@@ -276,7 +296,6 @@ impl Reloader {
         let path = plain(path);
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let in_dir = |dir: &Path| path.parent() == Some(plain(dir).as_path());
-        let extension = path.extension().and_then(|e| e.to_str());
         [
             &self.opts.config,
             &self.opts.env_file,

@@ -1,8 +1,10 @@
 //! Provider keys and the proxy key: how they are held, named in public (masked or hashed) and compared.
 
+mod decoded;
 mod redactor;
 
-pub use redactor::{Decoded, GRAM, MIN_FRAGMENT, MIN_KEY, Redactor, Run};
+pub use decoded::Decoded;
+pub use redactor::{GRAM, MIN_FRAGMENT, MIN_KEY, Redactor, Run};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::Arc;
