@@ -95,8 +95,17 @@ impl StreamMask {
         literals.clear();
         let data = std::mem::take(&mut self.held.back_mut().expect("pushed").event.data);
         string_values(&data, &mut literals);
+        let mut touched = 0_u64;
         for (name, value) in &literals {
-            self.field(seq, &data, &data[name.clone()], value.clone());
+            touched |= 1 << self.field(seq, &data, &data[name.clone()], value.clone());
+        }
+        // A key goes on in the next event that writes its field, or not at all: a field this event did not
+        // write stops holding events. So a held run of events is at most the longest key long.
+        for (i, channel) in self.channels.iter_mut().enumerate() {
+            if touched & (1 << i) == 0 {
+                channel.live = false;
+                channel.tail.clear();
+            }
         }
         self.held.back_mut().expect("pushed").event.data = data;
         self.literals = literals;
@@ -113,7 +122,8 @@ impl StreamMask {
 
     /// One field's value of event `seq`, at `value` of its data: joined to the field's tail, searched, its
     /// runs replaced, its own tail kept.
-    fn field(&mut self, seq: u64, data: &str, name: &str, value: Range<usize>) {
+    /// Returns the field's channel.
+    fn field(&mut self, seq: u64, data: &str, name: &str, value: Range<usize>) -> usize {
         let raw = &data.as_bytes()[value.clone()];
         let decoded = memchr::memchr(b'\\', raw).map(|_| Decoded::new(raw));
         let text = decoded.as_ref().map_or(raw, |d| &d.bytes[..]);
@@ -172,6 +182,7 @@ impl StreamMask {
         let channel = &mut self.channels[c];
         self.spare = std::mem::replace(&mut channel.tail, tail);
         channel.live = live >= GRAM;
+        c
     }
 
     /// Replaces one run: its first byte still held takes the replacement, the rest goes; a run continuing one
@@ -400,6 +411,20 @@ mod tests {
             let said = if cut < 8 + 12 { "...1234" } else { "..." };
             assert_eq!(all, format!("a {}{said} b", &KEY[..passed]), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn a_field_not_written_again_stops_holding_events() {
+        let mut mask = StreamMask::new(Arc::new(Redactor::new([KEY]))).unwrap();
+        mask.push(chunk("key: sk-proj-B6c"));
+        assert!(mask.pop().is_none(), "held: the key may go on");
+        // An event that writes other fields only: the key did not go on.
+        mask.push(SseEvent {
+            event: None,
+            data: r#"{"usage":{"total_tokens":5}}"#.into(),
+        });
+        assert_eq!(content(&mask.pop().unwrap()), "key: sk-proj-B6c");
+        assert!(mask.pop().unwrap().data.contains("usage"));
     }
 
     #[test]
