@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 /// The most fields followed in one stream; further names share one.
 const MAX_CHANNELS: usize = 32;
+/// Events in a row that may leave a field alone while a key in it is awaited.
+const MAX_SKIPPED: u8 = 2;
 
 /// Where a byte of a field's text was written: in an event still held (its sequence number, and where in its
 /// data), or (`None`) in one already given out; and whether it was replaced.
@@ -36,6 +38,8 @@ struct Channel {
     tail: Vec<(u8, Place)>,
     /// The tail spells part of a key: its events are held.
     live: bool,
+    /// Events since it was last written.
+    skipped: u8,
 }
 
 struct Held {
@@ -99,12 +103,18 @@ impl StreamMask {
         for (name, value) in &literals {
             touched |= 1 << self.field(seq, &data, &data[name.clone()], value.clone());
         }
-        // A key goes on in the next event that writes its field, or not at all: a field this event did not
-        // write stops holding events. So a held run of events is at most the longest key long.
+        // A key goes on in one of the next events that write anything (a `ping` may come between), or not at
+        // all: a field that [`MAX_SKIPPED`] events in a row did not write stops holding events. So a held run
+        // of events is bounded by the longest key.
         for (i, channel) in self.channels.iter_mut().enumerate() {
-            if touched & (1 << i) == 0 {
-                channel.live = false;
-                channel.tail.clear();
+            if touched & (1 << i) != 0 {
+                channel.skipped = 0;
+            } else if channel.live {
+                channel.skipped += 1;
+                if channel.skipped > MAX_SKIPPED {
+                    channel.live = false;
+                    channel.tail.clear();
+                }
             }
         }
         self.held.back_mut().expect("pushed").event.data = data;
@@ -228,6 +238,7 @@ impl StreamMask {
             name: name.to_string(),
             tail: Vec::new(),
             live: false,
+            skipped: 0,
         });
         self.channels.len() - 1
     }
@@ -418,13 +429,20 @@ mod tests {
         let mut mask = StreamMask::new(Arc::new(Redactor::new([KEY]))).unwrap();
         mask.push(chunk("key: sk-proj-B6c"));
         assert!(mask.pop().is_none(), "held: the key may go on");
-        // An event that writes other fields only: the key did not go on.
-        mask.push(SseEvent {
+        // Events that write other fields only: a ping may come between, but after a few the key did not go on.
+        let other = || SseEvent {
             event: None,
             data: r#"{"usage":{"total_tokens":5}}"#.into(),
-        });
+        };
+        mask.push(other());
+        mask.push(other());
+        assert!(mask.pop().is_none(), "two events may come between");
+        mask.push(other());
         assert_eq!(content(&mask.pop().unwrap()), "key: sk-proj-B6c");
-        assert!(mask.pop().unwrap().data.contains("usage"));
+        for _ in 0..3 {
+            assert!(mask.pop().unwrap().data.contains("usage"));
+        }
+        assert!(mask.pop().is_none());
     }
 
     #[test]

@@ -150,7 +150,8 @@ async fn a_key_streamed_token_by_token_is_masked() {
 
 #[tokio::test]
 async fn a_native_stream_split_anywhere_is_masked() {
-    // An Anthropic stream passed as written: a key split across two text deltas at every position.
+    // An Anthropic stream passed as written: a key split across two text deltas, a ping between them, at every
+    // position.
     let mock = Mock::start(|seen, _| {
         let cut: usize = seen.body["messages"][0]["content"]
             .as_str()
@@ -167,6 +168,8 @@ async fn a_native_stream_split_anywhere_is_masked() {
             "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".to_string(),
             delta("key: "),
             delta(&SECOND[..cut]),
+            // Anthropic sends pings at any moment, between two deltas too.
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n".to_string(),
             delta(&SECOND[cut..]),
             delta(" end"),
             "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".to_string(),
