@@ -18,7 +18,7 @@
 //!    rotation and waits, one attempt, the per-model breaker, stream continuation, all inside one deadline; and
 //!    the `/v1/models` catalog.
 //! 6. [`stream`]: the client-facing stream (`forward`), which owns the upstream response and the key's lease,
-//!    over the upstream's events (`events`).
+//!    over the upstream's events (`events`), masked as they are read (`mask`).
 //! 7. [`lease`]: a granted key held by one request, released when dropped.
 //! 8. [`snapshot`]: the immutable configuration a request runs on, built and validated in one pass.
 //! 9. [`provider`]: provider files as data — as written (`schema`), loaded and checked (`load`), the script and
