@@ -57,6 +57,15 @@ pub struct State {
 }
 
 impl State {
+    /// The state of `key` of `provider`, made when it has none yet.
+    fn key(&mut self, provider: &str, key: &ApiKey) -> &mut KeyState {
+        self.keys.entry(key.id.clone()).or_insert_with(|| KeyState {
+            provider: provider.to_string(),
+            masked: key.masked.to_string(),
+            ..KeyState::default()
+        })
+    }
+
     /// Starts a new day when a reset time has passed: today's counters go to zero and streaks whose cooldown has
     /// ended are forgotten. Lifetime totals stay.
     fn roll(&mut self, now: UnixMs) {
@@ -164,14 +173,7 @@ impl MemoryStore {
         if !super::state::later((disabled, at), known.unwrap_or((false, 0))) {
             return;
         }
-        let ks = state
-            .keys
-            .entry(key.id.clone())
-            .or_insert_with(|| KeyState {
-                provider: provider.to_string(),
-                masked: key.masked.to_string(),
-                ..KeyState::default()
-            });
+        let ks = state.key(provider, key);
         ks.decide(disabled, at);
         drop(state);
         self.changed.notify_one();
@@ -267,14 +269,7 @@ impl MemoryStore {
         }
 
         let key = &ask.keys[index];
-        let ks = state
-            .keys
-            .entry(key.id.clone())
-            .or_insert_with(|| KeyState {
-                provider: ask.provider.to_string(),
-                masked: key.masked.to_string(),
-                ..KeyState::default()
-            });
+        let ks = state.key(ask.provider, key);
         ks.in_flight += 1;
         let ms = model_slot(&mut ks.models, ask.model);
         ms.in_flight += 1;
@@ -410,14 +405,7 @@ impl KeyStore for MemoryStore {
         {
             return false;
         }
-        let ks = state
-            .keys
-            .entry(key.id.clone())
-            .or_insert_with(|| KeyState {
-                provider: provider.to_string(),
-                masked: key.masked.to_string(),
-                ..KeyState::default()
-            });
+        let ks = state.key(provider, key);
         ks.control(action, self.clock.now());
         drop(state);
         self.changed.notify_one();

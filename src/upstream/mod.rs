@@ -113,15 +113,9 @@ impl HttpClient {
         }
         match client.execute(request).await {
             Ok(response) => Ok(response.into()),
-            Err(e) if e.is_connect() && e.is_timeout() => Err(UpstreamError {
-                message: format!(
-                    "timed out: no usable connection within {:?} (timeouts.connect)",
-                    self.connect_timeout
-                ),
-                timed_out: true,
-                unanswered: false,
-                blameless: false,
-            }),
+            Err(e) if e.is_connect() && e.is_timeout() => {
+                Err(UpstreamError::no_connection(self.connect_timeout))
+            }
             Err(e) if e.is_connect() => Err(UpstreamError::from_reqwest("connection failed", e)),
             Err(e) => Err(UpstreamError::from_reqwest("request failed", e)),
         }
@@ -140,15 +134,9 @@ impl HttpClient {
             .map_err(|e| UpstreamError::from_reqwest("request failed", e))?;
         match plain.request(request).await {
             Ok(response) => Ok(response.map(reqwest::Body::wrap)),
-            Err(e) if e.is_connect() && timed_out(&e) => Err(UpstreamError {
-                message: format!(
-                    "timed out: no usable connection within {:?} (timeouts.connect)",
-                    self.connect_timeout
-                ),
-                timed_out: true,
-                unanswered: false,
-                blameless: false,
-            }),
+            Err(e) if e.is_connect() && timed_out(&e) => {
+                Err(UpstreamError::no_connection(self.connect_timeout))
+            }
             Err(e) => {
                 let kind = if e.is_connect() {
                     "connection failed"
@@ -270,6 +258,18 @@ pub struct UpstreamError {
 }
 
 impl UpstreamError {
+    /// No connection could be made within `timeouts.connect`.
+    fn no_connection(within: Duration) -> Self {
+        Self {
+            message: format!(
+                "timed out: no usable connection within {within:?} (timeouts.connect)"
+            ),
+            timed_out: true,
+            unanswered: false,
+            blameless: false,
+        }
+    }
+
     /// `kind` with the cause of a reqwest error, its URL left out.
     fn from_reqwest(kind: &str, e: reqwest::Error) -> Self {
         let timed_out = e.is_timeout();
