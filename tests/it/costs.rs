@@ -151,14 +151,7 @@ async fn the_console_line_shows_the_cost_and_check_the_prices() {
         "{out}"
     );
     let served = binary::start(dir.path(), &[], None);
-    let answer = http_client()
-        .post(format!("{}/v1/chat/completions", served.url))
-        .bearer_auth(PROXY_KEY)
-        .header("content-type", "application/json")
-        .body(r#"{"model": "mock/priced", "messages": [{"role": "user", "content": "hi"}]}"#)
-        .send()
-        .await
-        .unwrap();
+    let answer = served.chat("mock/priced").send().await.unwrap();
     assert_eq!(answer.status(), 200);
     served
         .log_once("the cost", |l| {

@@ -276,11 +276,6 @@ async fn max_connections_is_held_to_the_open_file_limit_at_start_and_on_reload()
         .await;
 }
 
-/// An OpenAI-compatible chat request for `model`.
-fn chat_body(model: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
 #[tokio::test]
 async fn a_trust_store_that_cannot_be_read_stops_only_https_upstreams_blames_no_key_and_is_read_again()
  {
@@ -332,13 +327,7 @@ async fn a_trust_store_that_cannot_be_read_stops_only_https_upstreams_blames_no_
     assert!(warning.contains("trust.pem"), "names the file: {warning}");
     assert!(!warning.contains("plain ("), "{warning}");
 
-    let client = http_client();
-    let chat = |model: &str| {
-        client
-            .post(format!("{}/v1/chat/completions", served.url))
-            .bearer_auth(PROXY_KEY)
-            .json_body(&chat_body(model))
-    };
+    let chat = |model: &str| served.chat(model);
     // Plain HTTP is served; HTTPS fails, again and again, without a cost to its key.
     let (status, _, body) = send(chat("plain/m")).await;
     assert_eq!(status, 200, "{body}");

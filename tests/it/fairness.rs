@@ -179,15 +179,7 @@ async fn one_clients_flood_does_not_hold_up_another_client_and_its_excess_is_ref
             "{message}"
         );
     }
-    let metrics = http_client()
-        .get(format!("{}/metrics", server.url))
-        .bearer_auth(PROXY_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.get_text("/metrics").await;
     assert!(
         metrics.lines().any(|l| l
             .starts_with("keyrelay_slow_work_refused_total{pool=\"scripts\"}")

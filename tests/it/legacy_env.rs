@@ -68,7 +68,6 @@ async fn the_python_proxys_env_carries_over() {
     );
 
     let served = start(dir.path(), &[], None);
-    let client = http_client();
     let models = served.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -81,16 +80,7 @@ async fn the_python_proxys_env_carries_over() {
         "the whitelist wins over IGNORE=*: {ids:?}"
     );
     assert!(!ids.contains(&"mock/m-b"), "{ids:?}");
-    let chat = |model: &str| {
-        client
-            .post(format!("{}/v1/chat/completions", served.url))
-            .bearer_auth(PROXY_KEY)
-            .header("content-type", "application/json")
-            .body(format!(
-                r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}]}}"#
-            ))
-            .send()
-    };
+    let chat = |model: &str| served.chat(model).send();
     assert_eq!(chat("mock/m-a").await.unwrap().status(), 200);
     assert_eq!(chat("mock/m-b").await.unwrap().status(), 404);
     served

@@ -77,10 +77,6 @@ pub(crate) async fn tls_mock(cert: &[u8], key: &[u8], alpn: &[&[u8]]) -> (u16, A
     (port, seen)
 }
 
-fn chat_body(model: &str) -> serde_json::Value {
-    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
 #[tokio::test]
 async fn https_upstreams_are_verified_and_spoken_to_in_http2_when_they_offer_it() {
     let (pem, cert, key) = localhost_cert();
@@ -119,13 +115,7 @@ async fn https_upstreams_are_verified_and_spoken_to_in_http2_when_they_offer_it(
         &[("SSL_CERT_FILE", trust.to_str().unwrap())],
         None,
     );
-    let client = http_client();
-    let chat = |model: &str| {
-        client
-            .post(format!("{}/v1/chat/completions", served.url))
-            .bearer_auth(PROXY_KEY)
-            .json_body(&chat_body(model))
-    };
+    let chat = |model: &str| served.chat(model);
 
     // HTTP/2: once a connection is open, eight requests at once share it. (On a cold pool, requests that start
     // together each open one: the protocol is only known after the handshake.)
@@ -283,13 +273,7 @@ async fn upstream_requests_go_through_a_socks5_proxy_that_resolves_names() {
     );
     let proxy = format!("socks5h://user:pa55@127.0.0.1:{socks_port}");
     let served = start(dir.path(), &[("ALL_PROXY", &proxy)], None);
-    let (status, _, body) = send(
-        http_client()
-            .post(format!("{}/v1/chat/completions", served.url))
-            .bearer_auth(PROXY_KEY)
-            .json_body(&chat_body("far/m")),
-    )
-    .await;
+    let (status, _, body) = send(served.chat("far/m")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "via socks");
     assert_eq!(

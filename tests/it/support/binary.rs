@@ -64,9 +64,18 @@ impl Served {
         self.child.id()
     }
 
-    /// `GET path` with the proxy key; the answer as JSON.
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let text = super::http_client()
+    /// A one-line chat request for `model`, with the proxy key, ready to send.
+    pub fn chat(&self, model: &str) -> reqwest::RequestBuilder {
+        use super::JsonBody;
+        super::http_client()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(super::PROXY_KEY)
+            .json_body(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+    }
+
+    /// `GET path` with the proxy key; the answer's text.
+    pub async fn get_text(&self, path: &str) -> String {
+        super::http_client()
             .get(format!("{}{path}", self.url))
             .bearer_auth(super::PROXY_KEY)
             .send()
@@ -74,7 +83,12 @@ impl Served {
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `GET path` with the proxy key; the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let text = self.get_text(path).await;
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {text}"))
     }
 
