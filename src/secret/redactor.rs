@@ -291,10 +291,7 @@ impl Redactor {
     fn extend(&self, text: &[u8], floor: usize, start: usize, k: u32, offset: u32) -> Option<Run> {
         let key = &self.keys[k as usize];
         let secret = &*key.secret;
-        let (mut s, mut from) = (start, offset as usize);
-        while s > floor && from > 0 && text[s - 1] == secret[from - 1] {
-            (s, from) = (s - 1, from - 1);
-        }
+        let (s, from) = back(text, floor, start, secret, offset as usize);
         let (mut e, mut to) = (start + BLOCK, offset as usize + BLOCK);
         while e < text.len() && to < secret.len() && text[e] == secret[to] {
             (e, to) = (e + 1, to + 1);
@@ -389,16 +386,28 @@ impl Redactor {
         owners
             .iter()
             .map(|&(k, offset)| {
-                let secret = &self.keys[k as usize].secret;
-                let (mut s, mut from) = (last, offset as usize);
-                while s > 0 && from > 0 && text[s - 1] == secret[from - 1] {
-                    (s, from) = (s - 1, from - 1);
-                }
+                let (s, _) = back(
+                    text,
+                    0,
+                    last,
+                    &self.keys[k as usize].secret,
+                    offset as usize,
+                );
                 text.len() - s
             })
             .max()
             .unwrap_or(0)
     }
+}
+
+/// Where a match of `secret` from `from` at `at` of `text` starts when extended backwards, not below `floor`:
+/// (text position, secret position).
+fn back(text: &[u8], floor: usize, at: usize, secret: &[u8], from: usize) -> (usize, usize) {
+    let (mut at, mut from) = (at, from);
+    while at > floor && from > 0 && text[at - 1] == secret[from - 1] {
+        (at, from) = (at - 1, from - 1);
+    }
+    (at, from)
 }
 
 /// Hashes a gram as the number its bytes spell, multiplied by an odd constant (Fibonacci hashing): every stream
