@@ -84,10 +84,14 @@ impl StreamMask {
 
     /// Takes in the next event read.
     pub fn push(&mut self, event: SseEvent) {
-        // Nearly every event: no field is following a key, and nothing in this one can start or hold one.
-        if !self.channels.iter().any(|c| c.live) && self.pool.quiet_json(event.data.as_bytes()) {
+        let mut literals = std::mem::take(&mut self.literals);
+        literals.clear();
+        let whole = string_values(&event.data, &mut literals);
+        // Nearly every event: no field is following a key, and no value in this one can start or hold one.
+        if whole && self.quiet(&event.data, &literals) {
             debug_assert!(self.held.is_empty(), "only a live field holds events");
             self.ready.push_back(event);
+            self.literals = literals;
             return;
         }
         let seq = self.first + self.held.len() as u64;
@@ -95,10 +99,7 @@ impl StreamMask {
             event,
             edits: Vec::new(),
         });
-        let mut literals = std::mem::take(&mut self.literals);
-        literals.clear();
         let data = std::mem::take(&mut self.held.back_mut().expect("pushed").event.data);
-        string_values(&data, &mut literals);
         let mut touched = 0_u64;
         for (name, value) in &literals {
             touched |= 1 << self.field(seq, &data, &data[name.clone()], value.clone());
@@ -120,6 +121,15 @@ impl StreamMask {
         self.held.back_mut().expect("pushed").event.data = data;
         self.literals = literals;
         self.release();
+    }
+
+    /// Whether an event whose string values are `literals` can go at once: no field is following a key, and no
+    /// value can start or hold one.
+    fn quiet(&self, data: &str, literals: &[(Range<usize>, Range<usize>)]) -> bool {
+        !self.channels.iter().any(|c| c.live)
+            && literals
+                .iter()
+                .all(|(_, value)| self.pool.quiet_value(&data.as_bytes()[value.clone()]))
     }
 
     /// No more events: everything held goes, masked where a key was recognised.
@@ -296,12 +306,13 @@ fn edited(mut held: Held) -> SseEvent {
 
 /// The string values of an event's data, each with the name of the field it belongs to: (name, value) as ranges
 /// of `data`, JSON escapes left as written. Data that is not a JSON object or array is one value with no name.
-fn string_values(data: &str, out: &mut Vec<(Range<usize>, Range<usize>)>) {
+/// False when the data is not JSON or a string in it is not closed: what it holds is then not all in `out`.
+fn string_values(data: &str, out: &mut Vec<(Range<usize>, Range<usize>)>) -> bool {
     let b = data.as_bytes();
     let opening = b.iter().find(|c| !c.is_ascii_whitespace());
     if !matches!(opening, Some(b'{' | b'[')) {
         out.push((0..0, 0..b.len()));
-        return;
+        return false;
     }
     let mut name = 0..0;
     let mut at = 0;
@@ -310,7 +321,7 @@ fn string_values(data: &str, out: &mut Vec<(Range<usize>, Range<usize>)>) {
         let mut scan = open;
         let close = loop {
             match memchr::memchr2(b'"', b'\\', b.get(scan..).unwrap_or_default()) {
-                None => return,
+                None => return false,
                 Some(i) if b[scan + i] == b'\\' => scan += i + 2,
                 Some(i) => break scan + i,
             }
@@ -323,6 +334,7 @@ fn string_values(data: &str, out: &mut Vec<(Range<usize>, Range<usize>)>) {
         }
         at = close + 1;
     }
+    true
 }
 
 #[cfg(test)]
@@ -443,6 +455,26 @@ mod tests {
             assert!(mask.pop().unwrap().data.contains("usage"));
         }
         assert!(mask.pop().is_none());
+    }
+
+    #[test]
+    fn quiet_events_are_passed_over_only_when_nothing_can_be_there() {
+        let mask = StreamMask::new(Arc::new(Redactor::new([KEY]))).unwrap();
+        let quiet = |data: &str| {
+            let mut literals = Vec::new();
+            string_values(data, &mut literals) && mask.quiet(data, &literals)
+        };
+        assert!(quiet(&chunk("Hello there").data));
+        // The end of a value spells part of a key: the next event may go on with it.
+        assert!(!quiet(&chunk("key: sk-proj-B6c").data));
+        // Long enough to be a key, escaped, or not JSON: looked at.
+        assert!(!quiet(&chunk("B6cDqW3xZ9mK2pL7").data));
+        assert!(!quiet(r#"{"a":"x\/y"}"#));
+        assert!(!quiet("plain text"));
+        // A field's name is not a value; escapes that cannot spell a key byte are passed over.
+        assert!(quiet(r#"{"sk-proj-B6c":1}"#));
+        assert!(quiet(&chunk("line\nnext \"quoted\"").data));
+        assert!(!quiet(r#"{"a":"unterminated"#));
     }
 
     #[test]
