@@ -84,14 +84,10 @@ impl StreamMask {
 
     /// Takes in the next event read.
     pub fn push(&mut self, event: SseEvent) {
-        let mut literals = std::mem::take(&mut self.literals);
-        literals.clear();
-        let whole = string_values(&event.data, &mut literals);
         // Nearly every event: no field is following a key, and no value in this one can start or hold one.
-        if whole && self.quiet(&event.data, &literals) {
+        if self.quiet(&event.data) {
             debug_assert!(self.held.is_empty(), "only a live field holds events");
             self.ready.push_back(event);
-            self.literals = literals;
             return;
         }
         let seq = self.first + self.held.len() as u64;
@@ -100,6 +96,12 @@ impl StreamMask {
             edits: Vec::new(),
         });
         let data = std::mem::take(&mut self.held.back_mut().expect("pushed").event.data);
+        let mut literals = std::mem::take(&mut self.literals);
+        literals.clear();
+        string_values(&data, |name, value| {
+            literals.push((name, value));
+            true
+        });
         let mut touched = 0_u64;
         for (name, value) in &literals {
             touched |= 1 << self.field(seq, &data, &data[name.clone()], value.clone());
@@ -123,13 +125,13 @@ impl StreamMask {
         self.release();
     }
 
-    /// Whether an event whose string values are `literals` can go at once: no field is following a key, and no
-    /// value can start or hold one.
-    fn quiet(&self, data: &str, literals: &[(Range<usize>, Range<usize>)]) -> bool {
+    /// Whether an event can go at once: no field is following a key, and no value of its data can start or hold
+    /// one.
+    fn quiet(&self, data: &str) -> bool {
         !self.channels.iter().any(|c| c.live)
-            && literals
-                .iter()
-                .all(|(_, value)| self.pool.quiet_value(&data.as_bytes()[value.clone()]))
+            && string_values(data, |_, value| {
+                self.pool.quiet_value(&data.as_bytes()[value])
+            })
     }
 
     /// No more events: everything held goes, masked where a key was recognised.
@@ -304,37 +306,43 @@ fn edited(mut held: Held) -> SseEvent {
     held.event
 }
 
-/// The string values of an event's data, each with the name of the field it belongs to: (name, value) as ranges
-/// of `data`, JSON escapes left as written. Data that is not a JSON object or array is one value with no name.
-/// False when the data is not JSON or a string in it is not closed: what it holds is then not all in `out`.
-fn string_values(data: &str, out: &mut Vec<(Range<usize>, Range<usize>)>) -> bool {
+/// Visits the string values of an event's data in order, each with the name of the field it belongs to, as ranges
+/// of `data` (JSON escapes left as written), until `visit` says to stop. Data that is not a JSON object or array
+/// is one value with no name. True when every value was visited and could be judged as written: false when
+/// `visit` stopped, the data is not JSON, a string is not closed, or one holds an escape that can spell a key's
+/// byte (`\/`, `\u`).
+fn string_values(data: &str, mut visit: impl FnMut(Range<usize>, Range<usize>) -> bool) -> bool {
     let b = data.as_bytes();
     let opening = b.iter().find(|c| !c.is_ascii_whitespace());
     if !matches!(opening, Some(b'{' | b'[')) {
-        out.push((0..0, 0..b.len()));
+        visit(0..0, 0..b.len());
         return false;
     }
     let mut name = 0..0;
     let mut at = 0;
+    let mut plain = true;
     while let Some(quote) = memchr::memchr(b'"', &b[at..]) {
         let open = at + quote + 1;
         let mut scan = open;
         let close = loop {
             match memchr::memchr2(b'"', b'\\', b.get(scan..).unwrap_or_default()) {
                 None => return false,
-                Some(i) if b[scan + i] == b'\\' => scan += i + 2,
+                Some(i) if b[scan + i] == b'\\' => {
+                    plain &= !matches!(b.get(scan + i + 1), Some(b'/' | b'u'));
+                    scan += i + 2;
+                }
                 Some(i) => break scan + i,
             }
         };
         let next = b[close + 1..].iter().find(|c| !c.is_ascii_whitespace());
         if next == Some(&b':') {
             name = open..close;
-        } else {
-            out.push((name.clone(), open..close));
+        } else if !visit(name.clone(), open..close) {
+            return false;
         }
         at = close + 1;
     }
-    true
+    plain
 }
 
 #[cfg(test)]
@@ -460,10 +468,7 @@ mod tests {
     #[test]
     fn quiet_events_are_passed_over_only_when_nothing_can_be_there() {
         let mask = StreamMask::new(Arc::new(Redactor::new([KEY]))).unwrap();
-        let quiet = |data: &str| {
-            let mut literals = Vec::new();
-            string_values(data, &mut literals) && mask.quiet(data, &literals)
-        };
+        let quiet = |data: &str| mask.quiet(data);
         assert!(quiet(&chunk("Hello there").data));
         // The end of a value spells part of a key: the next event may go on with it.
         assert!(!quiet(&chunk("key: sk-proj-B6c").data));
@@ -481,7 +486,13 @@ mod tests {
     fn string_values_are_named_by_their_field() {
         let data = r#"{"a":"x","b":{"c":"y\"z"},"d":["p","q"],"e":1}"#;
         let mut out = Vec::new();
-        string_values(data, &mut out);
+        let all = |out: &mut Vec<_>, data| {
+            string_values(data, |n, v| {
+                out.push((n, v));
+                true
+            })
+        };
+        assert!(all(&mut out, data));
         let named: Vec<(&str, &str)> = out
             .iter()
             .map(|(n, v)| (&data[n.clone()], &data[v.clone()]))
@@ -491,7 +502,7 @@ mod tests {
             [("a", "x"), ("c", r#"y\"z"#), ("d", "p"), ("d", "q")]
         );
         out.clear();
-        string_values("plain text", &mut out);
+        assert!(!all(&mut out, "plain text"), "not JSON");
         assert_eq!(out, [(0..0, 0..10)]);
     }
 }
